@@ -1,0 +1,208 @@
+//! Stream subscriptions: one member of a consumer group, pushing records
+//! from the partitions it holds.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::broker::{Group, Held};
+use crate::protocol::{ErrorCode, Frame, StartPosition, put_deliver_header, put_delivered};
+use crate::storage::{ReadLimit, StorageError};
+
+/// Something the subscriber told us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubEvent {
+    /// More credits.
+    Credit(u32),
+    /// An explicit commit.
+    Commit {
+        /// Partition.
+        partition: u32,
+        /// Next offset to read.
+        offset: u64,
+    },
+}
+
+/// Why a subscription ended other than by the subscriber closing it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// Writing to the subscriber failed (it went away).
+    #[error("write to subscriber failed: {0}")]
+    Write(#[from] std::io::Error),
+    /// Reading the log failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Most records in one `Deliver` frame.
+const MAX_RECORDS_PER_FRAME: u64 = 1024;
+/// Bytes of frames gathered before one stream write.
+const WRITE_CHUNK: usize = 256 << 10;
+
+/// One member of a group, delivering to one subscriber stream.
+pub struct StreamSubscription {
+    group: Arc<Group>,
+    member: u64,
+    start: StartPosition,
+    auto_commit: bool,
+    credits: u64,
+    held: Vec<Held>,
+    rotate: usize,
+}
+
+impl StreamSubscription {
+    /// Joins `group` as a new member.
+    pub fn join(group: Arc<Group>, start: StartPosition, credits: u32, auto_commit: bool) -> Self {
+        let member = group.join();
+        StreamSubscription {
+            group,
+            member,
+            start,
+            auto_commit,
+            credits: credits as u64,
+            held: Vec::new(),
+            rotate: 0,
+        }
+    }
+
+    async fn apply(&mut self, ev: SubEvent) -> Result<(), DeliveryError> {
+        match ev {
+            SubEvent::Credit(n) => self.credits += n as u64,
+            SubEvent::Commit { partition, offset } => {
+                self.group.commit(self.member, partition, offset).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers until the subscriber closes its side (`events` ends), the
+    /// topic is deleted, or a write fails.
+    pub async fn run<W: AsyncWrite + Unpin>(
+        mut self,
+        out: &mut W,
+        mut events: mpsc::Receiver<SubEvent>,
+    ) -> Result<(), DeliveryError> {
+        let mut topic_rx = self.group.topic.watch();
+        let mut group_rx = self.group.watch();
+        let mut buf = BytesMut::with_capacity(WRITE_CHUNK + (64 << 10));
+        let mut delivered: Vec<(u32, u64)> = Vec::new();
+        loop {
+            loop {
+                match events.try_recv() {
+                    Ok(ev) => self.apply(ev).await?,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            // Mark both watches seen before looking at state, so a change
+            // made after this point wakes the wait below.
+            topic_rx.borrow_and_update();
+            group_rx.borrow_and_update();
+            if self.group.topic.is_deleted() {
+                let f = Frame::Error {
+                    id: 0,
+                    code: ErrorCode::UnknownTopic,
+                    message: format!("topic '{}' was deleted", self.group.topic.meta.name),
+                };
+                out.write_all(&f.to_bytes()).await?;
+                return Ok(());
+            }
+            if self.group.reconcile(self.member, &mut self.held, self.start)? {
+                let f = Frame::Assignment {
+                    partitions: self.held.iter().map(|h| h.partition).collect(),
+                };
+                f.encode(&mut buf);
+            }
+            delivered.clear();
+            let sent = self.fill(&mut buf, &mut delivered)?;
+            if !buf.is_empty() {
+                out.write_all(&buf).await?;
+                buf.clear();
+                if self.auto_commit {
+                    for &(p, next) in &delivered {
+                        self.group.commit(self.member, p, next).await?;
+                    }
+                }
+            }
+            if sent > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = topic_rx.changed() => {}
+                _ = group_rx.changed() => {}
+                ev = events.recv() => match ev {
+                    Some(ev) => self.apply(ev).await?,
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    /// Encodes up to `credits` records from held partitions into `buf`,
+    /// taking partitions round-robin so none starves. Returns the count.
+    fn fill(&mut self, buf: &mut BytesMut, delivered: &mut Vec<(u32, u64)>) -> Result<u64, StorageError> {
+        if self.held.is_empty() || self.credits == 0 {
+            return Ok(0);
+        }
+        let infos = self.group.topic.partitions();
+        let topic_id = self.group.topic.meta.id;
+        let storage = self.group.topic_storage();
+        let n = self.held.len();
+        let mut sent = 0;
+        for i in 0..n {
+            if self.credits == 0 || buf.len() >= WRITE_CHUNK {
+                break;
+            }
+            let h = &mut self.held[(self.rotate + i) % n];
+            let info = infos[h.partition as usize];
+            // Retention may have deleted records this member had not read.
+            h.position = h.position.max(info.start);
+            if h.position >= info.end {
+                continue;
+            }
+            let max = self
+                .credits
+                .min(MAX_RECORDS_PER_FRAME)
+                .min(info.end - h.position);
+            let header_at = buf.len();
+            buf.put_bytes(0, 13);
+            let body_at = buf.len();
+            let mut count = 0u32;
+            let next = storage.scan(
+                topic_id,
+                h.partition,
+                h.position,
+                ReadLimit {
+                    max_records: max as usize,
+                    max_bytes: WRITE_CHUNK,
+                },
+                |offset, ts, rec| {
+                    put_delivered(buf, offset, ts, rec);
+                    count += 1;
+                },
+            )?;
+            if count == 0 {
+                buf.truncate(header_at);
+                continue;
+            }
+            let body_len = buf.len() - body_at;
+            let mut header = [0u8; 13];
+            put_deliver_header(&mut &mut header[..], h.partition, count, body_len);
+            buf[header_at..body_at].copy_from_slice(&header);
+            h.position = next;
+            self.credits -= count as u64;
+            sent += count as u64;
+            delivered.push((h.partition, next));
+        }
+        self.rotate = self.rotate.wrapping_add(1);
+        Ok(sent)
+    }
+}
+
+impl Drop for StreamSubscription {
+    fn drop(&mut self) {
+        self.group.leave(self.member);
+    }
+}

@@ -1,0 +1,22 @@
+//! Switchyard: a programmable event router.
+//!
+//! # Layout
+//!
+//! A publish travels down these modules, and a delivery back up:
+//!
+//! - [`protocol`]: frames, the record format, error codes (no I/O).
+//! - `server`: the QUIC endpoint, TLS, one task per connection and per stream.
+//! - [`broker`]: topics, partitioning, consumer groups; the ingress and egress
+//!   paths between the server and storage.
+//! - [`storage`]: redb partition logs with group commit, offsets, retention.
+//! - [`client`]: the Rust client, which speaks [`protocol`] and nothing else.
+//! - `cli`: the `switchyard` command.
+//!
+//! Connection -> frame -> broker -> storage writer -> fsync -> ack.
+
+pub mod protocol;
+pub mod storage;
+pub mod broker;
+pub mod delivery;
+pub mod server;
+pub mod transport;

@@ -1,0 +1,175 @@
+//! Stable error codes carried in `Error` frames, and the decoder's own errors.
+
+use std::fmt;
+
+/// A stable, documented error code. The numeric values are part of the wire
+/// protocol (`docs/protocol.md`) and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The client and router share no protocol version.
+    UnsupportedVersion,
+    /// A frame could not be decoded; the connection is closed.
+    MalformedFrame,
+    /// A frame is larger than the router's `max_frame_bytes`.
+    FrameTooLarge,
+    /// A frame arrived that is not valid at this point of the conversation.
+    UnexpectedFrame,
+    /// The named topic does not exist.
+    UnknownTopic,
+    /// A topic with this name already exists.
+    TopicExists,
+    /// A topic name is empty, too long, or uses characters outside `[A-Za-z0-9._-]`.
+    InvalidTopicName,
+    /// A partition count is zero or above the router's limit.
+    InvalidPartitions,
+    /// A record is larger than the router's `max_message_bytes`.
+    MessageTooLarge,
+    /// A request carries an argument the router cannot accept.
+    InvalidArgument,
+    /// A consumer group name is invalid.
+    InvalidGroup,
+    /// The storage layer failed (for example a full disk); nothing was acknowledged.
+    Storage,
+    /// The router is shutting down; retry against another router or later.
+    ShuttingDown,
+    /// A limit on connections, streams or subscriptions was reached.
+    LimitExceeded,
+    /// An unexpected internal error; the router logged details.
+    Internal,
+    /// A code this library does not know (from a newer router).
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// The numeric value on the wire.
+    pub fn as_u16(self) -> u16 {
+        match self {
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::MalformedFrame => 2,
+            ErrorCode::FrameTooLarge => 3,
+            ErrorCode::UnexpectedFrame => 4,
+            ErrorCode::UnknownTopic => 100,
+            ErrorCode::TopicExists => 101,
+            ErrorCode::InvalidTopicName => 102,
+            ErrorCode::InvalidPartitions => 103,
+            ErrorCode::MessageTooLarge => 104,
+            ErrorCode::InvalidArgument => 105,
+            ErrorCode::InvalidGroup => 106,
+            ErrorCode::Storage => 200,
+            ErrorCode::ShuttingDown => 201,
+            ErrorCode::LimitExceeded => 202,
+            ErrorCode::Internal => 255,
+            ErrorCode::Unknown(v) => v,
+        }
+    }
+
+    /// Parses a wire value; unknown values are kept as [`ErrorCode::Unknown`].
+    pub fn from_u16(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::UnsupportedVersion,
+            2 => ErrorCode::MalformedFrame,
+            3 => ErrorCode::FrameTooLarge,
+            4 => ErrorCode::UnexpectedFrame,
+            100 => ErrorCode::UnknownTopic,
+            101 => ErrorCode::TopicExists,
+            102 => ErrorCode::InvalidTopicName,
+            103 => ErrorCode::InvalidPartitions,
+            104 => ErrorCode::MessageTooLarge,
+            105 => ErrorCode::InvalidArgument,
+            106 => ErrorCode::InvalidGroup,
+            200 => ErrorCode::Storage,
+            201 => ErrorCode::ShuttingDown,
+            202 => ErrorCode::LimitExceeded,
+            255 => ErrorCode::Internal,
+            v => ErrorCode::Unknown(v),
+        }
+    }
+
+    /// A short, stable name, as printed by the CLI (`E104 message_too_large`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnexpectedFrame => "unexpected_frame",
+            ErrorCode::UnknownTopic => "unknown_topic",
+            ErrorCode::TopicExists => "topic_exists",
+            ErrorCode::InvalidTopicName => "invalid_topic_name",
+            ErrorCode::InvalidPartitions => "invalid_partitions",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::InvalidGroup => "invalid_group",
+            ErrorCode::Storage => "storage",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "E{} {}", self.as_u16(), self.name())
+    }
+}
+
+/// An application error: a code plus a human-readable message saying what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// What went wrong and, where possible, what to do next.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error from a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a byte sequence is not a valid frame. Any of these is a protocol
+/// violation: the peer closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix exceeds the configured maximum frame size.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// The announced frame length.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The frame type byte is not one this version knows.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// A field runs past the end of its frame or record.
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    /// A string field is not valid UTF-8.
+    #[error("invalid UTF-8 in {0}")]
+    InvalidUtf8(&'static str),
+    /// A frame has bytes left over after its last field.
+    #[error("{0} trailing bytes in frame")]
+    TrailingBytes(usize),
+    /// A field has a value outside its allowed range.
+    #[error("invalid value for {0}")]
+    InvalidValue(&'static str),
+}
+
+impl DecodeError {
+    /// The error code reported to the peer for this violation.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}

@@ -1,0 +1,933 @@
+//! Frames: one enum, one encoder, one decoder. No I/O.
+//!
+//! Every frame is `length: u32 | type: u8 | body`, where `length` counts the
+//! type byte and the body. Integers are big-endian; strings are
+//! `u16 length | UTF-8`; byte fields are `u32 length | bytes`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::error::{DecodeError, ErrorCode, WireError};
+use super::record::{RawRecord, Record};
+
+/// Bytes before a frame's body: the length prefix and the type byte.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Where a subscription starts reading when its group has no committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest retained record.
+    Earliest,
+    /// Only records appended after the subscription starts.
+    Latest,
+    /// This offset in every partition (clamped to the retained range).
+    Offset(u64),
+    /// The first record whose timestamp is at or after this time (ms since the epoch).
+    Timestamp(u64),
+}
+
+/// What one partition of a topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionInfo {
+    /// Offset of the oldest retained record.
+    pub start: u64,
+    /// Offset the next record will get.
+    pub end: u64,
+    /// Bytes of record data retained.
+    pub bytes: u64,
+}
+
+/// A topic and its partitions, as returned by list and describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The topic name.
+    pub name: String,
+    /// Records older than this are deleted (0: keep forever).
+    pub retention_ms: u64,
+    /// Oldest records are deleted while a partition holds more than this (0: no limit).
+    pub retention_bytes: u64,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// One entry per partition.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// One record delivered to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// Its offset in the partition.
+    pub offset: u64,
+    /// Append time, ms since the epoch.
+    pub timestamp_ms: u64,
+    /// The record as the producer encoded it.
+    pub record: RawRecord,
+}
+
+/// Every frame of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame on the control stream: the versions the client speaks.
+    Hello {
+        /// Lowest version the client supports.
+        min_version: u8,
+        /// Highest version the client supports.
+        max_version: u8,
+        /// Free-form client identification, for logs.
+        client: String,
+    },
+    /// The router's answer to `Hello`.
+    HelloOk {
+        /// The version both sides now speak.
+        version: u8,
+        /// Router identification.
+        server: String,
+        /// Largest record the router accepts.
+        max_message_bytes: u32,
+        /// Largest frame the router accepts.
+        max_frame_bytes: u32,
+    },
+    /// An error answer to the request, batch or stream identified by `id`.
+    Error {
+        /// The request id, publish batch sequence, or 0 for the stream itself.
+        id: u64,
+        /// The stable code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// Success with no payload.
+    Ok {
+        /// The request id.
+        id: u64,
+    },
+    /// Create a topic.
+    CreateTopic {
+        /// The request id.
+        id: u64,
+        /// Topic name.
+        name: String,
+        /// Number of partitions.
+        partitions: u32,
+        /// Retention by age (0: none).
+        retention_ms: u64,
+        /// Retention by size per partition (0: none).
+        retention_bytes: u64,
+    },
+    /// Delete a topic and its records.
+    DeleteTopic {
+        /// The request id.
+        id: u64,
+        /// Topic name.
+        name: String,
+    },
+    /// List all topics.
+    ListTopics {
+        /// The request id.
+        id: u64,
+    },
+    /// Describe one topic.
+    DescribeTopic {
+        /// The request id.
+        id: u64,
+        /// Topic name.
+        name: String,
+    },
+    /// Answer to `ListTopics` or `DescribeTopic`.
+    Topics {
+        /// The request id.
+        id: u64,
+        /// The topics.
+        topics: Vec<TopicInfo>,
+    },
+    /// A batch of records for one topic, on a publish stream.
+    PublishBatch {
+        /// Producer-chosen sequence number, echoed in the ack.
+        seq: u64,
+        /// Target topic.
+        topic: String,
+        /// Encoded records.
+        records: Vec<RawRecord>,
+    },
+    /// Durable acknowledgement of a publish batch, one position per record.
+    PublishAck {
+        /// The batch's sequence number.
+        seq: u64,
+        /// `(partition, offset)` of each record, in batch order.
+        positions: Vec<(u32, u64)>,
+    },
+    /// First frame on a subscription stream.
+    Subscribe {
+        /// Consumer group; empty for an anonymous, uncommitted subscription.
+        group: String,
+        /// Topic to read.
+        topic: String,
+        /// Where to start where the group has no committed offset.
+        start: StartPosition,
+        /// Initial credits: how many records may be in flight to the client.
+        credits: u32,
+        /// Commit each record's offset as soon as it is delivered.
+        auto_commit: bool,
+    },
+    /// Answer to `Subscribe`.
+    Subscribed {
+        /// Partition count of the topic.
+        partitions: u32,
+    },
+    /// The partitions this member currently owns.
+    Assignment {
+        /// Owned partitions, ascending.
+        partitions: Vec<u32>,
+    },
+    /// More credits from the subscriber.
+    Credit {
+        /// Records the router may send in addition to those already allowed.
+        credits: u32,
+    },
+    /// Commit: the group has processed everything before `offset`.
+    Commit {
+        /// Partition.
+        partition: u32,
+        /// The next offset to read.
+        offset: u64,
+    },
+    /// Records for a subscriber from one partition.
+    Deliver {
+        /// Partition.
+        partition: u32,
+        /// Records in offset order.
+        records: Vec<Delivered>,
+    },
+}
+
+mod ty {
+    pub(super) const HELLO: u8 = 0x01;
+    pub(super) const HELLO_OK: u8 = 0x02;
+    pub(super) const ERROR: u8 = 0x03;
+    pub(super) const OK: u8 = 0x04;
+    pub(super) const CREATE_TOPIC: u8 = 0x10;
+    pub(super) const DELETE_TOPIC: u8 = 0x11;
+    pub(super) const LIST_TOPICS: u8 = 0x12;
+    pub(super) const DESCRIBE_TOPIC: u8 = 0x13;
+    pub(super) const TOPICS: u8 = 0x14;
+    pub(super) const PUBLISH_BATCH: u8 = 0x20;
+    pub(super) const PUBLISH_ACK: u8 = 0x21;
+    pub(super) const SUBSCRIBE: u8 = 0x30;
+    pub(super) const SUBSCRIBED: u8 = 0x31;
+    pub(super) const ASSIGNMENT: u8 = 0x32;
+    pub(super) const CREDIT: u8 = 0x33;
+    pub(super) const COMMIT: u8 = 0x34;
+    pub(super) const DELIVER: u8 = 0x35;
+}
+
+impl Frame {
+    /// An `Error` frame from a [`WireError`].
+    pub fn error(id: u64, err: &WireError) -> Frame {
+        Frame::Error {
+            id,
+            code: err.code,
+            message: err.message.clone(),
+        }
+    }
+
+    /// Appends the encoded frame to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let start = buf.len();
+        buf.put_u32(0); // length, patched below
+        match self {
+            Frame::Hello {
+                min_version,
+                max_version,
+                client,
+            } => {
+                buf.put_u8(ty::HELLO);
+                buf.put_u8(*min_version);
+                buf.put_u8(*max_version);
+                put_str(buf, client);
+            }
+            Frame::HelloOk {
+                version,
+                server,
+                max_message_bytes,
+                max_frame_bytes,
+            } => {
+                buf.put_u8(ty::HELLO_OK);
+                buf.put_u8(*version);
+                put_str(buf, server);
+                buf.put_u32(*max_message_bytes);
+                buf.put_u32(*max_frame_bytes);
+            }
+            Frame::Error { id, code, message } => {
+                buf.put_u8(ty::ERROR);
+                buf.put_u64(*id);
+                buf.put_u16(code.as_u16());
+                put_str(buf, message);
+            }
+            Frame::Ok { id } => {
+                buf.put_u8(ty::OK);
+                buf.put_u64(*id);
+            }
+            Frame::CreateTopic {
+                id,
+                name,
+                partitions,
+                retention_ms,
+                retention_bytes,
+            } => {
+                buf.put_u8(ty::CREATE_TOPIC);
+                buf.put_u64(*id);
+                put_str(buf, name);
+                buf.put_u32(*partitions);
+                buf.put_u64(*retention_ms);
+                buf.put_u64(*retention_bytes);
+            }
+            Frame::DeleteTopic { id, name } => {
+                buf.put_u8(ty::DELETE_TOPIC);
+                buf.put_u64(*id);
+                put_str(buf, name);
+            }
+            Frame::ListTopics { id } => {
+                buf.put_u8(ty::LIST_TOPICS);
+                buf.put_u64(*id);
+            }
+            Frame::DescribeTopic { id, name } => {
+                buf.put_u8(ty::DESCRIBE_TOPIC);
+                buf.put_u64(*id);
+                put_str(buf, name);
+            }
+            Frame::Topics { id, topics } => {
+                buf.put_u8(ty::TOPICS);
+                buf.put_u64(*id);
+                buf.put_u32(topics.len() as u32);
+                for t in topics {
+                    put_str(buf, &t.name);
+                    buf.put_u64(t.retention_ms);
+                    buf.put_u64(t.retention_bytes);
+                    buf.put_u64(t.created_ms);
+                    buf.put_u32(t.partitions.len() as u32);
+                    for p in &t.partitions {
+                        buf.put_u64(p.start);
+                        buf.put_u64(p.end);
+                        buf.put_u64(p.bytes);
+                    }
+                }
+            }
+            Frame::PublishBatch {
+                seq,
+                topic,
+                records,
+            } => {
+                buf.put_u8(ty::PUBLISH_BATCH);
+                buf.put_u64(*seq);
+                put_str(buf, topic);
+                buf.put_u32(records.len() as u32);
+                for r in records {
+                    buf.put_u32(r.len() as u32);
+                    buf.put_slice(r.as_bytes());
+                }
+            }
+            Frame::PublishAck { seq, positions } => {
+                buf.put_u8(ty::PUBLISH_ACK);
+                buf.put_u64(*seq);
+                buf.put_u32(positions.len() as u32);
+                for (p, o) in positions {
+                    buf.put_u32(*p);
+                    buf.put_u64(*o);
+                }
+            }
+            Frame::Subscribe {
+                group,
+                topic,
+                start,
+                credits,
+                auto_commit,
+            } => {
+                buf.put_u8(ty::SUBSCRIBE);
+                put_str(buf, group);
+                put_str(buf, topic);
+                let (kind, value) = match start {
+                    StartPosition::Earliest => (0, 0),
+                    StartPosition::Latest => (1, 0),
+                    StartPosition::Offset(o) => (2, *o),
+                    StartPosition::Timestamp(t) => (3, *t),
+                };
+                buf.put_u8(kind);
+                buf.put_u64(value);
+                buf.put_u32(*credits);
+                buf.put_u8(*auto_commit as u8);
+            }
+            Frame::Subscribed { partitions } => {
+                buf.put_u8(ty::SUBSCRIBED);
+                buf.put_u32(*partitions);
+            }
+            Frame::Assignment { partitions } => {
+                buf.put_u8(ty::ASSIGNMENT);
+                buf.put_u32(partitions.len() as u32);
+                for p in partitions {
+                    buf.put_u32(*p);
+                }
+            }
+            Frame::Credit { credits } => {
+                buf.put_u8(ty::CREDIT);
+                buf.put_u32(*credits);
+            }
+            Frame::Commit { partition, offset } => {
+                buf.put_u8(ty::COMMIT);
+                buf.put_u32(*partition);
+                buf.put_u64(*offset);
+            }
+            Frame::Deliver { partition, records } => {
+                buf.put_u8(ty::DELIVER);
+                buf.put_u32(*partition);
+                buf.put_u32(records.len() as u32);
+                for d in records {
+                    put_delivered(buf, d.offset, d.timestamp_ms, d.record.as_bytes());
+                }
+            }
+        }
+        let len = (buf.len() - start - 4) as u32;
+        buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+}
+
+/// Appends one record of a `PublishBatch` straight from an owned [`Record`],
+/// so a producer encodes each record exactly once, into the frame buffer.
+pub struct PublishBatchWriter {
+    start: usize,
+    count_at: usize,
+    count: u32,
+}
+
+impl PublishBatchWriter {
+    /// Starts a `PublishBatch` frame in `buf`.
+    pub fn begin(buf: &mut BytesMut, seq: u64, topic: &str) -> Self {
+        let start = buf.len();
+        buf.put_u32(0);
+        buf.put_u8(ty::PUBLISH_BATCH);
+        buf.put_u64(seq);
+        put_str(buf, topic);
+        let count_at = buf.len();
+        buf.put_u32(0);
+        PublishBatchWriter {
+            start,
+            count_at,
+            count: 0,
+        }
+    }
+
+    /// Appends one record.
+    pub fn push(&mut self, buf: &mut BytesMut, record: &Record) {
+        buf.put_u32(record.encoded_len() as u32);
+        record.encode(buf);
+        self.count += 1;
+    }
+
+    /// Records appended so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Bytes written so far, including the frame header.
+    pub fn len(&self, buf: &BytesMut) -> usize {
+        buf.len() - self.start
+    }
+
+    /// True if no record was appended.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Patches the frame length and record count.
+    pub fn finish(self, buf: &mut BytesMut) {
+        let len = (buf.len() - self.start - 4) as u32;
+        buf[self.start..self.start + 4].copy_from_slice(&len.to_be_bytes());
+        buf[self.count_at..self.count_at + 4].copy_from_slice(&self.count.to_be_bytes());
+    }
+}
+
+/// Appends one delivered record in `Deliver` layout: used by the router to
+/// write records read from the log without building [`Delivered`] values.
+pub fn put_delivered(buf: &mut impl BufMut, offset: u64, timestamp_ms: u64, record: &[u8]) {
+    buf.put_u64(offset);
+    buf.put_u64(timestamp_ms);
+    buf.put_u32(record.len() as u32);
+    buf.put_slice(record);
+}
+
+/// Writes a `Deliver` frame's header for `count` records whose encoded
+/// `put_delivered` bodies total `body_len` bytes.
+pub fn put_deliver_header(buf: &mut impl BufMut, partition: u32, count: u32, body_len: usize) {
+    buf.put_u32((1 + 4 + 4 + body_len) as u32);
+    buf.put_u8(ty::DELIVER);
+    buf.put_u32(partition);
+    buf.put_u32(count);
+}
+
+fn put_str(buf: &mut BytesMut, s: &str) {
+    // Strings are bounded by their users (topic and group names, messages);
+    // truncate rather than corrupt the frame if a message is absurdly long.
+    let s = if s.len() > u16::MAX as usize {
+        let mut end = u16::MAX as usize;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    } else {
+        s
+    };
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s.as_bytes());
+}
+
+/// A reader over one frame's body that reports truncation instead of panicking.
+struct Body {
+    buf: Bytes,
+}
+
+impl Body {
+    fn need(&self, n: usize, what: &'static str) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            Err(DecodeError::Truncated(what))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        self.need(1, what)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        self.need(2, what)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        self.need(4, what)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        self.need(8, what)?;
+        Ok(self.buf.get_u64())
+    }
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
+        self.need(n, what)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, DecodeError> {
+        let n = self.u16(what)? as usize;
+        let b = self.bytes(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::InvalidUtf8(what))
+    }
+    /// Guards a count against the bytes actually left, so a hostile count
+    /// cannot make us allocate.
+    fn count(&mut self, what: &'static str, min_item: usize) -> Result<usize, DecodeError> {
+        let n = self.u32(what)? as usize;
+        if n.saturating_mul(min_item) > self.buf.remaining() {
+            return Err(DecodeError::Truncated(what));
+        }
+        Ok(n)
+    }
+    fn finish(self) -> Result<(), DecodeError> {
+        if self.buf.has_remaining() {
+            Err(DecodeError::TrailingBytes(self.buf.remaining()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Decodes one frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more
+/// and call again), and an error for anything that is not a valid frame.
+/// The decoded frame's byte fields share `buf`'s memory.
+pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame>, DecodeError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max_frame_bytes {
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: max_frame_bytes,
+        });
+    }
+    if len == 0 {
+        return Err(DecodeError::Truncated("frame type"));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let frame = buf.split_to(len).freeze();
+    decode_body(frame).map(Some)
+}
+
+fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
+    let mut b = Body { buf: frame };
+    let t = b.u8("frame type")?;
+    let f = match t {
+        ty::HELLO => Frame::Hello {
+            min_version: b.u8("min version")?,
+            max_version: b.u8("max version")?,
+            client: b.string("client")?,
+        },
+        ty::HELLO_OK => Frame::HelloOk {
+            version: b.u8("version")?,
+            server: b.string("server")?,
+            max_message_bytes: b.u32("max message bytes")?,
+            max_frame_bytes: b.u32("max frame bytes")?,
+        },
+        ty::ERROR => Frame::Error {
+            id: b.u64("id")?,
+            code: ErrorCode::from_u16(b.u16("code")?),
+            message: b.string("message")?,
+        },
+        ty::OK => Frame::Ok { id: b.u64("id")? },
+        ty::CREATE_TOPIC => Frame::CreateTopic {
+            id: b.u64("id")?,
+            name: b.string("topic name")?,
+            partitions: b.u32("partitions")?,
+            retention_ms: b.u64("retention ms")?,
+            retention_bytes: b.u64("retention bytes")?,
+        },
+        ty::DELETE_TOPIC => Frame::DeleteTopic {
+            id: b.u64("id")?,
+            name: b.string("topic name")?,
+        },
+        ty::LIST_TOPICS => Frame::ListTopics { id: b.u64("id")? },
+        ty::DESCRIBE_TOPIC => Frame::DescribeTopic {
+            id: b.u64("id")?,
+            name: b.string("topic name")?,
+        },
+        ty::TOPICS => {
+            let id = b.u64("id")?;
+            let n = b.count("topic count", 2 + 8 * 3 + 4)?;
+            let mut topics = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = b.string("topic name")?;
+                let retention_ms = b.u64("retention ms")?;
+                let retention_bytes = b.u64("retention bytes")?;
+                let created_ms = b.u64("created")?;
+                let pn = b.count("partition count", 24)?;
+                let mut partitions = Vec::with_capacity(pn);
+                for _ in 0..pn {
+                    partitions.push(PartitionInfo {
+                        start: b.u64("start")?,
+                        end: b.u64("end")?,
+                        bytes: b.u64("bytes")?,
+                    });
+                }
+                topics.push(TopicInfo {
+                    name,
+                    retention_ms,
+                    retention_bytes,
+                    created_ms,
+                    partitions,
+                });
+            }
+            Frame::Topics { id, topics }
+        }
+        ty::PUBLISH_BATCH => {
+            let seq = b.u64("seq")?;
+            let topic = b.string("topic")?;
+            let n = b.count("record count", 4)?;
+            let mut records = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = b.u32("record length")? as usize;
+                let bytes = b.bytes(len, "record")?;
+                records.push(RawRecord::new(bytes)?);
+            }
+            Frame::PublishBatch {
+                seq,
+                topic,
+                records,
+            }
+        }
+        ty::PUBLISH_ACK => {
+            let seq = b.u64("seq")?;
+            let n = b.count("ack count", 12)?;
+            let mut positions = Vec::with_capacity(n);
+            for _ in 0..n {
+                positions.push((b.u32("partition")?, b.u64("offset")?));
+            }
+            Frame::PublishAck { seq, positions }
+        }
+        ty::SUBSCRIBE => {
+            let group = b.string("group")?;
+            let topic = b.string("topic")?;
+            let kind = b.u8("start kind")?;
+            let value = b.u64("start value")?;
+            let start = match kind {
+                0 => StartPosition::Earliest,
+                1 => StartPosition::Latest,
+                2 => StartPosition::Offset(value),
+                3 => StartPosition::Timestamp(value),
+                _ => return Err(DecodeError::InvalidValue("start kind")),
+            };
+            Frame::Subscribe {
+                group,
+                topic,
+                start,
+                credits: b.u32("credits")?,
+                auto_commit: match b.u8("auto commit")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::InvalidValue("auto commit")),
+                },
+            }
+        }
+        ty::SUBSCRIBED => Frame::Subscribed {
+            partitions: b.u32("partitions")?,
+        },
+        ty::ASSIGNMENT => {
+            let n = b.count("partition count", 4)?;
+            let mut partitions = Vec::with_capacity(n);
+            for _ in 0..n {
+                partitions.push(b.u32("partition")?);
+            }
+            Frame::Assignment { partitions }
+        }
+        ty::CREDIT => Frame::Credit {
+            credits: b.u32("credits")?,
+        },
+        ty::COMMIT => Frame::Commit {
+            partition: b.u32("partition")?,
+            offset: b.u64("offset")?,
+        },
+        ty::DELIVER => {
+            let partition = b.u32("partition")?;
+            let n = b.count("record count", 20)?;
+            let mut records = Vec::with_capacity(n);
+            for _ in 0..n {
+                let offset = b.u64("offset")?;
+                let timestamp_ms = b.u64("timestamp")?;
+                let len = b.u32("record length")? as usize;
+                let record = RawRecord::new(b.bytes(len, "record")?)?;
+                records.push(Delivered {
+                    offset,
+                    timestamp_ms,
+                    record,
+                });
+            }
+            Frame::Deliver { partition, records }
+        }
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    b.finish()?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn raw_record() -> impl Strategy<Value = RawRecord> {
+        (
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)), 0..3),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(k, h, p)| {
+                let mut r = Record::new(p);
+                r.key = k.map(Bytes::from);
+                r.headers = h.into_iter().map(|(n, v)| (n, Bytes::from(v))).collect();
+                r.to_raw()
+            })
+    }
+
+    fn start() -> impl Strategy<Value = StartPosition> {
+        prop_oneof![
+            Just(StartPosition::Earliest),
+            Just(StartPosition::Latest),
+            any::<u64>().prop_map(StartPosition::Offset),
+            any::<u64>().prop_map(StartPosition::Timestamp),
+        ]
+    }
+
+    fn topic_info() -> impl Strategy<Value = TopicInfo> {
+        (
+            "[a-z.]{1,10}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..4),
+        )
+            .prop_map(|(name, retention_ms, retention_bytes, created_ms, p)| TopicInfo {
+                name,
+                retention_ms,
+                retention_bytes,
+                created_ms,
+                partitions: p
+                    .into_iter()
+                    .map(|(start, end, bytes)| PartitionInfo { start, end, bytes })
+                    .collect(),
+            })
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u8>(), any::<u8>(), ".{0,10}").prop_map(|(a, b, c)| Frame::Hello {
+                min_version: a,
+                max_version: b,
+                client: c
+            }),
+            (any::<u8>(), ".{0,10}", any::<u32>(), any::<u32>()).prop_map(|(v, s, m, f)| {
+                Frame::HelloOk {
+                    version: v,
+                    server: s,
+                    max_message_bytes: m,
+                    max_frame_bytes: f,
+                }
+            }),
+            (any::<u64>(), any::<u16>(), ".{0,20}").prop_map(|(id, c, m)| Frame::Error {
+                id,
+                code: ErrorCode::from_u16(c),
+                message: m
+            }),
+            any::<u64>().prop_map(|id| Frame::Ok { id }),
+            (any::<u64>(), "[a-z]{0,10}", any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+                |(id, name, partitions, retention_ms, retention_bytes)| Frame::CreateTopic {
+                    id,
+                    name,
+                    partitions,
+                    retention_ms,
+                    retention_bytes
+                }
+            ),
+            (any::<u64>(), "[a-z]{0,10}").prop_map(|(id, name)| Frame::DeleteTopic { id, name }),
+            any::<u64>().prop_map(|id| Frame::ListTopics { id }),
+            (any::<u64>(), "[a-z]{0,10}").prop_map(|(id, name)| Frame::DescribeTopic { id, name }),
+            (any::<u64>(), proptest::collection::vec(topic_info(), 0..3))
+                .prop_map(|(id, topics)| Frame::Topics { id, topics }),
+            (any::<u64>(), "[a-z]{0,10}", proptest::collection::vec(raw_record(), 0..5))
+                .prop_map(|(seq, topic, records)| Frame::PublishBatch {
+                    seq,
+                    topic,
+                    records
+                }),
+            (any::<u64>(), proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5))
+                .prop_map(|(seq, positions)| Frame::PublishAck { seq, positions }),
+            ("[a-z]{0,10}", "[a-z]{0,10}", start(), any::<u32>(), any::<bool>()).prop_map(
+                |(group, topic, start, credits, auto_commit)| Frame::Subscribe {
+                    group,
+                    topic,
+                    start,
+                    credits,
+                    auto_commit
+                }
+            ),
+            any::<u32>().prop_map(|partitions| Frame::Subscribed { partitions }),
+            proptest::collection::vec(any::<u32>(), 0..6)
+                .prop_map(|partitions| Frame::Assignment { partitions }),
+            any::<u32>().prop_map(|credits| Frame::Credit { credits }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(partition, offset)| Frame::Commit { partition, offset }),
+            (
+                any::<u32>(),
+                proptest::collection::vec((any::<u64>(), any::<u64>(), raw_record()), 0..4)
+            )
+                .prop_map(|(partition, r)| Frame::Deliver {
+                    partition,
+                    records: r
+                        .into_iter()
+                        .map(|(offset, timestamp_ms, record)| Delivered {
+                            offset,
+                            timestamp_ms,
+                            record
+                        })
+                        .collect()
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_roundtrips(frames in proptest::collection::vec(frame(), 1..6)) {
+            let mut buf = BytesMut::new();
+            for f in &frames {
+                f.encode(&mut buf);
+            }
+            for f in &frames {
+                let got = decode(&mut buf, 1 << 20).unwrap().unwrap();
+                prop_assert_eq!(&got, f);
+            }
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn every_prefix_is_incomplete_not_an_error(f in frame()) {
+            let full = f.to_bytes();
+            for cut in 0..full.len() {
+                let mut buf = BytesMut::from(&full[..cut]);
+                prop_assert_eq!(decode(&mut buf, 1 << 20), Ok(None));
+            }
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode(&mut buf, 1 << 16) {}
+        }
+
+        #[test]
+        fn decoding_mutated_frames_never_panics(f in frame(), idx in any::<usize>(), val in any::<u8>()) {
+            let mut bytes = f.to_bytes().to_vec();
+            let i = idx % bytes.len();
+            bytes[i] = val;
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = decode(&mut buf, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_rejected_before_buffering() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn batch_writer_matches_frame_encoding() {
+        let recs = vec![Record::new("a").with_key("k"), Record::new("bb").with_header("h", "v")];
+        let mut buf = BytesMut::new();
+        let mut w = PublishBatchWriter::begin(&mut buf, 7, "t");
+        for r in &recs {
+            w.push(&mut buf, r);
+        }
+        w.finish(&mut buf);
+        let expected = Frame::PublishBatch {
+            seq: 7,
+            topic: "t".into(),
+            records: recs.iter().map(Record::to_raw).collect(),
+        };
+        assert_eq!(&buf[..], &expected.to_bytes()[..]);
+    }
+
+    #[test]
+    fn deliver_header_matches_frame_encoding() {
+        let rec = Record::new("x").to_raw();
+        let mut body = BytesMut::new();
+        put_delivered(&mut body, 3, 9, rec.as_bytes());
+        let mut buf = BytesMut::new();
+        put_deliver_header(&mut buf, 2, 1, body.len());
+        buf.extend_from_slice(&body);
+        let expected = Frame::Deliver {
+            partition: 2,
+            records: vec![Delivered {
+                offset: 3,
+                timestamp_ms: 9,
+                record: rec,
+            }],
+        };
+        assert_eq!(&buf[..], &expected.to_bytes()[..]);
+    }
+}

@@ -1,0 +1,57 @@
+//! The wire protocol: frames, the record format, error codes and version
+//! negotiation. Pure data and codecs, no I/O (the `quinn-proto` habit), so it
+//! is unit-tested and fuzzed without sockets. `docs/protocol.md` is its
+//! human-readable specification.
+
+mod error;
+mod frame;
+mod record;
+
+pub use error::{DecodeError, ErrorCode, WireError};
+pub use frame::{
+    Delivered, FRAME_HEADER_LEN, Frame, PartitionInfo, PublishBatchWriter, StartPosition,
+    TopicInfo, decode, put_deliver_header, put_delivered,
+};
+pub use record::{RawRecord, Record};
+
+/// The ALPN identifier both sides require during the TLS handshake.
+pub const ALPN: &[u8] = b"switchyard";
+
+/// Protocol versions this build speaks, inclusive.
+pub const MIN_VERSION: u8 = 1;
+/// Highest protocol version this build speaks.
+pub const MAX_VERSION: u8 = 1;
+
+/// Picks the highest version both sides speak, if any.
+pub fn negotiate(client_min: u8, client_max: u8) -> Option<u8> {
+    let hi = client_max.min(MAX_VERSION);
+    let lo = client_min.max(MIN_VERSION);
+    (lo <= hi).then_some(hi)
+}
+
+/// QUIC application close codes, sent when a whole connection ends.
+pub mod close {
+    /// Normal close by either side.
+    pub const NORMAL: u32 = 0;
+    /// The peer broke the protocol (malformed frame, unexpected frame).
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// The router is shutting down.
+    pub const SHUTTING_DOWN: u32 = 2;
+    /// No common protocol version.
+    pub const UNSUPPORTED_VERSION: u32 = 3;
+    /// The router is at its connection limit.
+    pub const TOO_MANY_CONNECTIONS: u32 = 4;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_highest_common_version() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(MAX_VERSION));
+        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+}

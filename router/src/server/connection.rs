@@ -1,0 +1,209 @@
+//! One client connection: the version handshake on the control stream, then
+//! a task per stream, chosen by the stream's first frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::{Shared, control, publish, subscribe};
+use crate::protocol::{ErrorCode, Frame, close, negotiate};
+use crate::transport::{FrameReader, ReadFrameError};
+
+/// How long a new connection has to send `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    tracing::debug!(%remote, "connection open");
+    let max_frame = shared.config.max_frame_bytes;
+
+    let control = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello(&conn, &shared)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(reason)) => {
+            tracing::debug!(%remote, %reason, "connection rejected");
+            return;
+        }
+        Err(_) => {
+            conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
+            return;
+        }
+    };
+
+    let mut shutdown = shared.shutdown.clone();
+    let mut streams = tokio::task::JoinSet::new();
+    {
+        let (send, reader) = control;
+        let shared = shared.clone();
+        let conn = conn.clone();
+        streams.spawn(async move { control::serve(send, reader, shared, conn).await });
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                conn.close(close::SHUTTING_DOWN.into(), b"router shutting down");
+                break;
+            }
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let shared = shared.clone();
+                    let conn = conn.clone();
+                    streams.spawn(async move {
+                        stream(send, FrameReader::new(recv, max_frame), shared, conn).await
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, reason = %e, "connection closed");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    streams.shutdown().await;
+}
+
+type Control = (quinn::SendStream, FrameReader<quinn::RecvStream>);
+
+async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Control, String> {
+    let (mut send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
+    match reader.next().await {
+        Ok(Some(Frame::Hello {
+            min_version,
+            max_version,
+            client,
+        })) => match negotiate(min_version, max_version) {
+            Some(version) => {
+                let ok = Frame::HelloOk {
+                    version,
+                    server: format!("switchyard {}", env!("CARGO_PKG_VERSION")),
+                    max_message_bytes: shared.config.max_message_bytes as u32,
+                    max_frame_bytes: shared.config.max_frame_bytes as u32,
+                };
+                send.write_all(&ok.to_bytes()).await.map_err(|e| e.to_string())?;
+                tracing::debug!(client, version, "hello");
+                Ok((send, reader))
+            }
+            None => {
+                let msg = format!(
+                    "client speaks protocol versions {min_version}-{max_version}; this router speaks {}-{}: upgrade the older side",
+                    crate::protocol::MIN_VERSION,
+                    crate::protocol::MAX_VERSION
+                );
+                let f = Frame::Error {
+                    id: 0,
+                    code: ErrorCode::UnsupportedVersion,
+                    message: msg.clone(),
+                };
+                let _ = send.write_all(&f.to_bytes()).await;
+                let _ = send.finish();
+                // Give the error frame a moment to leave before closing.
+                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+                conn.close(close::UNSUPPORTED_VERSION.into(), b"unsupported protocol version");
+                Err(msg)
+            }
+        },
+        Ok(Some(other)) => {
+            let why = format!("expected Hello, got {}", frame_name(&other));
+            violation(conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;
+            Err("no Hello".into())
+        }
+        Ok(None) => Err("control stream closed before Hello".into()),
+        Err(e) => {
+            let why = e.to_string();
+            read_failed(conn, &mut send, e).await;
+            Err(why)
+        }
+    }
+}
+
+/// A new stream: its first frame says what it is.
+async fn stream(
+    mut send: quinn::SendStream,
+    mut reader: FrameReader<quinn::RecvStream>,
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+) {
+    match reader.next().await {
+        Ok(Some(first @ Frame::PublishBatch { .. })) => {
+            publish::serve(first, send, reader, shared, conn).await
+        }
+        Ok(Some(first @ Frame::Subscribe { .. })) => {
+            subscribe::serve(first, send, reader, shared, conn).await
+        }
+        Ok(Some(other)) => {
+            let why = format!(
+                "a stream must start with PublishBatch or Subscribe, not {}",
+                frame_name(&other)
+            );
+            violation(&conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;
+        }
+        Ok(None) => {}
+        Err(e) => read_failed(&conn, &mut send, e).await,
+    }
+}
+
+/// Reports a protocol violation on `send` and closes the whole connection,
+/// as the protocol requires; other connections are untouched.
+pub(super) async fn violation(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    why: &str,
+) {
+    tracing::debug!(remote = %conn.remote_address(), why, "protocol violation");
+    let f = Frame::Error {
+        id: 0,
+        code,
+        message: why.to_string(),
+    };
+    let mut buf = BytesMut::new();
+    f.encode(&mut buf);
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&buf)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    conn.close(close::PROTOCOL_VIOLATION.into(), why.as_bytes());
+}
+
+/// Handles a failed frame read: a decode error is a violation; a stream
+/// error (reset, connection lost) just ends the stream.
+pub(super) async fn read_failed(conn: &quinn::Connection, send: &mut quinn::SendStream, e: ReadFrameError) {
+    match e {
+        ReadFrameError::Decode(d) => violation(conn, send, d.code(), &d.to_string()).await,
+        ReadFrameError::Truncated => {
+            violation(conn, send, ErrorCode::MalformedFrame, "stream ended inside a frame").await
+        }
+        ReadFrameError::Io(e) => tracing::debug!(error = %e, "stream ended"),
+    }
+}
+
+/// A frame's name, for error messages.
+pub(super) fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::HelloOk { .. } => "HelloOk",
+        Frame::Error { .. } => "Error",
+        Frame::Ok { .. } => "Ok",
+        Frame::CreateTopic { .. } => "CreateTopic",
+        Frame::DeleteTopic { .. } => "DeleteTopic",
+        Frame::ListTopics { .. } => "ListTopics",
+        Frame::DescribeTopic { .. } => "DescribeTopic",
+        Frame::Topics { .. } => "Topics",
+        Frame::PublishBatch { .. } => "PublishBatch",
+        Frame::PublishAck { .. } => "PublishAck",
+        Frame::Subscribe { .. } => "Subscribe",
+        Frame::Subscribed { .. } => "Subscribed",
+        Frame::Assignment { .. } => "Assignment",
+        Frame::Credit { .. } => "Credit",
+        Frame::Commit { .. } => "Commit",
+        Frame::Deliver { .. } => "Deliver",
+    }
+}

@@ -1,0 +1,301 @@
+//! The QUIC endpoint: TLS, admission, one task per connection and one per
+//! stream.
+//!
+//! The binary only parses configuration and calls [`run`]; tests call
+//! [`Router::start`] with port 0 and talk to the returned address.
+
+mod connection;
+mod control;
+mod publish;
+mod subscribe;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::protocol::close;
+use crate::storage::{Storage, StorageConfig, StorageError};
+use tls::{CertPaths, TlsError};
+
+/// Everything the router can be configured with. Every field has a default;
+/// a TOML file (`--config`) may set any of them by name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Data directory: the database, the certificate and its key.
+    pub data: PathBuf,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Certificate to serve (PEM); default `<data>/cert.pem`, generated if missing.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM); default `<data>/key.pem`.
+    pub key: Option<PathBuf>,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Most concurrent streams (publish + subscribe) per connection.
+    pub max_streams_per_connection: u32,
+    /// Largest record accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest frame accepted, in bytes (a publish batch is one frame).
+    pub max_frame_bytes: usize,
+    /// Most partitions per topic.
+    pub max_partitions: u32,
+    /// Most records in one group commit.
+    pub commit_max_batch_records: usize,
+    /// Most record bytes in one group commit.
+    pub commit_max_batch_bytes: usize,
+    /// Extra time the writer waits to grow a batch, in microseconds (0: none).
+    pub commit_linger_us: u64,
+    /// How often retention runs, in milliseconds.
+    pub retention_check_ms: u64,
+    /// Close connections idle (no keep-alive) this long, in milliseconds.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            data: PathBuf::from("switchyard-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            cert: None,
+            key: None,
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            max_message_bytes: 1 << 20,
+            max_frame_bytes: 16 << 20,
+            max_partitions: 1024,
+            commit_max_batch_records: 8192,
+            commit_max_batch_bytes: 16 << 20,
+            commit_linger_us: 0,
+            retention_check_ms: 30_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Where the certificate and key live.
+    pub fn cert_paths(&self) -> CertPaths {
+        let d = CertPaths::in_dir(&self.data);
+        CertPaths {
+            cert: self.cert.clone().unwrap_or(d.cert),
+            key: self.key.clone().unwrap_or(d.key),
+        }
+    }
+}
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The database could not be opened.
+    #[error("opening storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The UDP socket could not be bound.
+    #[error("listening on {addr}: {source} (is another router running? choose another address with --listen)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// State shared by every connection task.
+pub(crate) struct Shared {
+    pub(crate) broker: Broker,
+    pub(crate) config: RouterConfig,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A running router.
+pub struct Router {
+    local_addr: SocketAddr,
+    cert_path: PathBuf,
+    generated_cert: bool,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Router {
+    /// Opens storage, prepares TLS, binds the endpoint and starts serving.
+    pub async fn start(config: RouterConfig) -> Result<Router, StartError> {
+        if config.max_message_bytes + 4096 > config.max_frame_bytes {
+            return Err(StartError::Config(
+                "max_frame_bytes must exceed max_message_bytes by at least 4096".into(),
+            ));
+        }
+        std::fs::create_dir_all(&config.data).map_err(|source| StartError::DataDir {
+            path: config.data.clone(),
+            source,
+        })?;
+        let paths = config.cert_paths();
+        let generated_cert = tls::ensure_self_signed(&paths)?;
+        let crypto = tls::server_crypto(&paths)?;
+
+        let storage = Storage::open(
+            &config.data.join("switchyard.redb"),
+            StorageConfig {
+                max_batch_records: config.commit_max_batch_records,
+                max_batch_bytes: config.commit_max_batch_bytes,
+                linger: Duration::from_micros(config.commit_linger_us),
+                ..StorageConfig::default()
+            },
+        )?;
+
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window((8u32 << 20).into())
+            .receive_window((32u32 << 20).into())
+            .send_window(32 << 20)
+            .max_idle_timeout(Some(
+                Duration::from_millis(config.idle_timeout_ms)
+                    .try_into()
+                    .map_err(|_| StartError::Config("idle_timeout_ms too large".into()))?,
+            ));
+        let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            StartError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let broker = Broker::new(
+            storage.clone(),
+            BrokerConfig {
+                max_message_bytes: config.max_message_bytes,
+                max_partitions: config.max_partitions,
+            },
+        );
+        let shared = Arc::new(Shared {
+            broker,
+            config: config.clone(),
+            shutdown: shutdown_rx,
+        });
+        let task = tokio::spawn(serve(endpoint, shared, storage));
+        tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
+        Ok(Router {
+            local_addr,
+            cert_path: paths.cert,
+            generated_cert,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The certificate clients should trust.
+    pub fn cert_path(&self) -> &std::path::Path {
+        &self.cert_path
+    }
+
+    /// True if this start generated a new self-signed certificate.
+    pub fn generated_cert(&self) -> bool {
+        self.generated_cert
+    }
+
+    /// Graceful shutdown: stop accepting, close connections with
+    /// `SHUTTING_DOWN`, commit everything queued, wait for the endpoint.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Runs a router until `shutdown` completes, then shuts down gracefully.
+pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let router = Router::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    router.shutdown().await;
+    Ok(())
+}
+
+async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage) {
+    let admission = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut shutdown = shared.shutdown.clone();
+    let mut connections = JoinSet::new();
+    let retention = tokio::spawn(retention_loop(
+        storage.clone(),
+        Duration::from_millis(shared.config.retention_check_ms.max(10)),
+        shared.shutdown.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                match admission.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        connections.spawn(async move {
+                            connection::handle(incoming, shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!("connection limit reached; refusing {}", incoming.remote_address());
+                        incoming.refuse();
+                    }
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Connection tasks see the shutdown signal and close with SHUTTING_DOWN.
+    endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
+    while connections.join_next().await.is_some() {}
+    retention.abort();
+    storage.shutdown().await;
+    endpoint.wait_idle().await;
+    tracing::info!("router stopped");
+}
+
+async fn retention_loop(storage: Storage, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = storage.enforce_retention().await {
+                    tracing::warn!(error = %e, "retention pass failed");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

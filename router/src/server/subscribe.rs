@@ -1,0 +1,99 @@
+//! Subscription streams: the subscriber's credits and commits come in on the
+//! receive side; records go out on the send side, which belongs to this
+//! subscription alone.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::connection::{frame_name, read_failed, violation};
+use crate::delivery::{StreamSubscription, SubEvent};
+use crate::protocol::{ErrorCode, Frame};
+use crate::transport::{FrameReader, ReadFrameError};
+
+/// Why the subscriber's side of the stream is unusable.
+enum Bad {
+    Unexpected(String),
+    Read(ReadFrameError),
+}
+
+pub(super) async fn serve(
+    first: Frame,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader<quinn::RecvStream>,
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+) {
+    let Frame::Subscribe {
+        group,
+        topic,
+        start,
+        credits,
+        auto_commit,
+    } = first
+    else {
+        unreachable!("dispatched on Subscribe");
+    };
+    let setup = shared
+        .broker
+        .topic(&topic)
+        .and_then(|t| shared.broker.group(&group, &t));
+    let group = match setup {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let ok = Frame::Subscribed {
+        partitions: group.topic.meta.partitions,
+    };
+    if send.write_all(&ok.to_bytes()).await.is_err() {
+        return;
+    }
+    let sub = StreamSubscription::join(group, start, credits, auto_commit);
+
+    // Events are tiny and bounded by what the client sends between our
+    // reads; a small channel is plenty and applies backpressure otherwise.
+    let (tx, rx) = mpsc::channel(64);
+    let (bad_tx, mut bad_rx) = mpsc::channel(1);
+    let events = tokio::spawn(async move {
+        loop {
+            let ev = match reader.next().await {
+                Ok(Some(Frame::Credit { credits })) => SubEvent::Credit(credits),
+                Ok(Some(Frame::Commit { partition, offset })) => SubEvent::Commit { partition, offset },
+                Ok(Some(other)) => {
+                    let why = format!("{} is not valid on a subscription stream", frame_name(&other));
+                    let _ = bad_tx.send(Bad::Unexpected(why)).await;
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = bad_tx.send(Bad::Read(e)).await;
+                    return;
+                }
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let result = sub.run(&mut send, rx).await;
+    events.abort();
+    match bad_rx.try_recv() {
+        Ok(Bad::Unexpected(why)) => {
+            return violation(&conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;
+        }
+        Ok(Bad::Read(e)) => return read_failed(&conn, &mut send, e).await,
+        Err(_) => {}
+    }
+    match result {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => tracing::debug!(error = %e, "subscription ended"),
+    }
+}

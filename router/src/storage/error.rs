@@ -1,0 +1,57 @@
+use crate::protocol::{ErrorCode, WireError};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// redb reported an error (I/O, a full disk, corruption).
+    #[error("storage failure: {0}")]
+    Db(#[from] redb::Error),
+    /// The topic does not exist (or was deleted while the request waited).
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    /// A topic with this name already exists.
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    /// The writer has stopped: the router is shutting down.
+    #[error("storage is shut down")]
+    ShutDown,
+    /// Metadata on disk could not be parsed.
+    #[error("corrupt metadata: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// The wire error a client sees for this failure.
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            StorageError::UnknownTopic(_) => ErrorCode::UnknownTopic,
+            StorageError::TopicExists(_) => ErrorCode::TopicExists,
+            StorageError::ShutDown => ErrorCode::ShuttingDown,
+            StorageError::Db(_) | StorageError::Corrupt(_) => ErrorCode::Storage,
+        };
+        let hint = match self {
+            StorageError::Db(_) => " (nothing in this request was acknowledged; check the router's disk and log, then retry)",
+            StorageError::UnknownTopic(_) => " (create it with `switchyard topic create`)",
+            _ => "",
+        };
+        WireError::new(code, format!("{self}{hint}"))
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

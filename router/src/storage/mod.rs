@@ -1,0 +1,382 @@
+//! Durable storage in redb: partition logs, topic metadata, group offsets and
+//! retention.
+//!
+//! Writes go through one writer thread ([`writer`]) that batches appends from
+//! every connection into one write transaction and one fsync (group commit),
+//! then acknowledges each request with its offsets. Reads ([`log`]) use
+//! redb's MVCC read transactions and never wait for the writer.
+
+mod error;
+pub mod log;
+pub use log::ReadLimit;
+mod tables;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use error::StorageError;
+use tables::{OFFSETS, PARTITIONS, TOPICS};
+use writer::WriteOp;
+
+use crate::protocol::{PartitionInfo, RawRecord, TopicInfo};
+
+/// Group-commit tuning.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Most records one write transaction takes before it commits.
+    pub max_batch_records: usize,
+    /// Most record bytes one write transaction takes before it commits.
+    pub max_batch_bytes: usize,
+    /// How long the writer waits for more appends once it has one. Zero
+    /// means "commit what is queued now": under load, requests that arrive
+    /// during one fsync form the next batch anyway.
+    pub linger: Duration,
+    /// redb page cache size.
+    pub cache_bytes: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            max_batch_records: 8192,
+            max_batch_bytes: 16 << 20,
+            linger: Duration::ZERO,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A topic's durable definition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopicMeta {
+    /// Internal id; never reused, so a re-created topic starts empty.
+    pub id: u32,
+    /// Topic name.
+    pub name: String,
+    /// Partition count, fixed at creation.
+    pub partitions: u32,
+    /// Retention by age in ms (0: none).
+    pub retention_ms: u64,
+    /// Retention by bytes per partition (0: none).
+    pub retention_bytes: u64,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// A live topic: its definition plus a watch of its partitions' state,
+/// updated after every commit that touches it. Subscribers wait on the watch.
+#[derive(Debug)]
+pub struct TopicHandle {
+    /// The durable definition.
+    pub meta: TopicMeta,
+    state: watch::Sender<Arc<[PartitionInfo]>>,
+    deleted: AtomicBool,
+}
+
+impl TopicHandle {
+    fn new(meta: TopicMeta, parts: Arc<[PartitionInfo]>) -> Self {
+        TopicHandle {
+            meta,
+            state: watch::Sender::new(parts),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// Partition states as of the last commit.
+    pub fn partitions(&self) -> Arc<[PartitionInfo]> {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that changes after every commit touching this topic.
+    pub fn watch(&self) -> watch::Receiver<Arc<[PartitionInfo]>> {
+        self.state.subscribe()
+    }
+
+    /// True once the topic was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        // Wake every subscriber so it notices.
+        self.state.send_modify(|_| {});
+    }
+
+    /// The wire description of this topic.
+    pub fn info(&self) -> TopicInfo {
+        TopicInfo {
+            name: self.meta.name.clone(),
+            retention_ms: self.meta.retention_ms,
+            retention_bytes: self.meta.retention_bytes,
+            created_ms: self.meta.created_ms,
+            partitions: self.partitions().to_vec(),
+        }
+    }
+}
+
+type Registry = Arc<RwLock<HashMap<String, Arc<TopicHandle>>>>;
+
+/// A handle to the router's storage; cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    db: Arc<Database>,
+    tx: mpsc::Sender<WriteOp>,
+    topics: Registry,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// The future of one append: resolves once the records are durable.
+pub type AppendTicket = oneshot::Receiver<Result<Vec<(u32, u64)>, StorageError>>;
+
+impl Storage {
+    /// Opens (or creates) the database at `path` and starts the writer.
+    pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(path)?;
+        let db = Arc::new(db);
+        let (metas, parts) = load(&db)?;
+        let mut registry = HashMap::new();
+        let mut states = HashMap::new();
+        for meta in metas {
+            let p = parts.get(&meta.id).cloned().unwrap_or_default();
+            let infos: Arc<[PartitionInfo]> = p.iter().map(|s| s.info()).collect();
+            let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
+            states.insert(meta.id, writer::TopicState::new(handle.clone(), p));
+            registry.insert(meta.name.clone(), handle);
+        }
+        let topics: Registry = Arc::new(RwLock::new(registry));
+        let (tx, rx) = mpsc::channel(4096);
+        let w = writer::Writer::new(db.clone(), topics.clone(), states, config);
+        let join = std::thread::Builder::new()
+            .name("switchyard-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| StorageError::Corrupt(format!("cannot start writer thread: {e}")))?;
+        Ok(Storage {
+            db,
+            tx,
+            topics,
+            writer: Arc::new(std::sync::Mutex::new(Some(join))),
+        })
+    }
+
+    /// The live topic with this name.
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicHandle>> {
+        self.topics.read().expect("registry lock").get(name).cloned()
+    }
+
+    /// All live topics, sorted by name.
+    pub fn topics(&self) -> Vec<Arc<TopicHandle>> {
+        let mut v: Vec<_> = self
+            .topics
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        v
+    }
+
+    async fn send(&self, op: WriteOp) -> Result<(), StorageError> {
+        self.tx.send(op).await.map_err(|_| StorageError::ShutDown)
+    }
+
+    /// Creates a topic. Names are validated by the broker.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<Arc<TopicHandle>, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::CreateTopic {
+            name: name.to_string(),
+            partitions,
+            retention_ms,
+            retention_bytes,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Deletes a topic, its records and its group offsets.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::DeleteTopic {
+            name: name.to_string(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Queues records for durable append and returns a ticket that resolves
+    /// with `(partition, offset)` per record once they are fsynced.
+    ///
+    /// Appends queued by one caller are applied in the order queued, which is
+    /// what keeps per-key order for a pipelined producer.
+    pub async fn append(
+        &self,
+        topic: &Arc<TopicHandle>,
+        records: Vec<(u32, RawRecord)>,
+    ) -> Result<AppendTicket, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Append {
+            topic_id: topic.meta.id,
+            records,
+            reply,
+        })
+        .await?;
+        Ok(rx)
+    }
+
+    /// Records a group's position. Durable at the next group commit; not
+    /// waited for, because a lost commit only means redelivery.
+    pub async fn commit_offset(
+        &self,
+        group: Arc<str>,
+        topic_id: u32,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), StorageError> {
+        self.send(WriteOp::CommitOffset {
+            group,
+            topic_id,
+            partition,
+            offset,
+        })
+        .await
+    }
+
+    /// Applies retention to every topic now.
+    pub async fn enforce_retention(&self) -> Result<u64, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Retention { reply }).await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Waits until everything queued before this call is durable.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Flush { reply }).await?;
+        rx.await.map_err(|_| StorageError::ShutDown)
+    }
+
+    /// Commits everything queued and stops the writer thread. Later writes
+    /// fail with [`StorageError::ShutDown`]; reads keep working.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.send(WriteOp::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let join = self.writer.lock().expect("writer lock").take();
+        if let Some(join) = join {
+            let _ = tokio::task::spawn_blocking(move || join.join()).await;
+        }
+    }
+
+    /// The group's committed position in a partition, if any.
+    pub fn committed_offset(
+        &self,
+        group: &str,
+        topic_id: u32,
+        partition: u32,
+    ) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(OFFSETS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get((group, topic_id, partition))?.map(|v| v.value()))
+    }
+
+    /// The underlying database, for readers in [`log`].
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// One partition's durable counters, as kept by the writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PartState {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) bytes: u64,
+    pub(crate) last_ts: u64,
+}
+
+impl PartState {
+    pub(crate) fn info(&self) -> PartitionInfo {
+        PartitionInfo {
+            start: self.start,
+            end: self.end,
+            bytes: self.bytes,
+        }
+    }
+}
+
+type Loaded = (Vec<TopicMeta>, HashMap<u32, Vec<PartState>>);
+
+fn load(db: &Database) -> Result<Loaded, StorageError> {
+    // Create every table up front so readers never see "table does not exist".
+    let w = db.begin_write()?;
+    {
+        w.open_table(TOPICS)?;
+        w.open_table(PARTITIONS)?;
+        w.open_table(tables::LOG)?;
+        w.open_table(OFFSETS)?;
+        w.open_table(tables::META)?;
+    }
+    w.commit()?;
+
+    let r = db.begin_read()?;
+    let topics = r.open_table(TOPICS)?;
+    let mut metas = Vec::new();
+    for entry in topics.iter()? {
+        let (_, v) = entry?;
+        let meta: TopicMeta = serde_json::from_slice(v.value())
+            .map_err(|e| StorageError::Corrupt(format!("topic metadata: {e}")))?;
+        metas.push(meta);
+    }
+    let parts_table = r.open_table(PARTITIONS)?;
+    let mut parts: HashMap<u32, Vec<PartState>> = HashMap::new();
+    for m in &metas {
+        let mut v = vec![PartState::default(); m.partitions as usize];
+        for entry in parts_table.range((m.id, 0)..=(m.id, u32::MAX))? {
+            let (k, val) = entry?;
+            let (_, p) = k.value();
+            let (start, end, bytes, last_ts) = val.value();
+            if let Some(slot) = v.get_mut(p as usize) {
+                *slot = PartState {
+                    start,
+                    end,
+                    bytes,
+                    last_ts,
+                };
+            }
+        }
+        parts.insert(m.id, v);
+    }
+    Ok((metas, parts))
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,30 @@
+//! Every redb table the router keeps, in one place.
+//!
+//! The whole router is one redb file (`data/switchyard.redb`): one writer
+//! thread then commits appends for every topic and partition in one
+//! transaction with one fsync. `docs/storage.md` has the measurements.
+
+use redb::TableDefinition;
+
+/// Topic name -> JSON [`super::TopicMeta`]. Rarely written, so readability wins.
+pub(crate) const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+
+/// `(topic id, partition)` -> `(start offset, end offset, bytes, last timestamp ms)`.
+pub(crate) const PARTITIONS: TableDefinition<(u32, u32), (u64, u64, u64, u64)> =
+    TableDefinition::new("partitions");
+
+/// `(topic id, partition, offset)` -> `timestamp ms (u64 BE) | encoded record`.
+///
+/// Topic ids, not names, key the log: a deleted and re-created topic never
+/// sees the old topic's records, and deletion is one range removal.
+pub(crate) const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
+
+/// `(group, topic id, partition)` -> next offset the group will read.
+pub(crate) const OFFSETS: TableDefinition<(&str, u32, u32), u64> =
+    TableDefinition::new("group_offsets");
+
+/// Router-wide counters such as the next topic id.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Key in [`META`] holding the next topic id to hand out.
+pub(crate) const NEXT_TOPIC_ID: &str = "next_topic_id";

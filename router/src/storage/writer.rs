@@ -1,0 +1,436 @@
+//! The single writer: group commit for the whole router.
+//!
+//! redb allows one write transaction at a time and an fsync costs ~180 µs on
+//! this class of machine, so one thread owns all writes. It takes every
+//! request queued while the previous commit was running, applies them in
+//! arrival order in one transaction, fsyncs once, and only then answers each
+//! request. Per-partition counters (next offset, bytes) live here, in memory,
+//! and are restored if a commit fails, so a failed batch leaves no gap and
+//! acknowledges nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable};
+use tokio::sync::{mpsc, oneshot};
+
+use super::tables::{LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, TOPICS};
+use super::{PartState, Registry, StorageConfig, StorageError, TopicHandle, TopicMeta, now_ms};
+use crate::protocol::{PartitionInfo, RawRecord};
+
+/// A request to the writer thread.
+pub(crate) enum WriteOp {
+    Append {
+        topic_id: u32,
+        records: Vec<(u32, RawRecord)>,
+        reply: oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
+    },
+    CommitOffset {
+        group: Arc<str>,
+        topic_id: u32,
+        partition: u32,
+        offset: u64,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        retention_ms: u64,
+        retention_bytes: u64,
+        reply: oneshot::Sender<Result<Arc<TopicHandle>, StorageError>>,
+    },
+    DeleteTopic {
+        name: String,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    Retention {
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl WriteOp {
+    fn is_data(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::Append { .. } | WriteOp::CommitOffset { .. } | WriteOp::Flush { .. }
+        )
+    }
+}
+
+pub(crate) struct TopicState {
+    handle: Arc<TopicHandle>,
+    parts: Vec<PartState>,
+}
+
+impl TopicState {
+    pub(crate) fn new(handle: Arc<TopicHandle>, parts: Vec<PartState>) -> Self {
+        TopicState { handle, parts }
+    }
+
+    fn publish(&self) {
+        let infos: Arc<[PartitionInfo]> = self.parts.iter().map(|s| s.info()).collect();
+        self.handle.state.send_replace(infos);
+    }
+}
+
+pub(crate) struct Writer {
+    db: Arc<Database>,
+    registry: Registry,
+    topics: HashMap<u32, TopicState>,
+    config: StorageConfig,
+}
+
+/// Most records one retention pass deletes per partition, to keep its
+/// transaction (and the appends queued behind it) short.
+const RETENTION_PASS_LIMIT: usize = 100_000;
+
+impl Writer {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        registry: Registry,
+        topics: HashMap<u32, TopicState>,
+        config: StorageConfig,
+    ) -> Self {
+        Writer {
+            db,
+            registry,
+            topics,
+            config,
+        }
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut ops = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let (mut records, mut bytes) = weight(&first);
+            ops.push(first);
+            let deadline = Instant::now() + self.config.linger;
+            while records < self.config.max_batch_records && bytes < self.config.max_batch_bytes
+            {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        let (r, b) = weight(&op);
+                        records += r;
+                        bytes += b;
+                        ops.push(op);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        std::thread::sleep((deadline - now).min(Duration::from_micros(50)));
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            }
+            if let Some(done) = self.process(&mut ops) {
+                // Shutdown: refuse new work, but commit what was already queued.
+                rx.close();
+                while let Ok(op) = rx.try_recv() {
+                    ops.push(op);
+                }
+                let more = self.process(&mut ops);
+                let _ = done.send(());
+                if let Some(d) = more {
+                    let _ = d.send(());
+                }
+                break;
+            }
+        }
+        tracing::debug!("storage writer stopped");
+    }
+
+    /// Applies `ops` in order. Returns the shutdown reply if one was seen.
+    fn process(&mut self, ops: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
+        let mut segment = Vec::new();
+        let mut shutdown = None;
+        for op in ops.drain(..) {
+            if op.is_data() {
+                segment.push(op);
+                continue;
+            }
+            if !segment.is_empty() {
+                self.commit_data(std::mem::take(&mut segment));
+            }
+            match op {
+                WriteOp::CreateTopic {
+                    name,
+                    partitions,
+                    retention_ms,
+                    retention_bytes,
+                    reply,
+                } => {
+                    let r = self.create_topic(name, partitions, retention_ms, retention_bytes);
+                    let _ = reply.send(r);
+                }
+                WriteOp::DeleteTopic { name, reply } => {
+                    let _ = reply.send(self.delete_topic(&name));
+                }
+                WriteOp::Retention { reply } => {
+                    let _ = reply.send(self.retention());
+                }
+                WriteOp::Shutdown { reply } => shutdown = Some(reply),
+                _ => unreachable!("data ops are batched above"),
+            }
+        }
+        if !segment.is_empty() {
+            self.commit_data(segment);
+        }
+        shutdown
+    }
+
+    fn commit_data(&mut self, segment: Vec<WriteOp>) {
+        let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
+        let mut replies = Vec::new();
+        let mut flushes = Vec::new();
+        let result = self.apply_data(segment, &mut undo, &mut replies, &mut flushes);
+        match result {
+            Ok(()) => {
+                let touched: HashSet<u32> = undo.keys().map(|(t, _)| *t).collect();
+                for t in touched {
+                    if let Some(ts) = self.topics.get(&t) {
+                        ts.publish();
+                    }
+                }
+                for (reply, r) in replies {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; rolling back the batch");
+                for ((t, p), old) in undo {
+                    if let Some(ts) = self.topics.get_mut(&t) {
+                        ts.parts[p as usize] = old;
+                    }
+                }
+                let msg = e.to_string();
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StorageError::Corrupt(format!(
+                        "write failed, nothing acknowledged: {msg}"
+                    ))));
+                }
+            }
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply_data(
+        &mut self,
+        segment: Vec<WriteOp>,
+        undo: &mut HashMap<(u32, u32), PartState>,
+        replies: &mut Vec<(
+            oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
+            Result<Vec<(u32, u64)>, StorageError>,
+        )>,
+        flushes: &mut Vec<oneshot::Sender<()>>,
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            let mut offsets = txn.open_table(OFFSETS)?;
+            let now = now_ms();
+            for op in segment {
+                match op {
+                    WriteOp::Append {
+                        topic_id,
+                        records,
+                        reply,
+                    } => {
+                        let Some(ts) = self.topics.get_mut(&topic_id) else {
+                            replies.push((reply, Err(StorageError::UnknownTopic(format!("#{topic_id}")))));
+                            continue;
+                        };
+                        if let Some((p, _)) = records.iter().find(|(p, _)| *p as usize >= ts.parts.len()) {
+                            let name = ts.handle.meta.name.clone();
+                            replies.push((
+                                reply,
+                                Err(StorageError::Corrupt(format!("partition {p} out of range for '{name}'"))),
+                            ));
+                            continue;
+                        }
+                        let mut positions = Vec::with_capacity(records.len());
+                        for (p, rec) in records {
+                            let st = &mut ts.parts[p as usize];
+                            undo.entry((topic_id, p)).or_insert(*st);
+                            let offset = st.end;
+                            let t = now.max(st.last_ts);
+                            let body = rec.as_bytes();
+                            let mut slot = log.insert_reserve((topic_id, p, offset), 8 + body.len())?;
+                            let dst = slot.as_mut();
+                            dst[..8].copy_from_slice(&t.to_be_bytes());
+                            dst[8..].copy_from_slice(body);
+                            drop(slot);
+                            st.end += 1;
+                            st.bytes += body.len() as u64;
+                            st.last_ts = t;
+                            positions.push((p, offset));
+                        }
+                        replies.push((reply, Ok(positions)));
+                    }
+                    WriteOp::CommitOffset {
+                        group,
+                        topic_id,
+                        partition,
+                        offset,
+                    } => {
+                        // Commits for a deleted topic are dropped, not stored.
+                        if self.topics.contains_key(&topic_id) {
+                            offsets.insert((&*group, topic_id, partition), offset)?;
+                        }
+                    }
+                    WriteOp::Flush { reply } => flushes.push(reply),
+                    _ => unreachable!("only data ops reach apply_data"),
+                }
+            }
+            let mut parts = txn.open_table(PARTITIONS)?;
+            for &(t, p) in undo.keys() {
+                let s = self.topics[&t].parts[p as usize];
+                parts.insert((t, p), (s.start, s.end, s.bytes, s.last_ts))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn create_topic(
+        &mut self,
+        name: String,
+        partitions: u32,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<Arc<TopicHandle>, StorageError> {
+        if self.registry.read().expect("registry lock").contains_key(&name) {
+            return Err(StorageError::TopicExists(name));
+        }
+        let txn = self.db.begin_write()?;
+        let meta;
+        {
+            let mut m = txn.open_table(META)?;
+            let id = m.get(NEXT_TOPIC_ID)?.map(|v| v.value()).unwrap_or(1) as u32;
+            m.insert(NEXT_TOPIC_ID, id as u64 + 1)?;
+            meta = TopicMeta {
+                id,
+                name: name.clone(),
+                partitions,
+                retention_ms,
+                retention_bytes,
+                created_ms: now_ms(),
+            };
+            let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
+            txn.open_table(TOPICS)?.insert(name.as_str(), json.as_slice())?;
+            let mut pt = txn.open_table(PARTITIONS)?;
+            for p in 0..partitions {
+                pt.insert((id, p), (0, 0, 0, 0))?;
+            }
+        }
+        txn.commit()?;
+        let parts = vec![PartState::default(); partitions as usize];
+        let infos: Arc<[PartitionInfo]> = parts.iter().map(|s| s.info()).collect();
+        let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
+        self.topics
+            .insert(meta.id, TopicState::new(handle.clone(), parts));
+        self.registry
+            .write()
+            .expect("registry lock")
+            .insert(name, handle.clone());
+        Ok(handle)
+    }
+
+    fn delete_topic(&mut self, name: &str) -> Result<(), StorageError> {
+        let Some(handle) = self.registry.read().expect("registry lock").get(name).cloned() else {
+            return Err(StorageError::UnknownTopic(name.to_string()));
+        };
+        let id = handle.meta.id;
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(TOPICS)?.remove(name)?;
+            txn.open_table(PARTITIONS)?
+                .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+            txn.open_table(LOG)?
+                .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+            txn.open_table(OFFSETS)?.retain(|k, _| k.1 != id)?;
+        }
+        txn.commit()?;
+        self.topics.remove(&id);
+        self.registry.write().expect("registry lock").remove(name);
+        handle.mark_deleted();
+        Ok(())
+    }
+
+    /// Deletes records past their topic's age or size limit. Returns how many.
+    fn retention(&mut self) -> Result<u64, StorageError> {
+        let now = now_ms();
+        let mut deleted = 0u64;
+        let mut changed: Vec<(u32, u32, PartState)> = Vec::new();
+        let txn = self.db.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            let mut parts_table = txn.open_table(PARTITIONS)?;
+            for (&id, ts) in &self.topics {
+                let m = &ts.handle.meta;
+                if m.retention_ms == 0 && m.retention_bytes == 0 {
+                    continue;
+                }
+                let cutoff = now.saturating_sub(m.retention_ms);
+                for (p, st) in ts.parts.iter().enumerate() {
+                    let p = p as u32;
+                    let mut new = *st;
+                    for entry in log.range((id, p, st.start)..(id, p, st.end))?.take(RETENTION_PASS_LIMIT) {
+                        let (k, v) = entry?;
+                        let v = v.value();
+                        let t = u64::from_be_bytes(v[..8].try_into().expect("8-byte timestamp"));
+                        let len = (v.len() - 8) as u64;
+                        let too_old = m.retention_ms > 0 && t < cutoff;
+                        let too_big = m.retention_bytes > 0 && new.bytes > m.retention_bytes;
+                        if !(too_old || too_big) {
+                            break;
+                        }
+                        new.start = k.value().2 + 1;
+                        new.bytes -= len;
+                    }
+                    if new.start != st.start {
+                        log.retain_in((id, p, st.start)..(id, p, new.start), |_, _| false)?;
+                        parts_table.insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
+                        deleted += new.start - st.start;
+                        changed.push((id, p, new));
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        let mut touched = HashSet::new();
+        for (id, p, st) in changed {
+            if let Some(ts) = self.topics.get_mut(&id) {
+                ts.parts[p as usize] = st;
+                touched.insert(id);
+            }
+        }
+        for id in touched {
+            self.topics[&id].publish();
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "retention removed records");
+        }
+        Ok(deleted)
+    }
+}
+
+fn weight(op: &WriteOp) -> (usize, usize) {
+    match op {
+        WriteOp::Append { records, .. } => (
+            records.len(),
+            records.iter().map(|(_, r)| r.len()).sum(),
+        ),
+        _ => (1, 0),
+    }
+}
