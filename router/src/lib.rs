@@ -20,3 +20,4 @@ pub mod broker;
 pub mod delivery;
 pub mod server;
 pub mod transport;
+pub mod client;

@@ -1,0 +1,329 @@
+//! Connecting, the version handshake and the control stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::oneshot;
+
+use super::ClientError;
+use super::publish::Publisher;
+use crate::protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
+use crate::transport::FrameReader;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The router's UDP address.
+    pub addr: SocketAddr,
+    /// Name checked against the router's certificate.
+    pub server_name: String,
+    /// PEM file with the certificate (or CA) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Certificates to trust, in addition to `ca_file`.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// Most publish records awaiting acknowledgement before `publish` waits.
+    pub max_in_flight: usize,
+    /// Identifies this client in the router's logs.
+    pub client_name: String,
+}
+
+impl ClientConfig {
+    /// Defaults for `addr`: server name `localhost`, 64 Ki records in flight.
+    pub fn new(addr: SocketAddr) -> Self {
+        ClientConfig {
+            addr,
+            server_name: "localhost".into(),
+            ca_file: None,
+            ca_certs: Vec::new(),
+            max_in_flight: 65_536,
+            client_name: format!("switchyard-rust/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Trust the certificate(s) in this PEM file.
+    pub fn with_ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Sets the TLS server name.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = name.into();
+        self
+    }
+}
+
+/// What the router said about itself in the handshake.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// Negotiated protocol version.
+    pub version: u8,
+    /// Router identification.
+    pub server: String,
+    /// Largest record the router accepts.
+    pub max_message_bytes: usize,
+    /// Largest frame the router accepts.
+    pub max_frame_bytes: usize,
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+/// A connection to a router. Cheap to share behind an `Arc`; every method
+/// takes `&self` and may be called concurrently.
+pub struct Client {
+    pub(super) conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    info: ServerInfo,
+    control: tokio::sync::Mutex<quinn::SendStream>,
+    waiters: Waiters,
+    next_id: AtomicU64,
+    pub(super) publisher: Publisher,
+}
+
+fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &cfg.ca_file {
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?
+            .collect();
+        let certs = certs.map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+        }
+    }
+    for c in &cfg.ca_certs {
+        roots
+            .add(c.clone())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Tls("no trusted certificate given".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window((8u32 << 20).into())
+        .receive_window((32u32 << 20).into())
+        .send_window(32 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+impl Client {
+    /// Connects, negotiates the protocol version and opens the control stream.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let crypto = client_crypto(&cfg)?;
+        let bind: SocketAddr = if cfg.addr.is_ipv6() {
+            "[::]:0".parse().expect("valid")
+        } else {
+            "0.0.0.0:0".parse().expect("valid")
+        };
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: cfg.addr,
+            reason,
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(crypto);
+        let connecting = endpoint
+            .connect(cfg.addr, &cfg.server_name)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| connect_err("timed out after 10 s".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+        let hello = Frame::Hello {
+            min_version: MIN_VERSION,
+            max_version: MAX_VERSION,
+            client: cfg.client_name.clone(),
+        };
+        send.write_all(&hello.to_bytes())
+            .await
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+        // Frames from the router are bounded by our own generous limit.
+        let mut reader = FrameReader::new(recv, 64 << 20);
+        let info = match reader.next().await {
+            Ok(Some(Frame::HelloOk {
+                version,
+                server,
+                max_message_bytes,
+                max_frame_bytes,
+            })) => ServerInfo {
+                version,
+                server,
+                max_message_bytes: max_message_bytes as usize,
+                max_frame_bytes: max_frame_bytes as usize,
+            },
+            Ok(Some(Frame::Error { code, message, .. })) => {
+                return Err(ClientError::Server(WireError::new(code, message)));
+            }
+            Ok(Some(other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected HelloOk, got {other:?}"
+                )));
+            }
+            Ok(None) => return Err(ClientError::ConnectionLost("closed during handshake".into())),
+            Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
+        };
+
+        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(control_reader(reader, waiters.clone()));
+        let publisher = Publisher::new(conn.clone(), info.clone(), cfg.max_in_flight);
+        Ok(Client {
+            conn,
+            endpoint,
+            info,
+            control: tokio::sync::Mutex::new(send),
+            waiters,
+            next_id: AtomicU64::new(1),
+            publisher,
+        })
+    }
+
+    /// What the router reported in the handshake.
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    async fn request(&self, make: impl FnOnce(u64) -> Frame) -> Result<Frame, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").insert(id, tx);
+        let bytes = make(id).to_bytes();
+        {
+            let mut send = self.control.lock().await;
+            if let Err(e) = send.write_all(&bytes).await {
+                self.waiters.lock().expect("waiters lock").remove(&id);
+                return Err(ClientError::ConnectionLost(e.to_string()));
+            }
+        }
+        let frame = rx
+            .await
+            .map_err(|_| ClientError::ConnectionLost(self.close_reason()))?;
+        match frame {
+            Frame::Error { code, message, .. } => Err(ClientError::Server(WireError::new(code, message))),
+            f => Ok(f),
+        }
+    }
+
+    pub(super) fn close_reason(&self) -> String {
+        self.conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "control stream closed".into())
+    }
+
+    /// Creates a topic with `partitions` partitions and no retention limit.
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<TopicInfo, ClientError> {
+        self.create_topic_with(name, partitions, 0, 0).await
+    }
+
+    /// Creates a topic with retention by age (ms) and by bytes per
+    /// partition; 0 disables either.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<TopicInfo, ClientError> {
+        let f = self
+            .request(|id| Frame::CreateTopic {
+                id,
+                name: name.to_string(),
+                partitions,
+                retention_ms,
+                retention_bytes,
+            })
+            .await?;
+        one_topic(f)
+    }
+
+    /// Deletes a topic and all its records.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        match self
+            .request(|id| Frame::DeleteTopic {
+                id,
+                name: name.to_string(),
+            })
+            .await?
+        {
+            Frame::Ok { .. } => Ok(()),
+            f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+        }
+    }
+
+    /// Lists every topic with its partitions.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        match self.request(|id| Frame::ListTopics { id }).await? {
+            Frame::Topics { topics, .. } => Ok(topics),
+            f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+        }
+    }
+
+    /// Describes one topic: partitions with start/end offsets and bytes.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
+        let f = self
+            .request(|id| Frame::DescribeTopic {
+                id,
+                name: name.to_string(),
+            })
+            .await?;
+        one_topic(f)
+    }
+
+    /// Waits for every publish to be acknowledged, then closes the
+    /// connection and waits for the close to reach the router.
+    pub async fn close(&self) {
+        self.publisher.flush().await;
+        self.conn.close(close::NORMAL.into(), b"client closed");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn one_topic(f: Frame) -> Result<TopicInfo, ClientError> {
+    match f {
+        Frame::Topics { mut topics, .. } if topics.len() == 1 => Ok(topics.remove(0)),
+        f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+    }
+}
+
+async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Waiters) {
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            _ => break,
+        };
+        let id = match &frame {
+            Frame::Ok { id } | Frame::Topics { id, .. } | Frame::Error { id, .. } => *id,
+            _ => continue,
+        };
+        if let Some(tx) = waiters.lock().expect("waiters lock").remove(&id) {
+            let _ = tx.send(frame);
+        }
+    }
+    // Dropping the senders fails every waiting request.
+    waiters.lock().expect("waiters lock").clear();
+}

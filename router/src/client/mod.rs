@@ -1,0 +1,70 @@
+//! The Rust client: connect, publish, subscribe, commit, topic admin.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchyard::client::ClientError> {
+//! use futures::StreamExt;
+//! use switchyard::client::{Client, ClientConfig, SubscribeOptions};
+//! use switchyard::protocol::Record;
+//!
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7400".parse().unwrap())
+//!     .with_ca_file("switchyard-data/cert.pem")).await?;
+//! client.create_topic("orders", 4).await?;
+//! let ack = client.publish("orders", Record::new("hello").with_key("customer-7")).await?;
+//! println!("stored at partition {} offset {}", ack.partition, ack.offset);
+//!
+//! let mut sub = client.subscribe(SubscribeOptions::new("orders").group("billing")).await?;
+//! while let Some(msg) = sub.next().await {
+//!     let msg = msg?;
+//!     println!("{:?}", msg.payload());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The client speaks only [`crate::protocol`]; it never touches broker code.
+
+mod connection;
+mod publish;
+mod subscribe;
+
+pub use connection::{Client, ClientConfig, ServerInfo};
+pub use publish::{Ack, PendingAcks};
+pub use subscribe::{Message, SubscribeOptions, Subscription};
+
+use crate::protocol::{ErrorCode, WireError};
+
+/// Everything a client call can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The router answered with an error; see its code.
+    #[error("{0}")]
+    Server(#[from] WireError),
+    /// The certificate or TLS settings are unusable.
+    #[error("TLS setup: {0} (pass the router's certificate with --ca or SWITCHYARD_CA)")]
+    Tls(String),
+    /// The router could not be reached.
+    #[error("cannot connect to {addr}: {reason} (is the router running? set --addr or SWITCHYARD_ADDR)")]
+    Connect {
+        /// The address tried.
+        addr: std::net::SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+    /// The connection or stream ended; in-flight requests may or may not
+    /// have been applied.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The router sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The router's error code, if the router reported one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Pipelined publishing over one long-lived stream.
+//!
+//! Every `publish` call queues its records with a writer task, which packs
+//! whatever is queued into `PublishBatch` frames and sends them in one
+//! stream write; an ack task matches the router's in-order acks back to the
+//! callers. A semaphore bounds records awaiting acknowledgement.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::connection::{Client, ServerInfo};
+use super::ClientError;
+use crate::protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
+use crate::transport::FrameReader;
+
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ack {
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: u64,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Ack>, ClientError>>;
+
+struct Request {
+    topic: Arc<str>,
+    records: Vec<Record>,
+    reply: Reply,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Callers waiting on one batch frame: each caller's reply and record count.
+struct InFlight {
+    seq: u64,
+    parts: Vec<(Reply, usize, OwnedSemaphorePermit)>,
+}
+
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<InFlight>,
+    dead: Option<String>,
+}
+
+/// Most bytes packed into one stream write.
+const WRITE_CHUNK: usize = 256 << 10;
+/// Most records in one batch frame.
+const MAX_BATCH_RECORDS: usize = 4096;
+
+pub(super) struct Publisher {
+    conn: quinn::Connection,
+    info: ServerInfo,
+    window: Arc<Semaphore>,
+    max_in_flight: usize,
+    tx: tokio::sync::OnceCell<mpsc::Sender<Request>>,
+}
+
+impl Publisher {
+    pub(super) fn new(conn: quinn::Connection, info: ServerInfo, max_in_flight: usize) -> Self {
+        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        Publisher {
+            conn,
+            info,
+            window: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            tx: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn sender(&self) -> Result<&mpsc::Sender<Request>, ClientError> {
+        self.tx
+            .get_or_try_init(|| async {
+                let (send, recv) = self
+                    .conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+                let pending = Arc::new(Mutex::new(Pending::default()));
+                let (tx, rx) = mpsc::channel(1024);
+                let max_frame = self.info.max_frame_bytes;
+                tokio::spawn(writer(rx, send, pending.clone(), max_frame));
+                tokio::spawn(ack_reader(FrameReader::new(recv, 64 << 20), pending));
+                Ok(tx)
+            })
+            .await
+    }
+
+    async fn submit(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Ack>, ClientError> {
+        let budget = frame_budget(self.info.max_frame_bytes);
+        let total: usize = records.iter().map(|r| r.encoded_len() + 4).sum();
+        if records.len() <= MAX_BATCH_RECORDS && total <= budget {
+            return self.submit_one(topic, records).await;
+        }
+        // Too big for one frame: send consecutive chunks, pipelined, in order.
+        let mut chunks = Vec::new();
+        let mut cur = Vec::new();
+        let mut cur_len = 0;
+        for r in records {
+            let l = r.encoded_len() + 4;
+            if !cur.is_empty() && (cur.len() == MAX_BATCH_RECORDS || cur_len + l > budget) {
+                chunks.push(std::mem::take(&mut cur));
+                cur_len = 0;
+            }
+            cur_len += l;
+            cur.push(r);
+        }
+        chunks.push(cur);
+        // Queue every chunk before awaiting any ack: order is fixed at
+        // queueing time, and the chunks are pipelined.
+        let mut pending = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            pending.push(self.enqueue(topic, c).await?);
+        }
+        let mut acks = Vec::new();
+        for p in pending {
+            acks.extend(p.await?);
+        }
+        Ok(acks)
+    }
+
+    async fn submit_one(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Ack>, ClientError> {
+        self.enqueue(topic, records).await?.await
+    }
+
+    /// Validates and queues records as one batch; the returned future
+    /// resolves with their acks.
+    pub(super) async fn enqueue(&self, topic: &str, records: Vec<Record>) -> Result<PendingAcks, ClientError> {
+        for r in &records {
+            if r.encoded_len() > self.info.max_message_bytes {
+                return Err(ClientError::Server(WireError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!(
+                        "record of {} bytes exceeds the router's max_message_bytes = {}",
+                        r.encoded_len(),
+                        self.info.max_message_bytes
+                    ),
+                )));
+            }
+            r.check()
+                .map_err(|e| ClientError::Server(WireError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+        }
+        if records.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(Vec::new()));
+            return Ok(PendingAcks(rx));
+        }
+        let n = records.len().min(self.max_in_flight) as u32;
+        let permit = self
+            .window
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("semaphore never closed");
+        let (reply, rx) = oneshot::channel();
+        let tx = self.sender().await?;
+        tx.send(Request {
+            topic: topic.into(),
+            records,
+            reply,
+            _permit: permit,
+        })
+        .await
+        .map_err(|_| ClientError::ConnectionLost("publish stream closed".into()))?;
+        Ok(PendingAcks(rx))
+    }
+
+    pub(super) async fn flush(&self) {
+        if let Ok(all) = self.window.acquire_many(self.max_in_flight as u32).await {
+            drop(all);
+        }
+    }
+}
+
+/// Acks for records already queued, in order, on the publish stream.
+#[must_use = "dropping this loses the acknowledgement, not the records"]
+pub struct PendingAcks(oneshot::Receiver<Result<Vec<Ack>, ClientError>>);
+
+impl std::future::Future for PendingAcks {
+    type Output = Result<Vec<Ack>, ClientError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Err(ClientError::ConnectionLost("publish stream closed".into())))
+        })
+    }
+}
+
+impl Client {
+    /// Queues records as one batch and returns once they are queued, with a
+    /// future for their acks. Records queued by successive calls are stored
+    /// in call order, so a producer can keep many batches in flight without
+    /// losing per-key order. The batch must fit one frame (4096 records and
+    /// the router's frame size).
+    pub async fn queue_batch(&self, topic: &str, records: Vec<Record>) -> Result<PendingAcks, ClientError> {
+        if records.len() > MAX_BATCH_RECORDS {
+            return Err(ClientError::Server(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("queue_batch takes at most {MAX_BATCH_RECORDS} records; use publish_batch"),
+            )));
+        }
+        self.publisher.enqueue(topic, records).await
+    }
+
+    /// Publishes one record; resolves once it is durable, with its position.
+    ///
+    /// Calls are pipelined: many may be in flight at once on one stream, and
+    /// records from one task keep their order.
+    pub async fn publish(&self, topic: &str, record: Record) -> Result<Ack, ClientError> {
+        let mut v = self.publisher.submit(topic, vec![record]).await?;
+        v.pop()
+            .ok_or_else(|| ClientError::Protocol("empty ack".into()))
+    }
+
+    /// Publishes records; positions come back in input order. A batch that
+    /// fits one frame (4096 records and the router's frame size) is stored
+    /// atomically: all of it or none. A larger one is sent as several such
+    /// batches, in order, and the call fails if any of them fails.
+    pub async fn publish_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Ack>, ClientError> {
+        self.publisher.submit(topic, records).await
+    }
+
+    /// Waits until every publish issued so far has been acknowledged.
+    pub async fn flush(&self) {
+        self.publisher.flush().await
+    }
+}
+
+fn fail(parts: Vec<(Reply, usize, OwnedSemaphorePermit)>, err: &ClientError) {
+    for (reply, _, _) in parts {
+        let _ = reply.send(Err(err.clone()));
+    }
+}
+
+async fn writer(
+    mut rx: mpsc::Receiver<Request>,
+    mut send: quinn::SendStream,
+    pending: Arc<Mutex<Pending>>,
+    max_frame: usize,
+) {
+    let mut buf = BytesMut::with_capacity(WRITE_CHUNK + (64 << 10));
+    let mut seq = 0u64;
+    let budget = frame_budget(max_frame);
+    while let Some(first) = rx.recv().await {
+        let mut frames: Vec<InFlight> = Vec::new();
+        let mut open: Option<(Arc<str>, PublishBatchWriter)> = None;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            // `submit` sizes every request to fit one frame, so a request
+            // never spans frames and is acknowledged as a unit.
+            let req_len: usize = req.records.iter().map(|r| r.encoded_len() + 4).sum();
+            let fits = open.as_ref().is_some_and(|(t, w)| {
+                *t == req.topic
+                    && w.count() as usize + req.records.len() <= MAX_BATCH_RECORDS
+                    && w.len(&buf) + req_len <= budget
+            });
+            if !fits {
+                if let Some((_, w)) = open.take() {
+                    w.finish(&mut buf);
+                }
+                seq += 1;
+                open = Some((
+                    req.topic.clone(),
+                    PublishBatchWriter::begin(&mut buf, seq, &req.topic),
+                ));
+                frames.push(InFlight {
+                    seq,
+                    parts: Vec::new(),
+                });
+            }
+            let (_, w) = open.as_mut().expect("opened above");
+            for r in &req.records {
+                w.push(&mut buf, r);
+            }
+            frames
+                .last_mut()
+                .expect("a frame is open")
+                .parts
+                .push((req.reply, req.records.len(), req._permit));
+            if buf.len() < WRITE_CHUNK {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Some((_, w)) = open.take() {
+            w.finish(&mut buf);
+        }
+        {
+            let mut p = pending.lock().expect("pending lock");
+            if let Some(reason) = &p.dead {
+                let err = ClientError::ConnectionLost(reason.clone());
+                for f in frames {
+                    fail(f.parts, &err);
+                }
+                buf.clear();
+                continue;
+            }
+            p.queue.extend(frames);
+        }
+        if let Err(e) = send.write_all(&buf).await {
+            tracing::debug!(error = %e, "publish stream write failed");
+            // The ack reader sees the stream end and fails what is pending.
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.finish();
+}
+
+/// Bytes of records one batch frame may carry, leaving room for its header
+/// and topic name.
+fn frame_budget(max_frame: usize) -> usize {
+    max_frame.saturating_sub(1024).max(4096)
+}
+
+async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mutex<Pending>>) {
+    let reason = loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break "publish stream closed by the router".to_string(),
+            Err(e) => break e.to_string(),
+        };
+        let (seq, result) = match frame {
+            Frame::PublishAck { seq, positions } => (seq, Ok(positions)),
+            Frame::Error { id, code, message } => (id, Err(WireError::new(code, message))),
+            other => break format!("unexpected frame on publish stream: {other:?}"),
+        };
+        let batch = {
+            let mut p = pending.lock().expect("pending lock");
+            match p.queue.front() {
+                Some(b) if b.seq == seq => p.queue.pop_front(),
+                _ => None,
+            }
+        };
+        let Some(batch) = batch else {
+            if seq == 0 {
+                if let Err(e) = result {
+                    break e.to_string();
+                }
+            }
+            break format!("ack for unknown batch {seq}");
+        };
+        match result {
+            Ok(positions) => {
+                let total: usize = batch.parts.iter().map(|(_, n, _)| *n).sum();
+                if total != positions.len() {
+                    break format!("ack for batch {seq} has {} positions, expected {total}", positions.len());
+                }
+                let mut it = positions
+                    .into_iter()
+                    .map(|(partition, offset)| Ack { partition, offset });
+                for (reply, n, _permit) in batch.parts {
+                    let _ = reply.send(Ok(it.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => fail(batch.parts, &ClientError::Server(e)),
+        }
+    };
+    let mut p = pending.lock().expect("pending lock");
+    p.dead = Some(reason.clone());
+    let err = ClientError::ConnectionLost(reason);
+    for b in p.queue.drain(..) {
+        fail(b.parts, &err);
+    }
+}

@@ -1,0 +1,269 @@
+//! Subscriptions: a stream of messages with credit-based flow control.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+
+use super::ClientError;
+use super::connection::Client;
+use crate::protocol::{Frame, RawRecord, StartPosition, WireError};
+use crate::transport::FrameReader;
+
+/// How to subscribe.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Topic to read.
+    pub topic: String,
+    /// Consumer group. Members of a group split the partitions and share
+    /// committed offsets. Empty: an anonymous subscription that reads every
+    /// partition and commits nothing.
+    pub group: String,
+    /// Where to start in partitions where the group has no committed offset.
+    pub start: StartPosition,
+    /// Records the router may send ahead of consumption.
+    pub prefetch: u32,
+    /// Commit each record's offset once it is delivered (at-most-once per
+    /// group across failures). Off: call [`Subscription::commit`].
+    pub auto_commit: bool,
+}
+
+impl SubscribeOptions {
+    /// Anonymous, from the earliest record, prefetch 1024, auto-commit on.
+    pub fn new(topic: impl Into<String>) -> Self {
+        SubscribeOptions {
+            topic: topic.into(),
+            group: String::new(),
+            start: StartPosition::Earliest,
+            prefetch: 1024,
+            auto_commit: true,
+        }
+    }
+
+    /// Joins consumer group `group`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// Sets the start position.
+    pub fn start(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Sets the prefetch window.
+    pub fn prefetch(mut self, n: u32) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    /// Turns auto-commit on or off.
+    pub fn auto_commit(mut self, on: bool) -> Self {
+        self.auto_commit = on;
+        self
+    }
+}
+
+/// A delivered record. Its fields share one buffer with the frame it came in.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Append time, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The record.
+    pub record: RawRecord,
+}
+
+impl Message {
+    /// The key, if any.
+    pub fn key(&self) -> Option<Bytes> {
+        self.record.key()
+    }
+    /// The payload.
+    pub fn payload(&self) -> Bytes {
+        self.record.payload()
+    }
+    /// The first header with this name.
+    pub fn header(&self, name: &str) -> Option<Bytes> {
+        self.record.header(name)
+    }
+    /// All headers, in order.
+    pub fn headers(&self) -> Vec<(String, Bytes)> {
+        self.record
+            .headers()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect()
+    }
+}
+
+/// A live subscription: a [`Stream`] of messages. Dropping it (or calling
+/// [`Subscription::close`]) leaves the group.
+pub struct Subscription {
+    rx: mpsc::UnboundedReceiver<Result<Message, ClientError>>,
+    ctl: mpsc::UnboundedSender<Frame>,
+    consumed: u32,
+    refill_at: u32,
+    assignment: watch::Receiver<Vec<u32>>,
+    partitions: u32,
+}
+
+impl Client {
+    /// Subscribes to a topic. Fails at once for an unknown topic or a bad
+    /// group name.
+    pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+        let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        let f = Frame::Subscribe {
+            group: opts.group.clone(),
+            topic: opts.topic.clone(),
+            start: opts.start,
+            credits: opts.prefetch,
+            auto_commit: opts.auto_commit,
+        };
+        send.write_all(&f.to_bytes()).await.map_err(|e| lost(&e))?;
+        let mut reader = FrameReader::new(recv, 64 << 20);
+        let partitions = match reader.next().await {
+            Ok(Some(Frame::Subscribed { partitions })) => partitions,
+            Ok(Some(Frame::Error { code, message, .. })) => {
+                return Err(ClientError::Server(WireError::new(code, message)));
+            }
+            Ok(Some(other)) => return Err(ClientError::Protocol(format!("expected Subscribed, got {other:?}"))),
+            Ok(None) => return Err(ClientError::ConnectionLost("subscription stream closed".into())),
+            Err(e) => return Err(lost(&e)),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let (assign_tx, assignment) = watch::channel(Vec::new());
+        let topic: Arc<str> = opts.topic.as_str().into();
+        tokio::spawn(read_deliveries(reader, tx, assign_tx, topic));
+        tokio::spawn(write_control(send, ctl_rx));
+        Ok(Subscription {
+            rx,
+            ctl,
+            consumed: 0,
+            refill_at: (opts.prefetch / 2).max(1),
+            assignment,
+            partitions,
+        })
+    }
+}
+
+impl Subscription {
+    /// Commits: the group has processed `partition` up to, not including, `offset`.
+    pub fn commit(&self, partition: u32, offset: u64) -> Result<(), ClientError> {
+        self.ctl
+            .send(Frame::Commit { partition, offset })
+            .map_err(|_| ClientError::ConnectionLost("subscription closed".into()))
+    }
+
+    /// Commits everything up to and including `msg`.
+    pub fn commit_message(&self, msg: &Message) -> Result<(), ClientError> {
+        self.commit(msg.partition, msg.offset + 1)
+    }
+
+    /// Partitions this member holds now.
+    pub fn assignment(&self) -> Vec<u32> {
+        self.assignment.borrow().clone()
+    }
+
+    /// Waits until the assignment changes, and returns it.
+    pub async fn assignment_changed(&mut self) -> Vec<u32> {
+        let _ = self.assignment.changed().await;
+        self.assignment.borrow_and_update().clone()
+    }
+
+    /// The topic's partition count.
+    pub fn partition_count(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Leaves the group: the router stops delivering and hands this
+    /// member's partitions to the others.
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Message, ClientError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(_))) = &item {
+            self.consumed += 1;
+            if self.consumed >= self.refill_at {
+                let credits = std::mem::take(&mut self.consumed);
+                let _ = self.ctl.send(Frame::Credit { credits });
+            }
+        }
+        item
+    }
+}
+
+async fn read_deliveries(
+    mut reader: FrameReader<quinn::RecvStream>,
+    tx: mpsc::UnboundedSender<Result<Message, ClientError>>,
+    assignment: watch::Sender<Vec<u32>>,
+    topic: Arc<str>,
+) {
+    loop {
+        match reader.next().await {
+            Ok(Some(Frame::Deliver { partition, records })) => {
+                for d in records {
+                    let m = Message {
+                        topic: topic.clone(),
+                        partition,
+                        offset: d.offset,
+                        timestamp_ms: d.timestamp_ms,
+                        record: d.record,
+                    };
+                    if tx.send(Ok(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Some(Frame::Assignment { partitions })) => {
+                assignment.send_replace(partitions);
+            }
+            Ok(Some(Frame::Error { code, message, .. })) => {
+                let _ = tx.send(Err(ClientError::Server(WireError::new(code, message))));
+                return;
+            }
+            Ok(Some(other)) => {
+                let _ = tx.send(Err(ClientError::Protocol(format!(
+                    "unexpected frame on subscription: {other:?}"
+                ))));
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(ClientError::ConnectionLost(e.to_string())));
+                return;
+            }
+        }
+    }
+}
+
+async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(f) = rx.recv().await {
+        f.encode(&mut buf);
+        while let Ok(f) = rx.try_recv() {
+            f.encode(&mut buf);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.finish();
+}
