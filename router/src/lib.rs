@@ -21,3 +21,4 @@ pub mod delivery;
 pub mod server;
 pub mod transport;
 pub mod client;
+pub mod cli;

@@ -37,7 +37,7 @@ use crate::protocol::{ErrorCode, WireError};
 #[non_exhaustive]
 pub enum ClientError {
     /// The router answered with an error; see its code.
-    #[error("{0}")]
+    #[error(transparent)]
     Server(#[from] WireError),
     /// The certificate or TLS settings are unusable.
     #[error("TLS setup: {0} (pass the router's certificate with --ca or SWITCHYARD_CA)")]

@@ -114,6 +114,7 @@ pub struct Subscription {
     refill_at: u32,
     assignment: watch::Receiver<Vec<u32>>,
     partitions: u32,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -145,7 +146,7 @@ impl Client {
         let (assign_tx, assignment) = watch::channel(Vec::new());
         let topic: Arc<str> = opts.topic.as_str().into();
         tokio::spawn(read_deliveries(reader, tx, assign_tx, topic));
-        tokio::spawn(write_control(send, ctl_rx));
+        let writer = tokio::spawn(write_control(send, ctl_rx));
         Ok(Subscription {
             rx,
             ctl,
@@ -153,6 +154,7 @@ impl Client {
             refill_at: (opts.prefetch / 2).max(1),
             assignment,
             partitions,
+            writer,
         })
     }
 }
@@ -186,10 +188,14 @@ impl Subscription {
         self.partitions
     }
 
-    /// Leaves the group: the router stops delivering and hands this
-    /// member's partitions to the others.
-    pub fn close(self) {
-        drop(self);
+    /// Leaves the group: sends any pending commits, waits until the router
+    /// has received them, and ends the subscription. The router then hands
+    /// this member's partitions to the others. (Dropping a subscription
+    /// leaves too, without waiting.)
+    pub async fn close(self) {
+        let Subscription { ctl, writer, .. } = self;
+        drop(ctl);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     }
 }
 
@@ -266,4 +272,6 @@ async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::UnboundedRecei
         buf.clear();
     }
     let _ = send.finish();
+    // Resolves once the router has received everything, commits included.
+    let _ = send.stopped().await;
 }

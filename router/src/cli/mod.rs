@@ -1,0 +1,164 @@
+//! The `switchyard` command line.
+
+mod publish;
+mod subscribe;
+mod topic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientConfig};
+use crate::server::RouterConfig;
+
+/// A programmable event router: durable partitioned logs over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How client commands reach the router.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Router address.
+    #[arg(long, env = "SWITCHYARD_ADDR", default_value = "127.0.0.1:7400")]
+    addr: SocketAddr,
+    /// PEM certificate (or CA) to trust.
+    #[arg(long, env = "SWITCHYARD_CA", default_value = "switchyard-data/cert.pem")]
+    ca: PathBuf,
+    /// Name to verify in the router's certificate.
+    #[arg(long, env = "SWITCHYARD_SERVER_NAME", default_value = "localhost")]
+    server_name: String,
+}
+
+impl ConnectArgs {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        if !self.ca.exists() {
+            anyhow::bail!(
+                "certificate {} not found: start a router with `switchyard serve` in this directory, or pass --ca / SWITCHYARD_CA",
+                self.ca.display()
+            );
+        }
+        let cfg = ClientConfig::new(self.addr)
+            .with_ca_file(&self.ca)
+            .with_server_name(&self.server_name);
+        Ok(Client::connect(cfg).await?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a router.
+    Serve(ServeArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Publish one message, or one per line of standard input.
+    Publish(publish::PublishArgs),
+    /// Read messages from a topic.
+    Subscribe(subscribe::SubscribeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Data directory (database, certificate, key).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// UDP address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// TOML file; any field of the router configuration (see docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Topic(cmd) => topic::run(cmd).await,
+        Command::Publish(args) => publish::run(args).await,
+        Command::Subscribe(args) => subscribe::run(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<RouterConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => RouterConfig::default(),
+    };
+    if let Some(d) = args.data {
+        config.data = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    let router = crate::server::Router::start(config).await?;
+    // Tests and scripts read these two lines.
+    println!("switchyard listening on {}", router.local_addr());
+    println!(
+        "certificate: {}{}",
+        router.cert_path().display(),
+        if router.generated_cert() { " (generated)" } else { "" }
+    );
+    shutdown_signal().await;
+    eprintln!("shutting down: flushing the commit queue and closing connections");
+    router.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,169 @@
+//! `switchyard subscribe`
+
+use std::io::Write;
+
+use anyhow::Context;
+use base64::Engine;
+use futures::{FutureExt, StreamExt};
+
+use super::ConnectArgs;
+use crate::client::{Message, SubscribeOptions};
+use crate::protocol::StartPosition;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// One payload per line.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SubscribeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Consumer group: members split partitions and share committed offsets.
+    /// Without it, an anonymous subscription reads everything and commits nothing.
+    #[arg(long, default_value = "")]
+    group: String,
+    /// Start where the group has no committed offset: earliest, latest, an
+    /// offset, or an RFC 3339 time (2026-11-23T10:00:00Z).
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    from: StartPosition,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Messages the router may send ahead of what has been printed.
+    #[arg(long, default_value_t = 1024)]
+    prefetch: u32,
+    #[command(flatten)]
+    conn: ConnectArgs,
+}
+
+/// Parses `--from`.
+pub(crate) fn parse_start(s: &str) -> Result<StartPosition, String> {
+    match s {
+        "earliest" => Ok(StartPosition::Earliest),
+        "latest" => Ok(StartPosition::Latest),
+        _ => {
+            if let Ok(o) = s.parse::<u64>() {
+                return Ok(StartPosition::Offset(o));
+            }
+            let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+                format!("'{s}' is not earliest, latest, an offset, or an RFC 3339 time")
+            })?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| format!("'{s}' is before 1970"))?
+                .as_millis() as u64;
+            Ok(StartPosition::Timestamp(ms))
+        }
+    }
+}
+
+pub(super) async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
+    let client = args.conn.connect().await?;
+    // Commit what was printed, not what was prefetched: a group member that
+    // exits after --count messages leaves the rest to the next member.
+    let prefetch = match args.count {
+        Some(c) => args.prefetch.min(c.min(u32::MAX as u64) as u32),
+        None => args.prefetch,
+    };
+    let opts = SubscribeOptions::new(&args.topic)
+        .group(&args.group)
+        .start(args.from)
+        .prefetch(prefetch)
+        .auto_commit(false);
+    let mut printed: std::collections::BTreeMap<u32, u64> = Default::default();
+    let mut sub = client.subscribe(opts).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut seen = 0u64;
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    loop {
+        // Flush only when nothing more is ready, so bursts print in one write.
+        let next = match sub.next().now_or_never() {
+            Some(n) => n,
+            None => {
+                out.flush()?;
+                commit_printed(&sub, &mut printed);
+                tokio::select! {
+                    n = sub.next() => n,
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+        };
+        let Some(msg) = next else { break };
+        let msg = msg.context("subscription failed")?;
+        print_message(&mut out, &msg, args.format)?;
+        printed.insert(msg.partition, msg.offset + 1);
+        seen += 1;
+        if args.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    out.flush()?;
+    drop(out);
+    commit_printed(&sub, &mut printed);
+    sub.close().await;
+    client.close().await;
+    Ok(())
+}
+
+fn commit_printed(sub: &crate::client::Subscription, printed: &mut std::collections::BTreeMap<u32, u64>) {
+    for (p, next) in std::mem::take(printed) {
+        let _ = sub.commit(p, next);
+    }
+}
+
+fn print_message(out: &mut impl Write, m: &Message, format: Format) -> std::io::Result<()> {
+    match format {
+        Format::Text => {
+            out.write_all(&m.payload())?;
+            out.write_all(b"\n")
+        }
+        Format::Json => {
+            let mut obj = serde_json::Map::new();
+            obj.insert("topic".into(), (*m.topic).into());
+            obj.insert("partition".into(), m.partition.into());
+            obj.insert("offset".into(), m.offset.into());
+            obj.insert("timestamp_ms".into(), m.timestamp_ms.into());
+            let ts = std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.timestamp_ms);
+            obj.insert(
+                "timestamp".into(),
+                humantime::format_rfc3339_millis(ts).to_string().into(),
+            );
+            put_bytes(&mut obj, "key", m.key().as_deref());
+            let mut headers = serde_json::Map::new();
+            for (n, v) in m.headers() {
+                headers.insert(n, bytes_value(&v));
+            }
+            obj.insert("headers".into(), headers.into());
+            put_bytes(&mut obj, "payload", Some(&m.payload()));
+            serde_json::to_writer(&mut *out, &obj)?;
+            out.write_all(b"\n")
+        }
+    }
+}
+
+/// Text as a JSON string when it is UTF-8; otherwise `{"base64": "..."}`.
+fn bytes_value(b: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.into(),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(b)
+        }),
+    }
+}
+
+fn put_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: Option<&[u8]>) {
+    obj.insert(
+        name.into(),
+        b.map(bytes_value).unwrap_or(serde_json::Value::Null),
+    );
+}

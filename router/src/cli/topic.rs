@@ -1,0 +1,110 @@
+//! `switchyard topic ...`
+
+use clap::Subcommand;
+
+use super::ConnectArgs;
+use crate::protocol::TopicInfo;
+
+#[derive(Debug, Subcommand)]
+pub(super) enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name: 1-249 characters from A-Z a-z 0-9 . _ -
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Delete records older than this many milliseconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        retention_ms: u64,
+        /// Delete the oldest records while a partition holds more bytes (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        retention_bytes: u64,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// List topics.
+    List {
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// Show a topic's partitions, offsets, bytes and retention.
+    Describe {
+        /// Topic name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        /// Topic name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+}
+
+pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
+    match cmd {
+        TopicCommand::Create {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+            conn,
+        } => {
+            let c = conn.connect().await?;
+            let t = c
+                .create_topic_with(&name, partitions, retention_ms, retention_bytes)
+                .await?;
+            println!("created topic {} with {} partitions", t.name, t.partitions.len());
+            c.close().await;
+        }
+        TopicCommand::List { conn } => {
+            let c = conn.connect().await?;
+            let topics = c.list_topics().await?;
+            println!("{:<32} {:>10} {:>12} {:>14}", "TOPIC", "PARTITIONS", "RECORDS", "BYTES");
+            for t in topics {
+                let records: u64 = t.partitions.iter().map(|p| p.end - p.start).sum();
+                let bytes: u64 = t.partitions.iter().map(|p| p.bytes).sum();
+                println!("{:<32} {:>10} {:>12} {:>14}", t.name, t.partitions.len(), records, bytes);
+            }
+            c.close().await;
+        }
+        TopicCommand::Describe { name, conn } => {
+            let c = conn.connect().await?;
+            print_topic(&c.describe_topic(&name).await?);
+            c.close().await;
+        }
+        TopicCommand::Delete { name, conn } => {
+            let c = conn.connect().await?;
+            c.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+            c.close().await;
+        }
+    }
+    Ok(())
+}
+
+fn print_topic(t: &TopicInfo) {
+    let created = std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.created_ms);
+    println!("topic:      {}", t.name);
+    println!("created:    {}", humantime::format_rfc3339_millis(created));
+    println!(
+        "retention:  {}, {}",
+        if t.retention_ms == 0 {
+            "no age limit".to_string()
+        } else {
+            format!("{} ms", t.retention_ms)
+        },
+        if t.retention_bytes == 0 {
+            "no size limit".to_string()
+        } else {
+            format!("{} bytes per partition", t.retention_bytes)
+        }
+    );
+    println!("{:>9} {:>12} {:>12} {:>12}", "PARTITION", "START", "END", "BYTES");
+    for (i, p) in t.partitions.iter().enumerate() {
+        println!("{:>9} {:>12} {:>12} {:>12}", i, p.start, p.end, p.bytes);
+    }
+}
