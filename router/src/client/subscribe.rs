@@ -183,9 +183,23 @@ impl Subscription {
         self.assignment.borrow_and_update().clone()
     }
 
+    /// Messages received from the router but not yet taken from the stream.
+    pub fn pending_len(&self) -> usize {
+        self.rx.len()
+    }
+
     /// The topic's partition count.
     pub fn partition_count(&self) -> u32 {
         self.partitions
+    }
+
+    /// Asks the router to stop delivering and leave the group, keeping the
+    /// stream open: messages already sent still arrive, then the stream
+    /// ends. With auto-commit, reading to the end this way hands the
+    /// partitions over with nothing lost and nothing delivered twice.
+    pub fn leave(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.ctl, closed));
     }
 
     /// Leaves the group: sends any pending commits, waits until the router

@@ -1,0 +1,133 @@
+//! Helpers shared by the integration tests: a real router on 127.0.0.1:0
+//! with a temporary data directory, clients for it, and the router binary
+//! as a child process.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use switchyard::client::{Client, ClientConfig, Message, Subscription};
+use switchyard::server::{Router, RouterConfig};
+
+/// A router running in this process.
+pub struct TestRouter {
+    pub router: Router,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+}
+
+/// Configuration for a test router in `dir`: loopback, port 0.
+pub fn test_config(dir: &Path) -> RouterConfig {
+    RouterConfig {
+        data: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        retention_check_ms: 100,
+        ..RouterConfig::default()
+    }
+}
+
+/// Starts a router with default settings.
+pub async fn start_router() -> TestRouter {
+    start_router_with(|_| {}).await
+}
+
+/// Starts a router after `tweak` adjusts its configuration.
+pub async fn start_router_with(tweak: impl FnOnce(&mut RouterConfig)) -> TestRouter {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let router = Router::start(config).await.unwrap();
+    TestRouter {
+        addr: router.local_addr(),
+        cert: router.cert_path().to_path_buf(),
+        router,
+        dir,
+    }
+}
+
+impl TestRouter {
+    pub async fn client(&self) -> Arc<Client> {
+        connect(self.addr, &self.cert).await
+    }
+}
+
+pub async fn connect(addr: SocketAddr, cert: &Path) -> Arc<Client> {
+    Arc::new(
+        Client::connect(ClientConfig::new(addr).with_ca_file(cert))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Reads exactly `n` messages, failing the test after `secs` seconds.
+pub async fn take(sub: &mut Subscription, n: usize, secs: u64) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(Ok(m))) => out.push(m),
+            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// The router binary, built by cargo for this test run.
+pub fn router_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+/// A router running as a child process.
+pub struct ChildRouter {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+}
+
+impl ChildRouter {
+    /// Starts `switchyard serve` on 127.0.0.1:0 with `data` and waits for
+    /// its "listening on" line.
+    pub fn spawn(data: &Path) -> ChildRouter {
+        let mut child = Command::new(router_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn router");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(a) = line.strip_prefix("switchyard listening on ") {
+                addr = Some(a.trim().parse().unwrap());
+                break;
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ChildRouter {
+            child,
+            addr: addr.expect("router printed its address"),
+            cert: data.join("cert.pem"),
+        }
+    }
+}
+
+impl Drop for ChildRouter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
