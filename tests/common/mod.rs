@@ -59,11 +59,10 @@ impl TestRouter {
 }
 
 pub async fn connect(addr: SocketAddr, cert: &Path) -> Arc<Client> {
-    Arc::new(
-        Client::connect(ClientConfig::new(addr).with_ca_file(cert))
-            .await
-            .unwrap(),
-    )
+    let mut cfg = ClientConfig::new(addr).with_ca_file(cert);
+    // Notice a killed router quickly.
+    cfg.idle_timeout = Duration::from_secs(2);
+    Arc::new(Client::connect(cfg).await.unwrap())
 }
 
 /// Reads exactly `n` messages, failing the test after `secs` seconds.

@@ -31,6 +31,9 @@ pub struct ClientConfig {
     pub max_in_flight: usize,
     /// Identifies this client in the router's logs.
     pub client_name: String,
+    /// A connection that hears nothing from the router for this long is
+    /// declared lost (keep-alives are sent at a third of it).
+    pub idle_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -43,6 +46,7 @@ impl ClientConfig {
             ca_certs: Vec::new(),
             max_in_flight: 65_536,
             client_name: format!("switchyard-rust/{}", env!("CARGO_PKG_VERSION")),
+            idle_timeout: Duration::from_secs(15),
         }
     }
 
@@ -122,7 +126,12 @@ fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError>
         .stream_receive_window((8u32 << 20).into())
         .receive_window((32u32 << 20).into())
         .send_window(32 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)));
+        .keep_alive_interval(Some(cfg.idle_timeout / 3))
+        .max_idle_timeout(Some(
+            cfg.idle_timeout
+                .try_into()
+                .map_err(|_| ClientError::Tls("idle_timeout too large".into()))?,
+        ));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
