@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{start_router, start_router_with, take, TestRouter};
+use common::{TestRouter, start_router, start_router_with, take};
 use switchyard::client::SubscribeOptions;
-use switchyard::protocol::{close, ErrorCode, Frame, Record, ALPN};
+use switchyard::protocol::{ALPN, ErrorCode, Frame, Record, close};
 use switchyard::transport::FrameReader;
 
 /// A QUIC connection with our ALPN and trust, and nothing else of the client.
@@ -38,10 +38,17 @@ type Reader = FrameReader<quinn::RecvStream>;
 async fn raw_session(r: &TestRouter) -> (quinn::Connection, quinn::SendStream, Reader) {
     let conn = raw_connect(r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = Frame::Hello { min_version: 1, max_version: 1, client: "raw".into() };
+    let hello = Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+        client: "raw".into(),
+    };
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert!(matches!(reader.next().await.unwrap(), Some(Frame::HelloOk { version: 1, .. })));
+    assert!(matches!(
+        reader.next().await.unwrap(),
+        Some(Frame::HelloOk { version: 1, .. })
+    ));
     (conn, send, reader)
 }
 
@@ -54,7 +61,9 @@ async fn next_frame(reader: &mut Reader) -> Frame {
 }
 
 async fn expect_closed_with(conn: &quinn::Connection, code: u32) {
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
     match err {
         quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, code.into()),
         other => panic!("expected an application close, got {other}"),
@@ -74,21 +83,48 @@ async fn application_errors_have_codes_and_keep_the_connection() {
     let c = r.client().await;
     let code = |e: switchyard::client::ClientError| e.code().unwrap();
 
-    assert_eq!(code(c.publish("nope", Record::new("x")).await.unwrap_err()), ErrorCode::UnknownTopic);
-    assert_eq!(code(c.describe_topic("nope").await.unwrap_err()), ErrorCode::UnknownTopic);
-    assert_eq!(code(c.delete_topic("nope").await.unwrap_err()), ErrorCode::UnknownTopic);
+    assert_eq!(
+        code(c.publish("nope", Record::new("x")).await.unwrap_err()),
+        ErrorCode::UnknownTopic
+    );
+    assert_eq!(
+        code(c.describe_topic("nope").await.unwrap_err()),
+        ErrorCode::UnknownTopic
+    );
+    assert_eq!(
+        code(c.delete_topic("nope").await.unwrap_err()),
+        ErrorCode::UnknownTopic
+    );
     let sub = c.subscribe(SubscribeOptions::new("nope")).await;
     assert_eq!(code(sub.err().unwrap()), ErrorCode::UnknownTopic);
 
-    for bad in ["", "has space", "slash/y", "..", &"x".repeat(250), "ünïcode"] {
+    for bad in [
+        "",
+        "has space",
+        "slash/y",
+        "..",
+        &"x".repeat(250),
+        "ünïcode",
+    ] {
         let e = c.create_topic(bad, 1).await.unwrap_err();
         assert_eq!(code(e), ErrorCode::InvalidTopicName, "name {bad:?}");
     }
-    assert_eq!(code(c.create_topic("t", 0).await.unwrap_err()), ErrorCode::InvalidPartitions);
-    assert_eq!(code(c.create_topic("t", 65).await.unwrap_err()), ErrorCode::InvalidPartitions);
+    assert_eq!(
+        code(c.create_topic("t", 0).await.unwrap_err()),
+        ErrorCode::InvalidPartitions
+    );
+    assert_eq!(
+        code(c.create_topic("t", 65).await.unwrap_err()),
+        ErrorCode::InvalidPartitions
+    );
     c.create_topic("t", 64).await.unwrap();
-    assert_eq!(code(c.create_topic("t", 2).await.unwrap_err()), ErrorCode::TopicExists);
-    let sub = c.subscribe(SubscribeOptions::new("t").group("bad\u{1}group")).await;
+    assert_eq!(
+        code(c.create_topic("t", 2).await.unwrap_err()),
+        ErrorCode::TopicExists
+    );
+    let sub = c
+        .subscribe(SubscribeOptions::new("t").group("bad\u{1}group"))
+        .await;
     assert_eq!(code(sub.err().unwrap()), ErrorCode::InvalidGroup);
 
     // Errors carry a message that says what to do.
@@ -106,7 +142,10 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
     let c = r.client().await;
     c.create_topic("t", 1).await.unwrap();
     // The client knows the limit from the handshake and refuses locally.
-    let e = c.publish("t", Record::new(vec![0u8; 2000])).await.unwrap_err();
+    let e = c
+        .publish("t", Record::new(vec![0u8; 2000]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::MessageTooLarge));
 
     // A client that does not check gets the same code from the router, for
@@ -117,15 +156,28 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
     let big = Frame::PublishBatch {
         seq: 1,
         topic: "t".into(),
-        records: vec![Record::new("ok").to_raw(), Record::new(vec![1u8; 2000]).to_raw()],
+        records: vec![
+            Record::new("ok").to_raw(),
+            Record::new(vec![1u8; 2000]).to_raw(),
+        ],
     };
-    let small = Frame::PublishBatch { seq: 2, topic: "t".into(), records: vec![Record::new("ok").to_raw()] };
+    let small = Frame::PublishBatch {
+        seq: 2,
+        topic: "t".into(),
+        records: vec![Record::new("ok").to_raw()],
+    };
     send.write_all(&big.to_bytes()).await.unwrap();
     send.write_all(&small.to_bytes()).await.unwrap();
     let f = next_frame(&mut reader).await;
     assert_eq!(error_code(&f), ErrorCode::MessageTooLarge);
     assert!(matches!(f, Frame::Error { id: 1, .. }));
-    assert_eq!(next_frame(&mut reader).await, Frame::PublishAck { seq: 2, positions: vec![(0, 0)] });
+    assert_eq!(
+        next_frame(&mut reader).await,
+        Frame::PublishAck {
+            seq: 2,
+            positions: vec![(0, 0)]
+        }
+    );
     // The rejected batch stored nothing: the one record is the small batch's.
     assert_eq!(c.describe_topic("t").await.unwrap().partitions[0].end, 1);
 }
@@ -156,9 +208,14 @@ async fn malformed_frames_close_only_that_connection() {
     // Unknown frame type on a new stream.
     let (conn, _ctl, _) = raw_session(&r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[0, 0, 0, 5, 0xEE, 1, 2, 3, 4]).await.unwrap();
+    send.write_all(&[0, 0, 0, 5, 0xEE, 1, 2, 3, 4])
+        .await
+        .unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(error_code(&next_frame(&mut reader).await), ErrorCode::MalformedFrame);
+    assert_eq!(
+        error_code(&next_frame(&mut reader).await),
+        ErrorCode::MalformedFrame
+    );
     expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
 
     // A record whose inner lengths run past its end.
@@ -177,25 +234,41 @@ async fn malformed_frames_close_only_that_connection() {
     buf.put_u16(0);
     send.write_all(&buf).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(error_code(&next_frame(&mut reader).await), ErrorCode::MalformedFrame);
+    assert_eq!(
+        error_code(&next_frame(&mut reader).await),
+        ErrorCode::MalformedFrame
+    );
     expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
 
     // A frame cut off by the end of its stream.
     let (conn, _ctl, _) = raw_session(&r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    let whole = Frame::PublishBatch { seq: 1, topic: "safe".into(), records: vec![Record::new("x").to_raw()] }.to_bytes();
+    let whole = Frame::PublishBatch {
+        seq: 1,
+        topic: "safe".into(),
+        records: vec![Record::new("x").to_raw()],
+    }
+    .to_bytes();
     send.write_all(&whole[..whole.len() - 3]).await.unwrap();
     send.finish().unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(error_code(&next_frame(&mut reader).await), ErrorCode::MalformedFrame);
+    assert_eq!(
+        error_code(&next_frame(&mut reader).await),
+        ErrorCode::MalformedFrame
+    );
     expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
 
     // A control request on a data stream.
     let (conn, _ctl, _) = raw_session(&r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Frame::ListTopics { id: 1 }.to_bytes()).await.unwrap();
+    send.write_all(&Frame::ListTopics { id: 1 }.to_bytes())
+        .await
+        .unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(error_code(&next_frame(&mut reader).await), ErrorCode::UnexpectedFrame);
+    assert_eq!(
+        error_code(&next_frame(&mut reader).await),
+        ErrorCode::UnexpectedFrame
+    );
     expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
 
     still_serving(&good, acked).await;
@@ -225,7 +298,11 @@ async fn unsupported_versions_are_refused_with_a_code() {
     let r = start_router().await;
     let conn = raw_connect(&r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = Frame::Hello { min_version: 7, max_version: 9, client: "future".into() };
+    let hello = Frame::Hello {
+        min_version: 7,
+        max_version: 9,
+        client: "future".into(),
+    };
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
     let f = next_frame(&mut reader).await;
@@ -238,9 +315,14 @@ async fn unsupported_versions_are_refused_with_a_code() {
     // A first frame that is not Hello is a violation.
     let conn = raw_connect(&r).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Frame::ListTopics { id: 1 }.to_bytes()).await.unwrap();
+    send.write_all(&Frame::ListTopics { id: 1 }.to_bytes())
+        .await
+        .unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(error_code(&next_frame(&mut reader).await), ErrorCode::UnexpectedFrame);
+    assert_eq!(
+        error_code(&next_frame(&mut reader).await),
+        ErrorCode::UnexpectedFrame
+    );
     expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
 }
 
@@ -249,7 +331,13 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
     // What docs/protocol.md promises a client in another language.
     let r = start_router().await;
     let (conn, mut ctl, mut ctl_reader) = raw_session(&r).await;
-    let create = Frame::CreateTopic { id: 7, name: "raw".into(), partitions: 1, retention_ms: 0, retention_bytes: 0 };
+    let create = Frame::CreateTopic {
+        id: 7,
+        name: "raw".into(),
+        partitions: 1,
+        retention_ms: 0,
+        retention_bytes: 0,
+    };
     ctl.write_all(&create.to_bytes()).await.unwrap();
     match next_frame(&mut ctl_reader).await {
         Frame::Topics { id: 7, topics } => assert_eq!(topics[0].name, "raw"),
@@ -260,10 +348,19 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
     let batch = Frame::PublishBatch {
         seq: 42,
         topic: "raw".into(),
-        records: vec![Record::new("a").to_raw(), Record::new("b").with_key("k").to_raw()],
+        records: vec![
+            Record::new("a").to_raw(),
+            Record::new("b").with_key("k").to_raw(),
+        ],
     };
     send.write_all(&batch.to_bytes()).await.unwrap();
-    assert_eq!(next_frame(&mut reader).await, Frame::PublishAck { seq: 42, positions: vec![(0, 0), (0, 1)] });
+    assert_eq!(
+        next_frame(&mut reader).await,
+        Frame::PublishAck {
+            seq: 42,
+            positions: vec![(0, 0), (0, 1)]
+        }
+    );
 
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
@@ -275,17 +372,30 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
         auto_commit: true,
     };
     send.write_all(&sub.to_bytes()).await.unwrap();
-    assert_eq!(next_frame(&mut reader).await, Frame::Subscribed { partitions: 1 });
-    assert_eq!(next_frame(&mut reader).await, Frame::Assignment { partitions: vec![0] });
+    assert_eq!(
+        next_frame(&mut reader).await,
+        Frame::Subscribed { partitions: 1 }
+    );
+    assert_eq!(
+        next_frame(&mut reader).await,
+        Frame::Assignment {
+            partitions: vec![0]
+        }
+    );
     // One credit: one record.
     match next_frame(&mut reader).await {
-        Frame::Deliver { partition: 0, records } => {
+        Frame::Deliver {
+            partition: 0,
+            records,
+        } => {
             assert_eq!(records.len(), 1);
             assert_eq!(records[0].record.payload(), Bytes::from("a"));
         }
         other => panic!("{other:?}"),
     }
-    send.write_all(&Frame::Credit { credits: 5 }.to_bytes()).await.unwrap();
+    send.write_all(&Frame::Credit { credits: 5 }.to_bytes())
+        .await
+        .unwrap();
     match next_frame(&mut reader).await {
         Frame::Deliver { records, .. } => {
             assert_eq!(records.len(), 1);
@@ -296,5 +406,11 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
     }
     // Closing our side ends the subscription cleanly.
     send.finish().unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap().is_none());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+    );
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{router_bin, ChildRouter};
+use common::{ChildRouter, router_bin};
 
 fn cli(r: &ChildRouter, dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(router_bin())
@@ -15,7 +15,11 @@ fn cli(r: &ChildRouter, dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Outp
         .env("SWITCHYARD_ADDR", r.addr.to_string())
         .current_dir(dir) // the default --ca is ./switchyard-data/cert.pem
         .env("RUST_LOG", "warn")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -41,19 +45,34 @@ fn cli_roundtrip_create_publish_subscribe_describe() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("switchyard-data");
     let r = ChildRouter::spawn(&data);
-    assert!(data.join("cert.pem").exists(), "certificate generated on first start");
+    assert!(
+        data.join("cert.pem").exists(),
+        "certificate generated on first start"
+    );
 
-    ok(&cli(&r, dir.path(), &["topic", "create", "orders", "--partitions", "3"], None));
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["topic", "create", "orders", "--partitions", "3"],
+        None,
+    ));
     let out = ok(&cli(
         &r,
         dir.path(),
-        &["publish", "orders", "--key", "k1", "--header", "src=cli", "first"],
+        &[
+            "publish", "orders", "--key", "k1", "--header", "src=cli", "first",
+        ],
         None,
     ));
     assert!(out.starts_with("partition "), "{out}");
 
     let lines: String = (0..1000).map(|i| format!("line-{i}\n")).collect();
-    let out = cli(&r, dir.path(), &["publish", "orders"], Some(lines.as_bytes()));
+    let out = cli(
+        &r,
+        dir.path(),
+        &["publish", "orders"],
+        Some(lines.as_bytes()),
+    );
     ok(&out);
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(summary.contains("published 1000 messages"), "{summary}");
@@ -76,27 +95,50 @@ fn cli_roundtrip_create_publish_subscribe_describe() {
         &["subscribe", "orders", "--count", "1001", "--format", "json"],
         None,
     ));
-    let msgs: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let msgs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(msgs.len(), 1001);
-    let first = msgs.iter().find(|m| m["payload"] == "first").expect("keyed message");
+    let first = msgs
+        .iter()
+        .find(|m| m["payload"] == "first")
+        .expect("keyed message");
     assert_eq!(first["key"], "k1");
     assert_eq!(first["headers"]["src"], "cli");
     for field in ["partition", "offset", "timestamp_ms", "timestamp"] {
         assert!(!first[field].is_null(), "json has {field}");
     }
-    let mut payloads: Vec<&str> = msgs.iter().map(|m| m["payload"].as_str().unwrap()).collect();
+    let mut payloads: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap())
+        .collect();
     payloads.sort();
     payloads.dedup();
     assert_eq!(payloads.len(), 1001);
 
     // A group resumes where the last member stopped.
-    let a = ok(&cli(&r, dir.path(), &["subscribe", "orders", "--group", "g", "--count", "600"], None));
-    let b = ok(&cli(&r, dir.path(), &["subscribe", "orders", "--group", "g", "--count", "401"], None));
+    let a = ok(&cli(
+        &r,
+        dir.path(),
+        &["subscribe", "orders", "--group", "g", "--count", "600"],
+        None,
+    ));
+    let b = ok(&cli(
+        &r,
+        dir.path(),
+        &["subscribe", "orders", "--group", "g", "--count", "401"],
+        None,
+    ));
     let mut seen: Vec<&str> = a.lines().chain(b.lines()).collect();
     assert_eq!(seen.len(), 1001);
     seen.sort();
     seen.dedup();
-    assert_eq!(seen.len(), 1001, "no message printed twice across the two runs");
+    assert_eq!(
+        seen.len(),
+        1001,
+        "no message printed twice across the two runs"
+    );
 
     let out = ok(&cli(&r, dir.path(), &["topic", "list"], None));
     assert!(out.contains("orders"));
@@ -118,7 +160,16 @@ fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = ChildRouter::spawn(dir.path());
     let pid = r.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = r.child.wait().unwrap();
-    assert!(status.success(), "router exits 0 after SIGTERM, got {status}");
+    assert!(
+        status.success(),
+        "router exits 0 after SIGTERM, got {status}"
+    );
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{connect, take, ChildRouter};
+use common::{ChildRouter, connect, take};
 use switchyard::client::SubscribeOptions;
 use switchyard::protocol::Record;
 
@@ -30,7 +30,8 @@ async fn acked_records_survive_kill_9_mid_stream() {
             let mut acked: HashMap<(u32, u64), Bytes> = HashMap::new();
             let mut pending = std::collections::VecDeque::new();
             for b in 0..100_000u64 {
-                let payloads: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("{b}-{i}"))).collect();
+                let payloads: Vec<Bytes> =
+                    (0..100).map(|i| Bytes::from(format!("{b}-{i}"))).collect();
                 let recs = payloads
                     .iter()
                     .map(|p| Record::new(p.clone()).with_key(format!("{}", b % 7)))
@@ -76,7 +77,10 @@ async fn acked_records_survive_kill_9_mid_stream() {
         if end >= 20_000 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "producer made no progress");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "producer made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut router = router;
@@ -86,7 +90,11 @@ async fn acked_records_survive_kill_9_mid_stream() {
         .await
         .expect("producer notices the crash")
         .unwrap();
-    assert!(acked.len() >= 20_000, "only {} acked before the kill", acked.len());
+    assert!(
+        acked.len() >= 20_000,
+        "only {} acked before the kill",
+        acked.len()
+    );
     drop(router);
 
     let router = ChildRouter::spawn(dir.path());
@@ -94,13 +102,26 @@ async fn acked_records_survive_kill_9_mid_stream() {
     let info = c.describe_topic("crash").await.unwrap();
     let stored: u64 = info.partitions.iter().map(|p| p.end).sum();
     assert!(stored >= acked.len() as u64);
-    let mut sub = c.subscribe(SubscribeOptions::new("crash").prefetch(4096)).await.unwrap();
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("crash").prefetch(4096))
+        .await
+        .unwrap();
     let msgs = take(&mut sub, stored as usize, 60).await;
-    let found: HashMap<(u32, u64), Bytes> = msgs.into_iter().map(|m| ((m.partition, m.offset), m.payload())).collect();
+    let found: HashMap<(u32, u64), Bytes> = msgs
+        .into_iter()
+        .map(|m| ((m.partition, m.offset), m.payload()))
+        .collect();
     for (pos, payload) in &acked {
-        assert_eq!(found.get(pos), Some(payload), "acked record at {pos:?} lost or changed");
+        assert_eq!(
+            found.get(pos),
+            Some(payload),
+            "acked record at {pos:?} lost or changed"
+        );
     }
     // Appends after the restart continue after the surviving records.
-    let ack = c.publish("crash", Record::new("after").with_key("0")).await.unwrap();
+    let ack = c
+        .publish("crash", Record::new("after").with_key("0"))
+        .await
+        .unwrap();
     assert_eq!(ack.offset, info.partitions[ack.partition as usize].end);
 }

@@ -38,7 +38,10 @@ async fn published_records_come_back_with_key_headers_and_payload() {
     assert!(got.timestamp_ms > 1_700_000_000_000);
 
     // A record published after subscribing arrives too.
-    let ack2 = c.publish("orders", Record::new("second").with_key("customer-7")).await.unwrap();
+    let ack2 = c
+        .publish("orders", Record::new("second").with_key("customer-7"))
+        .await
+        .unwrap();
     assert_eq!((ack2.partition, ack2.offset), (ack.partition, 1));
     let got = take(&mut sub, 1, 10).await.remove(0);
     assert_eq!(got.payload(), Bytes::from("second"));
@@ -93,7 +96,10 @@ async fn per_key_order_holds_across_partitions_with_concurrent_producers() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut sub = admin.subscribe(SubscribeOptions::new("events")).await.unwrap();
+    let mut sub = admin
+        .subscribe(SubscribeOptions::new("events"))
+        .await
+        .unwrap();
     let msgs = take(&mut sub, PRODUCERS * PER_PRODUCER, 30).await;
     let mut key_partition: HashMap<Bytes, u32> = HashMap::new();
     let mut by_partition: BTreeMap<u32, Vec<(u64, String, Bytes)>> = BTreeMap::new();
@@ -102,9 +108,15 @@ async fn per_key_order_holds_across_partitions_with_concurrent_producers() {
         let p = *key_partition.entry(key.clone()).or_insert(m.partition);
         assert_eq!(p, m.partition, "key {key:?} seen in two partitions");
         let payload = String::from_utf8(m.payload().to_vec()).unwrap();
-        by_partition.entry(m.partition).or_default().push((m.offset, payload, key));
+        by_partition
+            .entry(m.partition)
+            .or_default()
+            .push((m.offset, payload, key));
     }
-    assert!(by_partition.len() > 1, "16 keys should spread over several partitions");
+    assert!(
+        by_partition.len() > 1,
+        "16 keys should spread over several partitions"
+    );
     // Within each partition, each producer's records for each key appear in
     // the order it published them.
     let mut last: HashMap<(String, Bytes), usize> = HashMap::new();
@@ -114,19 +126,25 @@ async fn per_key_order_holds_across_partitions_with_concurrent_producers() {
             let (producer, seq) = payload.split_once(':').unwrap();
             let seq: usize = seq.parse().unwrap();
             if let Some(prev) = last.insert((producer.to_string(), key.clone()), seq) {
-                assert!(seq > prev, "producer {producer} key {key:?}: {seq} after {prev}");
+                assert!(
+                    seq > prev,
+                    "producer {producer} key {key:?}: {seq} after {prev}"
+                );
             }
         }
     }
     assert_eq!(last.len(), PRODUCERS * 16);
 }
 
+/// What group members received: (member, partition, offset).
+type Seen = Arc<Mutex<Vec<(&'static str, u32, u64)>>>;
+
 /// One group member, recording what it receives until told to leave; then
 /// it leaves gracefully and reads what was already sent to it.
 fn member(
     mut sub: Subscription,
     name: &'static str,
-    seen: Arc<Mutex<Vec<(&'static str, u32, u64)>>>,
+    seen: Seen,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -150,10 +168,13 @@ fn member(
     })
 }
 
-async fn wait_for(seen: &Arc<Mutex<Vec<(&'static str, u32, u64)>>>, what: impl Fn(&[(&'static str, u32, u64)]) -> bool) {
+async fn wait_for(seen: &Seen, what: impl Fn(&[(&'static str, u32, u64)]) -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !what(&seen.lock().unwrap()) {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached in 30 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -181,9 +202,11 @@ async fn group_rebalance_on_join_and_leave_loses_nothing_and_delivers_each_recor
         })
     };
 
-    let seen: Arc<Mutex<Vec<(&'static str, u32, u64)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let opts = || SubscribeOptions::new("work").group("g").prefetch(64);
-    let count = |name: &'static str| move |v: &[(&'static str, u32, u64)]| v.iter().filter(|x| x.0 == name).count();
+    let count = |name: &'static str| {
+        move |v: &[(&'static str, u32, u64)]| v.iter().filter(|x| x.0 == name).count()
+    };
 
     let (stop_a, a_rx) = tokio::sync::oneshot::channel();
     let a = member(c.subscribe(opts()).await.unwrap(), "a", seen.clone(), a_rx);
@@ -216,7 +239,7 @@ async fn group_rebalance_on_join_and_leave_loses_nothing_and_delivers_each_recor
     b.await.unwrap();
     cm.await.unwrap();
 
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     let mut owner: HashMap<(u32, u64), &str> = HashMap::new();
     for (name, p, o) in seen.iter() {
         if let Some(prev) = owner.insert((*p, *o), name) {
@@ -224,11 +247,18 @@ async fn group_rebalance_on_join_and_leave_loses_nothing_and_delivers_each_recor
         }
     }
     assert_eq!(owner.len(), TOTAL, "every record delivered exactly once");
-    assert_eq!(count("a")(&seen), a_total, "nothing reached a after it left");
+    assert_eq!(
+        count("a")(&seen),
+        a_total,
+        "nothing reached a after it left"
+    );
     let info = c.describe_topic("work").await.unwrap();
     for (p, part) in info.partitions.iter().enumerate() {
         for o in part.start..part.end {
-            assert!(owner.contains_key(&(p as u32, o)), "partition {p} offset {o} lost");
+            assert!(
+                owner.contains_key(&(p as u32, o)),
+                "partition {p} offset {o} lost"
+            );
         }
     }
 }
@@ -248,7 +278,10 @@ async fn replay_starts_at_an_offset_or_a_time() {
     let mut all = c.subscribe(SubscribeOptions::new("log")).await.unwrap();
     let msgs = take(&mut all, 20, 10).await;
     let t10 = msgs[10].timestamp_ms;
-    assert!(t10 > msgs[9].timestamp_ms, "the pause separates the two halves");
+    assert!(
+        t10 > msgs[9].timestamp_ms,
+        "the pause separates the two halves"
+    );
 
     let mut from_offset = c
         .subscribe(SubscribeOptions::new("log").start(StartPosition::Offset(5)))
@@ -285,7 +318,12 @@ async fn restart_keeps_topics_records_and_committed_offsets() {
     let recs = (0..100).map(|i| Record::new(format!("{i}"))).collect();
     c.publish_batch("durable", recs).await.unwrap();
     let mut sub = c
-        .subscribe(SubscribeOptions::new("durable").group("g").auto_commit(false).prefetch(100))
+        .subscribe(
+            SubscribeOptions::new("durable")
+                .group("g")
+                .auto_commit(false)
+                .prefetch(100),
+        )
         .await
         .unwrap();
     let got = take(&mut sub, 60, 10).await;
@@ -323,7 +361,9 @@ async fn a_stalled_subscriber_does_not_hold_back_another() {
     let r = start_router().await;
     let c = r.client().await;
     c.create_topic("feed", 1).await.unwrap();
-    let recs: Vec<Record> = (0..20_000).map(|i| Record::new(vec![i as u8; 100])).collect();
+    let recs: Vec<Record> = (0..20_000)
+        .map(|i| Record::new(vec![i as u8; 100]))
+        .collect();
     c.publish_batch("feed", recs).await.unwrap();
 
     // The slow subscriber never reads past its first message: its prefetch
@@ -335,7 +375,10 @@ async fn a_stalled_subscriber_does_not_hold_back_another() {
         .unwrap();
     take(&mut slow, 1, 10).await;
 
-    let mut fast = c.subscribe(SubscribeOptions::new("feed").prefetch(2048)).await.unwrap();
+    let mut fast = c
+        .subscribe(SubscribeOptions::new("feed").prefetch(2048))
+        .await
+        .unwrap();
     let got = take(&mut fast, 20_000, 30).await;
     assert_eq!(got.last().unwrap().offset, 19_999);
 
@@ -365,7 +408,10 @@ async fn retention_deletes_by_size_and_by_age() {
             assert_eq!(age.bytes, 0);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "retention did not run: {size:?} {age:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention did not run: {size:?} {age:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Subscribers start at the retained start.
@@ -385,9 +431,14 @@ async fn deleted_topics_are_gone_and_recreated_ones_start_empty() {
     take(&mut sub, 1, 10).await;
     c.delete_topic("temp").await.unwrap();
     // The live subscriber is told.
-    let end = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap();
     let err = end.unwrap().unwrap_err();
-    assert_eq!(err.code(), Some(switchyard::protocol::ErrorCode::UnknownTopic));
+    assert_eq!(
+        err.code(),
+        Some(switchyard::protocol::ErrorCode::UnknownTopic)
+    );
     assert!(c.list_topics().await.unwrap().is_empty());
     c.create_topic("temp", 2).await.unwrap();
     let info = c.describe_topic("temp").await.unwrap();

@@ -14,11 +14,11 @@
 //!
 //! Connection -> frame -> broker -> storage writer -> fsync -> ack.
 
-pub mod protocol;
-pub mod storage;
 pub mod broker;
-pub mod delivery;
-pub mod server;
-pub mod transport;
-pub mod client;
 pub mod cli;
+pub mod client;
+pub mod delivery;
+pub mod protocol;
+pub mod server;
+pub mod storage;
+pub mod transport;

@@ -46,7 +46,11 @@ pub struct Held {
 impl Group {
     /// A group over `topic`, with committed offsets loaded from storage
     /// unless it is anonymous.
-    pub fn new(name: Arc<str>, topic: Arc<TopicHandle>, storage: Storage) -> Result<Self, StorageError> {
+    pub fn new(
+        name: Arc<str>,
+        topic: Arc<TopicHandle>,
+        storage: Storage,
+    ) -> Result<Self, StorageError> {
         let n = topic.meta.partitions as usize;
         let mut committed = vec![None; n];
         if !name.is_empty() {
@@ -177,7 +181,12 @@ impl Group {
     /// Records that the group has processed `partition` up to `offset`.
     /// Only the current holder may commit; a stale member's commit is
     /// refused (returns false) so it cannot move a new holder's position.
-    pub async fn commit(&self, member: u64, partition: u32, offset: u64) -> Result<bool, StorageError> {
+    pub async fn commit(
+        &self,
+        member: u64,
+        partition: u32,
+        offset: u64,
+    ) -> Result<bool, StorageError> {
         {
             let mut st = self.state.lock().expect("group lock");
             let Some(h) = st.holder.get(partition as usize) else {

@@ -127,7 +127,10 @@ impl Broker {
     /// Deletes a topic and everything in it.
     pub async fn delete_topic(&self, name: &str) -> Result<(), WireError> {
         validate_topic_name(name)?;
-        self.storage.delete_topic(name).await.map_err(|e| e.to_wire())?;
+        self.storage
+            .delete_topic(name)
+            .await
+            .map_err(|e| e.to_wire())?;
         self.groups
             .lock()
             .expect("groups lock")

@@ -36,7 +36,10 @@ mod tests {
     #[test]
     fn same_key_same_partition() {
         for n in 1..17 {
-            assert_eq!(partition_for_key(b"order-42", n), partition_for_key(b"order-42", n));
+            assert_eq!(
+                partition_for_key(b"order-42", n),
+                partition_for_key(b"order-42", n)
+            );
             assert!(partition_for_key(b"order-42", n) < n);
         }
     }

@@ -29,7 +29,11 @@ pub struct ConnectArgs {
     #[arg(long, env = "SWITCHYARD_ADDR", default_value = "127.0.0.1:7400")]
     addr: SocketAddr,
     /// PEM certificate (or CA) to trust.
-    #[arg(long, env = "SWITCHYARD_CA", default_value = "switchyard-data/cert.pem")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_CA",
+        default_value = "switchyard-data/cert.pem"
+    )]
     ca: PathBuf,
     /// Name to verify in the router's certificate.
     #[arg(long, env = "SWITCHYARD_SERVER_NAME", default_value = "localhost")]
@@ -86,7 +90,10 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -133,7 +140,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "certificate: {}{}",
         router.cert_path().display(),
-        if router.generated_cert() { " (generated)" } else { "" }
+        if router.generated_cert() {
+            " (generated)"
+        } else {
+            ""
+        }
     );
     shutdown_signal().await;
     eprintln!("shutting down: flushing the commit queue and closing connections");

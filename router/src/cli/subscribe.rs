@@ -115,7 +115,10 @@ pub(super) async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn commit_printed(sub: &crate::client::Subscription, printed: &mut std::collections::BTreeMap<u32, u64>) {
+fn commit_printed(
+    sub: &crate::client::Subscription,
+    printed: &mut std::collections::BTreeMap<u32, u64>,
+) {
     for (p, next) in std::mem::take(printed) {
         let _ = sub.commit(p, next);
     }

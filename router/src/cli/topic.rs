@@ -57,17 +57,30 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             let t = c
                 .create_topic_with(&name, partitions, retention_ms, retention_bytes)
                 .await?;
-            println!("created topic {} with {} partitions", t.name, t.partitions.len());
+            println!(
+                "created topic {} with {} partitions",
+                t.name,
+                t.partitions.len()
+            );
             c.close().await;
         }
         TopicCommand::List { conn } => {
             let c = conn.connect().await?;
             let topics = c.list_topics().await?;
-            println!("{:<32} {:>10} {:>12} {:>14}", "TOPIC", "PARTITIONS", "RECORDS", "BYTES");
+            println!(
+                "{:<32} {:>10} {:>12} {:>14}",
+                "TOPIC", "PARTITIONS", "RECORDS", "BYTES"
+            );
             for t in topics {
                 let records: u64 = t.partitions.iter().map(|p| p.end - p.start).sum();
                 let bytes: u64 = t.partitions.iter().map(|p| p.bytes).sum();
-                println!("{:<32} {:>10} {:>12} {:>14}", t.name, t.partitions.len(), records, bytes);
+                println!(
+                    "{:<32} {:>10} {:>12} {:>14}",
+                    t.name,
+                    t.partitions.len(),
+                    records,
+                    bytes
+                );
             }
             c.close().await;
         }
@@ -103,7 +116,10 @@ fn print_topic(t: &TopicInfo) {
             format!("{} bytes per partition", t.retention_bytes)
         }
     );
-    println!("{:>9} {:>12} {:>12} {:>12}", "PARTITION", "START", "END", "BYTES");
+    println!(
+        "{:>9} {:>12} {:>12} {:>12}",
+        "PARTITION", "START", "END", "BYTES"
+    );
     for (i, p) in t.partitions.iter().enumerate() {
         println!("{:>9} {:>12} {:>12} {:>12}", i, p.start, p.end, p.bytes);
     }

@@ -193,7 +193,11 @@ impl Client {
                     "expected HelloOk, got {other:?}"
                 )));
             }
-            Ok(None) => return Err(ClientError::ConnectionLost("closed during handshake".into())),
+            Ok(None) => {
+                return Err(ClientError::ConnectionLost(
+                    "closed during handshake".into(),
+                ));
+            }
             Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
         };
 
@@ -232,7 +236,9 @@ impl Client {
             .await
             .map_err(|_| ClientError::ConnectionLost(self.close_reason()))?;
         match frame {
-            Frame::Error { code, message, .. } => Err(ClientError::Server(WireError::new(code, message))),
+            Frame::Error { code, message, .. } => {
+                Err(ClientError::Server(WireError::new(code, message)))
+            }
             f => Ok(f),
         }
     }
@@ -245,7 +251,11 @@ impl Client {
     }
 
     /// Creates a topic with `partitions` partitions and no retention limit.
-    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<TopicInfo, ClientError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<TopicInfo, ClientError> {
         self.create_topic_with(name, partitions, 0, 0).await
     }
 

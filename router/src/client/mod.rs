@@ -43,7 +43,9 @@ pub enum ClientError {
     #[error("TLS setup: {0} (pass the router's certificate with --ca or SWITCHYARD_CA)")]
     Tls(String),
     /// The router could not be reached.
-    #[error("cannot connect to {addr}: {reason} (is the router running? set --addr or SWITCHYARD_ADDR)")]
+    #[error(
+        "cannot connect to {addr}: {reason} (is the router running? set --addr or SWITCHYARD_ADDR)"
+    )]
     Connect {
         /// The address tried.
         addr: std::net::SocketAddr,

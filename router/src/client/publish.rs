@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::connection::{Client, ServerInfo};
 use super::ClientError;
+use super::connection::{Client, ServerInfo};
 use crate::protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
 use crate::transport::FrameReader;
 
@@ -128,7 +128,11 @@ impl Publisher {
 
     /// Validates and queues records as one batch; the returned future
     /// resolves with their acks.
-    pub(super) async fn enqueue(&self, topic: &str, records: Vec<Record>) -> Result<PendingAcks, ClientError> {
+    pub(super) async fn enqueue(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<PendingAcks, ClientError> {
         for r in &records {
             if r.encoded_len() > self.info.max_message_bytes {
                 return Err(ClientError::Server(WireError::new(
@@ -140,8 +144,9 @@ impl Publisher {
                     ),
                 )));
             }
-            r.check()
-                .map_err(|e| ClientError::Server(WireError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+            r.check().map_err(|e| {
+                ClientError::Server(WireError::new(ErrorCode::InvalidArgument, e.to_string()))
+            })?;
         }
         if records.is_empty() {
             let (tx, rx) = oneshot::channel();
@@ -198,7 +203,11 @@ impl Client {
     /// in call order, so a producer can keep many batches in flight without
     /// losing per-key order. The batch must fit one frame (4096 records and
     /// the router's frame size).
-    pub async fn queue_batch(&self, topic: &str, records: Vec<Record>) -> Result<PendingAcks, ClientError> {
+    pub async fn queue_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<PendingAcks, ClientError> {
         if records.len() > MAX_BATCH_RECORDS {
             return Err(ClientError::Server(WireError::new(
                 ErrorCode::InvalidArgument,
@@ -222,7 +231,11 @@ impl Client {
     /// fits one frame (4096 records and the router's frame size) is stored
     /// atomically: all of it or none. A larger one is sent as several such
     /// batches, in order, and the call fails if any of them fails.
-    pub async fn publish_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Ack>, ClientError> {
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<Ack>, ClientError> {
         self.publisher.submit(topic, records).await
     }
 
@@ -278,11 +291,11 @@ async fn writer(
             for r in &req.records {
                 w.push(&mut buf, r);
             }
-            frames
-                .last_mut()
-                .expect("a frame is open")
-                .parts
-                .push((req.reply, req.records.len(), req._permit));
+            frames.last_mut().expect("a frame is open").parts.push((
+                req.reply,
+                req.records.len(),
+                req._permit,
+            ));
             if buf.len() < WRITE_CHUNK {
                 next = rx.try_recv().ok();
             }
@@ -349,7 +362,10 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             Ok(positions) => {
                 let total: usize = batch.parts.iter().map(|(_, n, _)| *n).sum();
                 if total != positions.len() {
-                    break format!("ack for batch {seq} has {} positions, expected {total}", positions.len());
+                    break format!(
+                        "ack for batch {seq} has {} positions, expected {total}",
+                        positions.len()
+                    );
                 }
                 let mut it = positions
                     .into_iter()

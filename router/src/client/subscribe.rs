@@ -137,8 +137,16 @@ impl Client {
             Ok(Some(Frame::Error { code, message, .. })) => {
                 return Err(ClientError::Server(WireError::new(code, message)));
             }
-            Ok(Some(other)) => return Err(ClientError::Protocol(format!("expected Subscribed, got {other:?}"))),
-            Ok(None) => return Err(ClientError::ConnectionLost("subscription stream closed".into())),
+            Ok(Some(other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Subscribed, got {other:?}"
+                )));
+            }
+            Ok(None) => {
+                return Err(ClientError::ConnectionLost(
+                    "subscription stream closed".into(),
+                ));
+            }
             Err(e) => return Err(lost(&e)),
         };
         let (tx, rx) = mpsc::unbounded_channel();

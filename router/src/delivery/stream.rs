@@ -109,7 +109,10 @@ impl StreamSubscription {
                 out.write_all(&f.to_bytes()).await?;
                 return Ok(());
             }
-            if self.group.reconcile(self.member, &mut self.held, self.start)? {
+            if self
+                .group
+                .reconcile(self.member, &mut self.held, self.start)?
+            {
                 let f = Frame::Assignment {
                     partitions: self.held.iter().map(|h| h.partition).collect(),
                 };
@@ -142,7 +145,11 @@ impl StreamSubscription {
 
     /// Encodes up to `credits` records from held partitions into `buf`,
     /// taking partitions round-robin so none starves. Returns the count.
-    fn fill(&mut self, buf: &mut BytesMut, delivered: &mut Vec<(u32, u64)>) -> Result<u64, StorageError> {
+    fn fill(
+        &mut self,
+        buf: &mut BytesMut,
+        delivered: &mut Vec<(u32, u64)>,
+    ) -> Result<u64, StorageError> {
         if self.held.is_empty() || self.credits == 0 {
             return Ok(0);
         }

@@ -731,7 +731,10 @@ mod tests {
     fn raw_record() -> impl Strategy<Value = RawRecord> {
         (
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
-            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)), 0..3),
+            proptest::collection::vec(
+                ("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)),
+                0..3,
+            ),
             proptest::collection::vec(any::<u8>(), 0..64),
         )
             .prop_map(|(k, h, p)| {
@@ -759,16 +762,18 @@ mod tests {
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..4),
         )
-            .prop_map(|(name, retention_ms, retention_bytes, created_ms, p)| TopicInfo {
-                name,
-                retention_ms,
-                retention_bytes,
-                created_ms,
-                partitions: p
-                    .into_iter()
-                    .map(|(start, end, bytes)| PartitionInfo { start, end, bytes })
-                    .collect(),
-            })
+            .prop_map(
+                |(name, retention_ms, retention_bytes, created_ms, p)| TopicInfo {
+                    name,
+                    retention_ms,
+                    retention_bytes,
+                    created_ms,
+                    partitions: p
+                        .into_iter()
+                        .map(|(start, end, bytes)| PartitionInfo { start, end, bytes })
+                        .collect(),
+                },
+            )
     }
 
     fn frame() -> impl Strategy<Value = Frame> {
@@ -792,37 +797,58 @@ mod tests {
                 message: m
             }),
             any::<u64>().prop_map(|id| Frame::Ok { id }),
-            (any::<u64>(), "[a-z]{0,10}", any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
-                |(id, name, partitions, retention_ms, retention_bytes)| Frame::CreateTopic {
-                    id,
-                    name,
-                    partitions,
-                    retention_ms,
-                    retention_bytes
-                }
-            ),
+            (
+                any::<u64>(),
+                "[a-z]{0,10}",
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(id, name, partitions, retention_ms, retention_bytes)| {
+                    Frame::CreateTopic {
+                        id,
+                        name,
+                        partitions,
+                        retention_ms,
+                        retention_bytes,
+                    }
+                }),
             (any::<u64>(), "[a-z]{0,10}").prop_map(|(id, name)| Frame::DeleteTopic { id, name }),
             any::<u64>().prop_map(|id| Frame::ListTopics { id }),
             (any::<u64>(), "[a-z]{0,10}").prop_map(|(id, name)| Frame::DescribeTopic { id, name }),
             (any::<u64>(), proptest::collection::vec(topic_info(), 0..3))
                 .prop_map(|(id, topics)| Frame::Topics { id, topics }),
-            (any::<u64>(), "[a-z]{0,10}", proptest::collection::vec(raw_record(), 0..5))
+            (
+                any::<u64>(),
+                "[a-z]{0,10}",
+                proptest::collection::vec(raw_record(), 0..5)
+            )
                 .prop_map(|(seq, topic, records)| Frame::PublishBatch {
                     seq,
                     topic,
                     records
                 }),
-            (any::<u64>(), proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5))
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5)
+            )
                 .prop_map(|(seq, positions)| Frame::PublishAck { seq, positions }),
-            ("[a-z]{0,10}", "[a-z]{0,10}", start(), any::<u32>(), any::<bool>()).prop_map(
-                |(group, topic, start, credits, auto_commit)| Frame::Subscribe {
-                    group,
-                    topic,
-                    start,
-                    credits,
-                    auto_commit
-                }
-            ),
+            (
+                "[a-z]{0,10}",
+                "[a-z]{0,10}",
+                start(),
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(|(group, topic, start, credits, auto_commit)| {
+                    Frame::Subscribe {
+                        group,
+                        topic,
+                        start,
+                        credits,
+                        auto_commit,
+                    }
+                }),
             any::<u32>().prop_map(|partitions| Frame::Subscribed { partitions }),
             proptest::collection::vec(any::<u32>(), 0..6)
                 .prop_map(|partitions| Frame::Assignment { partitions }),
@@ -897,7 +923,10 @@ mod tests {
 
     #[test]
     fn batch_writer_matches_frame_encoding() {
-        let recs = vec![Record::new("a").with_key("k"), Record::new("bb").with_header("h", "v")];
+        let recs = vec![
+            Record::new("a").with_key("k"),
+            Record::new("bb").with_header("h", "v"),
+        ];
         let mut buf = BytesMut::new();
         let mut w = PublishBatchWriter::begin(&mut buf, 7, "t");
         for r in &recs {

@@ -92,10 +92,18 @@ impl Record {
         if self.headers.len() > u16::MAX as usize {
             return Err(DecodeError::InvalidValue("header count"));
         }
-        if self.headers.iter().any(|(n, _)| n.len() > u16::MAX as usize) {
+        if self
+            .headers
+            .iter()
+            .any(|(n, _)| n.len() > u16::MAX as usize)
+        {
             return Err(DecodeError::InvalidValue("header name length"));
         }
-        if self.key.as_ref().is_some_and(|k| k.len() >= NO_KEY as usize) {
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|k| k.len() >= NO_KEY as usize)
+        {
             return Err(DecodeError::InvalidValue("key length"));
         }
         Ok(())
@@ -255,10 +263,7 @@ impl RawRecord {
     pub fn to_record(&self) -> Record {
         Record {
             key: self.key(),
-            headers: self
-                .headers()
-                .map(|(n, v)| (n.to_string(), v))
-                .collect(),
+            headers: self.headers().map(|(n, v)| (n.to_string(), v)).collect(),
             payload: self.payload(),
         }
     }
@@ -272,12 +277,21 @@ mod tests {
     fn record_strategy() -> impl Strategy<Value = Record> {
         (
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
-            proptest::collection::vec(("[a-z-]{0,12}", proptest::collection::vec(any::<u8>(), 0..20)), 0..5),
+            proptest::collection::vec(
+                (
+                    "[a-z-]{0,12}",
+                    proptest::collection::vec(any::<u8>(), 0..20),
+                ),
+                0..5,
+            ),
             proptest::collection::vec(any::<u8>(), 0..200),
         )
             .prop_map(|(key, headers, payload)| Record {
                 key: key.map(Bytes::from),
-                headers: headers.into_iter().map(|(n, v)| (n, Bytes::from(v))).collect(),
+                headers: headers
+                    .into_iter()
+                    .map(|(n, v)| (n, Bytes::from(v)))
+                    .collect(),
                 payload: Bytes::from(payload),
             })
     }

@@ -88,7 +88,9 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Control, Str
                     max_message_bytes: shared.config.max_message_bytes as u32,
                     max_frame_bytes: shared.config.max_frame_bytes as u32,
                 };
-                send.write_all(&ok.to_bytes()).await.map_err(|e| e.to_string())?;
+                send.write_all(&ok.to_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tracing::debug!(client, version, "hello");
                 Ok((send, reader))
             }
@@ -107,7 +109,10 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Control, Str
                 let _ = send.finish();
                 // Give the error frame a moment to leave before closing.
                 let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-                conn.close(close::UNSUPPORTED_VERSION.into(), b"unsupported protocol version");
+                conn.close(
+                    close::UNSUPPORTED_VERSION.into(),
+                    b"unsupported protocol version",
+                );
                 Err(msg)
             }
         },
@@ -175,11 +180,21 @@ pub(super) async fn violation(
 
 /// Handles a failed frame read: a decode error is a violation; a stream
 /// error (reset, connection lost) just ends the stream.
-pub(super) async fn read_failed(conn: &quinn::Connection, send: &mut quinn::SendStream, e: ReadFrameError) {
+pub(super) async fn read_failed(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    e: ReadFrameError,
+) {
     match e {
         ReadFrameError::Decode(d) => violation(conn, send, d.code(), &d.to_string()).await,
         ReadFrameError::Truncated => {
-            violation(conn, send, ErrorCode::MalformedFrame, "stream ended inside a frame").await
+            violation(
+                conn,
+                send,
+                ErrorCode::MalformedFrame,
+                "stream ended inside a frame",
+            )
+            .await
         }
         ReadFrameError::Io(e) => tracing::debug!(error = %e, "stream ended"),
     }

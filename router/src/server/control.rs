@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
 use crate::protocol::{ErrorCode, Frame, WireError};
@@ -33,7 +32,10 @@ pub(super) async fn serve(
                 broker
                     .create_topic(&name, partitions, retention_ms, retention_bytes)
                     .await
-                    .map(|t| Frame::Topics { id, topics: vec![t] }),
+                    .map(|t| Frame::Topics {
+                        id,
+                        topics: vec![t],
+                    }),
             ),
             Frame::DeleteTopic { id, name } => answer(
                 id,
@@ -45,9 +47,10 @@ pub(super) async fn serve(
             },
             Frame::DescribeTopic { id, name } => answer(
                 id,
-                broker
-                    .describe_topic(&name)
-                    .map(|t| Frame::Topics { id, topics: vec![t] }),
+                broker.describe_topic(&name).map(|t| Frame::Topics {
+                    id,
+                    topics: vec![t],
+                }),
             ),
             other => {
                 let why = format!("{} is not a control request", frame_name(&other));

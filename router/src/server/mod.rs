@@ -110,7 +110,9 @@ pub enum StartError {
     #[error("opening storage: {0}")]
     Storage(#[from] StorageError),
     /// The UDP socket could not be bound.
-    #[error("listening on {addr}: {source} (is another router running? choose another address with --listen)")]
+    #[error(
+        "listening on {addr}: {source} (is another router running? choose another address with --listen)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -237,7 +239,10 @@ impl Router {
 }
 
 /// Runs a router until `shutdown` completes, then shuts down gracefully.
-pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: RouterConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let router = Router::start(config).await?;
     shutdown.await;
     tracing::info!("shutting down");

@@ -135,7 +135,10 @@ async fn encode_ack(seq: u64, result: Result<AppendTicket, WireError>, buf: &mut
 
 fn encode_result(
     seq: u64,
-    r: Result<Result<Vec<(u32, u64)>, crate::storage::StorageError>, tokio::sync::oneshot::error::RecvError>,
+    r: Result<
+        Result<Vec<(u32, u64)>, crate::storage::StorageError>,
+        tokio::sync::oneshot::error::RecvError,
+    >,
     buf: &mut BytesMut,
 ) {
     match r {
@@ -143,7 +146,10 @@ fn encode_result(
         Ok(Err(e)) => Frame::error(seq, &e.to_wire()).encode(buf),
         Err(_) => Frame::error(
             seq,
-            &WireError::new(ErrorCode::ShuttingDown, "router shutting down before this batch was stored; retry"),
+            &WireError::new(
+                ErrorCode::ShuttingDown,
+                "router shutting down before this batch was stored; retry",
+            ),
         )
         .encode(buf),
     }

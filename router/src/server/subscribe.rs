@@ -63,9 +63,14 @@ pub(super) async fn serve(
         loop {
             let ev = match reader.next().await {
                 Ok(Some(Frame::Credit { credits })) => SubEvent::Credit(credits),
-                Ok(Some(Frame::Commit { partition, offset })) => SubEvent::Commit { partition, offset },
+                Ok(Some(Frame::Commit { partition, offset })) => {
+                    SubEvent::Commit { partition, offset }
+                }
                 Ok(Some(other)) => {
-                    let why = format!("{} is not valid on a subscription stream", frame_name(&other));
+                    let why = format!(
+                        "{} is not valid on a subscription stream",
+                        frame_name(&other)
+                    );
                     let _ = bad_tx.send(Bad::Unexpected(why)).await;
                     return;
                 }

@@ -68,7 +68,11 @@ pub fn ensure_self_signed(paths: &CertPaths) -> Result<bool, TlsError> {
     if paths.cert.exists() && paths.key.exists() {
         return Ok(false);
     }
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     let ck = rcgen::generate_simple_self_signed(names)?;
     std::fs::write(&paths.cert, ck.cert.pem()).map_err(io_err(&paths.cert))?;
     write_private(&paths.key, ck.signing_key.serialize_pem().as_bytes())?;
@@ -116,7 +120,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 /// The QUIC server crypto configuration for the given certificate files.
-pub fn server_crypto(paths: &CertPaths) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+pub fn server_crypto(
+    paths: &CertPaths,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let certs = load_certs(&paths.cert)?;
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::Pem {
         path: paths.key.clone(),

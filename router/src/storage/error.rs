@@ -31,7 +31,9 @@ impl StorageError {
             StorageError::Db(_) | StorageError::Corrupt(_) => ErrorCode::Storage,
         };
         let hint = match self {
-            StorageError::Db(_) => " (nothing in this request was acknowledged; check the router's disk and log, then retry)",
+            StorageError::Db(_) => {
+                " (nothing in this request was acknowledged; check the router's disk and log, then retry)"
+            }
             StorageError::UnknownTopic(_) => " (create it with `switchyard topic create`)",
             _ => "",
         };

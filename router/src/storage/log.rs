@@ -93,7 +93,9 @@ impl Storage {
 
 fn split_entry(v: &[u8]) -> Result<(u64, &[u8]), StorageError> {
     if v.len() < 8 {
-        return Err(StorageError::Corrupt("log entry shorter than its timestamp".into()));
+        return Err(StorageError::Corrupt(
+            "log entry shorter than its timestamp".into(),
+        ));
     }
     let ts = u64::from_be_bytes(v[..8].try_into().expect("checked length"));
     Ok((ts, &v[8..]))

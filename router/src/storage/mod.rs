@@ -171,7 +171,11 @@ impl Storage {
 
     /// The live topic with this name.
     pub fn topic(&self, name: &str) -> Option<Arc<TopicHandle>> {
-        self.topics.read().expect("registry lock").get(name).cloned()
+        self.topics
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
     }
 
     /// All live topics, sorted by name.

@@ -111,8 +111,7 @@ impl Writer {
             let (mut records, mut bytes) = weight(&first);
             ops.push(first);
             let deadline = Instant::now() + self.config.linger;
-            while records < self.config.max_batch_records && bytes < self.config.max_batch_bytes
-            {
+            while records < self.config.max_batch_records && bytes < self.config.max_batch_bytes {
                 match rx.try_recv() {
                     Ok(op) => {
                         let (r, b) = weight(&op);
@@ -247,14 +246,21 @@ impl Writer {
                         reply,
                     } => {
                         let Some(ts) = self.topics.get_mut(&topic_id) else {
-                            replies.push((reply, Err(StorageError::UnknownTopic(format!("#{topic_id}")))));
+                            replies.push((
+                                reply,
+                                Err(StorageError::UnknownTopic(format!("#{topic_id}"))),
+                            ));
                             continue;
                         };
-                        if let Some((p, _)) = records.iter().find(|(p, _)| *p as usize >= ts.parts.len()) {
+                        if let Some((p, _)) =
+                            records.iter().find(|(p, _)| *p as usize >= ts.parts.len())
+                        {
                             let name = ts.handle.meta.name.clone();
                             replies.push((
                                 reply,
-                                Err(StorageError::Corrupt(format!("partition {p} out of range for '{name}'"))),
+                                Err(StorageError::Corrupt(format!(
+                                    "partition {p} out of range for '{name}'"
+                                ))),
                             ));
                             continue;
                         }
@@ -265,7 +271,8 @@ impl Writer {
                             let offset = st.end;
                             let t = now.max(st.last_ts);
                             let body = rec.as_bytes();
-                            let mut slot = log.insert_reserve((topic_id, p, offset), 8 + body.len())?;
+                            let mut slot =
+                                log.insert_reserve((topic_id, p, offset), 8 + body.len())?;
                             let dst = slot.as_mut();
                             dst[..8].copy_from_slice(&t.to_be_bytes());
                             dst[8..].copy_from_slice(body);
@@ -309,7 +316,12 @@ impl Writer {
         retention_ms: u64,
         retention_bytes: u64,
     ) -> Result<Arc<TopicHandle>, StorageError> {
-        if self.registry.read().expect("registry lock").contains_key(&name) {
+        if self
+            .registry
+            .read()
+            .expect("registry lock")
+            .contains_key(&name)
+        {
             return Err(StorageError::TopicExists(name));
         }
         let txn = self.db.begin_write()?;
@@ -327,7 +339,8 @@ impl Writer {
                 created_ms: now_ms(),
             };
             let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
-            txn.open_table(TOPICS)?.insert(name.as_str(), json.as_slice())?;
+            txn.open_table(TOPICS)?
+                .insert(name.as_str(), json.as_slice())?;
             let mut pt = txn.open_table(PARTITIONS)?;
             for p in 0..partitions {
                 pt.insert((id, p), (0, 0, 0, 0))?;
@@ -347,7 +360,13 @@ impl Writer {
     }
 
     fn delete_topic(&mut self, name: &str) -> Result<(), StorageError> {
-        let Some(handle) = self.registry.read().expect("registry lock").get(name).cloned() else {
+        let Some(handle) = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+        else {
             return Err(StorageError::UnknownTopic(name.to_string()));
         };
         let id = handle.meta.id;
@@ -385,7 +404,10 @@ impl Writer {
                 for (p, st) in ts.parts.iter().enumerate() {
                     let p = p as u32;
                     let mut new = *st;
-                    for entry in log.range((id, p, st.start)..(id, p, st.end))?.take(RETENTION_PASS_LIMIT) {
+                    for entry in log
+                        .range((id, p, st.start)..(id, p, st.end))?
+                        .take(RETENTION_PASS_LIMIT)
+                    {
                         let (k, v) = entry?;
                         let v = v.value();
                         let t = u64::from_be_bytes(v[..8].try_into().expect("8-byte timestamp"));
@@ -400,7 +422,8 @@ impl Writer {
                     }
                     if new.start != st.start {
                         log.retain_in((id, p, st.start)..(id, p, new.start), |_, _| false)?;
-                        parts_table.insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
+                        parts_table
+                            .insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
                         deleted += new.start - st.start;
                         changed.push((id, p, new));
                     }
@@ -427,10 +450,9 @@ impl Writer {
 
 fn weight(op: &WriteOp) -> (usize, usize) {
     match op {
-        WriteOp::Append { records, .. } => (
-            records.len(),
-            records.iter().map(|(_, r)| r.len()).sum(),
-        ),
+        WriteOp::Append { records, .. } => {
+            (records.len(), records.iter().map(|(_, r)| r.len()).sum())
+        }
         _ => (1, 0),
     }
 }

@@ -1,0 +1,2 @@
+//! Criterion benchmarks for Switchyard; see `codec.rs` and `storage.rs`.
+//! Run with `cargo bench -p switchyard-benches`.
