@@ -16,9 +16,7 @@ fn append(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
-    let topic = rt
-        .block_on(storage.create_topic("bench", 1, 0, 0))
-        .unwrap();
+    let topic = rt.block_on(storage.create_topic("bench", 1, 0, 0)).unwrap();
     let rec: RawRecord = Record::new(vec![b'x'; 100]).to_raw();
 
     let mut g = c.benchmark_group("storage_append_durable");

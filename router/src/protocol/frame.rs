@@ -913,6 +913,21 @@ mod tests {
     }
 
     #[test]
+    fn documented_example_bytes_match() {
+        // The example in docs/protocol.md.
+        let f = Frame::PublishBatch {
+            seq: 1,
+            topic: "orders".into(),
+            records: vec![Record::new("hi").with_key("k").to_raw()],
+        };
+        let hex: String = f.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "0000002220000000000000000100066f72646572730000000100000009000000016b00006869"
+        );
+    }
+
+    #[test]
     fn oversized_length_prefix_is_rejected_before_buffering() {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x01][..]);
         assert!(matches!(

@@ -56,6 +56,8 @@ pub struct RouterConfig {
     pub commit_linger_us: u64,
     /// How often retention runs, in milliseconds.
     pub retention_check_ms: u64,
+    /// redb page cache, in bytes. The hot tail of every partition should fit.
+    pub cache_bytes: usize,
     /// Close connections idle (no keep-alive) this long, in milliseconds.
     pub idle_timeout_ms: u64,
 }
@@ -76,6 +78,7 @@ impl Default for RouterConfig {
             commit_max_batch_bytes: 16 << 20,
             commit_linger_us: 0,
             retention_check_ms: 30_000,
+            cache_bytes: 64 << 20,
             idle_timeout_ms: 30_000,
         }
     }
@@ -162,7 +165,7 @@ impl Router {
                 max_batch_records: config.commit_max_batch_records,
                 max_batch_bytes: config.commit_max_batch_bytes,
                 linger: Duration::from_micros(config.commit_linger_us),
-                ..StorageConfig::default()
+                cache_bytes: config.cache_bytes,
             },
         )?;
 

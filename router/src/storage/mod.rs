@@ -49,7 +49,7 @@ impl Default for StorageConfig {
             max_batch_records: 8192,
             max_batch_bytes: 16 << 20,
             linger: Duration::ZERO,
-            cache_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
         }
     }
 }
