@@ -414,3 +414,32 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_why() {
+    let r = start_router_with(|c| c.max_connections = 1).await;
+    let first = r.client().await;
+    let second = switchyard::client::Client::connect(
+        switchyard::client::ClientConfig::new(r.addr).with_ca_file(&r.cert),
+    )
+    .await;
+    let err = second.err().expect("second connection refused");
+    assert!(err.to_string().contains("max_connections"), "{err}");
+    // The first is unaffected, and its slot frees when it leaves.
+    first.create_topic("t", 1).await.unwrap();
+    first.close().await;
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = switchyard::client::Client::connect(
+            switchyard::client::ClientConfig::new(r.addr).with_ca_file(&r.cert),
+        )
+        .await;
+        if let Ok(c) = c {
+            assert_eq!(c.list_topics().await.unwrap().len(), 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -444,3 +444,54 @@ async fn deleted_topics_are_gone_and_recreated_ones_start_empty() {
     let info = c.describe_topic("temp").await.unwrap();
     assert!(info.partitions.iter().all(|p| p.end == 0 && p.bytes == 0));
 }
+
+#[tokio::test]
+async fn graceful_shutdown_acks_queued_batches_and_keeps_every_acked_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(test_config(dir.path())).await.unwrap();
+    let c = common::connect(router.local_addr(), router.cert_path()).await;
+    c.create_topic("t", 2).await.unwrap();
+    let mut acked = Vec::new();
+    for b in 0..10 {
+        let recs = (0..100).map(|i| Record::new(format!("{b}-{i}"))).collect();
+        acked.extend(c.publish_batch("t", recs).await.unwrap());
+    }
+    // Shut down with more batches in flight: each is either acked (and then
+    // durable) or fails with a clear error; none hangs.
+    let mut pending = Vec::new();
+    for b in 10..200 {
+        let recs = (0..100).map(|i| Record::new(format!("{b}-{i}"))).collect();
+        pending.push(c.queue_batch("t", recs).await.unwrap());
+    }
+    tokio::time::timeout(Duration::from_secs(15), router.shutdown())
+        .await
+        .expect("shutdown completes");
+    for p in pending {
+        match tokio::time::timeout(Duration::from_secs(15), p)
+            .await
+            .expect("every ack resolves")
+        {
+            Ok(a) => acked.extend(a),
+            Err(e) => assert!(
+                matches!(e, switchyard::client::ClientError::ConnectionLost(_))
+                    || e.code() == Some(switchyard::protocol::ErrorCode::ShuttingDown),
+                "unexpected error {e}"
+            ),
+        }
+    }
+    assert!(
+        !acked.is_empty(),
+        "batches queued before shutdown are acked"
+    );
+
+    let router = Router::start(test_config(dir.path())).await.unwrap();
+    let c = common::connect(router.local_addr(), router.cert_path()).await;
+    let info = c.describe_topic("t").await.unwrap();
+    for a in &acked {
+        assert!(
+            a.offset < info.partitions[a.partition as usize].end,
+            "{a:?} lost"
+        );
+    }
+    router.shutdown().await;
+}

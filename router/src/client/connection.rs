@@ -193,12 +193,14 @@ impl Client {
                     "expected HelloOk, got {other:?}"
                 )));
             }
-            Ok(None) => {
-                return Err(ClientError::ConnectionLost(
-                    "closed during handshake".into(),
-                ));
+            Ok(None) | Err(_) => {
+                // Wait briefly for the close frame so its reason can be shown.
+                let reason = tokio::time::timeout(Duration::from_secs(1), conn.closed())
+                    .await
+                    .map(|e| describe_close(&e))
+                    .unwrap_or_else(|_| "closed during handshake".into());
+                return Err(ClientError::ConnectionLost(reason));
             }
-            Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
         };
 
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
@@ -246,7 +248,7 @@ impl Client {
     pub(super) fn close_reason(&self) -> String {
         self.conn
             .close_reason()
-            .map(|r| r.to_string())
+            .map(|e| describe_close(&e))
             .unwrap_or_else(|| "control stream closed".into())
     }
 
@@ -319,6 +321,19 @@ impl Client {
         self.publisher.flush().await;
         self.conn.close(close::NORMAL.into(), b"client closed");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A connection error as a user should read it: the router's own reason
+/// when it closed the connection on purpose.
+pub(super) fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => format!(
+            "router closed the connection (code {}): {}",
+            c.error_code,
+            String::from_utf8_lossy(&c.reason)
+        ),
+        other => other.to_string(),
     }
 }
 

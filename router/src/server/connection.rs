@@ -38,37 +38,51 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
 
     let mut shutdown = shared.shutdown.clone();
-    let mut streams = tokio::task::JoinSet::new();
+    // Publish streams drain on shutdown (their queued batches are acked);
+    // control and subscription streams are simply stopped.
+    let mut publishers = tokio::task::JoinSet::new();
+    let mut others = tokio::task::JoinSet::new();
     {
         let (send, reader) = control;
         let shared = shared.clone();
         let conn = conn.clone();
-        streams.spawn(async move { control::serve(send, reader, shared, conn).await });
+        others.spawn(async move { control::serve(send, reader, shared, conn).await });
     }
-    loop {
+    let shutting_down = loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                conn.close(close::SHUTTING_DOWN.into(), b"router shutting down");
-                break;
-            }
+            _ = shutdown.changed() => break true,
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
                     let conn = conn.clone();
-                    streams.spawn(async move {
-                        stream(send, FrameReader::new(recv, max_frame), shared, conn).await
-                    });
+                    let reader = FrameReader::new(recv, max_frame);
+                    publishers.spawn(stream(send, reader, shared, conn));
                 }
                 Err(e) => {
                     tracing::debug!(%remote, reason = %e, "connection closed");
-                    break;
+                    break false;
                 }
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(_) = publishers.join_next(), if !publishers.is_empty() => {}
+            Some(_) = others.join_next(), if !others.is_empty() => {}
         }
+    };
+    others.shutdown().await;
+    if shutting_down {
+        // Stream tasks watch the same signal: publish streams stop reading,
+        // wait for the acks of what they queued and finish; subscriptions
+        // end. Give them a bounded time, then close.
+        let drain = async { while publishers.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+            tracing::warn!(%remote, "streams did not drain in time");
+        }
+        conn.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     }
-    streams.shutdown().await;
+    publishers.shutdown().await;
 }
+
+/// How long streams get to finish when the router shuts down.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Control = (quinn::SendStream, FrameReader<quinn::RecvStream>);
 
@@ -137,7 +151,12 @@ async fn stream(
     shared: Arc<Shared>,
     conn: quinn::Connection,
 ) {
-    match reader.next().await {
+    let mut shutdown = shared.shutdown.clone();
+    let first = tokio::select! {
+        f = reader.next() => f,
+        _ = shutdown.wait_for(|s| *s) => return,
+    };
+    match first {
         Ok(Some(first @ Frame::PublishBatch { .. })) => {
             publish::serve(first, send, reader, shared, conn).await
         }

@@ -276,19 +276,29 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
                         });
                     }
                     Err(_) => {
-                        tracing::warn!("connection limit reached; refusing {}", incoming.remote_address());
-                        incoming.refuse();
+                        // Complete the handshake so the client gets a reason
+                        // it can show, not a bare refusal.
+                        tracing::warn!(remote = %incoming.remote_address(), "connection limit reached");
+                        let limit = shared.config.max_connections;
+                        connections.spawn(async move {
+                            if let Ok(conn) = incoming.await {
+                                let why = format!("router is at max_connections = {limit}; retry later");
+                                conn.close(close::TOO_MANY_CONNECTIONS.into(), why.as_bytes());
+                            }
+                        });
                     }
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    // Connection tasks see the shutdown signal and close with SHUTTING_DOWN.
-    endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
+    // No new connections; existing ones drain their publish streams (which
+    // needs storage running) and close with SHUTTING_DOWN.
+    endpoint.set_server_config(None);
     while connections.join_next().await.is_some() {}
     retention.abort();
     storage.shutdown().await;
+    endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     endpoint.wait_idle().await;
     tracing::info!("router stopped");
 }

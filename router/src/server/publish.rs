@@ -35,10 +35,16 @@ pub(super) async fn serve(
     let mut cached: Option<Arc<TopicHandle>> = None;
     let mut rr: u32 = rand_start();
     let mut next = Some(first);
+    let mut shutdown = shared.shutdown.clone();
     loop {
         let frame = match next.take() {
             Some(f) => f,
-            None => match reader.next().await {
+            None => match tokio::select! {
+                // FrameReader::next is cancel-safe: bytes read stay buffered.
+                f = reader.next() => f,
+                // Stop taking batches; those queued are still acked below.
+                _ = shutdown.wait_for(|s| *s) => break,
+            } {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {

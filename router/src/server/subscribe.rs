@@ -86,7 +86,11 @@ pub(super) async fn serve(
         }
     });
 
-    let result = sub.run(&mut send, rx).await;
+    let mut shutdown = shared.shutdown.clone();
+    let result = tokio::select! {
+        r = sub.run(&mut send, rx) => r,
+        _ = shutdown.wait_for(|s| *s) => Ok(()),
+    };
     events.abort();
     match bad_rx.try_recv() {
         Ok(Bad::Unexpected(why)) => {
