@@ -200,30 +200,33 @@ async fn still_serving(c: &switchyard::client::Client, acked: usize) {
     assert_eq!(got.len(), acked + 1);
 }
 
+/// Sends `bytes` on a fresh data stream of a fresh connection (finishing the
+/// stream if `finish`), expects an `Error` with `code` on that stream, and
+/// expects the connection closed as a protocol violation.
+async fn expect_violation(r: &TestRouter, bytes: &[u8], finish: bool, code: ErrorCode) {
+    let (conn, _ctl, _) = raw_session(r).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let mut reader = FrameReader::new(recv, 1 << 26);
+    assert_eq!(error_code(&next_frame(&mut reader).await), code);
+    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+}
+
 #[tokio::test]
 async fn malformed_frames_close_only_that_connection() {
     let r = start_router().await;
     let (good, acked) = acked_records(&r).await;
 
-    // Unknown frame type on a new stream.
-    let (conn, _ctl, _) = raw_session(&r).await;
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[0, 0, 0, 5, 0xEE, 1, 2, 3, 4])
-        .await
-        .unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(
-        error_code(&next_frame(&mut reader).await),
-        ErrorCode::MalformedFrame
-    );
-    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    // Unknown frame type.
+    let unknown = [0, 0, 0, 5, 0xEE, 1, 2, 3, 4];
+    expect_violation(&r, &unknown, false, ErrorCode::MalformedFrame).await;
 
     // A record whose inner lengths run past its end.
-    let (conn, _ctl, _) = raw_session(&r).await;
-    let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut buf = BytesMut::new();
-    let body_len = 1 + 8 + 2 + 1 + 4 + 4 + 6;
-    buf.put_u32(body_len);
+    buf.put_u32(1 + 8 + 2 + 1 + 4 + 4 + 6);
     buf.put_u8(0x20); // PublishBatch
     buf.put_u64(1);
     buf.put_u16(1);
@@ -232,44 +235,26 @@ async fn malformed_frames_close_only_that_connection() {
     buf.put_u32(6); // of six bytes
     buf.put_u32(100); // claiming a 100-byte key
     buf.put_u16(0);
-    send.write_all(&buf).await.unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(
-        error_code(&next_frame(&mut reader).await),
-        ErrorCode::MalformedFrame
-    );
-    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    expect_violation(&r, &buf, false, ErrorCode::MalformedFrame).await;
 
     // A frame cut off by the end of its stream.
-    let (conn, _ctl, _) = raw_session(&r).await;
-    let (mut send, recv) = conn.open_bi().await.unwrap();
     let whole = Frame::PublishBatch {
         seq: 1,
         topic: "safe".into(),
         records: vec![Record::new("x").to_raw()],
     }
     .to_bytes();
-    send.write_all(&whole[..whole.len() - 3]).await.unwrap();
-    send.finish().unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(
-        error_code(&next_frame(&mut reader).await),
-        ErrorCode::MalformedFrame
-    );
-    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    expect_violation(
+        &r,
+        &whole[..whole.len() - 3],
+        true,
+        ErrorCode::MalformedFrame,
+    )
+    .await;
 
     // A control request on a data stream.
-    let (conn, _ctl, _) = raw_session(&r).await;
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Frame::ListTopics { id: 1 }.to_bytes())
-        .await
-        .unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 26);
-    assert_eq!(
-        error_code(&next_frame(&mut reader).await),
-        ErrorCode::UnexpectedFrame
-    );
-    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    let list = Frame::ListTopics { id: 1 }.to_bytes();
+    expect_violation(&r, &list, false, ErrorCode::UnexpectedFrame).await;
 
     still_serving(&good, acked).await;
 }
@@ -282,14 +267,8 @@ async fn frames_over_the_limit_are_refused_before_they_are_buffered() {
     })
     .await;
     let (good, acked) = acked_records(&r).await;
-    let (conn, _ctl, _) = raw_session(&r).await;
-    let (mut send, recv) = conn.open_bi().await.unwrap();
     // Announce a 1 GiB frame and send only its header.
-    send.write_all(&[0x40, 0, 0, 0, 0x20]).await.unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 26);
-    let f = next_frame(&mut reader).await;
-    assert_eq!(error_code(&f), ErrorCode::FrameTooLarge);
-    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    expect_violation(&r, &[0x40, 0, 0, 0, 0x20], false, ErrorCode::FrameTooLarge).await;
     still_serving(&good, acked).await;
 }
 
