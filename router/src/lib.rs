@@ -18,6 +18,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod delivery;
+pub mod plugins;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -130,3 +130,17 @@ impl Drop for ChildRouter {
         let _ = self.child.wait();
     }
 }
+
+/// A plugin component built by `plugins/build.sh`, by crate name with
+/// underscores (`route_by_header`).
+pub fn plugin_wasm(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Build the plugins first: plugins/build.sh (the README's test command does)",
+            path.display()
+        )
+    })
+}

@@ -23,8 +23,10 @@ pub fn route(m: &Message) -> Route {
     }
 }
 
+/// Deploy-time check: a message carrying the configured header is routed.
 fn self_test() -> Result<(), String> {
-    match route(&TestMessage::new("x").header("route-to", "a").as_message()).action {
+    let header = host::config("header").unwrap_or_else(|| "route-to".into());
+    match route(&TestMessage::new("x").header(header, "a").as_message()).action {
         Action::To(t) if t.len() == 1 => Ok(()),
         other => Err(format!("self-test routed to {other:?}")),
     }

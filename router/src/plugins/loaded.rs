@@ -1,0 +1,477 @@
+//! One compiled plugin version: validation, a pool of instances, calls
+//! under a deadline and a memory cap, and call statistics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Resource};
+use wasmtime::{Store, StoreLimitsBuilder};
+
+use super::bindings::{self, BatchRep, types};
+use super::engine::{CallMessage, KvStore, PluginEngine, StoreState};
+
+/// The five hooks of the plugin contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// Where a published message goes.
+    Route,
+    /// Whether a subscriber sees a message.
+    Filter,
+    /// A message's priority.
+    Priority,
+    /// Fan-out on write or on read.
+    Fanout,
+    /// What to do after a failed delivery.
+    Retry,
+}
+
+impl Hook {
+    /// Parses `route|filter|priority|fanout|retry`.
+    pub fn parse(s: &str) -> Option<Hook> {
+        Some(match s {
+            "route" => Hook::Route,
+            "filter" => Hook::Filter,
+            "priority" => Hook::Priority,
+            "fanout" => Hook::Fanout,
+            "retry" => Hook::Retry,
+            _ => return None,
+        })
+    }
+
+    /// The hook's name, as in the WIT world.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Route => "route",
+            Hook::Filter => "filter",
+            Hook::Priority => "priority",
+            Hook::Fanout => "fanout",
+            Hook::Retry => "retry",
+        }
+    }
+}
+
+/// Resource limits for every call of one plugin version.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock budget of one call (one batch).
+    pub deadline: Duration,
+    /// Most linear memory an instance may have.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            deadline: Duration::from_millis(10),
+            memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a plugin could not be loaded. Reported at deploy time.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not WebAssembly.
+    #[error("not a WebAssembly file (no \\0asm header)")]
+    NotWasm,
+    /// A core module instead of a component.
+    #[error(
+        "this is a core WebAssembly module, not a component: build the plugin with `cargo build --release --target wasm32-wasip2`"
+    )]
+    CoreModule,
+    /// The component did not compile.
+    #[error("the component does not compile: {0}")]
+    Compile(String),
+    /// The component does not implement the named hook's world.
+    #[error("the component does not implement the `{hook}` hook: {reason}")]
+    WrongWorld {
+        /// The hook asked for.
+        hook: &'static str,
+        /// What wasmtime found missing or mismatched.
+        reason: String,
+    },
+    /// The component's self-test failed or trapped.
+    #[error("self-test failed: {0}")]
+    SelfTest(String),
+}
+
+/// Why one call failed. Handled by the binding's failure mode.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The call ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The instance hit its memory cap.
+    #[error("out of memory (cap {0} bytes)")]
+    OutOfMemory(usize),
+    /// The plugin trapped (panicked, or hit an unreachable).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The plugin returned a decision the router cannot apply.
+    #[error("invalid decision: {0}")]
+    InvalidDecision(String),
+}
+
+enum Pre {
+    Route(bindings::route::RoutePre<StoreState>),
+    Filter(bindings::filter::FilterPre<StoreState>),
+    Priority(bindings::priority::PriorityPre<StoreState>),
+    Fanout(bindings::fanout::FanoutPre<StoreState>),
+    Retry(bindings::retry::RetryPre<StoreState>),
+}
+
+enum Inst {
+    Route(bindings::route::Route),
+    Filter(bindings::filter::Filter),
+    Priority(bindings::priority::Priority),
+    Fanout(bindings::fanout::Fanout),
+    Retry(bindings::retry::Retry),
+}
+
+struct Pooled {
+    store: Store<StoreState>,
+    inst: Inst,
+}
+
+/// Calls, failures and call-time percentiles of one version.
+pub struct Stats {
+    /// Calls made (one per batch).
+    pub calls: AtomicU64,
+    /// Messages decided.
+    pub messages: AtomicU64,
+    /// Calls that failed.
+    pub failures: AtomicU64,
+    micros: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            calls: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            micros: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+            ),
+        }
+    }
+
+    /// Call time at quantile `q` (0..1), in microseconds.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        self.micros.lock().expect("stats lock").value_at_quantile(q)
+    }
+}
+
+/// The most instances kept warm per version.
+const POOL_MAX: usize = 16;
+
+/// One compiled, validated plugin version.
+pub struct LoadedPlugin {
+    /// The hook it implements.
+    pub hook: Hook,
+    /// `name@vN`, for logs and errors.
+    pub label: Arc<str>,
+    /// Its limits.
+    pub limits: Limits,
+    /// Deploy-time configuration.
+    pub config: Arc<BTreeMap<String, String>>,
+    /// Call statistics.
+    pub stats: Stats,
+    engine: PluginEngine,
+    pre: Pre,
+    kv: Arc<dyn KvStore>,
+    pool: Mutex<Vec<Pooled>>,
+}
+
+/// Layer byte pair that marks a component (vs `01 00` for a core module).
+const COMPONENT_LAYER: [u8; 2] = [0x01, 0x00];
+
+impl LoadedPlugin {
+    /// Compiles `wasm` and checks that it implements `hook`.
+    pub fn load(
+        engine: &PluginEngine,
+        wasm: &[u8],
+        hook: Hook,
+        label: Arc<str>,
+        config: BTreeMap<String, String>,
+        limits: Limits,
+        kv: Arc<dyn KvStore>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm);
+        }
+        if wasm[6..8] != COMPONENT_LAYER {
+            return Err(LoadError::CoreModule);
+        }
+        let component = Component::new(engine.engine(), wasm)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        Self::from_component(engine, component, hook, label, config, limits, kv)
+    }
+
+    fn from_component(
+        engine: &PluginEngine,
+        component: Component,
+        hook: Hook,
+        label: Arc<str>,
+        config: BTreeMap<String, String>,
+        limits: Limits,
+        kv: Arc<dyn KvStore>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        let wrong = |e: wasmtime::Error| LoadError::WrongWorld {
+            hook: hook.name(),
+            reason: format!("{e:#}"),
+        };
+        let mut linker = engine.linker().map_err(wrong)?;
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(wrong)?;
+        let ipre = linker.instantiate_pre(&component).map_err(wrong)?;
+        let pre = match hook {
+            Hook::Route => Pre::Route(bindings::route::RoutePre::new(ipre).map_err(wrong)?),
+            Hook::Filter => Pre::Filter(bindings::filter::FilterPre::new(ipre).map_err(wrong)?),
+            Hook::Priority => {
+                Pre::Priority(bindings::priority::PriorityPre::new(ipre).map_err(wrong)?)
+            }
+            Hook::Fanout => Pre::Fanout(bindings::fanout::FanoutPre::new(ipre).map_err(wrong)?),
+            Hook::Retry => Pre::Retry(bindings::retry::RetryPre::new(ipre).map_err(wrong)?),
+        };
+        Ok(LoadedPlugin {
+            hook,
+            label,
+            limits,
+            config: Arc::new(config),
+            stats: Stats::new(),
+            engine: engine.clone(),
+            pre,
+            kv,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn instantiate(&self) -> Result<Pooled, CallError> {
+        let state = StoreState {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .instances(16)
+                .tables(64)
+                .memories(8)
+                .build(),
+            batch: Vec::new(),
+            config: self.config.clone(),
+            kv: self.kv.clone(),
+            kv_writes: Vec::new(),
+            label: self.label.clone(),
+        };
+        let mut store = Store::new(self.engine.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.engine.ticks(self.limits.deadline));
+        let r = match &self.pre {
+            Pre::Route(p) => p.instantiate(&mut store).map(Inst::Route),
+            Pre::Filter(p) => p.instantiate(&mut store).map(Inst::Filter),
+            Pre::Priority(p) => p.instantiate(&mut store).map(Inst::Priority),
+            Pre::Fanout(p) => p.instantiate(&mut store).map(Inst::Fanout),
+            Pre::Retry(p) => p.instantiate(&mut store).map(Inst::Retry),
+        };
+        match r {
+            Ok(inst) => Ok(Pooled { store, inst }),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    fn classify(&self, e: wasmtime::Error) -> CallError {
+        if let Some(wasmtime::Trap::Interrupt) = e.downcast_ref::<wasmtime::Trap>() {
+            return CallError::Timeout(self.limits.deadline);
+        }
+        let text = format!("{e:#}");
+        if text.contains("forcing trap when growing memory") || text.contains("memory limit") {
+            return CallError::OutOfMemory(self.limits.memory_bytes);
+        }
+        CallError::Trap(text)
+    }
+
+    /// Runs `f` on a pooled instance with `batch` installed. Returns the
+    /// result, the batch back, and the key/value writes the call made.
+    fn call<R>(
+        &self,
+        batch: Vec<CallMessage>,
+        f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
+    ) -> (
+        Result<R, CallError>,
+        Vec<CallMessage>,
+        Vec<(String, Vec<u8>)>,
+    ) {
+        let n = batch.len() as u64;
+        let started = Instant::now();
+        let pooled = self.pool.lock().expect("pool lock").pop();
+        let mut pooled = match pooled.map(Ok).unwrap_or_else(|| self.instantiate()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return (Err(e), batch, Vec::new());
+            }
+        };
+        {
+            let data = pooled.store.data_mut();
+            data.batch = batch;
+            data.kv_writes.clear();
+        }
+        pooled
+            .store
+            .set_epoch_deadline(self.engine.ticks(self.limits.deadline));
+        let result = f(&mut pooled.store, &pooled.inst);
+        let data = pooled.store.data_mut();
+        let batch = std::mem::take(&mut data.batch);
+        let writes = std::mem::take(&mut data.kv_writes);
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.messages.fetch_add(n, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros().max(1) as u64;
+        let _ = self.stats.micros.lock().expect("stats lock").record(micros);
+        match result {
+            Ok(r) => {
+                let mut pool = self.pool.lock().expect("pool lock");
+                if pool.len() < POOL_MAX {
+                    pool.push(pooled);
+                }
+                (Ok(r), batch, writes)
+            }
+            Err(e) => {
+                // A trapped instance may be inconsistent: never reuse it.
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                (Err(self.classify(e)), batch, Vec::new())
+            }
+        }
+    }
+
+    fn count_invalid(&self) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Route decisions for `batch`, one per message.
+    pub fn route(&self, batch: Vec<CallMessage>) -> CallResult<types::RouteDecision> {
+        let n = batch.len();
+        let (r, batch, kv) = self.call(batch, |store, inst| match inst {
+            Inst::Route(i) => i.call_route(store, Resource::<BatchRep>::new_borrow(0)),
+            _ => unreachable!("hook checked at load"),
+        });
+        self.check_len(r, n, batch, kv)
+    }
+
+    /// Filter verdicts for `batch` as seen by `sub`.
+    pub fn filter(&self, sub: &types::Subscriber, batch: Vec<CallMessage>) -> CallResult<bool> {
+        let n = batch.len();
+        let (r, batch, kv) = self.call(batch, |store, inst| match inst {
+            Inst::Filter(i) => i.call_filter(store, sub, Resource::<BatchRep>::new_borrow(0)),
+            _ => unreachable!("hook checked at load"),
+        });
+        self.check_len(r, n, batch, kv)
+    }
+
+    /// Priorities 0-9 for `batch`.
+    pub fn priority(&self, batch: Vec<CallMessage>) -> CallResult<u8> {
+        let n = batch.len();
+        let (r, batch, kv) = self.call(batch, |store, inst| match inst {
+            Inst::Priority(i) => i.call_priority(store, Resource::<BatchRep>::new_borrow(0)),
+            _ => unreachable!("hook checked at load"),
+        });
+        let mut out = self.check_len(r, n, batch, kv);
+        if let Ok(v) = &out.decisions {
+            if let Some(p) = v.iter().find(|p| **p > 9) {
+                self.count_invalid();
+                out.decisions = Err(CallError::InvalidDecision(format!(
+                    "priority {p} is outside 0-9"
+                )));
+            }
+        }
+        out
+    }
+
+    /// Fan-out modes for `batch`, given each message's follower count.
+    pub fn fanout(
+        &self,
+        batch: Vec<CallMessage>,
+        followers: &[u32],
+    ) -> CallResult<types::FanoutMode> {
+        let n = batch.len();
+        let (r, batch, kv) = self.call(batch, |store, inst| match inst {
+            Inst::Fanout(i) => i.call_choose(store, Resource::<BatchRep>::new_borrow(0), followers),
+            _ => unreachable!("hook checked at load"),
+        });
+        self.check_len(r, n, batch, kv)
+    }
+
+    /// The retry decision for one failed message.
+    pub fn retry(
+        &self,
+        msg: CallMessage,
+        failure: &types::Failure,
+    ) -> CallResult<types::RetryDecision> {
+        let (r, batch, kv) = self.call(vec![msg], |store, inst| match inst {
+            Inst::Retry(i) => {
+                i.call_on_failure(store, Resource::<BatchRep>::new_borrow(0), failure)
+            }
+            _ => unreachable!("hook checked at load"),
+        });
+        self.check_len(r.map(|d| vec![d]), 1, batch, kv)
+    }
+
+    /// Runs the plugin's self-test export.
+    pub fn self_test(&self) -> Result<(), LoadError> {
+        let (r, _, _) = self.call(Vec::new(), |store, inst| match inst {
+            Inst::Route(i) => i.call_self_test(store),
+            Inst::Filter(i) => i.call_self_test(store),
+            Inst::Priority(i) => i.call_self_test(store),
+            Inst::Fanout(i) => i.call_self_test(store),
+            Inst::Retry(i) => i.call_self_test(store),
+        });
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(LoadError::SelfTest(msg)),
+            Err(e) => Err(LoadError::SelfTest(e.to_string())),
+        }
+    }
+
+    fn check_len<T>(
+        &self,
+        r: Result<Vec<T>, CallError>,
+        n: usize,
+        batch: Vec<CallMessage>,
+        kv_writes: Vec<(String, Vec<u8>)>,
+    ) -> CallResult<T> {
+        let decisions = match r {
+            Ok(v) if v.len() == n => Ok(v),
+            Ok(v) => {
+                self.count_invalid();
+                Err(CallError::InvalidDecision(format!(
+                    "{} decisions for {n} messages",
+                    v.len()
+                )))
+            }
+            Err(e) => Err(e),
+        };
+        CallResult {
+            decisions,
+            batch,
+            kv_writes,
+        }
+    }
+
+    /// Counts a decision the caller found invalid (e.g. an unknown topic).
+    pub fn record_invalid(&self) {
+        self.count_invalid()
+    }
+}
+
+/// The outcome of one batched call.
+pub struct CallResult<T> {
+    /// One decision per message, or why the call failed.
+    pub decisions: Result<Vec<T>, CallError>,
+    /// The messages, handed back.
+    pub batch: Vec<CallMessage>,
+    /// Key/value writes made by the call (empty if it failed).
+    pub kv_writes: Vec<(String, Vec<u8>)>,
+}
