@@ -114,6 +114,7 @@ pub struct Subscriber {
 /// Conversions to the generated WIT types, used by the export macros.
 pub(crate) mod wit {
     #[cfg(hook)]
+    #[allow(unused_imports)]
     use crate::bindings::switchyard::plugin::types as t;
 
     #[cfg(all(hook, feature = "route"))]

@@ -68,5 +68,6 @@ pub fn no_self_test() -> Result<(), String> {
 
 #[doc(hidden)]
 pub mod __private {
+    #[allow(unused_imports)]
     pub use crate::decisions::wit::*;
 }
