@@ -3,14 +3,16 @@
 
 mod group;
 pub mod partitioner;
+mod route;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use group::{Group, Held};
 
+use crate::plugins::{LiveVersion, PluginRegistry};
 use crate::protocol::{ErrorCode, RawRecord, TopicInfo, WireError};
-use crate::storage::{AppendTicket, Storage, TopicHandle};
+use crate::storage::{AppendTicket, Storage, StorageError, TopicHandle};
 
 /// Limits the broker enforces on requests.
 #[derive(Debug, Clone)]
@@ -35,6 +37,85 @@ pub struct Broker {
     storage: Storage,
     config: BrokerConfig,
     groups: Mutex<HashMap<(String, u32), Arc<Group>>>,
+    plugins: Arc<PluginRegistry>,
+}
+
+/// Where one published record went, for its ack.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Slot {
+    /// At this index of the storage positions.
+    Stored(usize),
+    /// Dropped by the route plugin.
+    Dropped,
+}
+
+/// Position reported for a record a route plugin dropped.
+pub const DROPPED: (u32, u64) = (u32::MAX, u64::MAX);
+
+/// The acks of one publish batch, once durable: one `(partition, offset)`
+/// per record, in order ([`DROPPED`] for records a route plugin dropped).
+pub struct PublishTicket {
+    inner: AppendTicket,
+    route: Option<Routed>,
+}
+
+struct Routed {
+    slots: Vec<Slot>,
+    live: Arc<LiveVersion>,
+    /// Topic of each stored record, in storage order.
+    topics: Vec<Arc<str>>,
+}
+
+impl PublishTicket {
+    fn plain(inner: AppendTicket) -> Self {
+        PublishTicket { inner, route: None }
+    }
+
+    fn routed(
+        inner: AppendTicket,
+        slots: Vec<Slot>,
+        live: Arc<LiveVersion>,
+        topics: Vec<Arc<str>>,
+    ) -> Self {
+        PublishTicket {
+            inner,
+            route: Some(Routed {
+                slots,
+                live,
+                topics,
+            }),
+        }
+    }
+}
+
+impl std::future::Future for PublishTicket {
+    type Output = Result<Vec<(u32, u64)>, StorageError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let r = match std::pin::Pin::new(&mut self.inner).poll(cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(r) => r.unwrap_or(Err(StorageError::ShutDown)),
+        };
+        let Some(route) = self.route.take() else {
+            return std::task::Poll::Ready(r);
+        };
+        std::task::Poll::Ready(r.map(|positions| {
+            for (t, (p, o)) in route.topics.iter().zip(&positions) {
+                route.live.note_decided(t, *p, *o);
+            }
+            route
+                .slots
+                .iter()
+                .map(|s| match s {
+                    Slot::Stored(i) => positions[*i],
+                    Slot::Dropped => DROPPED,
+                })
+                .collect()
+        }))
+    }
 }
 
 /// Longest topic or group name.
@@ -71,7 +152,7 @@ fn validate_group_name(name: &str) -> Result<(), WireError> {
     Ok(())
 }
 
-fn unknown_topic(name: &str) -> WireError {
+pub(crate) fn unknown_topic(name: &str) -> WireError {
     WireError::new(
         ErrorCode::UnknownTopic,
         format!("unknown topic '{name}' (create it with `switchyard topic create {name}`)"),
@@ -79,13 +160,19 @@ fn unknown_topic(name: &str) -> WireError {
 }
 
 impl Broker {
-    /// A broker over `storage`.
-    pub fn new(storage: Storage, config: BrokerConfig) -> Self {
+    /// A broker over `storage`, with the deployed plugins.
+    pub fn new(storage: Storage, config: BrokerConfig, plugins: Arc<PluginRegistry>) -> Self {
         Broker {
             storage,
             config,
             groups: Mutex::new(HashMap::new()),
+            plugins,
         }
+    }
+
+    /// The plugin registry.
+    pub fn plugins(&self) -> &Arc<PluginRegistry> {
+        &self.plugins
     }
 
     /// The storage handle.
@@ -163,7 +250,23 @@ impl Broker {
         topic: &Arc<TopicHandle>,
         records: Vec<RawRecord>,
         rr: &mut u32,
-    ) -> Result<AppendTicket, WireError> {
+    ) -> Result<PublishTicket, WireError> {
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.len() > self.config.max_message_bytes)
+        {
+            return Err(WireError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "record of {} bytes exceeds max_message_bytes = {}; split it or raise the router's limit",
+                    r.len(),
+                    self.config.max_message_bytes
+                ),
+            ));
+        }
+        if let Some(live) = self.plugins.route_for(&topic.meta.name) {
+            return self.publish_routed(topic, records, rr, live).await;
+        }
         let n = topic.meta.partitions;
         let mut placed = Vec::with_capacity(records.len());
         for r in records {
@@ -189,6 +292,7 @@ impl Broker {
         self.storage
             .append(topic, placed)
             .await
+            .map(PublishTicket::plain)
             .map_err(|e| e.to_wire())
     }
 

@@ -1,6 +1,8 @@
 //! The `switchyard` command line.
 
+mod plugin;
 mod publish;
+mod scaffold;
 mod subscribe;
 mod topic;
 
@@ -66,6 +68,9 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Read messages from a topic.
     Subscribe(subscribe::SubscribeArgs),
+    /// Deploy, inspect, roll back, remove, dry-run and scaffold plugins.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(cmd).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Subscribe(args) => subscribe::run(args).await,
+        Command::Plugin(cmd) => plugin::run(cmd).await,
     }
 }
 

@@ -315,6 +315,40 @@ impl Client {
         one_topic(f)
     }
 
+    /// Sends a plugin administration request (`deploy`, `list`, `show`,
+    /// `rollback`, `remove`, `test`) with a JSON body; returns the JSON answer.
+    pub async fn plugin_request(
+        &self,
+        op: &str,
+        body: serde_json::Value,
+        wasm: bytes::Bytes,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(&body).expect("json serializes");
+        match self
+            .request(|id| Frame::PluginRequest {
+                id,
+                op: op.to_string(),
+                body: body.into(),
+                wasm,
+            })
+            .await?
+        {
+            Frame::PluginResponse { body, .. } => serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Protocol(format!("bad plugin response: {e}"))),
+            f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+        }
+    }
+
+    /// Deploys a plugin version; `opts` is the JSON deploy request (name,
+    /// hook, topic, group, config, on_failure, deadline_ms, memory_mb).
+    pub async fn deploy_plugin(
+        &self,
+        wasm: impl Into<bytes::Bytes>,
+        opts: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.plugin_request("deploy", opts, wasm.into()).await
+    }
+
     /// Waits for every publish to be acknowledged, then closes the
     /// connection and waits for the close to reach the router.
     pub async fn close(&self) {
@@ -351,7 +385,10 @@ async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Wai
             _ => break,
         };
         let id = match &frame {
-            Frame::Ok { id } | Frame::Topics { id, .. } | Frame::Error { id, .. } => *id,
+            Frame::Ok { id }
+            | Frame::Topics { id, .. }
+            | Frame::Error { id, .. }
+            | Frame::PluginResponse { id, .. } => *id,
             _ => continue,
         };
         if let Some(tx) = waiters.lock().expect("waiters lock").remove(&id) {

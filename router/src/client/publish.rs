@@ -351,10 +351,10 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             }
         };
         let Some(batch) = batch else {
-            if seq == 0 {
-                if let Err(e) = result {
-                    break e.to_string();
-                }
+            if seq == 0
+                && let Err(e) = result
+            {
+                break e.to_string();
             }
             break format!("ack for unknown batch {seq}");
         };

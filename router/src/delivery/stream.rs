@@ -8,7 +8,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::broker::{Group, Held};
+use crate::plugins::{CallMessage, FailureMode, LiveVersion, PluginRegistry, Subscriber};
+use crate::protocol::RawRecord;
 use crate::protocol::{ErrorCode, Frame, StartPosition, put_deliver_header, put_delivered};
+use crate::storage::Storage;
 use crate::storage::{ReadLimit, StorageError};
 
 /// Something the subscriber told us.
@@ -44,6 +47,7 @@ const WRITE_CHUNK: usize = 256 << 10;
 /// One member of a group, delivering to one subscriber stream.
 pub struct StreamSubscription {
     group: Arc<Group>,
+    plugins: Option<Arc<PluginRegistry>>,
     member: u64,
     start: StartPosition,
     auto_commit: bool,
@@ -54,10 +58,17 @@ pub struct StreamSubscription {
 
 impl StreamSubscription {
     /// Joins `group` as a new member.
-    pub fn join(group: Arc<Group>, start: StartPosition, credits: u32, auto_commit: bool) -> Self {
+    pub fn join(
+        group: Arc<Group>,
+        plugins: Option<Arc<PluginRegistry>>,
+        start: StartPosition,
+        credits: u32,
+        auto_commit: bool,
+    ) -> Self {
         let member = group.join();
         StreamSubscription {
             group,
+            plugins,
             member,
             start,
             auto_commit,
@@ -144,7 +155,8 @@ impl StreamSubscription {
     }
 
     /// Encodes up to `credits` records from held partitions into `buf`,
-    /// taking partitions round-robin so none starves. Returns the count.
+    /// taking partitions round-robin so none starves. Returns the count
+    /// (at least 1 if any position moved, even when a filter skipped all).
     fn fill(
         &mut self,
         buf: &mut BytesMut,
@@ -156,8 +168,17 @@ impl StreamSubscription {
         let infos = self.group.topic.partitions();
         let topic_id = self.group.topic.meta.id;
         let storage = self.group.topic_storage();
+        let filter = self
+            .plugins
+            .as_ref()
+            .and_then(|p| p.filter_for(&self.group.topic.meta.name, &self.group.name));
+        let sub = Subscriber {
+            group: self.group.name.to_string(),
+            topic: self.group.topic.meta.name.clone(),
+        };
         let n = self.held.len();
         let mut sent = 0;
+        let mut progressed = false;
         for i in 0..n {
             if self.credits == 0 || buf.len() >= WRITE_CHUNK {
                 break;
@@ -173,6 +194,27 @@ impl StreamSubscription {
                 .credits
                 .min(MAX_RECORDS_PER_FRAME)
                 .min(info.end - h.position);
+            if let Some(filter) = &filter {
+                let (next, count) = filtered_read(
+                    storage,
+                    topic_id,
+                    h.partition,
+                    h.position,
+                    max,
+                    filter,
+                    &sub,
+                    buf,
+                )?;
+                if next == h.position {
+                    continue;
+                }
+                h.position = next;
+                self.credits -= count as u64;
+                sent += count as u64;
+                progressed = true;
+                delivered.push((h.partition, next));
+                continue;
+            }
             let header_at = buf.len();
             buf.put_bytes(0, 13);
             let body_at = buf.len();
@@ -201,11 +243,84 @@ impl StreamSubscription {
             h.position = next;
             self.credits -= count as u64;
             sent += count as u64;
+            progressed = true;
             delivered.push((h.partition, next));
         }
         self.rotate = self.rotate.wrapping_add(1);
-        Ok(sent)
+        Ok(if progressed { sent.max(1) } else { 0 })
     }
+}
+
+/// Reads up to `max` records, asks the filter which this subscriber sees,
+/// and encodes those into `buf` as one `Deliver` frame. Returns the next
+/// position (past skipped records too) and the number delivered.
+#[allow(clippy::too_many_arguments)]
+fn filtered_read(
+    storage: &Storage,
+    topic_id: u32,
+    partition: u32,
+    from: u64,
+    max: u64,
+    filter: &LiveVersion,
+    sub: &Subscriber,
+    buf: &mut BytesMut,
+) -> Result<(u64, u32), StorageError> {
+    let mut scanned: Vec<(u64, u64, RawRecord)> = Vec::new();
+    let next = storage.scan(
+        topic_id,
+        partition,
+        from,
+        ReadLimit {
+            max_records: max as usize,
+            max_bytes: WRITE_CHUNK,
+        },
+        |offset, ts, rec| {
+            // The filter needs owned records; stored records were
+            // validated when they were published.
+            if let Ok(r) = RawRecord::new(bytes::Bytes::copy_from_slice(rec)) {
+                scanned.push((offset, ts, r));
+            }
+        },
+    )?;
+    let topic: Arc<str> = sub.topic.as_str().into();
+    let mut verdicts = Vec::with_capacity(scanned.len());
+    for chunk in scanned.chunks(256) {
+        let batch = chunk
+            .iter()
+            .map(|(_, ts, r)| CallMessage {
+                record: r.clone(),
+                topic: topic.clone(),
+                timestamp_ms: *ts,
+                attempt: 1,
+            })
+            .collect();
+        match filter.plugin.filter(sub, batch).decisions {
+            Ok(v) => verdicts.extend(v),
+            Err(e) => {
+                let deliver = filter.on_failure == FailureMode::Bypass;
+                tracing::warn!(plugin = %filter.plugin.label, error = %e, deliver, "filter failed");
+                verdicts.extend(std::iter::repeat_n(deliver, chunk.len()));
+            }
+        }
+    }
+    let header_at = buf.len();
+    buf.put_bytes(0, 13);
+    let body_at = buf.len();
+    let mut count = 0u32;
+    for ((offset, ts, r), pass) in scanned.iter().zip(verdicts) {
+        if pass {
+            put_delivered(buf, *offset, *ts, r.as_bytes());
+            count += 1;
+        }
+    }
+    if count == 0 {
+        buf.truncate(header_at);
+    } else {
+        let mut header = [0u8; 13];
+        put_deliver_header(&mut &mut header[..], partition, count, buf.len() - body_at);
+        buf[header_at..body_at].copy_from_slice(&header);
+    }
+    Ok((next, count))
 }
 
 impl Drop for StreamSubscription {

@@ -165,6 +165,13 @@ impl Stats {
     }
 }
 
+/// A call's result, the batch handed back, and its key/value writes.
+type Called<R> = (
+    Result<R, CallError>,
+    Vec<CallMessage>,
+    Vec<(String, Vec<u8>)>,
+);
+
 /// The most instances kept warm per version.
 const POOL_MAX: usize = 16;
 
@@ -300,11 +307,7 @@ impl LoadedPlugin {
         &self,
         batch: Vec<CallMessage>,
         f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
-    ) -> (
-        Result<R, CallError>,
-        Vec<CallMessage>,
-        Vec<(String, Vec<u8>)>,
-    ) {
+    ) -> Called<R> {
         let n = batch.len() as u64;
         let started = Instant::now();
         let pooled = self.pool.lock().expect("pool lock").pop();
@@ -379,13 +382,13 @@ impl LoadedPlugin {
             _ => unreachable!("hook checked at load"),
         });
         let mut out = self.check_len(r, n, batch, kv);
-        if let Ok(v) = &out.decisions {
-            if let Some(p) = v.iter().find(|p| **p > 9) {
-                self.count_invalid();
-                out.decisions = Err(CallError::InvalidDecision(format!(
-                    "priority {p} is outside 0-9"
-                )));
-            }
+        if let Ok(v) = &out.decisions
+            && let Some(p) = v.iter().find(|p| **p > 9)
+        {
+            self.count_invalid();
+            out.decisions = Err(CallError::InvalidDecision(format!(
+                "priority {p} is outside 0-9"
+            )));
         }
         out
     }

@@ -2,9 +2,11 @@
 mod bindings;
 pub mod engine;
 pub mod loaded;
+pub mod registry;
 
 pub use bindings::types::{
     Failure, FanoutMode, RetryDecision, RouteAction, RouteDecision, Subscriber,
 };
 pub use engine::{CallMessage, EmptyKv, KvStore, PluginEngine};
 pub use loaded::{CallError, CallResult, Hook, Limits, LoadError, LoadedPlugin};
+pub use registry::{Binding, DeployRequest, FailureMode, LiveVersion, PluginRegistry};

@@ -29,6 +29,14 @@ pub enum ErrorCode {
     InvalidArgument,
     /// A consumer group name is invalid.
     InvalidGroup,
+    /// A plugin failed validation at deploy time (not Wasm, wrong hook, self-test).
+    PluginInvalid,
+    /// No plugin with this name is deployed.
+    UnknownPlugin,
+    /// A plugin failed at run time and its failure mode is `reject`.
+    PluginFailed,
+    /// A route plugin rejected the message; the message says why.
+    Rejected,
     /// The storage layer failed (for example a full disk); nothing was acknowledged.
     Storage,
     /// The router is shutting down; retry against another router or later.
@@ -56,6 +64,10 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => 104,
             ErrorCode::InvalidArgument => 105,
             ErrorCode::InvalidGroup => 106,
+            ErrorCode::PluginInvalid => 107,
+            ErrorCode::UnknownPlugin => 108,
+            ErrorCode::PluginFailed => 109,
+            ErrorCode::Rejected => 110,
             ErrorCode::Storage => 200,
             ErrorCode::ShuttingDown => 201,
             ErrorCode::LimitExceeded => 202,
@@ -78,6 +90,10 @@ impl ErrorCode {
             104 => ErrorCode::MessageTooLarge,
             105 => ErrorCode::InvalidArgument,
             106 => ErrorCode::InvalidGroup,
+            107 => ErrorCode::PluginInvalid,
+            108 => ErrorCode::UnknownPlugin,
+            109 => ErrorCode::PluginFailed,
+            110 => ErrorCode::Rejected,
             200 => ErrorCode::Storage,
             201 => ErrorCode::ShuttingDown,
             202 => ErrorCode::LimitExceeded,
@@ -100,6 +116,10 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::InvalidGroup => "invalid_group",
+            ErrorCode::PluginInvalid => "plugin_invalid",
+            ErrorCode::UnknownPlugin => "unknown_plugin",
+            ErrorCode::PluginFailed => "plugin_failed",
+            ErrorCode::Rejected => "rejected",
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::LimitExceeded => "limit_exceeded",

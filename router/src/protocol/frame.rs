@@ -189,6 +189,25 @@ pub enum Frame {
         /// The next offset to read.
         offset: u64,
     },
+    /// A plugin administration request (deploy, list, show, rollback,
+    /// remove, test). Bodies are JSON: these are rare, and their shape grows.
+    PluginRequest {
+        /// The request id.
+        id: u64,
+        /// Operation name.
+        op: String,
+        /// JSON arguments.
+        body: Bytes,
+        /// The component, for `deploy` and `test`; empty otherwise.
+        wasm: Bytes,
+    },
+    /// Answer to `PluginRequest`.
+    PluginResponse {
+        /// The request id.
+        id: u64,
+        /// JSON result.
+        body: Bytes,
+    },
     /// Records for a subscriber from one partition.
     Deliver {
         /// Partition.
@@ -216,6 +235,8 @@ mod ty {
     pub(super) const CREDIT: u8 = 0x33;
     pub(super) const COMMIT: u8 = 0x34;
     pub(super) const DELIVER: u8 = 0x35;
+    pub(super) const PLUGIN_REQUEST: u8 = 0x40;
+    pub(super) const PLUGIN_RESPONSE: u8 = 0x41;
 }
 
 impl Frame {
@@ -373,6 +394,21 @@ impl Frame {
                 buf.put_u8(ty::COMMIT);
                 buf.put_u32(*partition);
                 buf.put_u64(*offset);
+            }
+            Frame::PluginRequest { id, op, body, wasm } => {
+                buf.put_u8(ty::PLUGIN_REQUEST);
+                buf.put_u64(*id);
+                put_str(buf, op);
+                buf.put_u32(body.len() as u32);
+                buf.put_slice(body);
+                buf.put_u32(wasm.len() as u32);
+                buf.put_slice(wasm);
+            }
+            Frame::PluginResponse { id, body } => {
+                buf.put_u8(ty::PLUGIN_RESPONSE);
+                buf.put_u64(*id);
+                buf.put_u32(body.len() as u32);
+                buf.put_slice(body);
             }
             Frame::Deliver { partition, records } => {
                 buf.put_u8(ty::DELIVER);
@@ -700,6 +736,23 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             partition: b.u32("partition")?,
             offset: b.u64("offset")?,
         },
+        ty::PLUGIN_REQUEST => {
+            let id = b.u64("id")?;
+            let op = b.string("op")?;
+            let n = b.u32("body length")? as usize;
+            let body = b.bytes(n, "body")?;
+            let n = b.u32("wasm length")? as usize;
+            let wasm = b.bytes(n, "wasm")?;
+            Frame::PluginRequest { id, op, body, wasm }
+        }
+        ty::PLUGIN_RESPONSE => {
+            let id = b.u64("id")?;
+            let n = b.u32("body length")? as usize;
+            Frame::PluginResponse {
+                id,
+                body: b.bytes(n, "body")?,
+            }
+        }
         ty::DELIVER => {
             let partition = b.u32("partition")?;
             let n = b.count("record count", 20)?;
@@ -853,6 +906,24 @@ mod tests {
             proptest::collection::vec(any::<u32>(), 0..6)
                 .prop_map(|partitions| Frame::Assignment { partitions }),
             any::<u32>().prop_map(|credits| Frame::Credit { credits }),
+            (
+                any::<u64>(),
+                "[a-z]{0,8}",
+                proptest::collection::vec(any::<u8>(), 0..40),
+                proptest::collection::vec(any::<u8>(), 0..40)
+            )
+                .prop_map(|(id, op, body, wasm)| Frame::PluginRequest {
+                    id,
+                    op,
+                    body: body.into(),
+                    wasm: wasm.into()
+                }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(id, body)| {
+                Frame::PluginResponse {
+                    id,
+                    body: body.into(),
+                }
+            }),
             (any::<u32>(), any::<u64>())
                 .prop_map(|(partition, offset)| Frame::Commit { partition, offset }),
             (

@@ -239,5 +239,7 @@ pub(super) fn frame_name(f: &Frame) -> &'static str {
         Frame::Credit { .. } => "Credit",
         Frame::Commit { .. } => "Commit",
         Frame::Deliver { .. } => "Deliver",
+        Frame::PluginRequest { .. } => "PluginRequest",
+        Frame::PluginResponse { .. } => "PluginResponse",
     }
 }

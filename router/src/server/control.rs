@@ -52,6 +52,15 @@ pub(super) async fn serve(
                     topics: vec![t],
                 }),
             ),
+            Frame::PluginRequest { id, op, body, wasm } => {
+                match super::plugin_admin::handle(broker, &op, &body, wasm).await {
+                    Ok(v) => Frame::PluginResponse {
+                        id,
+                        body: serde_json::to_vec(&v).expect("json serializes").into(),
+                    },
+                    Err(e) => Frame::error(id, &e),
+                }
+            }
             other => {
                 let why = format!("{} is not a control request", frame_name(&other));
                 return violation(&conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;

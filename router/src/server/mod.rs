@@ -6,6 +6,8 @@
 
 mod connection;
 mod control;
+mod plugin_admin;
+mod plugin_test;
 mod publish;
 mod subscribe;
 pub mod tls;
@@ -21,6 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerConfig};
+use crate::plugins::PluginRegistry;
 use crate::protocol::close;
 use crate::storage::{Storage, StorageConfig, StorageError};
 use tls::{CertPaths, TlsError};
@@ -125,6 +128,9 @@ pub enum StartError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Deployed plugins could not be loaded.
+    #[error("loading plugins: {0}")]
+    Plugins(String),
 }
 
 /// State shared by every connection task.
@@ -195,12 +201,14 @@ impl Router {
         })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let plugins = Arc::new(PluginRegistry::open(storage.clone()).map_err(StartError::Plugins)?);
         let broker = Broker::new(
             storage.clone(),
             BrokerConfig {
                 max_message_bytes: config.max_message_bytes,
                 max_partitions: config.max_partitions,
             },
+            plugins,
         );
         let shared = Arc::new(Shared {
             broker,
@@ -297,6 +305,7 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     endpoint.set_server_config(None);
     while connections.join_next().await.is_some() {}
     retention.abort();
+    shared.broker.plugins().flush().await;
     storage.shutdown().await;
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     endpoint.wait_idle().await;

@@ -14,14 +14,15 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
+use crate::broker::PublishTicket;
 use crate::protocol::{ErrorCode, Frame, WireError};
-use crate::storage::{AppendTicket, TopicHandle};
+use crate::storage::{StorageError, TopicHandle};
 use crate::transport::FrameReader;
 
 /// Batches in flight per publish stream before the reader stops reading.
 const MAX_IN_FLIGHT: usize = 256;
 
-type Pending = (u64, Result<AppendTicket, WireError>);
+type Pending = (u64, Result<PublishTicket, WireError>);
 
 pub(super) async fn serve(
     first: Frame,
@@ -132,25 +133,17 @@ async fn ack_loop(
     Ok(())
 }
 
-async fn encode_ack(seq: u64, result: Result<AppendTicket, WireError>, buf: &mut BytesMut) {
+async fn encode_ack(seq: u64, result: Result<PublishTicket, WireError>, buf: &mut BytesMut) {
     match result {
         Ok(ticket) => encode_result(seq, ticket.await, buf),
         Err(e) => Frame::error(seq, &e).encode(buf),
     }
 }
 
-fn encode_result(
-    seq: u64,
-    r: Result<
-        Result<Vec<(u32, u64)>, crate::storage::StorageError>,
-        tokio::sync::oneshot::error::RecvError,
-    >,
-    buf: &mut BytesMut,
-) {
+fn encode_result(seq: u64, r: Result<Vec<(u32, u64)>, StorageError>, buf: &mut BytesMut) {
     match r {
-        Ok(Ok(positions)) => Frame::PublishAck { seq, positions }.encode(buf),
-        Ok(Err(e)) => Frame::error(seq, &e.to_wire()).encode(buf),
-        Err(_) => Frame::error(
+        Ok(positions) => Frame::PublishAck { seq, positions }.encode(buf),
+        Err(StorageError::ShutDown) => Frame::error(
             seq,
             &WireError::new(
                 ErrorCode::ShuttingDown,
@@ -158,6 +151,7 @@ fn encode_result(
             ),
         )
         .encode(buf),
+        Err(e) => Frame::error(seq, &e.to_wire()).encode(buf),
     }
 }
 

@@ -53,7 +53,8 @@ pub(super) async fn serve(
     if send.write_all(&ok.to_bytes()).await.is_err() {
         return;
     }
-    let sub = StreamSubscription::join(group, start, credits, auto_commit);
+    let plugins = Some(shared.broker.plugins().clone());
+    let sub = StreamSubscription::join(group, plugins, start, credits, auto_commit);
 
     // Events are tiny and bounded by what the client sends between our
     // reads; a small channel is plenty and applies backpressure otherwise.

@@ -236,14 +236,86 @@ impl Storage {
         topic: &Arc<TopicHandle>,
         records: Vec<(u32, RawRecord)>,
     ) -> Result<AppendTicket, StorageError> {
+        let id = topic.meta.id;
+        let records = records
+            .into_iter()
+            .map(|(partition, record)| AppendRecord {
+                topic_id: id,
+                partition,
+                record,
+            })
+            .collect();
+        self.append_many(records, Vec::new()).await
+    }
+
+    /// Like [`Storage::append`], for records bound to several topics, plus
+    /// plugin key/value writes: all of it commits in one transaction or none.
+    pub async fn append_many(
+        &self,
+        records: Vec<AppendRecord>,
+        kv: Vec<KvWrite>,
+    ) -> Result<AppendTicket, StorageError> {
         let (reply, rx) = oneshot::channel();
-        self.send(WriteOp::Append {
-            topic_id: topic.meta.id,
-            records,
+        self.send(WriteOp::Append { records, kv, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Stores a plugin's record and, optionally, one version's component;
+    /// deletes the components of `drop_versions`.
+    pub async fn put_plugin(
+        &self,
+        name: &str,
+        record: Vec<u8>,
+        wasm: Option<(u32, Vec<u8>)>,
+        drop_versions: Vec<u32>,
+    ) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::PutPlugin {
+            name: name.to_string(),
+            record,
+            wasm,
+            drop_versions,
             reply,
         })
         .await?;
-        Ok(rx)
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Deletes a plugin, its components and its key/value store.
+    pub async fn remove_plugin(&self, name: &str) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::RemovePlugin {
+            name: name.to_string(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Every stored plugin record.
+    pub fn plugin_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(tables::PLUGINS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// A stored plugin component.
+    pub fn plugin_wasm(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(tables::PLUGIN_WASM)?;
+        Ok(t.get((name, version))?.map(|v| v.value().to_vec()))
+    }
+
+    /// A committed value of a plugin's key/value store.
+    pub fn plugin_kv_get(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(tables::PLUGIN_KV)?;
+        Ok(t.get((name, key))?.map(|v| v.value().to_vec()))
     }
 
     /// Records a group's position. Durable at the next group commit; not
@@ -313,6 +385,28 @@ impl Storage {
     }
 }
 
+/// One record to append, with its destination.
+#[derive(Debug, Clone)]
+pub struct AppendRecord {
+    /// Topic id.
+    pub topic_id: u32,
+    /// Partition.
+    pub partition: u32,
+    /// The encoded record.
+    pub record: RawRecord,
+}
+
+/// A plugin's key/value write, committed with the records it decided.
+#[derive(Debug, Clone)]
+pub struct KvWrite {
+    /// Plugin name.
+    pub plugin: Arc<str>,
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: Vec<u8>,
+}
+
 /// One partition's durable counters, as kept by the writer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PartState {
@@ -343,6 +437,9 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::LOG)?;
         w.open_table(OFFSETS)?;
         w.open_table(tables::META)?;
+        w.open_table(tables::PLUGINS)?;
+        w.open_table(tables::PLUGIN_WASM)?;
+        w.open_table(tables::PLUGIN_KV)?;
     }
     w.commit()?;
 

@@ -28,3 +28,14 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 
 /// Key in [`META`] holding the next topic id to hand out.
 pub(crate) const NEXT_TOPIC_ID: &str = "next_topic_id";
+
+/// Plugin name -> JSON plugin record (binding, versions, history).
+pub(crate) const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
+
+/// `(plugin name, version)` -> the component's bytes.
+pub(crate) const PLUGIN_WASM: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("plugin_wasm");
+
+/// `(plugin name, key)` -> value: each plugin's durable key/value store.
+pub(crate) const PLUGIN_KV: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("plugin_kv");

@@ -15,16 +15,32 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
-use super::tables::{LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, TOPICS};
-use super::{PartState, Registry, StorageConfig, StorageError, TopicHandle, TopicMeta, now_ms};
-use crate::protocol::{PartitionInfo, RawRecord};
+use super::tables::{
+    LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_KV, PLUGIN_WASM, PLUGINS, TOPICS,
+};
+use super::{
+    AppendRecord, KvWrite, PartState, Registry, StorageConfig, StorageError, TopicHandle,
+    TopicMeta, now_ms,
+};
+use crate::protocol::PartitionInfo;
 
 /// A request to the writer thread.
 pub(crate) enum WriteOp {
     Append {
-        topic_id: u32,
-        records: Vec<(u32, RawRecord)>,
+        records: Vec<AppendRecord>,
+        kv: Vec<KvWrite>,
         reply: oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
+    },
+    PutPlugin {
+        name: String,
+        record: Vec<u8>,
+        wasm: Option<(u32, Vec<u8>)>,
+        drop_versions: Vec<u32>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    RemovePlugin {
+        name: String,
+        reply: oneshot::Sender<Result<(), StorageError>>,
     },
     CommitOffset {
         group: Arc<str>,
@@ -175,6 +191,18 @@ impl Writer {
                 WriteOp::Retention { reply } => {
                     let _ = reply.send(self.retention());
                 }
+                WriteOp::PutPlugin {
+                    name,
+                    record,
+                    wasm,
+                    drop_versions,
+                    reply,
+                } => {
+                    let _ = reply.send(self.put_plugin(&name, &record, wasm, &drop_versions));
+                }
+                WriteOp::RemovePlugin { name, reply } => {
+                    let _ = reply.send(self.remove_plugin(&name));
+                }
                 WriteOp::Shutdown { reply } => shutdown = Some(reply),
                 _ => unreachable!("data ops are batched above"),
             }
@@ -237,42 +265,41 @@ impl Writer {
         {
             let mut log = txn.open_table(LOG)?;
             let mut offsets = txn.open_table(OFFSETS)?;
+            let mut kv_table = txn.open_table(PLUGIN_KV)?;
             let now = now_ms();
             for op in segment {
                 match op {
-                    WriteOp::Append {
-                        topic_id,
-                        records,
-                        reply,
-                    } => {
-                        let Some(ts) = self.topics.get_mut(&topic_id) else {
-                            replies.push((
-                                reply,
-                                Err(StorageError::UnknownTopic(format!("#{topic_id}"))),
-                            ));
-                            continue;
-                        };
-                        if let Some((p, _)) =
-                            records.iter().find(|(p, _)| *p as usize >= ts.parts.len())
-                        {
-                            let name = ts.handle.meta.name.clone();
-                            replies.push((
-                                reply,
-                                Err(StorageError::Corrupt(format!(
-                                    "partition {p} out of range for '{name}'"
-                                ))),
-                            ));
+                    WriteOp::Append { records, kv, reply } => {
+                        // Check the whole request first: it is applied whole or not at all.
+                        let bad = records
+                            .iter()
+                            .find_map(|r| match self.topics.get(&r.topic_id) {
+                                None => {
+                                    Some(StorageError::UnknownTopic(format!("#{}", r.topic_id)))
+                                }
+                                Some(ts) if r.partition as usize >= ts.parts.len() => {
+                                    Some(StorageError::Corrupt(format!(
+                                        "partition {} out of range for '{}'",
+                                        r.partition, ts.handle.meta.name
+                                    )))
+                                }
+                                Some(_) => None,
+                            });
+                        if let Some(e) = bad {
+                            replies.push((reply, Err(e)));
                             continue;
                         }
                         let mut positions = Vec::with_capacity(records.len());
-                        for (p, rec) in records {
+                        for r in records {
+                            let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
+                            let p = r.partition;
                             let st = &mut ts.parts[p as usize];
-                            undo.entry((topic_id, p)).or_insert(*st);
+                            undo.entry((r.topic_id, p)).or_insert(*st);
                             let offset = st.end;
                             let t = now.max(st.last_ts);
-                            let body = rec.as_bytes();
+                            let body = r.record.as_bytes();
                             let mut slot =
-                                log.insert_reserve((topic_id, p, offset), 8 + body.len())?;
+                                log.insert_reserve((r.topic_id, p, offset), 8 + body.len())?;
                             let dst = slot.as_mut();
                             dst[..8].copy_from_slice(&t.to_be_bytes());
                             dst[8..].copy_from_slice(body);
@@ -281,6 +308,9 @@ impl Writer {
                             st.bytes += body.len() as u64;
                             st.last_ts = t;
                             positions.push((p, offset));
+                        }
+                        for w in kv {
+                            kv_table.insert((&*w.plugin, w.key.as_str()), w.value.as_slice())?;
                         }
                         replies.push((reply, Ok(positions)));
                     }
@@ -386,6 +416,40 @@ impl Writer {
         Ok(())
     }
 
+    fn put_plugin(
+        &mut self,
+        name: &str,
+        record: &[u8],
+        wasm: Option<(u32, Vec<u8>)>,
+        drop_versions: &[u32],
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(PLUGINS)?.insert(name, record)?;
+            let mut w = txn.open_table(PLUGIN_WASM)?;
+            if let Some((version, bytes)) = wasm {
+                w.insert((name, version), bytes.as_slice())?;
+            }
+            for v in drop_versions {
+                w.remove((name, *v))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn remove_plugin(&mut self, name: &str) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(PLUGINS)?.remove(name)?;
+            txn.open_table(PLUGIN_WASM)?
+                .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
+            txn.open_table(PLUGIN_KV)?.retain(|k, _| k.0 != name)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Deletes records past their topic's age or size limit. Returns how many.
     fn retention(&mut self) -> Result<u64, StorageError> {
         let now = now_ms();
@@ -451,7 +515,7 @@ impl Writer {
 fn weight(op: &WriteOp) -> (usize, usize) {
     match op {
         WriteOp::Append { records, .. } => {
-            (records.len(), records.iter().map(|(_, r)| r.len()).sum())
+            (records.len(), records.iter().map(|r| r.record.len()).sum())
         }
         _ => (1, 0),
     }

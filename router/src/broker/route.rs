@@ -1,0 +1,213 @@
+//! Applying a topic's route plugin to a publish batch.
+
+use std::sync::Arc;
+
+use super::{Broker, PublishTicket, Slot, partitioner, unknown_topic};
+use crate::plugins::{
+    CallError, CallMessage, FailureMode, LiveVersion, RouteAction, RouteDecision,
+};
+use crate::protocol::{ErrorCode, RawRecord, Record, WireError};
+use crate::storage::{AppendRecord, KvWrite, TopicHandle, now_ms};
+
+/// Messages per plugin call: bounds one call's time under its deadline.
+const CALL_BATCH: usize = 256;
+
+/// Where one message ends up.
+enum Placement {
+    Targets(Vec<(Arc<TopicHandle>, RawRecord)>),
+    Dropped,
+}
+
+impl Broker {
+    /// Routes `records` published to `topic` through `live`, then queues
+    /// the resulting appends.
+    pub(super) async fn publish_routed(
+        &self,
+        topic: &Arc<TopicHandle>,
+        records: Vec<RawRecord>,
+        rr: &mut u32,
+        live: Arc<LiveVersion>,
+    ) -> Result<PublishTicket, WireError> {
+        let topic_name: Arc<str> = topic.meta.name.as_str().into();
+        let now = now_ms();
+        let mut placements: Vec<Placement> = Vec::with_capacity(records.len());
+        let mut kv: Vec<KvWrite> = Vec::new();
+        let plugin_name: Arc<str> = live
+            .plugin
+            .label
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .into();
+        let mut pending = records.into_iter().peekable();
+        while pending.peek().is_some() {
+            let batch: Vec<CallMessage> = pending
+                .by_ref()
+                .take(CALL_BATCH)
+                .map(|record| CallMessage {
+                    record,
+                    topic: topic_name.clone(),
+                    timestamp_ms: now,
+                    attempt: 0,
+                })
+                .collect();
+            let result = live.plugin.route(batch);
+            live.note_first_decision();
+            match result.decisions {
+                Ok(decisions) => {
+                    kv.extend(result.kv_writes.into_iter().map(|(key, value)| KvWrite {
+                        plugin: plugin_name.clone(),
+                        key,
+                        value,
+                    }));
+                    for (m, d) in result.batch.into_iter().zip(decisions) {
+                        match self.place(topic, m.record, d) {
+                            Ok(p) => placements.push(p),
+                            Err(Decided::Reject(reason)) => {
+                                return Err(WireError::new(
+                                    ErrorCode::Rejected,
+                                    format!(
+                                        "rejected by route plugin {}: {reason} (no record of this batch was stored)",
+                                        live.plugin.label
+                                    ),
+                                ));
+                            }
+                            Err(Decided::Invalid(record, why)) => {
+                                live.plugin.record_invalid();
+                                let e = CallError::InvalidDecision(why);
+                                placements.push(self.on_failure(topic, &live, record, &e)?);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %live.plugin.label, error = %e, "route plugin failed");
+                    for m in result.batch {
+                        placements.push(self.on_failure(topic, &live, m.record, &e)?);
+                    }
+                }
+            }
+        }
+
+        let mut appends = Vec::new();
+        let mut slots = Vec::with_capacity(placements.len());
+        let mut decided = Vec::new();
+        for p in placements {
+            match p {
+                Placement::Dropped => slots.push(Slot::Dropped),
+                Placement::Targets(targets) => {
+                    slots.push(Slot::Stored(appends.len()));
+                    for (t, record) in targets {
+                        let partition = match record.key_bytes() {
+                            Some(k) => partitioner::partition_for_key(k, t.meta.partitions),
+                            None => {
+                                *rr = rr.wrapping_add(1);
+                                *rr % t.meta.partitions
+                            }
+                        };
+                        decided.push(Arc::<str>::from(t.meta.name.as_str()));
+                        appends.push(AppendRecord {
+                            topic_id: t.meta.id,
+                            partition,
+                            record,
+                        });
+                    }
+                }
+            }
+        }
+        let ticket = self
+            .storage
+            .append_many(appends, kv)
+            .await
+            .map_err(|e| e.to_wire())?;
+        Ok(PublishTicket::routed(ticket, slots, live, decided))
+    }
+
+    fn place(
+        &self,
+        topic: &Arc<TopicHandle>,
+        record: RawRecord,
+        d: RouteDecision,
+    ) -> Result<Placement, Decided> {
+        let record = if d.add_headers.is_empty() {
+            record
+        } else {
+            // Adding headers changes the encoding: the one copy a route
+            // plugin can cause, and only when it asks for it.
+            let mut r: Record = record.to_record();
+            r.headers.extend(
+                d.add_headers
+                    .into_iter()
+                    .map(|(n, v)| (n, bytes::Bytes::from(v))),
+            );
+            r.to_raw()
+        };
+        match d.action {
+            RouteAction::Keep => Ok(Placement::Targets(vec![(topic.clone(), record)])),
+            RouteAction::Drop => Ok(Placement::Dropped),
+            RouteAction::Reject(reason) => Err(Decided::Reject(reason)),
+            RouteAction::To(names) => {
+                if names.is_empty() {
+                    return Err(Decided::Invalid(
+                        record,
+                        "route to an empty list of topics".into(),
+                    ));
+                }
+                let mut targets = Vec::with_capacity(names.len());
+                for n in &names {
+                    match self.storage.topic(n) {
+                        Some(t) => targets.push((t, record.clone())),
+                        None => {
+                            return Err(Decided::Invalid(
+                                record,
+                                format!("route to unknown topic '{n}'"),
+                            ));
+                        }
+                    }
+                }
+                Ok(Placement::Targets(targets))
+            }
+        }
+    }
+
+    fn on_failure(
+        &self,
+        topic: &Arc<TopicHandle>,
+        live: &LiveVersion,
+        record: RawRecord,
+        e: &CallError,
+    ) -> Result<Placement, WireError> {
+        match live.on_failure {
+            FailureMode::Reject => Err(WireError::new(
+                ErrorCode::PluginFailed,
+                format!(
+                    "route plugin {} failed: {e}; no record of this batch was stored (the plugin's failure mode is reject)",
+                    live.plugin.label
+                ),
+            )),
+            FailureMode::Bypass => Ok(Placement::Targets(vec![(topic.clone(), record)])),
+            FailureMode::DeadLetter => {
+                let dlq = format!("{}.dlq", topic.meta.name);
+                let t = self
+                    .storage
+                    .topic(&dlq)
+                    .ok_or_else(|| unknown_topic(&dlq))?;
+                let mut r = record.to_record();
+                r.headers
+                    .push(("x-dlq-topic".into(), topic.meta.name.clone().into()));
+                r.headers.push((
+                    "x-dlq-error".into(),
+                    format!("{}: {e}", live.plugin.label).into(),
+                ));
+                r.headers
+                    .push(("x-dlq-time-ms".into(), now_ms().to_string().into()));
+                Ok(Placement::Targets(vec![(t, r.to_raw())]))
+            }
+        }
+    }
+}
+
+enum Decided {
+    Reject(String),
+    Invalid(RawRecord, String),
+}

@@ -1,0 +1,706 @@
+//! Deployed plugins: bindings to topics, versions kept for rollback, the
+//! live version of each binding swapped atomically, all persisted in redb.
+//!
+//! A binding's live version is an `ArcSwapOption`: the publish path loads it
+//! once per batch, so every message of a batch is decided by one version and
+//! a swap never splits a batch. Calls already running keep their `Arc` to the
+//! old version and finish on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
+
+use super::engine::{KvStore, PluginEngine};
+use super::loaded::{Hook, Limits, LoadError, LoadedPlugin};
+use crate::protocol::{ErrorCode, WireError};
+use crate::storage::{Storage, now_ms};
+
+/// How many versions of a plugin are kept for rollback.
+pub const KEEP_VERSIONS: usize = 5;
+
+/// What happens when a plugin call fails (trap, timeout, out of memory,
+/// invalid decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureMode {
+    /// Route: the publish fails with `plugin_failed`. Filter: not delivered.
+    #[default]
+    Reject,
+    /// Route: the messages go to `<topic>.dlq`. Filter: not delivered.
+    DeadLetter,
+    /// Behave as if no plugin were deployed.
+    Bypass,
+}
+
+impl FailureMode {
+    /// Parses `reject|dead-letter|bypass`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reject" => FailureMode::Reject,
+            "dead-letter" => FailureMode::DeadLetter,
+            "bypass" => FailureMode::Bypass,
+            _ => return None,
+        })
+    }
+}
+
+/// One deployed version, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// When it was deployed.
+    pub deployed_ms: u64,
+    /// Component size in bytes.
+    pub size: usize,
+    /// Deploy-time configuration.
+    pub config: BTreeMap<String, String>,
+    /// Failure mode.
+    pub on_failure: FailureMode,
+    /// Per-call deadline.
+    pub deadline_ms: u64,
+    /// Memory cap.
+    pub memory_mb: u64,
+    /// Per `topic/partition`, the first offset this version decided.
+    #[serde(default)]
+    pub cutover: BTreeMap<String, u64>,
+    /// Time from going live to its first decision, in microseconds.
+    #[serde(default)]
+    pub swap_latency_us: Option<u64>,
+}
+
+/// A deploy, rollback or removal, as kept in the history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// When.
+    pub at_ms: u64,
+    /// What: `deploy` or `rollback`.
+    pub event: String,
+    /// The version that went live.
+    pub version: u32,
+}
+
+/// A plugin as stored in redb.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// Unique name.
+    pub name: String,
+    /// The hook it implements.
+    pub hook: Hook,
+    /// The topic it is bound to.
+    pub topic: String,
+    /// For filters: the consumer group (none: every subscription).
+    pub group: Option<String>,
+    /// The live version.
+    pub live: Option<u32>,
+    /// The next version number to hand out.
+    pub next_version: u32,
+    /// Kept versions, oldest first.
+    pub versions: Vec<VersionRecord>,
+    /// Deploys and rollbacks, oldest first.
+    pub history: Vec<HistoryEvent>,
+}
+
+/// The version a binding runs now.
+pub struct LiveVersion {
+    /// Version number.
+    pub version: u32,
+    /// The compiled plugin.
+    pub plugin: LoadedPlugin,
+    /// Its failure mode.
+    pub on_failure: FailureMode,
+    activated: Instant,
+    first_decision_us: Mutex<Option<u64>>,
+    cutover: Mutex<HashMap<(Arc<str>, u32), u64>>,
+}
+
+impl LiveVersion {
+    /// Records that this version decided `offset` of `topic`/`partition`.
+    pub fn note_decided(&self, topic: &Arc<str>, partition: u32, offset: u64) {
+        let mut c = self.cutover.lock().expect("cutover lock");
+        c.entry((topic.clone(), partition))
+            .and_modify(|o| *o = (*o).min(offset))
+            .or_insert(offset);
+    }
+
+    /// Marks the first decision, for the swap latency.
+    pub fn note_first_decision(&self) {
+        let mut f = self.first_decision_us.lock().expect("first lock");
+        if f.is_none() {
+            *f = Some(self.activated.elapsed().as_micros() as u64);
+        }
+    }
+
+    fn snapshot(&self) -> (BTreeMap<String, u64>, Option<u64>) {
+        let c = self.cutover.lock().expect("cutover lock");
+        let map = c
+            .iter()
+            .map(|((t, p), o)| (format!("{t}/{p}"), *o))
+            .collect();
+        (map, *self.first_decision_us.lock().expect("first lock"))
+    }
+}
+
+/// A plugin bound to a topic, with its live version.
+pub struct Binding {
+    /// Name.
+    pub name: Arc<str>,
+    /// Hook.
+    pub hook: Hook,
+    /// Topic.
+    pub topic: String,
+    /// Group, for filters.
+    pub group: Option<String>,
+    live: ArcSwapOption<LiveVersion>,
+    record: Mutex<PluginRecord>,
+}
+
+impl Binding {
+    /// The live version, if any.
+    pub fn live(&self) -> Option<Arc<LiveVersion>> {
+        self.live.load_full()
+    }
+
+    /// Copies the live version's cut-over points into the record.
+    fn sync_cutover(&self) {
+        let Some(live) = self.live() else { return };
+        let (map, lat) = live.snapshot();
+        let mut rec = self.record.lock().expect("record lock");
+        if let Some(v) = rec.versions.iter_mut().find(|v| v.version == live.version) {
+            for (k, o) in map {
+                v.cutover
+                    .entry(k)
+                    .and_modify(|x| *x = (*x).min(o))
+                    .or_insert(o);
+            }
+            if v.swap_latency_us.is_none() {
+                v.swap_latency_us = lat;
+            }
+        }
+    }
+}
+
+struct PluginKv {
+    storage: Storage,
+    name: String,
+}
+
+impl KvStore for PluginKv {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.storage.plugin_kv_get(&self.name, key).ok().flatten()
+    }
+}
+
+/// What `deploy` needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeployRequest {
+    /// Plugin name.
+    pub name: String,
+    /// Hook.
+    pub hook: Hook,
+    /// Topic.
+    pub topic: String,
+    /// Group, for filters.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Deploy-time configuration.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Failure mode.
+    #[serde(default)]
+    pub on_failure: FailureMode,
+    /// Per-call deadline in ms (default 10).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Memory cap in MiB (default 64).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+}
+
+/// All deployed plugins.
+pub struct PluginRegistry {
+    engine: PluginEngine,
+    storage: Storage,
+    bindings: RwLock<HashMap<String, Arc<Binding>>>,
+    admin: tokio::sync::Mutex<()>,
+}
+
+fn invalid(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::PluginInvalid, msg)
+}
+
+fn unknown(name: &str) -> WireError {
+    WireError::new(
+        ErrorCode::UnknownPlugin,
+        format!("no plugin named '{name}' (see `switchyard plugin list`)"),
+    )
+}
+
+fn limits_of(v: &VersionRecord) -> Limits {
+    Limits {
+        deadline: Duration::from_millis(v.deadline_ms.max(1)),
+        memory_bytes: (v.memory_mb.max(1) as usize) << 20,
+    }
+}
+
+impl PluginRegistry {
+    /// Loads every stored plugin and compiles its live version.
+    pub fn open(storage: Storage) -> Result<Self, String> {
+        let engine = PluginEngine::new().map_err(|e| format!("plugin engine: {e:#}"))?;
+        let reg = PluginRegistry {
+            engine,
+            storage: storage.clone(),
+            bindings: RwLock::new(HashMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+        };
+        let records = storage.plugin_records().map_err(|e| e.to_string())?;
+        for (name, bytes) in records {
+            let rec: PluginRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("plugin '{name}': corrupt record: {e}"))?;
+            let live = match rec.live {
+                Some(v) => match reg.load_version(&rec, v) {
+                    Ok(l) => Some(Arc::new(l)),
+                    Err(e) => {
+                        tracing::error!(plugin = %name, version = v, error = %e, "cannot load the live version; the binding is inactive");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let b = Binding {
+                name: name.as_str().into(),
+                hook: rec.hook,
+                topic: rec.topic.clone(),
+                group: rec.group.clone(),
+                live: ArcSwapOption::new(live),
+                record: Mutex::new(rec),
+            };
+            reg.bindings
+                .write()
+                .expect("bindings lock")
+                .insert(name, Arc::new(b));
+        }
+        Ok(reg)
+    }
+
+    /// The engine (for dry runs).
+    pub fn engine(&self) -> &PluginEngine {
+        &self.engine
+    }
+
+    fn load_version(&self, rec: &PluginRecord, version: u32) -> Result<LiveVersion, String> {
+        let v = rec
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| format!("version {version} is not kept"))?;
+        let wasm = self
+            .storage
+            .plugin_wasm(&rec.name, version)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("component of version {version} is missing"))?;
+        let plugin = LoadedPlugin::load(
+            &self.engine,
+            &wasm,
+            rec.hook,
+            format!("{}@v{version}", rec.name).into(),
+            v.config.clone(),
+            limits_of(v),
+            Arc::new(PluginKv {
+                storage: self.storage.clone(),
+                name: rec.name.clone(),
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(LiveVersion {
+            version,
+            plugin,
+            on_failure: v.on_failure,
+            activated: Instant::now(),
+            first_decision_us: Mutex::new(None),
+            cutover: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The live route plugin of `topic`.
+    pub fn route_for(&self, topic: &str) -> Option<Arc<LiveVersion>> {
+        self.find(|b| b.hook == Hook::Route && b.topic == topic)
+    }
+
+    /// The live filter for a subscription of `group` on `topic`: one bound
+    /// to that group, else one bound to the whole topic.
+    pub fn filter_for(&self, topic: &str, group: &str) -> Option<Arc<LiveVersion>> {
+        self.find(|b| {
+            b.hook == Hook::Filter && b.topic == topic && b.group.as_deref() == Some(group)
+        })
+        .or_else(|| self.find(|b| b.hook == Hook::Filter && b.topic == topic && b.group.is_none()))
+    }
+
+    /// The live plugin for `hook` on `topic` (priority, fanout, retry).
+    pub fn hook_for(&self, hook: Hook, topic: &str) -> Option<Arc<LiveVersion>> {
+        self.find(|b| b.hook == hook && b.topic == topic)
+    }
+
+    fn find(&self, f: impl Fn(&Binding) -> bool) -> Option<Arc<LiveVersion>> {
+        self.bindings
+            .read()
+            .expect("bindings lock")
+            .values()
+            .find(|b| f(b))
+            .and_then(|b| b.live())
+    }
+
+    async fn persist(
+        &self,
+        b: &Binding,
+        wasm: Option<(u32, Vec<u8>)>,
+        drop_versions: Vec<u32>,
+    ) -> Result<(), WireError> {
+        let bytes = {
+            let rec = b.record.lock().expect("record lock");
+            serde_json::to_vec(&*rec).expect("plugin record serializes")
+        };
+        self.storage
+            .put_plugin(&b.name, bytes, wasm, drop_versions)
+            .await
+            .map_err(|e| e.to_wire())
+    }
+
+    /// Validates and deploys a new version, then makes it live.
+    pub async fn deploy(
+        &self,
+        req: DeployRequest,
+        wasm: Vec<u8>,
+        topic_exists: bool,
+    ) -> Result<serde_json::Value, WireError> {
+        let _admin = self.admin.lock().await;
+        if req.name.is_empty()
+            || req.name.len() > 128
+            || !req
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "plugin names use 1-128 characters from A-Z a-z 0-9 - _ .",
+            ));
+        }
+        if !topic_exists {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!(
+                    "unknown topic '{}' (create it before binding a plugin to it)",
+                    req.topic
+                ),
+            ));
+        }
+        if req.group.is_some() && req.hook != Hook::Filter {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "--group applies to filter plugins only",
+            ));
+        }
+        let existing = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .get(&req.name)
+            .cloned();
+        if let Some(b) = &existing {
+            if b.hook != req.hook || b.topic != req.topic || b.group != req.group {
+                return Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "plugin '{}' is bound to {} on topic '{}'{}; remove it first to bind it differently",
+                        req.name,
+                        b.hook.name(),
+                        b.topic,
+                        b.group
+                            .as_ref()
+                            .map(|g| format!(" group '{g}'"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        } else {
+            let clash = self
+                .bindings
+                .read()
+                .expect("bindings lock")
+                .values()
+                .find(|b| b.hook == req.hook && b.topic == req.topic && b.group == req.group)
+                .map(|b| b.name.to_string());
+            if let Some(other) = clash {
+                return Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "topic '{}' already has a {} plugin '{other}'; deploy a new version of it, or remove it first",
+                        req.topic,
+                        req.hook.name()
+                    ),
+                ));
+            }
+        }
+
+        let version = existing
+            .as_ref()
+            .map(|b| b.record.lock().expect("record lock").next_version)
+            .unwrap_or(1);
+        let vrec = VersionRecord {
+            version,
+            deployed_ms: now_ms(),
+            size: wasm.len(),
+            config: req.config.clone(),
+            on_failure: req.on_failure,
+            deadline_ms: req.deadline_ms.unwrap_or(10),
+            memory_mb: req.memory_mb.unwrap_or(64),
+            cutover: BTreeMap::new(),
+            swap_latency_us: None,
+        };
+        // Compile and self-test off the async workers: compiling a large
+        // component takes a good fraction of a second.
+        let engine = self.engine.clone();
+        let label: Arc<str> = format!("{}@v{version}", req.name).into();
+        let kv: Arc<dyn KvStore> = Arc::new(PluginKv {
+            storage: self.storage.clone(),
+            name: req.name.clone(),
+        });
+        let (hook, config, limits) = (req.hook, req.config.clone(), limits_of(&vrec));
+        let wasm_for_load = wasm.clone();
+        let started = Instant::now();
+        let plugin = tokio::task::spawn_blocking(move || {
+            let p = LoadedPlugin::load(&engine, &wasm_for_load, hook, label, config, limits, kv)?;
+            p.self_test()?;
+            Ok::<_, LoadError>(p)
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| invalid(e.to_string()))?;
+        let compile_ms = started.elapsed().as_millis() as u64;
+
+        let binding = match existing {
+            Some(b) => b,
+            None => {
+                let b = Arc::new(Binding {
+                    name: req.name.as_str().into(),
+                    hook: req.hook,
+                    topic: req.topic.clone(),
+                    group: req.group.clone(),
+                    live: ArcSwapOption::empty(),
+                    record: Mutex::new(PluginRecord {
+                        name: req.name.clone(),
+                        hook: req.hook,
+                        topic: req.topic.clone(),
+                        group: req.group.clone(),
+                        live: None,
+                        next_version: 1,
+                        versions: Vec::new(),
+                        history: Vec::new(),
+                    }),
+                });
+                self.bindings
+                    .write()
+                    .expect("bindings lock")
+                    .insert(req.name.clone(), b.clone());
+                b
+            }
+        };
+        binding.sync_cutover();
+        let dropped = {
+            let mut rec = binding.record.lock().expect("record lock");
+            rec.next_version = version + 1;
+            rec.versions.push(vrec);
+            rec.live = Some(version);
+            rec.history.push(HistoryEvent {
+                at_ms: now_ms(),
+                event: "deploy".into(),
+                version,
+            });
+            let mut dropped = Vec::new();
+            while rec.versions.len() > KEEP_VERSIONS {
+                dropped.push(rec.versions.remove(0).version);
+            }
+            dropped
+        };
+        self.persist(&binding, Some((version, wasm)), dropped)
+            .await?;
+        let live = Arc::new(LiveVersion {
+            version,
+            plugin,
+            on_failure: req.on_failure,
+            activated: Instant::now(),
+            first_decision_us: Mutex::new(None),
+            cutover: Mutex::new(HashMap::new()),
+        });
+        binding.live.store(Some(live));
+        tracing::info!(plugin = %req.name, version, hook = req.hook.name(), topic = %req.topic, "plugin version live");
+        Ok(serde_json::json!({
+            "name": req.name,
+            "version": version,
+            "hook": req.hook.name(),
+            "topic": req.topic,
+            "compile_ms": compile_ms,
+        }))
+    }
+
+    /// Makes an earlier version live again (default: the one before the live one).
+    pub async fn rollback(
+        &self,
+        name: &str,
+        to: Option<u32>,
+    ) -> Result<serde_json::Value, WireError> {
+        let _admin = self.admin.lock().await;
+        let b = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown(name))?;
+        b.sync_cutover();
+        let target = {
+            let rec = b.record.lock().expect("record lock");
+            match to {
+                Some(v) => {
+                    if !rec.versions.iter().any(|x| x.version == v) {
+                        return Err(WireError::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "version {v} is not kept; kept versions: {:?}",
+                                rec.versions.iter().map(|x| x.version).collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                    v
+                }
+                None => {
+                    let live = rec.live.unwrap_or(0);
+                    rec.versions
+                        .iter()
+                        .map(|x| x.version)
+                        .filter(|v| *v < live)
+                        .max()
+                        .ok_or_else(|| {
+                            WireError::new(
+                                ErrorCode::InvalidArgument,
+                                "no earlier version to roll back to",
+                            )
+                        })?
+                }
+            }
+        };
+        let rec = b.record.lock().expect("record lock").clone();
+        // Compiling a kept version takes milliseconds: fine inline for an
+        // admin request.
+        let live = self.load_version(&rec, target).map_err(invalid)?;
+        {
+            let mut rec = b.record.lock().expect("record lock");
+            rec.live = Some(target);
+            rec.history.push(HistoryEvent {
+                at_ms: now_ms(),
+                event: "rollback".into(),
+                version: target,
+            });
+            // Decisions from the new activation count as a new cut-over.
+            if let Some(v) = rec.versions.iter_mut().find(|v| v.version == target) {
+                v.cutover.clear();
+                v.swap_latency_us = None;
+            }
+        }
+        self.persist(&b, None, Vec::new()).await?;
+        b.live.store(Some(Arc::new(live)));
+        Ok(serde_json::json!({ "name": name, "version": target }))
+    }
+
+    /// Removes a plugin: unbinds it and deletes its versions and store.
+    pub async fn remove(&self, name: &str) -> Result<serde_json::Value, WireError> {
+        let _admin = self.admin.lock().await;
+        let b = self
+            .bindings
+            .write()
+            .expect("bindings lock")
+            .remove(name)
+            .ok_or_else(|| unknown(name))?;
+        b.live.store(None);
+        self.storage
+            .remove_plugin(name)
+            .await
+            .map_err(|e| e.to_wire())?;
+        Ok(serde_json::json!({ "name": name, "removed": true }))
+    }
+
+    fn describe(&self, b: &Binding, detail: bool) -> serde_json::Value {
+        b.sync_cutover();
+        let rec = b.record.lock().expect("record lock").clone();
+        let live = b.live();
+        let stats = live.as_ref().map(|l| {
+            let s = &l.plugin.stats;
+            serde_json::json!({
+                "calls": s.calls.load(std::sync::atomic::Ordering::Relaxed),
+                "messages": s.messages.load(std::sync::atomic::Ordering::Relaxed),
+                "failures": s.failures.load(std::sync::atomic::Ordering::Relaxed),
+                "p50_us": s.quantile_us(0.5),
+                "p99_us": s.quantile_us(0.99),
+            })
+        });
+        let mut v = serde_json::json!({
+            "name": rec.name,
+            "hook": rec.hook.name(),
+            "topic": rec.topic,
+            "group": rec.group,
+            "live_version": rec.live,
+            "versions": rec.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            "on_failure": live.as_ref().map(|l| l.on_failure),
+            "stats": stats,
+        });
+        if detail {
+            v["version_details"] = serde_json::to_value(&rec.versions).expect("serializes");
+            v["history"] = serde_json::to_value(&rec.history).expect("serializes");
+        }
+        v
+    }
+
+    /// One line per plugin.
+    pub fn list(&self) -> serde_json::Value {
+        let bindings = self.bindings.read().expect("bindings lock");
+        let mut names: Vec<_> = bindings.keys().cloned().collect();
+        names.sort();
+        serde_json::Value::Array(
+            names
+                .iter()
+                .map(|n| self.describe(&bindings[n], false))
+                .collect(),
+        )
+    }
+
+    /// Everything about one plugin, including each version's cut-over points.
+    pub fn show(&self, name: &str) -> Result<serde_json::Value, WireError> {
+        let b = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown(name))?;
+        Ok(self.describe(&b, true))
+    }
+
+    /// Persists every binding's cut-over points (at shutdown).
+    pub async fn flush(&self) {
+        let all: Vec<_> = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .values()
+            .cloned()
+            .collect();
+        for b in all {
+            b.sync_cutover();
+            let _ = self.persist(&b, None, Vec::new()).await;
+        }
+    }
+}
