@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
-for p in route-by-header content-filter tenant-priority hot-key-fanout retry-backoff versioned-route hostile; do
+for p in route-by-header content-filter tenant-priority hot-key-fanout retry-backoff versioned-route hostile probe; do
     cargo build --quiet --release --target wasm32-wasip2 -p "$p"
 done
 ls target/wasm32-wasip2/release/*.wasm | sed 's/^/built /'

@@ -173,3 +173,80 @@ fn sigterm_shuts_down_gracefully() {
         "router exits 0 after SIGTERM, got {status}"
     );
 }
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crate_dir = dir.path().join("keep-paid");
+    ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "plugin",
+            "new",
+            "keep-paid",
+            "--hook",
+            "filter",
+            "--dir",
+            crate_dir.to_str().unwrap(),
+        ],
+        None,
+    ));
+    // Share the plugins' target directory so dependencies are built once.
+    let target = repo.join("plugins/target");
+    let cargo = |args: &[&str]| {
+        let out = Command::new(env!("CARGO"))
+            .args(args)
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cargo(&["test", "--quiet"]);
+    cargo(&["build", "--quiet", "--release", "--target", "wasm32-wasip2"]);
+    let wasm = target.join("wasm32-wasip2/release/keep_paid.wasm");
+    assert!(wasm.exists());
+
+    ok(&cli(&r, dir.path(), &["topic", "create", "orders"], None));
+    ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "plugin",
+            "deploy",
+            wasm.to_str().unwrap(),
+            "--name",
+            "keep-paid",
+            "--hook",
+            "filter",
+            "--topic",
+            "orders",
+            "--config",
+            "needle=paid",
+        ],
+        None,
+    ));
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["publish", "orders"],
+        Some(b"order 1 open\norder 2 paid\norder 3 open\n"),
+    ));
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &["subscribe", "orders", "--count", "1"],
+        None,
+    ));
+    assert_eq!(out.trim(), "order 2 paid");
+    let out = ok(&cli(&r, dir.path(), &["plugin", "list"], None));
+    assert!(out.contains("keep-paid") && out.contains("filter"), "{out}");
+}

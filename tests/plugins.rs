@@ -8,21 +8,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{plugin_wasm, start_router, take, TestRouter};
+use common::{TestRouter, plugin_wasm, start_router, take};
 use serde_json::json;
 use switchyard::client::{Client, SubscribeOptions};
 use switchyard::protocol::{ErrorCode, Record};
 
-async fn deploy(c: &Client, file: &str, opts: serde_json::Value) -> Result<serde_json::Value, switchyard::client::ClientError> {
+async fn deploy(
+    c: &Client,
+    file: &str,
+    opts: serde_json::Value,
+) -> Result<serde_json::Value, switchyard::client::ClientError> {
     c.deploy_plugin(plugin_wasm(file), opts).await
 }
 
 async fn show(c: &Client, name: &str) -> serde_json::Value {
-    c.plugin_request("show", json!({ "name": name }), Bytes::new()).await.unwrap()
+    c.plugin_request("show", json!({ "name": name }), Bytes::new())
+        .await
+        .unwrap()
 }
 
 async fn end(c: &Client, topic: &str) -> u64 {
-    c.describe_topic(topic).await.unwrap().partitions.iter().map(|p| p.end).sum()
+    c.describe_topic(topic)
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end)
+        .sum()
 }
 
 #[tokio::test]
@@ -32,44 +44,72 @@ async fn route_plugin_sends_messages_to_the_topics_it_names() {
     for t in ["orders", "orders.eu", "orders.us"] {
         c.create_topic(t, 2).await.unwrap();
     }
-    let d = deploy(&c, "route_by_header", json!({
-        "name": "by-region", "hook": "route", "topic": "orders",
-        "config": { "header": "region", "prefix": "orders." },
-    }))
+    let d = deploy(
+        &c,
+        "route_by_header",
+        json!({
+            "name": "by-region", "hook": "route", "topic": "orders",
+            "config": { "header": "region", "prefix": "orders." },
+        }),
+    )
     .await
     .unwrap();
     assert_eq!(d["version"], 1);
 
     let acks = c
-        .publish_batch("orders", vec![
-            Record::new("eu-1").with_header("region", "eu"),
-            Record::new("us-1").with_header("region", "us").with_key("k"),
-            Record::new("plain"),
-        ])
+        .publish_batch(
+            "orders",
+            vec![
+                Record::new("eu-1").with_header("region", "eu"),
+                Record::new("us-1")
+                    .with_header("region", "us")
+                    .with_key("k"),
+                Record::new("plain"),
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(acks.len(), 3);
     assert_eq!(end(&c, "orders.eu").await, 1);
     assert_eq!(end(&c, "orders.us").await, 1);
-    assert_eq!(end(&c, "orders").await, 1, "no header: kept on its own topic");
-    let mut sub = c.subscribe(SubscribeOptions::new("orders.eu")).await.unwrap();
-    assert_eq!(take(&mut sub, 1, 10).await[0].payload(), Bytes::from("eu-1"));
+    assert_eq!(
+        end(&c, "orders").await,
+        1,
+        "no header: kept on its own topic"
+    );
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("orders.eu"))
+        .await
+        .unwrap();
+    assert_eq!(
+        take(&mut sub, 1, 10).await[0].payload(),
+        Bytes::from("eu-1")
+    );
 
     // A decision naming a topic that does not exist fails the whole batch
     // (failure mode reject): nothing of it is stored.
     let before = (end(&c, "orders").await, end(&c, "orders.eu").await);
     let e = c
-        .publish_batch("orders", vec![
-            Record::new("ok").with_header("region", "eu"),
-            Record::new("bad").with_header("region", "mars"),
-        ])
+        .publish_batch(
+            "orders",
+            vec![
+                Record::new("ok").with_header("region", "eu"),
+                Record::new("bad").with_header("region", "mars"),
+            ],
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PluginFailed));
     assert!(e.to_string().contains("orders.mars"), "{e}");
-    assert_eq!((end(&c, "orders").await, end(&c, "orders.eu").await), before);
+    assert_eq!(
+        (end(&c, "orders").await, end(&c, "orders.eu").await),
+        before
+    );
 
-    let list = c.plugin_request("list", json!({}), Bytes::new()).await.unwrap();
+    let list = c
+        .plugin_request("list", json!({}), Bytes::new())
+        .await
+        .unwrap();
     let p = &list[0];
     assert_eq!(p["name"], "by-region");
     assert_eq!(p["live_version"], 1);
@@ -82,36 +122,62 @@ async fn filter_plugin_decides_what_each_subscription_sees() {
     let r = start_router().await;
     let c = r.client().await;
     c.create_topic("payments", 1).await.unwrap();
-    deploy(&c, "content_filter", json!({
-        "name": "paid-only", "hook": "filter", "topic": "payments", "group": "billing",
-        "config": { "field": "status", "equals": "paid" },
-    }))
+    deploy(
+        &c,
+        "content_filter",
+        json!({
+            "name": "paid-only", "hook": "filter", "topic": "payments", "group": "billing",
+            "config": { "field": "status", "equals": "paid" },
+        }),
+    )
     .await
     .unwrap();
     let recs: Vec<Record> = (0..100)
-        .map(|i| Record::new(format!(r#"{{"n": {i}, "status": "{}"}}"#, if i % 3 == 0 { "paid" } else { "open" })))
+        .map(|i| {
+            Record::new(format!(
+                r#"{{"n": {i}, "status": "{}"}}"#,
+                if i % 3 == 0 { "paid" } else { "open" }
+            ))
+        })
         .collect();
     c.publish_batch("payments", recs).await.unwrap();
 
     // The bound group sees only paid payments, in order.
-    let mut billing = c.subscribe(SubscribeOptions::new("payments").group("billing")).await.unwrap();
+    let mut billing = c
+        .subscribe(SubscribeOptions::new("payments").group("billing"))
+        .await
+        .unwrap();
     let got = take(&mut billing, 34, 10).await;
     for m in &got {
         assert!(String::from_utf8_lossy(&m.payload()).contains("paid"));
     }
     assert!(got.windows(2).all(|w| w[0].offset < w[1].offset));
-    assert!(tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut billing)).await.is_err(),
-        "nothing else is delivered");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            futures::StreamExt::next(&mut billing)
+        )
+        .await
+        .is_err(),
+        "nothing else is delivered"
+    );
     // Other subscriptions are unfiltered.
-    let mut audit = c.subscribe(SubscribeOptions::new("payments").group("audit")).await.unwrap();
+    let mut audit = c
+        .subscribe(SubscribeOptions::new("payments").group("audit"))
+        .await
+        .unwrap();
     take(&mut audit, 100, 10).await;
 }
 
 async fn hostile(c: &Client, name: &str, topic: &str, mode: &str, on_failure: &str) {
-    deploy(c, "hostile", json!({
-        "name": name, "hook": "route", "topic": topic, "on_failure": on_failure,
-        "config": { "mode": mode, "when-header": "evil" }, "deadline_ms": 20, "memory_mb": 16,
-    }))
+    deploy(
+        c,
+        "hostile",
+        json!({
+            "name": name, "hook": "route", "topic": topic, "on_failure": on_failure,
+            "config": { "mode": mode, "when-header": "evil" }, "deadline_ms": 20, "memory_mb": 16,
+        }),
+    )
     .await
     .unwrap();
 }
@@ -120,7 +186,11 @@ async fn hostile(c: &Client, name: &str, topic: &str, mode: &str, on_failure: &s
 async fn hostile_plugins_fail_calls_not_the_router() {
     let r = start_router().await;
     let c = r.client().await;
-    for (mode, code_text) in [("loop", "timed out"), ("alloc", "out of memory"), ("trap", "trapped")] {
+    for (mode, code_text) in [
+        ("loop", "timed out"),
+        ("alloc", "out of memory"),
+        ("trap", "trapped"),
+    ] {
         let topic = format!("t-{mode}");
         c.create_topic(&topic, 1).await.unwrap();
         hostile(&c, &format!("h-{mode}"), &topic, mode, "reject").await;
@@ -140,15 +210,22 @@ async fn hostile_plugins_fail_calls_not_the_router() {
     // Bypass: the message is stored as if there were no plugin.
     c.create_topic("t-bypass", 1).await.unwrap();
     hostile(&c, "h-bypass", "t-bypass", "trap", "bypass").await;
-    c.publish("t-bypass", Record::new("kept").with_header("evil", "1")).await.unwrap();
+    c.publish("t-bypass", Record::new("kept").with_header("evil", "1"))
+        .await
+        .unwrap();
     assert_eq!(end(&c, "t-bypass").await, 1);
 
     // Dead letter: the message goes to <topic>.dlq with the error.
     c.create_topic("t-dlq", 1).await.unwrap();
     hostile(&c, "h-dlq", "t-dlq", "loop", "dead-letter").await;
-    c.publish("t-dlq", Record::new("lost?").with_header("evil", "1")).await.unwrap();
+    c.publish("t-dlq", Record::new("lost?").with_header("evil", "1"))
+        .await
+        .unwrap();
     assert_eq!(end(&c, "t-dlq").await, 0);
-    let mut dlq = c.subscribe(SubscribeOptions::new("t-dlq.dlq")).await.unwrap();
+    let mut dlq = c
+        .subscribe(SubscribeOptions::new("t-dlq.dlq"))
+        .await
+        .unwrap();
     let m = take(&mut dlq, 1, 10).await.remove(0);
     assert_eq!(m.payload(), Bytes::from("lost?"));
     assert_eq!(m.header("x-dlq-topic"), Some(Bytes::from("t-dlq")));
@@ -166,10 +243,26 @@ async fn bad_components_are_refused_at_deploy() {
     c.create_topic("t", 1).await.unwrap();
     let opts = |name: &str| json!({ "name": name, "hook": "route", "topic": "t" });
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("not wasm", b"hello, world".to_vec(), "not a WebAssembly file"),
-        ("core module", b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
-        ("truncated", plugin_wasm("route_by_header")[..500].to_vec(), "does not compile"),
-        ("wrong hook", plugin_wasm("content_filter"), "does not implement the `route` hook"),
+        (
+            "not wasm",
+            b"hello, world".to_vec(),
+            "not a WebAssembly file",
+        ),
+        (
+            "core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        (
+            "truncated",
+            plugin_wasm("route_by_header")[..500].to_vec(),
+            "does not compile",
+        ),
+        (
+            "wrong hook",
+            plugin_wasm("content_filter"),
+            "does not implement the `route` hook",
+        ),
     ];
     for (what, wasm, expect) in cases {
         let e = c.deploy_plugin(wasm, opts("bad")).await.unwrap_err();
@@ -181,12 +274,24 @@ async fn bad_components_are_refused_at_deploy() {
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PluginInvalid));
     assert!(e.to_string().contains("self-test"), "{e}");
-    let e = deploy(&c, "route_by_header", json!({ "name": "x", "hook": "route", "topic": "missing" })).await.unwrap_err();
+    let e = deploy(
+        &c,
+        "route_by_header",
+        json!({ "name": "x", "hook": "route", "topic": "missing" }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::UnknownTopic));
     // Nothing was deployed by any of that.
-    let list = c.plugin_request("list", json!({}), Bytes::new()).await.unwrap();
+    let list = c
+        .plugin_request("list", json!({}), Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(list.as_array().unwrap().len(), 0);
-    let e = c.plugin_request("show", json!({ "name": "bad" }), Bytes::new()).await.unwrap_err();
+    let e = c
+        .plugin_request("show", json!({ "name": "bad" }), Bytes::new())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::UnknownPlugin));
 }
 
@@ -198,11 +303,18 @@ async fn plugins_versions_and_rollbacks_survive_restart() {
     let c = common::connect(router.local_addr(), router.cert_path()).await;
     c.create_topic("t", 1).await.unwrap();
     for v in ["one", "two", "three"] {
-        deploy(&c, "versioned_route", json!({ "name": "stamp", "hook": "route", "topic": "t", "config": { "version": v } }))
-            .await
-            .unwrap();
+        deploy(
+            &c,
+            "versioned_route",
+            json!({ "name": "stamp", "hook": "route", "topic": "t", "config": { "version": v } }),
+        )
+        .await
+        .unwrap();
     }
-    let r = c.plugin_request("rollback", json!({ "name": "stamp" }), Bytes::new()).await.unwrap();
+    let r = c
+        .plugin_request("rollback", json!({ "name": "stamp" }), Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(r["version"], 2);
     c.publish("t", Record::new("a")).await.unwrap();
     router.shutdown().await;
@@ -212,17 +324,45 @@ async fn plugins_versions_and_rollbacks_survive_restart() {
     let s = show(&c, "stamp").await;
     assert_eq!(s["live_version"], 2);
     assert_eq!(s["versions"], json!([1, 2, 3]));
-    let events: Vec<_> = s["history"].as_array().unwrap().iter().map(|e| (e["event"].as_str().unwrap().to_string(), e["version"].as_u64().unwrap())).collect();
-    assert_eq!(events, vec![("deploy".into(), 1), ("deploy".into(), 2), ("deploy".into(), 3), ("rollback".into(), 2)]);
+    let events: Vec<_> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("deploy".into(), 1),
+            ("deploy".into(), 2),
+            ("deploy".into(), 3),
+            ("rollback".into(), 2)
+        ]
+    );
     c.publish("t", Record::new("b")).await.unwrap();
     let mut sub = c.subscribe(SubscribeOptions::new("t")).await.unwrap();
     for m in take(&mut sub, 2, 10).await {
-        assert_eq!(m.header("plugin-version"), Some(Bytes::from("two")), "decided by the live version");
+        assert_eq!(
+            m.header("plugin-version"),
+            Some(Bytes::from("two")),
+            "decided by the live version"
+        );
     }
-    c.plugin_request("remove", json!({ "name": "stamp" }), Bytes::new()).await.unwrap();
+    c.plugin_request("remove", json!({ "name": "stamp" }), Bytes::new())
+        .await
+        .unwrap();
     c.publish("t", Record::new("c")).await.unwrap();
     let m = take(&mut sub, 1, 10).await.remove(0);
-    assert_eq!(m.header("plugin-version"), None, "removed plugins decide nothing");
+    assert_eq!(
+        m.header("plugin-version"),
+        None,
+        "removed plugins decide nothing"
+    );
     router.shutdown().await;
 }
 
@@ -256,18 +396,29 @@ async fn dry_run_summarises_decisions_without_side_effects() {
     // Nothing was routed, deployed or stored.
     assert_eq!(end(&c, "orders.eu").await, 0);
     assert_eq!(end(&c, "orders").await, 30);
-    let list = c.plugin_request("list", json!({}), Bytes::new()).await.unwrap();
+    let list = c
+        .plugin_request("list", json!({}), Bytes::new())
+        .await
+        .unwrap();
     assert!(list.as_array().unwrap().is_empty());
 }
 
 /// Publishes `total` messages from one pipelined producer while `during`
 /// runs, returning the ids acked.
-async fn pump(c: Arc<Client>, topic: &'static str, total: usize, progress: Arc<std::sync::atomic::AtomicUsize>) -> Vec<usize> {
+async fn pump(
+    c: Arc<Client>,
+    topic: &'static str,
+    total: usize,
+    progress: Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<usize> {
     let mut pending = std::collections::VecDeque::new();
     let mut acked = Vec::new();
     for start in (0..total).step_by(250) {
         let ids: Vec<usize> = (start..(start + 250).min(total)).collect();
-        let recs = ids.iter().map(|i| Record::new(format!("{i}")).with_key(format!("k{}", i % 64))).collect();
+        let recs = ids
+            .iter()
+            .map(|i| Record::new(format!("{i}")).with_key(format!("k{}", i % 64)))
+            .collect();
         pending.push_back((ids, c.queue_batch(topic, recs).await.unwrap()));
         while pending.len() > 16 {
             let (ids, p) = pending.pop_front().unwrap();
@@ -309,12 +460,22 @@ async fn hot_swaps_under_load_decide_every_message_exactly_once_in_order() {
     wait_for(45_000).await;
     deploy(&c, "versioned_route", stamp("v3")).await.unwrap();
     wait_for(70_000).await;
-    let rb = c.plugin_request("rollback", json!({ "name": "stamp", "to": 2 }), Bytes::new()).await.unwrap();
+    let rb = c
+        .plugin_request(
+            "rollback",
+            json!({ "name": "stamp", "to": 2 }),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
     assert_eq!(rb["version"], 2);
     let acked = producer.await.unwrap();
     assert_eq!(acked.len(), TOTAL);
 
-    let mut sub = c.subscribe(SubscribeOptions::new("hot").prefetch(8192)).await.unwrap();
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("hot").prefetch(8192))
+        .await
+        .unwrap();
     let msgs = take(&mut sub, TOTAL, 120).await;
     let mut ids = HashSet::new();
     let mut runs: BTreeMap<u32, Vec<String>> = BTreeMap::new();
@@ -322,9 +483,20 @@ async fn hot_swaps_under_load_decide_every_message_exactly_once_in_order() {
     for m in &msgs {
         let id: usize = String::from_utf8_lossy(&m.payload()).parse().unwrap();
         assert!(ids.insert(id), "message {id} stored twice");
-        let stamps: Vec<_> = m.record.headers().filter(|(n, _)| *n == "plugin-version").collect();
-        assert_eq!(stamps.len(), 1, "message {id} decided by exactly one version");
-        by_partition.entry(m.partition).or_default().push((m.offset, String::from_utf8_lossy(&stamps[0].1).into_owned()));
+        let stamps: Vec<_> = m
+            .record
+            .headers()
+            .filter(|(n, _)| *n == "plugin-version")
+            .collect();
+        assert_eq!(
+            stamps.len(),
+            1,
+            "message {id} decided by exactly one version"
+        );
+        by_partition
+            .entry(m.partition)
+            .or_default()
+            .push((m.offset, String::from_utf8_lossy(&stamps[0].1).into_owned()));
     }
     assert_eq!(ids.len(), TOTAL, "every acked message delivered");
     let mut first_v3: HashMap<u32, u64> = HashMap::new();
@@ -341,15 +513,73 @@ async fn hot_swaps_under_load_decide_every_message_exactly_once_in_order() {
         }
     }
     for (p, seq) in &runs {
-        assert_eq!(seq, &vec!["v1", "v2", "v3", "v2"], "partition {p}: versions switch in order, once each");
+        assert_eq!(
+            seq,
+            &vec!["v1", "v2", "v3", "v2"],
+            "partition {p}: versions switch in order, once each"
+        );
     }
     // The deploy history records exactly where each version took over.
     let s = show(&c, "stamp").await;
-    let v3 = s["version_details"].as_array().unwrap().iter().find(|v| v["version"] == 3).unwrap();
+    let v3 = s["version_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == 3)
+        .unwrap();
     for (p, o) in first_v3 {
-        assert_eq!(v3["cutover"][format!("hot/{p}")], o, "cut-over of v3 in partition {p}");
+        assert_eq!(
+            v3["cutover"][format!("hot/{p}")],
+            o,
+            "cut-over of v3 in partition {p}"
+        );
     }
-    let lat = v3["swap_latency_us"].as_u64().expect("swap latency recorded");
+    let lat = v3["swap_latency_us"]
+        .as_u64()
+        .expect("swap latency recorded");
     println!("swap latency (activation to first decision) of v3: {lat} µs");
     assert!(lat < 5_000_000);
+}
+
+#[tokio::test]
+async fn plugin_key_value_state_counts_every_stored_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || common::test_config(dir.path());
+    let router = switchyard::server::Router::start(cfg()).await.unwrap();
+    let c = common::connect(router.local_addr(), router.cert_path()).await;
+    c.create_topic("counted", 2).await.unwrap();
+    let opts = |v: &str| json!({ "name": "counter", "hook": "route", "topic": "counted", "config": { "version": v, "count-key": "seen" } });
+    deploy(&c, "versioned_route", opts("v1")).await.unwrap();
+    // Pipelined: later batches are decided before earlier ones commit, and
+    // must still see their writes. A hot swap halfway keeps the count.
+    let mut pending = Vec::new();
+    for b in 0..40 {
+        if b == 20 {
+            deploy(&c, "versioned_route", opts("v2")).await.unwrap();
+        }
+        let recs = (0..250).map(|i| Record::new(format!("{b}-{i}"))).collect();
+        pending.push(c.queue_batch("counted", recs).await.unwrap());
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let kv = |c: Arc<Client>| async move {
+        c.plugin_request(
+            "kv-get",
+            json!({ "name": "counter", "key": "seen" }),
+            Bytes::new(),
+        )
+        .await
+        .unwrap()["value"]
+            .clone()
+    };
+    assert_eq!(kv(c.clone()).await, json!("10000"));
+    assert_eq!(end(&c, "counted").await, 10_000);
+    router.shutdown().await;
+
+    // The count was committed with the messages: it survives a restart.
+    let router = switchyard::server::Router::start(cfg()).await.unwrap();
+    let c = common::connect(router.local_addr(), router.cert_path()).await;
+    assert_eq!(kv(c.clone()).await, json!("10000"));
+    router.shutdown().await;
 }

@@ -65,7 +65,11 @@ mod imp {
     }
     pub(super) fn config_all() -> Vec<(String, String)> {
         with_host(|h| {
-            let mut v: Vec<_> = h.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut v: Vec<_> = h
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             v.sort();
             v
         })

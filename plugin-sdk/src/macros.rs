@@ -13,6 +13,7 @@ macro_rules! export_route {
     };
     ($f:path, self_test = $t:path) => {
         const _: fn(&$crate::Message<'_>) -> $crate::Route = $f;
+        const _: fn() -> ::std::result::Result<(), ::std::string::String> = $t;
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::switchyard::plugin::types as __t;
@@ -20,7 +21,11 @@ macro_rules! export_route {
             impl $crate::bindings::Guest for __Plugin {
                 fn route(batch: &__t::Batch) -> ::std::vec::Vec<__t::RouteDecision> {
                     (0..batch.len())
-                        .map(|i| $crate::__private::route_to_wit($f(&$crate::Message::__from_host(batch, i))))
+                        .map(|i| {
+                            $crate::__private::route_to_wit($f(&$crate::Message::__from_host(
+                                batch, i,
+                            )))
+                        })
                         .collect()
                 }
                 fn self_test() -> ::std::result::Result<(), ::std::string::String> {
@@ -40,6 +45,7 @@ macro_rules! export_filter {
     };
     ($f:path, self_test = $t:path) => {
         const _: fn(&$crate::Subscriber, &$crate::Message<'_>) -> bool = $f;
+        const _: fn() -> ::std::result::Result<(), ::std::string::String> = $t;
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::switchyard::plugin::types as __t;
@@ -68,6 +74,7 @@ macro_rules! export_priority {
     };
     ($f:path, self_test = $t:path) => {
         const _: fn(&$crate::Message<'_>) -> u8 = $f;
+        const _: fn() -> ::std::result::Result<(), ::std::string::String> = $t;
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::switchyard::plugin::types as __t;
@@ -95,16 +102,23 @@ macro_rules! export_fanout {
     };
     ($f:path, self_test = $t:path) => {
         const _: fn(&$crate::Message<'_>, u32) -> $crate::FanoutMode = $f;
+        const _: fn() -> ::std::result::Result<(), ::std::string::String> = $t;
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::switchyard::plugin::types as __t;
             struct __Plugin;
             impl $crate::bindings::Guest for __Plugin {
-                fn choose(batch: &__t::Batch, followers: ::std::vec::Vec<u32>) -> ::std::vec::Vec<__t::FanoutMode> {
+                fn choose(
+                    batch: &__t::Batch,
+                    followers: ::std::vec::Vec<u32>,
+                ) -> ::std::vec::Vec<__t::FanoutMode> {
                     (0..batch.len())
                         .map(|i| {
                             let n = followers.get(i as usize).copied().unwrap_or(0);
-                            $crate::__private::fanout_to_wit($f(&$crate::Message::__from_host(batch, i), n))
+                            $crate::__private::fanout_to_wit($f(
+                                &$crate::Message::__from_host(batch, i),
+                                n,
+                            ))
                         })
                         .collect()
                 }
@@ -125,6 +139,7 @@ macro_rules! export_retry {
     };
     ($f:path, self_test = $t:path) => {
         const _: fn(&$crate::Message<'_>, &$crate::Failure) -> $crate::RetryDecision = $f;
+        const _: fn() -> ::std::result::Result<(), ::std::string::String> = $t;
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::switchyard::plugin::types as __t;

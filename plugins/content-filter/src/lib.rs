@@ -41,7 +41,9 @@ pub fn filter(_sub: &Subscriber, m: &Message) -> bool {
     let min = host::config("min").and_then(|s| s.parse::<f64>().ok());
     let max = host::config("max").and_then(|s| s.parse::<f64>().ok());
     if min.is_some() || max.is_some() {
-        let Some(n) = value.as_f64() else { return false };
+        let Some(n) = value.as_f64() else {
+            return false;
+        };
         return min.is_none_or(|lo| n >= lo) && max.is_none_or(|hi| n <= hi);
     }
     true // `exists`, or no rule: the field is present
@@ -50,7 +52,9 @@ pub fn filter(_sub: &Subscriber, m: &Message) -> bool {
 /// Deploy-time check: a rule is configured.
 fn self_test() -> Result<(), String> {
     if host::config("field").is_none() {
-        return Err("set --config field=PATH and a rule (equals, one-of, min, max or exists)".into());
+        return Err(
+            "set --config field=PATH and a rule (equals, one-of, min, max or exists)".into(),
+        );
     }
     Ok(())
 }
@@ -63,7 +67,10 @@ mod tests {
     use switchyard_plugin::testing;
 
     fn sees(payload: &str) -> bool {
-        filter(&Subscriber::default(), &TestMessage::new(payload).as_message())
+        filter(
+            &Subscriber::default(),
+            &TestMessage::new(payload).as_message(),
+        )
     }
 
     #[test]

@@ -14,10 +14,10 @@ use switchyard_plugin::prelude::*;
 
 /// The route hook.
 pub fn route(m: &Message) -> Route {
-    if let Some(h) = host::config("when-header") {
-        if m.header(&h).is_none() {
-            return Route::keep();
-        }
+    if let Some(h) = host::config("when-header")
+        && m.header(&h).is_none()
+    {
+        return Route::keep();
     }
     match host::config("mode").as_deref() {
         Some("loop") => {

@@ -12,7 +12,12 @@ use switchyard_plugin::prelude::*;
 
 fn spread(m: &Message, attempt: u32) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in m.key().unwrap_or_default().iter().chain(attempt.to_le_bytes().iter()) {
+    for b in m
+        .key()
+        .unwrap_or_default()
+        .iter()
+        .chain(attempt.to_le_bytes().iter())
+    {
         h ^= *b as u64;
         h = h.wrapping_mul(0x100_0000_01b3);
     }
@@ -24,11 +29,21 @@ pub fn on_failure(m: &Message, f: &Failure) -> RetryDecision {
     let attempt = m.attempt().max(1);
     let max_attempts = host::config_or("max-attempts", 5u32);
     let fatal = host::config("non-retryable").unwrap_or_default();
-    if !f.retryable || fatal.split(',').any(|c| !c.trim().is_empty() && c.trim() == f.code) {
-        return RetryDecision::dead_letter(format!("non-retryable failure {}: {}", f.code, f.message));
+    if !f.retryable
+        || fatal
+            .split(',')
+            .any(|c| !c.trim().is_empty() && c.trim() == f.code)
+    {
+        return RetryDecision::dead_letter(format!(
+            "non-retryable failure {}: {}",
+            f.code, f.message
+        ));
     }
     if attempt >= max_attempts {
-        return RetryDecision::dead_letter(format!("gave up after {attempt} attempts: {}", f.message));
+        return RetryDecision::dead_letter(format!(
+            "gave up after {attempt} attempts: {}",
+            f.message
+        ));
     }
     let base = host::config_or("base-ms", 1000u64) as f64;
     let max = host::config_or("max-ms", 300_000u64) as f64;
@@ -46,11 +61,18 @@ mod tests {
     use switchyard_plugin::testing;
 
     fn fail(code: &str, retryable: bool) -> Failure {
-        Failure { code: code.into(), message: "boom".into(), retryable }
+        Failure {
+            code: code.into(),
+            message: "boom".into(),
+            retryable,
+        }
     }
 
     fn delay(attempt: u32) -> u64 {
-        match on_failure(&TestMessage::new("").key("k").attempt(attempt).as_message(), &fail("e", true)) {
+        match on_failure(
+            &TestMessage::new("").key("k").attempt(attempt).as_message(),
+            &fail("e", true),
+        ) {
             RetryDecision::RetryAfterMs(ms) => ms,
             other => panic!("expected a retry, got {other:?}"),
         }
@@ -63,7 +85,10 @@ mod tests {
         for attempt in 1..6u32 {
             let nominal = 1000.0 * 2f64.powi(attempt as i32 - 1);
             let d = delay(attempt) as f64;
-            assert!(d >= nominal * 0.8 && d <= nominal * 1.2, "attempt {attempt}: {d}");
+            assert!(
+                d >= nominal * 0.8 && d <= nominal * 1.2,
+                "attempt {attempt}: {d}"
+            );
         }
     }
 
@@ -79,11 +104,23 @@ mod tests {
     fn dead_letters_after_max_attempts_or_fatal_codes() {
         testing::reset();
         let m = TestMessage::new("").attempt(5);
-        assert!(matches!(on_failure(&m.as_message(), &fail("e", true)), RetryDecision::DeadLetter(_)));
+        assert!(matches!(
+            on_failure(&m.as_message(), &fail("e", true)),
+            RetryDecision::DeadLetter(_)
+        ));
         let m = TestMessage::new("").attempt(1);
-        assert!(matches!(on_failure(&m.as_message(), &fail("e", false)), RetryDecision::DeadLetter(_)));
+        assert!(matches!(
+            on_failure(&m.as_message(), &fail("e", false)),
+            RetryDecision::DeadLetter(_)
+        ));
         testing::set_config("non-retryable", "bad-input, auth");
-        assert!(matches!(on_failure(&m.as_message(), &fail("auth", true)), RetryDecision::DeadLetter(_)));
-        assert!(matches!(on_failure(&m.as_message(), &fail("timeout", true)), RetryDecision::RetryAfterMs(_)));
+        assert!(matches!(
+            on_failure(&m.as_message(), &fail("auth", true)),
+            RetryDecision::DeadLetter(_)
+        ));
+        assert!(matches!(
+            on_failure(&m.as_message(), &fail("timeout", true)),
+            RetryDecision::RetryAfterMs(_)
+        ));
     }
 }

@@ -40,14 +40,27 @@ mod tests {
     #[test]
     fn tiers_map_to_priorities() {
         setup();
-        assert_eq!(priority(&TestMessage::new("").header("tenant", "acme").as_message()), 9);
-        assert_eq!(priority(&TestMessage::new("").header("tenant", "initech").as_message()), 1);
+        assert_eq!(
+            priority(&TestMessage::new("").header("tenant", "acme").as_message()),
+            9
+        );
+        assert_eq!(
+            priority(
+                &TestMessage::new("")
+                    .header("tenant", "initech")
+                    .as_message()
+            ),
+            1
+        );
     }
 
     #[test]
     fn unknown_tenants_get_the_default() {
         setup();
-        assert_eq!(priority(&TestMessage::new("").header("tenant", "nobody").as_message()), 4);
+        assert_eq!(
+            priority(&TestMessage::new("").header("tenant", "nobody").as_message()),
+            4
+        );
         assert_eq!(priority(&TestMessage::new("").as_message()), 4);
         testing::set_config("default", "2");
         assert_eq!(priority(&TestMessage::new("").as_message()), 2);
@@ -57,6 +70,9 @@ mod tests {
     fn out_of_range_config_is_clamped() {
         setup();
         testing::set_config("tier.gold", "42");
-        assert_eq!(priority(&TestMessage::new("").header("tenant", "acme").as_message()), 9);
+        assert_eq!(
+            priority(&TestMessage::new("").header("tenant", "acme").as_message()),
+            9
+        );
     }
 }

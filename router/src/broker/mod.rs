@@ -64,6 +64,8 @@ struct Routed {
     live: Arc<LiveVersion>,
     /// Topic of each stored record, in storage order.
     topics: Vec<Arc<str>>,
+    /// Key/value writes riding on this commit.
+    kv: Vec<(String, Vec<u8>)>,
 }
 
 impl PublishTicket {
@@ -76,6 +78,7 @@ impl PublishTicket {
         slots: Vec<Slot>,
         live: Arc<LiveVersion>,
         topics: Vec<Arc<str>>,
+        kv: Vec<(String, Vec<u8>)>,
     ) -> Self {
         PublishTicket {
             inner,
@@ -83,6 +86,7 @@ impl PublishTicket {
                 slots,
                 live,
                 topics,
+                kv,
             }),
         }
     }
@@ -102,6 +106,7 @@ impl std::future::Future for PublishTicket {
         let Some(route) = self.route.take() else {
             return std::task::Poll::Ready(r);
         };
+        route.live.plugin.settle_kv(&route.kv);
         std::task::Poll::Ready(r.map(|positions| {
             for (t, (p, o)) in route.topics.iter().zip(&positions) {
                 route.live.note_decided(t, *p, *o);

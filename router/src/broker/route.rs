@@ -32,6 +32,9 @@ impl Broker {
         let now = now_ms();
         let mut placements: Vec<Placement> = Vec::with_capacity(records.len());
         let mut kv: Vec<KvWrite> = Vec::new();
+        // Writes staged by successful calls; settled when this batch's
+        // commit finishes, or now if the batch is refused.
+        let mut staged: Vec<(String, Vec<u8>)> = Vec::new();
         let plugin_name: Arc<str> = live
             .plugin
             .label
@@ -55,6 +58,7 @@ impl Broker {
             live.note_first_decision();
             match result.decisions {
                 Ok(decisions) => {
+                    staged.extend(result.kv_writes.iter().cloned());
                     kv.extend(result.kv_writes.into_iter().map(|(key, value)| KvWrite {
                         plugin: plugin_name.clone(),
                         key,
@@ -64,6 +68,7 @@ impl Broker {
                         match self.place(topic, m.record, d) {
                             Ok(p) => placements.push(p),
                             Err(Decided::Reject(reason)) => {
+                                live.plugin.settle_kv(&staged);
                                 return Err(WireError::new(
                                     ErrorCode::Rejected,
                                     format!(
@@ -75,7 +80,13 @@ impl Broker {
                             Err(Decided::Invalid(record, why)) => {
                                 live.plugin.record_invalid();
                                 let e = CallError::InvalidDecision(why);
-                                placements.push(self.on_failure(topic, &live, record, &e)?);
+                                match self.on_failure(topic, &live, record, &e) {
+                                    Ok(p) => placements.push(p),
+                                    Err(err) => {
+                                        live.plugin.settle_kv(&staged);
+                                        return Err(err);
+                                    }
+                                }
                             }
                         }
                     }
@@ -83,7 +94,13 @@ impl Broker {
                 Err(e) => {
                     tracing::warn!(plugin = %live.plugin.label, error = %e, "route plugin failed");
                     for m in result.batch {
-                        placements.push(self.on_failure(topic, &live, m.record, &e)?);
+                        match self.on_failure(topic, &live, m.record, &e) {
+                            Ok(p) => placements.push(p),
+                            Err(err) => {
+                                live.plugin.settle_kv(&staged);
+                                return Err(err);
+                            }
+                        }
                     }
                 }
             }
@@ -115,12 +132,14 @@ impl Broker {
                 }
             }
         }
-        let ticket = self
-            .storage
-            .append_many(appends, kv)
-            .await
-            .map_err(|e| e.to_wire())?;
-        Ok(PublishTicket::routed(ticket, slots, live, decided))
+        let ticket = match self.storage.append_many(appends, kv).await {
+            Ok(t) => t,
+            Err(e) => {
+                live.plugin.settle_kv(&staged);
+                return Err(e.to_wire());
+            }
+        };
+        Ok(PublishTicket::routed(ticket, slots, live, decided, staged))
     }
 
     fn place(

@@ -38,10 +38,21 @@ pub struct StoreState {
     pub(crate) label: Arc<str>,
 }
 
-/// Where a plugin's committed key/value pairs are read from.
+/// A plugin's key/value store as calls see it.
+///
+/// Writes made while deciding a batch commit with that batch's records. In
+/// between, they are *staged*: later calls read them, so a pipelined
+/// producer's batches see each other's writes in order. Once the batch's
+/// commit succeeds or fails, its writes are *settled*: dropped from the
+/// staging area (committed ones are then read from storage; failed ones are
+/// gone, as their messages are).
 pub trait KvStore: Send + Sync {
-    /// The committed value of `key`.
+    /// The current value of `key`: staged, else committed.
     fn get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Makes a successful call's writes visible to later calls.
+    fn stage(&self, _writes: &[(String, Vec<u8>)]) {}
+    /// The commit carrying these writes finished (either way).
+    fn settle(&self, _writes: &[(String, Vec<u8>)]) {}
 }
 
 /// A store with nothing in it (dry runs, tests).

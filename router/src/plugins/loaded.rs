@@ -191,6 +191,9 @@ pub struct LoadedPlugin {
     pre: Pre,
     kv: Arc<dyn KvStore>,
     pool: Mutex<Vec<Pooled>>,
+    /// Calls of one version run one at a time, so that a stateful plugin's
+    /// read-modify-write of its key/value store never interleaves.
+    serial: Mutex<()>,
 }
 
 /// Layer byte pair that marks a component (vs `01 00` for a core module).
@@ -255,6 +258,7 @@ impl LoadedPlugin {
             pre,
             kv,
             pool: Mutex::new(Vec::new()),
+            serial: Mutex::new(()),
         })
     }
 
@@ -309,6 +313,7 @@ impl LoadedPlugin {
         f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
     ) -> Called<R> {
         let n = batch.len() as u64;
+        let _serial = self.serial.lock().expect("serial lock");
         let started = Instant::now();
         let pooled = self.pool.lock().expect("pool lock").pop();
         let mut pooled = match pooled.map(Ok).unwrap_or_else(|| self.instantiate()) {
@@ -336,6 +341,7 @@ impl LoadedPlugin {
         let _ = self.stats.micros.lock().expect("stats lock").record(micros);
         match result {
             Ok(r) => {
+                self.kv.stage(&writes);
                 let mut pool = self.pool.lock().expect("pool lock");
                 if pool.len() < POOL_MAX {
                     pool.push(pooled);
@@ -460,6 +466,13 @@ impl LoadedPlugin {
             decisions,
             batch,
             kv_writes,
+        }
+    }
+
+    /// Reports that the commit carrying `writes` finished (see [`KvStore`]).
+    pub fn settle_kv(&self, writes: &[(String, Vec<u8>)]) {
+        if !writes.is_empty() {
+            self.kv.settle(writes);
         }
     }
 

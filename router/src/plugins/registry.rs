@@ -156,6 +156,7 @@ pub struct Binding {
     pub group: Option<String>,
     live: ArcSwapOption<LiveVersion>,
     record: Mutex<PluginRecord>,
+    kv: Arc<PluginKv>,
 }
 
 impl Binding {
@@ -183,14 +184,48 @@ impl Binding {
     }
 }
 
-struct PluginKv {
+/// A plugin's key/value store: committed values in redb, plus the writes
+/// of decided batches whose commit is still in flight. Shared by all
+/// versions of a plugin, so a hot swap sees the old version's writes.
+pub(crate) struct PluginKv {
     storage: Storage,
     name: String,
+    staged: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl PluginKv {
+    fn new(storage: Storage, name: &str) -> Arc<Self> {
+        Arc::new(PluginKv {
+            storage,
+            name: name.to_string(),
+            staged: Mutex::new(HashMap::new()),
+        })
+    }
 }
 
 impl KvStore for PluginKv {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
+        if let Some(v) = self.staged.lock().expect("kv lock").get(key) {
+            return Some(v.clone());
+        }
         self.storage.plugin_kv_get(&self.name, key).ok().flatten()
+    }
+
+    fn stage(&self, writes: &[(String, Vec<u8>)]) {
+        let mut staged = self.staged.lock().expect("kv lock");
+        for (k, v) in writes {
+            staged.insert(k.clone(), v.clone());
+        }
+    }
+
+    fn settle(&self, writes: &[(String, Vec<u8>)]) {
+        let mut staged = self.staged.lock().expect("kv lock");
+        for (k, v) in writes {
+            // Only if no later call has written the key since.
+            if staged.get(k) == Some(v) {
+                staged.remove(k);
+            }
+        }
     }
 }
 
@@ -260,8 +295,9 @@ impl PluginRegistry {
         for (name, bytes) in records {
             let rec: PluginRecord = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("plugin '{name}': corrupt record: {e}"))?;
+            let kv = PluginKv::new(storage.clone(), &name);
             let live = match rec.live {
-                Some(v) => match reg.load_version(&rec, v) {
+                Some(v) => match reg.load_version(&rec, v, kv.clone()) {
                     Ok(l) => Some(Arc::new(l)),
                     Err(e) => {
                         tracing::error!(plugin = %name, version = v, error = %e, "cannot load the live version; the binding is inactive");
@@ -277,6 +313,7 @@ impl PluginRegistry {
                 group: rec.group.clone(),
                 live: ArcSwapOption::new(live),
                 record: Mutex::new(rec),
+                kv,
             };
             reg.bindings
                 .write()
@@ -291,7 +328,12 @@ impl PluginRegistry {
         &self.engine
     }
 
-    fn load_version(&self, rec: &PluginRecord, version: u32) -> Result<LiveVersion, String> {
+    fn load_version(
+        &self,
+        rec: &PluginRecord,
+        version: u32,
+        kv: Arc<PluginKv>,
+    ) -> Result<LiveVersion, String> {
         let v = rec
             .versions
             .iter()
@@ -309,10 +351,7 @@ impl PluginRegistry {
             format!("{}@v{version}", rec.name).into(),
             v.config.clone(),
             limits_of(v),
-            Arc::new(PluginKv {
-                storage: self.storage.clone(),
-                name: rec.name.clone(),
-            }),
+            kv,
         )
         .map_err(|e| e.to_string())?;
         Ok(LiveVersion {
@@ -465,10 +504,11 @@ impl PluginRegistry {
         // component takes a good fraction of a second.
         let engine = self.engine.clone();
         let label: Arc<str> = format!("{}@v{version}", req.name).into();
-        let kv: Arc<dyn KvStore> = Arc::new(PluginKv {
-            storage: self.storage.clone(),
-            name: req.name.clone(),
-        });
+        let kv_shared = existing
+            .as_ref()
+            .map(|b| b.kv.clone())
+            .unwrap_or_else(|| PluginKv::new(self.storage.clone(), &req.name));
+        let kv: Arc<dyn KvStore> = kv_shared.clone();
         let (hook, config, limits) = (req.hook, req.config.clone(), limits_of(&vrec));
         let wasm_for_load = wasm.clone();
         let started = Instant::now();
@@ -491,6 +531,7 @@ impl PluginRegistry {
                     topic: req.topic.clone(),
                     group: req.group.clone(),
                     live: ArcSwapOption::empty(),
+                    kv: kv_shared,
                     record: Mutex::new(PluginRecord {
                         name: req.name.clone(),
                         hook: req.hook,
@@ -596,7 +637,9 @@ impl PluginRegistry {
         let rec = b.record.lock().expect("record lock").clone();
         // Compiling a kept version takes milliseconds: fine inline for an
         // admin request.
-        let live = self.load_version(&rec, target).map_err(invalid)?;
+        let live = self
+            .load_version(&rec, target, b.kv.clone())
+            .map_err(invalid)?;
         {
             let mut rec = b.record.lock().expect("record lock");
             rec.live = Some(target);
@@ -687,6 +730,18 @@ impl PluginRegistry {
             .cloned()
             .ok_or_else(|| unknown(name))?;
         Ok(self.describe(&b, true))
+    }
+
+    /// The current value of a plugin's key/value entry (staged or committed).
+    pub fn kv_get(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>, WireError> {
+        let b = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown(name))?;
+        Ok(b.kv.get(key))
     }
 
     /// Persists every binding's cut-over points (at shutdown).

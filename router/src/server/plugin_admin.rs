@@ -19,6 +19,12 @@ struct Named {
 }
 
 #[derive(Deserialize)]
+struct KvGet {
+    name: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
 struct Rollback {
     name: String,
     #[serde(default)]
@@ -57,6 +63,15 @@ pub(super) async fn handle(
             plugins.rollback(&r.name, r.to).await
         }
         "remove" => plugins.remove(&parse::<Named>(body)?.name).await,
+        "kv-get" => {
+            let r: KvGet = parse(body)?;
+            let v = plugins.kv_get(&r.name, &r.key)?;
+            Ok(serde_json::json!({
+                "name": r.name,
+                "key": r.key,
+                "value": v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
+            }))
+        }
         "test" => super::plugin_test::dry_run(broker, parse(body)?, wasm).await,
         other => Err(WireError::new(
             ErrorCode::InvalidArgument,
