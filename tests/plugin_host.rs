@@ -67,3 +67,54 @@ fn route_by_header_decides_a_batch() {
     assert_eq!(r.batch.len(), 3, "the batch is handed back");
     assert_eq!(p.stats.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+#[test]
+fn compiled_artifacts_reload_without_compiling() {
+    let engine = PluginEngine::new().unwrap();
+    let p = load(&engine, "route_by_header", Hook::Route, &[]).unwrap();
+    let artifact = p.precompiled().expect("serializable");
+    // With a usable artifact the component bytes are not even looked at.
+    let again = LoadedPlugin::load_cached(
+        &engine,
+        Some(&artifact),
+        b"not used",
+        Hook::Route,
+        "again".into(),
+        BTreeMap::new(),
+        Limits::default(),
+        Arc::new(EmptyKv),
+    )
+    .unwrap();
+    let d = again
+        .route(vec![msg(Record::new("x").with_header("route-to", "b"))])
+        .decisions
+        .unwrap();
+    assert_eq!(d[0].action, RouteAction::To(vec!["b".into()]));
+    // A corrupt artifact falls back to compiling the component.
+    let fallback = LoadedPlugin::load_cached(
+        &engine,
+        Some(b"garbage"),
+        &plugin_wasm("route_by_header"),
+        Hook::Route,
+        "fallback".into(),
+        BTreeMap::new(),
+        Limits::default(),
+        Arc::new(EmptyKv),
+    );
+    assert!(fallback.is_ok());
+}
+
+#[test]
+fn a_plugin_gets_no_wasi() {
+    // The guest's standard library imports WASI; those imports trap. A
+    // plugin that panics writes to stderr through WASI first: it must come
+    // back as a trap, not crash or hang the host.
+    let engine = PluginEngine::new().unwrap();
+    let p = load(&engine, "hostile", Hook::Route, &[("mode", "trap")]).unwrap();
+    let r = p.route(vec![msg(Record::new("x"))]);
+    let e = r.decisions.unwrap_err();
+    assert!(matches!(e, switchyard::plugins::CallError::Trap(_)), "{e}");
+    // And the next call works on a fresh instance.
+    let ok = load(&engine, "hostile", Hook::Route, &[]).unwrap();
+    assert!(ok.route(vec![msg(Record::new("x"))]).decisions.is_ok());
+}

@@ -177,6 +177,7 @@ const POOL_MAX: usize = 16;
 
 /// One compiled, validated plugin version.
 pub struct LoadedPlugin {
+    component: Component,
     /// The hook it implements.
     pub hook: Hook,
     /// `name@vN`, for logs and errors.
@@ -221,6 +222,49 @@ impl LoadedPlugin {
         Self::from_component(engine, component, hook, label, config, limits, kv)
     }
 
+    /// Loads a version from the artifact [`LoadedPlugin::precompiled`]
+    /// produced earlier, skipping compilation (restart path).
+    ///
+    /// Falls back to compiling `wasm` if the artifact is missing or was
+    /// made by a different build or engine configuration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_cached(
+        engine: &PluginEngine,
+        artifact: Option<&[u8]>,
+        wasm: &[u8],
+        hook: Hook,
+        label: Arc<str>,
+        config: BTreeMap<String, String>,
+        limits: Limits,
+        kv: Arc<dyn KvStore>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        if let Some(bytes) = artifact {
+            // SAFETY: wasmtime requires that deserialized bytes come from
+            // `Component::serialize`. These were produced by this router
+            // (`precompiled`) and stored in its own database; wasmtime also
+            // checks the artifact's version and engine settings and refuses
+            // a mismatch, which lands in the fallback below.
+            #[allow(unsafe_code)]
+            let c = unsafe { Component::deserialize(engine.engine(), bytes) };
+            match c {
+                Ok(component) => {
+                    return Self::from_component(
+                        engine, component, hook, label, config, limits, kv,
+                    );
+                }
+                Err(e) => {
+                    tracing::info!(plugin = %label, error = %e, "recompiling: cached artifact unusable")
+                }
+            }
+        }
+        Self::load(engine, wasm, hook, label, config, limits, kv)
+    }
+
+    /// The compiled artifact, to store beside the component for fast reloads.
+    pub fn precompiled(&self) -> Option<Vec<u8>> {
+        self.component.serialize().ok()
+    }
+
     fn from_component(
         engine: &PluginEngine,
         component: Component,
@@ -239,6 +283,7 @@ impl LoadedPlugin {
             .define_unknown_imports_as_traps(&component)
             .map_err(wrong)?;
         let ipre = linker.instantiate_pre(&component).map_err(wrong)?;
+        let component = component.clone();
         let pre = match hook {
             Hook::Route => Pre::Route(bindings::route::RoutePre::new(ipre).map_err(wrong)?),
             Hook::Filter => Pre::Filter(bindings::filter::FilterPre::new(ipre).map_err(wrong)?),
@@ -249,6 +294,7 @@ impl LoadedPlugin {
             Hook::Retry => Pre::Retry(bindings::retry::RetryPre::new(ipre).map_err(wrong)?),
         };
         Ok(LoadedPlugin {
+            component,
             hook,
             label,
             limits,

@@ -344,8 +344,13 @@ impl PluginRegistry {
             .plugin_wasm(&rec.name, version)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("component of version {version} is missing"))?;
-        let plugin = LoadedPlugin::load(
+        let artifact = self
+            .storage
+            .plugin_artifact(&rec.name, version)
+            .map_err(|e| e.to_string())?;
+        let plugin = LoadedPlugin::load_cached(
             &self.engine,
+            artifact.as_deref(),
             &wasm,
             rec.hook,
             format!("{}@v{version}", rec.name).into(),
@@ -395,7 +400,7 @@ impl PluginRegistry {
     async fn persist(
         &self,
         b: &Binding,
-        wasm: Option<(u32, Vec<u8>)>,
+        wasm: Option<(u32, Vec<u8>, Option<Vec<u8>>)>,
         drop_versions: Vec<u32>,
     ) -> Result<(), WireError> {
         let bytes = {
@@ -567,7 +572,8 @@ impl PluginRegistry {
             }
             dropped
         };
-        self.persist(&binding, Some((version, wasm)), dropped)
+        let artifact = plugin.precompiled();
+        self.persist(&binding, Some((version, wasm, artifact)), dropped)
             .await?;
         let live = Arc::new(LiveVersion {
             version,

@@ -260,13 +260,13 @@ impl Storage {
         Ok(rx)
     }
 
-    /// Stores a plugin's record and, optionally, one version's component;
-    /// deletes the components of `drop_versions`.
+    /// Stores a plugin's record and, optionally, one version's component
+    /// (with its compiled artifact); deletes those of `drop_versions`.
     pub async fn put_plugin(
         &self,
         name: &str,
         record: Vec<u8>,
-        wasm: Option<(u32, Vec<u8>)>,
+        wasm: Option<(u32, Vec<u8>, Option<Vec<u8>>)>,
         drop_versions: Vec<u32>,
     ) -> Result<(), StorageError> {
         let (reply, rx) = oneshot::channel();
@@ -308,6 +308,17 @@ impl Storage {
     pub fn plugin_wasm(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, StorageError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(tables::PLUGIN_WASM)?;
+        Ok(t.get((name, version))?.map(|v| v.value().to_vec()))
+    }
+
+    /// A stored compiled artifact of a plugin version.
+    pub fn plugin_artifact(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(tables::PLUGIN_ARTIFACT)?;
         Ok(t.get((name, version))?.map(|v| v.value().to_vec()))
     }
 
@@ -440,6 +451,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::PLUGINS)?;
         w.open_table(tables::PLUGIN_WASM)?;
         w.open_table(tables::PLUGIN_KV)?;
+        w.open_table(tables::PLUGIN_ARTIFACT)?;
     }
     w.commit()?;
 

@@ -36,6 +36,11 @@ pub(crate) const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("p
 pub(crate) const PLUGIN_WASM: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("plugin_wasm");
 
+/// `(plugin name, version)` -> the component compiled for this build, so a
+/// restart deserializes instead of compiling.
+pub(crate) const PLUGIN_ARTIFACT: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("plugin_artifact");
+
 /// `(plugin name, key)` -> value: each plugin's durable key/value store.
 pub(crate) const PLUGIN_KV: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("plugin_kv");

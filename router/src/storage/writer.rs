@@ -16,7 +16,8 @@ use redb::{Database, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
 use super::tables::{
-    LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_KV, PLUGIN_WASM, PLUGINS, TOPICS,
+    LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM,
+    PLUGINS, TOPICS,
 };
 use super::{
     AppendRecord, KvWrite, PartState, Registry, StorageConfig, StorageError, TopicHandle,
@@ -34,7 +35,7 @@ pub(crate) enum WriteOp {
     PutPlugin {
         name: String,
         record: Vec<u8>,
-        wasm: Option<(u32, Vec<u8>)>,
+        wasm: Option<(u32, Vec<u8>, Option<Vec<u8>>)>,
         drop_versions: Vec<u32>,
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
@@ -420,18 +421,23 @@ impl Writer {
         &mut self,
         name: &str,
         record: &[u8],
-        wasm: Option<(u32, Vec<u8>)>,
+        wasm: Option<(u32, Vec<u8>, Option<Vec<u8>>)>,
         drop_versions: &[u32],
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
         {
             txn.open_table(PLUGINS)?.insert(name, record)?;
             let mut w = txn.open_table(PLUGIN_WASM)?;
-            if let Some((version, bytes)) = wasm {
+            let mut a = txn.open_table(PLUGIN_ARTIFACT)?;
+            if let Some((version, bytes, artifact)) = wasm {
                 w.insert((name, version), bytes.as_slice())?;
+                if let Some(artifact) = artifact {
+                    a.insert((name, version), artifact.as_slice())?;
+                }
             }
             for v in drop_versions {
                 w.remove((name, *v))?;
+                a.remove((name, *v))?;
             }
         }
         txn.commit()?;
@@ -443,6 +449,8 @@ impl Writer {
         {
             txn.open_table(PLUGINS)?.remove(name)?;
             txn.open_table(PLUGIN_WASM)?
+                .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
+            txn.open_table(PLUGIN_ARTIFACT)?
                 .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
             txn.open_table(PLUGIN_KV)?.retain(|k, _| k.0 != name)?;
         }
