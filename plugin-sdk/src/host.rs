@@ -35,11 +35,18 @@ mod imp {
         };
         h::log(l, message)
     }
+    /// Configuration is fixed for a deployed version: fetch it once per
+    /// instance instead of one host call (and string copy) per lookup.
+    fn cached() -> &'static std::collections::BTreeMap<String, String> {
+        static CONFIG: std::sync::OnceLock<std::collections::BTreeMap<String, String>> =
+            std::sync::OnceLock::new();
+        CONFIG.get_or_init(|| h::config_all().into_iter().collect())
+    }
     pub(super) fn config(key: &str) -> Option<String> {
-        h::config(key)
+        cached().get(key).cloned()
     }
     pub(super) fn config_all() -> Vec<(String, String)> {
-        h::config_all()
+        cached().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
     pub(super) fn kv_get(key: &str) -> Option<Vec<u8>> {
         h::kv_get(key)
