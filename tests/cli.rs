@@ -250,3 +250,41 @@ fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
     let out = ok(&cli(&r, dir.path(), &["plugin", "list"], None));
     assert!(out.contains("keep-paid") && out.contains("filter"), "{out}");
 }
+
+#[test]
+fn bench_reports_throughput_and_latency_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "bench",
+            "b",
+            "--count",
+            "3000",
+            "--batch",
+            "100",
+            "--consumers",
+            "2",
+            "--json",
+        ],
+        None,
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["published"], 3000);
+    assert_eq!(
+        v["delivered"], 6000,
+        "two fan-out consumers each see every message"
+    );
+    assert!(v["publish_msgs_per_s"].as_f64().unwrap() > 0.0);
+    for k in ["publish_to_ack", "publish_to_deliver"] {
+        let p50 = v[k]["p50_us"].as_f64().unwrap();
+        let max = v[k]["max_us"].as_f64().unwrap();
+        assert!(p50 > 0.0 && p50 <= max, "{k}: {p50} {max}");
+    }
+    // The records really are in the topic.
+    let out = ok(&cli(&r, dir.path(), &["topic", "describe", "b"], None));
+    assert!(out.contains("PARTITION"));
+}

@@ -1,5 +1,6 @@
 //! The `switchyard` command line.
 
+mod bench;
 mod plugin;
 mod publish;
 mod scaffold;
@@ -71,6 +72,8 @@ enum Command {
     /// Deploy, inspect, roll back, remove, dry-run and scaffold plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Generate load and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => publish::run(args).await,
         Command::Subscribe(args) => subscribe::run(args).await,
         Command::Plugin(cmd) => plugin::run(cmd).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

@@ -1,0 +1,380 @@
+//! `switchyard bench`: a load generator in the spirit of `nats bench` and
+//! RabbitMQ PerfTest. Producers publish pipelined batches (at full speed or
+//! at a fixed rate), consumers subscribe; it reports throughput and
+//! publish->ack and publish->deliver latency percentiles.
+//!
+//! At a fixed rate each message has an intended send time on a fixed
+//! schedule, and latency is measured from that time, not from when the
+//! producer got around to sending it: a stall shows up in the percentiles
+//! instead of hiding in a slower send rate (no coordinated omission).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::ConnectArgs;
+use crate::client::{Client, ClientConfig, SubscribeOptions};
+use crate::protocol::{ErrorCode, Record, StartPosition};
+
+#[derive(Debug, clap::Args)]
+pub(super) struct BenchArgs {
+    /// Topic to use (created if missing).
+    #[arg(default_value = "bench")]
+    topic: String,
+    /// Producer connections.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumer connections; each reads every message (fan-out), or shares
+    /// with the others in `--group`.
+    #[arg(long, default_value_t = 0)]
+    consumers: usize,
+    /// Consumers join this group and split the partitions.
+    #[arg(long)]
+    group: Option<String>,
+    /// Payload size in bytes (at least 8: the send time travels in it).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Distinct keys (0: keyless).
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Partitions when creating the topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Messages to publish in total (ignored with --duration).
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Publish for this long instead, e.g. 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Total messages per second across producers (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Messages per publish batch.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Batches in flight per producer.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+    /// Deploy this component as the topic's route plugin first.
+    #[arg(long)]
+    plugin: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnectArgs,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+struct Shared {
+    started: Instant,
+    published: AtomicU64,
+    delivered: AtomicU64,
+    last_delivery_ns: AtomicU64,
+    done_publishing: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+}
+
+pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.size >= 8, "--size must be at least 8 bytes");
+    anyhow::ensure!(args.producers > 0, "--producers must be at least 1");
+    let connect = || async {
+        Client::connect(
+            ClientConfig::new(args.conn.addr)
+                .with_ca_file(&args.conn.ca)
+                .with_server_name(&args.conn.server_name),
+        )
+        .await
+        .context("connecting")
+    };
+    args.conn.connect().await?.close().await;
+    let admin = connect().await?;
+    match admin.create_topic(&args.topic, args.partitions).await {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(ErrorCode::TopicExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(file) = &args.plugin {
+        let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        admin
+            .deploy_plugin(
+                wasm,
+                json!({ "name": format!("bench-{}", args.topic), "hook": "route", "topic": args.topic }),
+            )
+            .await?;
+    }
+
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        published: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        last_delivery_ns: AtomicU64::new(0),
+        done_publishing: AtomicBool::new(false),
+    });
+
+    // Consumers first, from the end of the log, so they see only this run.
+    let total = if args.duration.is_some() {
+        u64::MAX
+    } else {
+        args.count
+    };
+    let mut consumers = Vec::new();
+    for _ in 0..args.consumers {
+        let client = connect().await?;
+        let mut opts = SubscribeOptions::new(&args.topic)
+            .start(StartPosition::Latest)
+            .prefetch(8192);
+        if let Some(g) = &args.group {
+            opts = opts.group(g);
+        }
+        let mut sub = client.subscribe(opts).await?;
+        let shared = shared.clone();
+        // Fan-out: each consumer expects every message; a group: together.
+        let grouped = args.group.is_some();
+        consumers.push(tokio::spawn(async move {
+            let mut lat = hist();
+            let mut seen = 0u64;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
+                let m = match next {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(_) => break,
+                    Err(_) if shared.done_publishing.load(Ordering::Relaxed) => break,
+                    Err(_) => continue,
+                };
+                let p = m.payload();
+                let sent = u64::from_be_bytes(p[..8].try_into().expect("8-byte stamp"));
+                let now = shared.now_ns();
+                let _ = lat.record(now.saturating_sub(sent).max(1));
+                shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+                seen += 1;
+                let all = shared.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+                if (!grouped && seen == total) || (grouped && all >= total) {
+                    break;
+                }
+            }
+            drop(sub);
+            client.close().await;
+            lat
+        }));
+    }
+
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let pb = match args.duration {
+            Some(d) => indicatif::ProgressBar::new(d.as_secs().max(1)),
+            None => indicatif::ProgressBar::new(args.count),
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+                .expect("valid template"),
+        );
+        pb
+    };
+
+    // Rates count from here: connections and subscriptions are set up.
+    let run_start_ns = shared.now_ns();
+    let per_producer = total / args.producers as u64;
+    let rate_each = args.rate as f64 / args.producers as f64;
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut producers = Vec::new();
+    for i in 0..args.producers {
+        let client = Arc::new(connect().await?);
+        let shared = shared.clone();
+        let (topic, size, keys, batch, in_flight) = (
+            args.topic.clone(),
+            args.size,
+            args.keys,
+            args.batch.clamp(1, 4096),
+            args.in_flight.max(1),
+        );
+        let count = if i == 0 {
+            per_producer + total % args.producers as u64
+        } else {
+            per_producer
+        };
+        producers.push(tokio::spawn(async move {
+            // Each batch's ack is awaited in its own task, so its latency is
+            // taken when it arrives, not when the producer gets to it.
+            let lat = Arc::new(std::sync::Mutex::new(hist()));
+            let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
+            let mut acks = tokio::task::JoinSet::new();
+            let mut sent = 0u64;
+            let mut seq = i as u64;
+            let interval_ns = if rate_each > 0.0 {
+                1e9 / rate_each
+            } else {
+                0.0
+            };
+            let t0 = shared.now_ns();
+            while sent < count && deadline.is_none_or(|d| Instant::now() < d) {
+                let n = (batch as u64).min(count - sent) as usize;
+                let permit = window.clone().acquire_owned().await.expect("never closed");
+                // Open loop: the batch's intended time is on the schedule.
+                let intended = if interval_ns > 0.0 {
+                    let at = t0 + (sent as f64 * interval_ns) as u64;
+                    let now = shared.now_ns();
+                    if at > now {
+                        tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                    }
+                    at
+                } else {
+                    shared.now_ns()
+                };
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut p = BytesMut::with_capacity(size);
+                    p.put_u64(intended);
+                    p.resize(size, b'x');
+                    let mut r = Record::new(p.freeze());
+                    if keys > 0 {
+                        r.key = Some(Bytes::from((seq % keys).to_string()));
+                    }
+                    seq += 1;
+                    records.push(r);
+                }
+                let ack = client.queue_batch(&topic, records).await?;
+                sent += n as u64;
+                let (lat, shared) = (lat.clone(), shared.clone());
+                acks.spawn(async move {
+                    let r = ack.await;
+                    let took = shared.now_ns().saturating_sub(intended).max(1);
+                    let _ = lat.lock().expect("hist lock").record_n(took, n as u64);
+                    shared.published.fetch_add(n as u64, Ordering::Relaxed);
+                    drop(permit);
+                    r.map(|_| ())
+                });
+                while let Some(r) = acks.try_join_next() {
+                    r.expect("ack task")?;
+                }
+            }
+            while let Some(r) = acks.join_next().await {
+                r.expect("ack task")?;
+            }
+            client.close().await;
+            let lat = lat.lock().expect("hist lock").clone();
+            Ok::<_, crate::client::ClientError>(lat)
+        }));
+    }
+
+    let ticker = {
+        let shared = shared.clone();
+        let pb = progress.clone();
+        let by_time = args.duration.is_some();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let p = shared.published.load(Ordering::Relaxed);
+                let d = shared.delivered.load(Ordering::Relaxed);
+                let secs = shared.started.elapsed().as_secs_f64();
+                if by_time {
+                    pb.set_position(secs as u64);
+                } else {
+                    pb.set_position(p);
+                }
+                pb.set_message(format!(
+                    "published {p} ({:.0}/s), delivered {d}",
+                    p as f64 / secs.max(1e-9)
+                ));
+            }
+        })
+    };
+
+    let mut pub_lat = hist();
+    for p in producers {
+        pub_lat.add(p.await??).expect("same bounds");
+    }
+    let pub_secs = ((shared.now_ns() - run_start_ns) as f64 / 1e9).max(1e-9);
+    shared.done_publishing.store(true, Ordering::Relaxed);
+    let mut del_lat = hist();
+    for c in consumers {
+        del_lat.add(c.await?).expect("same bounds");
+    }
+    // Delivery rate up to the last delivery, not the idle wait after it.
+    let all_secs = (shared
+        .last_delivery_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(run_start_ns) as f64
+        / 1e9)
+        .max(1e-9);
+    ticker.abort();
+    progress.finish_and_clear();
+    admin.close().await;
+
+    let published = shared.published.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let pct = |h: &Histogram<u64>| {
+        json!({
+            "p50_us": h.value_at_quantile(0.5) as f64 / 1e3,
+            "p99_us": h.value_at_quantile(0.99) as f64 / 1e3,
+            "p999_us": h.value_at_quantile(0.999) as f64 / 1e3,
+            "max_us": h.max() as f64 / 1e3,
+        })
+    };
+    let report = json!({
+        "topic": args.topic,
+        "producers": args.producers,
+        "consumers": args.consumers,
+        "size": args.size,
+        "rate": if args.rate == 0 { json!("max") } else { json!(args.rate) },
+        "published": published,
+        "publish_msgs_per_s": published as f64 / pub_secs,
+        "publish_mb_per_s": (published * args.size as u64) as f64 / pub_secs / 1e6,
+        "publish_to_ack": pct(&pub_lat),
+        "delivered": delivered,
+        "deliver_msgs_per_s": if args.consumers > 0 { json!(delivered as f64 / all_secs) } else { json!(null) },
+        "deliver_mb_per_s": if args.consumers > 0 { json!((delivered * args.size as u64) as f64 / all_secs / 1e6) } else { json!(null) },
+        "publish_to_deliver": if args.consumers > 0 { pct(&del_lat) } else { json!(null) },
+        "durable": true,
+    });
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "publish: {published} msgs in {pub_secs:.2} s = {:.0} msg/s, {:.1} MB/s ({} producers, {} B, durable)",
+        report["publish_msgs_per_s"].as_f64().unwrap_or(0.0),
+        report["publish_mb_per_s"].as_f64().unwrap_or(0.0),
+        args.producers,
+        args.size
+    );
+    let line = |name: &str, v: &serde_json::Value| {
+        println!(
+            "  {name:<18} p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  max {:>9.1} µs",
+            v["p50_us"].as_f64().unwrap_or(0.0),
+            v["p99_us"].as_f64().unwrap_or(0.0),
+            v["p999_us"].as_f64().unwrap_or(0.0),
+            v["max_us"].as_f64().unwrap_or(0.0)
+        )
+    };
+    line("publish -> ack", &report["publish_to_ack"]);
+    if args.consumers > 0 {
+        println!(
+            "deliver: {delivered} msgs = {:.0} msg/s, {:.1} MB/s ({} consumers{})",
+            report["deliver_msgs_per_s"].as_f64().unwrap_or(0.0),
+            report["deliver_mb_per_s"].as_f64().unwrap_or(0.0),
+            args.consumers,
+            args.group
+                .as_ref()
+                .map(|g| format!(", group {g}"))
+                .unwrap_or_default()
+        );
+        line("publish -> deliver", &report["publish_to_deliver"]);
+    }
+    Ok(())
+}
