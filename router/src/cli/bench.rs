@@ -216,25 +216,39 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let mut acks = tokio::task::JoinSet::new();
             let mut sent = 0u64;
             let mut seq = i as u64;
-            let interval_ns = if rate_each > 0.0 {
-                1e9 / rate_each
-            } else {
-                0.0
-            };
-            let t0 = shared.now_ns();
+            // Open loop: a pacing thread emits each batch's intended send
+            // time. OS sleeps are precise to tens of microseconds, where
+            // tokio's timer rounds up to the next millisecond and would add
+            // its own delay to every measured latency.
+            let mut ticks = (rate_each > 0.0).then(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+                let interval_ns = 1e9 * batch as f64 / rate_each;
+                let shared = shared.clone();
+                let batches = count.div_ceil(batch as u64);
+                std::thread::spawn(move || {
+                    let t0 = shared.now_ns();
+                    for k in 0..batches {
+                        let at = t0 + (k as f64 * interval_ns) as u64;
+                        let now = shared.now_ns();
+                        if at > now {
+                            std::thread::sleep(Duration::from_nanos(at - now));
+                        }
+                        if tx.send(at).is_err() {
+                            return;
+                        }
+                    }
+                });
+                rx
+            });
             while sent < count && deadline.is_none_or(|d| Instant::now() < d) {
                 let n = (batch as u64).min(count - sent) as usize;
                 let permit = window.clone().acquire_owned().await.expect("never closed");
-                // Open loop: the batch's intended time is on the schedule.
-                let intended = if interval_ns > 0.0 {
-                    let at = t0 + (sent as f64 * interval_ns) as u64;
-                    let now = shared.now_ns();
-                    if at > now {
-                        tokio::time::sleep(Duration::from_nanos(at - now)).await;
-                    }
-                    at
-                } else {
-                    shared.now_ns()
+                let intended = match ticks.as_mut() {
+                    Some(rx) => match rx.recv().await {
+                        Some(at) => at,
+                        None => break,
+                    },
+                    None => shared.now_ns(),
                 };
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
