@@ -231,6 +231,9 @@ fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
             "orders",
             "--config",
             "needle=paid",
+            // Generous: a debug router on a loaded CI machine is slow.
+            "--deadline-ms",
+            "5000",
         ],
         None,
     ));

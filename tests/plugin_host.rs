@@ -12,6 +12,15 @@ use switchyard::plugins::{
 };
 use switchyard::protocol::Record;
 
+/// Limits that only a misbehaving plugin reaches, even in a debug build on a
+/// loaded machine.
+fn generous() -> Limits {
+    Limits {
+        deadline: std::time::Duration::from_secs(5),
+        ..Limits::default()
+    }
+}
+
 fn msg(r: Record) -> CallMessage {
     CallMessage {
         record: r.to_raw(),
@@ -37,7 +46,7 @@ fn load(
         hook,
         format!("{name}@v1").into(),
         config,
-        Limits::default(),
+        generous(),
         Arc::new(EmptyKv),
     )
 }
@@ -81,7 +90,7 @@ fn compiled_artifacts_reload_without_compiling() {
         Hook::Route,
         "again".into(),
         BTreeMap::new(),
-        Limits::default(),
+        generous(),
         Arc::new(EmptyKv),
     )
     .unwrap();
@@ -98,7 +107,7 @@ fn compiled_artifacts_reload_without_compiling() {
         Hook::Route,
         "fallback".into(),
         BTreeMap::new(),
-        Limits::default(),
+        generous(),
         Arc::new(EmptyKv),
     );
     assert!(fallback.is_ok());

@@ -13,11 +13,17 @@ use serde_json::json;
 use switchyard::client::{Client, SubscribeOptions};
 use switchyard::protocol::{ErrorCode, Record};
 
+/// Deploys a component. Tests that are not about deadlines give calls a
+/// generous one: the default 10 ms is sized for a release router, and a
+/// debug build on a loaded 2-core CI machine can be descheduled for longer.
 async fn deploy(
     c: &Client,
     file: &str,
-    opts: serde_json::Value,
+    mut opts: serde_json::Value,
 ) -> Result<serde_json::Value, switchyard::client::ClientError> {
+    if opts.get("deadline_ms").is_none() {
+        opts["deadline_ms"] = json!(5000);
+    }
     c.deploy_plugin(plugin_wasm(file), opts).await
 }
 
@@ -170,12 +176,14 @@ async fn filter_plugin_decides_what_each_subscription_sees() {
 }
 
 async fn hostile(c: &Client, name: &str, topic: &str, mode: &str, on_failure: &str) {
+    // Only the loop should hit the deadline; the others must fail their own way.
+    let deadline_ms = if mode == "loop" { 100 } else { 5000 };
     deploy(
         c,
         "hostile",
         json!({
             "name": name, "hook": "route", "topic": topic, "on_failure": on_failure,
-            "config": { "mode": mode, "when-header": "evil" }, "deadline_ms": 20, "memory_mb": 16,
+            "config": { "mode": mode, "when-header": "evil" }, "deadline_ms": deadline_ms, "memory_mb": 16,
         }),
     )
     .await

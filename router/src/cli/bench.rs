@@ -61,6 +61,10 @@ pub(super) struct BenchArgs {
     /// Batches in flight per producer.
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
+    /// Also hold this many subscriptions open that never read (memory and
+    /// fairness under many idle subscribers).
+    #[arg(long, default_value_t = 0)]
+    idle_subscriptions: usize,
     /// Deploy this component as the topic's route plugin first.
     #[arg(long)]
     plugin: Option<std::path::PathBuf>,
@@ -118,6 +122,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?;
     }
 
+    let mut idle_clients = Vec::new();
     let shared = Arc::new(Shared {
         started: Instant::now(),
         published: AtomicU64::new(0),
@@ -125,6 +130,20 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         last_delivery_ns: AtomicU64::new(0),
         done_publishing: AtomicBool::new(false),
     });
+
+    // Idle subscriptions: 200 per connection, below the router's stream limit.
+    let mut idle = Vec::new();
+    for chunk in 0..args.idle_subscriptions.div_ceil(200) {
+        let client = Arc::new(connect().await?);
+        let n = (args.idle_subscriptions - chunk * 200).min(200);
+        for _ in 0..n {
+            let opts = SubscribeOptions::new(&args.topic)
+                .start(StartPosition::Latest)
+                .prefetch(1);
+            idle.push(client.subscribe(opts).await?);
+        }
+        idle_clients.push(client);
+    }
 
     // Consumers first, from the end of the log, so they see only this run.
     let total = if args.duration.is_some() {
@@ -328,6 +347,10 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .max(1e-9);
     ticker.abort();
     progress.finish_and_clear();
+    drop(idle);
+    for c in idle_clients {
+        c.close().await;
+    }
     admin.close().await;
 
     let published = shared.published.load(Ordering::Relaxed);

@@ -143,8 +143,13 @@ impl StreamSubscription {
             if sent > 0 {
                 continue;
             }
+            // Without credits new records cannot be sent anyway: do not wake
+            // on every commit (a thousand idle subscribers would otherwise
+            // all wake for each one). Credits, commits and group changes
+            // still wake us.
+            let has_credits = self.credits > 0;
             tokio::select! {
-                _ = topic_rx.changed() => {}
+                _ = topic_rx.changed(), if has_credits => {}
                 _ = group_rx.changed() => {}
                 ev = events.recv() => match ev {
                     Some(ev) => self.apply(ev).await?,

@@ -58,7 +58,12 @@ pub(super) async fn dry_run(
             hook,
             "dry-run".into(),
             config,
-            Limits::default(),
+            // A dry run reports call times; it should not fail a slow
+            // but finite plugin the way a live binding's deadline would.
+            Limits {
+                deadline: std::time::Duration::from_secs(1),
+                ..Limits::default()
+            },
             Arc::new(EmptyKv),
         )
     })
