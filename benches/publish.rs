@@ -85,7 +85,8 @@ fn publish(c: &mut Criterion) {
 }
 
 fn serde_json_value() -> serde_json::Value {
-    serde_json::json!({ "name": "probe", "hook": "route", "topic": "routed" })
+    // A generous deadline: the bench also runs once, unoptimized, in CI.
+    serde_json::json!({ "name": "probe", "hook": "route", "topic": "routed", "deadline_ms": 5000 })
 }
 
 criterion_group!(benches, publish);
