@@ -114,8 +114,13 @@ pub struct LiveVersion {
     pub on_failure: FailureMode,
     activated: Instant,
     first_decision_us: Mutex<Option<u64>>,
-    cutover: Mutex<HashMap<(Arc<str>, u32), u64>>,
+    cutover: Cutover,
 }
+
+/// Per `(topic, partition)`, the first offset an activation of a version
+/// decided. Shared with the binding, so decisions acknowledged after the
+/// version was replaced still reach its record.
+type Cutover = Arc<Mutex<HashMap<(Arc<str>, u32), u64>>>;
 
 impl LiveVersion {
     /// Records that this version decided `offset` of `topic`/`partition`.
@@ -134,13 +139,8 @@ impl LiveVersion {
         }
     }
 
-    fn snapshot(&self) -> (BTreeMap<String, u64>, Option<u64>) {
-        let c = self.cutover.lock().expect("cutover lock");
-        let map = c
-            .iter()
-            .map(|((t, p), o)| (format!("{t}/{p}"), *o))
-            .collect();
-        (map, *self.first_decision_us.lock().expect("first lock"))
+    fn first_decision_us(&self) -> Option<u64> {
+        *self.first_decision_us.lock().expect("first lock")
     }
 }
 
@@ -157,29 +157,53 @@ pub struct Binding {
     live: ArcSwapOption<LiveVersion>,
     record: Mutex<PluginRecord>,
     kv: Arc<PluginKv>,
+    /// The cut-over map of each version's latest activation.
+    activations: Mutex<HashMap<u32, Cutover>>,
 }
 
 impl Binding {
+    /// Makes `live` the live version.
+    fn activate(&self, live: Arc<LiveVersion>) {
+        self.activations
+            .lock()
+            .expect("activations lock")
+            .insert(live.version, live.cutover.clone());
+        self.live.store(Some(live));
+    }
+
     /// The live version, if any.
     pub fn live(&self) -> Option<Arc<LiveVersion>> {
         self.live.load_full()
     }
 
-    /// Copies the live version's cut-over points into the record.
+    /// Copies every activation's cut-over points, and the live version's
+    /// swap latency, into the record.
     fn sync_cutover(&self) {
-        let Some(live) = self.live() else { return };
-        let (map, lat) = live.snapshot();
+        let activations: Vec<(u32, Cutover)> = self
+            .activations
+            .lock()
+            .expect("activations lock")
+            .iter()
+            .map(|(v, c)| (*v, c.clone()))
+            .collect();
+        let live = self.live();
         let mut rec = self.record.lock().expect("record lock");
-        if let Some(v) = rec.versions.iter_mut().find(|v| v.version == live.version) {
-            for (k, o) in map {
+        for (version, cutover) in activations {
+            let Some(v) = rec.versions.iter_mut().find(|v| v.version == version) else {
+                continue;
+            };
+            for ((t, p), o) in cutover.lock().expect("cutover lock").iter() {
                 v.cutover
-                    .entry(k)
-                    .and_modify(|x| *x = (*x).min(o))
-                    .or_insert(o);
+                    .entry(format!("{t}/{p}"))
+                    .and_modify(|x| *x = (*x).min(*o))
+                    .or_insert(*o);
             }
-            if v.swap_latency_us.is_none() {
-                v.swap_latency_us = lat;
-            }
+        }
+        if let Some(live) = live
+            && let Some(v) = rec.versions.iter_mut().find(|v| v.version == live.version)
+            && v.swap_latency_us.is_none()
+        {
+            v.swap_latency_us = live.first_decision_us();
         }
     }
 }
@@ -311,10 +335,14 @@ impl PluginRegistry {
                 hook: rec.hook,
                 topic: rec.topic.clone(),
                 group: rec.group.clone(),
-                live: ArcSwapOption::new(live),
+                live: ArcSwapOption::empty(),
                 record: Mutex::new(rec),
                 kv,
+                activations: Mutex::new(HashMap::new()),
             };
+            if let Some(live) = live {
+                b.activate(live);
+            }
             reg.bindings
                 .write()
                 .expect("bindings lock")
@@ -365,7 +393,7 @@ impl PluginRegistry {
             on_failure: v.on_failure,
             activated: Instant::now(),
             first_decision_us: Mutex::new(None),
-            cutover: Mutex::new(HashMap::new()),
+            cutover: Arc::default(),
         })
     }
 
@@ -537,6 +565,7 @@ impl PluginRegistry {
                     group: req.group.clone(),
                     live: ArcSwapOption::empty(),
                     kv: kv_shared,
+                    activations: Mutex::new(HashMap::new()),
                     record: Mutex::new(PluginRecord {
                         name: req.name.clone(),
                         hook: req.hook,
@@ -581,9 +610,9 @@ impl PluginRegistry {
             on_failure: req.on_failure,
             activated: Instant::now(),
             first_decision_us: Mutex::new(None),
-            cutover: Mutex::new(HashMap::new()),
+            cutover: Arc::default(),
         });
-        binding.live.store(Some(live));
+        binding.activate(live);
         tracing::info!(plugin = %req.name, version, hook = req.hook.name(), topic = %req.topic, "plugin version live");
         Ok(serde_json::json!({
             "name": req.name,
@@ -654,14 +683,19 @@ impl PluginRegistry {
                 event: "rollback".into(),
                 version: target,
             });
-            // Decisions from the new activation count as a new cut-over.
+            // Decisions from the new activation count as a new cut-over:
+            // forget the earlier activation's, in the record and as a source.
             if let Some(v) = rec.versions.iter_mut().find(|v| v.version == target) {
                 v.cutover.clear();
                 v.swap_latency_us = None;
             }
+            b.activations
+                .lock()
+                .expect("activations lock")
+                .remove(&target);
         }
         self.persist(&b, None, Vec::new()).await?;
-        b.live.store(Some(Arc::new(live)));
+        b.activate(Arc::new(live));
         Ok(serde_json::json!({ "name": name, "version": target }))
     }
 
