@@ -112,20 +112,33 @@ pub struct LiveVersion {
     pub plugin: LoadedPlugin,
     /// Its failure mode.
     pub on_failure: FailureMode,
-    activated: Instant,
-    first_decision_us: Mutex<Option<u64>>,
-    cutover: Cutover,
+    activation: Arc<Activation>,
 }
 
-/// Per `(topic, partition)`, the first offset an activation of a version
-/// decided. Shared with the binding, so decisions acknowledged after the
-/// version was replaced still reach its record.
-type Cutover = Arc<Mutex<HashMap<(Arc<str>, u32), u64>>>;
+/// What one activation of a version has done: per `(topic, partition)` the
+/// first offset it decided, and the time from going live to its first
+/// decision. Shared with the binding, so what happens after the version was
+/// replaced (acks of batches it decided) still reaches its record.
+struct Activation {
+    activated: Instant,
+    first_decision_us: Mutex<Option<u64>>,
+    cutover: Mutex<HashMap<(Arc<str>, u32), u64>>,
+}
+
+impl Activation {
+    fn new() -> Arc<Self> {
+        Arc::new(Activation {
+            activated: Instant::now(),
+            first_decision_us: Mutex::new(None),
+            cutover: Mutex::new(HashMap::new()),
+        })
+    }
+}
 
 impl LiveVersion {
     /// Records that this version decided `offset` of `topic`/`partition`.
     pub fn note_decided(&self, topic: &Arc<str>, partition: u32, offset: u64) {
-        let mut c = self.cutover.lock().expect("cutover lock");
+        let mut c = self.activation.cutover.lock().expect("cutover lock");
         c.entry((topic.clone(), partition))
             .and_modify(|o| *o = (*o).min(offset))
             .or_insert(offset);
@@ -133,14 +146,11 @@ impl LiveVersion {
 
     /// Marks the first decision, for the swap latency.
     pub fn note_first_decision(&self) {
-        let mut f = self.first_decision_us.lock().expect("first lock");
+        let a = &self.activation;
+        let mut f = a.first_decision_us.lock().expect("first lock");
         if f.is_none() {
-            *f = Some(self.activated.elapsed().as_micros() as u64);
+            *f = Some(a.activated.elapsed().as_micros() as u64);
         }
-    }
-
-    fn first_decision_us(&self) -> Option<u64> {
-        *self.first_decision_us.lock().expect("first lock")
     }
 }
 
@@ -157,8 +167,8 @@ pub struct Binding {
     live: ArcSwapOption<LiveVersion>,
     record: Mutex<PluginRecord>,
     kv: Arc<PluginKv>,
-    /// The cut-over map of each version's latest activation.
-    activations: Mutex<HashMap<u32, Cutover>>,
+    /// Each version's latest activation.
+    activations: Mutex<HashMap<u32, Arc<Activation>>>,
 }
 
 impl Binding {
@@ -167,7 +177,7 @@ impl Binding {
         self.activations
             .lock()
             .expect("activations lock")
-            .insert(live.version, live.cutover.clone());
+            .insert(live.version, live.activation.clone());
         self.live.store(Some(live));
     }
 
@@ -176,34 +186,30 @@ impl Binding {
         self.live.load_full()
     }
 
-    /// Copies every activation's cut-over points, and the live version's
-    /// swap latency, into the record.
+    /// Copies every activation's cut-over points and swap latency into the
+    /// record.
     fn sync_cutover(&self) {
-        let activations: Vec<(u32, Cutover)> = self
+        let activations: Vec<(u32, Arc<Activation>)> = self
             .activations
             .lock()
             .expect("activations lock")
             .iter()
-            .map(|(v, c)| (*v, c.clone()))
+            .map(|(v, a)| (*v, a.clone()))
             .collect();
-        let live = self.live();
         let mut rec = self.record.lock().expect("record lock");
-        for (version, cutover) in activations {
+        for (version, a) in activations {
             let Some(v) = rec.versions.iter_mut().find(|v| v.version == version) else {
                 continue;
             };
-            for ((t, p), o) in cutover.lock().expect("cutover lock").iter() {
+            for ((t, p), o) in a.cutover.lock().expect("cutover lock").iter() {
                 v.cutover
                     .entry(format!("{t}/{p}"))
                     .and_modify(|x| *x = (*x).min(*o))
                     .or_insert(*o);
             }
-        }
-        if let Some(live) = live
-            && let Some(v) = rec.versions.iter_mut().find(|v| v.version == live.version)
-            && v.swap_latency_us.is_none()
-        {
-            v.swap_latency_us = live.first_decision_us();
+            if v.swap_latency_us.is_none() {
+                v.swap_latency_us = *a.first_decision_us.lock().expect("first lock");
+            }
         }
     }
 }
@@ -391,9 +397,7 @@ impl PluginRegistry {
             version,
             plugin,
             on_failure: v.on_failure,
-            activated: Instant::now(),
-            first_decision_us: Mutex::new(None),
-            cutover: Arc::default(),
+            activation: Activation::new(),
         })
     }
 
@@ -608,9 +612,7 @@ impl PluginRegistry {
             version,
             plugin,
             on_failure: req.on_failure,
-            activated: Instant::now(),
-            first_decision_us: Mutex::new(None),
-            cutover: Arc::default(),
+            activation: Activation::new(),
         });
         binding.activate(live);
         tracing::info!(plugin = %req.name, version, hook = req.hook.name(), topic = %req.topic, "plugin version live");
