@@ -63,7 +63,7 @@ struct Routed {
     slots: Vec<Slot>,
     live: Arc<LiveVersion>,
     /// Topic of each stored record, in storage order.
-    topics: Vec<Arc<str>>,
+    topics: Vec<Arc<TopicHandle>>,
     /// Key/value writes riding on this commit.
     kv: Vec<(String, Vec<u8>)>,
 }
@@ -77,7 +77,7 @@ impl PublishTicket {
         inner: AppendTicket,
         slots: Vec<Slot>,
         live: Arc<LiveVersion>,
-        topics: Vec<Arc<str>>,
+        topics: Vec<Arc<TopicHandle>>,
         kv: Vec<(String, Vec<u8>)>,
     ) -> Self {
         PublishTicket {
@@ -108,9 +108,13 @@ impl std::future::Future for PublishTicket {
         };
         route.live.plugin.settle_kv(&route.kv);
         std::task::Poll::Ready(r.map(|positions| {
-            for (t, (p, o)) in route.topics.iter().zip(&positions) {
-                route.live.note_decided(t, *p, *o);
-            }
+            route.live.note_decided(
+                route
+                    .topics
+                    .iter()
+                    .zip(&positions)
+                    .map(|(t, (p, o))| (t.meta.name.as_str(), *p, *o)),
+            );
             route
                 .slots
                 .iter()
@@ -273,27 +277,10 @@ impl Broker {
             return self.publish_routed(topic, records, rr, live).await;
         }
         let n = topic.meta.partitions;
-        let mut placed = Vec::with_capacity(records.len());
-        for r in records {
-            if r.len() > self.config.max_message_bytes {
-                return Err(WireError::new(
-                    ErrorCode::MessageTooLarge,
-                    format!(
-                        "record of {} bytes exceeds max_message_bytes = {}; split it or raise the router's limit",
-                        r.len(),
-                        self.config.max_message_bytes
-                    ),
-                ));
-            }
-            let p = match r.key_bytes() {
-                Some(k) => partitioner::partition_for_key(k, n),
-                None => {
-                    *rr = rr.wrapping_add(1);
-                    *rr % n
-                }
-            };
-            placed.push((p, r));
-        }
+        let placed = records
+            .into_iter()
+            .map(|r| (partitioner::partition_of(&r, n, rr), r))
+            .collect();
         self.storage
             .append(topic, placed)
             .await

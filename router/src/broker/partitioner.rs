@@ -21,6 +21,18 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (fnv1a64(key) % partitions as u64) as u32
 }
 
+/// The partition for `record`: by key hash, or round-robin on the caller's
+/// cursor `rr` for keyless records.
+pub fn partition_of(record: &crate::protocol::RawRecord, partitions: u32, rr: &mut u32) -> u32 {
+    match record.key_bytes() {
+        Some(k) => partition_for_key(k, partitions),
+        None => {
+            *rr = rr.wrapping_add(1);
+            *rr % partitions
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,19 +115,13 @@ impl Broker {
                 Placement::Targets(targets) => {
                     slots.push(Slot::Stored(appends.len()));
                     for (t, record) in targets {
-                        let partition = match record.key_bytes() {
-                            Some(k) => partitioner::partition_for_key(k, t.meta.partitions),
-                            None => {
-                                *rr = rr.wrapping_add(1);
-                                *rr % t.meta.partitions
-                            }
-                        };
-                        decided.push(Arc::<str>::from(t.meta.name.as_str()));
+                        let partition = partitioner::partition_of(&record, t.meta.partitions, rr);
                         appends.push(AppendRecord {
                             topic_id: t.meta.id,
                             partition,
                             record,
                         });
+                        decided.push(t);
                     }
                 }
             }

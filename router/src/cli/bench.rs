@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::ConnectArgs;
-use crate::client::{Client, ClientConfig, SubscribeOptions};
+use crate::client::SubscribeOptions;
 use crate::protocol::{ErrorCode, Record, StartPosition};
 
 #[derive(Debug, clap::Args)]
@@ -96,17 +96,7 @@ impl Shared {
 pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 8, "--size must be at least 8 bytes");
     anyhow::ensure!(args.producers > 0, "--producers must be at least 1");
-    let connect = || async {
-        Client::connect(
-            ClientConfig::new(args.conn.addr)
-                .with_ca_file(&args.conn.ca)
-                .with_server_name(&args.conn.server_name),
-        )
-        .await
-        .context("connecting")
-    };
-    args.conn.connect().await?.close().await;
-    let admin = connect().await?;
+    let admin = args.conn.connect().await?;
     match admin.create_topic(&args.topic, args.partitions).await {
         Ok(_) => {}
         Err(e) if e.code() == Some(ErrorCode::TopicExists) => {}
@@ -134,7 +124,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Idle subscriptions: 200 per connection, below the router's stream limit.
     let mut idle = Vec::new();
     for chunk in 0..args.idle_subscriptions.div_ceil(200) {
-        let client = Arc::new(connect().await?);
+        let client = Arc::new(args.conn.connect().await?);
         let n = (args.idle_subscriptions - chunk * 200).min(200);
         for _ in 0..n {
             let opts = SubscribeOptions::new(&args.topic)
@@ -153,7 +143,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
-        let client = connect().await?;
+        let client = args.conn.connect().await?;
         let mut opts = SubscribeOptions::new(&args.topic)
             .start(StartPosition::Latest)
             .prefetch(8192);
@@ -213,7 +203,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let deadline = args.duration.map(|d| Instant::now() + d);
     let mut producers = Vec::new();
     for i in 0..args.producers {
-        let client = Arc::new(connect().await?);
+        let client = Arc::new(args.conn.connect().await?);
         let shared = shared.clone();
         let (topic, size, keys, batch, in_flight) = (
             args.topic.clone(),

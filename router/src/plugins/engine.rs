@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use wasmtime::component::{Linker, Resource};
 use wasmtime::{Config, Engine, StoreLimits};
 
@@ -234,9 +233,4 @@ impl host::Host for StoreState {
     fn now_ms(&mut self) -> u64 {
         crate::storage::now_ms()
     }
-}
-
-/// Payload bytes as a cheap `Bytes` (used by dry runs and tests).
-pub fn payload_of(m: &CallMessage) -> Bytes {
-    m.record.payload()
 }

@@ -122,7 +122,7 @@ pub struct LiveVersion {
 struct Activation {
     activated: Instant,
     first_decision_us: Mutex<Option<u64>>,
-    cutover: Mutex<HashMap<(Arc<str>, u32), u64>>,
+    cutover: Mutex<HashMap<String, HashMap<u32, u64>>>,
 }
 
 impl Activation {
@@ -136,12 +136,21 @@ impl Activation {
 }
 
 impl LiveVersion {
-    /// Records that this version decided `offset` of `topic`/`partition`.
-    pub fn note_decided(&self, topic: &Arc<str>, partition: u32, offset: u64) {
+    /// Records that this version decided these `(topic, partition, offset)`s:
+    /// one lock per acknowledged batch, and an allocation only the first
+    /// time a topic is seen.
+    pub fn note_decided<'a>(&self, decided: impl Iterator<Item = (&'a str, u32, u64)>) {
         let mut c = self.activation.cutover.lock().expect("cutover lock");
-        c.entry((topic.clone(), partition))
-            .and_modify(|o| *o = (*o).min(offset))
-            .or_insert(offset);
+        for (topic, partition, offset) in decided {
+            if !c.contains_key(topic) {
+                c.insert(topic.to_string(), HashMap::new());
+            }
+            c.get_mut(topic)
+                .expect("inserted above")
+                .entry(partition)
+                .and_modify(|o| *o = (*o).min(offset))
+                .or_insert(offset);
+        }
     }
 
     /// Marks the first decision, for the swap latency.
@@ -201,11 +210,13 @@ impl Binding {
             let Some(v) = rec.versions.iter_mut().find(|v| v.version == version) else {
                 continue;
             };
-            for ((t, p), o) in a.cutover.lock().expect("cutover lock").iter() {
-                v.cutover
-                    .entry(format!("{t}/{p}"))
-                    .and_modify(|x| *x = (*x).min(*o))
-                    .or_insert(*o);
+            for (t, parts) in a.cutover.lock().expect("cutover lock").iter() {
+                for (p, o) in parts {
+                    v.cutover
+                        .entry(format!("{t}/{p}"))
+                        .and_modify(|x| *x = (*x).min(*o))
+                        .or_insert(*o);
+                }
             }
             if v.swap_latency_us.is_none() {
                 v.swap_latency_us = *a.first_decision_us.lock().expect("first lock");
@@ -355,6 +366,15 @@ impl PluginRegistry {
                 .insert(name, Arc::new(b));
         }
         Ok(reg)
+    }
+
+    fn binding(&self, name: &str) -> Result<Arc<Binding>, WireError> {
+        self.bindings
+            .read()
+            .expect("bindings lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown(name))
     }
 
     /// The engine (for dry runs).
@@ -632,13 +652,7 @@ impl PluginRegistry {
         to: Option<u32>,
     ) -> Result<serde_json::Value, WireError> {
         let _admin = self.admin.lock().await;
-        let b = self
-            .bindings
-            .read()
-            .expect("bindings lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| unknown(name))?;
+        let b = self.binding(name)?;
         b.sync_cutover();
         let target = {
             let rec = b.record.lock().expect("record lock");
@@ -764,25 +778,13 @@ impl PluginRegistry {
 
     /// Everything about one plugin, including each version's cut-over points.
     pub fn show(&self, name: &str) -> Result<serde_json::Value, WireError> {
-        let b = self
-            .bindings
-            .read()
-            .expect("bindings lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| unknown(name))?;
+        let b = self.binding(name)?;
         Ok(self.describe(&b, true))
     }
 
     /// The current value of a plugin's key/value entry (staged or committed).
     pub fn kv_get(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>, WireError> {
-        let b = self
-            .bindings
-            .read()
-            .expect("bindings lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| unknown(name))?;
+        let b = self.binding(name)?;
         Ok(b.kv.get(key))
     }
 
