@@ -6,13 +6,19 @@ pub mod partitioner;
 mod route;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 pub use group::{Group, Held};
 
-use crate::plugins::{LiveVersion, PluginRegistry};
-use crate::protocol::{ErrorCode, RawRecord, TopicInfo, WireError};
-use crate::storage::{AppendTicket, Storage, StorageError, TopicHandle};
+use crate::delivery::QueueGroup;
+use crate::plugins::{CallMessage, FailureMode, Hook, LiveVersion, PluginRegistry};
+use crate::protocol::headers::{PRIORITY, Policy};
+use crate::protocol::{ErrorCode, RawRecord, StartPosition, TopicInfo, WireError};
+use crate::storage::{
+    AppendRecord, AppendTicket, KvWrite, Storage, StorageError, TopicHandle, now_ms,
+};
 
 /// Limits the broker enforces on requests.
 #[derive(Debug, Clone)]
@@ -37,6 +43,7 @@ pub struct Broker {
     storage: Storage,
     config: BrokerConfig,
     groups: Mutex<HashMap<(String, u32), Arc<Group>>>,
+    queues: Mutex<HashMap<(String, u32), Arc<QueueGroup>>>,
     plugins: Arc<PluginRegistry>,
 }
 
@@ -57,6 +64,10 @@ pub const DROPPED: (u32, u64) = (u32::MAX, u64::MAX);
 pub struct PublishTicket {
     inner: AppendTicket,
     route: Option<Routed>,
+    /// Indexes of records shed by the backlog limit, ascending.
+    shed: Vec<usize>,
+    /// Priority plugin key/value writes riding on this commit.
+    after: Option<(Arc<LiveVersion>, Vec<(String, Vec<u8>)>)>,
 }
 
 struct Routed {
@@ -70,7 +81,12 @@ struct Routed {
 
 impl PublishTicket {
     fn plain(inner: AppendTicket) -> Self {
-        PublishTicket { inner, route: None }
+        PublishTicket {
+            inner,
+            route: None,
+            shed: Vec::new(),
+            after: None,
+        }
     }
 
     fn routed(
@@ -88,6 +104,8 @@ impl PublishTicket {
                 topics,
                 kv,
             }),
+            shed: Vec::new(),
+            after: None,
         }
     }
 }
@@ -103,6 +121,16 @@ impl std::future::Future for PublishTicket {
             std::task::Poll::Pending => return std::task::Poll::Pending,
             std::task::Poll::Ready(r) => r.unwrap_or(Err(StorageError::ShutDown)),
         };
+        if let Some((live, kv)) = self.after.take() {
+            live.plugin.settle_kv(&kv);
+        }
+        let shed = std::mem::take(&mut self.shed);
+        let r = r.map(|mut positions| {
+            for i in shed {
+                positions.insert(i.min(positions.len()), DROPPED);
+            }
+            positions
+        });
         let Some(route) = self.route.take() else {
             return std::task::Poll::Ready(r);
         };
@@ -129,6 +157,68 @@ impl std::future::Future for PublishTicket {
 
 /// Longest topic or group name.
 pub const MAX_NAME_LEN: usize = 249;
+
+fn plugin_name(live: &LiveVersion) -> Arc<str> {
+    live.plugin
+        .label
+        .split('@')
+        .next()
+        .unwrap_or_default()
+        .into()
+}
+
+/// Runs the topic's priority plugin and stamps each record's `priority`
+/// header with its decision (the plugin wins over a producer's header).
+#[allow(clippy::type_complexity)]
+fn stamp_priority(
+    topic: &TopicHandle,
+    records: Vec<RawRecord>,
+    live: &LiveVersion,
+) -> Result<(Vec<RawRecord>, Vec<(String, Vec<u8>)>), WireError> {
+    let name: Arc<str> = topic.meta.name.as_str().into();
+    let now = now_ms();
+    let mut out = Vec::with_capacity(records.len());
+    let mut writes = Vec::new();
+    for chunk in records.chunks(256) {
+        let batch = chunk
+            .iter()
+            .map(|r| CallMessage {
+                record: r.clone(),
+                topic: name.clone(),
+                timestamp_ms: now,
+                attempt: 0,
+            })
+            .collect();
+        let res = live.plugin.priority(batch);
+        match res.decisions {
+            Ok(ps) => {
+                writes.extend(res.kv_writes);
+                for (r, p) in chunk.iter().zip(ps) {
+                    let mut rec = r.to_record();
+                    rec.headers.retain(|(n, _)| n != PRIORITY);
+                    rec.headers.push((PRIORITY.into(), p.to_string().into()));
+                    out.push(rec.to_raw());
+                }
+            }
+            Err(e) if live.on_failure == FailureMode::Reject => {
+                live.plugin.settle_kv(&writes);
+                return Err(WireError::new(
+                    ErrorCode::PluginFailed,
+                    format!(
+                        "priority plugin {} failed: {e}; no record of this batch was stored (failure mode reject)",
+                        live.plugin.label
+                    ),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %live.plugin.label, error = %e,
+                    "priority plugin failed; keeping header or topic default");
+                out.extend(chunk.iter().cloned());
+            }
+        }
+    }
+    Ok((out, writes))
+}
 
 /// Checks a topic name: 1-249 characters from `[A-Za-z0-9._-]`, as in Kafka.
 pub fn validate_topic_name(name: &str) -> Result<(), WireError> {
@@ -175,6 +265,7 @@ impl Broker {
             storage,
             config,
             groups: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             plugins,
         }
     }
@@ -231,6 +322,10 @@ impl Broker {
             .lock()
             .expect("groups lock")
             .retain(|_, g| !g.topic.is_deleted());
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .retain(|_, g| !g.topic.is_deleted());
         Ok(())
     }
 
@@ -273,19 +368,185 @@ impl Broker {
                 ),
             ));
         }
+        let policy = topic.policy();
+        let mut records = records;
+        let mut kv = Vec::new();
+        let mut after = None;
+        if let Some(live) = self.plugins.hook_for(Hook::Priority, &topic.meta.name) {
+            let writes;
+            (records, writes) = stamp_priority(topic, records, &live)?;
+            if !writes.is_empty() {
+                let plugin: Arc<str> = plugin_name(&live);
+                kv.extend(writes.iter().map(|(key, value)| KvWrite {
+                    plugin: plugin.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                }));
+                after = Some((live, writes));
+            }
+        }
+        let settle = |after: &Option<(Arc<LiveVersion>, Vec<(String, Vec<u8>)>)>| {
+            if let Some((live, w)) = after {
+                live.plugin.settle_kv(w);
+            }
+        };
+        // Check the router-read headers of every record: the whole batch is
+        // refused if one asks for something the topic does not allow.
+        let now = now_ms();
+        let mut ids: Vec<Option<Bytes>> = Vec::with_capacity(records.len());
+        let mut priorities = Vec::with_capacity(records.len());
+        for r in &records {
+            let p = Policy::parse(r.as_bytes()).inspect_err(|_| settle(&after))?;
+            let delay = p.visible_at(now).saturating_sub(now);
+            if delay > policy.max_delay_ms {
+                settle(&after);
+                return Err(WireError::new(
+                    ErrorCode::InvalidDelay,
+                    format!(
+                        "delay of {delay} ms exceeds topic '{}' max_delay_ms = {}",
+                        topic.meta.name, policy.max_delay_ms
+                    ),
+                ));
+            }
+            ids.push(p.message_id.map(|id| r.as_bytes().slice_ref(id)));
+            priorities.push(p.priority.unwrap_or(policy.default_priority));
+        }
+        let mut shed = Vec::new();
+        if policy.backlog_limit > 0 {
+            let backlog = self.backlog(topic);
+            if backlog.saturating_add(records.len() as u64) > policy.backlog_limit {
+                let Some(min) = policy.shed_below_priority else {
+                    settle(&after);
+                    return Err(WireError::new(
+                        ErrorCode::BacklogFull,
+                        format!(
+                            "topic '{}' has {backlog} unsettled messages (backlog_limit = {}); \
+                             nothing of this batch was stored; retry_after_ms=200",
+                            topic.meta.name, policy.backlog_limit
+                        ),
+                    ));
+                };
+                let mut kept = Vec::with_capacity(records.len());
+                let mut kept_ids = Vec::with_capacity(records.len());
+                for (i, ((r, id), p)) in records.into_iter().zip(ids).zip(priorities).enumerate() {
+                    if p < min {
+                        shed.push(i);
+                    } else {
+                        kept.push(r);
+                        kept_ids.push(id);
+                    }
+                }
+                topic.shed.fetch_add(shed.len() as u64, Ordering::Relaxed);
+                (records, ids) = (kept, kept_ids);
+            }
+        }
         if let Some(live) = self.plugins.route_for(&topic.meta.name) {
-            return self.publish_routed(topic, records, rr, live).await;
+            let mut t = self
+                .publish_routed(topic, records, rr, live)
+                .await
+                .inspect_err(|_| settle(&after))?;
+            t.shed = shed;
+            t.after = after;
+            return Ok(t);
         }
         let n = topic.meta.partitions;
-        let placed = records
+        let appends = records
             .into_iter()
-            .map(|r| (partitioner::partition_of(&r, n, rr), r))
+            .zip(ids)
+            .map(|(r, dedup)| AppendRecord {
+                topic_id: topic.meta.id,
+                partition: partitioner::partition_of(&r, n, rr),
+                record: r,
+                dedup,
+            })
             .collect();
-        self.storage
-            .append(topic, placed)
-            .await
-            .map(PublishTicket::plain)
-            .map_err(|e| e.to_wire())
+        match self.storage.append_many(appends, kv).await {
+            Ok(inner) => {
+                let mut t = PublishTicket::plain(inner);
+                t.shed = shed;
+                t.after = after;
+                Ok(t)
+            }
+            Err(e) => {
+                settle(&after);
+                Err(e.to_wire())
+            }
+        }
+    }
+
+    /// The largest backlog (unsettled messages) of the topic's queue groups.
+    pub fn backlog(&self, topic: &TopicHandle) -> u64 {
+        let groups: Vec<Arc<QueueGroup>> = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .values()
+            .filter(|g| g.topic.meta.id == topic.meta.id)
+            .cloned()
+            .collect();
+        groups.iter().map(|g| g.backlog()).max().unwrap_or(0)
+    }
+
+    /// The queue group `name` on `topic`, opened (and recovered from
+    /// storage) on first use. A group without stored state starts at `start`.
+    pub fn queue_group(
+        &self,
+        name: &str,
+        topic: &Arc<TopicHandle>,
+        start: StartPosition,
+    ) -> Result<Arc<QueueGroup>, WireError> {
+        validate_group_name(name)?;
+        if name.is_empty() {
+            return Err(WireError::new(
+                ErrorCode::InvalidGroup,
+                "queue subscriptions need a group name (--group NAME): members of a group share its messages",
+            ));
+        }
+        let mut queues = self.queues.lock().expect("queues lock");
+        let key = (name.to_string(), topic.meta.id);
+        if let Some(g) = queues.get(&key) {
+            return Ok(g.clone());
+        }
+        let g = QueueGroup::open(
+            name.into(),
+            topic.clone(),
+            self.storage.clone(),
+            self.plugins.clone(),
+            start,
+        )
+        .map_err(|e| e.to_wire())?;
+        queues.insert(key, g.clone());
+        Ok(g)
+    }
+
+    /// Reopens every queue group with stored state, so their backlogs
+    /// count and their timers run before a member reconnects.
+    pub fn open_queue_groups(&self) -> Result<(), StorageError> {
+        for (topic_id, group) in self.storage.queue_groups()? {
+            if let Some(t) = self
+                .storage
+                .topics()
+                .into_iter()
+                .find(|t| t.meta.id == topic_id)
+            {
+                let _ = self.queue_group(&group, &t, StartPosition::Earliest);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue groups, optionally of one topic.
+    pub fn queue_groups(&self, topic: Option<&str>) -> Vec<Arc<QueueGroup>> {
+        let mut v: Vec<Arc<QueueGroup>> = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .values()
+            .filter(|g| topic.is_none_or(|t| g.topic.meta.name == t))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.topic.meta.name, &a.name).cmp(&(&b.topic.meta.name, &b.name)));
+        v
     }
 
     /// The group `name` on `topic`; an empty name makes a fresh anonymous group.

@@ -323,9 +323,75 @@ impl Client {
         body: serde_json::Value,
         wasm: bytes::Bytes,
     ) -> Result<serde_json::Value, ClientError> {
+        self.admin_request(op, body, wasm).await
+    }
+
+    /// Reads a topic's delivery policy.
+    pub async fn topic_policy(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("topic-policy", serde_json::json!({ "name": name }))
+            .await
+    }
+
+    /// Changes fields of a topic's delivery policy (for example
+    /// `{"max_attempts": 3}`); returns the whole new policy.
+    pub async fn set_topic_policy(
+        &self,
+        name: &str,
+        set: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("topic-policy", serde_json::json!({ "name": name, "set": set }))
+            .await
+    }
+
+    /// Counters of the queue groups (of one topic, or all).
+    pub async fn queue_stats(&self, topic: Option<&str>) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("queue-stats", serde_json::json!({ "topic": topic }))
+            .await
+    }
+
+    /// The oldest `count` dead letters of `topic`.
+    pub async fn dlq_list(&self, topic: &str, count: u64) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("dlq-list", serde_json::json!({ "topic": topic, "count": count }))
+            .await
+    }
+
+    /// Publishes up to `max` dead letters (all if `None`) back to their
+    /// original topics as new messages, then removes them from the
+    /// dead-letter topic. Returns how many.
+    pub async fn dlq_redrive(&self, topic: &str, max: Option<u64>) -> Result<u64, ClientError> {
+        let v = self
+            .admin_json("dlq-redrive", serde_json::json!({ "topic": topic, "count": max }))
+            .await?;
+        Ok(v["redriven"].as_u64().unwrap_or(0))
+    }
+
+    /// Deletes every dead letter of `topic`. Returns how many.
+    pub async fn dlq_purge(&self, topic: &str) -> Result<u64, ClientError> {
+        let v = self
+            .admin_json("dlq-purge", serde_json::json!({ "topic": topic }))
+            .await?;
+        Ok(v["purged"].as_u64().unwrap_or(0))
+    }
+
+    async fn admin_json(
+        &self,
+        op: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.admin_request(op, body, bytes::Bytes::new()).await
+    }
+
+    /// Sends an administration request (plugin and queue operations, see
+    /// `docs/protocol.md`) with a JSON body; returns the JSON answer.
+    pub async fn admin_request(
+        &self,
+        op: &str,
+        body: serde_json::Value,
+        wasm: bytes::Bytes,
+    ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(&body).expect("json serializes");
         match self
-            .request(|id| Frame::PluginRequest {
+            .request(|id| Frame::AdminRequest {
                 id,
                 op: op.to_string(),
                 body: body.into(),
@@ -333,8 +399,8 @@ impl Client {
             })
             .await?
         {
-            Frame::PluginResponse { body, .. } => serde_json::from_slice(&body)
-                .map_err(|e| ClientError::Protocol(format!("bad plugin response: {e}"))),
+            Frame::AdminResponse { body, .. } => serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Protocol(format!("bad admin response: {e}"))),
             f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
         }
     }
@@ -388,7 +454,7 @@ async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Wai
             Frame::Ok { id }
             | Frame::Topics { id, .. }
             | Frame::Error { id, .. }
-            | Frame::PluginResponse { id, .. } => *id,
+            | Frame::AdminResponse { id, .. } => *id,
             _ => continue,
         };
         if let Some(tx) = waiters.lock().expect("waiters lock").remove(&id) {

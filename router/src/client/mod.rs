@@ -24,10 +24,12 @@
 
 mod connection;
 mod publish;
+mod queue;
 mod subscribe;
 
 pub use connection::{Client, ClientConfig, ServerInfo};
 pub use publish::{Ack, PendingAcks};
+pub use queue::{QueueConsumer, QueueMessage, QueueOptions};
 pub use subscribe::{Message, SubscribeOptions, Subscription};
 
 use crate::protocol::{ErrorCode, WireError};
@@ -68,5 +70,18 @@ impl ClientError {
             ClientError::Server(e) => Some(e.code),
             _ => None,
         }
+    }
+
+    /// For `backlog_full`: how long the router asks the producer to wait.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        let ClientError::Server(e) = self else {
+            return None;
+        };
+        let rest = e.message.split("retry_after_ms=").nth(1)?;
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_millis)
     }
 }

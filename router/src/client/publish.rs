@@ -23,6 +23,10 @@ pub struct Ack {
     pub partition: u32,
     /// Offset within the partition.
     pub offset: u64,
+    /// True if the record carried a message id already stored within the
+    /// topic's dedup window: nothing new was stored, and this is the
+    /// original's position.
+    pub duplicate: bool,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Ack>, ClientError>>;
@@ -339,7 +343,11 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             Err(e) => break e.to_string(),
         };
         let (seq, result) = match frame {
-            Frame::PublishAck { seq, positions } => (seq, Ok(positions)),
+            Frame::PublishAck {
+                seq,
+                positions,
+                duplicates,
+            } => (seq, Ok((positions, duplicates))),
             Frame::Error { id, code, message } => (id, Err(WireError::new(code, message))),
             other => break format!("unexpected frame on publish stream: {other:?}"),
         };
@@ -359,7 +367,7 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             break format!("ack for unknown batch {seq}");
         };
         match result {
-            Ok(positions) => {
+            Ok((positions, duplicates)) => {
                 let total: usize = batch.parts.iter().map(|(_, n, _)| *n).sum();
                 if total != positions.len() {
                     break format!(
@@ -369,7 +377,12 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                 }
                 let mut it = positions
                     .into_iter()
-                    .map(|(partition, offset)| Ack { partition, offset });
+                    .enumerate()
+                    .map(|(i, (partition, offset))| Ack {
+                        partition,
+                        offset,
+                        duplicate: duplicates.contains(&(i as u32)),
+                    });
                 for (reply, n, _permit) in batch.parts {
                     let _ = reply.send(Ok(it.by_ref().take(n).collect()));
                 }

@@ -129,6 +129,7 @@ impl Client {
             start: opts.start,
             credits: opts.prefetch,
             auto_commit: opts.auto_commit,
+            mode: crate::protocol::SubscribeMode::Stream,
         };
         send.write_all(&f.to_bytes()).await.map_err(|e| lost(&e))?;
         let mut reader = FrameReader::new(recv, 64 << 20);

@@ -1,10 +1,15 @@
 //! Subscriptions: reading the log for a subscriber and pushing records to it
 //! under credit-based flow control.
 //!
-//! This mode is the stream subscription (Kafka-like: a group splits
-//! partitions, offsets are committed). Each subscription writes to its own
-//! stream, so a subscriber that stops reading only stalls itself.
+//! Two modes. Stream subscriptions (Kafka-like): a group splits partitions
+//! and commits offsets. Queue subscriptions (RabbitMQ/SQS-like): members
+//! compete for individual messages with per-message acks, visibility
+//! timeouts, retries, priority, delay, TTL and dead letters. Each
+//! subscription writes to its own stream, so a subscriber that stops reading
+//! only stalls itself.
 
+pub mod queue;
 pub mod stream;
 
+pub use queue::{QueueEvent, QueueGroup, QueueSubscription};
 pub use stream::{DeliveryError, StreamSubscription, SubEvent};

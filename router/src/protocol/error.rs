@@ -37,12 +37,22 @@ pub enum ErrorCode {
     PluginFailed,
     /// A route plugin rejected the message; the message says why.
     Rejected,
+    /// An ack, nack or extend named a delivery that is not in flight: unknown,
+    /// already settled, or redelivered after its visibility timeout.
+    UnknownDelivery,
+    /// A delay or delivery time is malformed or further ahead than the topic allows.
+    InvalidDelay,
+    /// A priority is not a number from 0 to 9.
+    InvalidPriority,
     /// The storage layer failed (for example a full disk); nothing was acknowledged.
     Storage,
     /// The router is shutting down; retry against another router or later.
     ShuttingDown,
     /// A limit on connections, streams or subscriptions was reached.
     LimitExceeded,
+    /// The topic's backlog is at its limit; the message says when to retry
+    /// (`retry_after_ms=N`). Nothing of the batch was stored.
+    BacklogFull,
     /// An unexpected internal error; the router logged details.
     Internal,
     /// A code this library does not know (from a newer router).
@@ -68,9 +78,13 @@ impl ErrorCode {
             ErrorCode::UnknownPlugin => 108,
             ErrorCode::PluginFailed => 109,
             ErrorCode::Rejected => 110,
+            ErrorCode::UnknownDelivery => 111,
+            ErrorCode::InvalidDelay => 112,
+            ErrorCode::InvalidPriority => 113,
             ErrorCode::Storage => 200,
             ErrorCode::ShuttingDown => 201,
             ErrorCode::LimitExceeded => 202,
+            ErrorCode::BacklogFull => 203,
             ErrorCode::Internal => 255,
             ErrorCode::Unknown(v) => v,
         }
@@ -94,9 +108,13 @@ impl ErrorCode {
             108 => ErrorCode::UnknownPlugin,
             109 => ErrorCode::PluginFailed,
             110 => ErrorCode::Rejected,
+            111 => ErrorCode::UnknownDelivery,
+            112 => ErrorCode::InvalidDelay,
+            113 => ErrorCode::InvalidPriority,
             200 => ErrorCode::Storage,
             201 => ErrorCode::ShuttingDown,
             202 => ErrorCode::LimitExceeded,
+            203 => ErrorCode::BacklogFull,
             255 => ErrorCode::Internal,
             v => ErrorCode::Unknown(v),
         }
@@ -120,9 +138,13 @@ impl ErrorCode {
             ErrorCode::UnknownPlugin => "unknown_plugin",
             ErrorCode::PluginFailed => "plugin_failed",
             ErrorCode::Rejected => "rejected",
+            ErrorCode::UnknownDelivery => "unknown_delivery",
+            ErrorCode::InvalidDelay => "invalid_delay",
+            ErrorCode::InvalidPriority => "invalid_priority",
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::BacklogFull => "backlog_full",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",
         }

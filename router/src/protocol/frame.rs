@@ -25,6 +25,43 @@ pub enum StartPosition {
     Timestamp(u64),
 }
 
+/// How a subscription consumes a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubscribeMode {
+    /// Kafka-like: members of a group split partitions and read them in order.
+    #[default]
+    Stream,
+    /// RabbitMQ/SQS-like: members compete for individual messages, which
+    /// are acked one by one and redelivered after `visibility_ms` if not.
+    Queue {
+        /// How long a delivered message stays invisible to other members.
+        visibility_ms: u64,
+    },
+}
+
+/// Names one delivery of a queue message: acks must name the attempt they
+/// settle, so a late ack cannot settle a later redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeliveryTag {
+    /// Partition.
+    pub partition: u32,
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Delivery attempt, from 1.
+    pub attempt: u32,
+}
+
+/// One message delivered to a queue subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDelivered {
+    /// Which delivery this is.
+    pub tag: DeliveryTag,
+    /// Append time, ms since the epoch.
+    pub timestamp_ms: u64,
+    /// The record as the producer encoded it.
+    pub record: RawRecord,
+}
+
 /// What one partition of a topic holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PartitionInfo {
@@ -153,6 +190,9 @@ pub enum Frame {
         seq: u64,
         /// `(partition, offset)` of each record, in batch order.
         positions: Vec<(u32, u64)>,
+        /// Indexes (into the batch) of records whose message id was already
+        /// stored within the dedup window: their position is the original's.
+        duplicates: Vec<u32>,
     },
     /// First frame on a subscription stream.
     Subscribe {
@@ -164,8 +204,11 @@ pub enum Frame {
         start: StartPosition,
         /// Initial credits: how many records may be in flight to the client.
         credits: u32,
-        /// Commit each record's offset as soon as it is delivered.
+        /// Stream: commit each record's offset as soon as it is delivered.
+        /// Queue: settle each message as soon as it is sent (no acks).
         auto_commit: bool,
+        /// Stream or queue consumption.
+        mode: SubscribeMode,
     },
     /// Answer to `Subscribe`.
     Subscribed {
@@ -191,7 +234,7 @@ pub enum Frame {
     },
     /// A plugin administration request (deploy, list, show, rollback,
     /// remove, test). Bodies are JSON: these are rare, and their shape grows.
-    PluginRequest {
+    AdminRequest {
         /// The request id.
         id: u64,
         /// Operation name.
@@ -201,12 +244,46 @@ pub enum Frame {
         /// The component, for `deploy` and `test`; empty otherwise.
         wasm: Bytes,
     },
-    /// Answer to `PluginRequest`.
-    PluginResponse {
+    /// Answer to `AdminRequest`.
+    AdminResponse {
         /// The request id.
         id: u64,
         /// JSON result.
         body: Bytes,
+    },
+    /// Messages for a queue subscriber, each with its delivery tag.
+    QueueDeliver {
+        /// The messages, in the order the router chose them.
+        records: Vec<QueueDelivered>,
+    },
+    /// Acknowledge queue deliveries: processed, never deliver again.
+    Ack {
+        /// Request id, answered by `Ok` or `Error` on the subscription stream.
+        id: u64,
+        /// The deliveries.
+        items: Vec<DeliveryTag>,
+    },
+    /// Negative acknowledgement: processing failed; the retry policy decides.
+    Nack {
+        /// Request id.
+        id: u64,
+        /// The deliveries.
+        items: Vec<DeliveryTag>,
+        /// False: do not retry (dead-letter at once under the default policy).
+        retryable: bool,
+        /// Application error code, passed to the retry plugin.
+        code: String,
+        /// Human-readable reason, kept in the dead letter's headers.
+        message: String,
+    },
+    /// Extend the visibility timeout of in-flight deliveries.
+    Extend {
+        /// Request id.
+        id: u64,
+        /// The deliveries.
+        items: Vec<DeliveryTag>,
+        /// New timeout, counted from now.
+        visibility_ms: u64,
     },
     /// Records for a subscriber from one partition.
     Deliver {
@@ -235,8 +312,12 @@ mod ty {
     pub(super) const CREDIT: u8 = 0x33;
     pub(super) const COMMIT: u8 = 0x34;
     pub(super) const DELIVER: u8 = 0x35;
-    pub(super) const PLUGIN_REQUEST: u8 = 0x40;
-    pub(super) const PLUGIN_RESPONSE: u8 = 0x41;
+    pub(super) const QUEUE_DELIVER: u8 = 0x36;
+    pub(super) const ACK: u8 = 0x37;
+    pub(super) const NACK: u8 = 0x38;
+    pub(super) const EXTEND: u8 = 0x39;
+    pub(super) const ADMIN_REQUEST: u8 = 0x40;
+    pub(super) const ADMIN_RESPONSE: u8 = 0x41;
 }
 
 impl Frame {
@@ -345,13 +426,21 @@ impl Frame {
                     buf.put_slice(r.as_bytes());
                 }
             }
-            Frame::PublishAck { seq, positions } => {
+            Frame::PublishAck {
+                seq,
+                positions,
+                duplicates,
+            } => {
                 buf.put_u8(ty::PUBLISH_ACK);
                 buf.put_u64(*seq);
                 buf.put_u32(positions.len() as u32);
                 for (p, o) in positions {
                     buf.put_u32(*p);
                     buf.put_u64(*o);
+                }
+                buf.put_u32(duplicates.len() as u32);
+                for i in duplicates {
+                    buf.put_u32(*i);
                 }
             }
             Frame::Subscribe {
@@ -360,6 +449,7 @@ impl Frame {
                 start,
                 credits,
                 auto_commit,
+                mode,
             } => {
                 buf.put_u8(ty::SUBSCRIBE);
                 put_str(buf, group);
@@ -374,6 +464,16 @@ impl Frame {
                 buf.put_u64(value);
                 buf.put_u32(*credits);
                 buf.put_u8(*auto_commit as u8);
+                match mode {
+                    SubscribeMode::Stream => {
+                        buf.put_u8(0);
+                        buf.put_u64(0);
+                    }
+                    SubscribeMode::Queue { visibility_ms } => {
+                        buf.put_u8(1);
+                        buf.put_u64(*visibility_ms);
+                    }
+                }
             }
             Frame::Subscribed { partitions } => {
                 buf.put_u8(ty::SUBSCRIBED);
@@ -395,8 +495,8 @@ impl Frame {
                 buf.put_u32(*partition);
                 buf.put_u64(*offset);
             }
-            Frame::PluginRequest { id, op, body, wasm } => {
-                buf.put_u8(ty::PLUGIN_REQUEST);
+            Frame::AdminRequest { id, op, body, wasm } => {
+                buf.put_u8(ty::ADMIN_REQUEST);
                 buf.put_u64(*id);
                 put_str(buf, op);
                 buf.put_u32(body.len() as u32);
@@ -404,11 +504,47 @@ impl Frame {
                 buf.put_u32(wasm.len() as u32);
                 buf.put_slice(wasm);
             }
-            Frame::PluginResponse { id, body } => {
-                buf.put_u8(ty::PLUGIN_RESPONSE);
+            Frame::AdminResponse { id, body } => {
+                buf.put_u8(ty::ADMIN_RESPONSE);
                 buf.put_u64(*id);
                 buf.put_u32(body.len() as u32);
                 buf.put_slice(body);
+            }
+            Frame::QueueDeliver { records } => {
+                buf.put_u8(ty::QUEUE_DELIVER);
+                buf.put_u32(records.len() as u32);
+                for d in records {
+                    put_queue_delivered(buf, d.tag, d.timestamp_ms, d.record.as_bytes());
+                }
+            }
+            Frame::Ack { id, items } => {
+                buf.put_u8(ty::ACK);
+                buf.put_u64(*id);
+                put_tags(buf, items);
+            }
+            Frame::Nack {
+                id,
+                items,
+                retryable,
+                code,
+                message,
+            } => {
+                buf.put_u8(ty::NACK);
+                buf.put_u64(*id);
+                put_tags(buf, items);
+                buf.put_u8(*retryable as u8);
+                put_str(buf, code);
+                put_str(buf, message);
+            }
+            Frame::Extend {
+                id,
+                items,
+                visibility_ms,
+            } => {
+                buf.put_u8(ty::EXTEND);
+                buf.put_u64(*id);
+                put_tags(buf, items);
+                buf.put_u64(*visibility_ms);
             }
             Frame::Deliver { partition, records } => {
                 buf.put_u8(ty::DELIVER);
@@ -504,6 +640,38 @@ pub fn put_deliver_header(buf: &mut impl BufMut, partition: u32, count: u32, bod
     buf.put_u32(count);
 }
 
+/// Appends one message in `QueueDeliver` layout.
+pub fn put_queue_delivered(
+    buf: &mut impl BufMut,
+    tag: DeliveryTag,
+    timestamp_ms: u64,
+    record: &[u8],
+) {
+    buf.put_u32(tag.partition);
+    buf.put_u64(tag.offset);
+    buf.put_u32(tag.attempt);
+    buf.put_u64(timestamp_ms);
+    buf.put_u32(record.len() as u32);
+    buf.put_slice(record);
+}
+
+/// Writes a `QueueDeliver` frame's header (9 bytes) for `count` messages
+/// whose `put_queue_delivered` bodies total `body_len` bytes.
+pub fn put_queue_deliver_header(buf: &mut impl BufMut, count: u32, body_len: usize) {
+    buf.put_u32((1 + 4 + body_len) as u32);
+    buf.put_u8(ty::QUEUE_DELIVER);
+    buf.put_u32(count);
+}
+
+fn put_tags(buf: &mut BytesMut, items: &[DeliveryTag]) {
+    buf.put_u32(items.len() as u32);
+    for t in items {
+        buf.put_u32(t.partition);
+        buf.put_u64(t.offset);
+        buf.put_u32(t.attempt);
+    }
+}
+
 fn put_str(buf: &mut BytesMut, s: &str) {
     // Strings are bounded by their users (topic and group names, messages);
     // truncate rather than corrupt the frame if a message is absurdly long.
@@ -566,6 +734,25 @@ impl Body {
             return Err(DecodeError::Truncated(what));
         }
         Ok(n)
+    }
+    fn tags(&mut self) -> Result<Vec<DeliveryTag>, DecodeError> {
+        let n = self.count("delivery count", 16)?;
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            items.push(DeliveryTag {
+                partition: self.u32("partition")?,
+                offset: self.u64("offset")?,
+                attempt: self.u32("attempt")?,
+            });
+        }
+        Ok(items)
+    }
+    fn flag(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::InvalidValue(what)),
+        }
     }
     fn finish(self) -> Result<(), DecodeError> {
         if self.buf.has_remaining() {
@@ -692,7 +879,16 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             for _ in 0..n {
                 positions.push((b.u32("partition")?, b.u64("offset")?));
             }
-            Frame::PublishAck { seq, positions }
+            let n = b.count("duplicate count", 4)?;
+            let mut duplicates = Vec::with_capacity(n);
+            for _ in 0..n {
+                duplicates.push(b.u32("duplicate index")?);
+            }
+            Frame::PublishAck {
+                seq,
+                positions,
+                duplicates,
+            }
         }
         ty::SUBSCRIBE => {
             let group = b.string("group")?;
@@ -706,16 +902,20 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
                 3 => StartPosition::Timestamp(value),
                 _ => return Err(DecodeError::InvalidValue("start kind")),
             };
+            let credits = b.u32("credits")?;
+            let auto_commit = b.flag("auto commit")?;
+            let mode = match (b.u8("mode")?, b.u64("visibility")?) {
+                (0, _) => SubscribeMode::Stream,
+                (1, visibility_ms) => SubscribeMode::Queue { visibility_ms },
+                _ => return Err(DecodeError::InvalidValue("mode")),
+            };
             Frame::Subscribe {
                 group,
                 topic,
                 start,
-                credits: b.u32("credits")?,
-                auto_commit: match b.u8("auto commit")? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::InvalidValue("auto commit")),
-                },
+                credits,
+                auto_commit,
+                mode,
             }
         }
         ty::SUBSCRIBED => Frame::Subscribed {
@@ -736,23 +936,59 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             partition: b.u32("partition")?,
             offset: b.u64("offset")?,
         },
-        ty::PLUGIN_REQUEST => {
+        ty::ADMIN_REQUEST => {
             let id = b.u64("id")?;
             let op = b.string("op")?;
             let n = b.u32("body length")? as usize;
             let body = b.bytes(n, "body")?;
             let n = b.u32("wasm length")? as usize;
             let wasm = b.bytes(n, "wasm")?;
-            Frame::PluginRequest { id, op, body, wasm }
+            Frame::AdminRequest { id, op, body, wasm }
         }
-        ty::PLUGIN_RESPONSE => {
+        ty::ADMIN_RESPONSE => {
             let id = b.u64("id")?;
             let n = b.u32("body length")? as usize;
-            Frame::PluginResponse {
+            Frame::AdminResponse {
                 id,
                 body: b.bytes(n, "body")?,
             }
         }
+        ty::QUEUE_DELIVER => {
+            let n = b.count("record count", 32)?;
+            let mut records = Vec::with_capacity(n);
+            for _ in 0..n {
+                let tag = DeliveryTag {
+                    partition: b.u32("partition")?,
+                    offset: b.u64("offset")?,
+                    attempt: b.u32("attempt")?,
+                };
+                let timestamp_ms = b.u64("timestamp")?;
+                let len = b.u32("record length")? as usize;
+                let record = RawRecord::new(b.bytes(len, "record")?)?;
+                records.push(QueueDelivered {
+                    tag,
+                    timestamp_ms,
+                    record,
+                });
+            }
+            Frame::QueueDeliver { records }
+        }
+        ty::ACK => Frame::Ack {
+            id: b.u64("id")?,
+            items: b.tags()?,
+        },
+        ty::NACK => Frame::Nack {
+            id: b.u64("id")?,
+            items: b.tags()?,
+            retryable: b.flag("retryable")?,
+            code: b.string("code")?,
+            message: b.string("message")?,
+        },
+        ty::EXTEND => Frame::Extend {
+            id: b.u64("id")?,
+            items: b.tags()?,
+            visibility_ms: b.u64("visibility")?,
+        },
         ty::DELIVER => {
             let partition = b.u32("partition")?;
             let n = b.count("record count", 20)?;
@@ -805,6 +1041,16 @@ mod tests {
             any::<u64>().prop_map(StartPosition::Offset),
             any::<u64>().prop_map(StartPosition::Timestamp),
         ]
+    }
+
+    fn tag() -> impl Strategy<Value = DeliveryTag> {
+        (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(partition, offset, attempt)| {
+            DeliveryTag {
+                partition,
+                offset,
+                attempt,
+            }
+        })
     }
 
     fn topic_info() -> impl Strategy<Value = TopicInfo> {
@@ -883,23 +1129,33 @@ mod tests {
                 }),
             (
                 any::<u64>(),
-                proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5)
+                proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5),
+                proptest::collection::vec(any::<u32>(), 0..3)
             )
-                .prop_map(|(seq, positions)| Frame::PublishAck { seq, positions }),
+                .prop_map(|(seq, positions, duplicates)| Frame::PublishAck {
+                    seq,
+                    positions,
+                    duplicates
+                }),
             (
                 "[a-z]{0,10}",
                 "[a-z]{0,10}",
                 start(),
                 any::<u32>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(any::<u64>())
             )
-                .prop_map(|(group, topic, start, credits, auto_commit)| {
+                .prop_map(|(group, topic, start, credits, auto_commit, q)| {
                     Frame::Subscribe {
                         group,
                         topic,
                         start,
                         credits,
                         auto_commit,
+                        mode: match q {
+                            None => SubscribeMode::Stream,
+                            Some(visibility_ms) => SubscribeMode::Queue { visibility_ms },
+                        },
                     }
                 }),
             any::<u32>().prop_map(|partitions| Frame::Subscribed { partitions }),
@@ -912,20 +1168,58 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..40),
                 proptest::collection::vec(any::<u8>(), 0..40)
             )
-                .prop_map(|(id, op, body, wasm)| Frame::PluginRequest {
+                .prop_map(|(id, op, body, wasm)| Frame::AdminRequest {
                     id,
                     op,
                     body: body.into(),
                     wasm: wasm.into()
                 }),
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(id, body)| {
-                Frame::PluginResponse {
+                Frame::AdminResponse {
                     id,
                     body: body.into(),
                 }
             }),
             (any::<u32>(), any::<u64>())
                 .prop_map(|(partition, offset)| Frame::Commit { partition, offset }),
+            proptest::collection::vec((tag(), any::<u64>(), raw_record()), 0..4).prop_map(|r| {
+                Frame::QueueDeliver {
+                    records: r
+                        .into_iter()
+                        .map(|(tag, timestamp_ms, record)| QueueDelivered {
+                            tag,
+                            timestamp_ms,
+                            record,
+                        })
+                        .collect(),
+                }
+            }),
+            (any::<u64>(), proptest::collection::vec(tag(), 0..4))
+                .prop_map(|(id, items)| Frame::Ack { id, items }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(tag(), 0..4),
+                any::<bool>(),
+                "[a-z]{0,8}",
+                ".{0,20}"
+            )
+                .prop_map(|(id, items, retryable, code, message)| Frame::Nack {
+                    id,
+                    items,
+                    retryable,
+                    code,
+                    message
+                }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(tag(), 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(id, items, visibility_ms)| Frame::Extend {
+                    id,
+                    items,
+                    visibility_ms
+                }),
             (
                 any::<u32>(),
                 proptest::collection::vec((any::<u64>(), any::<u64>(), raw_record()), 0..4)

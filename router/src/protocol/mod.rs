@@ -5,12 +5,14 @@
 
 mod error;
 mod frame;
+pub mod headers;
 mod record;
 
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use frame::{
-    Delivered, FRAME_HEADER_LEN, Frame, PartitionInfo, PublishBatchWriter, StartPosition,
-    TopicInfo, decode, put_deliver_header, put_delivered,
+    Delivered, DeliveryTag, FRAME_HEADER_LEN, Frame, PartitionInfo, PublishBatchWriter,
+    QueueDelivered, StartPosition, SubscribeMode, TopicInfo, decode, put_deliver_header,
+    put_delivered, put_queue_deliver_header, put_queue_delivered,
 };
 pub use record::{RawRecord, Record};
 

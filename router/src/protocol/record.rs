@@ -52,6 +52,31 @@ impl Record {
         self
     }
 
+    /// Sets the priority (0-9) queue subscribers see it with.
+    pub fn with_priority(self, priority: u8) -> Self {
+        self.with_header(super::headers::PRIORITY, priority.to_string())
+    }
+
+    /// Delays queue delivery by `delay` from the time the router appends it.
+    pub fn with_delay(self, delay: std::time::Duration) -> Self {
+        self.with_header(super::headers::DELAY_MS, delay.as_millis().to_string())
+    }
+
+    /// Holds queue delivery until `at_ms` (ms since the Unix epoch).
+    pub fn with_deliver_at(self, at_ms: u64) -> Self {
+        self.with_header(super::headers::DELIVER_AT, at_ms.to_string())
+    }
+
+    /// Expires the record `ttl` after it is appended: queues never deliver it after that.
+    pub fn with_ttl(self, ttl: std::time::Duration) -> Self {
+        self.with_header(super::headers::TTL_MS, ttl.as_millis().to_string())
+    }
+
+    /// Sets the producer's message id, deduplicated within the topic's window.
+    pub fn with_message_id(self, id: impl Into<Bytes>) -> Self {
+        self.with_header(super::headers::MESSAGE_ID, id)
+    }
+
     /// The encoded length of this record, without any outer length prefix.
     pub fn encoded_len(&self) -> usize {
         4 + self.key.as_ref().map_or(0, |k| k.len())
@@ -190,6 +215,28 @@ fn layout(buf: &[u8]) -> Result<Layout, DecodeError> {
         header_count,
         payload_start: c.pos,
     })
+}
+
+/// Calls `f` with each header of an encoded record, without copying.
+/// Stops at the first malformed field (stored records are validated).
+pub(crate) fn for_each_header<'a>(buf: &'a [u8], mut f: impl FnMut(&'a str, &'a [u8])) {
+    let mut c = Cursor { buf, pos: 0 };
+    let Ok(key_len) = c.u32("") else { return };
+    if key_len != NO_KEY && c.take(key_len as usize, "").is_err() {
+        return;
+    }
+    let Ok(count) = c.u16("") else { return };
+    for _ in 0..count {
+        let Ok(n) = c.u16("") else { return };
+        let Ok(name) = c.take(n as usize, "") else {
+            return;
+        };
+        let Ok(v) = c.u32("") else { return };
+        let Ok(value) = c.take(v as usize, "") else {
+            return;
+        };
+        f(std::str::from_utf8(name).unwrap_or_default(), value);
+    }
 }
 
 impl RawRecord {

@@ -234,12 +234,16 @@ pub(super) fn frame_name(f: &Frame) -> &'static str {
         Frame::PublishBatch { .. } => "PublishBatch",
         Frame::PublishAck { .. } => "PublishAck",
         Frame::Subscribe { .. } => "Subscribe",
+        Frame::QueueDeliver { .. } => "QueueDeliver",
+        Frame::Ack { .. } => "Ack",
+        Frame::Nack { .. } => "Nack",
+        Frame::Extend { .. } => "Extend",
         Frame::Subscribed { .. } => "Subscribed",
         Frame::Assignment { .. } => "Assignment",
         Frame::Credit { .. } => "Credit",
         Frame::Commit { .. } => "Commit",
         Frame::Deliver { .. } => "Deliver",
-        Frame::PluginRequest { .. } => "PluginRequest",
-        Frame::PluginResponse { .. } => "PluginResponse",
+        Frame::AdminRequest { .. } => "AdminRequest",
+        Frame::AdminResponse { .. } => "AdminResponse",
     }
 }

@@ -52,9 +52,9 @@ pub(super) async fn serve(
                     topics: vec![t],
                 }),
             ),
-            Frame::PluginRequest { id, op, body, wasm } => {
+            Frame::AdminRequest { id, op, body, wasm } => {
                 match super::plugin_admin::handle(broker, &op, &body, wasm).await {
-                    Ok(v) => Frame::PluginResponse {
+                    Ok(v) => Frame::AdminResponse {
                         id,
                         body: serde_json::to_vec(&v).expect("json serializes").into(),
                     },

@@ -9,6 +9,7 @@ mod control;
 mod plugin_admin;
 mod plugin_test;
 mod publish;
+mod queue_admin;
 mod subscribe;
 pub mod tls;
 
@@ -210,6 +211,9 @@ impl Router {
             },
             plugins,
         );
+        if let Err(e) = broker.open_queue_groups() {
+            tracing::error!(error = %e, "queue groups not restored");
+        }
         let shared = Arc::new(Shared {
             broker,
             config: config.clone(),

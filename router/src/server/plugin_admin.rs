@@ -1,5 +1,6 @@
-//! Plugin administration requests on the control stream: deploy, list,
-//! show, rollback, remove and dry-run test.
+//! Administration requests on the control stream: plugins (deploy, list,
+//! show, rollback, remove, dry-run test) here, queue operations in
+//! [`super::queue_admin`].
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -73,11 +74,16 @@ pub(super) async fn handle(
             }))
         }
         "test" => super::plugin_test::dry_run(broker, parse(body)?, wasm).await,
+        other if super::queue_admin::OPS.contains(&other) => {
+            super::queue_admin::handle(broker, other, body).await
+        }
         other => Err(WireError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "unknown plugin operation '{other}' (deploy, list, show, rollback, remove, test)"
-            ),
-        )),
+                ErrorCode::InvalidArgument,
+                format!(
+                    "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
+                     remove, test, kv-get; queues: topic-policy, queue-stats, dlq-list, \
+                     dlq-redrive, dlq-purge)"
+                ),
+            )),
     }
 }

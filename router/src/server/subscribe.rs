@@ -8,8 +8,9 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
-use crate::delivery::{StreamSubscription, SubEvent};
-use crate::protocol::{ErrorCode, Frame};
+use crate::delivery::{QueueEvent, QueueSubscription, StreamSubscription, SubEvent};
+use crate::plugins::Failure;
+use crate::protocol::{ErrorCode, Frame, SubscribeMode};
 use crate::transport::{FrameReader, ReadFrameError};
 
 /// Why the subscriber's side of the stream is unusable.
@@ -31,10 +32,89 @@ pub(super) async fn serve(
         start,
         credits,
         auto_commit,
+        mode,
     } = first
     else {
         unreachable!("dispatched on Subscribe");
     };
+    if let SubscribeMode::Queue { visibility_ms } = mode {
+        let setup = shared
+            .broker
+            .topic(&topic)
+            .and_then(|t| shared.broker.queue_group(&group, &t, start));
+        let queue = match setup {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let ok = Frame::Subscribed {
+            partitions: queue.topic.meta.partitions,
+        };
+        if send.write_all(&ok.to_bytes()).await.is_err() {
+            return;
+        }
+        let sub = QueueSubscription::join(queue, credits, visibility_ms, auto_commit);
+        let (tx, rx) = mpsc::channel(256);
+        let (bad_tx, bad_rx) = mpsc::channel(1);
+        let events = tokio::spawn(async move {
+            loop {
+                let ev = match reader.next().await {
+                    Ok(Some(Frame::Credit { credits })) => QueueEvent::Credit(credits),
+                    Ok(Some(Frame::Ack { id, items })) => QueueEvent::Ack { id, items },
+                    Ok(Some(Frame::Nack {
+                        id,
+                        items,
+                        retryable,
+                        code,
+                        message,
+                    })) => QueueEvent::Nack {
+                        id,
+                        items,
+                        failure: Failure {
+                            code,
+                            message,
+                            retryable,
+                        },
+                    },
+                    Ok(Some(Frame::Extend {
+                        id,
+                        items,
+                        visibility_ms,
+                    })) => QueueEvent::Extend {
+                        id,
+                        items,
+                        visibility_ms,
+                    },
+                    Ok(Some(other)) => {
+                        let why = format!(
+                            "{} is not valid on a queue subscription stream",
+                            frame_name(&other)
+                        );
+                        let _ = bad_tx.send(Bad::Unexpected(why)).await;
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = bad_tx.send(Bad::Read(e)).await;
+                        return;
+                    }
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut shutdown = shared.shutdown.clone();
+        let result = tokio::select! {
+            r = sub.run(&mut send, rx) => r,
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        events.abort();
+        return finish(result, bad_rx, &conn, &mut send).await;
+    }
     let setup = shared
         .broker
         .topic(&topic)
@@ -59,7 +139,7 @@ pub(super) async fn serve(
     // Events are tiny and bounded by what the client sends between our
     // reads; a small channel is plenty and applies backpressure otherwise.
     let (tx, rx) = mpsc::channel(64);
-    let (bad_tx, mut bad_rx) = mpsc::channel(1);
+    let (bad_tx, bad_rx) = mpsc::channel(1);
     let events = tokio::spawn(async move {
         loop {
             let ev = match reader.next().await {
@@ -93,11 +173,20 @@ pub(super) async fn serve(
         _ = shutdown.wait_for(|s| *s) => Ok(()),
     };
     events.abort();
+    finish(result, bad_rx, &conn, &mut send).await
+}
+
+async fn finish(
+    result: Result<(), crate::delivery::DeliveryError>,
+    mut bad_rx: mpsc::Receiver<Bad>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+) {
     match bad_rx.try_recv() {
         Ok(Bad::Unexpected(why)) => {
-            return violation(&conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;
+            return violation(conn, send, ErrorCode::UnexpectedFrame, &why).await;
         }
-        Ok(Bad::Read(e)) => return read_failed(&conn, &mut send, e).await,
+        Ok(Bad::Read(e)) => return read_failed(conn, send, e).await,
         Err(_) => {}
     }
     match result {

@@ -53,6 +53,25 @@ impl Storage {
         Ok(next)
     }
 
+    /// Calls `f(index, timestamp_ms, record)` for each `(partition, offset)`
+    /// of `keys` still in the log, in one read transaction.
+    pub fn get_many(
+        &self,
+        topic_id: u32,
+        keys: &[(u32, u64)],
+        mut f: impl FnMut(usize, u64, &[u8]),
+    ) -> Result<(), StorageError> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_table(LOG)?;
+        for (i, &(p, o)) in keys.iter().enumerate() {
+            if let Some(v) = table.get((topic_id, p, o))? {
+                let (ts, rec) = split_entry(v.value())?;
+                f(i, ts, rec);
+            }
+        }
+        Ok(())
+    }
+
     /// The first offset in `[start, end)` whose timestamp is at or after
     /// `ts_ms`, or `end` if none. Timestamps are append times, made
     /// non-decreasing per partition by the writer, so this is a binary search.

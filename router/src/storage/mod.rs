@@ -69,6 +69,96 @@ pub struct TopicMeta {
     pub retention_bytes: u64,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
+    /// Delivery policy as stored; the live one is [`TopicHandle::policy`].
+    #[serde(default)]
+    pub policy: TopicPolicy,
+}
+
+/// A topic's delivery policy: retries, priority, delay, TTL, dedup and
+/// backlog limits. Every field has a default; `switchyard topic config`
+/// changes them on a live topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicPolicy {
+    /// Dead-letter a queue message after this many failed deliveries.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Priority of messages without a `priority` header or plugin decision.
+    pub default_priority: u8,
+    /// Share of queue deliveries (percent) that go to the longest-waiting
+    /// ready message whatever its priority, so low priority never starves.
+    pub min_share_pct: u8,
+    /// Time to live of every message, from its append time (0: none).
+    pub ttl_ms: u64,
+    /// Move expired messages to `<topic>.dlq` instead of discarding them.
+    pub dead_letter_expired: bool,
+    /// Longest delay a publisher may ask for.
+    pub max_delay_ms: u64,
+    /// How long a message id is remembered for idempotent publish.
+    pub dedup_window_ms: u64,
+    /// Most unsettled messages per group before publishers are throttled
+    /// (0: no limit).
+    pub backlog_limit: u64,
+    /// Past the backlog limit, shed messages below this priority instead of
+    /// refusing the batch (`None`: refuse with `backlog_full`).
+    pub shed_below_priority: Option<u8>,
+    /// Messages a queue group looks ahead in the log to order by priority.
+    pub queue_window: u32,
+}
+
+impl Default for TopicPolicy {
+    fn default() -> Self {
+        TopicPolicy {
+            max_attempts: 5,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+            default_priority: 4,
+            min_share_pct: 10,
+            ttl_ms: 0,
+            dead_letter_expired: false,
+            max_delay_ms: 7 * 24 * 3600 * 1000,
+            dedup_window_ms: 120_000,
+            backlog_limit: 0,
+            shed_below_priority: None,
+            queue_window: 65_536,
+        }
+    }
+}
+
+impl TopicPolicy {
+    /// Checks ranges; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.default_priority > 9 {
+            return Err("default_priority must be 0 to 9".into());
+        }
+        if self.shed_below_priority.is_some_and(|p| p > 9) {
+            return Err("shed_below_priority must be 0 to 9".into());
+        }
+        if self.min_share_pct > 100 {
+            return Err("min_share_pct must be 0 to 100".into());
+        }
+        if self.queue_window == 0 {
+            return Err("queue_window must be at least 1".into());
+        }
+        if self.retry_max_ms < self.retry_base_ms {
+            return Err("retry_max_ms must be at least retry_base_ms".into());
+        }
+        Ok(())
+    }
+
+    /// The default retry delay before attempt `attempt + 1`.
+    pub fn backoff_ms(&self, attempt: u32) -> u64 {
+        let shift = attempt.saturating_sub(1).min(40);
+        self.retry_base_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.retry_max_ms)
+    }
 }
 
 /// A live topic: its definition plus a watch of its partitions' state,
@@ -79,14 +169,19 @@ pub struct TopicHandle {
     pub meta: TopicMeta,
     state: watch::Sender<Arc<[PartitionInfo]>>,
     deleted: AtomicBool,
+    policy: arc_swap::ArcSwap<TopicPolicy>,
+    /// Records shed by the backlog limit since the router started.
+    pub shed: std::sync::atomic::AtomicU64,
 }
 
 impl TopicHandle {
     fn new(meta: TopicMeta, parts: Arc<[PartitionInfo]>) -> Self {
         TopicHandle {
+            policy: arc_swap::ArcSwap::from_pointee(meta.policy.clone()),
             meta,
             state: watch::Sender::new(parts),
             deleted: AtomicBool::new(false),
+            shed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -98,6 +193,11 @@ impl TopicHandle {
     /// A receiver that changes after every commit touching this topic.
     pub fn watch(&self) -> watch::Receiver<Arc<[PartitionInfo]>> {
         self.state.subscribe()
+    }
+
+    /// The live delivery policy.
+    pub fn policy(&self) -> Arc<TopicPolicy> {
+        self.policy.load_full()
     }
 
     /// True once the topic was deleted.
@@ -144,14 +244,15 @@ impl Storage {
             .set_cache_size(config.cache_bytes)
             .create(path)?;
         let db = Arc::new(db);
-        let (metas, parts) = load(&db)?;
+        let (metas, parts, dedup) = load(&db)?;
         let mut registry = HashMap::new();
         let mut states = HashMap::new();
         for meta in metas {
             let p = parts.get(&meta.id).cloned().unwrap_or_default();
             let infos: Arc<[PartitionInfo]> = p.iter().map(|s| s.info()).collect();
             let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
-            states.insert(meta.id, writer::TopicState::new(handle.clone(), p));
+            let dedup = dedup.get(&meta.id).cloned().unwrap_or_default();
+            states.insert(meta.id, writer::TopicState::new(handle.clone(), p, dedup));
             registry.insert(meta.name.clone(), handle);
         }
         let topics: Registry = Arc::new(RwLock::new(registry));
@@ -243,6 +344,7 @@ impl Storage {
                 topic_id: id,
                 partition,
                 record,
+                dedup: None,
             })
             .collect();
         self.append_many(records, Vec::new()).await
@@ -390,6 +492,83 @@ impl Storage {
         Ok(table.get((group, topic_id, partition))?.map(|v| v.value()))
     }
 
+    /// Queues queue-state changes for the next group commit. Not waited for:
+    /// a lost change only means a redelivery.
+    pub async fn queue_write(&self, w: QueueWrite) -> Result<(), StorageError> {
+        if w.is_empty() {
+            return Ok(());
+        }
+        self.send(WriteOp::Queue(w)).await
+    }
+
+    /// `(topic id, group)` of every queue group with stored state.
+    pub fn queue_groups(&self) -> Result<Vec<(u32, String)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let floors = txn.open_table(tables::QUEUE_FLOOR)?;
+        let mut out: Vec<(u32, String)> = Vec::new();
+        for e in floors.iter()? {
+            let (k, _) = e?;
+            let (t, g, _) = k.value();
+            if out.last().is_none_or(|(lt, lg)| *lt != t || lg != g) {
+                out.push((t, g.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A queue group's stored state.
+    pub fn queue_snapshot(
+        &self,
+        topic_id: u32,
+        group: &str,
+    ) -> Result<QueueSnapshot, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut snap = QueueSnapshot::default();
+        let floors = txn.open_table(tables::QUEUE_FLOOR)?;
+        for e in floors.range((topic_id, group, 0)..=(topic_id, group, u32::MAX))? {
+            let (k, v) = e?;
+            snap.floors.insert(k.value().2, v.value());
+        }
+        let q = txn.open_table(tables::QUEUE)?;
+        for e in q.range((topic_id, group, 0, 0)..=(topic_id, group, u32::MAX, u64::MAX))? {
+            let (k, v) = e?;
+            let (_, _, p, o) = k.value();
+            snap.entries.push((p, o, v.value()));
+        }
+        Ok(snap)
+    }
+
+    /// Replaces a topic's delivery policy, durably.
+    pub async fn set_policy(&self, name: &str, policy: TopicPolicy) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::SetPolicy {
+            name: name.to_string(),
+            policy,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Deletes a partition's records below `before` (dead-letter redrive
+    /// and purge). Returns how many were deleted.
+    pub async fn truncate(
+        &self,
+        topic: &TopicHandle,
+        partition: u32,
+        before: u64,
+    ) -> Result<u64, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Truncate {
+            topic_id: topic.meta.id,
+            partition,
+            before,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
     /// The underlying database, for readers in [`log`].
     pub fn db(&self) -> &Database {
         &self.db
@@ -405,6 +584,42 @@ pub struct AppendRecord {
     pub partition: u32,
     /// The encoded record.
     pub record: RawRecord,
+    /// The producer's message id, for idempotent publish.
+    pub dedup: Option<bytes::Bytes>,
+}
+
+/// Set in the partition of a returned position when the record was a
+/// duplicate within the dedup window: the position is the original's.
+pub const DUPLICATE_BIT: u32 = 1 << 31;
+
+/// Queue-state changes for one group, applied in one group commit.
+#[derive(Debug, Default)]
+pub struct QueueWrite {
+    /// Topic id.
+    pub topic_id: u32,
+    /// Group name.
+    pub group: Arc<str>,
+    /// In order: `(partition, offset, Some((state, attempts, due ms)))` to
+    /// store, or `None` to delete.
+    pub entries: Vec<(u32, u64, Option<(u8, u32, u64)>)>,
+    /// New floors.
+    pub floors: Vec<(u32, u64)>,
+}
+
+impl QueueWrite {
+    /// True if there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.floors.is_empty()
+    }
+}
+
+/// A queue group's durable state, as loaded at startup.
+#[derive(Debug, Default)]
+pub struct QueueSnapshot {
+    /// Floor per partition, where stored.
+    pub floors: HashMap<u32, u64>,
+    /// `(partition, offset, (state, attempts, due ms))`.
+    pub entries: Vec<(u32, u64, (u8, u32, u64))>,
 }
 
 /// A plugin's key/value write, committed with the records it decided.
@@ -437,7 +652,14 @@ impl PartState {
     }
 }
 
-type Loaded = (Vec<TopicMeta>, HashMap<u32, Vec<PartState>>);
+/// A remembered message id: `(id, partition, offset, append ms)`.
+pub(crate) type DedupEntry = (Vec<u8>, u32, u64, u64);
+
+type Loaded = (
+    Vec<TopicMeta>,
+    HashMap<u32, Vec<PartState>>,
+    HashMap<u32, Vec<DedupEntry>>,
+);
 
 fn load(db: &Database) -> Result<Loaded, StorageError> {
     // Create every table up front so readers never see "table does not exist".
@@ -452,6 +674,9 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::PLUGIN_WASM)?;
         w.open_table(tables::PLUGIN_KV)?;
         w.open_table(tables::PLUGIN_ARTIFACT)?;
+        w.open_table(tables::QUEUE)?;
+        w.open_table(tables::QUEUE_FLOOR)?;
+        w.open_table(tables::DEDUP)?;
     }
     w.commit()?;
 
@@ -483,7 +708,20 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         }
         parts.insert(m.id, v);
     }
-    Ok((metas, parts))
+    let mut dedup: HashMap<u32, Vec<DedupEntry>> = HashMap::new();
+    for entry in r.open_table(tables::DEDUP)?.iter()? {
+        let (k, v) = entry?;
+        let (topic, id) = k.value();
+        let (p, o, ts) = v.value();
+        dedup
+            .entry(topic)
+            .or_default()
+            .push((id.to_vec(), p, o, ts));
+    }
+    for v in dedup.values_mut() {
+        v.sort_by_key(|e| e.3);
+    }
+    Ok((metas, parts, dedup))
 }
 
 /// Milliseconds since the Unix epoch, now.

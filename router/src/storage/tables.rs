@@ -44,3 +44,20 @@ pub(crate) const PLUGIN_ARTIFACT: TableDefinition<(&str, u32), &[u8]> =
 /// `(plugin name, key)` -> value: each plugin's durable key/value store.
 pub(crate) const PLUGIN_KV: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("plugin_kv");
+
+/// `(topic id, group, partition)` -> the queue group's floor: every offset
+/// below it is settled (acked, dead-lettered or expired).
+pub(crate) const QUEUE_FLOOR: TableDefinition<(u32, &str, u32), u64> =
+    TableDefinition::new("queue_floor");
+
+/// `(topic id, group, partition, offset)` -> `(state, attempts, due ms)` for
+/// queue messages at or above the floor that are not simply "not yet
+/// delivered": in flight (due = visibility deadline), waiting for a retry
+/// (due = when it becomes ready again) or settled out of order.
+pub(crate) const QUEUE: TableDefinition<(u32, &str, u32, u64), (u8, u32, u64)> =
+    TableDefinition::new("queue_state");
+
+/// `(topic id, message id)` -> `(partition, offset, append ms)`: the
+/// idempotent-publish window.
+pub(crate) const DEDUP: TableDefinition<(u32, &[u8]), (u32, u64, u64)> =
+    TableDefinition::new("dedup");

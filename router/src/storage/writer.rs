@@ -8,7 +8,7 @@
 //! and are restored if a commit fails, so a failed batch leaves no gap and
 //! acknowledges nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,12 +16,12 @@ use redb::{Database, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
 use super::tables::{
-    LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM,
-    PLUGINS, TOPICS,
+    DEDUP, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM,
+    PLUGINS, QUEUE, QUEUE_FLOOR, TOPICS,
 };
 use super::{
-    AppendRecord, KvWrite, PartState, Registry, StorageConfig, StorageError, TopicHandle,
-    TopicMeta, now_ms,
+    AppendRecord, DUPLICATE_BIT, DedupEntry, KvWrite, PartState, QueueWrite, Registry,
+    StorageConfig, StorageError, TopicHandle, TopicMeta, TopicPolicy, now_ms,
 };
 use crate::protocol::PartitionInfo;
 
@@ -66,6 +66,18 @@ pub(crate) enum WriteOp {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    Queue(QueueWrite),
+    SetPolicy {
+        name: String,
+        policy: TopicPolicy,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    Truncate {
+        topic_id: u32,
+        partition: u32,
+        before: u64,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -75,7 +87,10 @@ impl WriteOp {
     fn is_data(&self) -> bool {
         matches!(
             self,
-            WriteOp::Append { .. } | WriteOp::CommitOffset { .. } | WriteOp::Flush { .. }
+            WriteOp::Append { .. }
+                | WriteOp::CommitOffset { .. }
+                | WriteOp::Flush { .. }
+                | WriteOp::Queue(_)
         )
     }
 }
@@ -83,11 +98,30 @@ impl WriteOp {
 pub(crate) struct TopicState {
     handle: Arc<TopicHandle>,
     parts: Vec<PartState>,
+    /// Message id -> `(partition, offset)` within the dedup window.
+    dedup: HashMap<Box<[u8]>, (u32, u64)>,
+    /// The same ids in append order, with their append time, for expiry.
+    dedup_order: VecDeque<(u64, Box<[u8]>)>,
 }
 
 impl TopicState {
-    pub(crate) fn new(handle: Arc<TopicHandle>, parts: Vec<PartState>) -> Self {
-        TopicState { handle, parts }
+    pub(crate) fn new(
+        handle: Arc<TopicHandle>,
+        parts: Vec<PartState>,
+        dedup: Vec<DedupEntry>,
+    ) -> Self {
+        let mut st = TopicState {
+            handle,
+            parts,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+        };
+        for (id, p, o, ts) in dedup {
+            let id: Box<[u8]> = id.into();
+            st.dedup.insert(id.clone(), (p, o));
+            st.dedup_order.push_back((ts, id));
+        }
+        st
     }
 
     fn publish(&self) {
@@ -204,6 +238,21 @@ impl Writer {
                 WriteOp::RemovePlugin { name, reply } => {
                     let _ = reply.send(self.remove_plugin(&name));
                 }
+                WriteOp::SetPolicy {
+                    name,
+                    policy,
+                    reply,
+                } => {
+                    let _ = reply.send(self.set_policy(&name, policy));
+                }
+                WriteOp::Truncate {
+                    topic_id,
+                    partition,
+                    before,
+                    reply,
+                } => {
+                    let _ = reply.send(self.truncate(topic_id, partition, before));
+                }
                 WriteOp::Shutdown { reply } => shutdown = Some(reply),
                 _ => unreachable!("data ops are batched above"),
             }
@@ -218,7 +267,8 @@ impl Writer {
         let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
-        let result = self.apply_data(segment, &mut undo, &mut replies, &mut flushes);
+        let mut new_ids: Vec<(u32, Box<[u8]>)> = Vec::new();
+        let result = self.apply_data(segment, &mut undo, &mut replies, &mut flushes, &mut new_ids);
         match result {
             Ok(()) => {
                 let touched: HashSet<u32> = undo.keys().map(|(t, _)| *t).collect();
@@ -233,6 +283,14 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; rolling back the batch");
+                for (t, id) in new_ids {
+                    if let Some(ts) = self.topics.get_mut(&t) {
+                        ts.dedup.remove(&id);
+                        if ts.dedup_order.back().is_some_and(|(_, b)| *b == id) {
+                            ts.dedup_order.pop_back();
+                        }
+                    }
+                }
                 for ((t, p), old) in undo {
                     if let Some(ts) = self.topics.get_mut(&t) {
                         ts.parts[p as usize] = old;
@@ -261,13 +319,18 @@ impl Writer {
             Result<Vec<(u32, u64)>, StorageError>,
         )>,
         flushes: &mut Vec<oneshot::Sender<()>>,
+        new_ids: &mut Vec<(u32, Box<[u8]>)>,
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
             let mut offsets = txn.open_table(OFFSETS)?;
             let mut kv_table = txn.open_table(PLUGIN_KV)?;
+            let mut dedup_table = txn.open_table(DEDUP)?;
+            let mut queue = txn.open_table(QUEUE)?;
+            let mut floors = txn.open_table(QUEUE_FLOOR)?;
             let now = now_ms();
+            self.expire_dedup(now, &mut dedup_table)?;
             for op in segment {
                 match op {
                     WriteOp::Append { records, kv, reply } => {
@@ -293,6 +356,12 @@ impl Writer {
                         let mut positions = Vec::with_capacity(records.len());
                         for r in records {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
+                            if let Some(id) = &r.dedup {
+                                if let Some(&(p, o)) = ts.dedup.get(&id[..]) {
+                                    positions.push((p | DUPLICATE_BIT, o));
+                                    continue;
+                                }
+                            }
                             let p = r.partition;
                             let st = &mut ts.parts[p as usize];
                             undo.entry((r.topic_id, p)).or_insert(*st);
@@ -309,6 +378,13 @@ impl Writer {
                             st.bytes += body.len() as u64;
                             st.last_ts = t;
                             positions.push((p, offset));
+                            if let Some(id) = r.dedup {
+                                let id: Box<[u8]> = id[..].into();
+                                dedup_table.insert((r.topic_id, &id[..]), (p, offset, t))?;
+                                ts.dedup.insert(id.clone(), (p, offset));
+                                ts.dedup_order.push_back((t, id.clone()));
+                                new_ids.push((r.topic_id, id));
+                            }
                         }
                         for w in kv {
                             kv_table.insert((&*w.plugin, w.key.as_str()), w.value.as_slice())?;
@@ -327,6 +403,21 @@ impl Writer {
                         }
                     }
                     WriteOp::Flush { reply } => flushes.push(reply),
+                    WriteOp::Queue(w) => {
+                        if !self.topics.contains_key(&w.topic_id) {
+                            continue;
+                        }
+                        let g = &*w.group;
+                        for (p, o, v) in w.entries {
+                            match v {
+                                Some(v) => queue.insert((w.topic_id, g, p, o), v)?,
+                                None => queue.remove((w.topic_id, g, p, o))?,
+                            };
+                        }
+                        for (p, floor) in w.floors {
+                            floors.insert((w.topic_id, g, p), floor)?;
+                        }
+                    }
                     _ => unreachable!("only data ops reach apply_data"),
                 }
             }
@@ -368,6 +459,7 @@ impl Writer {
                 retention_ms,
                 retention_bytes,
                 created_ms: now_ms(),
+                policy: TopicPolicy::default(),
             };
             let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
             txn.open_table(TOPICS)?
@@ -382,7 +474,7 @@ impl Writer {
         let infos: Arc<[PartitionInfo]> = parts.iter().map(|s| s.info()).collect();
         let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
         self.topics
-            .insert(meta.id, TopicState::new(handle.clone(), parts));
+            .insert(meta.id, TopicState::new(handle.clone(), parts, Vec::new()));
         self.registry
             .write()
             .expect("registry lock")
@@ -409,12 +501,88 @@ impl Writer {
             txn.open_table(LOG)?
                 .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
             txn.open_table(OFFSETS)?.retain(|k, _| k.1 != id)?;
+            txn.open_table(QUEUE)?
+                .retain_in((id, "", 0, 0)..(id.saturating_add(1), "", 0, 0), |_, _| {
+                    false
+                })?;
+            txn.open_table(QUEUE_FLOOR)?
+                .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
+            txn.open_table(DEDUP)?
+                .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
         }
         txn.commit()?;
         self.topics.remove(&id);
         self.registry.write().expect("registry lock").remove(name);
         handle.mark_deleted();
         Ok(())
+    }
+
+    /// Forgets message ids older than their topic's dedup window.
+    fn expire_dedup(
+        &mut self,
+        now: u64,
+        table: &mut redb::Table<(u32, &[u8]), (u32, u64, u64)>,
+    ) -> Result<(), StorageError> {
+        for (&id, ts) in self.topics.iter_mut() {
+            let window = ts.handle.policy().dedup_window_ms;
+            while let Some((t, _)) = ts.dedup_order.front() {
+                if t.saturating_add(window) > now {
+                    break;
+                }
+                let (_, key) = ts.dedup_order.pop_front().expect("front exists");
+                ts.dedup.remove(&key);
+                table.remove((id, &key[..]))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_policy(&mut self, name: &str, policy: TopicPolicy) -> Result<(), StorageError> {
+        let handle = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StorageError::UnknownTopic(name.to_string()))?;
+        let mut meta = handle.meta.clone();
+        meta.policy = policy.clone();
+        let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOPICS)?.insert(name, json.as_slice())?;
+        txn.commit()?;
+        handle.policy.store(Arc::new(policy));
+        Ok(())
+    }
+
+    fn truncate(&mut self, id: u32, p: u32, before: u64) -> Result<u64, StorageError> {
+        let Some(ts) = self.topics.get_mut(&id) else {
+            return Err(StorageError::UnknownTopic(format!("#{id}")));
+        };
+        let Some(st) = ts.parts.get(p as usize).copied() else {
+            return Err(StorageError::Corrupt(format!("partition {p} out of range")));
+        };
+        let before = before.min(st.end);
+        if before <= st.start {
+            return Ok(0);
+        }
+        let mut new = st;
+        let txn = self.db.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            for e in log.range((id, p, st.start)..(id, p, before))? {
+                let (_, v) = e?;
+                new.bytes -= (v.value().len() - 8) as u64;
+            }
+            log.retain_in((id, p, st.start)..(id, p, before), |_, _| false)?;
+            new.start = before;
+            txn.open_table(PARTITIONS)?
+                .insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
+        }
+        txn.commit()?;
+        ts.parts[p as usize] = new;
+        ts.publish();
+        Ok(before - st.start)
     }
 
     fn put_plugin(

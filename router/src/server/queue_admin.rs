@@ -1,0 +1,218 @@
+//! Queue administration on the control stream: topic delivery policy,
+//! queue group statistics, and dead letters (list, redrive, purge).
+
+use serde::Deserialize;
+
+use crate::broker::Broker;
+use crate::delivery::queue::{dlq_name, redrive_record};
+use crate::protocol::{ErrorCode, RawRecord, WireError};
+use crate::storage::{ReadLimit, TopicPolicy};
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(body)
+        .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("bad request body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PolicyReq {
+    name: String,
+    #[serde(default)]
+    set: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct DlqReq {
+    topic: String,
+    #[serde(default)]
+    count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct StatsReq {
+    #[serde(default)]
+    topic: Option<String>,
+}
+
+/// Serializes redrives so two at once never publish the same dead letter twice.
+static REDRIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Most dead letters read per step.
+const CHUNK: usize = 1_000;
+
+/// The operations this module handles.
+pub(super) const OPS: [&str; 5] = [
+    "topic-policy",
+    "queue-stats",
+    "dlq-list",
+    "dlq-redrive",
+    "dlq-purge",
+];
+
+/// Handles one of [`OPS`].
+pub(super) async fn handle(
+    broker: &Broker,
+    op: &str,
+    body: &[u8],
+) -> Result<serde_json::Value, WireError> {
+    match op {
+        "topic-policy" => topic_policy(broker, parse(body)?).await,
+        "queue-stats" => {
+            let r: StatsReq = parse(body)?;
+            Ok(serde_json::Value::Array(
+                broker
+                    .queue_groups(r.topic.as_deref())
+                    .iter()
+                    .map(|g| g.describe())
+                    .collect(),
+            ))
+        }
+        "dlq-list" => dlq_list(broker, parse(body)?),
+        "dlq-redrive" => dlq_redrive(broker, parse(body)?).await,
+        "dlq-purge" => dlq_purge(broker, parse(body)?).await,
+        other => Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("unknown queue operation '{other}'"),
+        )),
+    }
+}
+
+async fn topic_policy(broker: &Broker, r: PolicyReq) -> Result<serde_json::Value, WireError> {
+    let topic = broker.topic(&r.name)?;
+    let current = topic.policy();
+    if r.set.is_empty() {
+        return Ok(serde_json::to_value(&*current).expect("policy serializes"));
+    }
+    let mut v = serde_json::to_value(&*current).expect("policy serializes");
+    let obj = v.as_object_mut().expect("policy is an object");
+    for (k, val) in r.set {
+        obj.insert(k, val);
+    }
+    let bad = |m: String| WireError::new(ErrorCode::InvalidArgument, m);
+    let policy: TopicPolicy =
+        serde_json::from_value(v).map_err(|e| bad(format!("invalid policy: {e}")))?;
+    policy.validate().map_err(bad)?;
+    broker
+        .storage()
+        .set_policy(&r.name, policy.clone())
+        .await
+        .map_err(|e| e.to_wire())?;
+    Ok(serde_json::to_value(&policy).expect("policy serializes"))
+}
+
+fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
+    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let info = dlq.partitions()[0];
+    let mut out = Vec::new();
+    broker
+        .storage()
+        .scan(
+            dlq.meta.id,
+            0,
+            info.start,
+            ReadLimit {
+                max_records: r.count.unwrap_or(20) as usize,
+                max_bytes: 16 << 20,
+            },
+            |offset, ts, rec| {
+                if let Ok(raw) = RawRecord::new(bytes::Bytes::copy_from_slice(rec)) {
+                    let headers: serde_json::Map<String, serde_json::Value> = raw
+                        .headers()
+                        .map(|(n, v)| {
+                            (
+                                n.to_string(),
+                                String::from_utf8_lossy(&v).into_owned().into(),
+                            )
+                        })
+                        .collect();
+                    out.push(serde_json::json!({
+                        "offset": offset,
+                        "timestamp_ms": ts,
+                        "key": raw.key().map(|k| String::from_utf8_lossy(&k).into_owned()),
+                        "headers": headers,
+                        "payload": String::from_utf8_lossy(&raw.payload()),
+                    }));
+                }
+            },
+        )
+        .map_err(|e| e.to_wire())?;
+    Ok(serde_json::json!({
+        "topic": dlq.meta.name,
+        "total": info.end - info.start,
+        "messages": out,
+    }))
+}
+
+async fn dlq_redrive(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
+    let _one = REDRIVE.lock().await;
+    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let max = r.count.unwrap_or(u64::MAX);
+    let mut redriven = 0u64;
+    let mut rr = 0u32;
+    while redriven < max {
+        let info = dlq.partitions()[0];
+        let want = (max - redriven).min(CHUNK as u64) as usize;
+        let mut batch: Vec<(u64, RawRecord)> = Vec::new();
+        broker
+            .storage()
+            .scan(
+                dlq.meta.id,
+                0,
+                info.start,
+                ReadLimit {
+                    max_records: want,
+                    max_bytes: 16 << 20,
+                },
+                |offset, _, rec| {
+                    if let Ok(raw) = RawRecord::new(bytes::Bytes::copy_from_slice(rec)) {
+                        batch.push((offset, raw));
+                    }
+                },
+            )
+            .map_err(|e| e.to_wire())?;
+        let Some(last) = batch.last().map(|(o, _)| *o) else {
+            break;
+        };
+        // Publish each run of dead letters bound for one topic as a batch,
+        // in order, and remove them from the dead-letter topic only once
+        // every one is stored.
+        let mut runs: Vec<(String, Vec<RawRecord>)> = Vec::new();
+        for (_, raw) in &batch {
+            let (origin, rec) = redrive_record(raw);
+            let origin = origin.unwrap_or_else(|| r.topic.clone());
+            match runs.last_mut() {
+                Some((t, v)) if *t == origin => v.push(rec.to_raw()),
+                _ => runs.push((origin, vec![rec.to_raw()])),
+            }
+        }
+        for (name, records) in runs {
+            let topic = broker.topic(&name)?;
+            let ticket = broker.publish(&topic, records, &mut rr).await?;
+            ticket.await.map_err(|e| e.to_wire())?;
+        }
+        broker
+            .storage()
+            .truncate(&dlq, 0, last + 1)
+            .await
+            .map_err(|e| e.to_wire())?;
+        redriven += batch.len() as u64;
+    }
+    let info = dlq.partitions()[0];
+    Ok(serde_json::json!({
+        "topic": r.topic,
+        "redriven": redriven,
+        "remaining": info.end - info.start,
+    }))
+}
+
+async fn dlq_purge(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
+    let _one = REDRIVE.lock().await;
+    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let end = dlq.partitions()[0].end;
+    let purged = broker
+        .storage()
+        .truncate(&dlq, 0, end)
+        .await
+        .map_err(|e| e.to_wire())?;
+    Ok(serde_json::json!({ "topic": r.topic, "purged": purged }))
+}
+
