@@ -116,9 +116,10 @@ impl Broker {
                     slots.push(Slot::Stored(appends.len()));
                     for (t, record) in targets {
                         let partition = partitioner::partition_of(&record, t.meta.partitions, rr);
-                        let dedup = crate::protocol::headers::Policy::parse_stored(record.as_bytes())
-                            .message_id
-                            .map(|id| record.as_bytes().slice_ref(id));
+                        let dedup =
+                            crate::protocol::headers::Policy::parse_stored(record.as_bytes())
+                                .message_id
+                                .map(|id| record.as_bytes().slice_ref(id));
                         appends.push(AppendRecord {
                             topic_id: t.meta.id,
                             partition,

@@ -339,8 +339,11 @@ impl Client {
         name: &str,
         set: serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        self.admin_json("topic-policy", serde_json::json!({ "name": name, "set": set }))
-            .await
+        self.admin_json(
+            "topic-policy",
+            serde_json::json!({ "name": name, "set": set }),
+        )
+        .await
     }
 
     /// Counters of the queue groups (of one topic, or all).
@@ -350,9 +353,16 @@ impl Client {
     }
 
     /// The oldest `count` dead letters of `topic`.
-    pub async fn dlq_list(&self, topic: &str, count: u64) -> Result<serde_json::Value, ClientError> {
-        self.admin_json("dlq-list", serde_json::json!({ "topic": topic, "count": count }))
-            .await
+    pub async fn dlq_list(
+        &self,
+        topic: &str,
+        count: u64,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.admin_json(
+            "dlq-list",
+            serde_json::json!({ "topic": topic, "count": count }),
+        )
+        .await
     }
 
     /// Publishes up to `max` dead letters (all if `None`) back to their
@@ -360,7 +370,10 @@ impl Client {
     /// dead-letter topic. Returns how many.
     pub async fn dlq_redrive(&self, topic: &str, max: Option<u64>) -> Result<u64, ClientError> {
         let v = self
-            .admin_json("dlq-redrive", serde_json::json!({ "topic": topic, "count": max }))
+            .admin_json(
+                "dlq-redrive",
+                serde_json::json!({ "topic": topic, "count": max }),
+            )
             .await?;
         Ok(v["redriven"].as_u64().unwrap_or(0))
     }

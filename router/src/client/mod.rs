@@ -79,9 +79,6 @@ impl ClientError {
         };
         let rest = e.message.split("retry_after_ms=").nth(1)?;
         let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        digits
-            .parse()
-            .ok()
-            .map(std::time::Duration::from_millis)
+        digits.parse().ok().map(std::time::Duration::from_millis)
     }
 }

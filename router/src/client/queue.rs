@@ -14,9 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::ClientError;
 use super::connection::Client;
-use crate::protocol::{
-    DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError,
-};
+use crate::protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
 use crate::transport::FrameReader;
 
 /// How to consume a topic as a queue.
@@ -222,7 +220,11 @@ impl QueueConsumer {
     }
 
     /// Keeps a message hidden for `visibility` more, from now.
-    pub async fn extend(&self, msg: &QueueMessage, visibility: Duration) -> Result<(), ClientError> {
+    pub async fn extend(
+        &self,
+        msg: &QueueMessage,
+        visibility: Duration,
+    ) -> Result<(), ClientError> {
         let items = vec![msg.tag];
         self.request(|id| Frame::Extend {
             id,

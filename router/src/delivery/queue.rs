@@ -72,8 +72,13 @@ pub fn dlq_name(topic: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Ready,
-    InFlight { member: u64, deadline: u64 },
-    Waiting { due: u64 },
+    InFlight {
+        member: u64,
+        deadline: u64,
+    },
+    Waiting {
+        due: u64,
+    },
     /// Failed or expired; the retry policy or a dead-letter append is running.
     Settling,
 }
@@ -233,7 +238,11 @@ impl State {
         match self.entries.get(&(t.partition, t.offset)) {
             Some(Entry {
                 attempts,
-                phase: Phase::InFlight { member: m, deadline },
+                phase:
+                    Phase::InFlight {
+                        member: m,
+                        deadline,
+                    },
                 ..
             }) if *m == member && *attempts == t.attempt => Some(*deadline),
             _ => None,
@@ -384,9 +393,10 @@ impl QueueGroup {
             .entries
             .iter()
             .filter_map(|(k, e)| match e.phase {
-                Phase::InFlight { member: m, deadline } if m == member => {
-                    Some((*k, deadline, e.priority))
-                }
+                Phase::InFlight {
+                    member: m,
+                    deadline,
+                } if m == member => Some((*k, deadline, e.priority)),
                 _ => None,
             })
             .collect();
@@ -801,7 +811,13 @@ impl QueueGroup {
                     Ok(mut d) => {
                         for (key, value) in &r.kv_writes {
                             kv.push(KvWrite {
-                                plugin: live.plugin.label.split('@').next().unwrap_or_default().into(),
+                                plugin: live
+                                    .plugin
+                                    .label
+                                    .split('@')
+                                    .next()
+                                    .unwrap_or_default()
+                                    .into(),
                                 key: key.clone(),
                                 value: value.clone(),
                             });
@@ -864,7 +880,10 @@ impl QueueGroup {
         self.flush().await;
     }
 
-    fn read(&self, keys: impl Iterator<Item = (u32, u64)>) -> HashMap<(u32, u64), (u64, RawRecord)> {
+    fn read(
+        &self,
+        keys: impl Iterator<Item = (u32, u64)>,
+    ) -> HashMap<(u32, u64), (u64, RawRecord)> {
         let keys: Vec<(u32, u64)> = keys.collect();
         let mut out = HashMap::new();
         let r = self

@@ -78,12 +78,12 @@ pub(super) async fn handle(
             super::queue_admin::handle(broker, other, body).await
         }
         other => Err(WireError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
+            ErrorCode::InvalidArgument,
+            format!(
+                "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, queue-stats, dlq-list, \
                      dlq-redrive, dlq-purge)"
-                ),
-            )),
+            ),
+        )),
     }
 }

@@ -215,4 +215,3 @@ async fn dlq_purge(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, Wire
         .map_err(|e| e.to_wire())?;
     Ok(serde_json::json!({ "topic": r.topic, "purged": purged }))
 }
-

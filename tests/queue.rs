@@ -1,0 +1,615 @@
+//! Queue subscriptions against a real router: competing consumers, acks,
+//! visibility timeouts, retries, dead letters, delay, priority, TTL,
+//! idempotent publish, backlog limits and restarts.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+use switchyard::client::{Client, QueueConsumer, QueueMessage, QueueOptions};
+use switchyard::protocol::{DeliveryTag, ErrorCode, Record};
+
+/// Reads exactly `n` messages, failing after `secs` seconds.
+async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, c.next()).await {
+            Ok(Some(Ok(m))) => out.push(m),
+            Ok(Some(Err(e))) => panic!("queue error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("queue ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// Asserts nothing arrives for `ms` milliseconds.
+async fn quiet(c: &mut QueueConsumer, ms: u64) {
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(ms), c.next()).await {
+        panic!("expected no delivery, got {:?}", m.map(|m| m.tag));
+    }
+}
+
+fn text(m: &QueueMessage) -> String {
+    String::from_utf8(m.payload().to_vec()).unwrap()
+}
+
+async fn publish_n(c: &Client, topic: &str, n: usize, f: impl Fn(usize) -> Record) {
+    let mut pending = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let batch = chunk.iter().map(|&i| f(i)).collect();
+        pending.push(c.queue_batch(topic, batch).await.unwrap());
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn competing_consumers_share_messages_each_acked_once() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("jobs", 4).await.unwrap();
+    publish_n(&c, "jobs", 3000, |i| {
+        Record::new(format!("{i}")).with_key(format!("k{}", i % 50))
+    })
+    .await;
+
+    let mut tasks = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in 0..3 {
+        let c = r.client().await;
+        let tx = tx.clone();
+        let mut q = c
+            .subscribe_queue(QueueOptions::new("jobs", "workers").prefetch(64))
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = q.next().await {
+                q.ack(&m).await.unwrap();
+                if tx.send((w, text(&m), m.attempt())).is_err() {
+                    break;
+                }
+            }
+            drop(c);
+        }));
+    }
+    drop(tx);
+    let mut seen = HashSet::new();
+    let mut per_worker = [0usize; 3];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (w, body, attempt) = tokio::time::timeout(left, rx.recv())
+            .await
+            .expect("all messages within 30 s")
+            .unwrap();
+        assert_eq!(attempt, 1, "nothing was redelivered");
+        assert!(seen.insert(body.clone()), "{body} delivered twice");
+        per_worker[w] += 1;
+    }
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "every member got work: {per_worker:?}"
+    );
+    let stats = c.queue_stats(Some("jobs")).await.unwrap();
+    assert_eq!(stats[0]["acked"], 3000);
+    assert_eq!(stats[0]["backlog"], 0);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test]
+async fn unacked_message_reappears_after_visibility_timeout_with_attempt_raised() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("vis", 1).await.unwrap();
+    c.set_topic_policy("vis", json!({ "retry_base_ms": 50 }))
+        .await
+        .unwrap();
+    c.publish("vis", Record::new("job")).await.unwrap();
+
+    let opts = QueueOptions::new("vis", "g").visibility(Duration::from_millis(300));
+    let mut a = c.subscribe_queue(opts.clone()).await.unwrap();
+    let first = take_q(&mut a, 1, 5).await.remove(0);
+    assert_eq!(first.attempt(), 1);
+    let t0 = Instant::now();
+    // Not acked: after 300 ms visibility and a 50 ms backoff it is back.
+    let again = take_q(&mut a, 1, 5).await.remove(0);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(again.attempt(), 2);
+    assert_eq!(again.tag.offset, first.tag.offset);
+
+    // The stale delivery can no longer be acked or nacked.
+    let e = a.ack(&first).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownDelivery));
+    let e = a.nack(&first, true, "late", "too late").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownDelivery));
+    // The current one can be extended, then acked exactly once.
+    a.extend(&again, Duration::from_secs(10)).await.unwrap();
+    a.ack(&again).await.unwrap();
+    let e = a.ack(&again).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownDelivery));
+    let bogus = DeliveryTag {
+        partition: 0,
+        offset: 999,
+        attempt: 1,
+    };
+    let e = a.ack_many(&[bogus]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownDelivery));
+    quiet(&mut a, 600).await;
+}
+
+#[tokio::test]
+async fn nacks_back_off_then_dead_letter_and_redrive_returns_them() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("pay", 2).await.unwrap();
+    c.set_topic_policy(
+        "pay",
+        json!({ "max_attempts": 3, "retry_base_ms": 40, "retry_max_ms": 1000 }),
+    )
+    .await
+    .unwrap();
+    let ack = c
+        .publish("pay", Record::new("charge-1").with_key("c1"))
+        .await
+        .unwrap();
+    c.publish("pay", Record::new("charge-2").with_key("c2"))
+        .await
+        .unwrap();
+
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("pay", "billing"))
+        .await
+        .unwrap();
+    let mut times = Vec::new();
+    let mut attempts_1 = Vec::new();
+    let t0 = Instant::now();
+    // charge-1 always fails; charge-2 fails once with a non-retryable error.
+    while attempts_1.len() < 3 || times.is_empty() {
+        let m = take_q(&mut q, 1, 10).await.remove(0);
+        if text(&m) == "charge-1" {
+            attempts_1.push(m.attempt());
+            times.push(t0.elapsed());
+            q.nack(&m, true, "card_declined", "insufficient funds")
+                .await
+                .unwrap();
+        } else {
+            q.nack(&m, false, "bad_input", "no amount").await.unwrap();
+            times.push(t0.elapsed());
+        }
+    }
+    assert_eq!(attempts_1, vec![1, 2, 3]);
+    quiet(&mut q, 300).await;
+
+    let dl = c.dlq_list("pay", 10).await.unwrap();
+    assert_eq!(dl["total"], 2, "{dl}");
+    let msgs = dl["messages"].as_array().unwrap();
+    let one = msgs
+        .iter()
+        .find(|m| m["payload"] == "charge-1")
+        .expect("charge-1 dead-lettered");
+    let h = &one["headers"];
+    assert_eq!(h["x-dlq-topic"], "pay");
+    assert_eq!(h["x-dlq-partition"], ack.partition.to_string());
+    assert_eq!(h["x-dlq-offset"], ack.offset.to_string());
+    assert_eq!(h["x-dlq-attempts"], "3");
+    assert!(
+        h["x-dlq-error"].as_str().unwrap().contains("card_declined"),
+        "{h}"
+    );
+    assert!(h["x-dlq-time-ms"].as_str().unwrap().parse::<u64>().is_ok());
+    let two = msgs.iter().find(|m| m["payload"] == "charge-2").unwrap();
+    assert_eq!(two["headers"]["x-dlq-attempts"], "1");
+    assert!(
+        two["headers"]["x-dlq-error"]
+            .as_str()
+            .unwrap()
+            .contains("non-retryable"),
+        "{two}"
+    );
+
+    // Redrive one: it comes back as a fresh message (attempt 1).
+    assert_eq!(c.dlq_redrive("pay", Some(1)).await.unwrap(), 1);
+    let back = take_q(&mut q, 1, 5).await.remove(0);
+    assert_eq!(back.attempt(), 1);
+    assert!(back.header("x-dlq-topic").is_none());
+    q.ack(&back).await.unwrap();
+    assert_eq!(c.dlq_list("pay", 10).await.unwrap()["total"], 1);
+    assert_eq!(c.dlq_purge("pay").await.unwrap(), 1);
+    assert_eq!(c.dlq_list("pay", 10).await.unwrap()["total"], 0);
+    let stats = c.queue_stats(Some("pay")).await.unwrap();
+    assert_eq!(stats[0]["dead_lettered"], 2);
+    assert_eq!(stats[0]["retried"], 2);
+}
+
+#[tokio::test]
+async fn delayed_messages_become_visible_on_time() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("later", 1).await.unwrap();
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("later", "g"))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    c.publish(
+        "later",
+        Record::new("delayed").with_delay(Duration::from_millis(700)),
+    )
+    .await
+    .unwrap();
+    c.publish("later", Record::new("now")).await.unwrap();
+    let first = take_q(&mut q, 1, 5).await.remove(0);
+    assert_eq!(
+        text(&first),
+        "now",
+        "the undelayed message is not held back"
+    );
+    let second = take_q(&mut q, 1, 5).await.remove(0);
+    let waited = t0.elapsed();
+    assert_eq!(text(&second), "delayed");
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(waited < Duration::from_millis(2000), "{waited:?}");
+
+    // Absolute time, and limits.
+    let at = switchyard::storage::now_ms() + 300;
+    c.publish("later", Record::new("at").with_deliver_at(at))
+        .await
+        .unwrap();
+    let m = take_q(&mut q, 1, 5).await.remove(0);
+    assert!(switchyard::storage::now_ms() >= at);
+    assert_eq!(text(&m), "at");
+    let e = c
+        .publish(
+            "later",
+            Record::new("x").with_delay(Duration::from_secs(30 * 24 * 3600)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidDelay));
+    let e = c
+        .publish("later", Record::new("x").with_header("priority", "12"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidPriority));
+    assert_eq!(
+        c.describe_topic("later").await.unwrap().partitions[0].end,
+        3
+    );
+}
+
+#[tokio::test]
+async fn higher_priority_first_but_low_priority_keeps_its_share() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("prio", 2).await.unwrap();
+    c.set_topic_policy("prio", json!({ "min_share_pct": 10 }))
+        .await
+        .unwrap();
+    // Create the group first so it sees everything.
+    drop(
+        c.subscribe_queue(QueueOptions::new("prio", "g"))
+            .await
+            .unwrap(),
+    );
+    publish_n(&c, "prio", 200, |i| {
+        Record::new(format!("low-{i}")).with_priority(0)
+    })
+    .await;
+    publish_n(&c, "prio", 2000, |i| {
+        Record::new(format!("high-{i}")).with_priority(9)
+    })
+    .await;
+    publish_n(&c, "prio", 5, |i| Record::new(format!("mid-{i}"))).await; // default priority 4
+
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("prio", "g").prefetch(100))
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    while order.len() < 1000 {
+        let ms = take_q(&mut q, 100, 10).await;
+        let tags: Vec<DeliveryTag> = ms.iter().map(|m| m.tag).collect();
+        q.ack_many(&tags).await.unwrap();
+        order.extend(ms.iter().map(text));
+    }
+    assert!(order[0].starts_with("high-"), "{}", order[0]);
+    let lows = order.iter().filter(|s| s.starts_with("low-")).count();
+    // One delivery in ten goes to the longest-waiting message: the lows.
+    assert!(
+        (90..=110).contains(&lows),
+        "low priority got {lows} of 1000"
+    );
+    // Lows leave in their own order.
+    let low_seq: Vec<usize> = order
+        .iter()
+        .filter_map(|s| s.strip_prefix("low-").map(|n| n.parse().unwrap()))
+        .collect();
+    assert!(low_seq.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test]
+async fn expired_messages_are_never_delivered() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("ttl", 1).await.unwrap();
+    c.publish(
+        "ttl",
+        Record::new("short").with_ttl(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    c.publish("ttl", Record::new("long").with_ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("ttl", "g"))
+        .await
+        .unwrap();
+    let m = take_q(&mut q, 1, 5).await.remove(0);
+    assert_eq!(text(&m), "long");
+    q.ack(&m).await.unwrap();
+    quiet(&mut q, 300).await;
+
+    // Per topic, dead-lettered when the topic says so.
+    c.set_topic_policy("ttl", json!({ "ttl_ms": 100, "dead_letter_expired": true }))
+        .await
+        .unwrap();
+    drop(q);
+    c.publish("ttl", Record::new("old")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("ttl", "g"))
+        .await
+        .unwrap();
+    quiet(&mut q, 300).await;
+    let dl = c.dlq_list("ttl", 10).await.unwrap();
+    assert_eq!(dl["messages"][0]["payload"], "old");
+    assert!(
+        dl["messages"][0]["headers"]["x-dlq-error"]
+            .as_str()
+            .unwrap()
+            .starts_with("expired")
+    );
+    let stats = c.queue_stats(Some("ttl")).await.unwrap();
+    assert_eq!(stats[0]["expired"], 2);
+}
+
+#[tokio::test]
+async fn auto_ack_settles_on_send_and_leaving_releases_unacked() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("auto", 1).await.unwrap();
+    publish_n(&c, "auto", 10, |i| Record::new(format!("{i}"))).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("auto", "g").auto_ack(true).prefetch(4))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, 10, 5).await;
+    assert_eq!(got.len(), 10);
+    q.close().await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("auto", "g"))
+        .await
+        .unwrap();
+    quiet(&mut q, 300).await;
+
+    // Manual acks: a member that leaves without acking hands its messages
+    // to the next member at once (no visibility wait).
+    publish_n(&c, "auto", 3, |i| Record::new(format!("m{i}"))).await;
+    let held = take_q(&mut q, 3, 5).await;
+    q.close().await;
+    let mut q2 = c
+        .subscribe_queue(QueueOptions::new("auto", "g"))
+        .await
+        .unwrap();
+    let again = take_q(&mut q2, 3, 5).await;
+    let a: HashSet<u64> = held.iter().map(|m| m.tag.offset).collect();
+    let b: HashSet<u64> = again.iter().map(|m| m.tag.offset).collect();
+    assert_eq!(a, b);
+    assert!(again.iter().all(|m| m.attempt() == 2));
+}
+
+#[tokio::test]
+async fn queue_state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |d: std::path::PathBuf| async move {
+        switchyard::server::Router::start(test_config(&d))
+            .await
+            .unwrap()
+    };
+    let router = start(dir.path().to_path_buf()).await;
+    let c = connect(router.local_addr(), router.cert_path()).await;
+    c.create_topic("durable", 2).await.unwrap();
+    c.set_topic_policy("durable", json!({ "retry_base_ms": 60_000 }))
+        .await
+        .unwrap();
+    publish_n(&c, "durable", 20, |i| {
+        Record::new(format!("{i}")).with_key(format!("{i}"))
+    })
+    .await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("durable", "g").prefetch(20))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, 20, 5).await;
+    // Ack 10, nack 5 (retry in a minute), leave 5 in flight.
+    let tags: Vec<DeliveryTag> = got[..10].iter().map(|m| m.tag).collect();
+    q.ack_many(&tags).await.unwrap();
+    for m in &got[10..15] {
+        q.nack(m, true, "later", "try again later").await.unwrap();
+    }
+    let in_flight: HashSet<String> = got[15..].iter().map(text).collect();
+    let waiting: HashSet<String> = got[10..15].iter().map(text).collect();
+    c.close().await;
+    router.shutdown().await;
+
+    let router = start(dir.path().to_path_buf()).await;
+    let c = connect(router.local_addr(), router.cert_path()).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("durable", "g").prefetch(20))
+        .await
+        .unwrap();
+    let again = take_q(&mut q, 5, 5).await;
+    let texts: HashSet<String> = again.iter().map(text).collect();
+    assert_eq!(texts, in_flight, "exactly the in-flight ones come back");
+    assert!(again.iter().all(|m| m.attempt() == 2));
+    quiet(&mut q, 300).await; // acked ones gone, nacked ones wait a minute
+    let stats = c.queue_stats(Some("durable")).await.unwrap();
+    assert_eq!(stats[0]["waiting"], 5, "{stats}");
+    let _ = waiting;
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotent_publish_survives_a_cut_connection() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("orders", 3).await.unwrap();
+    let rec = |i: usize| {
+        Record::new(format!("order-{i}"))
+            .with_key(format!("c{}", i % 7))
+            .with_message_id(format!("id-{i}"))
+    };
+    let first = c.publish("orders", rec(0)).await.unwrap();
+    assert!(!first.duplicate);
+    let dup = c.publish("orders", rec(0)).await.unwrap();
+    assert!(dup.duplicate);
+    assert_eq!((dup.partition, dup.offset), (first.partition, first.offset));
+
+    // A producer sends 500 more and its connection is cut before it has
+    // its acks; it reconnects and sends all of them again.
+    let cut = r.client().await;
+    let mut pending = Vec::new();
+    for chunk in (1..=500).collect::<Vec<_>>().chunks(50) {
+        pending.push(
+            cut.queue_batch("orders", chunk.iter().map(|&i| rec(i)).collect())
+                .await
+                .unwrap(),
+        );
+    }
+    drop(pending);
+    drop(cut);
+    let again = r.client().await;
+    let mut dups = 0;
+    for chunk in (1..=500).collect::<Vec<_>>().chunks(50) {
+        let acks = again
+            .publish_batch("orders", chunk.iter().map(|&i| rec(i)).collect())
+            .await
+            .unwrap();
+        dups += acks.iter().filter(|a| a.duplicate).count();
+    }
+    let total: u64 = c
+        .describe_topic("orders")
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end)
+        .sum();
+    assert_eq!(
+        total, 501,
+        "each id stored once ({dups} retries were duplicates)"
+    );
+
+    // The window is persisted: a restart still recognises the ids.
+    let mut q = c
+        .subscribe_queue(
+            QueueOptions::new("orders", "g")
+                .auto_ack(true)
+                .prefetch(600),
+        )
+        .await
+        .unwrap();
+    let all = take_q(&mut q, 501, 10).await;
+    let unique: HashSet<String> = all.iter().map(text).collect();
+    assert_eq!(unique.len(), 501);
+}
+
+#[tokio::test]
+async fn backlog_limit_refuses_or_sheds_low_priority() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("full", 1).await.unwrap();
+    c.set_topic_policy("full", json!({ "backlog_limit": 100 }))
+        .await
+        .unwrap();
+    let q = c
+        .subscribe_queue(QueueOptions::new("full", "slow").prefetch(1))
+        .await
+        .unwrap();
+    publish_n(&c, "full", 100, |i| Record::new(format!("{i}"))).await;
+    let e = c
+        .publish("full", Record::new("one too many"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BacklogFull));
+    assert!(e.retry_after().is_some(), "{e}");
+    assert_eq!(
+        c.describe_topic("full").await.unwrap().partitions[0].end,
+        100
+    );
+
+    c.set_topic_policy("full", json!({ "shed_below_priority": 5 }))
+        .await
+        .unwrap();
+    let acks = c
+        .publish_batch(
+            "full",
+            vec![
+                Record::new("low").with_priority(1),
+                Record::new("high").with_priority(9),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (acks[0].partition, acks[0].offset),
+        switchyard::broker::DROPPED
+    );
+    assert_eq!(acks[1].offset, 100);
+    drop(q);
+}
+
+#[tokio::test]
+async fn queue_subscriptions_need_a_group_and_a_topic() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("t", 1).await.unwrap();
+    let e = c
+        .subscribe_queue(QueueOptions::new("t", ""))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidGroup));
+    let e = c
+        .subscribe_queue(QueueOptions::new("nope", "g"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownTopic));
+    let e = c
+        .set_topic_policy("t", json!({ "max_attemps": 3 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
+    let e = c
+        .set_topic_policy("t", json!({ "default_priority": 12 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
+    let _ = HashMap::<u8, u8>::new();
+}
