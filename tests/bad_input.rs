@@ -175,7 +175,8 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
         next_frame(&mut reader).await,
         Frame::PublishAck {
             seq: 2,
-            positions: vec![(0, 0)]
+            positions: vec![(0, 0)],
+            duplicates: vec![],
         }
     );
     // The rejected batch stored nothing: the one record is the small batch's.
@@ -337,7 +338,8 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
         next_frame(&mut reader).await,
         Frame::PublishAck {
             seq: 42,
-            positions: vec![(0, 0), (0, 1)]
+            positions: vec![(0, 0), (0, 1)],
+            duplicates: vec![],
         }
     );
 
@@ -349,6 +351,7 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
         start: switchyard::protocol::StartPosition::Earliest,
         credits: 1,
         auto_commit: true,
+        mode: switchyard::protocol::SubscribeMode::Stream,
     };
     send.write_all(&sub.to_bytes()).await.unwrap();
     assert_eq!(

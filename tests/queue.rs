@@ -613,3 +613,164 @@ async fn queue_subscriptions_need_a_group_and_a_topic() {
     assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
     let _ = HashMap::<u8, u8>::new();
 }
+
+#[tokio::test]
+async fn unacked_messages_survive_kill_9_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildRouter::spawn(dir.path());
+    let c = connect(child.addr, &child.cert).await;
+    c.create_topic("crashy", 2).await.unwrap();
+    publish_n(&c, "crashy", 200, |i| {
+        Record::new(format!("{i}")).with_key(format!("{i}"))
+    })
+    .await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("crashy", "g").prefetch(200))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, 200, 10).await;
+    let tags: Vec<DeliveryTag> = got[..120].iter().map(|m| m.tag).collect();
+    q.ack_many(&tags).await.unwrap();
+    let unacked: HashSet<String> = got[120..].iter().map(text).collect();
+    // Let the group commit carrying the acks finish, then kill -9.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(q);
+    drop(child);
+
+    let child = ChildRouter::spawn(dir.path());
+    let c = connect(child.addr, &child.cert).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("crashy", "g").prefetch(200))
+        .await
+        .unwrap();
+    let again = take_q(&mut q, 80, 10).await;
+    let texts: HashSet<String> = again.iter().map(text).collect();
+    assert_eq!(texts, unacked, "every unacked message, and only those");
+    assert!(again.iter().all(|m| m.attempt() == 2));
+    quiet(&mut q, 300).await;
+}
+
+#[tokio::test]
+async fn tenant_priority_plugin_orders_queue_deliveries() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("tickets", 1).await.unwrap();
+    c.deploy_plugin(
+        plugin_wasm("tenant_priority"),
+        json!({
+            "name": "tiers", "hook": "priority", "topic": "tickets", "deadline_ms": 5000,
+            "config": { "tenant.acme": "gold", "tenant.initech": "bronze",
+                        "tier.gold": "9", "tier.bronze": "1" }
+        }),
+    )
+    .await
+    .unwrap();
+    c.set_topic_policy("tickets", json!({ "min_share_pct": 0 }))
+        .await
+        .unwrap();
+    drop(
+        c.subscribe_queue(QueueOptions::new("tickets", "support"))
+            .await
+            .unwrap(),
+    );
+    // Bronze first, then gold; the producer's own header loses to the plugin.
+    publish_n(&c, "tickets", 50, |i| {
+        Record::new(format!("bronze-{i}"))
+            .with_header("tenant", "initech")
+            .with_priority(9)
+    })
+    .await;
+    publish_n(&c, "tickets", 50, |i| {
+        Record::new(format!("gold-{i}")).with_header("tenant", "acme")
+    })
+    .await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("tickets", "support").prefetch(100))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, 100, 10).await;
+    let order: Vec<String> = got.iter().map(text).collect();
+    assert!(
+        order[..50].iter().all(|s| s.starts_with("gold-")),
+        "{order:?}"
+    );
+    assert!(order[50..].iter().all(|s| s.starts_with("bronze-")));
+    assert_eq!(got[0].header("priority").as_deref(), Some(&b"9"[..]));
+    assert_eq!(got[99].header("priority").as_deref(), Some(&b"1"[..]));
+}
+
+#[tokio::test]
+async fn retry_backoff_plugin_decides_retries_and_dead_letters() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("hooks", 1).await.unwrap();
+    c.deploy_plugin(
+        plugin_wasm("retry_backoff"),
+        json!({
+            "name": "backoff", "hook": "retry", "topic": "hooks", "deadline_ms": 5000,
+            "config": { "base-ms": "100", "max-attempts": "3", "jitter": "0",
+                        "non-retryable": "auth" }
+        }),
+    )
+    .await
+    .unwrap();
+    // The topic default would dead-letter after 5 attempts and wait 1 s:
+    // the plugin's 100 ms, 200 ms and 3 attempts must be what happens.
+    c.publish("hooks", Record::new("flaky").with_key("k"))
+        .await
+        .unwrap();
+    c.publish("hooks", Record::new("forbidden").with_key("k2"))
+        .await
+        .unwrap();
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("hooks", "g"))
+        .await
+        .unwrap();
+    let mut flaky_at = Vec::new();
+    let t0 = Instant::now();
+    let mut forbidden = 0;
+    while flaky_at.len() < 3 || forbidden == 0 {
+        let m = take_q(&mut q, 1, 10).await.remove(0);
+        if text(&m) == "flaky" {
+            flaky_at.push((m.attempt(), t0.elapsed()));
+            q.nack(&m, true, "timeout", "upstream slow").await.unwrap();
+        } else {
+            forbidden += 1;
+            q.nack(&m, true, "auth", "token revoked").await.unwrap();
+        }
+    }
+    quiet(&mut q, 500).await;
+    assert_eq!(forbidden, 1, "non-retryable code dead-letters at once");
+    let attempts: Vec<u32> = flaky_at.iter().map(|a| a.0).collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let gap1 = flaky_at[1].1 - flaky_at[0].1;
+    let gap2 = flaky_at[2].1 - flaky_at[1].1;
+    assert!(
+        gap1 >= Duration::from_millis(100) && gap1 < Duration::from_millis(900),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(200) && gap2 < Duration::from_millis(900),
+        "{gap2:?}"
+    );
+    let dl = c.dlq_list("hooks", 10).await.unwrap();
+    let reasons: Vec<&str> = dl["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["headers"]["x-dlq-error"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{dl}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("non-retryable failure auth")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("gave up after 3 attempts")),
+        "{reasons:?}"
+    );
+}

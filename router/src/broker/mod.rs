@@ -56,6 +56,9 @@ pub(crate) enum Slot {
     Dropped,
 }
 
+/// A plugin's key/value writes to settle once the commit carrying them ends.
+type SettleAfter = Option<(Arc<LiveVersion>, Vec<(String, Vec<u8>)>)>;
+
 /// Position reported for a record a route plugin dropped.
 pub const DROPPED: (u32, u64) = (u32::MAX, u64::MAX);
 
@@ -67,7 +70,7 @@ pub struct PublishTicket {
     /// Indexes of records shed by the backlog limit, ascending.
     shed: Vec<usize>,
     /// Priority plugin key/value writes riding on this commit.
-    after: Option<(Arc<LiveVersion>, Vec<(String, Vec<u8>)>)>,
+    after: SettleAfter,
 }
 
 struct Routed {
@@ -385,7 +388,7 @@ impl Broker {
                 after = Some((live, writes));
             }
         }
-        let settle = |after: &Option<(Arc<LiveVersion>, Vec<(String, Vec<u8>)>)>| {
+        let settle = |after: &SettleAfter| {
             if let Some((live, w)) = after {
                 live.plugin.settle_kv(w);
             }

@@ -39,7 +39,8 @@ use crate::protocol::{
     put_queue_delivered,
 };
 use crate::storage::{
-    KvWrite, QueueWrite, ReadLimit, Storage, StorageError, TopicHandle, TopicPolicy, now_ms,
+    KvWrite, QueueEntryState, QueueWrite, ReadLimit, Storage, StorageError, TopicHandle,
+    TopicPolicy, now_ms,
 };
 
 const ST_INFLIGHT: u8 = 1;
@@ -85,6 +86,8 @@ enum Phase {
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// True once redb holds a `queue_state` row for it.
+    stored: bool,
     attempts: u32,
     priority: u8,
     expires_at: u64,
@@ -102,7 +105,7 @@ struct Part {
     /// Settled offsets at or above the floor (stored as `done` markers).
     done: BTreeSet<u64>,
     /// Stored state of offsets not yet re-admitted after a restart.
-    recovered: HashMap<u64, (u8, u32, u64)>,
+    recovered: HashMap<u64, QueueEntryState>,
 }
 
 /// A message that failed: the retry policy decides what happens next.
@@ -177,7 +180,7 @@ impl State {
     /// The next ready message: highest priority first, except every
     /// `share_every`-th pick takes the one that has waited longest.
     fn pick(&mut self, share_every: u64) -> Option<(u32, u64)> {
-        let lane = if share_every > 0 && (self.picks + 1) % share_every == 0 {
+        let lane = if share_every > 0 && (self.picks + 1).is_multiple_of(share_every) {
             (0..10)
                 .filter(|&l| !self.lanes[l].is_empty())
                 .min_by_key(|&l| self.lanes[l].front().map(|e| e.0))
@@ -225,10 +228,16 @@ impl State {
         }
         let part = &mut self.parts[p as usize];
         part.open.remove(&o);
-        part.done.insert(o);
-        self.pending
-            .entries
-            .push((p, o, Some((ST_DONE, e.attempts, 0))));
+        let floor = part.open.first().copied().unwrap_or(part.scan);
+        if o >= floor {
+            // Settled out of order: remember it until the floor passes.
+            part.done.insert(o);
+            self.pending
+                .entries
+                .push((p, o, Some((ST_DONE, e.attempts, 0))));
+        } else if e.stored {
+            self.pending.entries.push((p, o, None));
+        }
         self.refloor(p);
         true
     }
@@ -485,16 +494,17 @@ impl QueueGroup {
                 if part.done.contains(&o) {
                     continue;
                 }
-                let (attempts, phase) = match part.recovered.remove(&o) {
-                    Some((ST_WAITING, a, due)) => (a, Phase::Waiting { due }),
-                    Some((_, a, _)) => (a, Phase::Ready),
-                    None if visible_at > now => (0, Phase::Waiting { due: visible_at }),
-                    None => (0, Phase::Ready),
+                let (stored, attempts, phase) = match part.recovered.remove(&o) {
+                    Some((ST_WAITING, a, due)) => (true, a, Phase::Waiting { due }),
+                    Some((_, a, _)) => (true, a, Phase::Ready),
+                    None if visible_at > now => (false, 0, Phase::Waiting { due: visible_at }),
+                    None => (false, 0, Phase::Ready),
                 };
                 part.open.insert(o);
                 st.entries.insert(
                     (p, o),
                     Entry {
+                        stored,
                         attempts,
                         priority,
                         expires_at,
@@ -583,6 +593,7 @@ impl QueueGroup {
             }
             let deadline = now.saturating_add(visibility_ms);
             e.phase = Phase::InFlight { member, deadline };
+            e.stored = true;
             st.deadlines.insert((deadline, p, o));
             if deadline < st.tick_target {
                 self.wake_timer.notify_one();
@@ -860,6 +871,7 @@ impl QueueGroup {
                 };
                 let due = now.saturating_add(*ms);
                 e.phase = Phase::Waiting { due };
+                e.stored = true;
                 st.window_used = st.window_used.saturating_sub(1);
                 st.timers.insert((due, p, o));
                 st.pending
@@ -873,6 +885,8 @@ impl QueueGroup {
             self.stats
                 .retried
                 .fetch_add(retry.len() as u64, Ordering::Relaxed);
+            // The window has room again: members may admit more.
+            self.ready.send_modify(|v| *v += 1);
         }
         if !dead.is_empty() {
             self.dead_letter(dead).await;

@@ -43,6 +43,16 @@ fn number<T: std::str::FromStr>(v: &[u8]) -> Option<T> {
 impl<'a> Policy<'a> {
     /// Reads the headers of an encoded record, checking their values.
     pub fn parse(record: &'a [u8]) -> Result<Self, WireError> {
+        Policy::read(record, true)
+    }
+
+    /// Like [`Policy::parse`] for stored records: a malformed value (say,
+    /// one a route plugin added) is ignored, the other headers still count.
+    pub fn parse_stored(record: &'a [u8]) -> Self {
+        Policy::read(record, false).unwrap_or_default()
+    }
+
+    fn read(record: &'a [u8], strict: bool) -> Result<Self, WireError> {
         let mut p = Policy::default();
         let mut err = None;
         for_each_header(record, |name, v| {
@@ -50,6 +60,9 @@ impl<'a> Policy<'a> {
                 return;
             }
             let bad = |code, what: &str| {
+                if !strict {
+                    return None;
+                }
                 Some(WireError::new(
                     code,
                     format!(
@@ -89,12 +102,6 @@ impl<'a> Policy<'a> {
             Some(e) => Err(e),
             None => Ok(p),
         }
-    }
-
-    /// Like [`Policy::parse`] for records already validated at publish:
-    /// malformed values are ignored.
-    pub fn parse_stored(record: &'a [u8]) -> Self {
-        Policy::parse(record).unwrap_or_default()
     }
 
     /// When a queue may first deliver the record appended at `ts`.

@@ -592,6 +592,9 @@ pub struct AppendRecord {
 /// duplicate within the dedup window: the position is the original's.
 pub const DUPLICATE_BIT: u32 = 1 << 31;
 
+/// A stored queue entry: `(state, attempts, due ms)`.
+pub type QueueEntryState = (u8, u32, u64);
+
 /// Queue-state changes for one group, applied in one group commit.
 #[derive(Debug, Default)]
 pub struct QueueWrite {
@@ -601,7 +604,7 @@ pub struct QueueWrite {
     pub group: Arc<str>,
     /// In order: `(partition, offset, Some((state, attempts, due ms)))` to
     /// store, or `None` to delete.
-    pub entries: Vec<(u32, u64, Option<(u8, u32, u64)>)>,
+    pub entries: Vec<(u32, u64, Option<QueueEntryState>)>,
     /// New floors.
     pub floors: Vec<(u32, u64)>,
 }
@@ -619,7 +622,7 @@ pub struct QueueSnapshot {
     /// Floor per partition, where stored.
     pub floors: HashMap<u32, u64>,
     /// `(partition, offset, (state, attempts, due ms))`.
-    pub entries: Vec<(u32, u64, (u8, u32, u64))>,
+    pub entries: Vec<(u32, u64, QueueEntryState)>,
 }
 
 /// A plugin's key/value write, committed with the records it decided.

@@ -54,7 +54,7 @@ pub(crate) const QUEUE_FLOOR: TableDefinition<(u32, &str, u32), u64> =
 /// queue messages at or above the floor that are not simply "not yet
 /// delivered": in flight (due = visibility deadline), waiting for a retry
 /// (due = when it becomes ready again) or settled out of order.
-pub(crate) const QUEUE: TableDefinition<(u32, &str, u32, u64), (u8, u32, u64)> =
+pub(crate) const QUEUE: TableDefinition<(u32, &str, u32, u64), super::QueueEntryState> =
     TableDefinition::new("queue_state");
 
 /// `(topic id, message id)` -> `(partition, offset, append ms)`: the

@@ -356,11 +356,11 @@ impl Writer {
                         let mut positions = Vec::with_capacity(records.len());
                         for r in records {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
-                            if let Some(id) = &r.dedup {
-                                if let Some(&(p, o)) = ts.dedup.get(&id[..]) {
-                                    positions.push((p | DUPLICATE_BIT, o));
-                                    continue;
-                                }
+                            if let Some(id) = &r.dedup
+                                && let Some(&(p, o)) = ts.dedup.get(&id[..])
+                            {
+                                positions.push((p | DUPLICATE_BIT, o));
+                                continue;
                             }
                             let p = r.partition;
                             let st = &mut ts.parts[p as usize];
