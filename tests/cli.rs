@@ -291,3 +291,150 @@ fn bench_reports_throughput_and_latency_as_json() {
     let out = ok(&cli(&r, dir.path(), &["topic", "describe", "b"], None));
     assert!(out.contains("PARTITION"));
 }
+
+#[test]
+fn cli_queue_policy_delay_ids_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    let run = |args: &[&str]| ok(&cli(&r, dir.path(), args, None));
+    run(&["topic", "create", "tasks", "--partitions", "2"]);
+    let policy = run(&[
+        "topic",
+        "config",
+        "tasks",
+        "--set",
+        "max_attempts=1",
+        "--set",
+        "default_priority=2",
+    ]);
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    assert_eq!(policy["max_attempts"], 1);
+    assert_eq!(policy["default_priority"], 2);
+    let bad = cli(
+        &r,
+        dir.path(),
+        &["topic", "config", "tasks", "--set", "nope=1"],
+        None,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("E105"));
+
+    let first = run(&["publish", "tasks", "one", "--key", "a", "--id", "t-1"]);
+    let again = run(&["publish", "tasks", "one", "--key", "a", "--id", "t-1"]);
+    assert!(!first.contains("duplicate"));
+    assert!(again.contains("duplicate"), "{again}");
+    assert_eq!(
+        first.split(" (").next().unwrap().trim(),
+        again.split(" (").next().unwrap().trim()
+    );
+    let started = std::time::Instant::now();
+    run(&[
+        "publish",
+        "tasks",
+        "urgent",
+        "--priority",
+        "9",
+        "--delay",
+        "300ms",
+    ]);
+    let late = cli(
+        &r,
+        dir.path(),
+        &["publish", "tasks", "x", "--delay", "400days"],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&late.stderr).contains("invalid_delay"));
+
+    // Queue consumption prints attempts; the delayed one arrives last.
+    let out = run(&[
+        "subscribe",
+        "tasks",
+        "--group",
+        "w",
+        "--queue",
+        "--count",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["payload"], "one");
+    assert_eq!(lines[1]["payload"], "urgent");
+    assert_eq!(lines[1]["attempt"], 1);
+    // Both were acked: nothing is left for the group.
+    let stats: serde_json::Value =
+        serde_json::from_str(&run(&["queue", "stats", "tasks"])).unwrap();
+    assert_eq!(stats[0]["acked"], 2, "{stats}");
+    assert_eq!(stats[0]["backlog"], 0, "{stats}");
+
+    // Auto-ack settles on send.
+    run(&["publish", "tasks", "fire-and-forget", "--key", "p"]);
+    let out = run(&[
+        "subscribe",
+        "tasks",
+        "--group",
+        "w",
+        "--queue",
+        "--count",
+        "1",
+        "--ack",
+        "auto",
+    ]);
+    assert_eq!(out.trim(), "fire-and-forget");
+
+    // An expired message is never delivered; this topic dead-letters it.
+    run(&[
+        "topic",
+        "config",
+        "tasks",
+        "--set",
+        "dead_letter_expired=true",
+    ]);
+    run(&["publish", "tasks", "stale", "--key", "p", "--ttl", "1ms"]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut q = Command::new(router_bin())
+        .args(["subscribe", "tasks", "--group", "w", "--queue"])
+        .env("SWITCHYARD_ADDR", r.addr.to_string())
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let listed = loop {
+        let out = cli(&r, dir.path(), &["dlq", "list", "tasks"], None);
+        if out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = q.kill();
+    let printed = q.wait_with_output().unwrap();
+    assert!(
+        printed.stdout.is_empty(),
+        "an expired message was delivered"
+    );
+    let dead: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(dead["payload"], "stale");
+    assert_eq!(dead["headers"]["x-dlq-topic"], "tasks");
+    assert_eq!(dead["headers"]["x-dlq-attempts"], "0");
+    assert!(
+        dead["headers"]["x-dlq-error"]
+            .as_str()
+            .unwrap()
+            .starts_with("expired")
+    );
+    let redriven = run(&["dlq", "redrive", "tasks", "--max", "1"]);
+    assert!(redriven.contains("redrove 1"), "{redriven}");
+    let purged = run(&["dlq", "purge", "tasks"]);
+    assert!(purged.contains("purged"), "{purged}");
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod plugin;
 mod publish;
+mod queue;
 mod scaffold;
 mod subscribe;
 mod topic;
@@ -74,6 +75,12 @@ enum Command {
     Plugin(plugin::PluginCommand),
     /// Generate load and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Inspect queue groups.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// List, redrive and purge dead letters.
+    #[command(subcommand)]
+    Dlq(queue::DlqCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +132,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Subscribe(args) => subscribe::run(args).await,
         Command::Plugin(cmd) => plugin::run(cmd).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Queue(cmd) => queue::run_queue(cmd).await,
+        Command::Dlq(cmd) => queue::run_dlq(cmd).await,
     }
 }
 

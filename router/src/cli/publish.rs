@@ -22,6 +22,22 @@ pub(super) struct PublishArgs {
     /// A header, NAME=VALUE; repeat for more.
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
+    /// Hold queue delivery this long after the append (e.g. 10s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    delay: Option<std::time::Duration>,
+    /// Hold queue delivery until this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    at: Option<u64>,
+    /// Priority 0 (lowest) to 9 (highest) for queue delivery.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
+    /// Expire the message this long after the append (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<std::time::Duration>,
+    /// Message id: a second publish with the same id within the topic's
+    /// dedup window stores nothing and reports the original position.
+    #[arg(long)]
+    id: Option<String>,
     /// Lines per batch when reading standard input.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
@@ -30,6 +46,14 @@ pub(super) struct PublishArgs {
     in_flight: usize,
     #[command(flatten)]
     conn: ConnectArgs,
+}
+
+fn parse_time(s: &str) -> Result<u64, String> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|_| format!("'{s}' is not an RFC 3339 time (2026-11-23T10:00:00Z)"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("'{s}' is before 1970"))?
+        .as_millis() as u64)
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -47,6 +71,21 @@ impl PublishArgs {
             .iter()
             .map(|(n, v)| (n.clone(), Bytes::from(v.clone())))
             .collect();
+        if let Some(d) = self.delay {
+            r = r.with_delay(d);
+        }
+        if let Some(at) = self.at {
+            r = r.with_deliver_at(at);
+        }
+        if let Some(p) = self.priority {
+            r = r.with_priority(p);
+        }
+        if let Some(t) = self.ttl {
+            r = r.with_ttl(t);
+        }
+        if let Some(id) = &self.id {
+            r = r.with_message_id(id.clone());
+        }
         r
     }
 }
@@ -57,11 +96,23 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
         let ack = client
             .publish(&args.topic, args.record(Bytes::from(p.clone())))
             .await?;
-        println!("partition {} offset {}", ack.partition, ack.offset);
+        println!(
+            "partition {} offset {}{}",
+            ack.partition,
+            ack.offset,
+            if ack.duplicate {
+                " (duplicate: already stored with this id)"
+            } else {
+                ""
+            }
+        );
         client.close().await;
         return Ok(());
     }
 
+    if args.id.is_some() {
+        anyhow::bail!("--id names one message: give the payload as an argument");
+    }
     // Pipelined: queue batches as lines arrive, keep up to `in_flight`
     // batches unacknowledged, and never wait a round trip per line.
     let started = Instant::now();

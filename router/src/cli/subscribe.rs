@@ -7,8 +7,8 @@ use base64::Engine;
 use futures::{FutureExt, StreamExt};
 
 use super::ConnectArgs;
-use crate::client::{Message, SubscribeOptions};
-use crate::protocol::StartPosition;
+use crate::client::{Message, QueueConsumer, QueueMessage, QueueOptions, SubscribeOptions};
+use crate::protocol::{DeliveryTag, StartPosition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -16,6 +16,14 @@ enum Format {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AckMode {
+    /// Ack after printing.
+    Manual,
+    /// Settled by the router when sent.
+    Auto,
 }
 
 #[derive(Debug, clap::Args)]
@@ -36,9 +44,22 @@ pub(super) struct SubscribeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Messages the router may send ahead of what has been printed.
+    /// Messages the router may send ahead of what has been printed (queue
+    /// mode with manual acks: most messages unacknowledged at once).
     #[arg(long, default_value_t = 1024)]
     prefetch: u32,
+    /// Consume as a queue: members of --group compete for messages, each
+    /// acked after it is printed.
+    #[arg(long, requires = "group")]
+    queue: bool,
+    /// Queue mode: how long a message stays hidden before redelivery if
+    /// not acked.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", requires = "queue")]
+    visibility: std::time::Duration,
+    /// Queue mode: `manual` acks each message once printed; `auto` lets the
+    /// router settle it when sent (at most once).
+    #[arg(long, value_enum, default_value_t = AckMode::Manual, requires = "queue")]
+    ack: AckMode,
     #[command(flatten)]
     conn: ConnectArgs,
 }
@@ -66,6 +87,9 @@ pub(crate) fn parse_start(s: &str) -> Result<StartPosition, String> {
 
 pub(super) async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
     let client = args.conn.connect().await?;
+    if args.queue {
+        return run_queue(args, client).await;
+    }
     // Commit what was printed, not what was prefetched: a group member that
     // exits after --count messages leaves the rest to the next member.
     let prefetch = match args.count {
@@ -113,6 +137,89 @@ pub(super) async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
     sub.close().await;
     client.close().await;
     Ok(())
+}
+
+async fn run_queue(args: SubscribeArgs, client: crate::client::Client) -> anyhow::Result<()> {
+    let auto = args.ack == AckMode::Auto;
+    let prefetch = match args.count {
+        Some(c) => args.prefetch.min(c.min(u32::MAX as u64) as u32),
+        None => args.prefetch,
+    };
+    let opts = QueueOptions::new(&args.topic, &args.group)
+        .start(args.from)
+        .prefetch(prefetch)
+        .visibility(args.visibility)
+        .auto_ack(auto);
+    let mut q = client.subscribe_queue(opts).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut printed: Vec<DeliveryTag> = Vec::new();
+    let mut seen = 0u64;
+    while args.count.is_none_or(|c| seen < c) {
+        let next = match q.next().now_or_never() {
+            Some(n) => n,
+            None => {
+                out.flush()?;
+                ack_printed(&q, &mut printed).await?;
+                tokio::select! {
+                    n = q.next() => n,
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+        };
+        let Some(msg) = next else { break };
+        let msg = msg.context("queue subscription failed")?;
+        print_queue_message(&mut out, &msg, args.format)?;
+        if !auto {
+            printed.push(msg.tag);
+        }
+        seen += 1;
+    }
+    out.flush()?;
+    drop(out);
+    ack_printed(&q, &mut printed).await?;
+    q.close().await;
+    client.close().await;
+    Ok(())
+}
+
+async fn ack_printed(q: &QueueConsumer, printed: &mut Vec<DeliveryTag>) -> anyhow::Result<()> {
+    if !printed.is_empty() {
+        q.ack_many(&std::mem::take(printed))
+            .await
+            .context("acknowledging printed messages")?;
+    }
+    Ok(())
+}
+
+fn print_queue_message(
+    out: &mut impl Write,
+    m: &QueueMessage,
+    format: Format,
+) -> std::io::Result<()> {
+    match format {
+        Format::Text => {
+            out.write_all(&m.payload())?;
+            out.write_all(b"\n")
+        }
+        Format::Json => {
+            let mut obj = serde_json::Map::new();
+            obj.insert("topic".into(), (*m.topic).into());
+            obj.insert("partition".into(), m.tag.partition.into());
+            obj.insert("offset".into(), m.tag.offset.into());
+            obj.insert("attempt".into(), m.tag.attempt.into());
+            obj.insert("timestamp_ms".into(), m.timestamp_ms.into());
+            put_bytes(&mut obj, "key", m.key().as_deref());
+            let mut headers = serde_json::Map::new();
+            for (n, v) in m.record.headers() {
+                headers.insert(n.to_string(), bytes_value(&v));
+            }
+            obj.insert("headers".into(), headers.into());
+            put_bytes(&mut obj, "payload", Some(&m.payload()));
+            serde_json::to_writer(&mut *out, &obj)?;
+            out.write_all(b"\n")
+        }
+    }
 }
 
 fn commit_printed(

@@ -35,6 +35,18 @@ pub(super) enum TopicCommand {
         #[command(flatten)]
         conn: ConnectArgs,
     },
+    /// Show or change a topic's delivery policy (retries, priority, delay,
+    /// TTL, dedup window, backlog limit); see docs/queues.md.
+    Config {
+        /// Topic name.
+        name: String,
+        /// A policy field, NAME=VALUE (e.g. max_attempts=3,
+        /// shed_below_priority=5); repeat for more. Values are JSON.
+        #[arg(long = "set")]
+        set: Vec<String>,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
     /// Delete a topic and all its records.
     Delete {
         /// Topic name.
@@ -93,6 +105,25 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             let c = conn.connect().await?;
             c.delete_topic(&name).await?;
             println!("deleted topic {name}");
+            c.close().await;
+        }
+        TopicCommand::Config { name, set, conn } => {
+            let mut fields = serde_json::Map::new();
+            for kv in &set {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--set '{kv}' is not NAME=VALUE"))?;
+                // Values are JSON; a bare word is taken as a string.
+                let v = serde_json::from_str(v).unwrap_or_else(|_| v.into());
+                fields.insert(k.to_string(), v);
+            }
+            let c = conn.connect().await?;
+            let policy = if fields.is_empty() {
+                c.topic_policy(&name).await?
+            } else {
+                c.set_topic_policy(&name, fields.into()).await?
+            };
+            println!("{}", serde_json::to_string_pretty(&policy)?);
             c.close().await;
         }
     }
