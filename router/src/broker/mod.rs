@@ -17,7 +17,7 @@ use crate::plugins::{CallMessage, FailureMode, Hook, LiveVersion, PluginRegistry
 use crate::protocol::headers::{PRIORITY, Policy};
 use crate::protocol::{ErrorCode, RawRecord, StartPosition, TopicInfo, WireError};
 use crate::storage::{
-    AppendRecord, AppendTicket, KvWrite, Storage, StorageError, TopicHandle, now_ms,
+    AppendRecord, AppendTicket, Fanout, KvWrite, Storage, StorageError, TopicHandle, now_ms,
 };
 
 /// Limits the broker enforces on requests.
@@ -160,6 +160,14 @@ impl std::future::Future for PublishTicket {
 
 /// Longest topic or group name.
 pub const MAX_NAME_LEN: usize = 249;
+
+/// The topic's default fan-out for a keyed record (no plugin).
+fn default_fanout(topic: &TopicHandle, record: &RawRecord) -> Option<(u64, Fanout)> {
+    let mode = topic.policy().fanout?;
+    record
+        .key_bytes()
+        .map(|k| (crate::storage::key_hash(k), mode))
+}
 
 fn plugin_name(live: &LiveVersion) -> Arc<str> {
     live.plugin
@@ -453,14 +461,17 @@ impl Broker {
             return Ok(t);
         }
         let n = topic.meta.partitions;
+        let fanouts = self.fanouts(topic, &records);
         let appends = records
             .into_iter()
             .zip(ids)
-            .map(|(r, dedup)| AppendRecord {
+            .zip(fanouts)
+            .map(|((r, dedup), fanout)| AppendRecord {
                 topic_id: topic.meta.id,
                 partition: partitioner::partition_of(&r, n, rr),
                 record: r,
                 dedup,
+                fanout,
             })
             .collect();
         match self.storage.append_many(appends, kv).await {
@@ -475,6 +486,63 @@ impl Broker {
                 Err(e.to_wire())
             }
         }
+    }
+
+    /// How each keyed record reaches the feeds following its key: the
+    /// topic's fanout plugin decides per message (given its follower
+    /// count), else the topic's default; `None` where the topic has no feeds.
+    fn fanouts(&self, topic: &TopicHandle, records: &[RawRecord]) -> Vec<Option<(u64, Fanout)>> {
+        let Some(default) = topic.policy().fanout else {
+            return vec![None; records.len()];
+        };
+        let hashes: Vec<Option<u64>> = records
+            .iter()
+            .map(|r| r.key_bytes().map(crate::storage::key_hash))
+            .collect();
+        let Some(live) = self.plugins.hook_for(Hook::Fanout, &topic.meta.name) else {
+            return hashes.iter().map(|h| h.map(|h| (h, default))).collect();
+        };
+        let followers: Vec<u32> = self.storage.with_feeds(topic.meta.id, |f| {
+            hashes
+                .iter()
+                .map(|h| h.map_or(0, |h| f.follower_count(h)))
+                .collect()
+        });
+        let name: Arc<str> = topic.meta.name.as_str().into();
+        let now = now_ms();
+        let mut out = Vec::with_capacity(records.len());
+        for (i, chunk) in records.chunks(256).enumerate() {
+            let at = i * 256;
+            let batch = chunk
+                .iter()
+                .map(|r| CallMessage {
+                    record: r.clone(),
+                    topic: name.clone(),
+                    timestamp_ms: now,
+                    attempt: 0,
+                })
+                .collect();
+            let res = live.plugin.fanout(batch, &followers[at..at + chunk.len()]);
+            live.plugin.settle_kv(&res.kv_writes);
+            let modes: Vec<Fanout> = match res.decisions {
+                Ok(m) => m
+                    .into_iter()
+                    .map(|m| match m {
+                        crate::plugins::FanoutMode::OnWrite => Fanout::OnWrite,
+                        crate::plugins::FanoutMode::OnRead => Fanout::OnRead,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(plugin = %live.plugin.label, error = %e,
+                        "fanout plugin failed; using the topic default");
+                    vec![default; chunk.len()]
+                }
+            };
+            for (h, m) in hashes[at..at + chunk.len()].iter().zip(modes) {
+                out.push(h.map(|h| (h, m)));
+            }
+        }
+        out
     }
 
     /// The largest backlog (unsettled messages) of the topic's queue groups.

@@ -120,11 +120,13 @@ impl Broker {
                             crate::protocol::headers::Policy::parse_stored(record.as_bytes())
                                 .message_id
                                 .map(|id| record.as_bytes().slice_ref(id));
+                        let fanout = super::default_fanout(&t, &record);
                         appends.push(AppendRecord {
                             topic_id: t.meta.id,
                             partition,
                             record,
                             dedup,
+                            fanout,
                         });
                         decided.push(t);
                     }

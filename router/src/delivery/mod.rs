@@ -8,8 +8,10 @@
 //! subscription writes to its own stream, so a subscriber that stops reading
 //! only stalls itself.
 
+pub mod feed;
 pub mod queue;
 pub mod stream;
 
+pub use feed::FeedSubscription;
 pub use queue::{QueueEvent, QueueGroup, QueueSubscription};
 pub use stream::{DeliveryError, StreamSubscription, SubEvent};

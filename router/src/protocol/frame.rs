@@ -26,7 +26,7 @@ pub enum StartPosition {
 }
 
 /// How a subscription consumes a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SubscribeMode {
     /// Kafka-like: members of a group split partitions and read them in order.
     #[default]
@@ -36,6 +36,12 @@ pub enum SubscribeMode {
     Queue {
         /// How long a delivered message stays invisible to other members.
         visibility_ms: u64,
+    },
+    /// A feed named by the group: the records of these keys appended from
+    /// now on, in per-key order, whichever way they fan out.
+    Feed {
+        /// The keys to follow (replacing the feed's previous set).
+        keys: Vec<Bytes>,
     },
 }
 
@@ -473,6 +479,15 @@ impl Frame {
                         buf.put_u8(1);
                         buf.put_u64(*visibility_ms);
                     }
+                    SubscribeMode::Feed { keys } => {
+                        buf.put_u8(2);
+                        buf.put_u64(0);
+                        buf.put_u32(keys.len() as u32);
+                        for k in keys {
+                            buf.put_u32(k.len() as u32);
+                            buf.put_slice(k);
+                        }
+                    }
                 }
             }
             Frame::Subscribed { partitions } => {
@@ -907,6 +922,15 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             let mode = match (b.u8("mode")?, b.u64("visibility")?) {
                 (0, _) => SubscribeMode::Stream,
                 (1, visibility_ms) => SubscribeMode::Queue { visibility_ms },
+                (2, _) => {
+                    let n = b.count("key count", 4)?;
+                    let mut keys = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let len = b.u32("key length")? as usize;
+                        keys.push(b.bytes(len, "key")?);
+                    }
+                    SubscribeMode::Feed { keys }
+                }
                 _ => return Err(DecodeError::InvalidValue("mode")),
             };
             Frame::Subscribe {
@@ -1143,7 +1167,12 @@ mod tests {
                 start(),
                 any::<u32>(),
                 any::<bool>(),
-                proptest::option::of(any::<u64>())
+                prop_oneof![
+                    Just(None),
+                    any::<u64>().prop_map(|v| Some(Err(v))),
+                    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..6), 0..3)
+                        .prop_map(|k| Some(Ok(k))),
+                ]
             )
                 .prop_map(|(group, topic, start, credits, auto_commit, q)| {
                     Frame::Subscribe {
@@ -1154,7 +1183,10 @@ mod tests {
                         auto_commit,
                         mode: match q {
                             None => SubscribeMode::Stream,
-                            Some(visibility_ms) => SubscribeMode::Queue { visibility_ms },
+                            Some(Err(visibility_ms)) => SubscribeMode::Queue { visibility_ms },
+                            Some(Ok(keys)) => SubscribeMode::Feed {
+                                keys: keys.into_iter().map(Bytes::from).collect(),
+                            },
                         },
                     }
                 }),

@@ -14,6 +14,7 @@ pub use frame::{
     QueueDelivered, StartPosition, SubscribeMode, TopicInfo, decode, put_deliver_header,
     put_delivered, put_queue_deliver_header, put_queue_delivered,
 };
+pub(crate) use record::key_of;
 pub use record::{RawRecord, Record};
 
 /// The ALPN identifier both sides require during the TLS handshake.

@@ -217,6 +217,17 @@ fn layout(buf: &[u8]) -> Result<Layout, DecodeError> {
     })
 }
 
+/// The key of an encoded record, without copying (`None`: no key, or
+/// malformed).
+pub(crate) fn key_of(buf: &[u8]) -> Option<&[u8]> {
+    let mut c = Cursor { buf, pos: 0 };
+    let n = c.u32("").ok()?;
+    if n == NO_KEY {
+        return None;
+    }
+    c.take(n as usize, "").ok()
+}
+
 /// Calls `f` with each header of an encoded record, without copying.
 /// Stops at the first malformed field (stored records are validated).
 pub(crate) fn for_each_header<'a>(buf: &'a [u8], mut f: impl FnMut(&'a str, &'a [u8])) {

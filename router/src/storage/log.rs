@@ -7,8 +7,8 @@
 
 use redb::ReadableDatabase;
 
-use super::tables::LOG;
-use super::{Storage, StorageError};
+use super::tables::{INBOX, KEY_INDEX, LOG};
+use super::{FeedDef, Storage, StorageError, key_hash};
 
 /// Limits for one read.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +70,103 @@ impl Storage {
             }
         }
         Ok(())
+    }
+
+    /// Reads up to `max` records of a feed, from `cursors[p]` in each
+    /// partition: the references in its inbox (records fanned out on write)
+    /// merged by offset with the index of each followed key (records fanned
+    /// out on read). Both are written in the record's own commit, so one
+    /// read snapshot sees every record of a followed key exactly once
+    /// whichever way it fanned out. Calls `f(partition, offset, ts, record)`
+    /// in offset order per partition and advances `cursors`.
+    pub fn read_feed(
+        &self,
+        topic_id: u32,
+        feed: &FeedDef,
+        cursors: &mut [u64],
+        max: usize,
+        mut f: impl FnMut(u32, u64, u64, &[u8]),
+    ) -> Result<usize, StorageError> {
+        let txn = self.db().begin_read()?;
+        let inbox = txn.open_table(INBOX)?;
+        let index = txn.open_table(KEY_INDEX)?;
+        let log = txn.open_table(LOG)?;
+        let n = cursors.len() as u64;
+        let keys: Vec<(&[u8], u64, u64)> = feed
+            .keys
+            .iter()
+            .map(|(k, start)| (k.as_slice(), key_hash(k), *start))
+            .collect();
+        let mut total = 0;
+        let mut offsets = Vec::new();
+        for p in 0..n as u32 {
+            'partition: while total < max {
+                let want = max - total;
+                let from = cursors[p as usize];
+                offsets.clear();
+                // Read up to `want` entries of each source; entries past the
+                // last one of a source that had more are not yet safe to
+                // order, so stop there (the horizon).
+                let mut horizon = u64::MAX;
+                let mut take = |it: &mut dyn Iterator<Item = Result<u64, StorageError>>,
+                                offsets: &mut Vec<u64>|
+                 -> Result<(), StorageError> {
+                    let mut last = None;
+                    let mut count = 0;
+                    for o in it {
+                        let o = o?;
+                        offsets.push(o);
+                        last = Some(o);
+                        count += 1;
+                        if count == want {
+                            break;
+                        }
+                    }
+                    if count == want {
+                        horizon = horizon.min(last.unwrap_or(u64::MAX));
+                    }
+                    Ok(())
+                };
+                let mut it = inbox
+                    .range((topic_id, feed.id, p, from)..=(topic_id, feed.id, p, u64::MAX))?
+                    .map(|e| e.map(|(k, _)| k.value().3).map_err(StorageError::from));
+                take(&mut it, &mut offsets)?;
+                for &(_, h, start) in keys.iter().filter(|k| k.1 % n == p as u64) {
+                    let mut it = index
+                        .range((topic_id, h, p, from.max(start))..=(topic_id, h, p, u64::MAX))?
+                        .map(|e| e.map(|(k, _)| k.value().3).map_err(StorageError::from));
+                    take(&mut it, &mut offsets)?;
+                }
+                if offsets.is_empty() {
+                    break;
+                }
+                offsets.sort_unstable();
+                offsets.dedup();
+                for &o in offsets.iter().filter(|o| **o <= horizon) {
+                    if total == max {
+                        break 'partition;
+                    }
+                    cursors[p as usize] = o + 1;
+                    let Some(v) = log.get((topic_id, p, o))? else {
+                        continue; // removed by retention
+                    };
+                    let (ts, rec) = split_entry(v.value())?;
+                    // Keys are indexed by hash: skip a colliding key, a key
+                    // no longer followed, and a key's records from before
+                    // the feed followed it.
+                    let followed = crate::protocol::key_of(rec)
+                        .is_some_and(|k| keys.iter().any(|(fk, _, start)| *fk == k && o >= *start));
+                    if followed {
+                        f(p, o, ts, rec);
+                        total += 1;
+                    }
+                }
+                if horizon == u64::MAX {
+                    break; // every source was read to its end
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// The first offset in `[start, end)` whose timestamp is at or after

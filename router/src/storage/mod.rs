@@ -107,6 +107,9 @@ pub struct TopicPolicy {
     pub shed_below_priority: Option<u8>,
     /// Messages a queue group looks ahead in the log to order by priority.
     pub queue_window: u32,
+    /// Feeds: how keyed records reach the feeds following their key when
+    /// no fanout plugin decides (`None`: the topic has no feeds).
+    pub fanout: Option<Fanout>,
 }
 
 impl Default for TopicPolicy {
@@ -124,6 +127,7 @@ impl Default for TopicPolicy {
             backlog_limit: 0,
             shed_below_priority: None,
             queue_window: 65_536,
+            fanout: None,
         }
     }
 }
@@ -231,6 +235,7 @@ pub struct Storage {
     db: Arc<Database>,
     tx: mpsc::Sender<WriteOp>,
     topics: Registry,
+    feeds: FeedRegistry,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -245,6 +250,7 @@ impl Storage {
             .create(path)?;
         let db = Arc::new(db);
         let (metas, parts, dedup) = load(&db)?;
+        let feeds: FeedRegistry = Arc::new(RwLock::new(load_feeds(&db)?));
         let mut registry = HashMap::new();
         let mut states = HashMap::new();
         for meta in metas {
@@ -257,7 +263,7 @@ impl Storage {
         }
         let topics: Registry = Arc::new(RwLock::new(registry));
         let (tx, rx) = mpsc::channel(4096);
-        let w = writer::Writer::new(db.clone(), topics.clone(), states, config);
+        let w = writer::Writer::new(db.clone(), topics.clone(), feeds.clone(), states, config);
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || w.run(rx))
@@ -266,6 +272,7 @@ impl Storage {
             db,
             tx,
             topics,
+            feeds,
             writer: Arc::new(std::sync::Mutex::new(Some(join))),
         })
     }
@@ -345,6 +352,7 @@ impl Storage {
                 partition,
                 record,
                 dedup: None,
+                fanout: None,
             })
             .collect();
         self.append_many(records, Vec::new()).await
@@ -569,6 +577,66 @@ impl Storage {
         rx.await.map_err(|_| StorageError::ShutDown)?
     }
 
+    /// Runs `f` on the feeds of a topic (empty if it has none).
+    pub fn with_feeds<R>(&self, topic_id: u32, f: impl FnOnce(&TopicFeeds) -> R) -> R {
+        let reg = self.feeds.read().expect("feeds lock");
+        match reg.get(&topic_id) {
+            Some(t) => f(t),
+            None => f(&TopicFeeds::default()),
+        }
+    }
+
+    /// Records that a feed has read a partition up to `next` (durable at the
+    /// next group commit) and drops the inbox references before it.
+    pub async fn feed_commit(
+        &self,
+        topic_id: u32,
+        feed: &FeedDef,
+        partition: u32,
+        next: u64,
+    ) -> Result<(), StorageError> {
+        self.send(WriteOp::FeedCommit {
+            topic_id,
+            feed_id: feed.id,
+            group: writer::feed_group(&feed.name).into(),
+            partition,
+            next,
+        })
+        .await
+    }
+
+    /// A feed's stored cursor in one partition (0 if none).
+    pub fn feed_cursor(
+        &self,
+        topic_id: u32,
+        name: &str,
+        partition: u32,
+    ) -> Result<u64, StorageError> {
+        Ok(self
+            .committed_offset(&writer::feed_group(name), topic_id, partition)?
+            .unwrap_or(0))
+    }
+
+    /// Creates feed `name` on `topic`, or sets the keys it follows. Newly
+    /// followed keys are seen from the current end of their partition;
+    /// keys already followed keep their start.
+    pub async fn follow(
+        &self,
+        topic: &TopicHandle,
+        name: &str,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<FeedDef, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Follow {
+            topic_id: topic.meta.id,
+            name: name.to_string(),
+            keys,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
     /// The underlying database, for readers in [`log`].
     pub fn db(&self) -> &Database {
         &self.db
@@ -586,6 +654,79 @@ pub struct AppendRecord {
     pub record: RawRecord,
     /// The producer's message id, for idempotent publish.
     pub dedup: Option<bytes::Bytes>,
+    /// For topics with feeds: the record key's hash and how it fans out.
+    pub fanout: Option<(u64, Fanout)>,
+}
+
+/// How a keyed record reaches the feeds that follow its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fanout {
+    /// A reference is written into each following feed's inbox now.
+    OnWrite,
+    /// One entry in the key's index; each feed merges the keys it follows
+    /// when it reads.
+    OnRead,
+}
+
+/// A feed: a named subscription to a set of keys of one topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FeedDef {
+    /// Internal id, unique per topic.
+    pub id: u32,
+    /// Feed name.
+    pub name: String,
+    /// Followed keys, each with the offset (in its partition) from which
+    /// the feed sees it: records appended after the follow.
+    pub keys: Vec<(Vec<u8>, u64)>,
+}
+
+/// The feeds of one topic, shared by the writer (which pushes references
+/// on write) and readers.
+#[derive(Debug, Default, Clone)]
+pub struct TopicFeeds {
+    /// Feed name -> definition.
+    pub feeds: HashMap<String, FeedDef>,
+    /// Key hash -> ids of the feeds following a key with that hash.
+    pub followers: HashMap<u64, Vec<u32>>,
+    next_id: u32,
+}
+
+impl TopicFeeds {
+    pub(crate) fn rebuild(&mut self) {
+        self.followers.clear();
+        for f in self.feeds.values() {
+            for (k, _) in &f.keys {
+                let v = self.followers.entry(key_hash(k)).or_default();
+                if !v.contains(&f.id) {
+                    v.push(f.id);
+                }
+            }
+            self.next_id = self.next_id.max(f.id + 1);
+        }
+    }
+
+    fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// How many feeds follow the key with this hash.
+    pub fn follower_count(&self, hash: u64) -> u32 {
+        self.followers.get(&hash).map_or(0, |v| v.len() as u32)
+    }
+}
+
+/// Feeds of every topic, by topic id.
+pub type FeedRegistry = Arc<RwLock<HashMap<u32, TopicFeeds>>>;
+
+/// The key hash the feed tables use (FNV-1a 64, as for partitioning).
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Set in the partition of a returned position when the record was a
@@ -680,6 +821,9 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::QUEUE)?;
         w.open_table(tables::QUEUE_FLOOR)?;
         w.open_table(tables::DEDUP)?;
+        w.open_table(tables::INBOX)?;
+        w.open_table(tables::KEY_INDEX)?;
+        w.open_table(tables::FEEDS)?;
     }
     w.commit()?;
 
@@ -725,6 +869,25 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         v.sort_by_key(|e| e.3);
     }
     Ok((metas, parts, dedup))
+}
+
+fn load_feeds(db: &Database) -> Result<HashMap<u32, TopicFeeds>, StorageError> {
+    let r = db.begin_read()?;
+    let mut out: HashMap<u32, TopicFeeds> = HashMap::new();
+    for e in r.open_table(tables::FEEDS)?.iter()? {
+        let (k, v) = e?;
+        let (topic, name) = k.value();
+        let def: FeedDef = serde_json::from_slice(v.value())
+            .map_err(|e| StorageError::Corrupt(format!("feed {name}: {e}")))?;
+        out.entry(topic)
+            .or_default()
+            .feeds
+            .insert(name.to_string(), def);
+    }
+    for t in out.values_mut() {
+        t.rebuild();
+    }
+    Ok(out)
 }
 
 /// Milliseconds since the Unix epoch, now.

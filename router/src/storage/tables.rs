@@ -61,3 +61,15 @@ pub(crate) const QUEUE: TableDefinition<(u32, &str, u32, u64), super::QueueEntry
 /// idempotent-publish window.
 pub(crate) const DEDUP: TableDefinition<(u32, &[u8]), (u32, u64, u64)> =
     TableDefinition::new("dedup");
+
+/// `(topic id, feed id, partition, offset)`: a fan-out-on-write reference,
+/// pushed into a following feed's inbox when the record is appended.
+pub(crate) const INBOX: TableDefinition<(u32, u32, u32, u64), ()> = TableDefinition::new("inbox");
+
+/// `(topic id, key hash, partition, offset)`: the per-key log of records
+/// fanned out on read, merged by each following feed when it reads.
+pub(crate) const KEY_INDEX: TableDefinition<(u32, u64, u32, u64), ()> =
+    TableDefinition::new("key_index");
+
+/// `(topic id, feed name)` -> JSON [`super::FeedDef`].
+pub(crate) const FEEDS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("feeds");

@@ -16,12 +16,12 @@ use redb::{Database, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
 use super::tables::{
-    DEDUP, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM,
-    PLUGINS, QUEUE, QUEUE_FLOOR, TOPICS,
+    DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_FLOOR, TOPICS,
 };
 use super::{
-    AppendRecord, DUPLICATE_BIT, DedupEntry, KvWrite, PartState, QueueWrite, Registry,
-    StorageConfig, StorageError, TopicHandle, TopicMeta, TopicPolicy, now_ms,
+    AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
+    QueueWrite, Registry, StorageConfig, StorageError, TopicHandle, TopicMeta, TopicPolicy, now_ms,
 };
 use crate::protocol::PartitionInfo;
 
@@ -67,6 +67,19 @@ pub(crate) enum WriteOp {
         reply: oneshot::Sender<()>,
     },
     Queue(QueueWrite),
+    FeedCommit {
+        topic_id: u32,
+        feed_id: u32,
+        group: Arc<str>,
+        partition: u32,
+        next: u64,
+    },
+    Follow {
+        topic_id: u32,
+        name: String,
+        keys: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<FeedDef, StorageError>>,
+    },
     SetPolicy {
         name: String,
         policy: TopicPolicy,
@@ -91,6 +104,7 @@ impl WriteOp {
                 | WriteOp::CommitOffset { .. }
                 | WriteOp::Flush { .. }
                 | WriteOp::Queue(_)
+                | WriteOp::FeedCommit { .. }
         )
     }
 }
@@ -133,6 +147,7 @@ impl TopicState {
 pub(crate) struct Writer {
     db: Arc<Database>,
     registry: Registry,
+    feeds: FeedRegistry,
     topics: HashMap<u32, TopicState>,
     config: StorageConfig,
 }
@@ -145,12 +160,14 @@ impl Writer {
     pub(crate) fn new(
         db: Arc<Database>,
         registry: Registry,
+        feeds: FeedRegistry,
         topics: HashMap<u32, TopicState>,
         config: StorageConfig,
     ) -> Self {
         Writer {
             db,
             registry,
+            feeds,
             topics,
             config,
         }
@@ -253,6 +270,14 @@ impl Writer {
                 } => {
                     let _ = reply.send(self.truncate(topic_id, partition, before));
                 }
+                WriteOp::Follow {
+                    topic_id,
+                    name,
+                    keys,
+                    reply,
+                } => {
+                    let _ = reply.send(self.follow(topic_id, name, keys));
+                }
                 WriteOp::Shutdown { reply } => shutdown = Some(reply),
                 _ => unreachable!("data ops are batched above"),
             }
@@ -329,6 +354,10 @@ impl Writer {
             let mut dedup_table = txn.open_table(DEDUP)?;
             let mut queue = txn.open_table(QUEUE)?;
             let mut floors = txn.open_table(QUEUE_FLOOR)?;
+            let mut inbox = txn.open_table(INBOX)?;
+            let mut key_index = txn.open_table(KEY_INDEX)?;
+            let feed_registry = self.feeds.clone();
+            let feeds = feed_registry.read().expect("feeds lock");
             let now = now_ms();
             self.expire_dedup(now, &mut dedup_table)?;
             for op in segment {
@@ -378,6 +407,19 @@ impl Writer {
                             st.bytes += body.len() as u64;
                             st.last_ts = t;
                             positions.push((p, offset));
+                            match r.fanout {
+                                Some((hash, Fanout::OnWrite)) => {
+                                    let followers =
+                                        feeds.get(&r.topic_id).and_then(|f| f.followers.get(&hash));
+                                    for feed in followers.into_iter().flatten() {
+                                        inbox.insert((r.topic_id, *feed, p, offset), ())?;
+                                    }
+                                }
+                                Some((hash, Fanout::OnRead)) => {
+                                    key_index.insert((r.topic_id, hash, p, offset), ())?;
+                                }
+                                None => {}
+                            }
                             if let Some(id) = r.dedup {
                                 let id: Box<[u8]> = id[..].into();
                                 dedup_table.insert((r.topic_id, &id[..]), (p, offset, t))?;
@@ -403,6 +445,23 @@ impl Writer {
                         }
                     }
                     WriteOp::Flush { reply } => flushes.push(reply),
+                    WriteOp::FeedCommit {
+                        topic_id,
+                        feed_id,
+                        group,
+                        partition,
+                        next,
+                    } => {
+                        if !self.topics.contains_key(&topic_id) {
+                            continue;
+                        }
+                        offsets.insert((&*group, topic_id, partition), next)?;
+                        // Inbox references below the cursor are read: drop them.
+                        inbox.retain_in(
+                            (topic_id, feed_id, partition, 0)..(topic_id, feed_id, partition, next),
+                            |_, _| false,
+                        )?;
+                    }
                     WriteOp::Queue(w) => {
                         if !self.topics.contains_key(&w.topic_id) {
                             continue;
@@ -509,7 +568,14 @@ impl Writer {
                 .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
             txn.open_table(DEDUP)?
                 .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
+            txn.open_table(INBOX)?
+                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
+            txn.open_table(KEY_INDEX)?
+                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
+            txn.open_table(FEEDS)?
+                .retain_in((id, "")..(id.saturating_add(1), ""), |_, _| false)?;
         }
+        self.feeds.write().expect("feeds lock").remove(&id);
         txn.commit()?;
         self.topics.remove(&id);
         self.registry.write().expect("registry lock").remove(name);
@@ -535,6 +601,45 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    fn follow(
+        &mut self,
+        topic_id: u32,
+        name: String,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<FeedDef, StorageError> {
+        let Some(ts) = self.topics.get(&topic_id) else {
+            return Err(StorageError::UnknownTopic(format!("#{topic_id}")));
+        };
+        let n = ts.parts.len() as u64;
+        let mut reg = self.feeds.write().expect("feeds lock");
+        let topic_feeds = reg.entry(topic_id).or_default();
+        let old = topic_feeds.feeds.get(&name).cloned();
+        let id = old.as_ref().map_or(topic_feeds.next_id(), |d| d.id);
+        let mut def = FeedDef {
+            id,
+            name: name.clone(),
+            keys: Vec::with_capacity(keys.len()),
+        };
+        for k in keys {
+            if def.keys.iter().any(|(e, _)| *e == k) {
+                continue;
+            }
+            let start = old
+                .as_ref()
+                .and_then(|d| d.keys.iter().find(|(e, _)| *e == k).map(|(_, s)| *s))
+                .unwrap_or_else(|| ts.parts[(super::key_hash(&k) % n) as usize].end);
+            def.keys.push((k, start));
+        }
+        let json = serde_json::to_vec(&def).expect("feed serializes");
+        let txn = self.db.begin_write()?;
+        txn.open_table(FEEDS)?
+            .insert((topic_id, name.as_str()), json.as_slice())?;
+        txn.commit()?;
+        topic_feeds.feeds.insert(name, def.clone());
+        topic_feeds.rebuild();
+        Ok(def)
     }
 
     fn set_policy(&mut self, name: &str, policy: TopicPolicy) -> Result<(), StorageError> {
@@ -686,6 +791,12 @@ impl Writer {
         }
         Ok(deleted)
     }
+}
+
+/// The offsets-table group under which a feed's cursors are kept. Group
+/// names cannot hold control characters, so this never collides.
+pub(crate) fn feed_group(name: &str) -> String {
+    format!("\u{1}feed:{name}")
 }
 
 fn weight(op: &WriteOp) -> (usize, usize) {
