@@ -48,6 +48,10 @@ pub(super) struct SubscribeArgs {
     /// mode with manual acks: most messages unacknowledged at once).
     #[arg(long, default_value_t = 1024)]
     prefetch: u32,
+    /// Read the feed named by --group, following this key (repeat for
+    /// more): its records appended from now on, in per-key order.
+    #[arg(long, requires = "group", conflicts_with = "queue")]
+    follow: Vec<String>,
     /// Consume as a queue: members of --group compete for messages, each
     /// acked after it is printed.
     #[arg(long, requires = "group")]
@@ -96,11 +100,14 @@ pub(super) async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
         Some(c) => args.prefetch.min(c.min(u32::MAX as u64) as u32),
         None => args.prefetch,
     };
-    let opts = SubscribeOptions::new(&args.topic)
+    let mut opts = SubscribeOptions::new(&args.topic)
         .group(&args.group)
         .start(args.from)
         .prefetch(prefetch)
         .auto_commit(false);
+    if !args.follow.is_empty() {
+        opts = opts.follow(args.follow.iter().map(|k| bytes::Bytes::from(k.clone())));
+    }
     let mut printed: std::collections::BTreeMap<u32, u64> = Default::default();
     let mut sub = client.subscribe(opts).await?;
     let stdout = std::io::stdout();

@@ -29,6 +29,9 @@ pub struct SubscribeOptions {
     /// Commit each record's offset once it is delivered (at-most-once per
     /// group across failures). Off: call [`Subscription::commit`].
     pub auto_commit: bool,
+    /// Follow these keys as the feed named by `group` (see
+    /// [`SubscribeOptions::follow`]); `None`: a stream subscription.
+    pub follow: Option<Vec<Bytes>>,
 }
 
 impl SubscribeOptions {
@@ -40,7 +43,17 @@ impl SubscribeOptions {
             start: StartPosition::Earliest,
             prefetch: 1024,
             auto_commit: true,
+            follow: None,
         }
+    }
+
+    /// Reads the feed named by the group instead: the records of `keys`
+    /// appended from now on, in per-key order (the topic must have a
+    /// fan-out default). Subscribing again with other keys changes the
+    /// follow set; positions are kept by the router as records are sent.
+    pub fn follow<K: Into<Bytes>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.follow = Some(keys.into_iter().map(Into::into).collect());
+        self
     }
 
     /// Joins consumer group `group`.
@@ -129,7 +142,10 @@ impl Client {
             start: opts.start,
             credits: opts.prefetch,
             auto_commit: opts.auto_commit,
-            mode: crate::protocol::SubscribeMode::Stream,
+            mode: match &opts.follow {
+                None => crate::protocol::SubscribeMode::Stream,
+                Some(keys) => crate::protocol::SubscribeMode::Feed { keys: keys.clone() },
+            },
         };
         send.write_all(&f.to_bytes()).await.map_err(|e| lost(&e))?;
         let mut reader = FrameReader::new(recv, 64 << 20);

@@ -31,17 +31,21 @@ pub struct FeedSubscription {
     feed: FeedDef,
     cursors: Vec<u64>,
     credits: u64,
+    auto_commit: bool,
 }
 
 impl FeedSubscription {
     /// Opens feed `name` following `keys` (creating it, or replacing its
-    /// keys) and resumes from its stored cursors.
+    /// keys) and resumes from its stored cursors. With `auto_commit`, a
+    /// record's position is stored once it is sent; otherwise when the
+    /// subscriber commits it.
     pub async fn open(
         topic: Arc<TopicHandle>,
         storage: Storage,
         name: &str,
         keys: Vec<Vec<u8>>,
         credits: u32,
+        auto_commit: bool,
     ) -> Result<Self, StorageError> {
         let feed = storage.follow(&topic, name, keys).await?;
         let mut cursors = Vec::with_capacity(topic.meta.partitions as usize);
@@ -54,7 +58,13 @@ impl FeedSubscription {
             feed,
             cursors,
             credits: credits as u64,
+            auto_commit,
         })
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.topic.meta.partitions
     }
 
     /// Encodes up to the available credits into `buf` as `Deliver` frames,
@@ -98,12 +108,30 @@ impl FeedSubscription {
     }
 
     async fn commit(&self, before: &[u64]) -> Result<(), StorageError> {
+        if !self.auto_commit {
+            return Ok(());
+        }
         for (p, (&now, &was)) in self.cursors.iter().zip(before).enumerate() {
             if now != was {
                 self.storage
                     .feed_commit(self.topic.meta.id, &self.feed, p as u32, now)
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, ev: SubEvent) -> Result<(), StorageError> {
+        match ev {
+            SubEvent::Credit(c) => self.credits += c as u64,
+            SubEvent::Commit { partition, offset } if !self.auto_commit => {
+                if partition < self.topic.meta.partitions {
+                    self.storage
+                        .feed_commit(self.topic.meta.id, &self.feed, partition, offset)
+                        .await?;
+                }
+            }
+            SubEvent::Commit { .. } => {}
         }
         Ok(())
     }
@@ -120,8 +148,7 @@ impl FeedSubscription {
         loop {
             loop {
                 match events.try_recv() {
-                    Ok(SubEvent::Credit(c)) => self.credits += c as u64,
-                    Ok(SubEvent::Commit { .. }) => {} // feeds commit on delivery
+                    Ok(ev) => self.apply(ev).await?,
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 }
@@ -150,8 +177,7 @@ impl FeedSubscription {
             tokio::select! {
                 _ = topic_rx.changed(), if has_credits => {}
                 ev = events.recv() => match ev {
-                    Some(SubEvent::Credit(c)) => self.credits += c as u64,
-                    Some(SubEvent::Commit { .. }) => {}
+                    Some(ev) => self.apply(ev).await?,
                     None => return Ok(()),
                 },
             }
@@ -215,7 +241,7 @@ mod tests {
                                 seq += 1;
                                 let fanout = match mode {
                                     Some(m) => m,
-                                    None if seq % 2 == 0 => Fanout::OnWrite,
+                                    None if seq.is_multiple_of(2) => Fanout::OnWrite,
                                     None => Fanout::OnRead,
                                 };
                                 AppendRecord {
@@ -308,15 +334,14 @@ mod tests {
                     };
                     let got = out.entry(*feed).or_default();
                     let mut total = 0;
-                    for p in 0..3 {
+                    for (p, cursor) in cursors.iter_mut().enumerate() {
                         for &(k, s, rp, o) in &log {
                             if total == *max as usize {
                                 break;
                             }
-                            if rp == p && o >= cursors[p] && keys.get(&k).is_some_and(|st| o >= *st)
-                            {
+                            if rp == p && o >= *cursor && keys.get(&k).is_some_and(|st| o >= *st) {
                                 got.push((k, s));
-                                cursors[p] = o + 1;
+                                *cursor = o + 1;
                                 total += 1;
                             }
                         }

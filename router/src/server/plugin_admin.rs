@@ -81,7 +81,7 @@ pub(super) async fn handle(
             ErrorCode::InvalidArgument,
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
-                     remove, test, kv-get; queues: topic-policy, queue-stats, dlq-list, \
+                     remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
                      dlq-redrive, dlq-purge)"
             ),
         )),

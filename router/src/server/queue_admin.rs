@@ -40,8 +40,9 @@ static REDRIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CHUNK: usize = 1_000;
 
 /// The operations this module handles.
-pub(super) const OPS: [&str; 5] = [
+pub(super) const OPS: [&str; 6] = [
     "topic-policy",
+    "feeds",
     "queue-stats",
     "dlq-list",
     "dlq-redrive",
@@ -67,6 +68,34 @@ pub(super) async fn handle(
             ))
         }
         "dlq-list" => dlq_list(broker, parse(body)?),
+        "feeds" => {
+            let r: DlqReq = parse(body)?;
+            let t = broker.topic(&r.topic)?;
+            let (inbox, index) = broker
+                .storage()
+                .feed_entries(t.meta.id)
+                .map_err(|e| e.to_wire())?;
+            let feeds: Vec<serde_json::Value> = broker.storage().with_feeds(t.meta.id, |f| {
+                let mut v: Vec<_> = f
+                    .feeds
+                    .values()
+                    .map(|d| {
+                        serde_json::json!({
+                            "name": d.name,
+                            "keys": d.keys.iter().map(|(k, _)| String::from_utf8_lossy(k)).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                v
+            });
+            Ok(serde_json::json!({
+                "topic": r.topic,
+                "feeds": feeds,
+                "inbox_references": inbox,
+                "key_index_entries": index,
+            }))
+        }
         "dlq-redrive" => dlq_redrive(broker, parse(body)?).await,
         "dlq-purge" => dlq_purge(broker, parse(body)?).await,
         other => Err(WireError::new(

@@ -586,6 +586,22 @@ impl Storage {
         }
     }
 
+    /// Unread inbox references and key-index entries of a topic's feeds:
+    /// the write amplification of fan-out on write vs on read.
+    pub fn feed_entries(&self, topic_id: u32) -> Result<(u64, u64), StorageError> {
+        let txn = self.db.begin_read()?;
+        let next = topic_id.saturating_add(1);
+        let inbox = txn
+            .open_table(tables::INBOX)?
+            .range((topic_id, 0, 0, 0)..(next, 0, 0, 0))?
+            .count() as u64;
+        let index = txn
+            .open_table(tables::KEY_INDEX)?
+            .range((topic_id, 0, 0, 0)..(next, 0, 0, 0))?
+            .count() as u64;
+        Ok((inbox, index))
+    }
+
     /// Records that a feed has read a partition up to `next` (durable at the
     /// next group commit) and drops the inbox references before it.
     pub async fn feed_commit(
