@@ -97,6 +97,8 @@ impl Storage {
             .iter()
             .map(|(k, start)| (k.as_slice(), key_hash(k), *start))
             .collect();
+        let starts: std::collections::HashMap<&[u8], u64> =
+            keys.iter().map(|(k, _, start)| (*k, *start)).collect();
         let mut total = 0;
         let mut offsets = Vec::new();
         for p in 0..n as u32 {
@@ -155,7 +157,8 @@ impl Storage {
                     // no longer followed, and a key's records from before
                     // the feed followed it.
                     let followed = crate::protocol::key_of(rec)
-                        .is_some_and(|k| keys.iter().any(|(fk, _, start)| *fk == k && o >= *start));
+                        .and_then(|k| starts.get(k))
+                        .is_some_and(|start| o >= *start);
                     if followed {
                         f(p, o, ts, rec);
                         total += 1;

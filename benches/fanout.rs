@@ -1,0 +1,200 @@
+//! Fan-out on write vs on read, one hot key followed by F feeds (1, 10,
+//! 100): the cost of publishing a batch of 256 records of that key
+//! (durable: one transaction and fsync), and of every follower reading
+//! them. On write pays one inbox reference per follower at publish and
+//! reads one stream; on read pays one index entry at publish and each
+//! follower merges the key's index at read time.
+
+#![allow(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use switchyard::protocol::Record;
+use switchyard::storage::{
+    AppendRecord, Fanout, FeedDef, Storage, StorageConfig, TopicHandle, key_hash,
+};
+
+const BATCH: usize = 256;
+
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    storage: Storage,
+    topic: std::sync::Arc<TopicHandle>,
+    feeds: Vec<(FeedDef, Vec<u64>)>,
+    mode: Fanout,
+}
+
+impl Setup {
+    fn new(mode: Fanout, followers: usize) -> Setup {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
+        let topic = rt.block_on(storage.create_topic("t", 1, 0, 0)).unwrap();
+        let feeds = (0..followers)
+            .map(|i| {
+                let def = rt
+                    .block_on(storage.follow(&topic, &format!("f{i}"), vec![b"hot".to_vec()]))
+                    .unwrap();
+                (def, vec![0u64])
+            })
+            .collect();
+        Setup {
+            rt,
+            _dir: dir,
+            storage,
+            topic,
+            feeds,
+            mode,
+        }
+    }
+
+    fn publish(&self) {
+        let hash = key_hash(b"hot");
+        let records = (0..BATCH)
+            .map(|_| AppendRecord {
+                topic_id: self.topic.meta.id,
+                partition: 0,
+                record: Record::new(vec![b'x'; 100]).with_key("hot").to_raw(),
+                dedup: None,
+                fanout: Some((hash, self.mode)),
+            })
+            .collect();
+        self.rt.block_on(async {
+            let t = self.storage.append_many(records, Vec::new()).await.unwrap();
+            t.await.unwrap().unwrap();
+        });
+    }
+
+    /// Every follower reads what is new; returns records read.
+    fn read_all(&mut self) -> usize {
+        let mut n = 0;
+        for (def, cursors) in &mut self.feeds {
+            n += self
+                .storage
+                .read_feed(self.topic.meta.id, def, cursors, BATCH, |_, _, _, r| {
+                    std::hint::black_box(r);
+                })
+                .unwrap();
+        }
+        n
+    }
+}
+
+fn fanout(c: &mut Criterion) {
+    for (label, mode) in [("on_write", Fanout::OnWrite), ("on_read", Fanout::OnRead)] {
+        let mut g = c.benchmark_group(format!("fanout_publish_{label}"));
+        g.throughput(Throughput::Elements(BATCH as u64));
+        for followers in [1usize, 10, 100] {
+            let s = Setup::new(mode, followers);
+            g.bench_with_input(
+                BenchmarkId::from_parameter(followers),
+                &followers,
+                |b, _| b.iter(|| s.publish()),
+            );
+            s.rt.block_on(s.storage.shutdown());
+        }
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("fanout_read_{label}"));
+        for followers in [1usize, 10, 100] {
+            // Per record delivered to one follower.
+            g.throughput(Throughput::Elements((BATCH * followers) as u64));
+            let mut s = Setup::new(mode, followers);
+            g.bench_with_input(
+                BenchmarkId::from_parameter(followers),
+                &followers,
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            s.publish();
+                            let t = Instant::now();
+                            let n = s.read_all();
+                            total += t.elapsed();
+                            assert_eq!(n, BATCH * s.feeds.len());
+                        }
+                        total
+                    })
+                },
+            );
+            s.rt.block_on(s.storage.shutdown());
+        }
+        g.finish();
+    }
+}
+
+/// One feed following K keys (1, 10, 100), 256 records spread over them:
+/// on write the feed reads one inbox; on read it merges K key indexes.
+fn many_keys(c: &mut Criterion) {
+    for (label, mode) in [("on_write", Fanout::OnWrite), ("on_read", Fanout::OnRead)] {
+        let mut g = c.benchmark_group(format!("fanout_read_keys_{label}"));
+        g.throughput(Throughput::Elements(BATCH as u64));
+        for keys in [1usize, 10, 100] {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let storage =
+                Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
+            let topic = rt.block_on(storage.create_topic("t", 1, 0, 0)).unwrap();
+            let names: Vec<Vec<u8>> = (0..keys).map(|k| format!("k{k}").into_bytes()).collect();
+            let feed = rt
+                .block_on(storage.follow(&topic, "f", names.clone()))
+                .unwrap();
+            let mut cursors = vec![0u64];
+            g.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let records = (0..BATCH)
+                            .map(|i| {
+                                let k = &names[i % keys];
+                                AppendRecord {
+                                    topic_id: topic.meta.id,
+                                    partition: 0,
+                                    record: Record::new(vec![b'x'; 100])
+                                        .with_key(k.clone())
+                                        .to_raw(),
+                                    dedup: None,
+                                    fanout: Some((key_hash(k), mode)),
+                                }
+                            })
+                            .collect();
+                        rt.block_on(async {
+                            let t = storage.append_many(records, Vec::new()).await.unwrap();
+                            t.await.unwrap().unwrap();
+                        });
+                        let t = Instant::now();
+                        let n = storage
+                            .read_feed(topic.meta.id, &feed, &mut cursors, BATCH, |_, _, _, r| {
+                                std::hint::black_box(r);
+                            })
+                            .unwrap();
+                        total += t.elapsed();
+                        assert_eq!(n, BATCH);
+                    }
+                    total
+                })
+            });
+            rt.block_on(storage.shutdown());
+        }
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = fanout, many_keys
+}
+criterion_main!(benches);
