@@ -425,3 +425,103 @@ async fn connections_over_the_limit_are_told_why() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn raw_queue_frames_and_misplaced_acks() {
+    use switchyard::protocol::{DeliveryTag, SubscribeMode};
+    let r = start_router().await;
+    let (conn, mut ctl, mut ctl_reader) = raw_session(&r).await;
+    let create = Frame::CreateTopic {
+        id: 1,
+        name: "rq".into(),
+        partitions: 1,
+        retention_ms: 0,
+        retention_bytes: 0,
+    };
+    ctl.write_all(&create.to_bytes()).await.unwrap();
+    next_frame(&mut ctl_reader).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut reader = FrameReader::new(recv, 1 << 26);
+    let batch = Frame::PublishBatch {
+        seq: 1,
+        topic: "rq".into(),
+        records: vec![Record::new("job").to_raw()],
+    };
+    send.write_all(&batch.to_bytes()).await.unwrap();
+    next_frame(&mut reader).await;
+
+    // Queue subscription: QueueDeliver with a tag; Ack answered by Ok, a
+    // second Ack of the same tag by Error 111 with the same id.
+    let (mut qs, recv) = conn.open_bi().await.unwrap();
+    let mut qr = FrameReader::new(recv, 1 << 26);
+    let sub = Frame::Subscribe {
+        group: "g".into(),
+        topic: "rq".into(),
+        start: switchyard::protocol::StartPosition::Earliest,
+        credits: 10,
+        auto_commit: false,
+        mode: SubscribeMode::Queue {
+            visibility_ms: 30_000,
+        },
+    };
+    qs.write_all(&sub.to_bytes()).await.unwrap();
+    assert_eq!(
+        next_frame(&mut qr).await,
+        Frame::Subscribed { partitions: 1 }
+    );
+    let tag = match next_frame(&mut qr).await {
+        Frame::QueueDeliver { records } => {
+            assert_eq!(records.len(), 1);
+            assert_eq!(records[0].record.payload(), Bytes::from("job"));
+            records[0].tag
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        tag,
+        DeliveryTag {
+            partition: 0,
+            offset: 0,
+            attempt: 1
+        }
+    );
+    let ack = |id| Frame::Ack {
+        id,
+        items: vec![tag],
+    };
+    qs.write_all(&ack(5).to_bytes()).await.unwrap();
+    assert_eq!(next_frame(&mut qr).await, Frame::Ok { id: 5 });
+    qs.write_all(&ack(6).to_bytes()).await.unwrap();
+    let f = next_frame(&mut qr).await;
+    assert!(matches!(f, Frame::Error { id: 6, .. }), "{f:?}");
+    assert_eq!(error_code(&f), ErrorCode::UnknownDelivery);
+
+    // An Ack on a stream subscription is a protocol violation: that
+    // connection closes, the router keeps serving others.
+    let (mut ss, recv) = conn.open_bi().await.unwrap();
+    let mut sr = FrameReader::new(recv, 1 << 26);
+    let stream_sub = Frame::Subscribe {
+        group: String::new(),
+        topic: "rq".into(),
+        start: switchyard::protocol::StartPosition::Earliest,
+        credits: 10,
+        auto_commit: true,
+        mode: SubscribeMode::Stream,
+    };
+    ss.write_all(&stream_sub.to_bytes()).await.unwrap();
+    assert_eq!(
+        next_frame(&mut sr).await,
+        Frame::Subscribed { partitions: 1 }
+    );
+    ss.write_all(&ack(7).to_bytes()).await.unwrap();
+    loop {
+        let f = next_frame(&mut sr).await;
+        if let Frame::Error { .. } = f {
+            assert_eq!(error_code(&f), ErrorCode::UnexpectedFrame);
+            break;
+        }
+    }
+    expect_closed_with(&conn, close::PROTOCOL_VIOLATION).await;
+    let c = r.client().await;
+    assert_eq!(c.describe_topic("rq").await.unwrap().partitions[0].end, 1);
+}
