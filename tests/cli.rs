@@ -290,6 +290,32 @@ fn bench_reports_throughput_and_latency_as_json() {
     // The records really are in the topic.
     let out = ok(&cli(&r, dir.path(), &["topic", "describe", "b"], None));
     assert!(out.contains("PARTITION"));
+
+    // Queue mode, preloaded: two competing consumers drain this run's
+    // messages once between them, acking each.
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "bench",
+            "b",
+            "--count",
+            "2000",
+            "--consumers",
+            "2",
+            "--queue",
+            "--preload",
+            "--json",
+        ],
+        None,
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["mode"], "queue");
+    assert_eq!(v["delivered"], 2000, "{v}");
+    let stats = ok(&cli(&r, dir.path(), &["queue", "stats", "b"], None));
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats[0]["acked"], 2000, "{stats}");
+    assert_eq!(stats[0]["backlog"], 0, "{stats}");
 }
 
 #[test]

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::ConnectArgs;
-use crate::client::SubscribeOptions;
+use crate::client::{QueueOptions, SubscribeOptions};
 use crate::protocol::{ErrorCode, Record, StartPosition};
 
 #[derive(Debug, clap::Args)]
@@ -37,6 +37,17 @@ pub(super) struct BenchArgs {
     /// Consumers join this group and split the partitions.
     #[arg(long)]
     group: Option<String>,
+    /// Consumers form a queue group (named by --group, default
+    /// `bench-queue`) and ack every message, in batches.
+    #[arg(long)]
+    queue: bool,
+    /// Publish everything first, then start the consumers and measure how
+    /// fast they drain it.
+    #[arg(long)]
+    preload: bool,
+    /// Messages a consumer may hold ahead (queue: unacknowledged).
+    #[arg(long, default_value_t = 8192)]
+    prefetch: u32,
     /// Payload size in bytes (at least 8: the send time travels in it).
     #[arg(long, default_value_t = 100)]
     size: usize,
@@ -135,51 +146,17 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         idle_clients.push(client);
     }
 
-    // Consumers first, from the end of the log, so they see only this run.
+    // Consumers first, from the end of the log, so they see only this run
+    // (with --preload, after publishing, from this run's first record).
     let total = if args.duration.is_some() {
         u64::MAX
     } else {
         args.count
     };
+    let run_wall_ms = crate::storage::now_ms();
     let mut consumers = Vec::new();
-    for _ in 0..args.consumers {
-        let client = args.conn.connect().await?;
-        let mut opts = SubscribeOptions::new(&args.topic)
-            .start(StartPosition::Latest)
-            .prefetch(8192);
-        if let Some(g) = &args.group {
-            opts = opts.group(g);
-        }
-        let mut sub = client.subscribe(opts).await?;
-        let shared = shared.clone();
-        // Fan-out: each consumer expects every message; a group: together.
-        let grouped = args.group.is_some();
-        consumers.push(tokio::spawn(async move {
-            let mut lat = hist();
-            let mut seen = 0u64;
-            loop {
-                let next = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
-                let m = match next {
-                    Ok(Some(Ok(m))) => m,
-                    Ok(_) => break,
-                    Err(_) if shared.done_publishing.load(Ordering::Relaxed) => break,
-                    Err(_) => continue,
-                };
-                let p = m.payload();
-                let sent = u64::from_be_bytes(p[..8].try_into().expect("8-byte stamp"));
-                let now = shared.now_ns();
-                let _ = lat.record(now.saturating_sub(sent).max(1));
-                shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
-                seen += 1;
-                let all = shared.delivered.fetch_add(1, Ordering::Relaxed) + 1;
-                if (!grouped && seen == total) || (grouped && all >= total) {
-                    break;
-                }
-            }
-            drop(sub);
-            client.close().await;
-            lat
-        }));
+    if !args.preload {
+        consumers = spawn_consumers(&args, &shared, total, StartPosition::Latest).await?;
     }
 
     let progress = if args.json {
@@ -324,6 +301,12 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let pub_secs = ((shared.now_ns() - run_start_ns) as f64 / 1e9).max(1e-9);
     shared.done_publishing.store(true, Ordering::Relaxed);
+    let mut deliver_start_ns = run_start_ns;
+    if args.preload {
+        deliver_start_ns = shared.now_ns();
+        let from = StartPosition::Timestamp(run_wall_ms);
+        consumers = spawn_consumers(&args, &shared, total, from).await?;
+    }
     let mut del_lat = hist();
     for c in consumers {
         del_lat.add(c.await?).expect("same bounds");
@@ -332,7 +315,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let all_secs = (shared
         .last_delivery_ns
         .load(Ordering::Relaxed)
-        .saturating_sub(run_start_ns) as f64
+        .saturating_sub(deliver_start_ns) as f64
         / 1e9)
         .max(1e-9);
     ticker.abort();
@@ -367,6 +350,8 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "deliver_msgs_per_s": if args.consumers > 0 { json!(delivered as f64 / all_secs) } else { json!(null) },
         "deliver_mb_per_s": if args.consumers > 0 { json!((delivered * args.size as u64) as f64 / all_secs / 1e6) } else { json!(null) },
         "publish_to_deliver": if args.consumers > 0 { pct(&del_lat) } else { json!(null) },
+        "mode": if args.queue { "queue" } else if args.group.is_some() { "group" } else { "fan-out" },
+        "preload": args.preload,
         "durable": true,
     });
     if args.json {
@@ -392,16 +377,127 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     line("publish -> ack", &report["publish_to_ack"]);
     if args.consumers > 0 {
         println!(
-            "deliver: {delivered} msgs = {:.0} msg/s, {:.1} MB/s ({} consumers{})",
+            "deliver: {delivered} msgs = {:.0} msg/s, {:.1} MB/s ({} consumers, {}{})",
             report["deliver_msgs_per_s"].as_f64().unwrap_or(0.0),
             report["deliver_mb_per_s"].as_f64().unwrap_or(0.0),
             args.consumers,
-            args.group
-                .as_ref()
-                .map(|g| format!(", group {g}"))
-                .unwrap_or_default()
+            report["mode"].as_str().unwrap_or_default(),
+            if args.queue {
+                ", every message acked"
+            } else {
+                ""
+            }
         );
         line("publish -> deliver", &report["publish_to_deliver"]);
     }
     Ok(())
+}
+
+type Consumer = tokio::task::JoinHandle<Histogram<u64>>;
+
+/// Starts the consumers: fan-out (each reads everything), a group (they
+/// split partitions) or a queue group (they compete, acking every message).
+async fn spawn_consumers(
+    args: &BenchArgs,
+    shared: &Arc<Shared>,
+    total: u64,
+    start: StartPosition,
+) -> anyhow::Result<Vec<Consumer>> {
+    let mut consumers = Vec::new();
+    // Fan-out: each consumer expects every message; groups: together.
+    let grouped = args.group.is_some() || args.queue;
+    for _ in 0..args.consumers {
+        let client = args.conn.connect().await?;
+        let shared = shared.clone();
+        if args.queue {
+            let group = args.group.clone().unwrap_or_else(|| "bench-queue".into());
+            let opts = QueueOptions::new(&args.topic, group)
+                .start(start)
+                .prefetch(args.prefetch)
+                .visibility(Duration::from_secs(300));
+            let mut q = client.subscribe_queue(opts).await?;
+            let ack_every = (args.prefetch / 4).clamp(1, 2048) as usize;
+            consumers.push(tokio::spawn(async move {
+                let mut lat = hist();
+                let mut tags = Vec::with_capacity(ack_every);
+                loop {
+                    // Ack what has been processed whenever the buffer runs dry.
+                    let m = match q.next().now_or_never() {
+                        Some(m) => m,
+                        None => {
+                            if !tags.is_empty()
+                                && q.ack_many(&std::mem::take(&mut tags)).await.is_err()
+                            {
+                                break;
+                            }
+                            match tokio::time::timeout(Duration::from_secs(2), q.next()).await {
+                                Ok(m) => m,
+                                Err(_) if shared.done_publishing.load(Ordering::Relaxed) => break,
+                                Err(_) => continue,
+                            }
+                        }
+                    };
+                    let Some(Ok(m)) = m else { break };
+                    let p = m.payload();
+                    let sent = u64::from_be_bytes(p[..8].try_into().expect("8-byte stamp"));
+                    let now = shared.now_ns();
+                    let _ = lat.record(now.saturating_sub(sent).max(1));
+                    tags.push(m.tag);
+                    if tags.len() >= ack_every
+                        && q.ack_many(&std::mem::take(&mut tags)).await.is_err()
+                    {
+                        break;
+                    }
+                    shared
+                        .last_delivery_ns
+                        .fetch_max(shared.now_ns(), Ordering::Relaxed);
+                    let all = shared.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+                    if all >= total {
+                        break;
+                    }
+                }
+                if !tags.is_empty() {
+                    let _ = q.ack_many(&tags).await;
+                }
+                q.close().await;
+                client.close().await;
+                lat
+            }));
+            continue;
+        }
+        let mut opts = SubscribeOptions::new(&args.topic)
+            .start(start)
+            .prefetch(args.prefetch);
+        if let Some(g) = &args.group {
+            opts = opts.group(g);
+        }
+        let mut sub = client.subscribe(opts).await?;
+        consumers.push(tokio::spawn(async move {
+            let mut lat = hist();
+            let mut seen = 0u64;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
+                let m = match next {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(_) => break,
+                    Err(_) if shared.done_publishing.load(Ordering::Relaxed) => break,
+                    Err(_) => continue,
+                };
+                let p = m.payload();
+                let sent = u64::from_be_bytes(p[..8].try_into().expect("8-byte stamp"));
+                let now = shared.now_ns();
+                let _ = lat.record(now.saturating_sub(sent).max(1));
+                shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+                seen += 1;
+                let all = shared.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+                if (!grouped && seen == total) || (grouped && all >= total) {
+                    break;
+                }
+            }
+            drop(sub);
+            client.close().await;
+            lat
+        }));
+    }
+    Ok(consumers)
 }
