@@ -169,6 +169,19 @@ fn default_fanout(topic: &TopicHandle, record: &RawRecord) -> Option<(u64, Fanou
         .map(|k| (crate::storage::key_hash(k), mode))
 }
 
+/// Records about to be published, as one plugin call's batch.
+fn call_batch(records: &[RawRecord], topic: &Arc<str>, now: u64) -> Vec<CallMessage> {
+    records
+        .iter()
+        .map(|r| CallMessage {
+            record: r.clone(),
+            topic: topic.clone(),
+            timestamp_ms: now,
+            attempt: 0,
+        })
+        .collect()
+}
+
 fn plugin_name(live: &LiveVersion) -> Arc<str> {
     live.plugin
         .label
@@ -191,16 +204,7 @@ fn stamp_priority(
     let mut out = Vec::with_capacity(records.len());
     let mut writes = Vec::new();
     for chunk in records.chunks(256) {
-        let batch = chunk
-            .iter()
-            .map(|r| CallMessage {
-                record: r.clone(),
-                topic: name.clone(),
-                timestamp_ms: now,
-                attempt: 0,
-            })
-            .collect();
-        let res = live.plugin.priority(batch);
+        let res = live.plugin.priority(call_batch(chunk, &name, now));
         match res.decisions {
             Ok(ps) => {
                 writes.extend(res.kv_writes);
@@ -513,15 +517,7 @@ impl Broker {
         let mut out = Vec::with_capacity(records.len());
         for (i, chunk) in records.chunks(256).enumerate() {
             let at = i * 256;
-            let batch = chunk
-                .iter()
-                .map(|r| CallMessage {
-                    record: r.clone(),
-                    topic: name.clone(),
-                    timestamp_ms: now,
-                    attempt: 0,
-                })
-                .collect();
+            let batch = call_batch(chunk, &name, now);
             let res = live.plugin.fanout(batch, &followers[at..at + chunk.len()]);
             live.plugin.settle_kv(&res.kv_writes);
             let modes: Vec<Fanout> = match res.decisions {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::ClientError;
 use super::connection::Client;
+use super::subscribe::write_control;
 use crate::protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
 use crate::transport::FrameReader;
 
@@ -127,8 +128,6 @@ impl Client {
     /// Joins a queue group. Fails at once for an unknown topic or a
     /// missing group name.
     pub async fn subscribe_queue(&self, opts: QueueOptions) -> Result<QueueConsumer, ClientError> {
-        let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
         let f = Frame::Subscribe {
             group: opts.group.clone(),
             topic: opts.topic.clone(),
@@ -139,21 +138,7 @@ impl Client {
                 visibility_ms: opts.visibility.as_millis() as u64,
             },
         };
-        send.write_all(&f.to_bytes()).await.map_err(|e| lost(&e))?;
-        let mut reader = FrameReader::new(recv, 64 << 20);
-        match reader.next().await {
-            Ok(Some(Frame::Subscribed { .. })) => {}
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                return Err(ClientError::Server(WireError::new(code, message)));
-            }
-            Ok(Some(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Subscribed, got {other:?}"
-                )));
-            }
-            Ok(None) => return Err(ClientError::ConnectionLost("queue stream closed".into())),
-            Err(e) => return Err(lost(&e)),
-        }
+        let (send, reader, _) = self.open_subscription(f).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let waiters: Waiters = Arc::default();
@@ -318,20 +303,4 @@ async fn read_queue(
     for (_, w) in waiters.lock().expect("waiters lock").drain() {
         let _ = w.send(Err(end.clone()));
     }
-}
-
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(f) = rx.recv().await {
-        f.encode(&mut buf);
-        while let Ok(f) = rx.try_recv() {
-            f.encode(&mut buf);
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = send.finish();
-    let _ = send.stopped().await;
 }

@@ -134,8 +134,6 @@ impl Client {
     /// Subscribes to a topic. Fails at once for an unknown topic or a bad
     /// group name.
     pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
-        let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
         let f = Frame::Subscribe {
             group: opts.group.clone(),
             topic: opts.topic.clone(),
@@ -147,25 +145,7 @@ impl Client {
                 Some(keys) => crate::protocol::SubscribeMode::Feed { keys: keys.clone() },
             },
         };
-        send.write_all(&f.to_bytes()).await.map_err(|e| lost(&e))?;
-        let mut reader = FrameReader::new(recv, 64 << 20);
-        let partitions = match reader.next().await {
-            Ok(Some(Frame::Subscribed { partitions })) => partitions,
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                return Err(ClientError::Server(WireError::new(code, message)));
-            }
-            Ok(Some(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Subscribed, got {other:?}"
-                )));
-            }
-            Ok(None) => {
-                return Err(ClientError::ConnectionLost(
-                    "subscription stream closed".into(),
-                ));
-            }
-            Err(e) => return Err(lost(&e)),
-        };
+        let (send, reader, partitions) = self.open_subscription(f).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let (assign_tx, assignment) = watch::channel(Vec::new());
@@ -181,6 +161,35 @@ impl Client {
             partitions,
             writer,
         })
+    }
+}
+
+impl Client {
+    /// Opens a subscription stream: sends `subscribe` and waits for
+    /// `Subscribed` (returning the partition count) or the router's error.
+    pub(super) async fn open_subscription(
+        &self,
+        subscribe: Frame,
+    ) -> Result<(quinn::SendStream, FrameReader<quinn::RecvStream>, u32), ClientError> {
+        let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&subscribe.to_bytes())
+            .await
+            .map_err(|e| lost(&e))?;
+        let mut reader = FrameReader::new(recv, 64 << 20);
+        match reader.next().await {
+            Ok(Some(Frame::Subscribed { partitions })) => Ok((send, reader, partitions)),
+            Ok(Some(Frame::Error { code, message, .. })) => {
+                Err(ClientError::Server(WireError::new(code, message)))
+            }
+            Ok(Some(other)) => Err(ClientError::Protocol(format!(
+                "expected Subscribed, got {other:?}"
+            ))),
+            Ok(None) => Err(ClientError::ConnectionLost(
+                "subscription stream closed".into(),
+            )),
+            Err(e) => Err(lost(&e)),
+        }
     }
 }
 
@@ -298,7 +307,13 @@ async fn read_deliveries(
     }
 }
 
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
+/// Writes a subscriber's frames (credits, commits, acks) in order; when the
+/// sender side is dropped, finishes the stream and waits until the router
+/// has received everything.
+pub(super) async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+) {
     let mut buf = bytes::BytesMut::new();
     while let Some(f) = rx.recv().await {
         f.encode(&mut buf);

@@ -51,6 +51,9 @@ const ST_DONE: u8 = 3;
 const MAX_PER_FRAME: usize = 512;
 /// Longest the timer task sleeps without looking.
 const MAX_TICK_MS: u64 = 1_000;
+/// Most messages admitted per call, so the group's lock is held briefly
+/// even when a member joins a deep backlog; later calls admit more.
+const ADMIT_PER_CALL: usize = 4_096;
 
 /// Dead-letter headers: where the message came from and why it failed.
 pub const DLQ_TOPIC: &str = "x-dlq-topic";
@@ -450,7 +453,8 @@ impl QueueGroup {
         let n = st.parts.len();
         let mut admitted = false;
         let mut idle = 0;
-        while st.window_used < window && idle < n {
+        let mut budget = ADMIT_PER_CALL;
+        while st.window_used < window && idle < n && budget > 0 {
             let p = st.rr % n;
             st.rr = st.rr.wrapping_add(1);
             let info = infos[p];
@@ -461,7 +465,7 @@ impl QueueGroup {
                 continue;
             }
             idle = 0;
-            let room = (window - st.window_used).min(256);
+            let room = (window - st.window_used).min(256).min(budget);
             let mut batch = Vec::with_capacity(room);
             let from = part.scan;
             let next = self.storage.scan(
@@ -488,6 +492,7 @@ impl QueueGroup {
                 },
             )?;
             let p = p as u32;
+            budget = budget.saturating_sub(batch.len().max(1));
             st.parts[p as usize].scan = next.max(from);
             for (o, priority, expires_at, visible_at) in batch {
                 let part = &mut st.parts[p as usize];
@@ -719,7 +724,11 @@ impl QueueGroup {
             if d > now {
                 break;
             }
-            if let Some(attempts) = st.fail(p, o) {
+            let current = matches!(
+                st.entries.get(&(p, o)),
+                Some(Entry { phase: Phase::InFlight { deadline, .. }, .. }) if *deadline == d
+            );
+            if let Some(attempts) = current.then(|| st.fail(p, o)).flatten() {
                 failed.push(Failed {
                     partition: p,
                     offset: o,

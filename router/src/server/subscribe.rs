@@ -21,10 +21,17 @@ enum Bad {
     Read(ReadFrameError),
 }
 
+/// The three kinds of subscription a `Subscribe` can open.
+enum Sub {
+    Stream(StreamSubscription),
+    Queue(QueueSubscription),
+    Feed(FeedSubscription),
+}
+
 pub(super) async fn serve(
     first: Frame,
     mut send: quinn::SendStream,
-    mut reader: FrameReader<quinn::RecvStream>,
+    reader: FrameReader<quinn::RecvStream>,
     shared: Arc<Shared>,
     conn: quinn::Connection,
 ) {
@@ -39,144 +46,158 @@ pub(super) async fn serve(
     else {
         unreachable!("dispatched on Subscribe");
     };
-    if let SubscribeMode::Feed { keys } = mode {
-        let feed = match open_feed(&shared, &topic, &group, keys, credits, auto_commit).await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
-                let _ = send.finish();
-                return;
-            }
-        };
-        let ok = Frame::Subscribed {
-            partitions: feed.partitions(),
-        };
-        if send.write_all(&ok.to_bytes()).await.is_err() {
-            return;
+    let broker = &shared.broker;
+    let setup = match mode {
+        SubscribeMode::Feed { keys } => {
+            open_feed(&shared, &topic, &group, keys, credits, auto_commit)
+                .await
+                .map(|f| (f.partitions(), Sub::Feed(f)))
         }
-        let (tx, rx) = mpsc::channel(64);
-        let (bad_tx, bad_rx) = mpsc::channel(1);
-        let events = tokio::spawn(read_sub_events(reader, tx, bad_tx));
-        let mut shutdown = shared.shutdown.clone();
-        let result = tokio::select! {
-            r = feed.run(&mut send, rx) => r,
-            _ = shutdown.wait_for(|s| *s) => Ok(()),
-        };
-        events.abort();
-        return finish(result, bad_rx, &conn, &mut send).await;
-    }
-    if let SubscribeMode::Queue { visibility_ms } = mode {
-        let setup = shared
-            .broker
+        SubscribeMode::Queue { visibility_ms } => broker
             .topic(&topic)
-            .and_then(|t| shared.broker.queue_group(&group, &t, start));
-        let queue = match setup {
-            Ok(g) => g,
-            Err(e) => {
-                let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
-                let _ = send.finish();
+            .and_then(|t| broker.queue_group(&group, &t, start))
+            .map(|g| {
+                let partitions = g.topic.meta.partitions;
+                let q = QueueSubscription::join(g, credits, visibility_ms, auto_commit);
+                (partitions, Sub::Queue(q))
+            }),
+        SubscribeMode::Stream => broker
+            .topic(&topic)
+            .and_then(|t| broker.group(&group, &t))
+            .map(|g| {
+                let partitions = g.topic.meta.partitions;
+                let plugins = Some(broker.plugins().clone());
+                let s = StreamSubscription::join(g, plugins, start, credits, auto_commit);
+                (partitions, Sub::Stream(s))
+            }),
+    };
+    let sub = match setup {
+        Ok((partitions, sub)) => {
+            let ok = Frame::Subscribed { partitions };
+            if send.write_all(&ok.to_bytes()).await.is_err() {
                 return;
             }
-        };
-        let ok = Frame::Subscribed {
-            partitions: queue.topic.meta.partitions,
-        };
-        if send.write_all(&ok.to_bytes()).await.is_err() {
-            return;
+            sub
         }
-        let sub = QueueSubscription::join(queue, credits, visibility_ms, auto_commit);
-        let (tx, rx) = mpsc::channel(256);
-        let (bad_tx, bad_rx) = mpsc::channel(1);
-        let events = tokio::spawn(async move {
-            loop {
-                let ev = match reader.next().await {
-                    Ok(Some(Frame::Credit { credits })) => QueueEvent::Credit(credits),
-                    Ok(Some(Frame::Ack { id, items })) => QueueEvent::Ack { id, items },
-                    Ok(Some(Frame::Nack {
-                        id,
-                        items,
-                        retryable,
-                        code,
-                        message,
-                    })) => QueueEvent::Nack {
-                        id,
-                        items,
-                        failure: Failure {
-                            code,
-                            message,
-                            retryable,
-                        },
-                    },
-                    Ok(Some(Frame::Extend {
-                        id,
-                        items,
-                        visibility_ms,
-                    })) => QueueEvent::Extend {
-                        id,
-                        items,
-                        visibility_ms,
-                    },
-                    Ok(Some(other)) => {
-                        let why = format!(
-                            "{} is not valid on a queue subscription stream",
-                            frame_name(&other)
-                        );
-                        let _ = bad_tx.send(Bad::Unexpected(why)).await;
-                        return;
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = bad_tx.send(Bad::Read(e)).await;
-                        return;
-                    }
-                };
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut shutdown = shared.shutdown.clone();
-        let result = tokio::select! {
-            r = sub.run(&mut send, rx) => r,
-            _ = shutdown.wait_for(|s| *s) => Ok(()),
-        };
-        events.abort();
-        return finish(result, bad_rx, &conn, &mut send).await;
-    }
-    let setup = shared
-        .broker
-        .topic(&topic)
-        .and_then(|t| shared.broker.group(&group, &t));
-    let group = match setup {
-        Ok(g) => g,
         Err(e) => {
             let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
             let _ = send.finish();
             return;
         }
     };
-    let ok = Frame::Subscribed {
-        partitions: group.topic.meta.partitions,
-    };
-    if send.write_all(&ok.to_bytes()).await.is_err() {
-        return;
-    }
-    let plugins = Some(shared.broker.plugins().clone());
-    let sub = StreamSubscription::join(group, plugins, start, credits, auto_commit);
 
     // Events are tiny and bounded by what the client sends between our
     // reads; a small channel is plenty and applies backpressure otherwise.
-    let (tx, rx) = mpsc::channel(64);
     let (bad_tx, bad_rx) = mpsc::channel(1);
-    let events = tokio::spawn(read_sub_events(reader, tx, bad_tx));
-
     let mut shutdown = shared.shutdown.clone();
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    type Run<'a> = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), crate::delivery::DeliveryError>>
+                + Send
+                + 'a,
+        >,
+    >;
+    let (run, events): (Run<'_>, _) = match sub {
+        Sub::Queue(q) => {
+            let (tx, rx) = mpsc::channel(256);
+            let events = tokio::spawn(read_events(reader, tx, bad_tx, queue_event));
+            (Box::pin(q.run(&mut send, rx)), events)
+        }
+        Sub::Stream(_) | Sub::Feed(_) => {
+            let (tx, rx) = mpsc::channel(64);
+            let events = tokio::spawn(read_events(reader, tx, bad_tx, sub_event));
+            let run: Run<'_> = match sub {
+                Sub::Stream(s) => Box::pin(s.run(&mut send, rx)),
+                Sub::Feed(f) => Box::pin(f.run(&mut send, rx)),
+                Sub::Queue(_) => unreachable!("matched above"),
+            };
+            (run, events)
+        }
+    };
     let result = tokio::select! {
-        r = sub.run(&mut send, rx) => r,
-        _ = shutdown.wait_for(|s| *s) => Ok(()),
+        r = run => r,
+        _ = stop => Ok(()),
     };
     events.abort();
     finish(result, bad_rx, &conn, &mut send).await
+}
+
+/// Acks, nacks, extends and credits from a queue subscriber.
+fn queue_event(f: Frame) -> Result<QueueEvent, Frame> {
+    Ok(match f {
+        Frame::Credit { credits } => QueueEvent::Credit(credits),
+        Frame::Ack { id, items } => QueueEvent::Ack { id, items },
+        Frame::Nack {
+            id,
+            items,
+            retryable,
+            code,
+            message,
+        } => QueueEvent::Nack {
+            id,
+            items,
+            failure: Failure {
+                code,
+                message,
+                retryable,
+            },
+        },
+        Frame::Extend {
+            id,
+            items,
+            visibility_ms,
+        } => QueueEvent::Extend {
+            id,
+            items,
+            visibility_ms,
+        },
+        other => return Err(other),
+    })
+}
+
+/// Credits and commits from a stream or feed subscriber.
+fn sub_event(f: Frame) -> Result<SubEvent, Frame> {
+    match f {
+        Frame::Credit { credits } => Ok(SubEvent::Credit(credits)),
+        Frame::Commit { partition, offset } => Ok(SubEvent::Commit { partition, offset }),
+        other => Err(other),
+    }
+}
+
+/// Reads the subscriber's frames as events until it finishes its side; a
+/// frame `event` refuses, or a read error, is reported on `bad_tx`.
+async fn read_events<E>(
+    mut reader: FrameReader<quinn::RecvStream>,
+    tx: mpsc::Sender<E>,
+    bad_tx: mpsc::Sender<Bad>,
+    event: fn(Frame) -> Result<E, Frame>,
+) {
+    loop {
+        let ev = match reader.next().await {
+            Ok(Some(f)) => match event(f) {
+                Ok(ev) => ev,
+                Err(other) => {
+                    let why = format!(
+                        "{} is not valid on this subscription stream",
+                        frame_name(&other)
+                    );
+                    let _ = bad_tx.send(Bad::Unexpected(why)).await;
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(e) => {
+                let _ = bad_tx.send(Bad::Read(e)).await;
+                return;
+            }
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn open_feed(
@@ -214,36 +235,6 @@ async fn open_feed(
     )
     .await
     .map_err(|e| e.to_wire())
-}
-
-/// Reads credits and commits from a stream or feed subscriber.
-async fn read_sub_events(
-    mut reader: FrameReader<quinn::RecvStream>,
-    tx: mpsc::Sender<SubEvent>,
-    bad_tx: mpsc::Sender<Bad>,
-) {
-    loop {
-        let ev = match reader.next().await {
-            Ok(Some(Frame::Credit { credits })) => SubEvent::Credit(credits),
-            Ok(Some(Frame::Commit { partition, offset })) => SubEvent::Commit { partition, offset },
-            Ok(Some(other)) => {
-                let why = format!(
-                    "{} is not valid on a subscription stream",
-                    frame_name(&other)
-                );
-                let _ = bad_tx.send(Bad::Unexpected(why)).await;
-                return;
-            }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = bad_tx.send(Bad::Read(e)).await;
-                return;
-            }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
-        }
-    }
 }
 
 async fn finish(
