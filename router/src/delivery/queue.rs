@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -124,7 +125,9 @@ pub struct Failed {
 
 struct State {
     parts: Vec<Part>,
-    entries: HashMap<(u32, u64), Entry>,
+    // Looked up several times per message: Fx, not SipHash (keys are ours,
+    // not an attacker's).
+    entries: FxHashMap<(u32, u64), Entry>,
     lanes: [VecDeque<(u64, u32, u64)>; 10],
     seq: u64,
     timers: BTreeSet<(u64, u32, u64)>,
@@ -134,7 +137,7 @@ struct State {
     picks: u64,
     rr: usize,
     pending: QueueWrite,
-    inflight: HashMap<u64, usize>,
+    inflight: FxHashMap<u64, usize>,
     next_member: u64,
     tick_target: u64,
 }
@@ -357,7 +360,7 @@ impl QueueGroup {
             plugins,
             state: Mutex::new(State {
                 parts,
-                entries: HashMap::new(),
+                entries: FxHashMap::default(),
                 lanes: Default::default(),
                 seq: 0,
                 timers: BTreeSet::new(),
@@ -366,7 +369,7 @@ impl QueueGroup {
                 picks: 0,
                 rr: 0,
                 pending,
-                inflight: HashMap::new(),
+                inflight: FxHashMap::default(),
                 next_member: 1,
                 tick_target: 0,
             }),
