@@ -774,3 +774,57 @@ async fn retry_backoff_plugin_decides_retries_and_dead_letters() {
         "{reasons:?}"
     );
 }
+
+#[tokio::test]
+async fn attempts_after_a_restart_count_only_real_deliveries() {
+    // Priority makes deliveries skip ahead in the log: messages never
+    // delivered must come back as first attempts, delivered ones as second.
+    let dir = tempfile::tempdir().unwrap();
+    let start = |d: std::path::PathBuf| async move {
+        switchyard::server::Router::start(test_config(&d))
+            .await
+            .unwrap()
+    };
+    let router = start(dir.path().to_path_buf()).await;
+    let c = connect(router.local_addr(), router.cert_path()).await;
+    c.create_topic("mixed", 1).await.unwrap();
+    c.set_topic_policy("mixed", json!({ "min_share_pct": 0 }))
+        .await
+        .unwrap();
+    drop(
+        c.subscribe_queue(QueueOptions::new("mixed", "g"))
+            .await
+            .unwrap(),
+    );
+    publish_n(&c, "mixed", 3, |i| Record::new(format!("first-{i}"))).await;
+    publish_n(&c, "mixed", 10, |i| {
+        Record::new(format!("low-{i}")).with_priority(0)
+    })
+    .await;
+    publish_n(&c, "mixed", 10, |i| {
+        Record::new(format!("high-{i}")).with_priority(9)
+    })
+    .await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("mixed", "g").prefetch(8))
+        .await
+        .unwrap();
+    let got: Vec<String> = take_q(&mut q, 8, 5).await.iter().map(text).collect();
+    // The default-priority firsts (4) come after the highs (9).
+    assert!(got.iter().all(|s| s.starts_with("high-")), "{got:?}");
+    c.close().await;
+    router.shutdown().await;
+
+    let router = start(dir.path().to_path_buf()).await;
+    let c = connect(router.local_addr(), router.cert_path()).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("mixed", "g").prefetch(100))
+        .await
+        .unwrap();
+    let all = take_q(&mut q, 23, 5).await;
+    for m in &all {
+        let expected = if got.contains(&text(m)) { 2 } else { 1 };
+        assert_eq!(m.attempt(), expected, "{}", text(m));
+    }
+    router.shutdown().await;
+}

@@ -10,7 +10,9 @@
 //! lanes; payloads are read from the log when delivered. What must survive a
 //! crash is written to redb (`queue_state`, `queue_floor`) through the group
 //! commit: in-flight deliveries with their attempt and deadline, retries with
-//! their due time, acks above the floor, and the floor itself. On restart the
+//! their due time, acks above the floor, and the floor itself; a first
+//! delivery in offset order writes no row of its own but moves a
+//! per-partition mark (`queue_mark`). On restart the
 //! group re-admits from the floor and reapplies those entries, so an
 //! unacknowledged message is delivered again (with its attempt count) and an
 //! acknowledged one is not. An ack is durable at the next group commit: a
@@ -104,6 +106,11 @@ struct Part {
     scan: u64,
     /// Every offset below is settled.
     floor: u64,
+    /// Every offset from the floor up to here was delivered at least once
+    /// or has its own stored row: a first delivery at the mark advances it
+    /// instead of writing a row (after a restart, offsets below it without a
+    /// row count one attempt).
+    mark: u64,
     /// Admitted, unsettled offsets.
     open: BTreeSet<u64>,
     /// Settled offsets at or above the floor (stored as `done` markers).
@@ -198,11 +205,29 @@ impl State {
         Some((p, o))
     }
 
+    /// Moves partition `p`'s mark over offsets delivered at least once or
+    /// settled. Returns the new mark.
+    fn advance_mark(&mut self, p: u32) -> u64 {
+        let part = &mut self.parts[p as usize];
+        let mut mark = part.mark.max(part.floor);
+        while mark < part.scan {
+            let covered = !part.open.contains(&mark)
+                || self.entries.get(&(p, mark)).is_some_and(|e| e.attempts > 0);
+            if !covered {
+                break;
+            }
+            mark += 1;
+        }
+        part.mark = mark;
+        mark
+    }
+
     fn refloor(&mut self, p: u32) {
         let part = &mut self.parts[p as usize];
         let new_floor = part.open.first().copied().unwrap_or(part.scan);
         if new_floor > part.floor {
             part.floor = new_floor;
+            part.mark = part.mark.max(new_floor);
             self.pending.floors.push((p, new_floor));
             let below: Vec<u64> = part.done.range(..new_floor).copied().collect();
             for d in below {
@@ -335,9 +360,11 @@ impl QueueGroup {
                 }
             }
             .max(info.start);
+            let mark = snap.marks.get(&p).copied().unwrap_or(floor).max(floor);
             parts.push(Part {
                 scan: floor,
                 floor,
+                mark,
                 ..Part::default()
             });
         }
@@ -505,6 +532,8 @@ impl QueueGroup {
                 let (stored, attempts, phase) = match part.recovered.remove(&o) {
                     Some((ST_WAITING, a, due)) => (true, a, Phase::Waiting { due }),
                     Some((_, a, _)) => (true, a, Phase::Ready),
+                    // Delivered in order before a restart, never acked.
+                    None if o < part.mark => (false, 1, Phase::Ready),
                     None if visible_at > now => (false, 0, Phase::Waiting { due: visible_at }),
                     None => (false, 0, Phase::Ready),
                 };
@@ -558,6 +587,7 @@ impl QueueGroup {
         self.admit(&mut st, &policy, now)?;
         let mut tags = Vec::new();
         let mut expired = Vec::new();
+        let mut marked: Vec<u32> = Vec::new();
         while tags.len() < max {
             let Some((p, o)) = st.pick(share_every) else {
                 break;
@@ -601,15 +631,28 @@ impl QueueGroup {
             }
             let deadline = now.saturating_add(visibility_ms);
             e.phase = Phase::InFlight { member, deadline };
-            e.stored = true;
             st.deadlines.insert((deadline, p, o));
             if deadline < st.tick_target {
                 self.wake_timer.notify_one();
             }
             *st.inflight.entry(member).or_default() += 1;
-            st.pending
-                .entries
-                .push((p, o, Some((ST_INFLIGHT, attempt, deadline))));
+            // A first delivery in offset order only moves the mark; any
+            // other delivery records its attempt and deadline.
+            let in_order = attempt == 1 && st.advance_mark(p) > o;
+            if in_order {
+                if !marked.contains(&p) {
+                    marked.push(p);
+                }
+            } else if let Some(e) = st.entries.get_mut(&(p, o)) {
+                e.stored = true;
+                st.pending
+                    .entries
+                    .push((p, o, Some((ST_INFLIGHT, attempt, deadline))));
+            }
+        }
+        for p in marked {
+            let mark = st.parts[p as usize].mark;
+            st.pending.marks.push((p, mark));
         }
         if !tags.is_empty() {
             self.stats

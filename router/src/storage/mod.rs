@@ -537,6 +537,11 @@ impl Storage {
             let (k, v) = e?;
             snap.floors.insert(k.value().2, v.value());
         }
+        let marks = txn.open_table(tables::QUEUE_MARK)?;
+        for e in marks.range((topic_id, group, 0)..=(topic_id, group, u32::MAX))? {
+            let (k, v) = e?;
+            snap.marks.insert(k.value().2, v.value());
+        }
         let q = txn.open_table(tables::QUEUE)?;
         for e in q.range((topic_id, group, 0, 0)..=(topic_id, group, u32::MAX, u64::MAX))? {
             let (k, v) = e?;
@@ -764,12 +769,14 @@ pub struct QueueWrite {
     pub entries: Vec<(u32, u64, Option<QueueEntryState>)>,
     /// New floors.
     pub floors: Vec<(u32, u64)>,
+    /// New first-delivery marks.
+    pub marks: Vec<(u32, u64)>,
 }
 
 impl QueueWrite {
     /// True if there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.floors.is_empty()
+        self.entries.is_empty() && self.floors.is_empty() && self.marks.is_empty()
     }
 }
 
@@ -778,6 +785,8 @@ impl QueueWrite {
 pub struct QueueSnapshot {
     /// Floor per partition, where stored.
     pub floors: HashMap<u32, u64>,
+    /// First-delivery mark per partition, where stored.
+    pub marks: HashMap<u32, u64>,
     /// `(partition, offset, (state, attempts, due ms))`.
     pub entries: Vec<(u32, u64, QueueEntryState)>,
 }
@@ -836,6 +845,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::PLUGIN_ARTIFACT)?;
         w.open_table(tables::QUEUE)?;
         w.open_table(tables::QUEUE_FLOOR)?;
+        w.open_table(tables::QUEUE_MARK)?;
         w.open_table(tables::DEDUP)?;
         w.open_table(tables::INBOX)?;
         w.open_table(tables::KEY_INDEX)?;

@@ -73,3 +73,10 @@ pub(crate) const KEY_INDEX: TableDefinition<(u32, u64, u32, u64), ()> =
 
 /// `(topic id, feed name)` -> JSON [`super::FeedDef`].
 pub(crate) const FEEDS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("feeds");
+
+/// `(topic id, group, partition)` -> the queue group's first-delivery mark:
+/// every offset from the floor up to it was delivered at least once (or has
+/// its own `queue_state` row), so first deliveries in offset order need no
+/// row of their own.
+pub(crate) const QUEUE_MARK: TableDefinition<(u32, &str, u32), u64> =
+    TableDefinition::new("queue_mark");

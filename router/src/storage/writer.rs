@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::tables::{
     DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
-    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_FLOOR, TOPICS,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
 };
 use super::{
     AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
@@ -354,6 +354,7 @@ impl Writer {
             let mut dedup_table = txn.open_table(DEDUP)?;
             let mut queue = txn.open_table(QUEUE)?;
             let mut floors = txn.open_table(QUEUE_FLOOR)?;
+            let mut marks = txn.open_table(QUEUE_MARK)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut key_index = txn.open_table(KEY_INDEX)?;
             let feed_registry = self.feeds.clone();
@@ -476,6 +477,9 @@ impl Writer {
                         for (p, floor) in w.floors {
                             floors.insert((w.topic_id, g, p), floor)?;
                         }
+                        for (p, mark) in w.marks {
+                            marks.insert((w.topic_id, g, p), mark)?;
+                        }
                     }
                     _ => unreachable!("only data ops reach apply_data"),
                 }
@@ -565,6 +569,8 @@ impl Writer {
                     false
                 })?;
             txn.open_table(QUEUE_FLOOR)?
+                .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
+            txn.open_table(QUEUE_MARK)?
                 .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
             txn.open_table(DEDUP)?
                 .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
