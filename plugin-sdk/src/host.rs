@@ -46,7 +46,10 @@ mod imp {
         cached().get(key).cloned()
     }
     pub(super) fn config_all() -> Vec<(String, String)> {
-        cached().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        cached()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
     pub(super) fn kv_get(key: &str) -> Option<Vec<u8>> {
         h::kv_get(key)
