@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,6 +12,7 @@ use futures::StreamExt;
 use serde_json::json;
 use switchyard::client::{Client, QueueConsumer, QueueMessage, QueueOptions};
 use switchyard::protocol::{DeliveryTag, ErrorCode, Record};
+use switchyard::server::Router;
 
 /// Reads exactly `n` messages, failing after `secs` seconds.
 async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage> {
@@ -26,6 +27,11 @@ async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage>
         }
     }
     out
+}
+
+/// Starts (or restarts) a router on the data directory `dir`.
+async fn start_in(dir: &std::path::Path) -> Router {
+    Router::start(test_config(dir)).await.unwrap()
 }
 
 /// Asserts nothing arrives for `ms` milliseconds.
@@ -426,12 +432,7 @@ async fn auto_ack_settles_on_send_and_leaving_releases_unacked() {
 #[tokio::test]
 async fn queue_state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let start = |d: std::path::PathBuf| async move {
-        switchyard::server::Router::start(test_config(&d))
-            .await
-            .unwrap()
-    };
-    let router = start(dir.path().to_path_buf()).await;
+    let router = start_in(dir.path()).await;
     let c = connect(router.local_addr(), router.cert_path()).await;
     c.create_topic("durable", 2).await.unwrap();
     c.set_topic_policy("durable", json!({ "retry_base_ms": 60_000 }))
@@ -453,11 +454,10 @@ async fn queue_state_survives_a_restart() {
         q.nack(m, true, "later", "try again later").await.unwrap();
     }
     let in_flight: HashSet<String> = got[15..].iter().map(text).collect();
-    let waiting: HashSet<String> = got[10..15].iter().map(text).collect();
     c.close().await;
     router.shutdown().await;
 
-    let router = start(dir.path().to_path_buf()).await;
+    let router = start_in(dir.path()).await;
     let c = connect(router.local_addr(), router.cert_path()).await;
     let mut q = c
         .subscribe_queue(QueueOptions::new("durable", "g").prefetch(20))
@@ -470,14 +470,15 @@ async fn queue_state_survives_a_restart() {
     quiet(&mut q, 300).await; // acked ones gone, nacked ones wait a minute
     let stats = c.queue_stats(Some("durable")).await.unwrap();
     assert_eq!(stats[0]["waiting"], 5, "{stats}");
-    let _ = waiting;
     router.shutdown().await;
 }
 
 #[tokio::test]
 async fn idempotent_publish_survives_a_cut_connection() {
-    let r = start_router().await;
-    let c = r.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_in(dir.path()).await;
+    let client = || connect(router.local_addr(), router.cert_path());
+    let c = client().await;
     c.create_topic("orders", 3).await.unwrap();
     let rec = |i: usize| {
         Record::new(format!("order-{i}"))
@@ -492,7 +493,7 @@ async fn idempotent_publish_survives_a_cut_connection() {
 
     // A producer sends 500 more and its connection is cut before it has
     // its acks; it reconnects and sends all of them again.
-    let cut = r.client().await;
+    let cut = client().await;
     let mut pending = Vec::new();
     for chunk in (1..=500).collect::<Vec<_>>().chunks(50) {
         pending.push(
@@ -503,7 +504,7 @@ async fn idempotent_publish_survives_a_cut_connection() {
     }
     drop(pending);
     drop(cut);
-    let again = r.client().await;
+    let again = client().await;
     let mut dups = 0;
     for chunk in (1..=500).collect::<Vec<_>>().chunks(50) {
         let acks = again
@@ -525,7 +526,7 @@ async fn idempotent_publish_survives_a_cut_connection() {
         "each id stored once ({dups} retries were duplicates)"
     );
 
-    // The window is persisted: a restart still recognises the ids.
+    // Every id is delivered once.
     let mut q = c
         .subscribe_queue(
             QueueOptions::new("orders", "g")
@@ -537,6 +538,16 @@ async fn idempotent_publish_survives_a_cut_connection() {
     let all = take_q(&mut q, 501, 10).await;
     let unique: HashSet<String> = all.iter().map(text).collect();
     assert_eq!(unique.len(), 501);
+
+    // The window is persisted: after a restart a repeat is still recognised.
+    c.close().await;
+    router.shutdown().await;
+    let router = start_in(dir.path()).await;
+    let c = connect(router.local_addr(), router.cert_path()).await;
+    let dup = c.publish("orders", rec(0)).await.unwrap();
+    assert!(dup.duplicate, "id remembered across a restart");
+    assert_eq!((dup.partition, dup.offset), (first.partition, first.offset));
+    router.shutdown().await;
 }
 
 #[tokio::test]
@@ -611,7 +622,6 @@ async fn queue_subscriptions_need_a_group_and_a_topic() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
-    let _ = HashMap::<u8, u8>::new();
 }
 
 #[tokio::test]
@@ -780,12 +790,7 @@ async fn attempts_after_a_restart_count_only_real_deliveries() {
     // Priority makes deliveries skip ahead in the log: messages never
     // delivered must come back as first attempts, delivered ones as second.
     let dir = tempfile::tempdir().unwrap();
-    let start = |d: std::path::PathBuf| async move {
-        switchyard::server::Router::start(test_config(&d))
-            .await
-            .unwrap()
-    };
-    let router = start(dir.path().to_path_buf()).await;
+    let router = start_in(dir.path()).await;
     let c = connect(router.local_addr(), router.cert_path()).await;
     c.create_topic("mixed", 1).await.unwrap();
     c.set_topic_policy("mixed", json!({ "min_share_pct": 0 }))
@@ -815,7 +820,7 @@ async fn attempts_after_a_restart_count_only_real_deliveries() {
     c.close().await;
     router.shutdown().await;
 
-    let router = start(dir.path().to_path_buf()).await;
+    let router = start_in(dir.path()).await;
     let c = connect(router.local_addr(), router.cert_path()).await;
     let mut q = c
         .subscribe_queue(QueueOptions::new("mixed", "g").prefetch(100))
