@@ -17,7 +17,8 @@ use crate::plugins::{CallMessage, FailureMode, Hook, LiveVersion, PluginRegistry
 use crate::protocol::headers::{PRIORITY, Policy};
 use crate::protocol::{ErrorCode, RawRecord, StartPosition, TopicInfo, WireError};
 use crate::storage::{
-    AppendRecord, AppendTicket, Fanout, KvWrite, Storage, StorageError, TopicHandle, now_ms,
+    AppendRecord, AppendTicket, DUPLICATE_BIT, Fanout, KvWrite, Storage, StorageError, TopicHandle,
+    now_ms,
 };
 
 /// Limits the broker enforces on requests.
@@ -113,8 +114,19 @@ impl PublishTicket {
     }
 }
 
+/// Where a publish batch's records went, once durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// `(partition, offset)` per record in batch order; [`DROPPED`] for a
+    /// record a route plugin dropped or the backlog limit shed.
+    pub positions: Vec<(u32, u64)>,
+    /// Indexes of records whose message id was already stored within the
+    /// dedup window: their position is the original's.
+    pub duplicates: Vec<u32>,
+}
+
 impl std::future::Future for PublishTicket {
-    type Output = Result<Vec<(u32, u64)>, StorageError>;
+    type Output = Result<Published, StorageError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -127,33 +139,48 @@ impl std::future::Future for PublishTicket {
         if let Some((live, kv)) = self.after.take() {
             live.plugin.settle_kv(&kv);
         }
+        let route = self.route.take();
+        if let Some(route) = &route {
+            route.live.plugin.settle_kv(&route.kv);
+        }
         let shed = std::mem::take(&mut self.shed);
-        let r = r.map(|mut positions| {
+        std::task::Poll::Ready(r.map(|stored| {
+            // Storage marks duplicates in the partition's top bit.
+            let stored: Vec<((u32, u64), bool)> = stored
+                .into_iter()
+                .map(|(p, o)| ((p & !DUPLICATE_BIT, o), p & DUPLICATE_BIT != 0))
+                .collect();
+            // One entry per record the broker queued: through the route
+            // plugin's slots if there is one, then with shed records back.
+            let mut per_record: Vec<((u32, u64), bool)> = match &route {
+                None => stored,
+                Some(route) => {
+                    route.live.note_decided(
+                        route
+                            .topics
+                            .iter()
+                            .zip(&stored)
+                            .map(|(t, ((p, o), _))| (t.meta.name.as_str(), *p, *o)),
+                    );
+                    route
+                        .slots
+                        .iter()
+                        .map(|s| match s {
+                            Slot::Stored(i) => stored[*i],
+                            Slot::Dropped => (DROPPED, false),
+                        })
+                        .collect()
+                }
+            };
             for i in shed {
-                positions.insert(i.min(positions.len()), DROPPED);
+                per_record.insert(i.min(per_record.len()), (DROPPED, false));
             }
-            positions
-        });
-        let Some(route) = self.route.take() else {
-            return std::task::Poll::Ready(r);
-        };
-        route.live.plugin.settle_kv(&route.kv);
-        std::task::Poll::Ready(r.map(|positions| {
-            route.live.note_decided(
-                route
-                    .topics
-                    .iter()
-                    .zip(&positions)
-                    .map(|(t, (p, o))| (t.meta.name.as_str(), *p, *o)),
-            );
-            route
-                .slots
-                .iter()
-                .map(|s| match s {
-                    Slot::Stored(i) => positions[*i],
-                    Slot::Dropped => DROPPED,
-                })
-                .collect()
+            Published {
+                duplicates: (0..per_record.len() as u32)
+                    .filter(|i| per_record[*i as usize].1)
+                    .collect(),
+                positions: per_record.into_iter().map(|(pos, _)| pos).collect(),
+            }
         }))
     }
 }
@@ -409,7 +436,9 @@ impl Broker {
         // refused if one asks for something the topic does not allow.
         let now = now_ms();
         let mut ids: Vec<Option<Bytes>> = Vec::with_capacity(records.len());
-        let mut priorities = Vec::with_capacity(records.len());
+        // Priorities matter here only for shedding.
+        let shedding = policy.backlog_limit > 0 && policy.shed_below_priority.is_some();
+        let mut priorities = Vec::with_capacity(if shedding { records.len() } else { 0 });
         for r in &records {
             let p = Policy::parse(r.as_bytes()).inspect_err(|_| settle(&after))?;
             let delay = p.visible_at(now).saturating_sub(now);
@@ -424,7 +453,9 @@ impl Broker {
                 ));
             }
             ids.push(p.message_id.map(|id| r.as_bytes().slice_ref(id)));
-            priorities.push(p.priority.unwrap_or(policy.default_priority));
+            if shedding {
+                priorities.push(p.priority.unwrap_or(policy.default_priority));
+            }
         }
         let mut shed = Vec::new();
         if policy.backlog_limit > 0 {
@@ -465,17 +496,16 @@ impl Broker {
             return Ok(t);
         }
         let n = topic.meta.partitions;
-        let fanouts = self.fanouts(topic, &records);
+        let mut fanouts = self.fanouts(topic, &records).into_iter().flatten();
         let appends = records
             .into_iter()
             .zip(ids)
-            .zip(fanouts)
-            .map(|((r, dedup), fanout)| AppendRecord {
+            .map(|(r, dedup)| AppendRecord {
                 topic_id: topic.meta.id,
                 partition: partitioner::partition_of(&r, n, rr),
                 record: r,
                 dedup,
-                fanout,
+                fanout: fanouts.next().flatten(),
             })
             .collect();
         match self.storage.append_many(appends, kv).await {
@@ -495,16 +525,18 @@ impl Broker {
     /// How each keyed record reaches the feeds following its key: the
     /// topic's fanout plugin decides per message (given its follower
     /// count), else the topic's default; `None` where the topic has no feeds.
-    fn fanouts(&self, topic: &TopicHandle, records: &[RawRecord]) -> Vec<Option<(u64, Fanout)>> {
-        let Some(default) = topic.policy().fanout else {
-            return vec![None; records.len()];
-        };
+    fn fanouts(
+        &self,
+        topic: &TopicHandle,
+        records: &[RawRecord],
+    ) -> Option<Vec<Option<(u64, Fanout)>>> {
+        let default = topic.policy().fanout?;
         let hashes: Vec<Option<u64>> = records
             .iter()
             .map(|r| r.key_bytes().map(crate::storage::key_hash))
             .collect();
         let Some(live) = self.plugins.hook_for(Hook::Fanout, &topic.meta.name) else {
-            return hashes.iter().map(|h| h.map(|h| (h, default))).collect();
+            return Some(hashes.iter().map(|h| h.map(|h| (h, default))).collect());
         };
         let followers: Vec<u32> = self.storage.with_feeds(topic.meta.id, |f| {
             hashes
@@ -538,7 +570,7 @@ impl Broker {
                 out.push(h.map(|h| (h, m)));
             }
         }
-        out
+        Some(out)
     }
 
     /// The largest backlog (unsettled messages) of the topic's queue groups.

@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{DeliveryError, SubEvent};
-use crate::protocol::{ErrorCode, Frame, put_deliver_header, put_delivered};
+use crate::protocol::{put_deliver_header, put_delivered};
 use crate::storage::{FeedDef, Storage, StorageError, TopicHandle};
 
 /// Most records read per pass.
@@ -155,11 +155,7 @@ impl FeedSubscription {
             }
             topic_rx.borrow_and_update();
             if self.topic.is_deleted() {
-                let f = Frame::Error {
-                    id: 0,
-                    code: ErrorCode::UnknownTopic,
-                    message: format!("topic '{}' was deleted", self.topic.meta.name),
-                };
+                let f = super::topic_deleted(&self.topic.meta.name);
                 out.write_all(&f.to_bytes()).await?;
                 return Ok(());
             }

@@ -15,3 +15,12 @@ pub mod stream;
 pub use feed::FeedSubscription;
 pub use queue::{QueueEvent, QueueGroup, QueueSubscription};
 pub use stream::{DeliveryError, StreamSubscription, SubEvent};
+
+/// What a subscriber is sent, before its stream ends, when its topic is deleted.
+pub(crate) fn topic_deleted(topic: &str) -> crate::protocol::Frame {
+    crate::protocol::Frame::Error {
+        id: 0,
+        code: crate::protocol::ErrorCode::UnknownTopic,
+        message: format!("topic '{topic}' was deleted"),
+    }
+}

@@ -1232,11 +1232,7 @@ impl QueueSubscription {
             topic_rx.borrow_and_update();
             ready_rx.borrow_and_update();
             if self.group.topic.is_deleted() {
-                let f = Frame::Error {
-                    id: 0,
-                    code: ErrorCode::UnknownTopic,
-                    message: format!("topic '{}' was deleted", self.group.topic.meta.name),
-                };
+                let f = super::topic_deleted(&self.group.topic.meta.name);
                 f.encode(&mut buf);
                 out.write_all(&buf).await?;
                 return Ok(());

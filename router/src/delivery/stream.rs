@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use crate::broker::{Group, Held};
 use crate::plugins::{CallMessage, FailureMode, LiveVersion, PluginRegistry, Subscriber};
 use crate::protocol::RawRecord;
-use crate::protocol::{ErrorCode, Frame, StartPosition, put_deliver_header, put_delivered};
+use crate::protocol::{Frame, StartPosition, put_deliver_header, put_delivered};
 use crate::storage::Storage;
 use crate::storage::{ReadLimit, StorageError};
 
@@ -112,11 +112,7 @@ impl StreamSubscription {
             topic_rx.borrow_and_update();
             group_rx.borrow_and_update();
             if self.group.topic.is_deleted() {
-                let f = Frame::Error {
-                    id: 0,
-                    code: ErrorCode::UnknownTopic,
-                    message: format!("topic '{}' was deleted", self.group.topic.meta.name),
-                };
+                let f = super::topic_deleted(&self.group.topic.meta.name);
                 out.write_all(&f.to_bytes()).await?;
                 return Ok(());
             }

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
-use crate::broker::{DROPPED, PublishTicket};
+use crate::broker::{PublishTicket, Published};
 use crate::protocol::{ErrorCode, Frame, WireError};
-use crate::storage::{DUPLICATE_BIT, StorageError, TopicHandle};
+use crate::storage::{StorageError, TopicHandle};
 use crate::transport::FrameReader;
 
 /// Batches in flight per publish stream before the reader stops reading.
@@ -140,23 +140,17 @@ async fn encode_ack(seq: u64, result: Result<PublishTicket, WireError>, buf: &mu
     }
 }
 
-fn encode_result(seq: u64, r: Result<Vec<(u32, u64)>, StorageError>, buf: &mut BytesMut) {
+fn encode_result(seq: u64, r: Result<Published, StorageError>, buf: &mut BytesMut) {
     match r {
-        Ok(mut positions) => {
-            let mut duplicates = Vec::new();
-            for (i, (p, _)) in positions.iter_mut().enumerate() {
-                if *p != DROPPED.0 && *p & DUPLICATE_BIT != 0 {
-                    *p &= !DUPLICATE_BIT;
-                    duplicates.push(i as u32);
-                }
-            }
-            Frame::PublishAck {
-                seq,
-                positions,
-                duplicates,
-            }
-            .encode(buf)
+        Ok(Published {
+            positions,
+            duplicates,
+        }) => Frame::PublishAck {
+            seq,
+            positions,
+            duplicates,
         }
+        .encode(buf),
         Err(StorageError::ShutDown) => Frame::error(
             seq,
             &WireError::new(
