@@ -23,11 +23,14 @@ struct Setup {
     storage: Storage,
     topic: std::sync::Arc<TopicHandle>,
     feeds: Vec<(FeedDef, Vec<u64>)>,
+    /// The keys records are published under, in turn.
+    keys: Vec<Vec<u8>>,
     mode: Fanout,
 }
 
 impl Setup {
-    fn new(mode: Fanout, followers: usize) -> Setup {
+    /// `followers` feeds, each following all of `keys`.
+    fn new(mode: Fanout, followers: usize, keys: Vec<Vec<u8>>) -> Setup {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -40,7 +43,7 @@ impl Setup {
         let feeds = (0..followers)
             .map(|i| {
                 let def = rt
-                    .block_on(storage.follow(&topic, &format!("f{i}"), vec![b"hot".to_vec()]))
+                    .block_on(storage.follow(&topic, &format!("f{i}"), keys.clone()))
                     .unwrap();
                 (def, vec![0u64])
             })
@@ -51,19 +54,22 @@ impl Setup {
             storage,
             topic,
             feeds,
+            keys,
             mode,
         }
     }
 
     fn publish(&self) {
-        let hash = key_hash(b"hot");
         let records = (0..BATCH)
-            .map(|_| AppendRecord {
-                topic_id: self.topic.meta.id,
-                partition: 0,
-                record: Record::new(vec![b'x'; 100]).with_key("hot").to_raw(),
-                dedup: None,
-                fanout: Some((hash, self.mode)),
+            .map(|i| {
+                let k = &self.keys[i % self.keys.len()];
+                AppendRecord {
+                    topic_id: self.topic.meta.id,
+                    partition: 0,
+                    record: Record::new(vec![b'x'; 100]).with_key(k.clone()).to_raw(),
+                    dedup: None,
+                    fanout: Some((key_hash(k), self.mode)),
+                }
             })
             .collect();
         self.rt.block_on(async {
@@ -92,7 +98,7 @@ fn fanout(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("fanout_publish_{label}"));
         g.throughput(Throughput::Elements(BATCH as u64));
         for followers in [1usize, 10, 100] {
-            let s = Setup::new(mode, followers);
+            let s = Setup::new(mode, followers, vec![b"hot".to_vec()]);
             g.bench_with_input(
                 BenchmarkId::from_parameter(followers),
                 &followers,
@@ -106,7 +112,7 @@ fn fanout(c: &mut Criterion) {
         for followers in [1usize, 10, 100] {
             // Per record delivered to one follower.
             g.throughput(Throughput::Elements((BATCH * followers) as u64));
-            let mut s = Setup::new(mode, followers);
+            let mut s = Setup::new(mode, followers, vec![b"hot".to_vec()]);
             g.bench_with_input(
                 BenchmarkId::from_parameter(followers),
                 &followers,
@@ -137,55 +143,22 @@ fn many_keys(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("fanout_read_keys_{label}"));
         g.throughput(Throughput::Elements(BATCH as u64));
         for keys in [1usize, 10, 100] {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let storage =
-                Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
-            let topic = rt.block_on(storage.create_topic("t", 1, 0, 0)).unwrap();
-            let names: Vec<Vec<u8>> = (0..keys).map(|k| format!("k{k}").into_bytes()).collect();
-            let feed = rt
-                .block_on(storage.follow(&topic, "f", names.clone()))
-                .unwrap();
-            let mut cursors = vec![0u64];
+            let names = (0..keys).map(|k| format!("k{k}").into_bytes()).collect();
+            let mut s = Setup::new(mode, 1, names);
             g.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let records = (0..BATCH)
-                            .map(|i| {
-                                let k = &names[i % keys];
-                                AppendRecord {
-                                    topic_id: topic.meta.id,
-                                    partition: 0,
-                                    record: Record::new(vec![b'x'; 100])
-                                        .with_key(k.clone())
-                                        .to_raw(),
-                                    dedup: None,
-                                    fanout: Some((key_hash(k), mode)),
-                                }
-                            })
-                            .collect();
-                        rt.block_on(async {
-                            let t = storage.append_many(records, Vec::new()).await.unwrap();
-                            t.await.unwrap().unwrap();
-                        });
+                        s.publish();
                         let t = Instant::now();
-                        let n = storage
-                            .read_feed(topic.meta.id, &feed, &mut cursors, BATCH, |_, _, _, r| {
-                                std::hint::black_box(r);
-                            })
-                            .unwrap();
+                        let n = s.read_all();
                         total += t.elapsed();
                         assert_eq!(n, BATCH);
                     }
                     total
                 })
             });
-            rt.block_on(storage.shutdown());
+            s.rt.block_on(s.storage.shutdown());
         }
         g.finish();
     }
