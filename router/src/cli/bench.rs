@@ -205,13 +205,18 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             // Open loop: a pacing thread emits each batch's intended send
             // time. OS sleeps are precise to tens of microseconds, where
             // tokio's timer rounds up to the next millisecond and would add
-            // its own delay to every measured latency.
+            // its own delay to every measured latency. The thread also
+            // records how late it woke (the generator's own share of every
+            // latency), reported as `send lag`.
+            let mut pacer = None;
             let mut ticks = (rate_each > 0.0).then(|| {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
                 let interval_ns = 1e9 * batch as f64 / rate_each;
                 let shared = shared.clone();
                 let batches = count.div_ceil(batch as u64);
-                std::thread::spawn(move || {
+                pacer = Some(std::thread::spawn(move || {
+                    let mut late = hist();
+                    precise_sleeps();
                     let t0 = shared.now_ns();
                     for k in 0..batches {
                         let at = t0 + (k as f64 * interval_ns) as u64;
@@ -219,11 +224,13 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         if at > now {
                             std::thread::sleep(Duration::from_nanos(at - now));
                         }
+                        let _ = late.record(shared.now_ns().saturating_sub(at).max(1));
                         if tx.send(at).is_err() {
-                            return;
+                            break;
                         }
                     }
-                });
+                    late
+                }));
                 rx
             });
             while sent < count && deadline.is_none_or(|d| Instant::now() < d) {
@@ -268,7 +275,16 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             client.close().await;
             let lat = lat.lock().expect("hist lock").clone();
-            Ok::<_, crate::client::ClientError>(lat)
+            // The pacer stops at its next tick once `ticks` is gone.
+            drop(ticks);
+            let lag = match pacer {
+                Some(t) => tokio::task::spawn_blocking(move || t.join())
+                    .await
+                    .expect("join pacer")
+                    .expect("pacer thread"),
+                None => hist(),
+            };
+            Ok::<_, crate::client::ClientError>((lat, lag))
         }));
     }
 
@@ -296,8 +312,11 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
 
     let mut pub_lat = hist();
+    let mut send_lag = hist();
     for p in producers {
-        pub_lat.add(p.await??).expect("same bounds");
+        let (lat, lag) = p.await??;
+        pub_lat.add(lat).expect("same bounds");
+        send_lag.add(lag).expect("same bounds");
     }
     let pub_secs = ((shared.now_ns() - run_start_ns) as f64 / 1e9).max(1e-9);
     shared.done_publishing.store(true, Ordering::Relaxed);
@@ -346,6 +365,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "publish_msgs_per_s": published as f64 / pub_secs,
         "publish_mb_per_s": (published * args.size as u64) as f64 / pub_secs / 1e6,
         "publish_to_ack": pct(&pub_lat),
+        "send_lag": if args.rate > 0 { pct(&send_lag) } else { json!(null) },
         "delivered": delivered,
         "deliver_msgs_per_s": if args.consumers > 0 { json!(delivered as f64 / all_secs) } else { json!(null) },
         "deliver_mb_per_s": if args.consumers > 0 { json!((delivered * args.size as u64) as f64 / all_secs / 1e6) } else { json!(null) },
@@ -374,6 +394,9 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             v["max_us"].as_f64().unwrap_or(0.0)
         )
     };
+    if args.rate > 0 {
+        line("send lag", &report["send_lag"]);
+    }
     line("publish -> ack", &report["publish_to_ack"]);
     if args.consumers > 0 {
         println!(
@@ -500,4 +523,14 @@ async fn spawn_consumers(
         }));
     }
     Ok(consumers)
+}
+
+/// Asks the kernel to wake this thread on time: by default Linux may delay
+/// a sleeping thread's timer by up to 50 µs to batch wake-ups, which an
+/// open-loop generator would add to every latency it measures.
+fn precise_sleeps() {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = nix::sys::prctl::set_timerslack(1);
+    }
 }

@@ -39,6 +39,10 @@ pub struct StorageConfig {
     /// means "commit what is queued now": under load, requests that arrive
     /// during one fsync form the next batch anyway.
     pub linger: Duration,
+    /// How long the writer polls for the next request before parking its
+    /// thread (zero: park at once). Trades a little CPU after each commit
+    /// for latency; see `Writer::next_op`.
+    pub spin: Duration,
     /// redb page cache size.
     pub cache_bytes: usize,
 }
@@ -49,6 +53,7 @@ impl Default for StorageConfig {
             max_batch_records: 8192,
             max_batch_bytes: 16 << 20,
             linger: Duration::ZERO,
+            spin: Duration::from_micros(100),
             cache_bytes: 64 << 20,
         }
     }
