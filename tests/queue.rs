@@ -661,6 +661,77 @@ async fn unacked_messages_survive_kill_9_and_come_back() {
 }
 
 #[tokio::test]
+async fn scattered_acks_across_chunks_survive_kill_9() {
+    // One partition, 10,000 messages: acks above the floor are stored as
+    // ranges per 4,096-offset chunk, so leave gaps in every chunk and across
+    // chunk boundaries, and hold back the very first message so nothing
+    // moves the floor.
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildRouter::spawn(dir.path());
+    let c = connect(child.addr, &child.cert).await;
+    c.create_topic("gaps", 1).await.unwrap();
+    let n = 10_000;
+    publish_n(&c, "gaps", n, |i| Record::new(format!("{i}"))).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("gaps", "g").prefetch(n as u32))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, n, 30).await;
+    let keep = |o: u64| o == 0 || o % 7 == 3 || (4090..4100).contains(&o) || o == 8191;
+    let acks: Vec<DeliveryTag> = got
+        .iter()
+        .map(|m| m.tag)
+        .filter(|t| !keep(t.offset))
+        .collect();
+    for chunk in acks.chunks(500).rev() {
+        q.ack_many(chunk).await.unwrap();
+    }
+    let unacked: HashSet<u64> = got
+        .iter()
+        .map(|m| m.tag.offset)
+        .filter(|&o| keep(o))
+        .collect();
+    // Let the group commit carrying the acks finish, then kill -9.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(q);
+    drop(child);
+
+    let child = ChildRouter::spawn(dir.path());
+    let c = connect(child.addr, &child.cert).await;
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("gaps", "g").prefetch(n as u32))
+        .await
+        .unwrap();
+    let again = take_q(&mut q, unacked.len(), 20).await;
+    let offsets: HashSet<u64> = again.iter().map(|m| m.tag.offset).collect();
+    assert_eq!(offsets, unacked, "every unacked message, and only those");
+    assert!(again.iter().all(|m| m.attempt() == 2));
+    quiet(&mut q, 300).await;
+    // Settling the rest empties the queue for good.
+    let tags: Vec<DeliveryTag> = again.iter().map(|m| m.tag).collect();
+    q.ack_many(&tags).await.unwrap();
+    let stats = wait_for_stats(&c, "gaps", |s| s["floors"][0] == n as u64).await;
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+}
+
+/// Polls `queue stats` for `topic` until `ok` holds (5 s at most).
+async fn wait_for_stats(
+    c: &Client,
+    topic: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = c.queue_stats(Some(topic)).await.unwrap();
+        if ok(&stats[0]) {
+            return stats[0].clone();
+        }
+        assert!(Instant::now() < deadline, "stats never got there: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn tenant_priority_plugin_orders_queue_deliveries() {
     let r = start_router().await;
     let c = r.client().await;

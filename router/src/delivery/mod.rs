@@ -10,6 +10,7 @@
 
 pub mod feed;
 pub mod queue;
+pub mod ranges;
 pub mod stream;
 
 pub use feed::FeedSubscription;

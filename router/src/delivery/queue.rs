@@ -10,9 +10,10 @@
 //! lanes; payloads are read from the log when delivered. What must survive a
 //! crash is written to redb (`queue_state`, `queue_floor`) through the group
 //! commit: in-flight deliveries with their attempt and deadline, retries with
-//! their due time, acks above the floor, and the floor itself; a first
-//! delivery in offset order writes no row of its own but moves a
-//! per-partition mark (`queue_mark`). On restart the
+//! their due time, and the floor itself; a first delivery in offset order
+//! writes no row of its own but moves a per-partition mark (`queue_mark`),
+//! and acks above the floor are kept as ranges, stored per 4,096-offset
+//! chunk (`queue_done`, see [`super::ranges`]). On restart the
 //! group re-admits from the floor and reapplies those entries, so an
 //! unacknowledged message is delivered again (with its attempt count) and an
 //! acknowledged one is not. An ack is durable at the next group commit: a
@@ -25,12 +26,14 @@
 //! percent of deliveries.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use super::ranges::{CHUNK, RangeSet, chunks_of};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -113,8 +116,8 @@ struct Part {
     mark: u64,
     /// Admitted, unsettled offsets.
     open: BTreeSet<u64>,
-    /// Settled offsets at or above the floor (stored as `done` markers).
-    done: BTreeSet<u64>,
+    /// Settled offsets at or above the floor.
+    done: RangeSet,
     /// Stored state of offsets not yet re-admitted after a restart.
     recovered: HashMap<u64, QueueEntryState>,
 }
@@ -144,6 +147,8 @@ struct State {
     picks: u64,
     rr: usize,
     pending: QueueWrite,
+    /// `(partition, chunk)` of `done` ranges changed since the last flush.
+    done_dirty: FxHashSet<(u32, u64)>,
     inflight: FxHashMap<u64, usize>,
     next_member: u64,
     tick_target: u64,
@@ -229,12 +234,29 @@ impl State {
             part.floor = new_floor;
             part.mark = part.mark.max(new_floor);
             self.pending.floors.push((p, new_floor));
-            let below: Vec<u64> = part.done.range(..new_floor).copied().collect();
-            for d in below {
-                part.done.remove(&d);
-                self.pending.entries.push((p, d, None));
+            for (s, e) in part.done.remove_below(new_floor) {
+                for c in chunks_of(s, e) {
+                    self.done_dirty.insert((p, c));
+                }
             }
         }
+    }
+
+    /// The state changes to write, with the changed `done` chunks encoded.
+    fn take_pending(&mut self, topic_id: u32, group: &Arc<str>) -> QueueWrite {
+        let mut w = std::mem::replace(
+            &mut self.pending,
+            QueueWrite {
+                topic_id,
+                group: group.clone(),
+                ..QueueWrite::default()
+            },
+        );
+        for (p, c) in self.done_dirty.drain() {
+            let bytes = self.parts[p as usize].done.encode_chunk(c);
+            w.done.push((p, c, bytes));
+        }
+        w
     }
 
     /// Removes a message from the queue for good.
@@ -263,10 +285,9 @@ impl State {
         if o >= floor {
             // Settled out of order: remember it until the floor passes.
             part.done.insert(o);
-            self.pending
-                .entries
-                .push((p, o, Some((ST_DONE, e.attempts, 0))));
-        } else if e.stored {
+            self.done_dirty.insert((p, o / CHUNK));
+        }
+        if e.stored {
             self.pending.entries.push((p, o, None));
         }
         self.refloor(p);
@@ -368,6 +389,14 @@ impl QueueGroup {
                 ..Part::default()
             });
         }
+        let mut done_dirty = FxHashSet::default();
+        for (p, c, bytes) in snap.done {
+            if let Some(part) = parts.get_mut(p as usize) {
+                part.done.decode_chunk(c, &bytes);
+            }
+            // Rewritten at the first flush: chunks below the floor go.
+            done_dirty.insert((p, c));
+        }
         for (p, o, v) in snap.entries {
             let Some(part) = parts.get_mut(p as usize) else {
                 continue;
@@ -375,10 +404,16 @@ impl QueueGroup {
             if o < part.floor {
                 pending.entries.push((p, o, None));
             } else if v.0 == ST_DONE {
+                // Stored by versions that kept one row per ack.
                 part.done.insert(o);
+                done_dirty.insert((p, o / CHUNK));
+                pending.entries.push((p, o, None));
             } else {
                 part.recovered.insert(o, v);
             }
+        }
+        for part in &mut parts {
+            part.done.remove_below(part.floor);
         }
         let g = Arc::new(QueueGroup {
             name,
@@ -396,6 +431,7 @@ impl QueueGroup {
                 picks: 0,
                 rr: 0,
                 pending,
+                done_dirty,
                 inflight: FxHashMap::default(),
                 next_member: 1,
                 tick_target: 0,
@@ -526,7 +562,7 @@ impl QueueGroup {
             st.parts[p as usize].scan = next.max(from);
             for (o, priority, expires_at, visible_at) in batch {
                 let part = &mut st.parts[p as usize];
-                if part.done.contains(&o) {
+                if part.done.contains(o) {
                     continue;
                 }
                 let (stored, attempts, phase) = match part.recovered.remove(&o) {
@@ -1052,15 +1088,7 @@ impl QueueGroup {
     /// Writes queued state changes to the group commit, in order.
     pub async fn flush(&self) {
         let _order = self.flush_lock.lock().await;
-        let w = {
-            let mut st = self.lock();
-            let empty = QueueWrite {
-                topic_id: self.topic.meta.id,
-                group: self.name.clone(),
-                ..QueueWrite::default()
-            };
-            std::mem::replace(&mut st.pending, empty)
-        };
+        let w = self.lock().take_pending(self.topic.meta.id, &self.name);
         if let Err(e) = self.storage.queue_write(w).await {
             tracing::debug!(error = %e, "queue state not written");
         }

@@ -553,6 +553,12 @@ impl Storage {
             let (_, _, p, o) = k.value();
             snap.entries.push((p, o, v.value()));
         }
+        let done = txn.open_table(tables::QUEUE_DONE)?;
+        for e in done.range((topic_id, group, 0, 0)..=(topic_id, group, u32::MAX, u64::MAX))? {
+            let (k, v) = e?;
+            let (_, _, p, c) = k.value();
+            snap.done.push((p, c, v.value().to_vec()));
+        }
         Ok(snap)
     }
 
@@ -776,12 +782,18 @@ pub struct QueueWrite {
     pub floors: Vec<(u32, u64)>,
     /// New first-delivery marks.
     pub marks: Vec<(u32, u64)>,
+    /// `(partition, chunk, encoded ranges)` of settled offsets above the
+    /// floor; empty bytes delete the chunk.
+    pub done: Vec<(u32, u64, Vec<u8>)>,
 }
 
 impl QueueWrite {
     /// True if there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.floors.is_empty() && self.marks.is_empty()
+        self.entries.is_empty()
+            && self.floors.is_empty()
+            && self.marks.is_empty()
+            && self.done.is_empty()
     }
 }
 
@@ -794,6 +806,8 @@ pub struct QueueSnapshot {
     pub marks: HashMap<u32, u64>,
     /// `(partition, offset, (state, attempts, due ms))`.
     pub entries: Vec<(u32, u64, QueueEntryState)>,
+    /// `(partition, chunk, encoded ranges)` of settled offsets.
+    pub done: Vec<(u32, u64, Vec<u8>)>,
 }
 
 /// A plugin's key/value write, committed with the records it decided.
@@ -851,6 +865,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::QUEUE)?;
         w.open_table(tables::QUEUE_FLOOR)?;
         w.open_table(tables::QUEUE_MARK)?;
+        w.open_table(tables::QUEUE_DONE)?;
         w.open_table(tables::DEDUP)?;
         w.open_table(tables::INBOX)?;
         w.open_table(tables::KEY_INDEX)?;

@@ -80,3 +80,9 @@ pub(crate) const FEEDS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::n
 /// row of their own.
 pub(crate) const QUEUE_MARK: TableDefinition<(u32, &str, u32), u64> =
     TableDefinition::new("queue_mark");
+
+/// `(topic id, group, partition, chunk)` -> settled offsets at or above the
+/// floor within offsets `chunk * 4096 ..`, as little-endian `u16` pairs
+/// `(start, end)` relative to the chunk (see `delivery::ranges`).
+pub(crate) const QUEUE_DONE: TableDefinition<(u32, &str, u32, u64), &[u8]> =
+    TableDefinition::new("queue_done");

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::tables::{
     DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
-    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
 };
 use super::{
     AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
@@ -375,6 +375,7 @@ impl Writer {
             let mut queue = txn.open_table(QUEUE)?;
             let mut floors = txn.open_table(QUEUE_FLOOR)?;
             let mut marks = txn.open_table(QUEUE_MARK)?;
+            let mut done = txn.open_table(QUEUE_DONE)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut key_index = txn.open_table(KEY_INDEX)?;
             let feed_registry = self.feeds.clone();
@@ -500,6 +501,13 @@ impl Writer {
                         for (p, mark) in w.marks {
                             marks.insert((w.topic_id, g, p), mark)?;
                         }
+                        for (p, chunk, bytes) in w.done {
+                            if bytes.is_empty() {
+                                done.remove((w.topic_id, g, p, chunk))?;
+                            } else {
+                                done.insert((w.topic_id, g, p, chunk), bytes.as_slice())?;
+                            }
+                        }
                     }
                     _ => unreachable!("only data ops reach apply_data"),
                 }
@@ -592,6 +600,10 @@ impl Writer {
                 .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
             txn.open_table(QUEUE_MARK)?
                 .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
+            txn.open_table(QUEUE_DONE)?
+                .retain_in((id, "", 0, 0)..(id.saturating_add(1), "", 0, 0), |_, _| {
+                    false
+                })?;
             txn.open_table(DEDUP)?
                 .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
             txn.open_table(INBOX)?
