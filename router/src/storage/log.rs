@@ -241,8 +241,79 @@ fn split_entry(v: &[u8]) -> Result<(u64, &[u8]), StorageError> {
 
 #[cfg(test)]
 mod tests {
+    use redb::{ReadableDatabase, ReadableTable};
+
     use crate::protocol::Record;
-    use crate::storage::{Storage, StorageConfig};
+    use crate::storage::tables::{INBOX, KEY_INDEX};
+    use crate::storage::{AppendRecord, Fanout, Storage, StorageConfig, key_hash};
+
+    /// Retention removes the fan-out references (key index and inbox
+    /// entries) to the records it deletes, and keeps those to records it
+    /// keeps.
+    #[test]
+    fn retention_prunes_fan_out_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let storage =
+                Storage::open(&dir.path().join("db.redb"), StorageConfig::default()).unwrap();
+            // Keep about 20 records of 100 B per partition.
+            let topic = storage.create_topic("t", 2, 0, 2_000).await.unwrap();
+            let keys: Vec<Vec<u8>> = (0..10).map(|k| format!("k{k}").into_bytes()).collect();
+            storage.follow(&topic, "f", keys.clone()).await.unwrap();
+            let records = (0..400usize)
+                .map(|i| {
+                    let k = &keys[i % keys.len()];
+                    AppendRecord {
+                        topic_id: topic.meta.id,
+                        partition: (i % 2) as u32,
+                        record: Record::new(vec![b'x'; 90]).with_key(k.clone()).to_raw(),
+                        dedup: None,
+                        fanout: Some((
+                            key_hash(k),
+                            if i % 3 == 0 {
+                                Fanout::OnWrite
+                            } else {
+                                Fanout::OnRead
+                            },
+                        )),
+                    }
+                })
+                .collect();
+            let t = storage.append_many(records, Vec::new()).await.unwrap();
+            t.await.unwrap().unwrap();
+            assert!(storage.enforce_retention().await.unwrap() > 300);
+            let starts: Vec<u64> = topic.partitions().iter().map(|p| p.start).collect();
+            assert!(starts.iter().all(|&s| s > 150), "{starts:?}");
+
+            let txn = storage.db().begin_read().unwrap();
+            let index = txn.open_table(KEY_INDEX).unwrap();
+            let inbox = txn.open_table(INBOX).unwrap();
+            let mut kept = 0;
+            for e in index.iter().unwrap() {
+                let (_, _, p, o) = e.unwrap().0.value();
+                assert!(
+                    o >= starts[p as usize],
+                    "index entry {p}/{o} below the start"
+                );
+                kept += 1;
+            }
+            for e in inbox.iter().unwrap() {
+                let (_, _, p, o) = e.unwrap().0.value();
+                assert!(
+                    o >= starts[p as usize],
+                    "inbox entry {p}/{o} below the start"
+                );
+                kept += 1;
+            }
+            // Every retained record still has its one reference.
+            let retained: u64 = topic.partitions().iter().map(|p| p.end - p.start).sum();
+            assert_eq!(kept, retained);
+        });
+    }
 
     /// `get_many` reads runs with range scans and single keys with lookups;
     /// either way every stored key is reported once, at its index, in the

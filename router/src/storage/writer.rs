@@ -150,6 +150,9 @@ pub(crate) struct Writer {
     feeds: FeedRegistry,
     topics: HashMap<u32, TopicState>,
     config: StorageConfig,
+    /// Per topic, the key hash the next retention pass prunes the key index
+    /// from.
+    prune_cursor: HashMap<u32, u64>,
 }
 
 /// Most records one retention pass deletes per partition, to keep its
@@ -170,6 +173,7 @@ impl Writer {
             feeds,
             topics,
             config,
+            prune_cursor: HashMap::new(),
         }
     }
 
@@ -778,6 +782,8 @@ impl Writer {
         {
             let mut log = txn.open_table(LOG)?;
             let mut parts_table = txn.open_table(PARTITIONS)?;
+            let mut key_index = txn.open_table(KEY_INDEX)?;
+            let mut inbox = txn.open_table(INBOX)?;
             for (&id, ts) in &self.topics {
                 let m = &ts.handle.meta;
                 if m.retention_ms == 0 && m.retention_bytes == 0 {
@@ -811,6 +817,22 @@ impl Writer {
                         changed.push((id, p, new));
                     }
                 }
+                // Fan-out references to records retention removed, now or in
+                // an earlier pass.
+                let starts: Vec<u64> = ts
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(p, st)| {
+                        changed
+                            .iter()
+                            .find(|c| c.0 == id && c.1 == p as u32)
+                            .map_or(st.start, |c| c.2.start)
+                    })
+                    .collect();
+                let cursor = self.prune_cursor.entry(id).or_insert(0);
+                *cursor = prune_references(&mut key_index, id, &starts, *cursor)?;
+                prune_references(&mut inbox, id, &starts, 0)?;
             }
         }
         txn.commit()?;
@@ -829,6 +851,54 @@ impl Writer {
         }
         Ok(deleted)
     }
+}
+
+/// Most distinct keys (or feeds) one retention pass prunes references for,
+/// per topic, so the pass stays short however many keys a topic has; the
+/// next pass continues where this one stopped.
+const PRUNE_KEYS_PER_PASS: usize = 4_096;
+
+/// Deletes the entries of `table` (keyed `(topic, key or feed, partition,
+/// offset)`: the key index or the inbox) of topic `id` whose offset is below
+/// its partition's start in `starts`, for up to [`PRUNE_KEYS_PER_PASS`]
+/// distinct keys from `from` on. Returns where the next pass starts (0 once
+/// the sweep reached the end).
+fn prune_references<S: redb::Key + Copy + Into<u64> + TryFrom<u64> + 'static>(
+    table: &mut redb::Table<(u32, S, u32, u64), ()>,
+    id: u32,
+    starts: &[u64],
+    from: u64,
+) -> Result<u64, StorageError>
+where
+    for<'a> S: redb::Value<SelfType<'a> = S>,
+{
+    let mut next = from;
+    for _ in 0..PRUNE_KEYS_PER_PASS {
+        let Ok(lo) = S::try_from(next) else {
+            return Ok(0);
+        };
+        let key: S = {
+            let mut it = table.range((id, lo, 0, 0)..(id.saturating_add(1), lo, 0, 0))?;
+            match it.next() {
+                Some(e) => e?.0.value().1,
+                None => return Ok(0),
+            }
+        };
+        for (p, &start) in starts.iter().enumerate() {
+            if start > 0 {
+                table.retain_in(
+                    (id, key, p as u32, 0)..(id, key, p as u32, start),
+                    |_, _| false,
+                )?;
+            }
+        }
+        let k: u64 = key.into();
+        match k.checked_add(1) {
+            Some(n) => next = n,
+            None => return Ok(0),
+        }
+    }
+    Ok(next)
 }
 
 /// The offsets-table group under which a feed's cursors are kept. Group
