@@ -26,8 +26,6 @@
 //! percent of deliveries.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-
-use super::ranges::{CHUNK, RangeSet, chunks_of};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -38,6 +36,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::DeliveryError;
+use super::ranges::{CHUNK, RangeSet, chunks_of};
 use crate::plugins::{CallMessage, Failure, Hook, PluginRegistry, RetryDecision};
 use crate::protocol::headers::{DELAY_MS, DELIVER_AT, MESSAGE_ID, Policy};
 use crate::protocol::{
@@ -393,9 +392,9 @@ impl QueueGroup {
         for (p, c, bytes) in snap.done {
             if let Some(part) = parts.get_mut(p as usize) {
                 part.done.decode_chunk(c, &bytes);
+                // Rewritten at the first flush: chunks below the floor go.
+                done_dirty.insert((p, c));
             }
-            // Rewritten at the first flush: chunks below the floor go.
-            done_dirty.insert((p, c));
         }
         for (p, o, v) in snap.entries {
             let Some(part) = parts.get_mut(p as usize) else {

@@ -150,9 +150,9 @@ pub(crate) struct Writer {
     feeds: FeedRegistry,
     topics: HashMap<u32, TopicState>,
     config: StorageConfig,
-    /// Per topic, the key hash the next retention pass prunes the key index
-    /// from.
-    prune_cursor: HashMap<u32, u64>,
+    /// Per topic, the key hash and the feed id the next retention pass
+    /// prunes the key index and the inbox from.
+    prune_cursor: HashMap<u32, (u64, u64)>,
 }
 
 /// Most records one retention pass deletes per partition, to keep its
@@ -830,9 +830,9 @@ impl Writer {
                             .map_or(st.start, |c| c.2.start)
                     })
                     .collect();
-                let cursor = self.prune_cursor.entry(id).or_insert(0);
-                *cursor = prune_references(&mut key_index, id, &starts, *cursor)?;
-                prune_references(&mut inbox, id, &starts, 0)?;
+                let (keys_from, feeds_from) = self.prune_cursor.entry(id).or_default();
+                *keys_from = prune_references(&mut key_index, id, &starts, *keys_from)?;
+                *feeds_from = prune_references(&mut inbox, id, &starts, *feeds_from)?;
             }
         }
         txn.commit()?;
@@ -863,13 +863,14 @@ const PRUNE_KEYS_PER_PASS: usize = 4_096;
 /// its partition's start in `starts`, for up to [`PRUNE_KEYS_PER_PASS`]
 /// distinct keys from `from` on. Returns where the next pass starts (0 once
 /// the sweep reached the end).
-fn prune_references<S: redb::Key + Copy + Into<u64> + TryFrom<u64> + 'static>(
+fn prune_references<S>(
     table: &mut redb::Table<(u32, S, u32, u64), ()>,
     id: u32,
     starts: &[u64],
     from: u64,
 ) -> Result<u64, StorageError>
 where
+    S: redb::Key + Copy + Into<u64> + TryFrom<u64> + 'static,
     for<'a> S: redb::Value<SelfType<'a> = S>,
 {
     let mut next = from;
