@@ -360,6 +360,7 @@ impl LoadedPlugin {
     ) -> Called<R> {
         let n = batch.len() as u64;
         let _serial = self.serial.lock().expect("serial lock");
+        let _running = self.engine.running();
         let started = Instant::now();
         let pooled = self.pool.lock().expect("pool lock").pop();
         let mut pooled = match pooled.map(Ok).unwrap_or_else(|| self.instantiate()) {
