@@ -291,6 +291,31 @@ fn bench_reports_throughput_and_latency_as_json() {
     let out = ok(&cli(&r, dir.path(), &["topic", "describe", "b"], None));
     assert!(out.contains("PARTITION"));
 
+    // Open loop: a fixed schedule of 500 msg/s for one second sends at most
+    // its 500 (+ the one at time zero), however fast the router is, and
+    // reports the generator's own lateness.
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "bench",
+            "b",
+            "--rate",
+            "500",
+            "--duration",
+            "1s",
+            "--batch",
+            "1",
+            "--json",
+        ],
+        None,
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["rate"], 500);
+    let sent = v["published"].as_u64().unwrap();
+    assert!((1..=501).contains(&sent), "{v}");
+    assert!(v["send_lag"]["p50_us"].as_f64().unwrap() > 0.0, "{v}");
+
     // Queue mode, preloaded: two competing consumers drain this run's
     // messages once between them, acking each.
     let out = ok(&cli(
