@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{ChildRouter, connect, take};
 use switchyard::client::SubscribeOptions;
-use switchyard::protocol::Record;
+use switchyard::protocol::{ErrorCode, Record, StartPosition};
 
 #[tokio::test]
 async fn acked_records_survive_kill_9_mid_stream() {
@@ -117,4 +117,73 @@ async fn acked_records_survive_kill_9_mid_stream() {
         .await
         .unwrap();
     assert_eq!(ack.offset, info.partitions[ack.partition as usize].end);
+}
+
+/// A full disk: a write that cannot be stored is refused with `E200
+/// storage` (never a false ack, never "shutting down"), the router stays
+/// up and keeps serving what it holds, and after a restart with room again
+/// every acknowledged record is there and writes work.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_with_a_code_and_keeps_every_acked_record() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16,384 blocks: 8 or 16 MiB depending on the shell's block size.
+    let child = ChildRouter::spawn_with_file_limit(dir.path(), 16_384);
+    let c = connect(child.addr, &child.cert).await;
+    c.create_topic("fill", 1).await.unwrap();
+    let mut acked = 0u64;
+    let mut refused = None;
+    for round in 0..64u64 {
+        let batch: Vec<Record> = (0..512u64)
+            .map(|i| Record::new(Bytes::from(vec![(round * 512 + i) as u8; 1024])))
+            .collect();
+        match c.publish_batch("fill", batch).await {
+            Ok(acks) => acked += acks.len() as u64,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the file size limit was never reached");
+    assert_eq!(e.code(), Some(ErrorCode::Storage), "{e}");
+    assert!(
+        e.to_string().contains("nothing in this request was stored"),
+        "{e}"
+    );
+    assert!(acked >= 512, "some batches fit before the disk filled");
+    // Every later write is refused the same way, not as a shutdown.
+    let again = c.publish("fill", Record::new("more")).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::Storage), "{again}");
+    // Still up, still serving what it acknowledged.
+    let info = c.describe_topic("fill").await.unwrap();
+    assert_eq!(info.partitions[0].end, acked);
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("fill").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut sub, 1, 10).await[0].offset, 0);
+    drop(sub);
+    drop(child);
+
+    // Room again: everything acknowledged is there, and writes work.
+    let child = ChildRouter::spawn(dir.path());
+    let c = connect(child.addr, &child.cert).await;
+    assert_eq!(
+        c.describe_topic("fill").await.unwrap().partitions[0].end,
+        acked
+    );
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("fill").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let got = take(&mut sub, acked as usize, 20).await;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.offset, i as u64);
+        assert!(
+            m.payload().iter().all(|&b| b == i as u8),
+            "record {i} intact"
+        );
+    }
+    let ack = c.publish("fill", Record::new("after")).await.unwrap();
+    assert_eq!(ack.offset, acked);
 }

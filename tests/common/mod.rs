@@ -96,9 +96,28 @@ impl ChildRouter {
     /// Starts `switchyard serve` on 127.0.0.1:0 with `data` and waits for
     /// its "listening on" line.
     pub fn spawn(data: &Path) -> ChildRouter {
-        let mut child = Command::new(router_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data);
+        Self::start(cmd, data)
+    }
+
+    /// As [`ChildRouter::spawn`], but the router may not grow any file past
+    /// `limit_blocks` (`ulimit -f`: a disk that fills up). Writes past it
+    /// fail with EFBIG instead of a signal.
+    pub fn spawn_with_file_limit(data: &Path, limit_blocks: u64) -> ChildRouter {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -f {limit_blocks} && trap '' XFSZ && exec \"$0\" serve --listen 127.0.0.1:0 --data \"$1\""
+            ))
+            .arg(router_bin())
+            .arg(data);
+        Self::start(cmd, data)
+    }
+
+    fn start(mut cmd: Command, data: &Path) -> ChildRouter {
+        let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -19,6 +19,10 @@ pub enum StorageError {
     /// Metadata on disk could not be parsed.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    /// A group commit failed (for example the disk is full): the whole
+    /// batch was rolled back and nothing in it was acknowledged.
+    #[error("write failed, nothing in this request was stored: {0}")]
+    WriteFailed(String),
 }
 
 impl StorageError {
@@ -28,12 +32,15 @@ impl StorageError {
             StorageError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             StorageError::TopicExists(_) => ErrorCode::TopicExists,
             StorageError::ShutDown => ErrorCode::ShuttingDown,
-            StorageError::Db(_) | StorageError::Corrupt(_) => ErrorCode::Storage,
+            StorageError::Db(_) | StorageError::Corrupt(_) | StorageError::WriteFailed(_) => {
+                ErrorCode::Storage
+            }
         };
         let hint = match self {
             StorageError::Db(_) => {
                 " (nothing in this request was acknowledged; check the router's disk and log, then retry)"
             }
+            StorageError::WriteFailed(_) => " (check the router's disk and log, then retry)",
             StorageError::UnknownTopic(_) => " (create it with `switchyard topic create`)",
             _ => "",
         };

@@ -317,7 +317,16 @@ impl Writer {
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
         let mut new_ids: Vec<(u32, Box<[u8]>)> = Vec::new();
-        let result = self.apply_data(segment, &mut undo, &mut replies, &mut flushes, &mut new_ids);
+        // Ops are taken from the front as they are applied; if the
+        // transaction fails, those not reached are still here to answer.
+        let mut segment: VecDeque<WriteOp> = segment.into();
+        let result = self.apply_data(
+            &mut segment,
+            &mut undo,
+            &mut replies,
+            &mut flushes,
+            &mut new_ids,
+        );
         match result {
             Ok(()) => {
                 let touched: HashSet<u32> = undo.keys().map(|(t, _)| *t).collect();
@@ -347,9 +356,16 @@ impl Writer {
                 }
                 let msg = e.to_string();
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(StorageError::Corrupt(format!(
-                        "write failed, nothing acknowledged: {msg}"
-                    ))));
+                    let _ = reply.send(Err(StorageError::WriteFailed(msg.clone())));
+                }
+                for op in segment {
+                    match op {
+                        WriteOp::Append { reply, .. } => {
+                            let _ = reply.send(Err(StorageError::WriteFailed(msg.clone())));
+                        }
+                        WriteOp::Flush { reply } => flushes.push(reply),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -361,7 +377,7 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn apply_data(
         &mut self,
-        segment: Vec<WriteOp>,
+        segment: &mut VecDeque<WriteOp>,
         undo: &mut HashMap<(u32, u32), PartState>,
         replies: &mut Vec<(
             oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
@@ -386,7 +402,7 @@ impl Writer {
             let feeds = feed_registry.read().expect("feeds lock");
             let now = now_ms();
             self.expire_dedup(now, &mut dedup_table)?;
-            for op in segment {
+            while let Some(op) = segment.pop_front() {
                 match op {
                     WriteOp::Append { records, kv, reply } => {
                         // Check the whole request first: it is applied whole or not at all.
@@ -408,6 +424,9 @@ impl Writer {
                             replies.push((reply, Err(e)));
                             continue;
                         }
+                        // Answered with the commit's error if anything below fails.
+                        replies.push((reply, Err(StorageError::ShutDown)));
+                        let slot = replies.len() - 1;
                         let mut positions = Vec::with_capacity(records.len());
                         for r in records {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
@@ -457,7 +476,7 @@ impl Writer {
                         for w in kv {
                             kv_table.insert((&*w.plugin, w.key.as_str()), w.value.as_slice())?;
                         }
-                        replies.push((reply, Ok(positions)));
+                        replies[slot].1 = Ok(positions);
                     }
                     WriteOp::CommitOffset {
                         group,
