@@ -154,6 +154,7 @@ async fn a_full_disk_refuses_writes_with_a_code_and_keeps_every_acked_record() {
     // Every later write is refused the same way, not as a shutdown.
     let again = c.publish("fill", Record::new("more")).await.unwrap_err();
     assert_eq!(again.code(), Some(ErrorCode::Storage), "{again}");
+    assert!(again.to_string().contains("restart the router"), "{again}");
     // Still up, still serving what it acknowledged.
     let info = c.describe_topic("fill").await.unwrap();
     assert_eq!(info.partitions[0].end, acked);

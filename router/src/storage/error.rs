@@ -40,6 +40,11 @@ impl StorageError {
             StorageError::Db(_) => {
                 " (nothing in this request was acknowledged; check the router's disk and log, then retry)"
             }
+            // redb refuses every write after an I/O error until the
+            // database is reopened: retrying alone will not help.
+            StorageError::WriteFailed(m) if m.contains("Previous I/O error") => {
+                " (writes stay refused after a storage I/O error: free disk space, then restart the router; reads keep working)"
+            }
             StorageError::WriteFailed(_) => " (check the router's disk and log, then retry)",
             StorageError::UnknownTopic(_) => " (create it with `switchyard topic create`)",
             _ => "",
