@@ -193,7 +193,7 @@ mod tests {
     use proptest::prelude::*;
 
     use crate::protocol::{RawRecord, Record};
-    use crate::storage::{AppendRecord, Fanout, FeedDef, Storage, StorageConfig, key_hash};
+    use crate::storage::{AppendRecord, Fanout, FeedDef, key_hash, with_test_storage};
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -216,14 +216,7 @@ mod tests {
 
     /// Runs `ops` against a real store in `mode` (`None`: alternate per message).
     fn run(ops: &[Op], mode: Option<Fanout>) -> Delivered {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let storage =
-                Storage::open(&dir.path().join("db.redb"), StorageConfig::default()).unwrap();
+        with_test_storage(|storage| async move {
             let topic = storage.create_topic("t", 3, 0, 0).await.unwrap();
             let mut feeds: HashMap<u8, (FeedDef, Vec<u64>)> = HashMap::new();
             let mut out: Delivered = HashMap::new();

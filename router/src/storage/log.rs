@@ -245,21 +245,14 @@ mod tests {
 
     use crate::protocol::Record;
     use crate::storage::tables::{INBOX, KEY_INDEX};
-    use crate::storage::{AppendRecord, Fanout, Storage, StorageConfig, key_hash};
+    use crate::storage::{AppendRecord, Fanout, key_hash, with_test_storage};
 
     /// Retention removes the fan-out references (key index and inbox
     /// entries) to the records it deletes, and keeps those to records it
     /// keeps.
     #[test]
     fn retention_prunes_fan_out_references() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let storage =
-                Storage::open(&dir.path().join("db.redb"), StorageConfig::default()).unwrap();
+        with_test_storage(|storage| async move {
             // Keep about 20 records of 100 B per partition.
             let topic = storage.create_topic("t", 2, 0, 2_000).await.unwrap();
             let keys: Vec<Vec<u8>> = (0..10).map(|k| format!("k{k}").into_bytes()).collect();
@@ -321,14 +314,7 @@ mod tests {
     /// skipped.
     #[test]
     fn get_many_reports_each_stored_key_at_its_index_in_key_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let storage =
-                Storage::open(&dir.path().join("db.redb"), StorageConfig::default()).unwrap();
+        with_test_storage(|storage| async move {
             let topic = storage.create_topic("t", 2, 0, 0).await.unwrap();
             let records = (0..20u32)
                 .map(|i| (i % 2, Record::new(format!("{}-{}", i % 2, i / 2)).to_raw()))

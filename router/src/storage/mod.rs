@@ -943,3 +943,20 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Runs `f` on a fresh store in a temporary directory, on a single-threaded
+/// runtime: the setup every storage unit test shares.
+#[cfg(test)]
+pub(crate) fn with_test_storage<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce(Storage) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let storage = Storage::open(&dir.path().join("db.redb"), StorageConfig::default()).unwrap();
+    rt.block_on(f(storage))
+}
