@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchyard::protocol::Record;
-use switchyard::storage::{
-    AppendRecord, Fanout, FeedDef, Storage, StorageConfig, TopicHandle, key_hash,
-};
+use switchyard::storage::{AppendRecord, Fanout, FeedDef, Storage, TopicHandle, key_hash};
 
 const BATCH: usize = 256;
 
@@ -31,14 +29,7 @@ struct Setup {
 impl Setup {
     /// `followers` feeds, each following all of `keys`.
     fn new(mode: Fanout, followers: usize, keys: Vec<Vec<u8>>) -> Setup {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let storage =
-            Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
+        let (rt, dir, storage) = switchyard_benches::temp_store(1);
         let topic = rt.block_on(storage.create_topic("t", 1, 0, 0)).unwrap();
         let feeds = (0..followers)
             .map(|i| {
@@ -76,6 +67,20 @@ impl Setup {
             let t = self.storage.append_many(records, Vec::new()).await.unwrap();
             t.await.unwrap().unwrap();
         });
+    }
+
+    /// `iters` rounds of publishing a batch (not timed) and every follower
+    /// reading it (timed); each round must read `expect` records.
+    fn timed_reads(&mut self, iters: u64, expect: usize) -> Duration {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            self.publish();
+            let t = Instant::now();
+            let n = self.read_all();
+            total += t.elapsed();
+            assert_eq!(n, expect);
+        }
+        total
     }
 
     /// Every follower reads what is new; returns records read.
@@ -117,17 +122,8 @@ fn fanout(c: &mut Criterion) {
                 BenchmarkId::from_parameter(followers),
                 &followers,
                 |b, _| {
-                    b.iter_custom(|iters| {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            s.publish();
-                            let t = Instant::now();
-                            let n = s.read_all();
-                            total += t.elapsed();
-                            assert_eq!(n, BATCH * s.feeds.len());
-                        }
-                        total
-                    })
+                    let expect = BATCH * s.feeds.len();
+                    b.iter_custom(|iters| s.timed_reads(iters, expect))
                 },
             );
             s.rt.block_on(s.storage.shutdown());
@@ -146,17 +142,7 @@ fn many_keys(c: &mut Criterion) {
             let names = (0..keys).map(|k| format!("k{k}").into_bytes()).collect();
             let mut s = Setup::new(mode, 1, names);
             g.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        s.publish();
-                        let t = Instant::now();
-                        let n = s.read_all();
-                        total += t.elapsed();
-                        assert_eq!(n, BATCH);
-                    }
-                    total
-                })
+                b.iter_custom(|iters| s.timed_reads(iters, BATCH))
             });
             s.rt.block_on(s.storage.shutdown());
         }

@@ -1,2 +1,19 @@
-//! Criterion benchmarks for Switchyard; see `codec.rs` and `storage.rs`.
+//! Criterion benchmarks for Switchyard (`codec`, `storage`, `plugins`,
+//! `publish`, `fanout`, `queue`), and what they share.
 //! Run with `cargo bench -p switchyard-benches`.
+
+use switchyard::storage::{Storage, StorageConfig};
+
+/// A store in a fresh temporary directory, with the runtime its async calls
+/// run on (`workers` threads). Keep the directory alive as long as the store.
+pub fn temp_store(workers: usize) -> (tokio::runtime::Runtime, tempfile::TempDir, Storage) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let storage = Storage::open(&dir.path().join("bench.redb"), StorageConfig::default())
+        .expect("open the store");
+    (rt, dir, storage)
+}

@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use switchyard::delivery::{QueueEvent, QueueGroup, QueueSubscription};
 use switchyard::plugins::PluginRegistry;
 use switchyard::protocol::{DeliveryTag, Frame, Record, StartPosition};
-use switchyard::storage::{Storage, StorageConfig, TopicHandle};
+use switchyard::storage::{Storage, TopicHandle};
 use switchyard::transport::FrameReader;
 use tokio::sync::mpsc;
 
@@ -34,13 +34,7 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let storage =
-            Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
+        let (rt, dir, storage) = switchyard_benches::temp_store(2);
         let topic = rt.block_on(storage.create_topic("q", 4, 0, 0)).unwrap();
         let plugins = Arc::new(PluginRegistry::open(storage.clone()).unwrap());
         Setup {

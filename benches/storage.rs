@@ -6,16 +6,10 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchyard::protocol::{RawRecord, Record};
-use switchyard::storage::{ReadLimit, Storage, StorageConfig};
+use switchyard::storage::ReadLimit;
 
 fn append(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(&dir.path().join("bench.redb"), StorageConfig::default()).unwrap();
+    let (rt, _dir, storage) = switchyard_benches::temp_store(1);
     let topic = rt.block_on(storage.create_topic("bench", 1, 0, 0)).unwrap();
     let rec: RawRecord = Record::new(vec![b'x'; 100]).to_raw();
 
