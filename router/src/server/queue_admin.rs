@@ -6,7 +6,7 @@ use serde::Deserialize;
 use crate::broker::Broker;
 use crate::delivery::queue::{dlq_name, redrive_record};
 use crate::protocol::{ErrorCode, RawRecord, WireError};
-use crate::storage::{ReadLimit, TopicPolicy};
+use crate::storage::{ReadLimit, TopicHandle, TopicPolicy};
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, WireError> {
     serde_json::from_slice(body)
@@ -128,42 +128,59 @@ async fn topic_policy(broker: &Broker, r: PolicyReq) -> Result<serde_json::Value
     Ok(serde_json::to_value(&policy).expect("policy serializes"))
 }
 
-fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
-    let dlq = broker.topic(&dlq_name(&r.topic))?;
-    let info = dlq.partitions()[0];
+/// The oldest `max` dead letters of `dlq`: `(offset, timestamp ms, record)`.
+fn read_dlq(
+    broker: &Broker,
+    dlq: &TopicHandle,
+    max: usize,
+) -> Result<Vec<(u64, u64, RawRecord)>, WireError> {
     let mut out = Vec::new();
     broker
         .storage()
         .scan(
             dlq.meta.id,
             0,
-            info.start,
+            dlq.partitions()[0].start,
             ReadLimit {
-                max_records: r.count.unwrap_or(20) as usize,
+                max_records: max,
                 max_bytes: 16 << 20,
             },
             |offset, ts, rec| {
+                // Stored records were validated when they were appended.
                 if let Ok(raw) = RawRecord::new(bytes::Bytes::copy_from_slice(rec)) {
-                    let headers: serde_json::Map<String, serde_json::Value> = raw
-                        .headers()
-                        .map(|(n, v)| {
-                            (
-                                n.to_string(),
-                                String::from_utf8_lossy(&v).into_owned().into(),
-                            )
-                        })
-                        .collect();
-                    out.push(serde_json::json!({
-                        "offset": offset,
-                        "timestamp_ms": ts,
-                        "key": raw.key().map(|k| String::from_utf8_lossy(&k).into_owned()),
-                        "headers": headers,
-                        "payload": String::from_utf8_lossy(&raw.payload()),
-                    }));
+                    out.push((offset, ts, raw));
                 }
             },
         )
         .map_err(|e| e.to_wire())?;
+    Ok(out)
+}
+
+fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
+    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let info = dlq.partitions()[0];
+    let letters = read_dlq(broker, &dlq, r.count.unwrap_or(20) as usize)?;
+    let out: Vec<serde_json::Value> = letters
+        .iter()
+        .map(|(offset, ts, raw)| {
+            let headers: serde_json::Map<String, serde_json::Value> = raw
+                .headers()
+                .map(|(n, v)| {
+                    (
+                        n.to_string(),
+                        String::from_utf8_lossy(&v).into_owned().into(),
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "offset": offset,
+                "timestamp_ms": ts,
+                "key": raw.key().map(|k| String::from_utf8_lossy(&k).into_owned()),
+                "headers": headers,
+                "payload": String::from_utf8_lossy(&raw.payload()),
+            })
+        })
+        .collect();
     Ok(serde_json::json!({
         "topic": dlq.meta.name,
         "total": info.end - info.start,
@@ -178,34 +195,16 @@ async fn dlq_redrive(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, Wi
     let mut redriven = 0u64;
     let mut rr = 0u32;
     while redriven < max {
-        let info = dlq.partitions()[0];
         let want = (max - redriven).min(CHUNK as u64) as usize;
-        let mut batch: Vec<(u64, RawRecord)> = Vec::new();
-        broker
-            .storage()
-            .scan(
-                dlq.meta.id,
-                0,
-                info.start,
-                ReadLimit {
-                    max_records: want,
-                    max_bytes: 16 << 20,
-                },
-                |offset, _, rec| {
-                    if let Ok(raw) = RawRecord::new(bytes::Bytes::copy_from_slice(rec)) {
-                        batch.push((offset, raw));
-                    }
-                },
-            )
-            .map_err(|e| e.to_wire())?;
-        let Some(last) = batch.last().map(|(o, _)| *o) else {
+        let batch = read_dlq(broker, &dlq, want)?;
+        let Some(last) = batch.last().map(|(o, _, _)| *o) else {
             break;
         };
         // Publish each run of dead letters bound for one topic as a batch,
         // in order, and remove them from the dead-letter topic only once
         // every one is stored.
         let mut runs: Vec<(String, Vec<RawRecord>)> = Vec::new();
-        for (_, raw) in &batch {
+        for (_, _, raw) in &batch {
             let (origin, rec) = redrive_record(raw);
             let origin = origin.unwrap_or_else(|| r.topic.clone());
             match runs.last_mut() {
