@@ -257,54 +257,54 @@ mod tests {
             let topic = storage.create_topic("t", 2, 0, 2_000).await.unwrap();
             let keys: Vec<Vec<u8>> = (0..10).map(|k| format!("k{k}").into_bytes()).collect();
             storage.follow(&topic, "f", keys.clone()).await.unwrap();
-            let records = (0..400usize)
-                .map(|i| {
-                    let k = &keys[i % keys.len()];
-                    AppendRecord {
-                        topic_id: topic.meta.id,
-                        partition: (i % 2) as u32,
-                        record: Record::new(vec![b'x'; 90]).with_key(k.clone()).to_raw(),
-                        dedup: None,
-                        fanout: Some((
-                            key_hash(k),
-                            if i % 3 == 0 {
-                                Fanout::OnWrite
-                            } else {
-                                Fanout::OnRead
-                            },
-                        )),
-                    }
-                })
-                .collect();
-            let t = storage.append_many(records, Vec::new()).await.unwrap();
-            t.await.unwrap().unwrap();
-            assert!(storage.enforce_retention().await.unwrap() > 300);
-            let starts: Vec<u64> = topic.partitions().iter().map(|p| p.start).collect();
-            assert!(starts.iter().all(|&s| s > 150), "{starts:?}");
+            // Two rounds: the second checks a finished sweep does not stop
+            // later ones.
+            for round in 0..2u64 {
+                let records = (0..400usize)
+                    .map(|i| {
+                        let k = &keys[i % keys.len()];
+                        let fanout = if i % 3 == 0 {
+                            Fanout::OnWrite
+                        } else {
+                            Fanout::OnRead
+                        };
+                        AppendRecord {
+                            topic_id: topic.meta.id,
+                            partition: (i % 2) as u32,
+                            record: Record::new(vec![b'x'; 90]).with_key(k.clone()).to_raw(),
+                            dedup: None,
+                            fanout: Some((key_hash(k), fanout)),
+                        }
+                    })
+                    .collect();
+                let t = storage.append_many(records, Vec::new()).await.unwrap();
+                t.await.unwrap().unwrap();
+                assert!(storage.enforce_retention().await.unwrap() > 300);
+                let starts: Vec<u64> = topic.partitions().iter().map(|p| p.start).collect();
+                assert!(starts.iter().all(|&s| s > 150 + 200 * round), "{starts:?}");
 
-            let txn = storage.db().begin_read().unwrap();
-            let index = txn.open_table(KEY_INDEX).unwrap();
-            let inbox = txn.open_table(INBOX).unwrap();
-            let mut kept = 0;
-            for e in index.iter().unwrap() {
-                let (_, _, p, o) = e.unwrap().0.value();
-                assert!(
-                    o >= starts[p as usize],
-                    "index entry {p}/{o} below the start"
-                );
-                kept += 1;
+                let txn = storage.db().begin_read().unwrap();
+                let mut kept = 0;
+                for e in txn.open_table(KEY_INDEX).unwrap().iter().unwrap() {
+                    let (_, _, p, o) = e.unwrap().0.value();
+                    assert!(
+                        o >= starts[p as usize],
+                        "index entry {p}/{o} below the start"
+                    );
+                    kept += 1;
+                }
+                for e in txn.open_table(INBOX).unwrap().iter().unwrap() {
+                    let (_, _, p, o) = e.unwrap().0.value();
+                    assert!(
+                        o >= starts[p as usize],
+                        "inbox entry {p}/{o} below the start"
+                    );
+                    kept += 1;
+                }
+                // Every retained record still has its one reference.
+                let retained: u64 = topic.partitions().iter().map(|p| p.end - p.start).sum();
+                assert_eq!(kept, retained);
             }
-            for e in inbox.iter().unwrap() {
-                let (_, _, p, o) = e.unwrap().0.value();
-                assert!(
-                    o >= starts[p as usize],
-                    "inbox entry {p}/{o} below the start"
-                );
-                kept += 1;
-            }
-            // Every retained record still has its one reference.
-            let retained: u64 = topic.partitions().iter().map(|p| p.end - p.start).sum();
-            assert_eq!(kept, retained);
         });
     }
 

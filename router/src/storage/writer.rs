@@ -150,9 +150,8 @@ pub(crate) struct Writer {
     feeds: FeedRegistry,
     topics: HashMap<u32, TopicState>,
     config: StorageConfig,
-    /// Per topic, the key hash and the feed id the next retention pass
-    /// prunes the key index and the inbox from.
-    prune_cursor: HashMap<u32, (u64, u64)>,
+    /// Per topic, how far pruning of fan-out references has got.
+    prune: HashMap<u32, PruneState>,
 }
 
 /// Most records one retention pass deletes per partition, to keep its
@@ -173,7 +172,7 @@ impl Writer {
             feeds,
             topics,
             config,
-            prune_cursor: HashMap::new(),
+            prune: HashMap::new(),
         }
     }
 
@@ -849,9 +848,16 @@ impl Writer {
                             .map_or(st.start, |c| c.2.start)
                     })
                     .collect();
-                let (keys_from, feeds_from) = self.prune_cursor.entry(id).or_default();
-                *keys_from = prune_references(&mut key_index, id, &starts, *keys_from)?;
-                *feeds_from = prune_references(&mut inbox, id, &starts, *feeds_from)?;
+                let state = self.prune.entry(id).or_default();
+                // A finished sweep against these starts has nothing left to do.
+                if state.keys_from == 0 && state.feeds_from == 0 && state.swept == starts {
+                    continue;
+                }
+                state.keys_from = prune_references(&mut key_index, id, &starts, state.keys_from)?;
+                state.feeds_from = prune_references(&mut inbox, id, &starts, state.feeds_from)?;
+                if state.keys_from == 0 && state.feeds_from == 0 {
+                    state.swept = starts;
+                }
             }
         }
         txn.commit()?;
@@ -870,6 +876,17 @@ impl Writer {
         }
         Ok(deleted)
     }
+}
+
+/// Where a topic's sweep of fan-out references stands.
+#[derive(Default)]
+struct PruneState {
+    /// Key hash the next pass prunes the key index from (0: a new sweep).
+    keys_from: u64,
+    /// Feed id the next pass prunes the inbox from (0: a new sweep).
+    feeds_from: u64,
+    /// Partition starts the last finished sweep pruned below.
+    swept: Vec<u64>,
 }
 
 /// Most distinct keys (or feeds) one retention pass prunes references for,
