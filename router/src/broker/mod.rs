@@ -145,6 +145,16 @@ impl std::future::Future for PublishTicket {
         }
         let shed = std::mem::take(&mut self.shed);
         std::task::Poll::Ready(r.map(|stored| {
+            // The common case: positions as stored, nothing to rearrange.
+            if route.is_none()
+                && shed.is_empty()
+                && stored.iter().all(|(p, _)| p & DUPLICATE_BIT == 0)
+            {
+                return Published {
+                    positions: stored,
+                    duplicates: Vec::new(),
+                };
+            }
             // Storage marks duplicates in the partition's top bit.
             let stored: Vec<((u32, u64), bool)> = stored
                 .into_iter()
