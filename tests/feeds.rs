@@ -176,4 +176,23 @@ async fn hot_key_fanout_plugin_reads_hot_keys_at_read_time() {
     // of which may already be read and dropped.
     assert_eq!(f["key_index_entries"], 10, "{f}");
     assert!(f["inbox_references"].as_u64().unwrap() <= 10, "{f}");
+
+    // Records that pass a route plugin first fan out the same way.
+    c.deploy_plugin(
+        plugin_wasm("probe"),
+        json!({ "name": "keep", "hook": "route", "topic": "timeline", "deadline_ms": 5000 }),
+    )
+    .await
+    .unwrap();
+    publish_keys(&c, "timeline", &["star", "quiet"], 10, "r").await;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got: Vec<(String, String)> = take(sub, 10, 5).await.iter().map(text).collect();
+        let key = if i < 3 { "star" } else { "quiet" };
+        let expected: Vec<(String, String)> = (0..10)
+            .map(|n| (key.to_string(), format!("r{n}")))
+            .collect();
+        assert_eq!(got, expected);
+    }
+    let f = feeds(&c, "timeline").await;
+    assert_eq!(f["key_index_entries"], 20, "{f}");
 }

@@ -198,14 +198,6 @@ impl std::future::Future for PublishTicket {
 /// Longest topic or group name.
 pub const MAX_NAME_LEN: usize = 249;
 
-/// The topic's default fan-out for a keyed record (no plugin).
-fn default_fanout(topic: &TopicHandle, record: &RawRecord) -> Option<(u64, Fanout)> {
-    let mode = topic.policy().fanout?;
-    record
-        .key_bytes()
-        .map(|k| (crate::storage::key_hash(k), mode))
-}
-
 /// Records about to be published, as one plugin call's batch.
 fn call_batch(records: &[RawRecord], topic: &Arc<str>, now: u64) -> Vec<CallMessage> {
     records

@@ -120,16 +120,35 @@ impl Broker {
                             crate::protocol::headers::Policy::parse_stored(record.as_bytes())
                                 .message_id
                                 .map(|id| record.as_bytes().slice_ref(id));
-                        let fanout = super::default_fanout(&t, &record);
                         appends.push(AppendRecord {
                             topic_id: t.meta.id,
                             partition,
                             record,
                             dedup,
-                            fanout,
+                            fanout: None,
                         });
                         decided.push(t);
                     }
+                }
+            }
+        }
+        // Fan-out per target topic, decided as for unrouted records (the
+        // target's fanout plugin, else its default).
+        let mut targets: Vec<(&Arc<TopicHandle>, Vec<usize>)> = Vec::new();
+        for (i, t) in decided.iter().enumerate() {
+            if t.policy().fanout.is_none() {
+                continue;
+            }
+            match targets.iter_mut().find(|(u, _)| u.meta.id == t.meta.id) {
+                Some((_, idx)) => idx.push(i),
+                None => targets.push((t, vec![i])),
+            }
+        }
+        for (t, idx) in targets {
+            let records: Vec<RawRecord> = idx.iter().map(|&i| appends[i].record.clone()).collect();
+            if let Some(fanouts) = self.fanouts(t, &records) {
+                for (&i, f) in idx.iter().zip(fanouts) {
+                    appends[i].fanout = f;
                 }
             }
         }
