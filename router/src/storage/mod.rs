@@ -1,7 +1,7 @@
 //! Durable storage in redb: partition logs, topic metadata, group offsets and
 //! retention.
 //!
-//! Writes go through one writer thread ([`writer`]) that batches appends from
+//! Writes go through one writer thread (`writer`) that batches appends from
 //! every connection into one write transaction and one fsync (group commit),
 //! then acknowledges each request with its offsets. Reads ([`log`]) use
 //! redb's MVCC read transactions and never wait for the writer.
