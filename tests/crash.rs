@@ -8,12 +8,14 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ChildRouter, connect, take};
-use switchyard::client::SubscribeOptions;
+use common::{ChildRouter, connect, take, take_q};
+use futures::StreamExt;
+use switchyard::client::{QueueOptions, SubscribeOptions};
 use switchyard::protocol::{ErrorCode, Record, StartPosition};
 
 #[tokio::test]
@@ -187,4 +189,95 @@ async fn a_full_disk_refuses_writes_with_a_code_and_keeps_every_acked_record() {
     }
     let ack = c.publish("fill", Record::new("after")).await.unwrap();
     assert_eq!(ack.offset, acked);
+}
+
+/// Small commits are made durable in the write-ahead journal and reach the
+/// database file only at the next checkpoint. With checkpoints an hour
+/// apart, everything acknowledged after the topic was created exists only
+/// in the journal when the router is killed, and all of it must come back:
+/// the records at their offsets, the dedup window and the queue's acks.
+#[tokio::test]
+async fn journaled_commits_come_back_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, "journal_checkpoint_ms = 3600000\n").unwrap();
+    let data = dir.path().join("data");
+    let args = [OsStr::new("--config"), config.as_os_str()];
+    let child = ChildRouter::spawn_with(&data, &args);
+    let c = connect(child.addr, &child.cert).await;
+    c.create_topic("j", 2).await.unwrap();
+    // One at a time: every publish is a commit of its own.
+    let mut acked = HashMap::new();
+    let mut id7 = None;
+    for i in 0..200u32 {
+        let r = Record::new(format!("m{i}"))
+            .with_key(format!("{}", i % 5))
+            .with_message_id(format!("id-{i}"));
+        let a = c.publish("j", r).await.unwrap();
+        assert!(!a.duplicate);
+        if i == 7 {
+            id7 = Some((a.partition, a.offset));
+        }
+        acked.insert((a.partition, a.offset), Bytes::from(format!("m{i}")));
+    }
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("j", "g").prefetch(200))
+        .await
+        .unwrap();
+    let got = take_q(&mut q, 200, 10).await;
+    for m in &got[..150] {
+        q.ack(m).await.unwrap();
+    }
+    let unacked: HashSet<Bytes> = got[150..].iter().map(|m| m.payload()).collect();
+    // Let the commits carrying the acks finish, then kill -9.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(q);
+    drop(child);
+
+    let child = ChildRouter::spawn_with(&data, &args);
+    let c = connect(child.addr, &child.cert).await;
+    let info = c.describe_topic("j").await.unwrap();
+    let stored: u64 = info.partitions.iter().map(|p| p.end).sum();
+    assert_eq!(stored, 200, "every acknowledged record, once");
+    let mut sub = c
+        .subscribe(SubscribeOptions::new("j").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let found: HashMap<(u32, u64), Bytes> = take(&mut sub, 200, 10)
+        .await
+        .into_iter()
+        .map(|m| ((m.partition, m.offset), m.payload()))
+        .collect();
+    assert_eq!(
+        found, acked,
+        "each record at the offset it was acknowledged at"
+    );
+    drop(sub);
+    // The dedup window came back too.
+    let again = c
+        .publish("j", Record::new("m7").with_key("2").with_message_id("id-7"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(Some((again.partition, again.offset)), id7);
+    // So did the acks: exactly the unacked messages are delivered again.
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("j", "g").prefetch(200))
+        .await
+        .unwrap();
+    let redelivered: HashSet<Bytes> = take_q(&mut q, 50, 10)
+        .await
+        .iter()
+        .map(|m| m.payload())
+        .collect();
+    assert_eq!(redelivered, unacked);
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), q.next()).await {
+        panic!("an acked message came back: {:?}", m.map(|m| m.tag));
+    }
+    // New appends continue after the replayed records.
+    let a = c
+        .publish("j", Record::new("after").with_key("0"))
+        .await
+        .unwrap();
+    assert_eq!(a.offset, info.partitions[a.partition as usize].end);
 }

@@ -14,21 +14,6 @@ use switchyard::client::{Client, QueueConsumer, QueueMessage, QueueOptions};
 use switchyard::protocol::{DeliveryTag, ErrorCode, Record};
 use switchyard::server::Router;
 
-/// Reads exactly `n` messages, failing after `secs` seconds.
-async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage> {
-    let mut out = Vec::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while out.len() < n {
-        match tokio::time::timeout_at(deadline, c.next()).await {
-            Ok(Some(Ok(m))) => out.push(m),
-            Ok(Some(Err(e))) => panic!("queue error after {} messages: {e}", out.len()),
-            Ok(None) => panic!("queue ended after {} of {n} messages", out.len()),
-            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
-        }
-    }
-    out
-}
-
 /// Starts (or restarts) a router on the data directory `dir`.
 async fn start_in(dir: &std::path::Path) -> Router {
     Router::start(test_config(dir)).await.unwrap()

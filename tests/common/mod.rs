@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use switchyard::client::{Client, ClientConfig, Message, Subscription};
+use switchyard::client::{
+    Client, ClientConfig, Message, QueueConsumer, QueueMessage, Subscription,
+};
 use switchyard::server::{Router, RouterConfig};
 
 /// A router running in this process.
@@ -80,6 +82,21 @@ pub async fn take(sub: &mut Subscription, n: usize, secs: u64) -> Vec<Message> {
     out
 }
 
+/// Reads exactly `n` queue messages, failing the test after `secs` seconds.
+pub async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, c.next()).await {
+            Ok(Some(Ok(m))) => out.push(m),
+            Ok(Some(Err(e))) => panic!("queue error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("queue ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
 /// The router binary, built by cargo for this test run.
 pub fn router_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
@@ -96,9 +113,15 @@ impl ChildRouter {
     /// Starts `switchyard serve` on 127.0.0.1:0 with `data` and waits for
     /// its "listening on" line.
     pub fn spawn(data: &Path) -> ChildRouter {
+        Self::spawn_with(data, &[])
+    }
+
+    /// As [`ChildRouter::spawn`], with more arguments to `serve`.
+    pub fn spawn_with(data: &Path, extra: &[&std::ffi::OsStr]) -> ChildRouter {
         let mut cmd = Command::new(router_bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data);
+            .arg(data)
+            .args(extra);
         Self::start(cmd, data)
     }
 

@@ -62,6 +62,12 @@ pub struct RouterConfig {
     /// parking, in microseconds (0: park at once; lower latency and higher
     /// throughput for a little CPU while busy).
     pub commit_spin_us: u64,
+    /// Size of the write-ahead journal small commits are made durable in,
+    /// in bytes (0: none; every commit is a durable database commit).
+    pub journal_bytes: u64,
+    /// Longest time between durable database commits while the journal is
+    /// in use, in milliseconds; bounds the replay after a crash.
+    pub journal_checkpoint_ms: u64,
     /// How often retention runs, in milliseconds.
     pub retention_check_ms: u64,
     /// redb page cache, in bytes. The hot tail of every partition should fit.
@@ -86,6 +92,8 @@ impl Default for RouterConfig {
             commit_max_batch_bytes: 16 << 20,
             commit_linger_us: 0,
             commit_spin_us: 100,
+            journal_bytes: 8 << 20,
+            journal_checkpoint_ms: 1000,
             retention_check_ms: 30_000,
             cache_bytes: 64 << 20,
             idle_timeout_ms: 30_000,
@@ -179,6 +187,8 @@ impl Router {
                 linger: Duration::from_micros(config.commit_linger_us),
                 spin: Duration::from_micros(config.commit_spin_us),
                 cache_bytes: config.cache_bytes,
+                journal_bytes: config.journal_bytes,
+                checkpoint: Duration::from_millis(config.journal_checkpoint_ms),
             },
         )?;
 

@@ -9,6 +9,7 @@
 mod error;
 pub mod log;
 pub use log::ReadLimit;
+mod journal;
 mod tables;
 mod writer;
 
@@ -45,6 +46,12 @@ pub struct StorageConfig {
     pub spin: Duration,
     /// redb page cache size.
     pub cache_bytes: usize,
+    /// Size of the write-ahead journal small commits go through (0: no
+    /// journal, every commit is a durable redb commit). See `journal`.
+    pub journal_bytes: u64,
+    /// Longest time between durable redb commits while the journal is in
+    /// use; bounds how much a restart after a crash replays.
+    pub checkpoint: Duration,
 }
 
 impl Default for StorageConfig {
@@ -55,6 +62,8 @@ impl Default for StorageConfig {
             linger: Duration::ZERO,
             spin: Duration::from_micros(100),
             cache_bytes: 64 << 20,
+            journal_bytes: 8 << 20,
+            checkpoint: Duration::from_secs(1),
         }
     }
 }
@@ -253,6 +262,7 @@ impl Storage {
         let db = Database::builder()
             .set_cache_size(config.cache_bytes)
             .create(path)?;
+        let journal = open_journal(&db, path, &config)?;
         let db = Arc::new(db);
         let (metas, parts, dedup) = load(&db)?;
         let feeds: FeedRegistry = Arc::new(RwLock::new(load_feeds(&db)?));
@@ -268,7 +278,14 @@ impl Storage {
         }
         let topics: Registry = Arc::new(RwLock::new(registry));
         let (tx, rx) = mpsc::channel(4096);
-        let w = writer::Writer::new(db.clone(), topics.clone(), feeds.clone(), states, config);
+        let w = writer::Writer::new(
+            db.clone(),
+            topics.clone(),
+            feeds.clone(),
+            states,
+            config,
+            journal,
+        );
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
             .spawn(move || w.run(rx))
@@ -848,6 +865,65 @@ type Loaded = (
     HashMap<u32, Vec<PartState>>,
     HashMap<u32, Vec<DedupEntry>>,
 );
+
+/// Opens the journal beside the database and replays into redb the
+/// commits it holds that redb lost in a crash. A journal that cannot be
+/// created (a full disk, say) leaves the router committing every write
+/// durably in redb; one that exists but cannot be read stops the start,
+/// since it may hold acknowledged writes.
+fn open_journal(
+    db: &Database,
+    path: &Path,
+    config: &StorageConfig,
+) -> Result<Option<journal::Journal>, StorageError> {
+    let jpath = path.with_extension("journal");
+    if config.journal_bytes == 0 && !jpath.exists() {
+        return Ok(None);
+    }
+    let applied = {
+        let txn = db.begin_read()?;
+        match txn.open_table(tables::META) {
+            Ok(t) => t.get(journal::JOURNAL_LSN)?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let existed = jpath.exists();
+    let capacity = if config.journal_bytes == 0 {
+        std::fs::metadata(&jpath).map_or(0, |m| m.len())
+    } else {
+        config.journal_bytes
+    };
+    let (journal, pending) = match journal::Journal::open(&jpath, capacity, applied) {
+        Ok(j) => j,
+        Err(e) if !existed => {
+            tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(&(last, _)) = pending.last() {
+        let txn = db.begin_write()?;
+        for (_, payload) in &pending {
+            journal::replay(&txn, payload)?;
+        }
+        txn.open_table(tables::META)?
+            .insert(journal::JOURNAL_LSN, last)?;
+        txn.commit()?;
+        tracing::info!(
+            commits = pending.len(),
+            "replayed commits from the journal that the database lost"
+        );
+    }
+    if config.journal_bytes == 0 {
+        // Replayed and durable: the journal is no longer needed.
+        drop(journal);
+        std::fs::remove_file(&jpath)
+            .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
+        return Ok(None);
+    }
+    Ok(Some(journal))
+}
 
 fn load(db: &Database) -> Result<Loaded, StorageError> {
     // Create every table up front so readers never see "table does not exist".

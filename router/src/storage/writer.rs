@@ -12,9 +12,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
     PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
@@ -152,7 +153,19 @@ pub(crate) struct Writer {
     config: StorageConfig,
     /// Per topic, how far pruning of fan-out references has got.
     prune: HashMap<u32, PruneState>,
+    /// Where small commits are made durable (`None`: every commit is a
+    /// durable redb commit).
+    journal: Option<Journal>,
+    /// The changes of the commit being applied, for the journal.
+    redo: Redo,
+    /// When redb last committed durably.
+    last_durable: Instant,
 }
+
+/// Largest group commit (record bytes) sent through the journal; larger
+/// ones are written to redb durably at once: their pages are mostly
+/// contiguous, so the journal would double their writes for little gain.
+const JOURNAL_MAX_COMMIT_BYTES: usize = 256 << 10;
 
 /// Most records one retention pass deletes per partition, to keep its
 /// transaction (and the appends queued behind it) short.
@@ -165,6 +178,7 @@ impl Writer {
         feeds: FeedRegistry,
         topics: HashMap<u32, TopicState>,
         config: StorageConfig,
+        journal: Option<Journal>,
     ) -> Self {
         Writer {
             db,
@@ -173,6 +187,9 @@ impl Writer {
             topics,
             config,
             prune: HashMap::new(),
+            journal,
+            redo: Redo::new(),
+            last_durable: Instant::now(),
         }
     }
 
@@ -207,6 +224,7 @@ impl Writer {
                     ops.push(op);
                 }
                 let more = self.process(&mut ops);
+                self.checkpoint();
                 let _ = done.send(());
                 if let Some(d) = more {
                     let _ = d.send(());
@@ -318,6 +336,11 @@ impl Writer {
         let mut new_ids: Vec<(u32, Box<[u8]>)> = Vec::new();
         // Ops are taken from the front as they are applied; if the
         // transaction fails, those not reached are still here to answer.
+        let bytes: usize = segment.iter().map(|op| weight(op).1).sum();
+        let journal = self.journal.is_some()
+            && bytes <= JOURNAL_MAX_COMMIT_BYTES
+            && self.last_durable.elapsed() < self.config.checkpoint;
+        self.redo.start(journal);
         let mut segment: VecDeque<WriteOp> = segment.into();
         let result = self.apply_data(
             &mut segment,
@@ -446,6 +469,7 @@ impl Writer {
                             let dst = slot.as_mut();
                             dst[..8].copy_from_slice(&t.to_be_bytes());
                             dst[8..].copy_from_slice(body);
+                            self.redo.put_raw(LOG, &(r.topic_id, p, offset), dst);
                             drop(slot);
                             st.end += 1;
                             st.bytes += body.len() as u64;
@@ -456,24 +480,32 @@ impl Writer {
                                     let followers =
                                         feeds.get(&r.topic_id).and_then(|f| f.followers.get(&hash));
                                     for feed in followers.into_iter().flatten() {
-                                        inbox.insert((r.topic_id, *feed, p, offset), ())?;
+                                        let k = (r.topic_id, *feed, p, offset);
+                                        inbox.insert(k, ())?;
+                                        self.redo.put(INBOX, &k, &());
                                     }
                                 }
                                 Some((hash, Fanout::OnRead)) => {
-                                    key_index.insert((r.topic_id, hash, p, offset), ())?;
+                                    let k = (r.topic_id, hash, p, offset);
+                                    key_index.insert(k, ())?;
+                                    self.redo.put(KEY_INDEX, &k, &());
                                 }
                                 None => {}
                             }
                             if let Some(id) = r.dedup {
                                 let id: Box<[u8]> = id[..].into();
                                 dedup_table.insert((r.topic_id, &id[..]), (p, offset, t))?;
+                                self.redo
+                                    .put(DEDUP, &(r.topic_id, &id[..]), &(p, offset, t));
                                 ts.dedup.insert(id.clone(), (p, offset));
                                 ts.dedup_order.push_back((t, id.clone()));
                                 new_ids.push((r.topic_id, id));
                             }
                         }
                         for w in kv {
-                            kv_table.insert((&*w.plugin, w.key.as_str()), w.value.as_slice())?;
+                            let k = (&*w.plugin, w.key.as_str());
+                            kv_table.insert(k, w.value.as_slice())?;
+                            self.redo.put(PLUGIN_KV, &k, &w.value.as_slice());
                         }
                         replies[slot].1 = Ok(positions);
                     }
@@ -486,6 +518,8 @@ impl Writer {
                         // Commits for a deleted topic are dropped, not stored.
                         if self.topics.contains_key(&topic_id) {
                             offsets.insert((&*group, topic_id, partition), offset)?;
+                            self.redo
+                                .put(OFFSETS, &(&*group, topic_id, partition), &offset);
                         }
                     }
                     WriteOp::Flush { reply } => flushes.push(reply),
@@ -500,11 +534,15 @@ impl Writer {
                             continue;
                         }
                         offsets.insert((&*group, topic_id, partition), next)?;
+                        self.redo
+                            .put(OFFSETS, &(&*group, topic_id, partition), &next);
                         // Inbox references below the cursor are read: drop them.
-                        inbox.retain_in(
-                            (topic_id, feed_id, partition, 0)..(topic_id, feed_id, partition, next),
-                            |_, _| false,
-                        )?;
+                        let (from, to) = (
+                            (topic_id, feed_id, partition, 0),
+                            (topic_id, feed_id, partition, next),
+                        );
+                        inbox.retain_in(from..to, |_, _| false)?;
+                        self.redo.del_range(INBOX, &from, &to);
                     }
                     WriteOp::Queue(w) => {
                         if !self.topics.contains_key(&w.topic_id) {
@@ -512,22 +550,34 @@ impl Writer {
                         }
                         let g = &*w.group;
                         for (p, o, v) in w.entries {
+                            let k = (w.topic_id, g, p, o);
                             match v {
-                                Some(v) => queue.insert((w.topic_id, g, p, o), v)?,
-                                None => queue.remove((w.topic_id, g, p, o))?,
+                                Some(v) => {
+                                    queue.insert(k, v)?;
+                                    self.redo.put(QUEUE, &k, &v);
+                                }
+                                None => {
+                                    queue.remove(k)?;
+                                    self.redo.del(QUEUE, &k);
+                                }
                             };
                         }
                         for (p, floor) in w.floors {
                             floors.insert((w.topic_id, g, p), floor)?;
+                            self.redo.put(QUEUE_FLOOR, &(w.topic_id, g, p), &floor);
                         }
                         for (p, mark) in w.marks {
                             marks.insert((w.topic_id, g, p), mark)?;
+                            self.redo.put(QUEUE_MARK, &(w.topic_id, g, p), &mark);
                         }
                         for (p, chunk, bytes) in w.done {
+                            let k = (w.topic_id, g, p, chunk);
                             if bytes.is_empty() {
-                                done.remove((w.topic_id, g, p, chunk))?;
+                                done.remove(k)?;
+                                self.redo.del(QUEUE_DONE, &k);
                             } else {
-                                done.insert((w.topic_id, g, p, chunk), bytes.as_slice())?;
+                                done.insert(k, bytes.as_slice())?;
+                                self.redo.put(QUEUE_DONE, &k, &bytes.as_slice());
                             }
                         }
                     }
@@ -537,11 +587,67 @@ impl Writer {
             let mut parts = txn.open_table(PARTITIONS)?;
             for &(t, p) in undo.keys() {
                 let s = self.topics[&t].parts[p as usize];
-                parts.insert((t, p), (s.start, s.end, s.bytes, s.last_ts))?;
+                let v = (s.start, s.end, s.bytes, s.last_ts);
+                parts.insert((t, p), v)?;
+                self.redo.put(PARTITIONS, &(t, p), &v);
             }
         }
-        txn.commit()?;
+        self.commit(txn)
+    }
+
+    /// Commits a data transaction: through the journal if its changes were
+    /// recorded and fit, else durably in redb (which also checkpoints
+    /// everything journaled before it).
+    fn commit(&mut self, mut txn: WriteTransaction) -> Result<(), StorageError> {
+        let journal = match self.journal.as_mut() {
+            Some(j) if self.redo.is_on() && j.fits(self.redo.len() + 64) => j,
+            _ => {
+                txn.commit()?;
+                self.durable();
+                return Ok(());
+            }
+        };
+        let lsn = journal.next_lsn();
+        txn.open_table(META)?.insert(JOURNAL_LSN, lsn)?;
+        self.redo.put(META, &JOURNAL_LSN, &lsn);
+        txn.set_durability(Durability::None)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        // Dropping `txn` on an error aborts it: nothing becomes visible.
+        journal.append(&mut self.redo)?;
+        if let Err(e) = txn.commit() {
+            // Refused to the client, so it must not come back on replay.
+            if let Err(c) = journal.cancel() {
+                tracing::error!(error = %c, "cannot void a journal entry after a failed commit");
+            }
+            return Err(e.into());
+        }
         Ok(())
+    }
+
+    /// Notes a durable redb commit: every journal entry so far is in redb.
+    fn durable(&mut self) {
+        self.last_durable = Instant::now();
+        if let Some(j) = self.journal.as_mut() {
+            j.restart();
+        }
+    }
+
+    /// Makes every journaled commit durable in redb, if there are any.
+    fn checkpoint(&mut self) {
+        if !self.journal.as_ref().is_some_and(|j| j.has_entries()) {
+            return;
+        }
+        let last = self.journal.as_ref().map_or(0, |j| j.next_lsn() - 1);
+        let r = (|| {
+            let txn = self.db.begin_write()?;
+            txn.open_table(META)?.insert(JOURNAL_LSN, last)?;
+            txn.commit()?;
+            Ok::<_, StorageError>(())
+        })();
+        match r {
+            Ok(()) => self.durable(),
+            Err(e) => tracing::error!(error = %e, "journal checkpoint failed"),
+        }
     }
 
     fn create_topic(
@@ -658,6 +764,7 @@ impl Writer {
                 let (_, key) = ts.dedup_order.pop_front().expect("front exists");
                 ts.dedup.remove(&key);
                 table.remove((id, &key[..]))?;
+                self.redo.del(DEDUP, &(id, &key[..]));
             }
         }
         Ok(())

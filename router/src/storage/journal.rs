@@ -1,0 +1,487 @@
+//! A write-ahead journal in front of redb, for small commits.
+//!
+//! A durable redb commit writes its changed pages where they live in the
+//! file, about seven scattered pages for a one-message commit, and one
+//! `fdatasync` of scattered pages costs ~2x one of contiguous pages on the
+//! disks we measured (`docs/storage.md`). Small group commits therefore go
+//! here first: the writer records every table change of the commit (a
+//! physical redo entry), appends it to this preallocated, pre-written file
+//! with one `fdatasync`, and only then commits the redb transaction without
+//! an fsync (`Durability::None`). A durable redb commit (a checkpoint) every
+//! `journal_checkpoint_ms`, and any large commit, which is durable in redb
+//! anyway, make everything before them durable in redb, and the journal
+//! starts again at its beginning.
+//!
+//! Each commit also stores its journal sequence number (`lsn`) in redb's
+//! `meta` table. After a crash redb is back at its last durable commit; the
+//! entries with a higher `lsn` are exactly the acknowledged commits it lost,
+//! and replaying their changes, in order, restores them. The changes are
+//! plain puts and deletes of table rows, so replay does not depend on any
+//! in-memory state of the router.
+//!
+//! Entry layout (little endian): magic `u32`, CRC-32 `u32` of everything
+//! after it, `lsn u64`, payload length `u32`, reserved `u32`, payload. The
+//! entries of one cycle are written back to back from offset 0 with
+//! consecutive `lsn`s; recovery follows that chain from offset 0 and stops
+//! at the first entry that is torn, zeroed or from an older cycle (a lower
+//! `lsn`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
+
+use super::StorageError;
+use super::tables::{
+    DEDUP, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_KV, QUEUE, QUEUE_DONE,
+    QUEUE_FLOOR, QUEUE_MARK,
+};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"SYJ1");
+/// Bytes before each entry's payload.
+pub(crate) const HEADER: usize = 24;
+
+const PUT: u8 = 1;
+const DEL: u8 = 2;
+const DEL_RANGE: u8 = 3;
+
+/// Key in `meta`: the `lsn` of the last journaled commit applied to redb.
+pub(crate) const JOURNAL_LSN: &str = "journal_lsn";
+
+/// The table changes of one commit, recorded as it applies them. When
+/// `on` is false nothing is recorded (the commit goes to redb durably).
+pub(crate) struct Redo {
+    buf: Vec<u8>,
+    on: bool,
+}
+
+impl Redo {
+    pub(crate) fn new() -> Redo {
+        Redo {
+            buf: vec![0; HEADER],
+            on: false,
+        }
+    }
+
+    /// Starts a new commit; `on` says whether to record it.
+    pub(crate) fn start(&mut self, on: bool) {
+        self.buf.truncate(HEADER);
+        self.on = on;
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// Payload bytes recorded so far.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len() - HEADER
+    }
+
+    fn table(&mut self, op: u8, name: &str) {
+        self.buf.push(op);
+        self.buf.push(name.len() as u8);
+        self.buf.extend_from_slice(name.as_bytes());
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Records `table[key] = value`.
+    pub(crate) fn put<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+        key: &K::SelfType<'_>,
+        value: &V::SelfType<'_>,
+    ) {
+        if self.on {
+            self.table(PUT, def.name());
+            self.bytes(K::as_bytes(key).as_ref());
+            self.bytes(V::as_bytes(value).as_ref());
+        }
+    }
+
+    /// Records `table[key] = value` for a value already in its stored form.
+    pub(crate) fn put_raw<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+        key: &K::SelfType<'_>,
+        value: &[u8],
+    ) {
+        if self.on {
+            self.table(PUT, def.name());
+            self.bytes(K::as_bytes(key).as_ref());
+            self.bytes(value);
+        }
+    }
+
+    /// Records the removal of `key`.
+    pub(crate) fn del<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+        key: &K::SelfType<'_>,
+    ) {
+        if self.on {
+            self.table(DEL, def.name());
+            self.bytes(K::as_bytes(key).as_ref());
+        }
+    }
+
+    /// Records the removal of every key in `from..to`.
+    pub(crate) fn del_range<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+        from: &K::SelfType<'_>,
+        to: &K::SelfType<'_>,
+    ) {
+        if self.on {
+            self.table(DEL_RANGE, def.name());
+            self.bytes(K::as_bytes(from).as_ref());
+            self.bytes(K::as_bytes(to).as_ref());
+        }
+    }
+}
+
+/// The journal file and where the next entry goes.
+pub(crate) struct Journal {
+    file: File,
+    path: PathBuf,
+    capacity: u64,
+    pos: u64,
+    next_lsn: u64,
+    /// Offset of the last entry written, for [`Journal::cancel`].
+    last: u64,
+}
+
+/// Committed entries found in a journal, oldest first.
+pub(crate) type Pending = Vec<(u64, Vec<u8>)>;
+
+impl Journal {
+    /// Opens the journal at `path`, creating it (`capacity` bytes of
+    /// zeros, synced) if it does not exist. Returns the entries with an
+    /// `lsn` above `applied`, in order: commits that were acknowledged but
+    /// never made durable in redb.
+    pub(crate) fn open(
+        path: &Path,
+        capacity: u64,
+        applied: u64,
+    ) -> Result<(Journal, Pending), StorageError> {
+        let io = |what: &str, e: std::io::Error| {
+            StorageError::Corrupt(format!("journal {}: {what}: {e}", path.display()))
+        };
+        let mut pending = Vec::new();
+        let mut last_lsn = applied;
+        let file = if path.exists() {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| io("open", e))?;
+            let mut data = Vec::new();
+            file.read_to_end(&mut data).map_err(|e| io("read", e))?;
+            let mut pos = 0usize;
+            let mut expect = None;
+            while let Some((lsn, payload, next)) = entry_at(&data, pos) {
+                if expect.is_some_and(|e| e != lsn) {
+                    break;
+                }
+                if lsn > applied {
+                    pending.push((lsn, payload.to_vec()));
+                }
+                last_lsn = last_lsn.max(lsn);
+                expect = Some(lsn + 1);
+                pos = next;
+            }
+            if data.len() as u64 != capacity {
+                file.set_len(0).map_err(|e| io("resize", e))?;
+                fill_zeros(&mut file, capacity).map_err(|e| io("resize", e))?;
+            }
+            file
+        } else {
+            let tmp = path.with_extension("journal.new");
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| io("create", e))?;
+            // Written, not just allocated: syncing a write into a hole or
+            // an unwritten extent also syncs the file system's metadata.
+            fill_zeros(&mut file, capacity).map_err(|e| io("create", e))?;
+            std::fs::rename(&tmp, path).map_err(|e| io("create", e))?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("create", e))?;
+            }
+            file
+        };
+        Ok((
+            Journal {
+                file,
+                path: path.to_path_buf(),
+                capacity,
+                pos: 0,
+                next_lsn: last_lsn + 1,
+                last: 0,
+            },
+            pending,
+        ))
+    }
+
+    /// The `lsn` the next entry will carry.
+    pub(crate) fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// True if an entry with `payload` bytes fits before the end.
+    pub(crate) fn fits(&self, payload: usize) -> bool {
+        self.pos + (HEADER + payload) as u64 <= self.capacity
+    }
+
+    /// True if entries were written since the last [`Journal::restart`].
+    pub(crate) fn has_entries(&self) -> bool {
+        self.pos > 0
+    }
+
+    /// Appends the commit recorded in `redo` as entry `next_lsn()` and
+    /// syncs it. Once this returns the commit survives a crash.
+    pub(crate) fn append(&mut self, redo: &mut Redo) -> Result<(), StorageError> {
+        let lsn = self.next_lsn;
+        let len = redo.len() as u32;
+        let buf = &mut redo.buf;
+        buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        buf[8..16].copy_from_slice(&lsn.to_le_bytes());
+        buf[16..20].copy_from_slice(&len.to_le_bytes());
+        buf[20..24].copy_from_slice(&0u32.to_le_bytes());
+        let crc = crc32fast::hash(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.write_at(self.pos, buf)?;
+        self.last = self.pos;
+        self.pos += buf.len() as u64;
+        self.next_lsn += 1;
+        Ok(())
+    }
+
+    /// Voids the entry just appended (its redb commit failed, so the
+    /// request was refused and must not come back on replay).
+    pub(crate) fn cancel(&mut self) -> Result<(), StorageError> {
+        self.write_at(self.last, &[0; HEADER])?;
+        self.pos = self.last;
+        Ok(())
+    }
+
+    /// Starts a new cycle at the beginning of the file: call only after a
+    /// durable redb commit, which holds every entry written so far.
+    pub(crate) fn restart(&mut self) {
+        self.pos = 0;
+    }
+
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> Result<(), StorageError> {
+        let r = (|| {
+            self.file.seek(SeekFrom::Start(pos))?;
+            self.file.write_all(buf)?;
+            self.file.sync_data()
+        })();
+        r.map_err(|e| StorageError::WriteFailed(format!("journal {}: {e}", self.path.display())))
+    }
+}
+
+fn fill_zeros(file: &mut File, capacity: u64) -> std::io::Result<()> {
+    let chunk = vec![0u8; 1 << 20];
+    file.seek(SeekFrom::Start(0))?;
+    let mut left = capacity;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()
+}
+
+/// The entry at `pos` if it is whole: `(lsn, payload, next position)`.
+fn entry_at(data: &[u8], pos: usize) -> Option<(u64, &[u8], usize)> {
+    let header = data.get(pos..pos.checked_add(HEADER)?)?;
+    if header[0..4] != MAGIC.to_le_bytes() {
+        return None;
+    }
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    let lsn = u64::from_le_bytes(header[8..16].try_into().ok()?);
+    let len = u32::from_le_bytes(header[16..20].try_into().ok()?) as usize;
+    let end = pos.checked_add(HEADER)?.checked_add(len)?;
+    let body = data.get(pos + 8..end)?;
+    (crc32fast::hash(body) == crc).then(|| (lsn, &data[pos + HEADER..end], end))
+}
+
+/// Applies one journal entry's changes inside `txn`.
+pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), StorageError> {
+    let bad = || StorageError::Corrupt("journal entry does not parse".into());
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let (op, name, a, b);
+        (op, rest) = split(rest, 1).ok_or_else(bad)?;
+        let (n, r) = split(rest, 1).ok_or_else(bad)?;
+        (name, rest) = split(r, n[0] as usize).ok_or_else(bad)?;
+        (a, rest) = field(rest).ok_or_else(bad)?;
+        b = if op[0] == DEL {
+            &[][..]
+        } else {
+            let (b, r) = field(rest).ok_or_else(bad)?;
+            rest = r;
+            b
+        };
+        let name = std::str::from_utf8(name).map_err(|_| bad())?;
+        let op = op[0];
+        match name {
+            n if n == LOG.name() => apply(txn, LOG, op, a, b)?,
+            n if n == PARTITIONS.name() => apply(txn, PARTITIONS, op, a, b)?,
+            n if n == OFFSETS.name() => apply(txn, OFFSETS, op, a, b)?,
+            n if n == META.name() => apply(txn, META, op, a, b)?,
+            n if n == PLUGIN_KV.name() => apply(txn, PLUGIN_KV, op, a, b)?,
+            n if n == DEDUP.name() => apply(txn, DEDUP, op, a, b)?,
+            n if n == QUEUE.name() => apply(txn, QUEUE, op, a, b)?,
+            n if n == QUEUE_FLOOR.name() => apply(txn, QUEUE_FLOOR, op, a, b)?,
+            n if n == QUEUE_MARK.name() => apply(txn, QUEUE_MARK, op, a, b)?,
+            n if n == QUEUE_DONE.name() => apply(txn, QUEUE_DONE, op, a, b)?,
+            n if n == INBOX.name() => apply(txn, INBOX, op, a, b)?,
+            n if n == KEY_INDEX.name() => apply(txn, KEY_INDEX, op, a, b)?,
+            other => {
+                return Err(StorageError::Corrupt(format!(
+                    "journal entry names unknown table '{other}'"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn split(b: &[u8], n: usize) -> Option<(&[u8], &[u8])> {
+    (b.len() >= n).then(|| b.split_at(n))
+}
+
+/// A `u32` length followed by that many bytes.
+fn field(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (n, rest) = split(b, 4)?;
+    split(rest, u32::from_le_bytes(n.try_into().ok()?) as usize)
+}
+
+fn apply<K: Key + 'static, V: Value + 'static>(
+    txn: &WriteTransaction,
+    def: TableDefinition<K, V>,
+    op: u8,
+    a: &[u8],
+    b: &[u8],
+) -> Result<(), StorageError> {
+    let mut table = txn.open_table(def)?;
+    match op {
+        PUT => {
+            table.insert(K::from_bytes(a), V::from_bytes(b))?;
+        }
+        DEL => {
+            table.remove(K::from_bytes(a))?;
+        }
+        DEL_RANGE => {
+            table.retain_in(K::from_bytes(a)..K::from_bytes(b), |_, _| false)?;
+        }
+        _ => {
+            return Err(StorageError::Corrupt(format!(
+                "journal entry has unknown operation {op}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(redo: &mut Redo, n: u64) {
+        redo.start(true);
+        redo.put(META, &"n", &n);
+    }
+
+    fn lsns(p: &Pending) -> Vec<u64> {
+        p.iter().map(|(l, _)| *l).collect()
+    }
+
+    #[test]
+    fn recovery_follows_the_newest_cycle_and_stops_at_a_torn_or_voided_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.journal");
+        let mut redo = Redo::new();
+        let (mut j, pending) = Journal::open(&path, 1 << 16, 0).unwrap();
+        assert!(pending.is_empty());
+        for n in 0..5 {
+            entry(&mut redo, n);
+            j.append(&mut redo).unwrap();
+        }
+        // Entries 1-5 are in the first cycle; redb holds up to 2.
+        let (_, pending) = Journal::open(&path, 1 << 16, 2).unwrap();
+        assert_eq!(lsns(&pending), [3, 4, 5]);
+
+        // A checkpoint, then a new cycle of two entries over the old ones:
+        // the older entries behind them are not replayed.
+        j.restart();
+        for n in 0..2 {
+            entry(&mut redo, n);
+            j.append(&mut redo).unwrap();
+        }
+        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        assert_eq!(lsns(&pending), [6, 7]);
+
+        // A voided entry (its database commit failed) ends the chain, and
+        // the next entry takes its place.
+        entry(&mut redo, 9);
+        j.append(&mut redo).unwrap();
+        j.cancel().unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        assert_eq!(lsns(&pending), [6, 7]);
+
+        // A torn entry ends it too.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = HEADER + redo.len();
+        bytes[second + HEADER + 3] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (j2, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        assert_eq!(lsns(&pending), [6]);
+        // Numbering continues above everything seen, never reusing an lsn.
+        assert_eq!(j2.next_lsn(), 7);
+    }
+
+    #[test]
+    fn replay_applies_puts_deletes_and_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("db.redb")).unwrap();
+        let mut redo = Redo::new();
+        redo.start(true);
+        for o in 0..10u64 {
+            redo.put_raw(LOG, &(1, 0, o), &o.to_be_bytes());
+        }
+        redo.del(LOG, &(1, 0, 9));
+        redo.del_range(LOG, &(1, 0, 2), &(1, 0, 5));
+        redo.put(OFFSETS, &("g", 1, 0), &7);
+        let payload = redo.buf[HEADER..].to_vec();
+        let txn = db.begin_write().unwrap();
+        replay(&txn, &payload).unwrap();
+        txn.commit().unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let log = txn.open_table(LOG).unwrap();
+        let keys: Vec<u64> = redb::ReadableTable::iter(&log)
+            .unwrap()
+            .map(|e| e.unwrap().0.value().2)
+            .collect();
+        assert_eq!(keys, [0, 1, 5, 6, 7, 8]);
+        let v = log.get((1, 0, 6)).unwrap().unwrap();
+        assert_eq!(v.value(), 6u64.to_be_bytes());
+        let offsets = txn.open_table(OFFSETS).unwrap();
+        assert_eq!(offsets.get(("g", 1, 0)).unwrap().unwrap().value(), 7);
+        // An entry that does not parse is an error, not a partial replay.
+        let txn = db.begin_write().unwrap();
+        assert!(replay(&txn, &payload[..payload.len() - 1]).is_err());
+    }
+}
