@@ -285,11 +285,36 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     let admission = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut shutdown = shared.shutdown.clone();
     let mut connections = JoinSet::new();
-    let retention = tokio::spawn(retention_loop(
-        storage.clone(),
-        Duration::from_millis(shared.config.retention_check_ms.max(10)),
-        shared.shutdown.clone(),
-    ));
+    let retention = {
+        let storage = storage.clone();
+        tokio::spawn(periodic(
+            Duration::from_millis(shared.config.retention_check_ms.max(10)),
+            shared.shutdown.clone(),
+            move || {
+                let storage = storage.clone();
+                async move {
+                    if let Err(e) = storage.enforce_retention().await {
+                        tracing::warn!(error = %e, "retention pass failed");
+                    }
+                }
+            },
+        ))
+    };
+    let checkpoints = {
+        let storage = storage.clone();
+        tokio::spawn(periodic(
+            Duration::from_millis(shared.config.journal_checkpoint_ms.max(10)),
+            shared.shutdown.clone(),
+            move || {
+                let storage = storage.clone();
+                async move {
+                    if let Err(e) = storage.checkpoint().await {
+                        tracing::warn!(error = %e, "journal checkpoint failed");
+                    }
+                }
+            },
+        ))
+    };
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -325,6 +350,7 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     endpoint.set_server_config(None);
     while connections.join_next().await.is_some() {}
     retention.abort();
+    checkpoints.abort();
     shared.broker.plugins().flush().await;
     storage.shutdown().await;
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
@@ -332,16 +358,17 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     tracing::info!("router stopped");
 }
 
-async fn retention_loop(storage: Storage, every: Duration, mut shutdown: watch::Receiver<bool>) {
+/// Runs `f` every `every` until shutdown (retention, checkpoints).
+async fn periodic<F, Fut>(every: Duration, mut shutdown: watch::Receiver<bool>, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                if let Err(e) = storage.enforce_retention().await {
-                    tracing::warn!(error = %e, "retention pass failed");
-                }
-            }
+            _ = tick.tick() => f().await,
             _ = shutdown.changed() => return,
         }
     }

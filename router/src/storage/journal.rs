@@ -29,6 +29,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 
@@ -154,6 +155,8 @@ pub(crate) struct Journal {
     next_lsn: u64,
     /// Offset of the last entry written, for [`Journal::cancel`].
     last: u64,
+    /// When the first entry of this cycle was written.
+    first_at: Option<Instant>,
 }
 
 /// Committed entries found in a journal, oldest first.
@@ -228,6 +231,7 @@ impl Journal {
                 pos: 0,
                 next_lsn: last_lsn + 1,
                 last: 0,
+                first_at: None,
             },
             pending,
         ))
@@ -243,9 +247,9 @@ impl Journal {
         self.pos + (HEADER + payload) as u64 <= self.capacity
     }
 
-    /// True if entries were written since the last [`Journal::restart`].
-    pub(crate) fn has_entries(&self) -> bool {
-        self.pos > 0
+    /// How long ago the oldest entry not yet checkpointed was written.
+    pub(crate) fn age(&self) -> Option<Duration> {
+        self.first_at.map(|t| t.elapsed())
     }
 
     /// Appends the commit recorded in `redo` as entry `next_lsn()` and
@@ -261,6 +265,9 @@ impl Journal {
         let crc = crc32fast::hash(&buf[8..]);
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
         self.write_at(self.pos, buf)?;
+        if self.pos == 0 {
+            self.first_at = Some(Instant::now());
+        }
         self.last = self.pos;
         self.pos += buf.len() as u64;
         self.next_lsn += 1;
@@ -272,6 +279,9 @@ impl Journal {
     pub(crate) fn cancel(&mut self) -> Result<(), StorageError> {
         self.write_at(self.last, &[0; HEADER])?;
         self.pos = self.last;
+        if self.pos == 0 {
+            self.first_at = None;
+        }
         Ok(())
     }
 
@@ -279,6 +289,7 @@ impl Journal {
     /// durable redb commit, which holds every entry written so far.
     pub(crate) fn restart(&mut self) {
         self.pos = 0;
+        self.first_at = None;
     }
 
     fn write_at(&mut self, pos: u64, buf: &[u8]) -> Result<(), StorageError> {
@@ -451,6 +462,41 @@ mod tests {
         assert_eq!(lsns(&pending), [6]);
         // Numbering continues above everything seen, never reusing an lsn.
         assert_eq!(j2.next_lsn(), 7);
+    }
+
+    /// A small commit is durable in the journal before it is in the
+    /// database file; a checkpoint puts it there. A copy of the file taken
+    /// before the checkpoint lacks the record, one taken after holds it.
+    #[test]
+    fn a_checkpoint_moves_journaled_commits_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let db = dir.path().join("db.redb");
+        let storage = crate::storage::Storage::open(&db, Default::default()).unwrap();
+        let in_copy = |name: &str| {
+            let copy = dir.path().join(name);
+            std::fs::copy(&db, &copy).unwrap();
+            let db = redb::Database::create(&copy).unwrap();
+            let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+            redb::ReadableTableMetadata::len(&txn.open_table(LOG).unwrap()).unwrap()
+        };
+        rt.block_on(async {
+            let topic = storage.create_topic("t", 1, 0, 0).await.unwrap();
+            let rec = crate::protocol::Record::new("x").to_raw();
+            let ticket = storage.append(&topic, vec![(0, rec)]).await.unwrap();
+            assert_eq!(ticket.await.unwrap().unwrap(), [(0, 0)]);
+            assert_eq!(in_copy("before.redb"), 0, "acknowledged from the journal");
+            storage.checkpoint().await.unwrap();
+            assert_eq!(
+                in_copy("after.redb"),
+                1,
+                "in the database after the checkpoint"
+            );
+            storage.shutdown().await;
+        });
     }
 
     #[test]

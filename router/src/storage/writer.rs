@@ -92,6 +92,10 @@ pub(crate) enum WriteOp {
         before: u64,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Make journaled commits durable in redb.
+    Checkpoint {
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -158,8 +162,6 @@ pub(crate) struct Writer {
     journal: Option<Journal>,
     /// The changes of the commit being applied, for the journal.
     redo: Redo,
-    /// When redb last committed durably.
-    last_durable: Instant,
 }
 
 /// Largest group commit (record bytes) sent through the journal; larger
@@ -189,7 +191,6 @@ impl Writer {
             prune: HashMap::new(),
             journal,
             redo: Redo::new(),
-            last_durable: Instant::now(),
         }
     }
 
@@ -224,7 +225,9 @@ impl Writer {
                     ops.push(op);
                 }
                 let more = self.process(&mut ops);
-                self.checkpoint();
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(error = %e, "final journal checkpoint failed; the next start replays it");
+                }
                 let _ = done.send(());
                 if let Some(d) = more {
                     let _ = d.send(());
@@ -319,6 +322,9 @@ impl Writer {
                 } => {
                     let _ = reply.send(self.follow(topic_id, name, keys));
                 }
+                WriteOp::Checkpoint { reply } => {
+                    let _ = reply.send(self.checkpoint());
+                }
                 WriteOp::Shutdown { reply } => shutdown = Some(reply),
                 _ => unreachable!("data ops are batched above"),
             }
@@ -337,9 +343,12 @@ impl Writer {
         // Ops are taken from the front as they are applied; if the
         // transaction fails, those not reached are still here to answer.
         let bytes: usize = segment.iter().map(|op| weight(op).1).sum();
-        let journal = self.journal.is_some()
-            && bytes <= JOURNAL_MAX_COMMIT_BYTES
-            && self.last_durable.elapsed() < self.config.checkpoint;
+        // A cycle older than the checkpoint period ends with this commit,
+        // made durable in redb (the periodic checkpoint normally comes first).
+        let journal = self.journal.as_ref().is_some_and(|j| {
+            bytes <= JOURNAL_MAX_COMMIT_BYTES
+                && j.age().is_none_or(|age| age < self.config.checkpoint)
+        });
         self.redo.start(journal);
         let mut segment: VecDeque<WriteOp> = segment.into();
         let result = self.apply_data(
@@ -626,28 +635,27 @@ impl Writer {
 
     /// Notes a durable redb commit: every journal entry so far is in redb.
     fn durable(&mut self) {
-        self.last_durable = Instant::now();
         if let Some(j) = self.journal.as_mut() {
             j.restart();
         }
     }
 
-    /// Makes every journaled commit durable in redb, if there are any.
-    fn checkpoint(&mut self) {
-        if !self.journal.as_ref().is_some_and(|j| j.has_entries()) {
-            return;
-        }
-        let last = self.journal.as_ref().map_or(0, |j| j.next_lsn() - 1);
-        let r = (|| {
-            let txn = self.db.begin_write()?;
-            txn.open_table(META)?.insert(JOURNAL_LSN, last)?;
-            txn.commit()?;
-            Ok::<_, StorageError>(())
-        })();
-        match r {
-            Ok(()) => self.durable(),
-            Err(e) => tracing::error!(error = %e, "journal checkpoint failed"),
-        }
+    /// Makes every journaled commit durable in redb (one durable commit),
+    /// so the journal starts a new cycle; nothing to do if it is empty.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let Some(last) = self
+            .journal
+            .as_ref()
+            .filter(|j| j.age().is_some())
+            .map(|j| j.next_lsn() - 1)
+        else {
+            return Ok(());
+        };
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(JOURNAL_LSN, last)?;
+        txn.commit()?;
+        self.durable();
+        Ok(())
     }
 
     fn create_topic(
