@@ -198,10 +198,6 @@ impl Journal {
                 expect = Some(lsn + 1);
                 pos = next;
             }
-            if data.len() as u64 != capacity {
-                file.set_len(0).map_err(|e| io("resize", e))?;
-                fill_zeros(&mut file, capacity).map_err(|e| io("resize", e))?;
-            }
             file
         } else {
             let tmp = path.with_extension("journal.new");
@@ -235,6 +231,24 @@ impl Journal {
             },
             pending,
         ))
+    }
+
+    /// Gives the file `capacity` bytes of zeros if it has another size
+    /// (the configured size changed). Only once its entries are replayed.
+    pub(crate) fn resize(&mut self, capacity: u64) -> Result<(), StorageError> {
+        let len = self.file.metadata().map(|m| m.len());
+        if len.as_ref().is_ok_and(|&l| l == capacity) {
+            return Ok(());
+        }
+        let r = len
+            .and_then(|_| self.file.set_len(0))
+            .and_then(|_| fill_zeros(&mut self.file, capacity));
+        r.map_err(|e| {
+            StorageError::Corrupt(format!("journal {}: resize: {e}", self.path.display()))
+        })?;
+        self.capacity = capacity;
+        self.restart();
+        Ok(())
     }
 
     /// The `lsn` the next entry will carry.

@@ -259,6 +259,14 @@ pub type AppendTicket = oneshot::Receiver<Result<Vec<(u32, u64)>, StorageError>>
 impl Storage {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
+        let jpath = path.with_extension("journal");
+        if !path.exists() && jpath.exists() {
+            // A journal belongs to its database: replaying one into a new,
+            // empty database would invent rows for topics it does not have.
+            tracing::warn!(journal = %jpath.display(), "database missing; discarding its journal");
+            std::fs::remove_file(&jpath)
+                .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
+        }
         let db = Database::builder()
             .set_cache_size(config.cache_bytes)
             .create(path)?;
@@ -899,12 +907,12 @@ fn open_journal(
         }
     };
     let existed = jpath.exists();
-    let capacity = if config.journal_bytes == 0 {
+    let capacity = if existed {
         std::fs::metadata(&jpath).map_or(0, |m| m.len())
     } else {
         config.journal_bytes
     };
-    let (journal, pending) = match journal::Journal::open(&jpath, capacity, applied) {
+    let (mut journal, pending) = match journal::Journal::open(&jpath, capacity, applied) {
         Ok(j) => j,
         Err(e) if !existed => {
             tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
@@ -932,6 +940,7 @@ fn open_journal(
             .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
         return Ok(None);
     }
+    journal.resize(config.journal_bytes)?;
     Ok(Some(journal))
 }
 
