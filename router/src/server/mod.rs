@@ -93,7 +93,7 @@ impl Default for RouterConfig {
             commit_linger_us: 0,
             commit_spin_us: 100,
             journal_bytes: 8 << 20,
-            journal_checkpoint_ms: 1000,
+            journal_checkpoint_ms: 250,
             retention_check_ms: 30_000,
             cache_bytes: 64 << 20,
             idle_timeout_ms: 30_000,

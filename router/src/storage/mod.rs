@@ -63,7 +63,7 @@ impl Default for StorageConfig {
             spin: Duration::from_micros(100),
             cache_bytes: 64 << 20,
             journal_bytes: 8 << 20,
-            checkpoint: Duration::from_secs(1),
+            checkpoint: Duration::from_millis(250),
         }
     }
 }

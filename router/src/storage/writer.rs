@@ -651,10 +651,16 @@ impl Writer {
         else {
             return Ok(());
         };
+        let t0 = Instant::now();
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert(JOURNAL_LSN, last)?;
         txn.commit()?;
         self.durable();
+        tracing::debug!(
+            lsn = last,
+            took_us = t0.elapsed().as_micros() as u64,
+            "journal checkpoint"
+        );
         Ok(())
     }
 
