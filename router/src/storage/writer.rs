@@ -164,6 +164,45 @@ pub(crate) struct Writer {
     redo: Redo,
 }
 
+/// Declares [`DataTables`]: the tables a data commit writes, each opened on
+/// first use. Opening one is a lookup in redb's table tree, and most
+/// commits touch two or three of the eleven.
+macro_rules! data_tables {
+    ($($name:ident: $def:ident => $k:ty, $v:ty;)*) => {
+        struct DataTables<'t> {
+            txn: &'t WriteTransaction,
+            $($name: Option<redb::Table<'t, $k, $v>>,)*
+        }
+
+        impl<'t> DataTables<'t> {
+            fn new(txn: &'t WriteTransaction) -> Self {
+                DataTables { txn, $($name: None,)* }
+            }
+
+            $(fn $name(&mut self) -> Result<&mut redb::Table<'t, $k, $v>, StorageError> {
+                if self.$name.is_none() {
+                    self.$name = Some(self.txn.open_table($def)?);
+                }
+                Ok(self.$name.as_mut().expect("opened above"))
+            })*
+        }
+    };
+}
+
+data_tables! {
+    log: LOG => (u32, u32, u64), &'static [u8];
+    parts: PARTITIONS => (u32, u32), (u64, u64, u64, u64);
+    offsets: OFFSETS => (&'static str, u32, u32), u64;
+    kv: PLUGIN_KV => (&'static str, &'static str), &'static [u8];
+    dedup: DEDUP => (u32, &'static [u8]), (u32, u64, u64);
+    queue: QUEUE => (u32, &'static str, u32, u64), super::QueueEntryState;
+    floors: QUEUE_FLOOR => (u32, &'static str, u32), u64;
+    marks: QUEUE_MARK => (u32, &'static str, u32), u64;
+    done: QUEUE_DONE => (u32, &'static str, u32, u64), &'static [u8];
+    inbox: INBOX => (u32, u32, u32, u64), ();
+    key_index: KEY_INDEX => (u32, u64, u32, u64), ();
+}
+
 /// Largest group commit (record bytes) sent through the journal; larger
 /// ones are written to redb durably at once: their pages are mostly
 /// contiguous, so the journal would double their writes for little gain.
@@ -419,20 +458,11 @@ impl Writer {
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
         {
-            let mut log = txn.open_table(LOG)?;
-            let mut offsets = txn.open_table(OFFSETS)?;
-            let mut kv_table = txn.open_table(PLUGIN_KV)?;
-            let mut dedup_table = txn.open_table(DEDUP)?;
-            let mut queue = txn.open_table(QUEUE)?;
-            let mut floors = txn.open_table(QUEUE_FLOOR)?;
-            let mut marks = txn.open_table(QUEUE_MARK)?;
-            let mut done = txn.open_table(QUEUE_DONE)?;
-            let mut inbox = txn.open_table(INBOX)?;
-            let mut key_index = txn.open_table(KEY_INDEX)?;
+            let mut tables = DataTables::new(&txn);
             let feed_registry = self.feeds.clone();
             let feeds = feed_registry.read().expect("feeds lock");
             let now = now_ms();
-            self.expire_dedup(now, &mut dedup_table)?;
+            self.expire_dedup(now, &mut tables)?;
             while let Some(op) = segment.pop_front() {
                 match op {
                     WriteOp::Append { records, kv, reply } => {
@@ -473,8 +503,9 @@ impl Writer {
                             let offset = st.end;
                             let t = now.max(st.last_ts);
                             let body = r.record.as_bytes();
-                            let mut slot =
-                                log.insert_reserve((r.topic_id, p, offset), 8 + body.len())?;
+                            let mut slot = tables
+                                .log()?
+                                .insert_reserve((r.topic_id, p, offset), 8 + body.len())?;
                             let dst = slot.as_mut();
                             dst[..8].copy_from_slice(&t.to_be_bytes());
                             dst[8..].copy_from_slice(body);
@@ -490,20 +521,22 @@ impl Writer {
                                         feeds.get(&r.topic_id).and_then(|f| f.followers.get(&hash));
                                     for feed in followers.into_iter().flatten() {
                                         let k = (r.topic_id, *feed, p, offset);
-                                        inbox.insert(k, ())?;
+                                        tables.inbox()?.insert(k, ())?;
                                         self.redo.put(INBOX, &k, &());
                                     }
                                 }
                                 Some((hash, Fanout::OnRead)) => {
                                     let k = (r.topic_id, hash, p, offset);
-                                    key_index.insert(k, ())?;
+                                    tables.key_index()?.insert(k, ())?;
                                     self.redo.put(KEY_INDEX, &k, &());
                                 }
                                 None => {}
                             }
                             if let Some(id) = r.dedup {
                                 let id: Box<[u8]> = id[..].into();
-                                dedup_table.insert((r.topic_id, &id[..]), (p, offset, t))?;
+                                tables
+                                    .dedup()?
+                                    .insert((r.topic_id, &id[..]), (p, offset, t))?;
                                 self.redo
                                     .put(DEDUP, &(r.topic_id, &id[..]), &(p, offset, t));
                                 ts.dedup.insert(id.clone(), (p, offset));
@@ -513,7 +546,7 @@ impl Writer {
                         }
                         for w in kv {
                             let k = (&*w.plugin, w.key.as_str());
-                            kv_table.insert(k, w.value.as_slice())?;
+                            tables.kv()?.insert(k, w.value.as_slice())?;
                             self.redo.put(PLUGIN_KV, &k, &w.value.as_slice());
                         }
                         replies[slot].1 = Ok(positions);
@@ -526,7 +559,9 @@ impl Writer {
                     } => {
                         // Commits for a deleted topic are dropped, not stored.
                         if self.topics.contains_key(&topic_id) {
-                            offsets.insert((&*group, topic_id, partition), offset)?;
+                            tables
+                                .offsets()?
+                                .insert((&*group, topic_id, partition), offset)?;
                             self.redo
                                 .put(OFFSETS, &(&*group, topic_id, partition), &offset);
                         }
@@ -542,7 +577,9 @@ impl Writer {
                         if !self.topics.contains_key(&topic_id) {
                             continue;
                         }
-                        offsets.insert((&*group, topic_id, partition), next)?;
+                        tables
+                            .offsets()?
+                            .insert((&*group, topic_id, partition), next)?;
                         self.redo
                             .put(OFFSETS, &(&*group, topic_id, partition), &next);
                         // Inbox references below the cursor are read: drop them.
@@ -550,7 +587,7 @@ impl Writer {
                             (topic_id, feed_id, partition, 0),
                             (topic_id, feed_id, partition, next),
                         );
-                        inbox.retain_in(from..to, |_, _| false)?;
+                        tables.inbox()?.retain_in(from..to, |_, _| false)?;
                         self.redo.del_range(INBOX, &from, &to);
                     }
                     WriteOp::Queue(w) => {
@@ -562,30 +599,30 @@ impl Writer {
                             let k = (w.topic_id, g, p, o);
                             match v {
                                 Some(v) => {
-                                    queue.insert(k, v)?;
+                                    tables.queue()?.insert(k, v)?;
                                     self.redo.put(QUEUE, &k, &v);
                                 }
                                 None => {
-                                    queue.remove(k)?;
+                                    tables.queue()?.remove(k)?;
                                     self.redo.del(QUEUE, &k);
                                 }
                             };
                         }
                         for (p, floor) in w.floors {
-                            floors.insert((w.topic_id, g, p), floor)?;
+                            tables.floors()?.insert((w.topic_id, g, p), floor)?;
                             self.redo.put(QUEUE_FLOOR, &(w.topic_id, g, p), &floor);
                         }
                         for (p, mark) in w.marks {
-                            marks.insert((w.topic_id, g, p), mark)?;
+                            tables.marks()?.insert((w.topic_id, g, p), mark)?;
                             self.redo.put(QUEUE_MARK, &(w.topic_id, g, p), &mark);
                         }
                         for (p, chunk, bytes) in w.done {
                             let k = (w.topic_id, g, p, chunk);
                             if bytes.is_empty() {
-                                done.remove(k)?;
+                                tables.done()?.remove(k)?;
                                 self.redo.del(QUEUE_DONE, &k);
                             } else {
-                                done.insert(k, bytes.as_slice())?;
+                                tables.done()?.insert(k, bytes.as_slice())?;
                                 self.redo.put(QUEUE_DONE, &k, &bytes.as_slice());
                             }
                         }
@@ -593,11 +630,10 @@ impl Writer {
                     _ => unreachable!("only data ops reach apply_data"),
                 }
             }
-            let mut parts = txn.open_table(PARTITIONS)?;
             for &(t, p) in undo.keys() {
                 let s = self.topics[&t].parts[p as usize];
                 let v = (s.start, s.end, s.bytes, s.last_ts);
-                parts.insert((t, p), v)?;
+                tables.parts()?.insert((t, p), v)?;
                 self.redo.put(PARTITIONS, &(t, p), &v);
             }
         }
@@ -764,11 +800,7 @@ impl Writer {
     }
 
     /// Forgets message ids older than their topic's dedup window.
-    fn expire_dedup(
-        &mut self,
-        now: u64,
-        table: &mut redb::Table<(u32, &[u8]), (u32, u64, u64)>,
-    ) -> Result<(), StorageError> {
+    fn expire_dedup(&mut self, now: u64, tables: &mut DataTables<'_>) -> Result<(), StorageError> {
         for (&id, ts) in self.topics.iter_mut() {
             let window = ts.handle.policy().dedup_window_ms;
             while let Some((t, _)) = ts.dedup_order.front() {
@@ -777,7 +809,7 @@ impl Writer {
                 }
                 let (_, key) = ts.dedup_order.pop_front().expect("front exists");
                 ts.dedup.remove(&key);
-                table.remove((id, &key[..]))?;
+                tables.dedup()?.remove((id, &key[..]))?;
                 self.redo.del(DEDUP, &(id, &key[..]));
             }
         }
