@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ChildRouter, connect, take, take_q};
+use common::{ChildRouter, connect, take};
 use futures::StreamExt;
 use switchyard::client::{QueueOptions, SubscribeOptions};
 use switchyard::protocol::{ErrorCode, Record, StartPosition};
@@ -224,7 +224,7 @@ async fn journaled_commits_come_back_after_kill_9() {
         .subscribe_queue(QueueOptions::new("j", "g").prefetch(200))
         .await
         .unwrap();
-    let got = take_q(&mut q, 200, 10).await;
+    let got = take(&mut q, 200, 10).await;
     for m in &got[..150] {
         q.ack(m).await.unwrap();
     }
@@ -265,7 +265,7 @@ async fn journaled_commits_come_back_after_kill_9() {
         .subscribe_queue(QueueOptions::new("j", "g").prefetch(200))
         .await
         .unwrap();
-    let redelivered: HashSet<Bytes> = take_q(&mut q, 50, 10)
+    let redelivered: HashSet<Bytes> = take(&mut q, 50, 10)
         .await
         .iter()
         .map(|m| m.payload())

@@ -108,11 +108,11 @@ async fn unacked_message_reappears_after_visibility_timeout_with_attempt_raised(
 
     let opts = QueueOptions::new("vis", "g").visibility(Duration::from_millis(300));
     let mut a = c.subscribe_queue(opts.clone()).await.unwrap();
-    let first = take_q(&mut a, 1, 5).await.remove(0);
+    let first = take(&mut a, 1, 5).await.remove(0);
     assert_eq!(first.attempt(), 1);
     let t0 = Instant::now();
     // Not acked: after 300 ms visibility and a 50 ms backoff it is back.
-    let again = take_q(&mut a, 1, 5).await.remove(0);
+    let again = take(&mut a, 1, 5).await.remove(0);
     assert!(
         t0.elapsed() >= Duration::from_millis(300),
         "{:?}",
@@ -169,7 +169,7 @@ async fn nacks_back_off_then_dead_letter_and_redrive_returns_them() {
     let t0 = Instant::now();
     // charge-1 always fails; charge-2 fails once with a non-retryable error.
     while attempts_1.len() < 3 || times.is_empty() {
-        let m = take_q(&mut q, 1, 10).await.remove(0);
+        let m = take(&mut q, 1, 10).await.remove(0);
         if text(&m) == "charge-1" {
             attempts_1.push(m.attempt());
             times.push(t0.elapsed());
@@ -213,7 +213,7 @@ async fn nacks_back_off_then_dead_letter_and_redrive_returns_them() {
 
     // Redrive one: it comes back as a fresh message (attempt 1).
     assert_eq!(c.dlq_redrive("pay", Some(1)).await.unwrap(), 1);
-    let back = take_q(&mut q, 1, 5).await.remove(0);
+    let back = take(&mut q, 1, 5).await.remove(0);
     assert_eq!(back.attempt(), 1);
     assert!(back.header("x-dlq-topic").is_none());
     q.ack(&back).await.unwrap();
@@ -242,13 +242,13 @@ async fn delayed_messages_become_visible_on_time() {
     .await
     .unwrap();
     c.publish("later", Record::new("now")).await.unwrap();
-    let first = take_q(&mut q, 1, 5).await.remove(0);
+    let first = take(&mut q, 1, 5).await.remove(0);
     assert_eq!(
         text(&first),
         "now",
         "the undelayed message is not held back"
     );
-    let second = take_q(&mut q, 1, 5).await.remove(0);
+    let second = take(&mut q, 1, 5).await.remove(0);
     let waited = t0.elapsed();
     assert_eq!(text(&second), "delayed");
     assert!(waited >= Duration::from_millis(700), "{waited:?}");
@@ -259,7 +259,7 @@ async fn delayed_messages_become_visible_on_time() {
     c.publish("later", Record::new("at").with_deliver_at(at))
         .await
         .unwrap();
-    let m = take_q(&mut q, 1, 5).await.remove(0);
+    let m = take(&mut q, 1, 5).await.remove(0);
     assert!(switchyard::storage::now_ms() >= at);
     assert_eq!(text(&m), "at");
     let e = c
@@ -311,7 +311,7 @@ async fn higher_priority_first_but_low_priority_keeps_its_share() {
         .unwrap();
     let mut order = Vec::new();
     while order.len() < 1000 {
-        let ms = take_q(&mut q, 100, 10).await;
+        let ms = take(&mut q, 100, 10).await;
         let tags: Vec<DeliveryTag> = ms.iter().map(|m| m.tag).collect();
         q.ack_many(&tags).await.unwrap();
         order.extend(ms.iter().map(text));
@@ -350,7 +350,7 @@ async fn expired_messages_are_never_delivered() {
         .subscribe_queue(QueueOptions::new("ttl", "g"))
         .await
         .unwrap();
-    let m = take_q(&mut q, 1, 5).await.remove(0);
+    let m = take(&mut q, 1, 5).await.remove(0);
     assert_eq!(text(&m), "long");
     q.ack(&m).await.unwrap();
     quiet(&mut q, 300).await;
@@ -389,7 +389,7 @@ async fn auto_ack_settles_on_send_and_leaving_releases_unacked() {
         .subscribe_queue(QueueOptions::new("auto", "g").auto_ack(true).prefetch(4))
         .await
         .unwrap();
-    let got = take_q(&mut q, 10, 5).await;
+    let got = take(&mut q, 10, 5).await;
     assert_eq!(got.len(), 10);
     q.close().await;
     let mut q = c
@@ -401,13 +401,13 @@ async fn auto_ack_settles_on_send_and_leaving_releases_unacked() {
     // Manual acks: a member that leaves without acking hands its messages
     // to the next member at once (no visibility wait).
     publish_n(&c, "auto", 3, |i| Record::new(format!("m{i}"))).await;
-    let held = take_q(&mut q, 3, 5).await;
+    let held = take(&mut q, 3, 5).await;
     q.close().await;
     let mut q2 = c
         .subscribe_queue(QueueOptions::new("auto", "g"))
         .await
         .unwrap();
-    let again = take_q(&mut q2, 3, 5).await;
+    let again = take(&mut q2, 3, 5).await;
     let a: HashSet<u64> = held.iter().map(|m| m.tag.offset).collect();
     let b: HashSet<u64> = again.iter().map(|m| m.tag.offset).collect();
     assert_eq!(a, b);
@@ -431,7 +431,7 @@ async fn queue_state_survives_a_restart() {
         .subscribe_queue(QueueOptions::new("durable", "g").prefetch(20))
         .await
         .unwrap();
-    let got = take_q(&mut q, 20, 5).await;
+    let got = take(&mut q, 20, 5).await;
     // Ack 10, nack 5 (retry in a minute), leave 5 in flight.
     let tags: Vec<DeliveryTag> = got[..10].iter().map(|m| m.tag).collect();
     q.ack_many(&tags).await.unwrap();
@@ -448,7 +448,7 @@ async fn queue_state_survives_a_restart() {
         .subscribe_queue(QueueOptions::new("durable", "g").prefetch(20))
         .await
         .unwrap();
-    let again = take_q(&mut q, 5, 5).await;
+    let again = take(&mut q, 5, 5).await;
     let texts: HashSet<String> = again.iter().map(text).collect();
     assert_eq!(texts, in_flight, "exactly the in-flight ones come back");
     assert!(again.iter().all(|m| m.attempt() == 2));
@@ -520,7 +520,7 @@ async fn idempotent_publish_survives_a_cut_connection() {
         )
         .await
         .unwrap();
-    let all = take_q(&mut q, 501, 10).await;
+    let all = take(&mut q, 501, 10).await;
     let unique: HashSet<String> = all.iter().map(text).collect();
     assert_eq!(unique.len(), 501);
 
@@ -623,7 +623,7 @@ async fn unacked_messages_survive_kill_9_and_come_back() {
         .subscribe_queue(QueueOptions::new("crashy", "g").prefetch(200))
         .await
         .unwrap();
-    let got = take_q(&mut q, 200, 10).await;
+    let got = take(&mut q, 200, 10).await;
     let tags: Vec<DeliveryTag> = got[..120].iter().map(|m| m.tag).collect();
     q.ack_many(&tags).await.unwrap();
     let unacked: HashSet<String> = got[120..].iter().map(text).collect();
@@ -638,7 +638,7 @@ async fn unacked_messages_survive_kill_9_and_come_back() {
         .subscribe_queue(QueueOptions::new("crashy", "g").prefetch(200))
         .await
         .unwrap();
-    let again = take_q(&mut q, 80, 10).await;
+    let again = take(&mut q, 80, 10).await;
     let texts: HashSet<String> = again.iter().map(text).collect();
     assert_eq!(texts, unacked, "every unacked message, and only those");
     assert!(again.iter().all(|m| m.attempt() == 2));
@@ -661,7 +661,7 @@ async fn scattered_acks_across_chunks_survive_kill_9() {
         .subscribe_queue(QueueOptions::new("gaps", "g").prefetch(n as u32))
         .await
         .unwrap();
-    let got = take_q(&mut q, n, 30).await;
+    let got = take(&mut q, n, 30).await;
     let keep = |o: u64| o == 0 || o % 7 == 3 || (4090..4100).contains(&o) || o == 8191;
     let acks: Vec<DeliveryTag> = got
         .iter()
@@ -687,7 +687,7 @@ async fn scattered_acks_across_chunks_survive_kill_9() {
         .subscribe_queue(QueueOptions::new("gaps", "g").prefetch(n as u32))
         .await
         .unwrap();
-    let again = take_q(&mut q, unacked.len(), 20).await;
+    let again = take(&mut q, unacked.len(), 20).await;
     let offsets: HashSet<u64> = again.iter().map(|m| m.tag.offset).collect();
     assert_eq!(offsets, unacked, "every unacked message, and only those");
     assert!(again.iter().all(|m| m.attempt() == 2));
@@ -754,7 +754,7 @@ async fn tenant_priority_plugin_orders_queue_deliveries() {
         .subscribe_queue(QueueOptions::new("tickets", "support").prefetch(100))
         .await
         .unwrap();
-    let got = take_q(&mut q, 100, 10).await;
+    let got = take(&mut q, 100, 10).await;
     let order: Vec<String> = got.iter().map(text).collect();
     assert!(
         order[..50].iter().all(|s| s.starts_with("gold-")),
@@ -796,7 +796,7 @@ async fn retry_backoff_plugin_decides_retries_and_dead_letters() {
     let t0 = Instant::now();
     let mut forbidden = 0;
     while flaky_at.len() < 3 || forbidden == 0 {
-        let m = take_q(&mut q, 1, 10).await.remove(0);
+        let m = take(&mut q, 1, 10).await.remove(0);
         if text(&m) == "flaky" {
             flaky_at.push((m.attempt(), t0.elapsed()));
             q.nack(&m, true, "timeout", "upstream slow").await.unwrap();
@@ -870,7 +870,7 @@ async fn attempts_after_a_restart_count_only_real_deliveries() {
         .subscribe_queue(QueueOptions::new("mixed", "g").prefetch(8))
         .await
         .unwrap();
-    let got: Vec<String> = take_q(&mut q, 8, 5).await.iter().map(text).collect();
+    let got: Vec<String> = take(&mut q, 8, 5).await.iter().map(text).collect();
     // The default-priority firsts (4) come after the highs (9).
     assert!(got.iter().all(|s| s.starts_with("high-")), "{got:?}");
     c.close().await;
@@ -882,7 +882,7 @@ async fn attempts_after_a_restart_count_only_real_deliveries() {
         .subscribe_queue(QueueOptions::new("mixed", "g").prefetch(100))
         .await
         .unwrap();
-    let all = take_q(&mut q, 23, 5).await;
+    let all = take(&mut q, 23, 5).await;
     for m in &all {
         let expected = if got.contains(&text(m)) { 2 } else { 1 };
         assert_eq!(m.attempt(), expected, "{}", text(m));

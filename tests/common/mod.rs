@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use switchyard::client::{
-    Client, ClientConfig, Message, QueueConsumer, QueueMessage, Subscription,
-};
+use switchyard::client::{Client, ClientConfig};
 use switchyard::server::{Router, RouterConfig};
 
 /// A router running in this process.
@@ -67,30 +65,20 @@ pub async fn connect(addr: SocketAddr, cert: &Path) -> Arc<Client> {
     Arc::new(Client::connect(cfg).await.unwrap())
 }
 
-/// Reads exactly `n` messages, failing the test after `secs` seconds.
-pub async fn take(sub: &mut Subscription, n: usize, secs: u64) -> Vec<Message> {
+/// Reads exactly `n` messages from a subscription or a queue consumer,
+/// failing the test after `secs` seconds.
+pub async fn take<S, T, E>(sub: &mut S, n: usize, secs: u64) -> Vec<T>
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+    E: std::fmt::Display,
+{
     let mut out = Vec::with_capacity(n);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while out.len() < n {
         match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(Ok(m))) => out.push(m),
-            Ok(Some(Err(e))) => panic!("subscription error after {} messages: {e}", out.len()),
-            Ok(None) => panic!("subscription ended after {} of {n} messages", out.len()),
-            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
-        }
-    }
-    out
-}
-
-/// Reads exactly `n` queue messages, failing the test after `secs` seconds.
-pub async fn take_q(c: &mut QueueConsumer, n: usize, secs: u64) -> Vec<QueueMessage> {
-    let mut out = Vec::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while out.len() < n {
-        match tokio::time::timeout_at(deadline, c.next()).await {
-            Ok(Some(Ok(m))) => out.push(m),
-            Ok(Some(Err(e))) => panic!("queue error after {} messages: {e}", out.len()),
-            Ok(None) => panic!("queue ended after {} of {n} messages", out.len()),
+            Ok(Some(Err(e))) => panic!("error after {} messages: {e}", out.len()),
+            Ok(None) => panic!("ended after {} of {n} messages", out.len()),
             Err(_) => panic!("timed out after {} of {n} messages", out.len()),
         }
     }

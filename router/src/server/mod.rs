@@ -285,36 +285,27 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     let admission = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut shutdown = shared.shutdown.clone();
     let mut connections = JoinSet::new();
-    let retention = {
-        let storage = storage.clone();
-        tokio::spawn(periodic(
-            Duration::from_millis(shared.config.retention_check_ms.max(10)),
-            shared.shutdown.clone(),
-            move || {
-                let storage = storage.clone();
-                async move {
-                    if let Err(e) = storage.enforce_retention().await {
-                        tracing::warn!(error = %e, "retention pass failed");
-                    }
-                }
-            },
-        ))
-    };
-    let checkpoints = {
-        let storage = storage.clone();
-        tokio::spawn(periodic(
-            Duration::from_millis(shared.config.journal_checkpoint_ms.max(10)),
-            shared.shutdown.clone(),
-            move || {
-                let storage = storage.clone();
-                async move {
-                    if let Err(e) = storage.checkpoint().await {
-                        tracing::warn!(error = %e, "journal checkpoint failed");
-                    }
-                }
-            },
-        ))
-    };
+    let every = |ms: u64| Duration::from_millis(ms.max(10));
+    let s = storage.clone();
+    let retention = tokio::spawn(periodic(
+        every(shared.config.retention_check_ms),
+        shared.shutdown.clone(),
+        "retention pass",
+        move || {
+            let s = s.clone();
+            async move { s.enforce_retention().await.map(drop) }
+        },
+    ));
+    let s = storage.clone();
+    let checkpoints = tokio::spawn(periodic(
+        every(shared.config.journal_checkpoint_ms),
+        shared.shutdown.clone(),
+        "journal checkpoint",
+        move || {
+            let s = s.clone();
+            async move { s.checkpoint().await }
+        },
+    ));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -358,17 +349,26 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     tracing::info!("router stopped");
 }
 
-/// Runs `f` every `every` until shutdown (retention, checkpoints).
-async fn periodic<F, Fut>(every: Duration, mut shutdown: watch::Receiver<bool>, mut f: F)
-where
+/// Runs `f` every `every` until shutdown (retention, checkpoints),
+/// logging its failures as `what` failed.
+async fn periodic<F, Fut>(
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    what: &'static str,
+    mut f: F,
+) where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = Result<(), crate::storage::StorageError>>,
 {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => f().await,
+            _ = tick.tick() => {
+                if let Err(e) = f().await {
+                    tracing::warn!(error = %e, "{what} failed");
+                }
+            }
             _ = shutdown.changed() => return,
         }
     }
