@@ -293,6 +293,9 @@ impl Journal {
     pub(crate) fn cancel(&mut self) -> Result<(), StorageError> {
         self.write_at(self.last, &[0; HEADER])?;
         self.pos = self.last;
+        // The next entry takes this one's place and number, so the chain
+        // recovery follows stays unbroken.
+        self.next_lsn -= 1;
         if self.pos == 0 {
             self.first_at = None;
         }
@@ -459,13 +462,17 @@ mod tests {
         let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
 
-        // A voided entry (its database commit failed) ends the chain, and
-        // the next entry takes its place.
+        // A voided entry (its database commit failed) ends the chain...
         entry(&mut redo, 9);
         j.append(&mut redo).unwrap();
         j.cancel().unwrap();
         let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
+        // ...and the next entry takes its place and its number.
+        entry(&mut redo, 10);
+        j.append(&mut redo).unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        assert_eq!(lsns(&pending), [6, 7, 8]);
 
         // A torn entry ends it too.
         let mut bytes = std::fs::read(&path).unwrap();
@@ -474,7 +481,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (j2, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
         assert_eq!(lsns(&pending), [6]);
-        // Numbering continues above everything seen, never reusing an lsn.
+        // Numbering continues above everything seen and applied.
         assert_eq!(j2.next_lsn(), 7);
     }
 

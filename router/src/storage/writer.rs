@@ -3,8 +3,9 @@
 //! redb allows one write transaction at a time and an fsync costs ~180 µs on
 //! this class of machine, so one thread owns all writes. It takes every
 //! request queued while the previous commit was running, applies them in
-//! arrival order in one transaction, fsyncs once, and only then answers each
-//! request. Per-partition counters (next offset, bytes) live here, in memory,
+//! arrival order in one transaction, makes it durable with one fsync (of the
+//! write-ahead journal for small commits, see `journal`, else of redb), and
+//! only then answers each request. Per-partition counters (next offset, bytes) live here, in memory,
 //! and are restored if a commit fails, so a failed batch leaves no gap and
 //! acknowledges nothing.
 
@@ -645,6 +646,7 @@ impl Writer {
     /// everything journaled before it).
     fn commit(&mut self, mut txn: WriteTransaction) -> Result<(), StorageError> {
         let journal = match self.journal.as_mut() {
+            // 64: room for the lsn row recorded below.
             Some(j) if self.redo.is_on() && j.fits(self.redo.len() + 64) => j,
             _ => {
                 txn.commit()?;
