@@ -940,7 +940,13 @@ fn open_journal(
             .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
         return Ok(None);
     }
-    journal.resize(config.journal_bytes)?;
+    if let Err(e) = journal.resize(config.journal_bytes) {
+        // Its entries are in the database now; only the size is wrong.
+        tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
+        drop(journal);
+        let _ = std::fs::remove_file(&jpath);
+        return Ok(None);
+    }
     Ok(Some(journal))
 }
 
