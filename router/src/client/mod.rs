@@ -23,6 +23,7 @@
 //! The client speaks only [`crate::protocol`]; it never touches broker code.
 
 mod connection;
+mod inbox;
 mod publish;
 mod queue;
 mod subscribe;

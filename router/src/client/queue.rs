@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::ClientError;
 use super::connection::Client;
+use super::inbox::{Inbox, InboxSender, inbox};
 use super::subscribe::write_control;
 use crate::protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
 use crate::transport::FrameReader;
@@ -114,7 +115,7 @@ type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), ClientError>>>>
 /// [`QueueConsumer::close`]) leaves the group; messages it had not acked
 /// are delivered to other members at once.
 pub struct QueueConsumer {
-    rx: mpsc::UnboundedReceiver<Result<QueueMessage, ClientError>>,
+    rx: Inbox<QueueMessage>,
     ctl: mpsc::UnboundedSender<Frame>,
     waiters: Waiters,
     next_id: AtomicU64,
@@ -139,7 +140,7 @@ impl Client {
             },
         };
         let (send, reader, _) = self.open_subscription(f).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let waiters: Waiters = Arc::default();
         let topic: Arc<str> = opts.topic.as_str().into();
@@ -236,7 +237,7 @@ impl Stream for QueueConsumer {
     type Item = Result<QueueMessage, ClientError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.rx.poll_recv(cx);
+        let item = self.rx.poll_next(cx);
         if self.auto_ack
             && let Poll::Ready(Some(Ok(_))) = &item
         {
@@ -252,7 +253,7 @@ impl Stream for QueueConsumer {
 
 async fn read_queue(
     mut reader: FrameReader<quinn::RecvStream>,
-    tx: mpsc::UnboundedSender<Result<QueueMessage, ClientError>>,
+    tx: InboxSender<QueueMessage>,
     waiters: Waiters,
     topic: Arc<str>,
 ) {
@@ -264,17 +265,16 @@ async fn read_queue(
     let end = loop {
         match reader.next().await {
             Ok(Some(Frame::QueueDeliver { records })) => {
-                let mut gone = false;
-                for d in records {
-                    let m = QueueMessage {
+                let batch = records
+                    .into_iter()
+                    .map(|d| QueueMessage {
                         topic: topic.clone(),
                         tag: d.tag,
                         timestamp_ms: d.timestamp_ms,
                         record: d.record,
-                    };
-                    gone |= tx.send(Ok(m)).is_err();
-                }
-                if gone {
+                    })
+                    .collect();
+                if !tx.send(batch) {
                     break ClientError::ConnectionLost("consumer dropped".into());
                 }
             }
@@ -284,18 +284,18 @@ async fn read_queue(
             }
             Ok(Some(Frame::Error { code, message, .. })) => {
                 let e = ClientError::Server(WireError::new(code, message));
-                let _ = tx.send(Err(e.clone()));
+                tx.fail(e.clone());
                 break e;
             }
             Ok(Some(other)) => {
                 let e = ClientError::Protocol(format!("unexpected frame on queue: {other:?}"));
-                let _ = tx.send(Err(e.clone()));
+                tx.fail(e.clone());
                 break e;
             }
             Ok(None) => break ClientError::ConnectionLost("queue stream ended".into()),
             Err(e) => {
                 let e = ClientError::ConnectionLost(e.to_string());
-                let _ = tx.send(Err(e.clone()));
+                tx.fail(e.clone());
                 break e;
             }
         }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::ClientError;
 use super::connection::Client;
+use super::inbox::{Inbox, InboxSender, inbox};
 use crate::protocol::{Frame, RawRecord, StartPosition, WireError};
 use crate::transport::FrameReader;
 
@@ -121,7 +122,7 @@ impl Message {
 /// A live subscription: a [`Stream`] of messages. Dropping it (or calling
 /// [`Subscription::close`]) leaves the group.
 pub struct Subscription {
-    rx: mpsc::UnboundedReceiver<Result<Message, ClientError>>,
+    rx: Inbox<Message>,
     ctl: mpsc::UnboundedSender<Frame>,
     consumed: u32,
     refill_at: u32,
@@ -146,7 +147,7 @@ impl Client {
             },
         };
         let (send, reader, partitions) = self.open_subscription(f).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let (assign_tx, assignment) = watch::channel(Vec::new());
         let topic: Arc<str> = opts.topic.as_str().into();
@@ -251,7 +252,7 @@ impl Stream for Subscription {
     type Item = Result<Message, ClientError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.rx.poll_recv(cx);
+        let item = self.rx.poll_next(cx);
         if let Poll::Ready(Some(Ok(_))) = &item {
             self.consumed += 1;
             if self.consumed >= self.refill_at {
@@ -265,42 +266,43 @@ impl Stream for Subscription {
 
 async fn read_deliveries(
     mut reader: FrameReader<quinn::RecvStream>,
-    tx: mpsc::UnboundedSender<Result<Message, ClientError>>,
+    tx: InboxSender<Message>,
     assignment: watch::Sender<Vec<u32>>,
     topic: Arc<str>,
 ) {
     loop {
         match reader.next().await {
             Ok(Some(Frame::Deliver { partition, records })) => {
-                for d in records {
-                    let m = Message {
+                let batch = records
+                    .into_iter()
+                    .map(|d| Message {
                         topic: topic.clone(),
                         partition,
                         offset: d.offset,
                         timestamp_ms: d.timestamp_ms,
                         record: d.record,
-                    };
-                    if tx.send(Ok(m)).is_err() {
-                        return;
-                    }
+                    })
+                    .collect();
+                if !tx.send(batch) {
+                    return;
                 }
             }
             Ok(Some(Frame::Assignment { partitions })) => {
                 assignment.send_replace(partitions);
             }
             Ok(Some(Frame::Error { code, message, .. })) => {
-                let _ = tx.send(Err(ClientError::Server(WireError::new(code, message))));
+                tx.fail(ClientError::Server(WireError::new(code, message)));
                 return;
             }
             Ok(Some(other)) => {
-                let _ = tx.send(Err(ClientError::Protocol(format!(
+                tx.fail(ClientError::Protocol(format!(
                     "unexpected frame on subscription: {other:?}"
-                ))));
+                )));
                 return;
             }
             Ok(None) => return,
             Err(e) => {
-                let _ = tx.send(Err(ClientError::ConnectionLost(e.to_string())));
+                tx.fail(ClientError::ConnectionLost(e.to_string()));
                 return;
             }
         }
