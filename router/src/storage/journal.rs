@@ -198,6 +198,19 @@ impl Journal {
                 expect = Some(lsn + 1);
                 pos = next;
             }
+            if let Some(&(first, _)) = pending.first()
+                && first != applied + 1
+            {
+                // Entries applied..first are in neither file: this journal
+                // does not continue this database (copied apart, say).
+                return Err(StorageError::Corrupt(format!(
+                    "journal {} continues commit {} but the database ends at commit {applied}; \
+                     refusing to replay it over a gap. Restore the two files together, or \
+                     move the journal away to start without the commits it holds",
+                    path.display(),
+                    first - 1
+                )));
+            }
             file
         } else {
             let tmp = path.with_extension("journal.new");
@@ -461,6 +474,11 @@ mod tests {
         }
         let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
+        // A database that ends before the journal's first entry (the two
+        // files copied at different times) is refused, not replayed over
+        // the gap.
+        let e = Journal::open(&path, 1 << 16, 4).err().unwrap();
+        assert!(e.to_string().contains("refusing to replay"), "{e}");
 
         // A voided entry (its database commit failed) ends the chain...
         entry(&mut redo, 9);
