@@ -68,6 +68,10 @@ impl Redo {
     /// Starts a new commit; `on` says whether to record it.
     pub(crate) fn start(&mut self, on: bool) {
         self.buf.truncate(HEADER);
+        // Do not keep a rare huge commit's buffer for good.
+        if self.buf.capacity() > 4 << 20 {
+            self.buf.shrink_to(1 << 20);
+        }
         self.on = on;
     }
 
@@ -99,9 +103,7 @@ impl Redo {
         value: &V::SelfType<'_>,
     ) {
         if self.on {
-            self.table(PUT, def.name());
-            self.bytes(K::as_bytes(key).as_ref());
-            self.bytes(V::as_bytes(value).as_ref());
+            self.put_raw(def, key, V::as_bytes(value).as_ref());
         }
     }
 
