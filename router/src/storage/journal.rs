@@ -29,6 +29,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
@@ -159,6 +161,9 @@ pub(crate) struct Journal {
     last: u64,
     /// When the first entry of this cycle was written.
     first_at: Option<Instant>,
+    /// Whether this cycle has entries, for callers on other threads (a
+    /// checkpoint with nothing to do need not wake the writer).
+    pending: Arc<AtomicBool>,
 }
 
 /// Committed entries found in a journal, oldest first.
@@ -243,6 +248,7 @@ impl Journal {
                 next_lsn: last_lsn + 1,
                 last: 0,
                 first_at: None,
+                pending: Arc::default(),
             },
             pending,
         ))
@@ -276,6 +282,16 @@ impl Journal {
         self.pos + (HEADER + payload) as u64 <= self.capacity
     }
 
+    fn set_first(&mut self, at: Option<Instant>) {
+        self.first_at = at;
+        self.pending.store(at.is_some(), Ordering::Release);
+    }
+
+    /// A flag that is true while entries wait for a checkpoint.
+    pub(crate) fn pending_flag(&self) -> Arc<AtomicBool> {
+        self.pending.clone()
+    }
+
     /// How long ago the oldest entry not yet checkpointed was written.
     pub(crate) fn age(&self) -> Option<Duration> {
         self.first_at.map(|t| t.elapsed())
@@ -295,7 +311,7 @@ impl Journal {
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
         self.write_at(self.pos, buf)?;
         if self.pos == 0 {
-            self.first_at = Some(Instant::now());
+            self.set_first(Some(Instant::now()));
         }
         self.last = self.pos;
         self.pos += buf.len() as u64;
@@ -312,7 +328,7 @@ impl Journal {
         // recovery follows stays unbroken.
         self.next_lsn -= 1;
         if self.pos == 0 {
-            self.first_at = None;
+            self.set_first(None);
         }
         Ok(())
     }
@@ -321,7 +337,7 @@ impl Journal {
     /// durable redb commit, which holds every entry written so far.
     pub(crate) fn restart(&mut self) {
         self.pos = 0;
-        self.first_at = None;
+        self.set_first(None);
     }
 
     fn write_at(&mut self, pos: u64, buf: &[u8]) -> Result<(), StorageError> {

@@ -251,6 +251,8 @@ pub struct Storage {
     topics: Registry,
     feeds: FeedRegistry,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// True while journaled commits wait for a checkpoint (`None`: no journal).
+    journal_pending: Option<Arc<AtomicBool>>,
 }
 
 /// The future of one append: resolves once the records are durable.
@@ -271,6 +273,7 @@ impl Storage {
             .set_cache_size(config.cache_bytes)
             .create(path)?;
         let journal = open_journal(&db, path, &config)?;
+        let journal_pending = journal.as_ref().map(|j| j.pending_flag());
         let db = Arc::new(db);
         let (metas, parts, dedup) = load(&db)?;
         let feeds: FeedRegistry = Arc::new(RwLock::new(load_feeds(&db)?));
@@ -304,6 +307,7 @@ impl Storage {
             topics,
             feeds,
             writer: Arc::new(std::sync::Mutex::new(Some(join))),
+            journal_pending,
         })
     }
 
@@ -499,6 +503,14 @@ impl Storage {
     /// crash has less to replay. The server calls it every
     /// `journal_checkpoint_ms`.
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        // Nothing to do: do not wake the writer (an idle router stays idle).
+        if !self
+            .journal_pending
+            .as_ref()
+            .is_some_and(|p| p.load(Ordering::Acquire))
+        {
+            return Ok(());
+        }
         let (reply, rx) = oneshot::channel();
         self.send(WriteOp::Checkpoint { reply }).await?;
         rx.await.map_err(|_| StorageError::ShutDown)?
