@@ -23,6 +23,7 @@ pub(super) struct InboxSender<T> {
 pub(super) struct Inbox<T> {
     rx: mpsc::UnboundedReceiver<Result<Vec<T>, ClientError>>,
     batch: VecDeque<T>,
+    /// Messages sent but still in the channel (not yet in `batch`).
     queued: Arc<AtomicUsize>,
 }
 
@@ -63,11 +64,13 @@ impl<T> Inbox<T> {
     ) -> Poll<Option<Result<T, ClientError>>> {
         loop {
             if let Some(m) = self.batch.pop_front() {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
                 return Poll::Ready(Some(Ok(m)));
             }
             match ready!(self.rx.poll_recv(cx)) {
-                Some(Ok(batch)) => self.batch.extend(batch),
+                Some(Ok(batch)) => {
+                    self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+                    self.batch.extend(batch);
+                }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => return Poll::Ready(None),
             }
@@ -76,7 +79,7 @@ impl<T> Inbox<T> {
 
     /// Messages received but not yet taken.
     pub(super) fn len(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.load(Ordering::Relaxed) + self.batch.len()
     }
 }
 
@@ -93,7 +96,10 @@ mod tests {
         tx.fail(ClientError::ConnectionLost("gone".into()));
         drop(tx);
         assert_eq!(rx.len(), 4);
-        let mut got = Vec::new();
+        let first = std::future::poll_fn(|cx| rx.poll_next(cx)).await;
+        assert!(matches!(first, Some(Ok(1))));
+        assert_eq!(rx.len(), 3, "taken ones are no longer counted");
+        let mut got = vec![1];
         let err = loop {
             match std::future::poll_fn(|cx| rx.poll_next(cx)).await {
                 Some(Ok(m)) => got.push(m),
