@@ -645,18 +645,21 @@ impl Writer {
     /// recorded and fit, else durably in redb (which also checkpoints
     /// everything journaled before it).
     fn commit(&mut self, mut txn: WriteTransaction) -> Result<(), StorageError> {
+        if let Some(j) = self.journal.as_ref().filter(|_| self.redo.is_on()) {
+            // The entry also moves redb's lsn row, so it is recorded first
+            // and counted in the size.
+            self.redo.put(META, &JOURNAL_LSN, &j.next_lsn());
+        }
         let journal = match self.journal.as_mut() {
-            // 64: room for the lsn row recorded below.
-            Some(j) if self.redo.is_on() && j.fits(self.redo.len() + 64) => j,
+            Some(j) if self.redo.is_on() && j.fits(self.redo.len()) => j,
             _ => {
                 txn.commit()?;
                 self.durable();
                 return Ok(());
             }
         };
-        let lsn = journal.next_lsn();
-        txn.open_table(META)?.insert(JOURNAL_LSN, lsn)?;
-        self.redo.put(META, &JOURNAL_LSN, &lsn);
+        txn.open_table(META)?
+            .insert(JOURNAL_LSN, journal.next_lsn())?;
         txn.set_durability(Durability::None)
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         // Dropping `txn` on an error aborts it: nothing becomes visible.
