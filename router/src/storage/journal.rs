@@ -696,6 +696,19 @@ mod tests {
         let plain = dump_all(&redb::Database::create(&without_journal).unwrap());
         assert!(plain[0].is_empty(), "the records were only in the journal");
 
+        // The journal alone, without its database, is discarded.
+        let orphan = dir.path().join("orphan");
+        std::fs::create_dir(&orphan).unwrap();
+        let orphan_db = orphan.join("live.redb");
+        std::fs::copy(
+            image_db.with_extension("journal"),
+            orphan_db.with_extension("journal"),
+        )
+        .unwrap();
+        let fresh = Storage::open(&orphan_db, config.clone()).unwrap();
+        assert!(dump_all(fresh.db())[0].is_empty(), "nothing replayed");
+        rt.block_on(fresh.shutdown());
+
         let reopened = Storage::open(&image_db, config).unwrap();
         let replayed = dump_all(reopened.db());
         for (i, (a, b)) in live.iter().zip(&replayed).enumerate() {

@@ -261,18 +261,11 @@ pub type AppendTicket = oneshot::Receiver<Result<Vec<(u32, u64)>, StorageError>>
 impl Storage {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
-        let jpath = path.with_extension("journal");
-        if !path.exists() && jpath.exists() {
-            // A journal belongs to its database: replaying one into a new,
-            // empty database would invent rows for topics it does not have.
-            tracing::warn!(journal = %jpath.display(), "database missing; discarding its journal");
-            std::fs::remove_file(&jpath)
-                .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
-        }
+        let new_db = !path.exists();
         let db = Database::builder()
             .set_cache_size(config.cache_bytes)
             .create(path)?;
-        let journal = open_journal(&db, path, &config)?;
+        let journal = open_journal(&db, path, new_db, &config)?;
         let journal_pending = journal.as_ref().map(|j| j.pending_flag());
         let db = Arc::new(db);
         let (metas, parts, dedup) = load(&db)?;
@@ -900,13 +893,25 @@ type Loaded = (
 /// commits it holds that redb lost in a crash. A journal that cannot be
 /// created (a full disk, say) leaves the router committing every write
 /// durably in redb; one that exists but cannot be read stops the start,
-/// since it may hold acknowledged writes.
+/// since it may hold acknowledged writes. `new_db`: the database file was
+/// just created.
 fn open_journal(
     db: &Database,
     path: &Path,
+    new_db: bool,
     config: &StorageConfig,
 ) -> Result<Option<journal::Journal>, StorageError> {
     let jpath = path.with_extension("journal");
+    let remove = |why: &str| {
+        tracing::warn!(journal = %jpath.display(), "{why}");
+        std::fs::remove_file(&jpath)
+            .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))
+    };
+    if new_db && jpath.exists() {
+        // A journal belongs to its database: replaying one into a new,
+        // empty database would invent rows for topics it does not have.
+        remove("database missing; discarding its journal")?;
+    }
     if config.journal_bytes == 0 && !jpath.exists() {
         return Ok(None);
     }
@@ -948,15 +953,14 @@ fn open_journal(
     if config.journal_bytes == 0 {
         // Replayed and durable: the journal is no longer needed.
         drop(journal);
-        std::fs::remove_file(&jpath)
-            .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))?;
+        remove("journal_bytes = 0: journal replayed and removed")?;
         return Ok(None);
     }
     if let Err(e) = journal.resize(config.journal_bytes) {
         // Its entries are in the database now; only the size is wrong.
-        tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
+        tracing::warn!(error = %e, "cannot resize the journal");
         drop(journal);
-        let _ = std::fs::remove_file(&jpath);
+        let _ = remove("no journal: every commit goes to the database durably");
         return Ok(None);
     }
     Ok(Some(journal))
