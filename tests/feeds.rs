@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use switchyard::client::{Client, SubscribeOptions};
+use switchyard::client::{Client, SubscribeOptions, Subscription};
 use switchyard::protocol::{ErrorCode, Record};
 
 async fn publish_keys(c: &Client, topic: &str, keys: &[&str], rounds: usize, tag: &str) {
@@ -25,6 +25,19 @@ fn text(m: &switchyard::client::Message) -> (String, String) {
         String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
         String::from_utf8(m.payload().to_vec()).unwrap(),
     )
+}
+
+/// The first three feeds follow "star", the others "quiet": each gets the
+/// ten records of its key tagged `tag`, in order.
+async fn expect_star_and_quiet(subs: &mut [Subscription], tag: &str) {
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got: Vec<(String, String)> = take(sub, 10, 5).await.iter().map(text).collect();
+        let key = if i < 3 { "star" } else { "quiet" };
+        let expected: Vec<(String, String)> = (0..10)
+            .map(|n| (key.to_string(), format!("{tag}{n}")))
+            .collect();
+        assert_eq!(got, expected);
+    }
 }
 
 async fn feeds(c: &Client, topic: &str) -> serde_json::Value {
@@ -162,14 +175,7 @@ async fn hot_key_fanout_plugin_reads_hot_keys_at_read_time() {
         );
     }
     publish_keys(&c, "timeline", &["star", "quiet"], 10, "m").await;
-    for (i, sub) in subs.iter_mut().enumerate() {
-        let got: Vec<(String, String)> = take(sub, 10, 5).await.iter().map(text).collect();
-        let key = if i < 3 { "star" } else { "quiet" };
-        let expected: Vec<(String, String)> = (0..10)
-            .map(|n| (key.to_string(), format!("m{n}")))
-            .collect();
-        assert_eq!(got, expected);
-    }
+    expect_star_and_quiet(&mut subs, "m").await;
     let f = feeds(&c, "timeline").await;
     // star (3 followers > 2) fanned out on read: 10 index entries instead
     // of 30 references; quiet (1 follower) on write: 10 references, some
@@ -185,14 +191,7 @@ async fn hot_key_fanout_plugin_reads_hot_keys_at_read_time() {
     .await
     .unwrap();
     publish_keys(&c, "timeline", &["star", "quiet"], 10, "r").await;
-    for (i, sub) in subs.iter_mut().enumerate() {
-        let got: Vec<(String, String)> = take(sub, 10, 5).await.iter().map(text).collect();
-        let key = if i < 3 { "star" } else { "quiet" };
-        let expected: Vec<(String, String)> = (0..10)
-            .map(|n| (key.to_string(), format!("r{n}")))
-            .collect();
-        assert_eq!(got, expected);
-    }
+    expect_star_and_quiet(&mut subs, "r").await;
     let f = feeds(&c, "timeline").await;
     assert_eq!(f["key_index_entries"], 20, "{f}");
 }

@@ -284,20 +284,21 @@ mod tests {
                 assert!(starts.iter().all(|&s| s > 150 + 200 * round), "{starts:?}");
 
                 let txn = storage.db().begin_read().unwrap();
+                let index = txn.open_table(KEY_INDEX).unwrap();
+                let inbox = txn.open_table(INBOX).unwrap();
+                let index_refs = index.iter().unwrap().map(|e| {
+                    let (_, _, p, o) = e.unwrap().0.value();
+                    ("index", p, o)
+                });
+                let inbox_refs = inbox.iter().unwrap().map(|e| {
+                    let (_, _, p, o) = e.unwrap().0.value();
+                    ("inbox", p, o)
+                });
                 let mut kept = 0;
-                for e in txn.open_table(KEY_INDEX).unwrap().iter().unwrap() {
-                    let (_, _, p, o) = e.unwrap().0.value();
+                for (what, p, o) in index_refs.chain(inbox_refs) {
                     assert!(
                         o >= starts[p as usize],
-                        "index entry {p}/{o} below the start"
-                    );
-                    kept += 1;
-                }
-                for e in txn.open_table(INBOX).unwrap().iter().unwrap() {
-                    let (_, _, p, o) = e.unwrap().0.value();
-                    assert!(
-                        o >= starts[p as usize],
-                        "inbox entry {p}/{o} below the start"
+                        "{what} entry {p}/{o} below the start"
                     );
                     kept += 1;
                 }
