@@ -78,6 +78,7 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
+        let storage = StorageConfig::default();
         RouterConfig {
             data: PathBuf::from("switchyard-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
@@ -88,14 +89,15 @@ impl Default for RouterConfig {
             max_message_bytes: 1 << 20,
             max_frame_bytes: 16 << 20,
             max_partitions: 1024,
-            commit_max_batch_records: 8192,
-            commit_max_batch_bytes: 16 << 20,
-            commit_linger_us: 0,
-            commit_spin_us: 100,
-            journal_bytes: 8 << 20,
-            journal_checkpoint_ms: 250,
+            // The storage defaults live with the storage.
+            commit_max_batch_records: storage.max_batch_records,
+            commit_max_batch_bytes: storage.max_batch_bytes,
+            commit_linger_us: storage.linger.as_micros() as u64,
+            commit_spin_us: storage.spin.as_micros() as u64,
+            journal_bytes: storage.journal_bytes,
+            journal_checkpoint_ms: storage.checkpoint.as_millis() as u64,
             retention_check_ms: 30_000,
-            cache_bytes: 64 << 20,
+            cache_bytes: storage.cache_bytes,
             idle_timeout_ms: 30_000,
         }
     }
