@@ -283,9 +283,13 @@ fn bench_reports_throughput_and_latency_as_json() {
     );
     assert!(v["publish_msgs_per_s"].as_f64().unwrap() > 0.0);
     for k in ["publish_to_ack", "publish_to_deliver"] {
-        let p50 = v[k]["p50_us"].as_f64().unwrap();
-        let max = v[k]["max_us"].as_f64().unwrap();
-        assert!(p50 > 0.0 && p50 <= max, "{k}: {p50} {max}");
+        let q = |p: &str| v[k][p].as_f64().unwrap();
+        let (p50, p90, p99, max) = (q("p50_us"), q("p90_us"), q("p99_us"), q("max_us"));
+        assert!(
+            p50 > 0.0 && p50 <= p90 && p90 <= p99 && p99 <= max,
+            "{k}: percentiles out of order: {}",
+            v[k]
+        );
     }
     // The records really are in the topic.
     let out = ok(&cli(&r, dir.path(), &["topic", "describe", "b"], None));

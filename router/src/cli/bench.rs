@@ -350,6 +350,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pct = |h: &Histogram<u64>| {
         json!({
             "p50_us": h.value_at_quantile(0.5) as f64 / 1e3,
+            "p90_us": h.value_at_quantile(0.9) as f64 / 1e3,
             "p99_us": h.value_at_quantile(0.99) as f64 / 1e3,
             "p999_us": h.value_at_quantile(0.999) as f64 / 1e3,
             "max_us": h.max() as f64 / 1e3,
@@ -387,8 +388,9 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let line = |name: &str, v: &serde_json::Value| {
         println!(
-            "  {name:<18} p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  max {:>9.1} µs",
+            "  {name:<18} p50 {:>8.1} µs  p90 {:>8.1} µs  p99 {:>8.1} µs  p99.9 {:>8.1} µs  max {:>8.1} µs",
             v["p50_us"].as_f64().unwrap_or(0.0),
+            v["p90_us"].as_f64().unwrap_or(0.0),
             v["p99_us"].as_f64().unwrap_or(0.0),
             v["p999_us"].as_f64().unwrap_or(0.0),
             v["max_us"].as_f64().unwrap_or(0.0)
