@@ -90,7 +90,7 @@ fn udp(rate: u64, secs: u64) -> std::io::Result<(Histogram<u64>, Histogram<u64>)
     let receiver = std::thread::spawn(move || {
         let mut h = hist();
         let mut buf = [0u8; 2048];
-        while (h.len()) < count {
+        while h.len() < count {
             match rx.recv(&mut buf) {
                 Ok(n) if n >= 8 => {
                     let at = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));

@@ -5,9 +5,9 @@
 //! request queued while the previous commit was running, applies them in
 //! arrival order in one transaction, makes it durable with one fsync (of the
 //! write-ahead journal for small commits, see `journal`, else of redb), and
-//! only then answers each request. Per-partition counters (next offset, bytes) live here, in memory,
-//! and are restored if a commit fails, so a failed batch leaves no gap and
-//! acknowledges nothing.
+//! only then answers each request. Per-partition counters (next offset,
+//! bytes) live here, in memory, and are restored if a commit fails, so a
+//! failed batch leaves no gap and acknowledges nothing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
