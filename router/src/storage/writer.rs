@@ -13,7 +13,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use std::borrow::Borrow;
+
+use redb::{Database, Durability, Key, ReadableTable, TableDefinition, Value, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{JOURNAL_LSN, Journal, Redo};
@@ -166,28 +168,91 @@ pub(crate) struct Writer {
 }
 
 /// Declares [`DataTables`]: the tables a data commit writes, each opened on
-/// first use. Opening one is a lookup in redb's table tree, and most
-/// commits touch two or three of the eleven.
+/// first use (opening one is a lookup in redb's table tree, and most
+/// commits touch two or three of the eleven) and reached through
+/// [`Recorded`], so that every change is also recorded for the journal.
 macro_rules! data_tables {
     ($($name:ident: $def:ident => $k:ty, $v:ty;)*) => {
-        struct DataTables<'t> {
+        struct DataTables<'t, 'r> {
             txn: &'t WriteTransaction,
+            redo: &'r mut Redo,
             $($name: Option<redb::Table<'t, $k, $v>>,)*
         }
 
-        impl<'t> DataTables<'t> {
-            fn new(txn: &'t WriteTransaction) -> Self {
-                DataTables { txn, $($name: None,)* }
+        impl<'t, 'r> DataTables<'t, 'r> {
+            fn new(txn: &'t WriteTransaction, redo: &'r mut Redo) -> Self {
+                DataTables { txn, redo, $($name: None,)* }
             }
 
-            $(fn $name(&mut self) -> Result<&mut redb::Table<'t, $k, $v>, StorageError> {
+            $(fn $name(&mut self) -> Result<Recorded<'_, 't, $k, $v>, StorageError> {
                 if self.$name.is_none() {
                     self.$name = Some(self.txn.open_table($def)?);
                 }
-                Ok(self.$name.as_mut().expect("opened above"))
+                Ok(Recorded {
+                    table: self.$name.as_mut().expect("opened above"),
+                    redo: self.redo,
+                    def: $def,
+                })
             })*
         }
     };
+}
+
+/// One table of a data commit. Each change is applied to redb and recorded
+/// in the commit's [`Redo`] in the same call: a change missing from the
+/// journal would be acknowledged and then lost by a crash before the next
+/// checkpoint.
+struct Recorded<'a, 't, K: Key + 'static, V: Value + 'static> {
+    table: &'a mut redb::Table<'t, K, V>,
+    redo: &'a mut Redo,
+    def: TableDefinition<'static, K, V>,
+}
+
+impl<K: Key + 'static, V: Value + 'static> Recorded<'_, '_, K, V> {
+    fn insert<'k, 'v>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<(), StorageError> {
+        self.redo.put(self.def, key.borrow(), value.borrow());
+        self.table.insert(key, value)?;
+        Ok(())
+    }
+
+    fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), StorageError> {
+        self.redo.del(self.def, key.borrow());
+        self.table.remove(key)?;
+        Ok(())
+    }
+}
+
+impl<K: Key + 'static> Recorded<'_, '_, K, &'static [u8]> {
+    /// Inserts a value of `len` bytes written in place by `fill`, without
+    /// an intermediate copy.
+    fn insert_with<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), StorageError> {
+        let mut slot = self.table.insert_reserve(key.borrow(), len)?;
+        fill(slot.as_mut());
+        self.redo.put_raw(self.def, key.borrow(), slot.as_mut());
+        Ok(())
+    }
+}
+
+impl Recorded<'_, '_, (u32, u32, u32, u64), ()> {
+    /// Removes every key in `from..to`.
+    fn remove_range(
+        &mut self,
+        from: (u32, u32, u32, u64),
+        to: (u32, u32, u32, u64),
+    ) -> Result<(), StorageError> {
+        self.table.retain_in(from..to, |_, _| false)?;
+        self.redo.del_range(self.def, &from, &to);
+        Ok(())
+    }
 }
 
 data_tables! {
@@ -459,11 +524,11 @@ impl Writer {
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
         {
-            let mut tables = DataTables::new(&txn);
+            let mut tables = DataTables::new(&txn, &mut self.redo);
             let feed_registry = self.feeds.clone();
             let feeds = feed_registry.read().expect("feeds lock");
             let now = now_ms();
-            self.expire_dedup(now, &mut tables)?;
+            expire_dedup(&mut self.topics, now, &mut tables)?;
             while let Some(op) = segment.pop_front() {
                 match op {
                     WriteOp::Append { records, kv, reply } => {
@@ -504,14 +569,14 @@ impl Writer {
                             let offset = st.end;
                             let t = now.max(st.last_ts);
                             let body = r.record.as_bytes();
-                            let mut slot = tables
-                                .log()?
-                                .insert_reserve((r.topic_id, p, offset), 8 + body.len())?;
-                            let dst = slot.as_mut();
-                            dst[..8].copy_from_slice(&t.to_be_bytes());
-                            dst[8..].copy_from_slice(body);
-                            self.redo.put_raw(LOG, &(r.topic_id, p, offset), dst);
-                            drop(slot);
+                            tables.log()?.insert_with(
+                                (r.topic_id, p, offset),
+                                8 + body.len(),
+                                |dst| {
+                                    dst[..8].copy_from_slice(&t.to_be_bytes());
+                                    dst[8..].copy_from_slice(body);
+                                },
+                            )?;
                             st.end += 1;
                             st.bytes += body.len() as u64;
                             st.last_ts = t;
@@ -523,13 +588,11 @@ impl Writer {
                                     for feed in followers.into_iter().flatten() {
                                         let k = (r.topic_id, *feed, p, offset);
                                         tables.inbox()?.insert(k, ())?;
-                                        self.redo.put(INBOX, &k, &());
                                     }
                                 }
                                 Some((hash, Fanout::OnRead)) => {
                                     let k = (r.topic_id, hash, p, offset);
                                     tables.key_index()?.insert(k, ())?;
-                                    self.redo.put(KEY_INDEX, &k, &());
                                 }
                                 None => {}
                             }
@@ -538,8 +601,6 @@ impl Writer {
                                 tables
                                     .dedup()?
                                     .insert((r.topic_id, &id[..]), (p, offset, t))?;
-                                self.redo
-                                    .put(DEDUP, &(r.topic_id, &id[..]), &(p, offset, t));
                                 ts.dedup.insert(id.clone(), (p, offset));
                                 ts.dedup_order.push_back((t, id.clone()));
                                 new_ids.push((r.topic_id, id));
@@ -548,7 +609,6 @@ impl Writer {
                         for w in kv {
                             let k = (&*w.plugin, w.key.as_str());
                             tables.kv()?.insert(k, w.value.as_slice())?;
-                            self.redo.put(PLUGIN_KV, &k, &w.value.as_slice());
                         }
                         replies[slot].1 = Ok(positions);
                     }
@@ -563,8 +623,6 @@ impl Writer {
                             tables
                                 .offsets()?
                                 .insert((&*group, topic_id, partition), offset)?;
-                            self.redo
-                                .put(OFFSETS, &(&*group, topic_id, partition), &offset);
                         }
                     }
                     WriteOp::Flush { reply } => flushes.push(reply),
@@ -581,15 +639,12 @@ impl Writer {
                         tables
                             .offsets()?
                             .insert((&*group, topic_id, partition), next)?;
-                        self.redo
-                            .put(OFFSETS, &(&*group, topic_id, partition), &next);
                         // Inbox references below the cursor are read: drop them.
                         let (from, to) = (
                             (topic_id, feed_id, partition, 0),
                             (topic_id, feed_id, partition, next),
                         );
-                        tables.inbox()?.retain_in(from..to, |_, _| false)?;
-                        self.redo.del_range(INBOX, &from, &to);
+                        tables.inbox()?.remove_range(from, to)?;
                     }
                     WriteOp::Queue(w) => {
                         if !self.topics.contains_key(&w.topic_id) {
@@ -601,30 +656,24 @@ impl Writer {
                             match v {
                                 Some(v) => {
                                     tables.queue()?.insert(k, v)?;
-                                    self.redo.put(QUEUE, &k, &v);
                                 }
                                 None => {
                                     tables.queue()?.remove(k)?;
-                                    self.redo.del(QUEUE, &k);
                                 }
                             };
                         }
                         for (p, floor) in w.floors {
                             tables.floors()?.insert((w.topic_id, g, p), floor)?;
-                            self.redo.put(QUEUE_FLOOR, &(w.topic_id, g, p), &floor);
                         }
                         for (p, mark) in w.marks {
                             tables.marks()?.insert((w.topic_id, g, p), mark)?;
-                            self.redo.put(QUEUE_MARK, &(w.topic_id, g, p), &mark);
                         }
                         for (p, chunk, bytes) in w.done {
                             let k = (w.topic_id, g, p, chunk);
                             if bytes.is_empty() {
                                 tables.done()?.remove(k)?;
-                                self.redo.del(QUEUE_DONE, &k);
                             } else {
                                 tables.done()?.insert(k, bytes.as_slice())?;
-                                self.redo.put(QUEUE_DONE, &k, &bytes.as_slice());
                             }
                         }
                     }
@@ -635,7 +684,6 @@ impl Writer {
                 let s = self.topics[&t].parts[p as usize];
                 let v = (s.start, s.end, s.bytes, s.last_ts);
                 tables.parts()?.insert((t, p), v)?;
-                self.redo.put(PARTITIONS, &(t, p), &v);
             }
         }
         self.commit(txn)
@@ -801,23 +849,6 @@ impl Writer {
         self.topics.remove(&id);
         self.registry.write().expect("registry lock").remove(name);
         handle.mark_deleted();
-        Ok(())
-    }
-
-    /// Forgets message ids older than their topic's dedup window.
-    fn expire_dedup(&mut self, now: u64, tables: &mut DataTables<'_>) -> Result<(), StorageError> {
-        for (&id, ts) in self.topics.iter_mut() {
-            let window = ts.handle.policy().dedup_window_ms;
-            while let Some((t, _)) = ts.dedup_order.front() {
-                if t.saturating_add(window) > now {
-                    break;
-                }
-                let (_, key) = ts.dedup_order.pop_front().expect("front exists");
-                ts.dedup.remove(&key);
-                tables.dedup()?.remove((id, &key[..]))?;
-                self.redo.del(DEDUP, &(id, &key[..]));
-            }
-        }
         Ok(())
     }
 
@@ -1109,4 +1140,24 @@ fn weight(op: &WriteOp) -> (usize, usize) {
         }
         _ => (1, 0),
     }
+}
+
+/// Forgets message ids older than their topic's dedup window.
+fn expire_dedup(
+    topics: &mut HashMap<u32, TopicState>,
+    now: u64,
+    tables: &mut DataTables<'_, '_>,
+) -> Result<(), StorageError> {
+    for (&id, ts) in topics.iter_mut() {
+        let window = ts.handle.policy().dedup_window_ms;
+        while let Some((t, _)) = ts.dedup_order.front() {
+            if t.saturating_add(window) > now {
+                break;
+            }
+            let (_, key) = ts.dedup_order.pop_front().expect("front exists");
+            ts.dedup.remove(&key);
+            tables.dedup()?.remove((id, &key[..]))?;
+        }
+    }
+    Ok(())
 }
