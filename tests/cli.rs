@@ -493,3 +493,39 @@ fn cli_queue_policy_delay_ids_and_dead_letters() {
     let purged = run(&["dlq", "purge", "tasks"]);
     assert!(purged.contains("purged"), "{purged}");
 }
+
+#[test]
+fn tune_shows_and_applies_the_wake_up_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let poll = root.join("sys/module/haltpoll/parameters/guest_halt_poll_ns");
+    let idle = root.join("sys/devices/system/cpu/cpuidle/current_driver");
+    for (p, v) in [(&poll, "0\n"), (&idle, "haltpoll\n")] {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    }
+    let tune = |args: &[&str]| {
+        Command::new(router_bin())
+            .arg("tune")
+            .args(args)
+            .arg("--root")
+            .arg(root)
+            .output()
+            .unwrap()
+    };
+    let shown = tune(&[]);
+    let text = String::from_utf8(shown.stdout).unwrap();
+    assert!(shown.status.success(), "{text}");
+    assert!(
+        text.contains("guest_halt_poll_ns: 0 (recommended 200000)"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(&poll).unwrap(), "0\n", "only shown");
+
+    let applied = tune(&["--apply"]);
+    let text = String::from_utf8(applied.stdout).unwrap();
+    assert!(applied.status.success(), "{text}");
+    assert!(text.contains("changed 1 setting(s)"), "{text}");
+    assert!(text.contains("all tuned"), "{text}");
+    assert_eq!(std::fs::read_to_string(&poll).unwrap(), "200000");
+}

@@ -7,6 +7,7 @@ mod queue;
 mod scaffold;
 mod subscribe;
 mod topic;
+mod tune;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,8 @@ enum Command {
     /// List, redrive and purge dead letters.
     #[command(subcommand)]
     Dlq(queue::DlqCommand),
+    /// Show (and with --apply set) the host settings that decide latency.
+    Tune(tune::TuneArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Queue(cmd) => queue::run_queue(cmd).await,
         Command::Dlq(cmd) => queue::run_dlq(cmd).await,
+        Command::Tune(args) => tune::run(args),
     }
 }
 

@@ -1,0 +1,271 @@
+//! `switchyard tune`: the host settings that decide wake-up latency.
+//!
+//! Every message crosses several threads, and on a virtual machine a thread
+//! woken on an idle virtual CPU waits for the hypervisor to resume that CPU:
+//! 35-50 µs per hop here, more than the journal's fsync. Two kernel settings
+//! decide it. This command shows them beside the value we recommend and,
+//! with `--apply`, writes them (as root; until the next boot). See
+//! `docs/performance.md`, "The host".
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TuneArgs {
+    /// Write the recommended values (needs root; lasts until reboot).
+    #[arg(long)]
+    apply: bool,
+    /// Root of the system's files (for testing against a copy of /sys).
+    #[arg(long, default_value = "/", hide = true)]
+    root: PathBuf,
+}
+
+/// How long an idle virtual CPU polls before it halts, with the guest
+/// `haltpoll` idle driver. 200 µs is the driver's own default and covers
+/// the gap between messages at a few thousand a second.
+const HALT_POLL_NS: &str = "200000";
+
+/// One setting: where it lives, its value, what we recommend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Setting {
+    pub(crate) path: PathBuf,
+    pub(crate) current: String,
+    pub(crate) recommended: String,
+    /// Kernel command line equivalent, to keep it across reboots.
+    pub(crate) boot: &'static str,
+    pub(crate) why: &'static str,
+}
+
+impl Setting {
+    pub(crate) fn is_tuned(&self) -> bool {
+        self.current == self.recommended
+    }
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The settings that apply to the system under `root`.
+pub(crate) fn check(root: &Path) -> Vec<Setting> {
+    let mut out = Vec::new();
+    let cpu = root.join("sys/devices/system/cpu");
+    if read(&cpu.join("cpuidle/current_driver")).as_deref() == Some("haltpoll") {
+        let path = root.join("sys/module/haltpoll/parameters/guest_halt_poll_ns");
+        if let Some(current) = read(&path) {
+            out.push(Setting {
+                path,
+                current,
+                recommended: HALT_POLL_NS.into(),
+                boot: "haltpoll.guest_halt_poll_ns=200000",
+                why: "an idle virtual CPU polls before it halts, so a woken thread runs without a trip through the hypervisor",
+            });
+        }
+    }
+    let mut governors: Vec<PathBuf> = std::fs::read_dir(&cpu)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.strip_prefix("cpu").is_some_and(is_number))
+        })
+        .map(|p| p.join("cpufreq"))
+        .collect();
+    governors.sort();
+    for dir in governors {
+        let Some(current) = read(&dir.join("scaling_governor")) else {
+            continue;
+        };
+        let available = read(&dir.join("scaling_available_governors")).unwrap_or_default();
+        if !available.split_whitespace().any(|g| g == "performance") {
+            continue;
+        }
+        out.push(Setting {
+            path: dir.join("scaling_governor"),
+            current,
+            recommended: "performance".into(),
+            boot: "cpufreq.default_governor=performance",
+            why: "the core stays at full clock between bursts instead of ramping up for each one",
+        });
+    }
+    out
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The report `switchyard tune` prints.
+pub(crate) fn report(settings: &[Setting], root: &Path) -> String {
+    let mut s = String::new();
+    if settings.is_empty() {
+        s.push_str(
+            "nothing to tune: no haltpoll idle driver and no CPU frequency governor on this system\n",
+        );
+        return s;
+    }
+    for st in settings {
+        let shown = Path::new("/").join(st.path.strip_prefix(root).unwrap_or(&st.path));
+        let state = if st.is_tuned() {
+            "ok".to_string()
+        } else {
+            format!("recommended {}", st.recommended)
+        };
+        let _ = writeln!(s, "{}: {} ({state})", shown.display(), st.current);
+        let _ = writeln!(s, "    {}", st.why);
+    }
+    let todo: Vec<&Setting> = settings.iter().filter(|st| !st.is_tuned()).collect();
+    if todo.is_empty() {
+        s.push_str("all tuned\n");
+    } else {
+        let mut boot: Vec<&str> = todo.iter().map(|st| st.boot).collect();
+        boot.dedup();
+        let _ = writeln!(
+            s,
+            "apply now with `sudo switchyard tune --apply`; to keep across reboots, add to the kernel command line: {}",
+            boot.join(" ")
+        );
+    }
+    s
+}
+
+/// Writes every recommended value that differs; returns how many.
+pub(crate) fn apply(settings: &[Setting]) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for st in settings.iter().filter(|st| !st.is_tuned()) {
+        std::fs::write(&st.path, &st.recommended).with_context(|| {
+            format!(
+                "cannot write {} to {} (run as root, or add `{}` to the kernel command line)",
+                st.recommended,
+                st.path.display(),
+                st.boot
+            )
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+pub(crate) fn run(args: TuneArgs) -> anyhow::Result<()> {
+    let mut settings = check(&args.root);
+    if args.apply {
+        let n = apply(&settings)?;
+        settings = check(&args.root);
+        println!("changed {n} setting(s); they last until the next boot");
+    }
+    print!("{}", report(&settings, &args.root));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(root: &Path, rel: &str, value: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("{value}\n")).unwrap();
+    }
+
+    const POLL: &str = "sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+    #[test]
+    fn finds_untuned_settings_and_applies_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        put(
+            root,
+            "sys/devices/system/cpu/cpuidle/current_driver",
+            "haltpoll",
+        );
+        put(root, POLL, "0");
+        for cpu in ["cpu0", "cpu1"] {
+            let d = format!("sys/devices/system/cpu/{cpu}/cpufreq");
+            put(root, &format!("{d}/scaling_governor"), "powersave");
+            put(
+                root,
+                &format!("{d}/scaling_available_governors"),
+                "performance powersave",
+            );
+        }
+        // Not a CPU, and a CPU whose driver offers no performance governor.
+        put(root, "sys/devices/system/cpu/cpufreq/boost", "1");
+        put(
+            root,
+            "sys/devices/system/cpu/cpu2/cpufreq/scaling_governor",
+            "schedutil",
+        );
+        put(
+            root,
+            "sys/devices/system/cpu/cpu2/cpufreq/scaling_available_governors",
+            "schedutil",
+        );
+
+        let found = check(root);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found.iter().all(|s| !s.is_tuned()));
+        let text = report(&found, root);
+        assert!(
+            text.contains(
+                "/sys/module/haltpoll/parameters/guest_halt_poll_ns: 0 (recommended 200000)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("haltpoll.guest_halt_poll_ns=200000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cpufreq.default_governor=performance"),
+            "{text}"
+        );
+
+        assert_eq!(apply(&found).unwrap(), 3);
+        assert_eq!(read(&root.join(POLL)).unwrap(), "200000");
+        let again = check(root);
+        assert!(again.iter().all(Setting::is_tuned), "{again:?}");
+        assert!(report(&again, root).contains("all tuned"));
+        assert_eq!(apply(&again).unwrap(), 0, "nothing left to write");
+    }
+
+    #[test]
+    fn other_idle_drivers_and_bare_systems_have_nothing_to_tune() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert!(check(root).is_empty());
+        put(
+            root,
+            "sys/devices/system/cpu/cpuidle/current_driver",
+            "intel_idle",
+        );
+        put(root, POLL, "0");
+        let found = check(root);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(report(&found, root).starts_with("nothing to tune"));
+    }
+
+    #[test]
+    fn a_setting_that_cannot_be_written_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        put(
+            root,
+            "sys/devices/system/cpu/cpuidle/current_driver",
+            "haltpoll",
+        );
+        put(root, POLL, "0");
+        let mut found = check(root);
+        // A directory cannot be written as a file, even by root.
+        found[0].path = root.join("sys/module");
+        let e = format!("{:#}", apply(&found).unwrap_err());
+        assert!(e.contains("cannot write 200000"), "{e}");
+        assert!(e.contains("haltpoll.guest_halt_poll_ns=200000"), "{e}");
+    }
+}
