@@ -319,6 +319,16 @@ fn bench_reports_throughput_and_latency_as_json() {
     let sent = v["published"].as_u64().unwrap();
     assert!((1..=501).contains(&sent), "{v}");
     assert!(v["send_lag"]["p50_us"].as_f64().unwrap() > 0.0, "{v}");
+    // It names the settings of this machine that `switchyard tune` would change.
+    let tune = ok(&cli(&r, dir.path(), &["tune"], None));
+    let untuned = v["host_untuned"]
+        .as_array()
+        .expect("host_untuned is a list");
+    assert_eq!(
+        untuned.len(),
+        tune.matches("(recommended ").count(),
+        "{v}\n{tune}"
+    );
 
     // Queue mode, preloaded: two competing consumers drain this run's
     // messages once between them, acking each.

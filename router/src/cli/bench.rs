@@ -356,6 +356,10 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "max_us": h.max() as f64 / 1e3,
         })
     };
+    let untuned: Vec<super::tune::Setting> = super::tune::check(std::path::Path::new("/"))
+        .into_iter()
+        .filter(|s| !s.is_tuned())
+        .collect();
     let report = json!({
         "topic": args.topic,
         "producers": args.producers,
@@ -374,6 +378,12 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "mode": if args.queue { "queue" } else if args.group.is_some() { "group" } else { "fan-out" },
         "preload": args.preload,
         "durable": true,
+        // Settings of this machine that slow thread wake-ups (`switchyard tune`).
+        "host_untuned": untuned.iter().map(|s| json!({
+            "path": s.path.display().to_string(),
+            "current": s.current,
+            "recommended": s.recommended,
+        })).collect::<Vec<_>>(),
     });
     if args.json {
         println!("{report}");
@@ -414,6 +424,16 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         );
         line("publish -> deliver", &report["publish_to_deliver"]);
+    }
+    if args.rate > 0 && !untuned.is_empty() {
+        let what: Vec<String> = untuned
+            .iter()
+            .map(|s| format!("{} = {}", s.path.display(), s.current))
+            .collect();
+        eprintln!(
+            "note: this machine is not tuned for latency ({}); `switchyard tune` shows what to change",
+            what.join(", ")
+        );
     }
     Ok(())
 }
