@@ -9,11 +9,10 @@
 //! bytes) live here, in memory, and are restored if a commit fails, so a
 //! failed batch leaves no gap and acknowledges nothing.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::borrow::Borrow;
 
 use redb::{Database, Durability, Key, ReadableTable, TableDefinition, Value, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
