@@ -169,6 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    tune::hint();
     shutdown_signal().await;
     eprintln!("shutting down: flushing the commit queue and closing connections");
     router.shutdown().await;

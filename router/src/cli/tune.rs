@@ -153,6 +153,19 @@ pub(crate) fn apply(settings: &[Setting]) -> anyhow::Result<usize> {
     Ok(n)
 }
 
+/// Logs, once at startup, the settings of this machine that slow thread
+/// wake-ups. Never changes them: that is `switchyard tune --apply`'s job.
+pub(crate) fn hint() {
+    for s in check(Path::new("/")).iter().filter(|s| !s.is_tuned()) {
+        tracing::info!(
+            setting = %s.path.display(),
+            current = %s.current,
+            recommended = %s.recommended,
+            "this machine is not tuned for latency; `switchyard tune` shows why and how to set it"
+        );
+    }
+}
+
 pub(crate) fn run(args: TuneArgs) -> anyhow::Result<()> {
     let mut settings = check(&args.root);
     if args.apply {
