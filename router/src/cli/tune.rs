@@ -189,16 +189,19 @@ mod tests {
 
     const POLL: &str = "sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
+    /// A system tree of a virtual machine with the haltpoll idle driver.
+    fn haltpoll_vm(poll_ns: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = "sys/devices/system/cpu/cpuidle/current_driver";
+        put(dir.path(), driver, "haltpoll");
+        put(dir.path(), POLL, poll_ns);
+        dir
+    }
+
     #[test]
     fn finds_untuned_settings_and_applies_them() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = haltpoll_vm("0");
         let root = dir.path();
-        put(
-            root,
-            "sys/devices/system/cpu/cpuidle/current_driver",
-            "haltpoll",
-        );
-        put(root, POLL, "0");
         for cpu in ["cpu0", "cpu1"] {
             let d = format!("sys/devices/system/cpu/{cpu}/cpufreq");
             put(root, &format!("{d}/scaling_governor"), "powersave");
@@ -266,14 +269,8 @@ mod tests {
 
     #[test]
     fn a_setting_that_cannot_be_written_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = haltpoll_vm("0");
         let root = dir.path();
-        put(
-            root,
-            "sys/devices/system/cpu/cpuidle/current_driver",
-            "haltpoll",
-        );
-        put(root, POLL, "0");
         let mut found = check(root);
         // A directory cannot be written as a file, even by root.
         found[0].path = root.join("sys/module");
