@@ -288,25 +288,19 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     let mut shutdown = shared.shutdown.clone();
     let mut connections = JoinSet::new();
     let every = |ms: u64| Duration::from_millis(ms.max(10));
-    let s = storage.clone();
     let retention = tokio::spawn(periodic(
         every(shared.config.retention_check_ms),
         shared.shutdown.clone(),
         "retention pass",
-        move || {
-            let s = s.clone();
-            async move { s.enforce_retention().await.map(drop) }
-        },
+        storage.clone(),
+        |s| async move { s.enforce_retention().await.map(drop) },
     ));
-    let s = storage.clone();
     let checkpoints = tokio::spawn(periodic(
         every(shared.config.journal_checkpoint_ms),
         shared.shutdown.clone(),
         "journal checkpoint",
-        move || {
-            let s = s.clone();
-            async move { s.checkpoint().await }
-        },
+        storage.clone(),
+        |s| async move { s.checkpoint().await },
     ));
     loop {
         tokio::select! {
@@ -351,15 +345,16 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     tracing::info!("router stopped");
 }
 
-/// Runs `f` every `every` until shutdown (retention, checkpoints),
-/// logging its failures as `what` failed.
+/// Runs `f` on the storage every `every` until shutdown (retention,
+/// checkpoints), logging its failures as `what` failed.
 async fn periodic<F, Fut>(
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
     what: &'static str,
-    mut f: F,
+    storage: Storage,
+    f: F,
 ) where
-    F: FnMut() -> Fut,
+    F: Fn(Storage) -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::storage::StorageError>>,
 {
     let mut tick = tokio::time::interval(every);
@@ -367,7 +362,7 @@ async fn periodic<F, Fut>(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = f().await {
+                if let Err(e) = f(storage.clone()).await {
                     tracing::warn!(error = %e, "{what} failed");
                 }
             }
