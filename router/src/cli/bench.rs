@@ -356,10 +356,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "max_us": h.max() as f64 / 1e3,
         })
     };
-    let untuned: Vec<super::tune::Setting> = super::tune::check(std::path::Path::new("/"))
-        .into_iter()
-        .filter(|s| !s.is_tuned())
-        .collect();
+    let untuned = super::tune::untuned();
     let report = json!({
         "topic": args.topic,
         "producers": args.producers,

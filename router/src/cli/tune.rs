@@ -33,7 +33,7 @@ pub(crate) struct Setting {
     pub(crate) path: PathBuf,
     pub(crate) current: String,
     pub(crate) recommended: String,
-    /// Kernel command line equivalent, to keep it across reboots.
+    /// Kernel command-line parameter that sets it at boot.
     pub(crate) boot: &'static str,
     pub(crate) why: &'static str,
 }
@@ -41,6 +41,11 @@ pub(crate) struct Setting {
 impl Setting {
     pub(crate) fn is_tuned(&self) -> bool {
         self.current == self.recommended
+    }
+
+    /// The kernel command-line word that keeps the recommended value.
+    fn boot_word(&self) -> String {
+        format!("{}={}", self.boot, self.recommended)
     }
 }
 
@@ -61,7 +66,7 @@ pub(crate) fn check(root: &Path) -> Vec<Setting> {
                 path,
                 current,
                 recommended: HALT_POLL_NS.into(),
-                boot: "haltpoll.guest_halt_poll_ns=200000",
+                boot: "haltpoll.guest_halt_poll_ns",
                 why: "an idle virtual CPU polls before it halts, so a woken thread runs without a trip through the hypervisor",
             });
         }
@@ -91,7 +96,7 @@ pub(crate) fn check(root: &Path) -> Vec<Setting> {
             path: dir.join("scaling_governor"),
             current,
             recommended: "performance".into(),
-            boot: "cpufreq.default_governor=performance",
+            boot: "cpufreq.default_governor",
             why: "the core stays at full clock between bursts instead of ramping up for each one",
         });
     }
@@ -125,7 +130,7 @@ pub(crate) fn report(settings: &[Setting], root: &Path) -> String {
     if todo.is_empty() {
         s.push_str("all tuned\n");
     } else {
-        let mut boot: Vec<&str> = todo.iter().map(|st| st.boot).collect();
+        let mut boot: Vec<String> = todo.iter().map(|st| st.boot_word()).collect();
         boot.dedup();
         let _ = writeln!(
             s,
@@ -145,7 +150,7 @@ pub(crate) fn apply(settings: &[Setting]) -> anyhow::Result<usize> {
                 "cannot write {} to {} (run as root, or add `{}` to the kernel command line)",
                 st.recommended,
                 st.path.display(),
-                st.boot
+                st.boot_word()
             )
         })?;
         n += 1;
@@ -153,10 +158,17 @@ pub(crate) fn apply(settings: &[Setting]) -> anyhow::Result<usize> {
     Ok(n)
 }
 
+/// The settings of this machine that `switchyard tune` would change.
+pub(crate) fn untuned() -> Vec<Setting> {
+    let mut all = check(Path::new("/"));
+    all.retain(|s| !s.is_tuned());
+    all
+}
+
 /// Logs, once at startup, the settings of this machine that slow thread
 /// wake-ups. Never changes them: that is `switchyard tune --apply`'s job.
 pub(crate) fn hint() {
-    for s in check(Path::new("/")).iter().filter(|s| !s.is_tuned()) {
+    for s in untuned() {
         tracing::info!(
             setting = %s.path.display(),
             current = %s.current,
