@@ -31,7 +31,7 @@ fn publish(c: &mut Criterion) {
         .await
         .unwrap();
         let client = Client::connect(
-            ClientConfig::new(router.local_addr()).with_ca_file(router.cert_path()),
+            ClientConfig::new(router.local_addr()).with_data_dir(dir.path()),
         )
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{TestRouter, start_router, start_router_with, take};
+use common::{TestRouter, admin_token, start_router, start_router_with, take};
 use switchyard::client::SubscribeOptions;
 use switchyard::protocol::{ALPN, ErrorCode, Frame, Record, close};
 use switchyard::transport::FrameReader;
@@ -42,6 +42,7 @@ async fn raw_session(r: &TestRouter) -> (quinn::Connection, quinn::SendStream, R
         min_version: 1,
         max_version: 1,
         client: "raw".into(),
+        token: Some(admin_token(&r.cert)),
     };
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
@@ -282,6 +283,7 @@ async fn unsupported_versions_are_refused_with_a_code() {
         min_version: 7,
         max_version: 9,
         client: "future".into(),
+        token: None,
     };
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 26);
@@ -402,7 +404,7 @@ async fn connections_over_the_limit_are_told_why() {
     let r = start_router_with(|c| c.max_connections = 1).await;
     let first = r.client().await;
     let second = switchyard::client::Client::connect(
-        switchyard::client::ClientConfig::new(r.addr).with_ca_file(&r.cert),
+        switchyard::client::ClientConfig::new(r.addr).with_data_dir(r.dir.path()),
     )
     .await;
     let err = second.err().expect("second connection refused");
@@ -414,7 +416,7 @@ async fn connections_over_the_limit_are_told_why() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let c = switchyard::client::Client::connect(
-            switchyard::client::ClientConfig::new(r.addr).with_ca_file(&r.cert),
+            switchyard::client::ClientConfig::new(r.addr).with_data_dir(r.dir.path()),
         )
         .await;
         if let Ok(c) = c {

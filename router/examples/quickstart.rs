@@ -6,7 +6,9 @@
 //! cargo run --example quickstart          # in another, same directory
 //! ```
 //!
-//! `SWITCHYARD_ADDR` and `SWITCHYARD_CA` override the address and certificate.
+//! It trusts the router's certificate and acts with its admin token, both
+//! from `switchyard-data/` (`SWITCHYARD_DATA` overrides the directory,
+//! `SWITCHYARD_ADDR` the address).
 
 use futures::StreamExt;
 use switchyard::client::{Client, ClientConfig, SubscribeOptions};
@@ -15,8 +17,8 @@ use switchyard::protocol::{ErrorCode, Record, StartPosition};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let addr = std::env::var("SWITCHYARD_ADDR").unwrap_or_else(|_| "127.0.0.1:7400".into());
-    let ca = std::env::var("SWITCHYARD_CA").unwrap_or_else(|_| "switchyard-data/cert.pem".into());
-    let client = Client::connect(ClientConfig::new(addr.parse()?).with_ca_file(ca)).await?;
+    let data = std::env::var("SWITCHYARD_DATA").unwrap_or_else(|_| "switchyard-data".into());
+    let client = Client::connect(ClientConfig::new(addr.parse()?).with_data_dir(data)).await?;
     println!("connected to {}", client.server_info().server);
 
     match client.create_topic("quickstart", 4).await {

@@ -6,6 +6,8 @@
 //!
 //! - [`protocol`]: frames, the record format, error codes (no I/O).
 //! - `server`: the QUIC endpoint, TLS, one task per connection and per stream.
+//! - [`auth`]: principals, tokens, grants and quotas; every request is
+//!   checked against the connection's principal.
 //! - [`broker`]: topics, partitioning, consumer groups; the ingress and egress
 //!   paths between the server and storage.
 //! - [`storage`]: redb partition logs with group commit, offsets, retention.
@@ -14,6 +16,7 @@
 //!
 //! Connection -> frame -> broker -> storage writer -> fsync -> ack.
 
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod client;

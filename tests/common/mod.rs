@@ -58,8 +58,27 @@ impl TestRouter {
     }
 }
 
+/// The admin token of the router whose certificate is `cert` (both live in
+/// its data directory).
+pub fn admin_token(cert: &Path) -> String {
+    std::fs::read_to_string(cert.with_file_name("admin.token"))
+        .expect("the router wrote its admin token")
+        .trim()
+        .to_string()
+}
+
+/// Connects to the router at `addr` as its admin.
 pub async fn connect(addr: SocketAddr, cert: &Path) -> Arc<Client> {
-    let mut cfg = ClientConfig::new(addr).with_ca_file(cert);
+    connect_with(addr, cert, |c| c.with_token(admin_token(cert))).await
+}
+
+/// Connects to the router at `addr` after `tweak` sets the credential.
+pub async fn connect_with(
+    addr: SocketAddr,
+    cert: &Path,
+    tweak: impl FnOnce(ClientConfig) -> ClientConfig,
+) -> Arc<Client> {
+    let mut cfg = tweak(ClientConfig::new(addr).with_ca_file(cert));
     // Notice a killed router quickly.
     cfg.idle_timeout = Duration::from_secs(2);
     Arc::new(Client::connect(cfg).await.unwrap())

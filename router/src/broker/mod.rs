@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 pub use group::{Group, Held};
 
+use crate::auth::Auth;
 use crate::delivery::QueueGroup;
 use crate::plugins::{CallMessage, FailureMode, Hook, LiveVersion, PluginRegistry};
 use crate::protocol::headers::{PRIORITY, Policy};
@@ -46,6 +47,7 @@ pub struct Broker {
     groups: Mutex<HashMap<(String, u32), Arc<Group>>>,
     queues: Mutex<HashMap<(String, u32), Arc<QueueGroup>>>,
     plugins: Arc<PluginRegistry>,
+    auth: Arc<Auth>,
 }
 
 /// Where one published record went, for its ack.
@@ -304,14 +306,25 @@ pub(crate) fn unknown_topic(name: &str) -> WireError {
 
 impl Broker {
     /// A broker over `storage`, with the deployed plugins.
-    pub fn new(storage: Storage, config: BrokerConfig, plugins: Arc<PluginRegistry>) -> Self {
+    pub fn new(
+        storage: Storage,
+        config: BrokerConfig,
+        plugins: Arc<PluginRegistry>,
+        auth: Arc<Auth>,
+    ) -> Self {
         Broker {
             storage,
             config,
             groups: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             plugins,
+            auth,
         }
+    }
+
+    /// Principals: a plugin acts with the rights of the one who deployed it.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     /// The plugin registry.

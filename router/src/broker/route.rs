@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::{Broker, PublishTicket, Slot, partitioner, unknown_topic};
+use crate::auth::{Class, Principal};
 use crate::plugins::{
     CallError, CallMessage, FailureMode, LiveVersion, RouteAction, RouteDecision,
 };
@@ -42,6 +43,12 @@ impl Broker {
             .next()
             .unwrap_or_default()
             .into();
+        // A plugin acts with its deployer's rights, resolved once per batch:
+        // `None` for a version deployed before principals existed.
+        let deployer = live
+            .deployer
+            .as_deref()
+            .map(|name| (name, self.auth.principal(name)));
         let mut pending = records.into_iter().peekable();
         while pending.peek().is_some() {
             let batch: Vec<CallMessage> = pending
@@ -65,7 +72,7 @@ impl Broker {
                         value,
                     }));
                     for (m, d) in result.batch.into_iter().zip(decisions) {
-                        match self.place(topic, m.record, d) {
+                        match self.place(topic, m.record, d, deployer.as_ref()) {
                             Ok(p) => placements.push(p),
                             Err(Decided::Reject(reason)) => {
                                 live.plugin.settle_kv(&staged);
@@ -167,6 +174,7 @@ impl Broker {
         topic: &Arc<TopicHandle>,
         record: RawRecord,
         d: RouteDecision,
+        deployer: Option<&(&str, Option<Arc<Principal>>)>,
     ) -> Result<Placement, Decided> {
         let record = if d.add_headers.is_empty() {
             record
@@ -194,6 +202,19 @@ impl Broker {
                 }
                 let mut targets = Vec::with_capacity(names.len());
                 for n in &names {
+                    if let Some((who, principal)) = deployer
+                        && !principal
+                            .as_ref()
+                            .is_some_and(|p| p.may(Class::Publish, n, ""))
+                    {
+                        return Err(Decided::Invalid(
+                            record,
+                            format!(
+                                "route to '{n}': the plugin acts with the rights of '{who}', \
+                                 who deployed it and may not publish there"
+                            ),
+                        ));
+                    }
                     match self.storage.topic(n) {
                         Some(t) => targets.push((t, record.clone())),
                         None => {

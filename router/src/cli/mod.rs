@@ -1,5 +1,6 @@
 //! The `switchyard` command line.
 
+mod auth;
 mod bench;
 mod plugin;
 mod publish;
@@ -43,20 +44,56 @@ pub struct ConnectArgs {
     /// Name to verify in the router's certificate.
     #[arg(long, env = "SWITCHYARD_SERVER_NAME", default_value = "localhost")]
     server_name: String,
+    /// Bearer token to act with.
+    #[arg(long, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (default: `admin.token` beside the
+    /// --ca certificate, if there is one: the router's own data directory).
+    #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "SWITCHYARD_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "SWITCHYARD_KEY", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 impl ConnectArgs {
-    async fn connect(&self) -> anyhow::Result<Client> {
+    fn config(&self) -> anyhow::Result<ClientConfig> {
         if !self.ca.exists() {
             anyhow::bail!(
                 "certificate {} not found: start a router with `switchyard serve` in this directory, or pass --ca / SWITCHYARD_CA",
                 self.ca.display()
             );
         }
-        let cfg = ClientConfig::new(self.addr)
+        let mut cfg = ClientConfig::new(self.addr)
             .with_ca_file(&self.ca)
             .with_server_name(&self.server_name);
-        Ok(Client::connect(cfg).await?)
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            cfg = cfg.with_client_cert(cert, key);
+        }
+        if let Some(t) = &self.token {
+            cfg = cfg.with_token(t);
+        } else if let Some(f) = &self.token_file {
+            cfg = cfg.with_token_file(f)?;
+        } else if self.cert.is_none() {
+            // Beside a router, its data directory's admin token, found the
+            // same way as its certificate.
+            let beside = self
+                .ca
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("admin.token");
+            if beside.exists() {
+                cfg = cfg.with_token_file(beside)?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.config()?).await?)
     }
 }
 
@@ -84,6 +121,9 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Show (and with --apply set) the host settings that decide latency.
     Tune(tune::TuneArgs),
+    /// Principals: tokens, grants, quotas, whoami.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +137,14 @@ struct ServeArgs {
     /// TOML file; any field of the router configuration (see docs/configuration.md).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Accept client certificates signed by this CA (PEM): mutual TLS, the
+    /// certificate's subject common name is the principal.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Let connections without a credential in, as principal `anonymous`
+    /// with every right (or `[auth] anonymous_grants`). Logged at every start.
+    #[arg(long)]
+    allow_anonymous: bool,
 }
 
 /// Entry point of the binary.
@@ -138,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue(cmd) => queue::run_queue(cmd).await,
         Command::Dlq(cmd) => queue::run_dlq(cmd).await,
         Command::Tune(args) => tune::run(args),
+        Command::Auth(cmd) => auth::run(cmd).await,
     }
 }
 
@@ -157,6 +206,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    if let Some(ca) = args.client_ca {
+        config.auth.client_ca = Some(ca);
+    }
+    if args.allow_anonymous {
+        config.auth.allow_anonymous = true;
+    }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines.
     println!("switchyard listening on {}", router.local_addr());
@@ -169,6 +224,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    if router.admin_token_path().exists() {
+        println!("admin token: {}", router.admin_token_path().display());
+    }
     tune::hint();
     shutdown_signal().await;
     eprintln!("shutting down: flushing the commit queue and closing connections");

@@ -34,6 +34,10 @@ pub struct ClientConfig {
     /// A connection that hears nothing from the router for this long is
     /// declared lost (keep-alives are sent at a third of it).
     pub idle_timeout: Duration,
+    /// Bearer token naming the principal to act as (sent in `Hello`).
+    pub token: Option<String>,
+    /// Client certificate and key (PEM files) for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientConfig {
@@ -47,7 +51,41 @@ impl ClientConfig {
             max_in_flight: 65_536,
             client_name: format!("switchyard-rust/{}", env!("CARGO_PKG_VERSION")),
             idle_timeout: Duration::from_secs(15),
+            token: None,
+            client_cert: None,
         }
+    }
+
+    /// Trusts the router's certificate in data directory `dir` and acts
+    /// with its admin token, as the CLI does beside a router: what an
+    /// application or test on the router's machine uses.
+    pub fn with_data_dir(self, dir: impl AsRef<Path>) -> Self {
+        let dir = dir.as_ref();
+        let cfg = self.with_ca_file(dir.join("cert.pem"));
+        match std::fs::read_to_string(dir.join("admin.token")) {
+            Ok(t) => cfg.with_token(t),
+            Err(_) => cfg,
+        }
+    }
+
+    /// Acts as the principal this bearer token names.
+    pub fn with_token(mut self, token: impl AsRef<str>) -> Self {
+        self.token = Some(token.as_ref().trim().to_string());
+        self
+    }
+
+    /// Reads the bearer token from a file (its first line).
+    pub fn with_token_file(self, path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let t = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Tls(format!("token file {}: {e}", path.display())))?;
+        Ok(self.with_token(t))
+    }
+
+    /// Presents this certificate (PEM chain) and key for mutual TLS.
+    pub fn with_client_cert(mut self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Self {
+        self.client_cert = Some((cert.as_ref().to_path_buf(), key.as_ref().to_path_buf()));
+        self
     }
 
     /// Trust the certificate(s) in this PEM file.
@@ -112,11 +150,27 @@ fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError>
         return Err(ClientError::Tls("no trusted certificate given".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match &cfg.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let tls_err = |p: &Path, e: &dyn std::fmt::Display| {
+                ClientError::Tls(format!("{}: {e}", p.display()))
+            };
+            let chain: Result<Vec<_>, _> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| tls_err(cert, &e))?
+                .collect();
+            let chain = chain.map_err(|e| tls_err(cert, &e))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| tls_err(key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Tls(e.to_string()))?
+        }
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Tls(e.to_string()))?;
@@ -167,6 +221,7 @@ impl Client {
             min_version: MIN_VERSION,
             max_version: MAX_VERSION,
             client: cfg.client_name.clone(),
+            token: cfg.token.clone(),
         };
         send.write_all(&hello.to_bytes())
             .await
@@ -384,6 +439,60 @@ impl Client {
             .admin_json("dlq-purge", serde_json::json!({ "topic": topic }))
             .await?;
         Ok(v["purged"].as_u64().unwrap_or(0))
+    }
+
+    /// Who this connection acts as: name, grants, quotas and usage.
+    pub async fn whoami(&self) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("whoami", serde_json::json!({})).await
+    }
+
+    /// Creates a principal with a new bearer token and these grants
+    /// (`publish:orders.*`, `consume:orders.*@billing`, ...). The answer's
+    /// `secret` is the token: shown this once, stored only as a hash.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        grants: &[&str],
+    ) -> Result<String, ClientError> {
+        let v = self
+            .admin_json(
+                "auth-token-create",
+                serde_json::json!({ "name": name, "grants": grants }),
+            )
+            .await?;
+        v["secret"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Protocol("token answer without a secret".into()))
+    }
+
+    /// Removes a principal and its token; its open connections are closed.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        self.admin_json("auth-token-revoke", serde_json::json!({ "name": name }))
+            .await
+            .map(drop)
+    }
+
+    /// Adds grants to a principal (creating one without a token, for a
+    /// client certificate, if the name is new).
+    pub async fn grant(&self, name: &str, grants: &[&str]) -> Result<(), ClientError> {
+        self.admin_json(
+            "auth-grant",
+            serde_json::json!({ "name": name, "grants": grants }),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes grants from a principal; its connections are closed, so
+    /// nothing keeps running on the old grants.
+    pub async fn revoke_grant(&self, name: &str, grants: &[&str]) -> Result<(), ClientError> {
+        self.admin_json(
+            "auth-revoke",
+            serde_json::json!({ "name": name, "grants": grants }),
+        )
+        .await
+        .map(drop)
     }
 
     async fn admin_json(

@@ -70,6 +70,11 @@ pub struct VersionRecord {
     /// Time from going live to its first decision, in microseconds.
     #[serde(default)]
     pub swap_latency_us: Option<u64>,
+    /// The principal that deployed it: the version acts with its rights.
+    /// Absent for versions deployed before the router had principals,
+    /// which act unrestricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_by: Option<String>,
 }
 
 /// A deploy, rollback or removal, as kept in the history.
@@ -81,6 +86,9 @@ pub struct HistoryEvent {
     pub event: String,
     /// The version that went live.
     pub version: u32,
+    /// The principal that made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A plugin as stored in redb.
@@ -112,6 +120,8 @@ pub struct LiveVersion {
     pub plugin: LoadedPlugin,
     /// Its failure mode.
     pub on_failure: FailureMode,
+    /// The principal that deployed it (see [`VersionRecord::deployed_by`]).
+    pub deployer: Option<Arc<str>>,
     activation: Arc<Activation>,
 }
 
@@ -294,6 +304,10 @@ pub struct DeployRequest {
     /// Memory cap in MiB (default 64).
     #[serde(default)]
     pub memory_mb: Option<u64>,
+    /// Who deploys it: set by the router from the connection's principal,
+    /// never taken from the request.
+    #[serde(skip)]
+    pub deployed_by: Option<String>,
 }
 
 /// All deployed plugins.
@@ -368,6 +382,12 @@ impl PluginRegistry {
         Ok(reg)
     }
 
+    /// The topic plugin `name` is bound to: what plugin-admin grants are
+    /// checked against.
+    pub fn topic_of(&self, name: &str) -> Result<String, WireError> {
+        Ok(self.binding(name)?.topic.clone())
+    }
+
     fn binding(&self, name: &str) -> Result<Arc<Binding>, WireError> {
         self.bindings
             .read()
@@ -417,6 +437,7 @@ impl PluginRegistry {
             version,
             plugin,
             on_failure: v.on_failure,
+            deployer: v.deployed_by.as_deref().map(Into::into),
             activation: Activation::new(),
         })
     }
@@ -556,6 +577,7 @@ impl PluginRegistry {
             memory_mb: req.memory_mb.unwrap_or(64),
             cutover: BTreeMap::new(),
             swap_latency_us: None,
+            deployed_by: req.deployed_by.clone(),
         };
         // Compile and self-test off the async workers: compiling a large
         // component takes a good fraction of a second.
@@ -618,6 +640,7 @@ impl PluginRegistry {
                 at_ms: now_ms(),
                 event: "deploy".into(),
                 version,
+                by: req.deployed_by.clone(),
             });
             let mut dropped = Vec::new();
             while rec.versions.len() > KEEP_VERSIONS {
@@ -632,6 +655,7 @@ impl PluginRegistry {
             version,
             plugin,
             on_failure: req.on_failure,
+            deployer: req.deployed_by.as_deref().map(Into::into),
             activation: Activation::new(),
         });
         binding.activate(live);
@@ -650,6 +674,7 @@ impl PluginRegistry {
         &self,
         name: &str,
         to: Option<u32>,
+        by: Option<String>,
     ) -> Result<serde_json::Value, WireError> {
         let _admin = self.admin.lock().await;
         let b = self.binding(name)?;
@@ -698,6 +723,7 @@ impl PluginRegistry {
                 at_ms: now_ms(),
                 event: "rollback".into(),
                 version: target,
+                by,
             });
             // Decisions from the new activation count as a new cut-over:
             // forget the earlier activation's, in the record and as a source.

@@ -44,6 +44,11 @@ pub enum ErrorCode {
     InvalidDelay,
     /// A priority is not a number from 0 to 9.
     InvalidPriority,
+    /// The connection presented no credential, or one the router does not
+    /// know (wrong, revoked or expired token; certificate of another CA).
+    Unauthenticated,
+    /// The principal lacks the grant this request needs; the message names it.
+    Forbidden,
     /// The storage layer failed (for example a full disk); nothing was acknowledged.
     Storage,
     /// The router is shutting down; retry against another router or later.
@@ -81,6 +86,8 @@ impl ErrorCode {
             ErrorCode::UnknownDelivery => 111,
             ErrorCode::InvalidDelay => 112,
             ErrorCode::InvalidPriority => 113,
+            ErrorCode::Unauthenticated => 114,
+            ErrorCode::Forbidden => 115,
             ErrorCode::Storage => 200,
             ErrorCode::ShuttingDown => 201,
             ErrorCode::LimitExceeded => 202,
@@ -111,6 +118,8 @@ impl ErrorCode {
             111 => ErrorCode::UnknownDelivery,
             112 => ErrorCode::InvalidDelay,
             113 => ErrorCode::InvalidPriority,
+            114 => ErrorCode::Unauthenticated,
+            115 => ErrorCode::Forbidden,
             200 => ErrorCode::Storage,
             201 => ErrorCode::ShuttingDown,
             202 => ErrorCode::LimitExceeded,
@@ -141,6 +150,8 @@ impl ErrorCode {
             ErrorCode::UnknownDelivery => "unknown_delivery",
             ErrorCode::InvalidDelay => "invalid_delay",
             ErrorCode::InvalidPriority => "invalid_priority",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::LimitExceeded => "limit_exceeded",

@@ -116,6 +116,9 @@ pub enum Frame {
         max_version: u8,
         /// Free-form client identification, for logs.
         client: String,
+        /// A bearer token naming the principal this connection acts as
+        /// (absent: a client certificate or anonymous access must do).
+        token: Option<String>,
     },
     /// The router's answer to `Hello`.
     HelloOk {
@@ -345,11 +348,15 @@ impl Frame {
                 min_version,
                 max_version,
                 client,
+                token,
             } => {
                 buf.put_u8(ty::HELLO);
                 buf.put_u8(*min_version);
                 buf.put_u8(*max_version);
                 put_str(buf, client);
+                if let Some(token) = token {
+                    put_str(buf, token);
+                }
             }
             Frame::HelloOk {
                 version,
@@ -814,6 +821,12 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             min_version: b.u8("min version")?,
             max_version: b.u8("max version")?,
             client: b.string("client")?,
+            // Optional trailing field: absent means no token.
+            token: if b.buf.is_empty() {
+                None
+            } else {
+                Some(b.string("token")?)
+            },
         },
         ty::HELLO_OK => Frame::HelloOk {
             version: b.u8("version")?,
@@ -1101,11 +1114,14 @@ mod tests {
 
     fn frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u8>(), any::<u8>(), ".{0,10}").prop_map(|(a, b, c)| Frame::Hello {
-                min_version: a,
-                max_version: b,
-                client: c
-            }),
+            (any::<u8>(), any::<u8>(), ".{0,10}", proptest::option::of(".{0,50}")).prop_map(
+                |(a, b, c, t)| Frame::Hello {
+                    min_version: a,
+                    max_version: b,
+                    client: c,
+                    token: t,
+                }
+            ),
             (any::<u8>(), ".{0,10}", any::<u32>(), any::<u32>()).prop_map(|(v, s, m, f)| {
                 Frame::HelloOk {
                     version: v,

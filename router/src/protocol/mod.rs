@@ -44,6 +44,9 @@ pub mod close {
     pub const UNSUPPORTED_VERSION: u32 = 3;
     /// The router is at its connection limit.
     pub const TOO_MANY_CONNECTIONS: u32 = 4;
+    /// No valid credential, or the principal's credential or grants were
+    /// revoked while connected.
+    pub const UNAUTHENTICATED: u32 = 5;
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::{Shared, control, publish, subscribe};
+use rustls::pki_types::CertificateDer;
+
+use super::session::Session;
+use super::{Shared, control, publish, subscribe, tls};
 use crate::protocol::{ErrorCode, Frame, close, negotiate};
 use crate::transport::{FrameReader, ReadFrameError};
 
@@ -25,17 +28,20 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
     tracing::debug!(%remote, "connection open");
     let max_frame = shared.config.max_frame_bytes;
 
-    let control = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello(&conn, &shared)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(reason)) => {
-            tracing::debug!(%remote, %reason, "connection rejected");
-            return;
-        }
-        Err(_) => {
-            conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
-            return;
-        }
-    };
+    let (control, session) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello(&conn, &shared)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(reason)) => {
+                tracing::debug!(%remote, %reason, "connection rejected");
+                return;
+            }
+            Err(_) => {
+                conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
+                return;
+            }
+        };
+    let session = Arc::new(session);
+    let mut principals = shared.auth.watch();
 
     let mut shutdown = shared.shutdown.clone();
     // Publish streams drain on shutdown (their queued batches are acked);
@@ -46,7 +52,8 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
         let (send, reader) = control;
         let shared = shared.clone();
         let conn = conn.clone();
-        others.spawn(async move { control::serve(send, reader, shared, conn).await });
+        let session = session.clone();
+        others.spawn(async move { control::serve(send, reader, shared, conn, session).await });
     }
     let shutting_down = loop {
         tokio::select! {
@@ -56,13 +63,20 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     let shared = shared.clone();
                     let conn = conn.clone();
                     let reader = FrameReader::new(recv, max_frame);
-                    publishers.spawn(stream(send, reader, shared, conn));
+                    publishers.spawn(stream(send, reader, shared, conn, session.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(%remote, reason = %e, "connection closed");
                     break false;
                 }
             },
+            Ok(()) = principals.changed() => {
+                if let Err(why) = session.recheck(&shared.auth) {
+                    tracing::info!(%remote, principal = %session.principal().name, %why, "closing connection");
+                    conn.close(close::UNAUTHENTICATED.into(), why.as_bytes());
+                    break false;
+                }
+            }
             Some(_) = publishers.join_next(), if !publishers.is_empty() => {}
             Some(_) = others.join_next(), if !others.is_empty() => {}
         }
@@ -86,62 +100,107 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Control = (quinn::SendStream, FrameReader<quinn::RecvStream>);
 
-async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Control, String> {
+/// The handshake: `Hello`, the version, then who the client is (its token,
+/// else its certificate) and whether its connection quota has room; only
+/// then `HelloOk`.
+async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<(Control, Session), String> {
     let (mut send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
-    match reader.next().await {
+    let (version, client, token) = match reader.next().await {
         Ok(Some(Frame::Hello {
             min_version,
             max_version,
             client,
+            token,
         })) => match negotiate(min_version, max_version) {
-            Some(version) => {
-                let ok = Frame::HelloOk {
-                    version,
-                    server: format!("switchyard {}", env!("CARGO_PKG_VERSION")),
-                    max_message_bytes: shared.config.max_message_bytes as u32,
-                    max_frame_bytes: shared.config.max_frame_bytes as u32,
-                };
-                send.write_all(&ok.to_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tracing::debug!(client, version, "hello");
-                Ok((send, reader))
-            }
+            Some(version) => (version, client, token),
             None => {
                 let msg = format!(
                     "client speaks protocol versions {min_version}-{max_version}; this router speaks {}-{}: upgrade the older side",
                     crate::protocol::MIN_VERSION,
                     crate::protocol::MAX_VERSION
                 );
-                let f = Frame::Error {
-                    id: 0,
-                    code: ErrorCode::UnsupportedVersion,
-                    message: msg.clone(),
-                };
-                let _ = send.write_all(&f.to_bytes()).await;
-                let _ = send.finish();
-                // Give the error frame a moment to leave before closing.
-                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-                conn.close(
-                    close::UNSUPPORTED_VERSION.into(),
-                    b"unsupported protocol version",
-                );
-                Err(msg)
+                refuse(
+                    conn,
+                    &mut send,
+                    ErrorCode::UnsupportedVersion,
+                    &msg,
+                    close::UNSUPPORTED_VERSION,
+                )
+                .await;
+                return Err(msg);
             }
         },
         Ok(Some(other)) => {
             let why = format!("expected Hello, got {}", frame_name(&other));
             violation(conn, &mut send, ErrorCode::UnexpectedFrame, &why).await;
-            Err("no Hello".into())
+            return Err("no Hello".into());
         }
-        Ok(None) => Err("control stream closed before Hello".into()),
+        Ok(None) => return Err("control stream closed before Hello".into()),
         Err(e) => {
             let why = e.to_string();
             read_failed(conn, &mut send, e).await;
-            Err(why)
+            return Err(why);
         }
-    }
+    };
+    let certificate = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(tls::certificate_principal));
+    let remote = conn.remote_address();
+    let (principal, credential) =
+        match shared.auth.authenticate(token.as_deref(), certificate.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(%remote, client, reason = %e.message, "connection refused: unauthenticated");
+                refuse(conn, &mut send, e.code, &e.message, close::UNAUTHENTICATED).await;
+                return Err(e.message);
+            }
+        };
+    let usage = shared.auth.usage(&principal.name);
+    let held = match usage.connect(&principal.quotas, &principal.name) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(%remote, principal = %principal.name, "connection refused: quota");
+            refuse(conn, &mut send, e.code, &e.message, close::TOO_MANY_CONNECTIONS).await;
+            return Err(e.message);
+        }
+    };
+    let ok = Frame::HelloOk {
+        version,
+        server: format!("switchyard {}", env!("CARGO_PKG_VERSION")),
+        max_message_bytes: shared.config.max_message_bytes as u32,
+        max_frame_bytes: shared.config.max_frame_bytes as u32,
+    };
+    send.write_all(&ok.to_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(%remote, client, version, principal = %principal.name, "hello");
+    Ok((
+        (send, reader),
+        Session::new(principal, credential, usage, held),
+    ))
+}
+
+/// Answers the handshake with an error and closes the connection.
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: &str,
+    close_code: u32,
+) {
+    let f = Frame::Error {
+        id: 0,
+        code,
+        message: message.to_string(),
+    };
+    let _ = send.write_all(&f.to_bytes()).await;
+    let _ = send.finish();
+    // Give the error frame a moment to leave before closing.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    let reason = &message.as_bytes()[..message.len().min(1000)];
+    conn.close(close_code.into(), reason);
 }
 
 /// A new stream: its first frame says what it is.
@@ -150,6 +209,7 @@ async fn stream(
     mut reader: FrameReader<quinn::RecvStream>,
     shared: Arc<Shared>,
     conn: quinn::Connection,
+    session: Arc<Session>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     let first = tokio::select! {
@@ -158,10 +218,10 @@ async fn stream(
     };
     match first {
         Ok(Some(first @ Frame::PublishBatch { .. })) => {
-            publish::serve(first, send, reader, shared, conn).await
+            publish::serve(first, send, reader, shared, conn, session).await
         }
         Ok(Some(first @ Frame::Subscribe { .. })) => {
-            subscribe::serve(first, send, reader, shared, conn).await
+            subscribe::serve(first, send, reader, shared, conn, session).await
         }
         Ok(Some(other)) => {
             let why = format!(

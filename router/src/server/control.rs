@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
+use super::session::Session;
+use crate::auth::Class;
 use crate::protocol::{ErrorCode, Frame, WireError};
 use crate::transport::FrameReader;
 
@@ -12,6 +14,7 @@ pub(super) async fn serve(
     mut reader: FrameReader<quinn::RecvStream>,
     shared: Arc<Shared>,
     conn: quinn::Connection,
+    session: Arc<Session>,
 ) {
     let broker = &shared.broker;
     loop {
@@ -27,33 +30,50 @@ pub(super) async fn serve(
                 partitions,
                 retention_ms,
                 retention_bytes,
-            } => answer(
+            } => {
+                let r = match session.check(Class::TopicAdmin, &name, "") {
+                    Ok(()) => {
+                        broker
+                            .create_topic(&name, partitions, retention_ms, retention_bytes)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                answer(
+                    id,
+                    r.map(|t| Frame::Topics {
+                        id,
+                        topics: vec![t],
+                    }),
+                )
+            }
+            Frame::DeleteTopic { id, name } => {
+                let r = match session.check(Class::TopicAdmin, &name, "") {
+                    Ok(()) => broker.delete_topic(&name).await,
+                    Err(e) => Err(e),
+                };
+                answer(id, r.map(|()| Frame::Ok { id }))
+            }
+            Frame::ListTopics { id } => {
+                // A principal sees the topics its grants name.
+                let p = session.principal();
+                let mut topics = broker.list_topics();
+                topics.retain(|t| p.sees(&t.name));
+                Frame::Topics { id, topics }
+            }
+            Frame::DescribeTopic { id, name } => answer(
                 id,
-                broker
-                    .create_topic(&name, partitions, retention_ms, retention_bytes)
-                    .await
+                session
+                    .principal()
+                    .check_sees(&name)
+                    .and_then(|()| broker.describe_topic(&name))
                     .map(|t| Frame::Topics {
                         id,
                         topics: vec![t],
                     }),
             ),
-            Frame::DeleteTopic { id, name } => answer(
-                id,
-                broker.delete_topic(&name).await.map(|()| Frame::Ok { id }),
-            ),
-            Frame::ListTopics { id } => Frame::Topics {
-                id,
-                topics: broker.list_topics(),
-            },
-            Frame::DescribeTopic { id, name } => answer(
-                id,
-                broker.describe_topic(&name).map(|t| Frame::Topics {
-                    id,
-                    topics: vec![t],
-                }),
-            ),
             Frame::AdminRequest { id, op, body, wasm } => {
-                match super::plugin_admin::handle(broker, &op, &body, wasm).await {
+                match super::plugin_admin::handle(&shared, &session, &op, &body, wasm).await {
                     Ok(v) => Frame::AdminResponse {
                         id,
                         body: serde_json::to_vec(&v).expect("json serializes").into(),

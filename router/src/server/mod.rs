@@ -4,12 +4,14 @@
 //! The binary only parses configuration and calls [`run`]; tests call
 //! [`Router::start`] with port 0 and talk to the returned address.
 
+mod auth_admin;
 mod connection;
 mod control;
 mod plugin_admin;
 mod plugin_test;
 mod publish;
 mod queue_admin;
+mod session;
 mod subscribe;
 pub mod tls;
 
@@ -23,6 +25,7 @@ use serde::Deserialize;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::{Auth, AuthConfig, AuthError};
 use crate::broker::{Broker, BrokerConfig};
 use crate::plugins::PluginRegistry;
 use crate::protocol::close;
@@ -74,6 +77,8 @@ pub struct RouterConfig {
     pub cache_bytes: usize,
     /// Close connections idle (no keep-alive) this long, in milliseconds.
     pub idle_timeout_ms: u64,
+    /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
+    pub auth: AuthConfig,
 }
 
 impl Default for RouterConfig {
@@ -99,6 +104,7 @@ impl Default for RouterConfig {
             retention_check_ms: 30_000,
             cache_bytes: storage.cache_bytes,
             idle_timeout_ms: 30_000,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -147,11 +153,25 @@ pub enum StartError {
     /// Deployed plugins could not be loaded.
     #[error("loading plugins: {0}")]
     Plugins(String),
+    /// Principals could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The router would be reachable beyond this machine with no principal
+    /// but the local admin token.
+    #[error(
+        "refusing to listen on {0} with no principal configured: anyone who reaches this address \
+         would need the admin token from this machine's data directory, and no one else could \
+         connect. Create principals first (start on 127.0.0.1 and run `switchyard auth token \
+         create NAME --grant ...`), define them in the config file's [auth] section, accept client \
+         certificates with --client-ca FILE, or pass --allow-anonymous if an open router is really meant"
+    )]
+    OpenToNetwork(SocketAddr),
 }
 
 /// State shared by every connection task.
 pub(crate) struct Shared {
     pub(crate) broker: Broker,
+    pub(crate) auth: Arc<Auth>,
     pub(crate) config: RouterConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -159,6 +179,7 @@ pub(crate) struct Shared {
 /// A running router.
 pub struct Router {
     local_addr: SocketAddr,
+    data: PathBuf,
     cert_path: PathBuf,
     generated_cert: bool,
     shutdown: watch::Sender<bool>,
@@ -179,7 +200,7 @@ impl Router {
         })?;
         let paths = config.cert_paths();
         let generated_cert = tls::ensure_self_signed(&paths)?;
-        let crypto = tls::server_crypto(&paths)?;
+        let crypto = tls::server_crypto(&paths, config.auth.client_ca.as_deref())?;
 
         let storage = Storage::open(
             &config.data.join("switchyard.redb"),
@@ -193,6 +214,20 @@ impl Router {
                 checkpoint: Duration::from_millis(config.journal_checkpoint_ms),
             },
         )?;
+
+        let auth = Arc::new(Auth::open(&config.auth, &config.data, storage.clone())?);
+        if !config.listen.ip().is_loopback()
+            && !auth.has_principals_beyond_admin(config.auth.client_ca.is_some())
+        {
+            storage.shutdown().await;
+            return Err(StartError::OpenToNetwork(config.listen));
+        }
+        if config.auth.allow_anonymous {
+            tracing::warn!(
+                grants = ?config.auth.anonymous_grants.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                "anonymous access is allowed: connections without a credential act as 'anonymous'"
+            );
+        }
 
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -228,12 +263,14 @@ impl Router {
                 max_partitions: config.max_partitions,
             },
             plugins,
+            auth.clone(),
         );
         if let Err(e) = broker.open_queue_groups() {
             tracing::error!(error = %e, "queue groups not restored");
         }
         let shared = Arc::new(Shared {
             broker,
+            auth,
             config: config.clone(),
             shutdown: shutdown_rx,
         });
@@ -241,6 +278,7 @@ impl Router {
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
             local_addr,
+            data: config.data.clone(),
             cert_path: paths.cert,
             generated_cert,
             shutdown,
@@ -256,6 +294,12 @@ impl Router {
     /// The certificate clients should trust.
     pub fn cert_path(&self) -> &std::path::Path {
         &self.cert_path
+    }
+
+    /// The admin token file in the data directory (written on first start
+    /// unless `[auth] admin_token = false`).
+    pub fn admin_token_path(&self) -> PathBuf {
+        crate::auth::admin_token_path(&self.data)
     }
 
     /// True if this start generated a new self-signed certificate.

@@ -5,7 +5,9 @@
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::broker::Broker;
+use super::Shared;
+use super::session::Session;
+use crate::auth::Class;
 use crate::plugins::DeployRequest;
 use crate::protocol::{ErrorCode, WireError};
 
@@ -33,15 +35,27 @@ struct Rollback {
 }
 
 pub(super) async fn handle(
-    broker: &Broker,
+    shared: &Shared,
+    session: &Session,
     op: &str,
     body: &[u8],
     wasm: Bytes,
 ) -> Result<serde_json::Value, WireError> {
+    let broker = &shared.broker;
     let plugins = broker.plugins();
+    // plugin-admin grants name the topic a plugin is bound to.
+    let on_binding = |name: &str| -> Result<(), WireError> {
+        session.check(Class::PluginAdmin, &plugins.topic_of(name)?, "")
+    };
     match op {
         "deploy" => {
-            let req: DeployRequest = parse(body)?;
+            let mut req: DeployRequest = parse(body)?;
+            session.check(Class::PluginAdmin, &req.topic, "")?;
+            if let Ok(current) = plugins.topic_of(&req.name) {
+                // Redeploying may not move another team's plugin either.
+                session.check(Class::PluginAdmin, &current, "")?;
+            }
+            req.deployed_by = Some(session.principal().name.to_string());
             let topic_exists = broker.topic(&req.topic).is_ok();
             if req.on_failure == crate::plugins::FailureMode::DeadLetter && topic_exists {
                 // Route failures are stored on `<topic>.dlq`: make sure it exists.
@@ -57,15 +71,37 @@ pub(super) async fn handle(
             }
             plugins.deploy(req, wasm.to_vec(), topic_exists).await
         }
-        "list" => Ok(plugins.list()),
-        "show" => plugins.show(&parse::<Named>(body)?.name),
+        "list" => {
+            let p = session.principal();
+            let mut all = plugins.list();
+            if let serde_json::Value::Array(list) = &mut all {
+                list.retain(|v| {
+                    v["topic"]
+                        .as_str()
+                        .is_some_and(|t| p.may(Class::PluginAdmin, t, ""))
+                });
+            }
+            Ok(all)
+        }
+        "show" => {
+            let name = parse::<Named>(body)?.name;
+            on_binding(&name)?;
+            plugins.show(&name)
+        }
         "rollback" => {
             let r: Rollback = parse(body)?;
-            plugins.rollback(&r.name, r.to).await
+            on_binding(&r.name)?;
+            let by = Some(session.principal().name.to_string());
+            plugins.rollback(&r.name, r.to, by).await
         }
-        "remove" => plugins.remove(&parse::<Named>(body)?.name).await,
+        "remove" => {
+            let name = parse::<Named>(body)?.name;
+            on_binding(&name)?;
+            plugins.remove(&name).await
+        }
         "kv-get" => {
             let r: KvGet = parse(body)?;
+            on_binding(&r.name)?;
             let v = plugins.kv_get(&r.name, &r.key)?;
             Ok(serde_json::json!({
                 "name": r.name,
@@ -73,16 +109,24 @@ pub(super) async fn handle(
                 "value": v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
             }))
         }
-        "test" => super::plugin_test::dry_run(broker, parse(body)?, wasm).await,
+        "test" => {
+            let req: super::plugin_test::TestRequest = parse(body)?;
+            session.check(Class::PluginAdmin, &req.topic, "")?;
+            super::plugin_test::dry_run(broker, req, wasm).await
+        }
         other if super::queue_admin::OPS.contains(&other) => {
-            super::queue_admin::handle(broker, other, body).await
+            super::queue_admin::handle(broker, session, other, body).await
+        }
+        other if super::auth_admin::OPS.contains(&other) => {
+            super::auth_admin::handle(&shared.auth, session, other, body).await
         }
         other => Err(WireError::new(
             ErrorCode::InvalidArgument,
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
-                     dlq-redrive, dlq-purge)"
+                     dlq-redrive, dlq-purge; auth: {})",
+                super::auth_admin::OPS.join(", ")
             ),
         )),
     }

@@ -19,7 +19,7 @@ use crate::storage::ReadLimit;
 #[derive(Deserialize)]
 pub(super) struct TestRequest {
     hook: Hook,
-    topic: String,
+    pub(super) topic: String,
     #[serde(default)]
     group: Option<String>,
     #[serde(default)]

@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
+use super::session::Session;
+use crate::auth::Class;
 use crate::broker::{PublishTicket, Published};
 use crate::protocol::{ErrorCode, Frame, WireError};
 use crate::storage::{StorageError, TopicHandle};
@@ -30,6 +32,7 @@ pub(super) async fn serve(
     mut reader: FrameReader<quinn::RecvStream>,
     shared: Arc<Shared>,
     conn: quinn::Connection,
+    session: Arc<Session>,
 ) {
     let (tx, rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
     let acks = tokio::spawn(write_acks(rx, send));
@@ -71,6 +74,30 @@ pub(super) async fn serve(
             }
             return;
         };
+        if let Err(e) = session.check(Class::Publish, &topic, "") {
+            if tx.send((seq, Err(e))).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        // Over its rate quota the principal waits here: this stream stops
+        // being read, and QUIC flow control slows the producer.
+        let principal = session.principal();
+        if principal.quotas.publish_msgs_per_s.is_some()
+            || principal.quotas.publish_bytes_per_s.is_some()
+        {
+            let bytes: usize = records.iter().map(|r| r.as_bytes().len()).sum();
+            if let Some(wait) =
+                session
+                    .usage
+                    .publish_delay(&principal.quotas, records.len() as u64, bytes as u64)
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
+        }
         let handle = match &cached {
             Some(h) if h.meta.name == topic && !h.is_deleted() => Ok(h.clone()),
             _ => shared.broker.topic(&topic),

@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use super::session::Session;
+use crate::auth::Class;
 use crate::broker::Broker;
 use crate::delivery::queue::{dlq_name, redrive_record};
 use crate::protocol::{ErrorCode, RawRecord, WireError};
@@ -52,24 +54,43 @@ pub(super) const OPS: [&str; 6] = [
 /// Handles one of [`OPS`].
 pub(super) async fn handle(
     broker: &Broker,
+    session: &Session,
     op: &str,
     body: &[u8],
 ) -> Result<serde_json::Value, WireError> {
+    let principal = session.principal();
     match op {
-        "topic-policy" => topic_policy(broker, parse(body)?).await,
+        "topic-policy" => {
+            let r: PolicyReq = parse(body)?;
+            if r.set.is_empty() {
+                principal.check_sees(&r.name)?;
+            } else {
+                principal.check(Class::TopicAdmin, &r.name, "")?;
+            }
+            topic_policy(broker, r).await
+        }
         "queue-stats" => {
             let r: StatsReq = parse(body)?;
+            if let Some(t) = &r.topic {
+                principal.check_sees(t)?;
+            }
             Ok(serde_json::Value::Array(
                 broker
                     .queue_groups(r.topic.as_deref())
                     .iter()
+                    .filter(|g| principal.sees(&g.topic.meta.name))
                     .map(|g| g.describe())
                     .collect(),
             ))
         }
-        "dlq-list" => dlq_list(broker, parse(body)?),
+        "dlq-list" => {
+            let r: DlqReq = parse(body)?;
+            principal.check(Class::DlqAdmin, &r.topic, "")?;
+            dlq_list(broker, r)
+        }
         "feeds" => {
             let r: DlqReq = parse(body)?;
+            principal.check_sees(&r.topic)?;
             let t = broker.topic(&r.topic)?;
             let (inbox, index) = broker
                 .storage()
@@ -96,8 +117,16 @@ pub(super) async fn handle(
                 "key_index_entries": index,
             }))
         }
-        "dlq-redrive" => dlq_redrive(broker, parse(body)?).await,
-        "dlq-purge" => dlq_purge(broker, parse(body)?).await,
+        "dlq-redrive" => {
+            let r: DlqReq = parse(body)?;
+            principal.check(Class::DlqAdmin, &r.topic, "")?;
+            dlq_redrive(broker, session, r).await
+        }
+        "dlq-purge" => {
+            let r: DlqReq = parse(body)?;
+            principal.check(Class::DlqAdmin, &r.topic, "")?;
+            dlq_purge(broker, r).await
+        }
         other => Err(WireError::new(
             ErrorCode::InvalidArgument,
             format!("unknown queue operation '{other}'"),
@@ -188,7 +217,11 @@ fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> 
     }))
 }
 
-async fn dlq_redrive(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
+async fn dlq_redrive(
+    broker: &Broker,
+    session: &Session,
+    r: DlqReq,
+) -> Result<serde_json::Value, WireError> {
     let _one = REDRIVE.lock().await;
     let dlq = broker.topic(&dlq_name(&r.topic))?;
     let max = r.count.unwrap_or(u64::MAX);
@@ -213,6 +246,11 @@ async fn dlq_redrive(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, Wi
             }
         }
         for (name, records) in runs {
+            // A dead letter names its origin in a header; sending it to
+            // another topic than the one administered needs publish there.
+            if name != r.topic {
+                session.check(Class::Publish, &name, "")?;
+            }
             let topic = broker.topic(&name)?;
             let ticket = broker.publish(&topic, records, &mut rr).await?;
             ticket.await.map_err(|e| e.to_wire())?;

@@ -8,6 +8,8 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
+use super::session::Session;
+use crate::auth::Class;
 use crate::delivery::{
     FeedSubscription, QueueEvent, QueueSubscription, StreamSubscription, SubEvent,
 };
@@ -34,17 +36,49 @@ pub(super) async fn serve(
     reader: FrameReader<quinn::RecvStream>,
     shared: Arc<Shared>,
     conn: quinn::Connection,
+    session: Arc<Session>,
 ) {
     let Frame::Subscribe {
         group,
         topic,
         start,
-        credits,
+        mut credits,
         auto_commit,
         mode,
     } = first
     else {
         unreachable!("dispatched on Subscribe");
+    };
+    // Who may read, and how much they hold, before anything about the
+    // topic is revealed. The quota shares are given back when this ends.
+    let principal = session.principal();
+    let held = session
+        .check(Class::Consume, &topic, &group)
+        .and_then(|()| session.usage.subscribe(&principal.quotas, &principal.name))
+        .and_then(|sub| {
+            let prefetch = match mode {
+                SubscribeMode::Queue { .. } if !auto_commit => Some(session.usage.prefetch(
+                    &principal.quotas,
+                    credits,
+                    &principal.name,
+                )?),
+                _ => None,
+            };
+            Ok((sub, prefetch))
+        });
+    let _held = match held {
+        Ok((sub, prefetch)) => {
+            if let Some(p) = &prefetch {
+                credits = p.amount();
+            }
+            (sub, prefetch)
+        }
+        Err(e) => {
+            tracing::info!(principal = %principal.name, topic, group, code = %e.code, "subscription refused");
+            let _ = send.write_all(&Frame::error(0, &e).to_bytes()).await;
+            let _ = send.finish();
+            return;
+        }
     };
     let broker = &shared.broker;
     let setup = match mode {

@@ -120,8 +120,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 /// The QUIC server crypto configuration for the given certificate files.
+/// With `client_ca`, clients may present a certificate signed by it (mutual
+/// TLS); one signed by anyone else fails the handshake. Presenting none
+/// stays allowed: such a client authenticates with a token instead.
 pub fn server_crypto(
     paths: &CertPaths,
+    client_ca: Option<&Path>,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let certs = load_certs(&paths.cert)?;
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::Pem {
@@ -129,10 +133,28 @@ pub fn server_crypto(
         reason: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| TlsError::Pem {
+                    path: ca.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -140,4 +162,18 @@ pub fn server_crypto(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(quic))
+}
+
+/// The principal name a verified client certificate stands for: its
+/// subject's common name, else the whole subject as written in RFC 4514.
+pub fn certificate_principal(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let subject = parsed.subject();
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn.or_else(|| Some(subject.to_string()).filter(|s| !s.is_empty()))
 }

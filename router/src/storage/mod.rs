@@ -429,6 +429,34 @@ impl Storage {
         rx.await.map_err(|_| StorageError::ShutDown)?
     }
 
+    /// Stores (`Some`) or deletes a principal's record; durable on return.
+    pub async fn put_principal(
+        &self,
+        name: &str,
+        record: Option<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::PutPrincipal {
+            name: name.to_string(),
+            record,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
+    /// Every stored principal record.
+    pub fn principal_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(tables::PRINCIPALS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Every stored plugin record.
     pub fn plugin_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let txn = self.db.begin_read()?;
@@ -987,6 +1015,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::INBOX)?;
         w.open_table(tables::KEY_INDEX)?;
         w.open_table(tables::FEEDS)?;
+        w.open_table(tables::PRINCIPALS)?;
     }
     w.commit()?;
 

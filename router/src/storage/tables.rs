@@ -32,6 +32,10 @@ pub(crate) const NEXT_TOPIC_ID: &str = "next_topic_id";
 /// Plugin name -> JSON plugin record (binding, versions, history).
 pub(crate) const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
 
+/// Principal name -> JSON [`crate::auth::PrincipalRecord`] (token hash,
+/// grants, quotas): the principals managed with `switchyard auth`.
+pub(crate) const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
+
 /// `(plugin name, version)` -> the component's bytes.
 pub(crate) const PLUGIN_WASM: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("plugin_wasm");

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
-    PLUGIN_KV, PLUGIN_WASM, PLUGINS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
 };
 use super::{
     AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
@@ -44,6 +44,11 @@ pub(crate) enum WriteOp {
     },
     RemovePlugin {
         name: String,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    PutPrincipal {
+        name: String,
+        record: Option<Vec<u8>>,
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
     CommitOffset {
@@ -402,6 +407,13 @@ impl Writer {
                 }
                 WriteOp::RemovePlugin { name, reply } => {
                     let _ = reply.send(self.remove_plugin(&name));
+                }
+                WriteOp::PutPrincipal {
+                    name,
+                    record,
+                    reply,
+                } => {
+                    let _ = reply.send(self.put_principal(&name, record.as_deref()));
                 }
                 WriteOp::SetPolicy {
                     name,
@@ -960,6 +972,19 @@ impl Writer {
                 w.remove((name, *v))?;
                 a.remove((name, *v))?;
             }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn put_principal(&mut self, name: &str, record: Option<&[u8]>) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(PRINCIPALS)?;
+            match record {
+                Some(r) => t.insert(name, r)?,
+                None => t.remove(name)?,
+            };
         }
         txn.commit()?;
         Ok(())

@@ -1,0 +1,746 @@
+//! Who a connection is and what it may do: principals, their credentials
+//! (bearer tokens, client certificates), grants and quotas.
+//!
+//! Principals come from three places: the admin token in the data
+//! directory (`admin.token`, written on first start), the `[auth]` section
+//! of the configuration file (static, managed as files), and the database
+//! (created with `switchyard auth token create`, effective at once). The
+//! live set is one immutable [`State`] behind an `ArcSwap`: a request's
+//! check is a pointer load and a scan of a few grants, and a change
+//! publishes a new state and bumps a generation that open connections
+//! watch, so a revoked credential's connections are closed at once.
+
+pub mod grant;
+pub mod quota;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use grant::{Class, Grant, Pattern};
+pub use quota::{Held, Quotas, Usage};
+
+use crate::protocol::{ErrorCode, WireError};
+use crate::storage::{Storage, now_ms};
+
+/// Every token starts with this, so a leaked one is easy to search for.
+pub const TOKEN_PREFIX: &str = "sy_";
+
+/// The principal whose token `serve` writes to `<data>/admin.token`.
+pub const ADMIN: &str = "admin";
+
+/// The principal of connections without a credential, when allowed.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// A new bearer token: 256 bits from the system's secure random source.
+pub fn new_token() -> String {
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .expect("the system random source works");
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
+/// The SHA-256 of a token: all the router ever stores. Tokens carry 256
+/// bits of randomness, so a fast hash is enough (no password stretching).
+pub fn hash_token(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A principal as stored in the database or written in the config file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalRecord {
+    /// Unique name; for client certificates, the certificate's subject
+    /// common name.
+    pub name: String,
+    /// SHA-256 (hex) of the principal's bearer token, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// What it may do.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    /// Its limits (unset ones fall back to the router's defaults).
+    #[serde(default)]
+    pub quotas: Quotas,
+    /// Creation time, ms since the epoch.
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+/// Where a principal is defined, which decides who may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The admin token in the data directory.
+    DataDir,
+    /// The `[auth]` section of the configuration file.
+    Config,
+    /// The database: managed with `switchyard auth`.
+    Stored,
+    /// A client certificate whose subject has no principal of its own: it
+    /// is someone, with no grants.
+    Certificate,
+    /// A connection with no credential, on a router started with
+    /// `--allow-anonymous`.
+    Anonymous,
+}
+
+/// A principal, as connections see it.
+#[derive(Debug)]
+pub struct Principal {
+    /// Its name.
+    pub name: Arc<str>,
+    /// What it may do.
+    pub grants: Vec<Grant>,
+    /// Its effective limits (its own, else the router's defaults).
+    pub quotas: Quotas,
+    /// Where it is defined.
+    pub source: Source,
+    /// Hash of its token, if it has one.
+    token: Option<[u8; 32]>,
+    created_ms: u64,
+}
+
+impl Principal {
+    /// True if it may do `class` on `name` (in `group`, for consume).
+    pub fn may(&self, class: Class, name: &str, group: &str) -> bool {
+        grant::allowed(&self.grants, class, name, group)
+    }
+
+    /// True if any of its grants names `name`: enough to see that a topic
+    /// exists and read its description.
+    pub fn sees(&self, name: &str) -> bool {
+        self.grants.iter().any(|g| g.touches(name))
+    }
+
+    /// `Ok` if it may do `class` on `name`, else a `forbidden` error naming
+    /// the grant that is missing.
+    pub fn check(&self, class: Class, name: &str, group: &str) -> Result<(), WireError> {
+        if self.may(class, name, group) {
+            return Ok(());
+        }
+        let needed = if class == Class::Consume && !group.is_empty() {
+            format!("{}:{name}@{group}", class.name())
+        } else {
+            format!("{}:{name}", class.name())
+        };
+        Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "principal '{}' lacks the grant {needed} (an administrator can add it: \
+                 `switchyard auth grant {} {needed}`)",
+                self.name, self.name
+            ),
+        ))
+    }
+
+    /// `Ok` if any grant names `name`, else `forbidden`.
+    pub fn check_sees(&self, name: &str) -> Result<(), WireError> {
+        if self.sees(name) {
+            return Ok(());
+        }
+        Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "principal '{}' has no grant on '{name}' (an administrator can add one: \
+                 `switchyard auth grant {} consume:{name}`)",
+                self.name, self.name
+            ),
+        ))
+    }
+
+    fn from_record(r: &PrincipalRecord, source: Source, defaults: Quotas) -> Principal {
+        Principal {
+            name: r.name.as_str().into(),
+            grants: r.grants.clone(),
+            quotas: r.quotas.or(defaults),
+            source,
+            token: r.token_sha256.as_deref().and_then(unhex),
+            created_ms: r.created_ms,
+        }
+    }
+
+    /// A description for `auth token list` and `whoami` (never the hash).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": &*self.name,
+            "source": self.source,
+            "token": self.token.is_some(),
+            "grants": self.grants,
+            "quotas": self.quotas,
+            "created_ms": self.created_ms,
+        })
+    }
+}
+
+/// How a connection proved who it is; re-checked when principals change.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A bearer token (its hash).
+    Token([u8; 32]),
+    /// A client certificate verified against the client CA, by subject name.
+    Certificate(String),
+    /// Nothing, on a router that allows anonymous access.
+    Anonymous,
+}
+
+/// The authentication settings: the `[auth]` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Write an admin token to `<data>/admin.token` and accept it (default
+    /// true): the CLI beside the router then works with no setup.
+    pub admin_token: bool,
+    /// PEM file of the CA whose client certificates are accepted (mutual
+    /// TLS); a certificate's subject common name is its principal.
+    pub client_ca: Option<PathBuf>,
+    /// Let connections without a credential act as principal `anonymous`.
+    pub allow_anonymous: bool,
+    /// What `anonymous` may do (default: everything, as before principals).
+    pub anonymous_grants: Vec<Grant>,
+    /// Principals defined in the file, for deployments managed as files;
+    /// `switchyard auth` cannot change them.
+    pub principals: Vec<PrincipalRecord>,
+    /// Quotas for principals that set none of their own.
+    pub default_quotas: Quotas,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            admin_token: true,
+            client_ca: None,
+            allow_anonymous: false,
+            anonymous_grants: vec![Grant::parse("cluster-admin:*").expect("valid grant")],
+            principals: Vec::new(),
+            default_quotas: Quotas::default(),
+        }
+    }
+}
+
+/// The live set of principals: replaced whole on every change.
+#[derive(Default)]
+struct State {
+    by_name: HashMap<Arc<str>, Arc<Principal>>,
+    by_token: HashMap<[u8; 32], Arc<Principal>>,
+}
+
+/// Outcome of re-checking a connection's principal after a change.
+pub enum Recheck {
+    /// Still valid; here is its current form (grants may have grown).
+    Valid(Arc<Principal>),
+    /// The credential was revoked, or grants were narrowed: close the
+    /// connection with this reason.
+    Revoked(String),
+}
+
+/// Principals, credentials and usage, shared by every connection.
+pub struct Auth {
+    state: ArcSwap<State>,
+    /// Principals from the data directory and the config file.
+    fixed: Vec<PrincipalRecord>,
+    fixed_sources: HashMap<String, Source>,
+    /// Principals in the database, as stored.
+    stored: Mutex<BTreeMap<String, PrincipalRecord>>,
+    anonymous: Option<Arc<Principal>>,
+    defaults: Quotas,
+    storage: Storage,
+    generation: watch::Sender<u64>,
+    usage: Mutex<HashMap<Arc<str>, Arc<Usage>>>,
+    /// Serializes changes so each is read-modify-write against the last.
+    admin: tokio::sync::Mutex<()>,
+    data_dir: PathBuf,
+}
+
+/// Why principals could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The admin token file could not be read or written.
+    #[error("{path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A principal in the configuration is invalid.
+    #[error("[auth] principal '{0}': {1}")]
+    Config(String, String),
+    /// Stored principals could not be read.
+    #[error("reading principals: {0}")]
+    Storage(String),
+}
+
+/// Where `serve` keeps the admin token in a data directory.
+pub fn admin_token_path(data: &Path) -> PathBuf {
+    data.join("admin.token")
+}
+
+impl Auth {
+    /// Loads principals: the admin token (generated into `data` if missing
+    /// and `config.admin_token`), the configured ones and the stored ones.
+    pub fn open(config: &AuthConfig, data: &Path, storage: Storage) -> Result<Auth, AuthError> {
+        let mut fixed = Vec::new();
+        let mut fixed_sources = HashMap::new();
+        if config.admin_token {
+            let path = admin_token_path(data);
+            let token = match std::fs::read_to_string(&path) {
+                Ok(t) if !t.trim().is_empty() => t,
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(AuthError::TokenFile { path, source });
+                }
+                _ => {
+                    let t = new_token();
+                    write_private(&path, format!("{t}\n").as_bytes())
+                        .map_err(|source| AuthError::TokenFile { path: path.clone(), source })?;
+                    tracing::info!(path = %path.display(), "admin token written");
+                    t
+                }
+            };
+            fixed.push(PrincipalRecord {
+                name: ADMIN.into(),
+                token_sha256: Some(hex(&hash_token(&token))),
+                grants: vec![Grant::parse("cluster-admin:*").expect("valid grant")],
+                quotas: Quotas::default(),
+                created_ms: 0,
+            });
+            fixed_sources.insert(ADMIN.to_string(), Source::DataDir);
+        }
+        for p in &config.principals {
+            if p.name.is_empty() || fixed_sources.contains_key(&p.name) {
+                return Err(AuthError::Config(
+                    p.name.clone(),
+                    "names must be non-empty and unique (and not 'admin' while admin_token is on)"
+                        .into(),
+                ));
+            }
+            if let Some(h) = &p.token_sha256
+                && unhex(h).is_none()
+            {
+                return Err(AuthError::Config(
+                    p.name.clone(),
+                    "token_sha256 must be 64 hex digits (`switchyard auth hash` prints it for a token)"
+                        .into(),
+                ));
+            }
+            fixed.push(p.clone());
+            fixed_sources.insert(p.name.clone(), Source::Config);
+        }
+        let mut stored = BTreeMap::new();
+        for (name, bytes) in storage
+            .principal_records()
+            .map_err(|e| AuthError::Storage(e.to_string()))?
+        {
+            match serde_json::from_slice::<PrincipalRecord>(&bytes) {
+                Ok(r) if !fixed_sources.contains_key(&name) => {
+                    stored.insert(name, r);
+                }
+                Ok(_) => tracing::warn!(
+                    principal = %name,
+                    "a stored principal has the name of one from the data directory or the config file; the stored one is ignored"
+                ),
+                Err(e) => tracing::error!(principal = %name, error = %e, "stored principal unreadable; ignored"),
+            }
+        }
+        let anonymous = config.allow_anonymous.then(|| {
+            Arc::new(Principal {
+                name: ANONYMOUS.into(),
+                grants: config.anonymous_grants.clone(),
+                quotas: config.default_quotas,
+                source: Source::Anonymous,
+                token: None,
+                created_ms: 0,
+            })
+        });
+        let auth = Auth {
+            state: ArcSwap::from_pointee(State::default()),
+            fixed,
+            fixed_sources,
+            stored: Mutex::new(stored),
+            anonymous,
+            defaults: config.default_quotas,
+            storage,
+            generation: watch::channel(0).0,
+            usage: Mutex::new(HashMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+            data_dir: data.to_path_buf(),
+        };
+        auth.rebuild();
+        Ok(auth)
+    }
+
+    /// True if some principal other than the data directory's admin can
+    /// connect: the condition for listening beyond loopback.
+    pub fn has_principals_beyond_admin(&self, client_ca: bool) -> bool {
+        client_ca
+            || self.anonymous.is_some()
+            || self.fixed_sources.values().any(|s| *s == Source::Config)
+            || !self.stored.lock().expect("stored lock").is_empty()
+    }
+
+    fn rebuild(&self) {
+        let stored = self.stored.lock().expect("stored lock");
+        let mut state = State::default();
+        let all = self
+            .fixed
+            .iter()
+            .map(|r| (r, self.fixed_sources[&r.name]))
+            .chain(stored.values().map(|r| (r, Source::Stored)));
+        for (r, source) in all {
+            let p = Arc::new(Principal::from_record(r, source, self.defaults));
+            if let Some(t) = p.token {
+                state.by_token.insert(t, p.clone());
+            }
+            state.by_name.insert(p.name.clone(), p);
+        }
+        self.state.store(Arc::new(state));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Who a new connection is. A token wins over a certificate; with
+    /// neither, the anonymous principal if allowed.
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+        certificate: Option<&str>,
+    ) -> Result<(Arc<Principal>, Credential), WireError> {
+        if let Some(token) = token {
+            let h = hash_token(token);
+            return match self.state.load().by_token.get(&h) {
+                Some(p) => Ok((p.clone(), Credential::Token(h))),
+                None => Err(WireError::new(
+                    ErrorCode::Unauthenticated,
+                    "token not recognised: it is wrong or was revoked \
+                     (an administrator creates one with `switchyard auth token create`)",
+                )),
+            };
+        }
+        if let Some(name) = certificate {
+            let cred = Credential::Certificate(name.to_string());
+            return Ok((self.by_certificate(name), cred));
+        }
+        match &self.anonymous {
+            Some(p) => Ok((p.clone(), Credential::Anonymous)),
+            None => Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "this router requires a credential: pass a token (--token, SWITCHYARD_TOKEN or \
+                     --token-file; beside the router the admin token is {}) or a client certificate",
+                    admin_token_path(&self.data_dir).display()
+                ),
+            )),
+        }
+    }
+
+    fn by_certificate(&self, name: &str) -> Arc<Principal> {
+        self.state.load().by_name.get(name).cloned().unwrap_or_else(|| {
+            Arc::new(Principal {
+                name: name.into(),
+                grants: Vec::new(),
+                quotas: self.defaults,
+                source: Source::Certificate,
+                token: None,
+                created_ms: 0,
+            })
+        })
+    }
+
+    /// Re-checks a connection after principals changed.
+    pub fn recheck(&self, current: &Principal, credential: &Credential) -> Recheck {
+        let now = match credential {
+            Credential::Token(h) => match self.state.load().by_token.get(h) {
+                Some(p) => p.clone(),
+                None => return Recheck::Revoked(format!("the token of '{}' was revoked", current.name)),
+            },
+            Credential::Certificate(name) => self.by_certificate(name),
+            Credential::Anonymous => return Recheck::Valid(self.anonymous.clone().expect("anonymous allowed")),
+        };
+        if grant::covers(&now.grants, &current.grants) {
+            Recheck::Valid(now)
+        } else {
+            Recheck::Revoked(format!(
+                "the grants of '{}' were narrowed; reconnect to continue with the new ones",
+                current.name
+            ))
+        }
+    }
+
+    /// A receiver that changes whenever principals change.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The principal named `name`, if any: what a plugin deployed by it
+    /// may do is checked against this.
+    pub fn principal(&self, name: &str) -> Option<Arc<Principal>> {
+        self.state.load().by_name.get(name).cloned()
+    }
+
+    /// The live usage of a principal, shared by all its connections.
+    pub fn usage(&self, name: &Arc<str>) -> Arc<Usage> {
+        self.usage
+            .lock()
+            .expect("usage lock")
+            .entry(name.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Every principal, sorted by name.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let state = self.state.load();
+        let mut all: Vec<_> = state.by_name.values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.into_iter().map(|p| p.describe()).collect()
+    }
+
+    fn not_managed(&self, name: &str) -> Option<WireError> {
+        let why = match self.fixed_sources.get(name)? {
+            Source::DataDir => format!(
+                "principal '{name}' is the data directory's admin token ({}): to rotate it, delete \
+                 that file and restart the router; to turn it off, set admin_token = false in [auth]",
+                admin_token_path(&self.data_dir).display()
+            ),
+            _ => format!(
+                "principal '{name}' is defined in the configuration file's [auth] section: change it there and restart"
+            ),
+        };
+        Some(WireError::new(ErrorCode::InvalidArgument, why))
+    }
+
+    async fn change(
+        &self,
+        name: &str,
+        f: impl FnOnce(Option<PrincipalRecord>) -> Result<Option<PrincipalRecord>, WireError>,
+    ) -> Result<Option<PrincipalRecord>, WireError> {
+        if let Some(e) = self.not_managed(name) {
+            return Err(e);
+        }
+        let _admin = self.admin.lock().await;
+        let current = self.stored.lock().expect("stored lock").get(name).cloned();
+        let next = f(current)?;
+        let bytes = next
+            .as_ref()
+            .map(|r| serde_json::to_vec(r).expect("record serializes"));
+        self.storage
+            .put_principal(name, bytes)
+            .await
+            .map_err(|e| e.to_wire())?;
+        {
+            let mut stored = self.stored.lock().expect("stored lock");
+            match &next {
+                Some(r) => stored.insert(name.to_string(), r.clone()),
+                None => stored.remove(name),
+            };
+        }
+        self.rebuild();
+        Ok(next)
+    }
+
+    /// Creates a principal with a new token (or, with `rotate`, gives an
+    /// existing one a new token, which ends the old one's connections).
+    /// Returns the token: the only time it is ever shown.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        grants: Vec<Grant>,
+        quotas: Quotas,
+        rotate: bool,
+    ) -> Result<String, WireError> {
+        validate_name(name)?;
+        let token = new_token();
+        let hash = hex(&hash_token(&token));
+        self.change(name, |cur| match (cur, rotate) {
+            (Some(mut r), true) => {
+                r.token_sha256 = Some(hash);
+                r.grants.extend(grants);
+                r.grants.dedup();
+                Ok(Some(r))
+            }
+            (None, true) => Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("no principal '{name}' to rotate (create it without --rotate)"),
+            )),
+            (Some(r), false) if r.token_sha256.is_some() => Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "principal '{name}' already has a token: --rotate replaces it, \
+                     `auth token revoke {name}` removes it"
+                ),
+            )),
+            (Some(mut r), false) => {
+                r.token_sha256 = Some(hash);
+                r.grants.extend(grants);
+                Ok(Some(r))
+            }
+            (None, false) => Ok(Some(PrincipalRecord {
+                name: name.to_string(),
+                token_sha256: Some(hash),
+                grants,
+                quotas,
+                created_ms: now_ms(),
+            })),
+        })
+        .await?;
+        tracing::info!(principal = name, rotate, "token created");
+        Ok(token)
+    }
+
+    /// Removes a principal with its token and grants; its connections are
+    /// closed.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), WireError> {
+        self.change(name, |cur| match cur {
+            Some(_) => Ok(None),
+            None => Err(unknown_principal(name)),
+        })
+        .await?;
+        tracing::info!(principal = name, "principal revoked");
+        Ok(())
+    }
+
+    /// Adds (`add`) or removes grants, and sets quotas, of a principal;
+    /// adding to a name with no principal creates one without a token (for
+    /// a client certificate with that subject).
+    pub async fn update(
+        &self,
+        name: &str,
+        add: Vec<Grant>,
+        remove: Vec<Grant>,
+        quotas: &[(String, String)],
+    ) -> Result<PrincipalRecord, WireError> {
+        validate_name(name)?;
+        let creates = !add.is_empty() || !quotas.is_empty();
+        let r = self
+            .change(name, |cur| {
+                let mut r = match cur {
+                    Some(r) => r,
+                    None if creates => PrincipalRecord {
+                        name: name.to_string(),
+                        token_sha256: None,
+                        grants: Vec::new(),
+                        quotas: Quotas::default(),
+                        created_ms: now_ms(),
+                    },
+                    None => return Err(unknown_principal(name)),
+                };
+                for g in add {
+                    if !r.grants.contains(&g) {
+                        r.grants.push(g);
+                    }
+                }
+                for g in &remove {
+                    if !r.grants.contains(g) {
+                        return Err(WireError::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "principal '{name}' has no grant {g} (its grants: {})",
+                                r.grants.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ")
+                            ),
+                        ));
+                    }
+                    r.grants.retain(|x| x != g);
+                }
+                for (k, v) in quotas {
+                    r.quotas
+                        .set(k, v)
+                        .map_err(|m| WireError::new(ErrorCode::InvalidArgument, m))?;
+                }
+                Ok(Some(r))
+            })
+            .await?
+            .expect("update keeps the principal");
+        tracing::info!(principal = name, "grants changed");
+        Ok(r)
+    }
+}
+
+fn unknown_principal(name: &str) -> WireError {
+    WireError::new(
+        ErrorCode::InvalidArgument,
+        format!("no principal named '{name}' (see `switchyard auth token list`)"),
+    )
+}
+
+fn validate_name(name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@=, ".contains(c));
+    if ok && name != ANONYMOUS {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "principal name '{name}': 1-128 characters from A-Z a-z 0-9 . _ - @ = , and space, \
+                 and not '{ANONYMOUS}'"
+            ),
+        ))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hash_to_hex() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX));
+        assert_eq!(a.len(), TOKEN_PREFIX.len() + 43, "256 bits, base64url");
+        let h = hash_token(&a);
+        assert_eq!(unhex(&hex(&h)), Some(h));
+        assert_eq!(hash_token(&format!("{a}\n")), h, "a trailing newline is ignored");
+        assert_ne!(hash_token(&b), h);
+    }
+}

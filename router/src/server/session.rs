@@ -1,0 +1,58 @@
+//! A connection's principal: who it is, what it may do, what it uses.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::auth::{Auth, Class, Credential, Held, Principal, Recheck, Usage};
+use crate::protocol::WireError;
+
+/// The principal a connection acts as, shared by its streams. Requests are
+/// checked against the current form, which follows grant changes; the
+/// connection task re-checks it whenever principals change and closes the
+/// connection if its credential was revoked or its grants narrowed.
+pub(crate) struct Session {
+    principal: ArcSwap<Principal>,
+    credential: Credential,
+    /// The principal's usage, shared with its other connections.
+    pub(crate) usage: Arc<Usage>,
+    /// This connection's share of the connection quota.
+    _connection: Held,
+}
+
+impl Session {
+    pub(crate) fn new(
+        principal: Arc<Principal>,
+        credential: Credential,
+        usage: Arc<Usage>,
+        connection: Held,
+    ) -> Session {
+        Session {
+            principal: ArcSwap::new(principal),
+            credential,
+            usage,
+            _connection: connection,
+        }
+    }
+
+    /// The principal as it is now.
+    pub(crate) fn principal(&self) -> Arc<Principal> {
+        self.principal.load_full()
+    }
+
+    /// `Ok` if the principal may do `class` on `name` (in `group`).
+    pub(crate) fn check(&self, class: Class, name: &str, group: &str) -> Result<(), WireError> {
+        self.principal.load().check(class, name, group)
+    }
+
+    /// Re-checks after principals changed: `Err` with the reason to close.
+    pub(crate) fn recheck(&self, auth: &Auth) -> Result<(), String> {
+        match auth.recheck(&self.principal.load(), &self.credential) {
+            Recheck::Valid(p) => {
+                self.principal.store(p);
+                Ok(())
+            }
+            Recheck::Revoked(why) => Err(why),
+        }
+    }
+}
