@@ -52,11 +52,11 @@ pub struct ConnectArgs {
     #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, env = "SWITCHYARD_CERT", requires = "key")]
-    cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
-    #[arg(long, env = "SWITCHYARD_KEY", requires = "cert")]
-    key: Option<PathBuf>,
+    #[arg(long, env = "SWITCHYARD_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "SWITCHYARD_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -70,14 +70,14 @@ impl ConnectArgs {
         let mut cfg = ClientConfig::new(self.addr)
             .with_ca_file(&self.ca)
             .with_server_name(&self.server_name);
-        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
             cfg = cfg.with_client_cert(cert, key);
         }
         if let Some(t) = &self.token {
             cfg = cfg.with_token(t);
         } else if let Some(f) = &self.token_file {
             cfg = cfg.with_token_file(f)?;
-        } else if self.cert.is_none() {
+        } else if self.client_cert.is_none() {
             // Beside a router, its data directory's admin token, found the
             // same way as its certificate.
             let beside = self

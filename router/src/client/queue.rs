@@ -109,7 +109,16 @@ impl QueueMessage {
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), ClientError>>>>>;
+/// Requests awaiting the router's answer. Once the stream has ended,
+/// `ended` says why, and a new request fails at once instead of waiting
+/// for an answer that can no longer come.
+#[derive(Default)]
+struct Pending {
+    map: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+    ended: Option<ClientError>,
+}
+
+type Waiters = Arc<Mutex<Pending>>;
 
 /// A live queue consumer: a [`Stream`] of messages. Dropping it (or
 /// [`QueueConsumer::close`]) leaves the group; messages it had not acked
@@ -163,9 +172,15 @@ impl QueueConsumer {
     async fn request(&self, make: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters lock").insert(id, tx);
+        {
+            let mut w = self.waiters.lock().expect("waiters lock");
+            if let Some(e) = &w.ended {
+                return Err(e.clone());
+            }
+            w.map.insert(id, tx);
+        }
         if self.ctl.send(make(id)).is_err() {
-            self.waiters.lock().expect("waiters lock").remove(&id);
+            self.waiters.lock().expect("waiters lock").map.remove(&id);
             return Err(ClientError::ConnectionLost("queue consumer closed".into()));
         }
         rx.await
@@ -258,7 +273,7 @@ async fn read_queue(
     topic: Arc<str>,
 ) {
     let answer = |id: u64, r: Result<(), ClientError>| {
-        if let Some(w) = waiters.lock().expect("waiters lock").remove(&id) {
+        if let Some(w) = waiters.lock().expect("waiters lock").map.remove(&id) {
             let _ = w.send(r);
         }
     };
@@ -300,7 +315,9 @@ async fn read_queue(
             }
         }
     };
-    for (_, w) in waiters.lock().expect("waiters lock").drain() {
-        let _ = w.send(Err(end.clone()));
+    let mut w = waiters.lock().expect("waiters lock");
+    for (_, tx) in w.map.drain() {
+        let _ = tx.send(Err(end.clone()));
     }
+    w.ended = Some(end);
 }
