@@ -30,11 +30,10 @@ fn publish(c: &mut Criterion) {
         })
         .await
         .unwrap();
-        let client = Client::connect(
-            ClientConfig::new(router.local_addr()).with_data_dir(dir.path()),
-        )
-        .await
-        .unwrap();
+        let client =
+            Client::connect(ClientConfig::new(router.local_addr()).with_data_dir(dir.path()))
+                .await
+                .unwrap();
         client.create_topic("plain", 4).await.unwrap();
         client.create_topic("routed", 4).await.unwrap();
         let wasm = std::fs::read(format!(

@@ -19,9 +19,7 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use switchyard::client::{
-    Client, ClientConfig, ClientError, QueueOptions, SubscribeOptions,
-};
+use switchyard::client::{Client, ClientConfig, ClientError, QueueOptions, SubscribeOptions};
 use switchyard::protocol::{ErrorCode, Frame, Record, StartPosition, SubscribeMode};
 use switchyard::server::{Router, StartError};
 use switchyard::transport::FrameReader;
@@ -228,7 +226,9 @@ async fn world() -> (TestRouter, Arc<Client>) {
         .unwrap();
     }
     for i in 0..3 {
-        a.publish("orders", Record::new(format!("o{i}"))).await.unwrap();
+        a.publish("orders", Record::new(format!("o{i}")))
+            .await
+            .unwrap();
     }
     // One dead letter and one job still waiting.
     a.publish("jobs", Record::new("doomed-job")).await.unwrap();
@@ -283,11 +283,23 @@ async fn every_operation_needs_its_grant_and_changes_nothing_without_it() {
         // `orders` (another group), which lets it see but not consume.
         let seeing = matches!(op, Op::DescribeTopic | Op::ReadPolicy | Op::Feeds);
         if seeing {
-            assert_eq!(got, None, "{op:?}: a grant naming the topic lets it be described");
+            assert_eq!(
+                got, None,
+                "{op:?}: a grant naming the topic lets it be described"
+            );
             continue;
         }
-        assert_eq!(got, Some(ErrorCode::Forbidden), "{op:?} without {}", op.grant());
-        assert_eq!(snapshot(&admin).await, before, "{op:?} changed state while forbidden");
+        assert_eq!(
+            got,
+            Some(ErrorCode::Forbidden),
+            "{op:?} without {}",
+            op.grant()
+        );
+        assert_eq!(
+            snapshot(&admin).await,
+            before,
+            "{op:?} changed state while forbidden"
+        );
     }
 
     // The right grant, and only it, allows each operation.
@@ -387,7 +399,10 @@ async fn raw_hello_then_everything(r: &TestRouter, token: Option<String>) -> Fra
 #[tokio::test]
 async fn no_wrong_or_revoked_credential_is_refused_before_any_request() {
     let (r, admin) = world().await;
-    let revoked = admin.create_token("short-lived", &["cluster-admin:*"]).await.unwrap();
+    let revoked = admin
+        .create_token("short-lived", &["cluster-admin:*"])
+        .await
+        .unwrap();
     admin.revoke_token("short-lived").await.unwrap();
     let wrong = switchyard::auth::new_token();
     for (what, token) in [
@@ -443,16 +458,24 @@ async fn raw_connect(r: &TestRouter) -> quinn::Connection {
 
 /// A CA and a client certificate with common name `cn` signed by it,
 /// written as PEM files into `dir`: `(ca, cert, key)`.
-fn client_pki(dir: &Path, tag: &str, cn: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn client_pki(
+    dir: &Path,
+    tag: &str,
+    cn: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
     };
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name.push(DnType::CommonName, format!("{tag} CA"));
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("{tag} CA"));
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -480,7 +503,10 @@ async fn client_certificates_map_to_principals_and_other_cas_are_refused() {
     let admin = r.client().await;
     admin.create_topic("orders", 1).await.unwrap();
     admin.create_topic("secret", 1).await.unwrap();
-    admin.grant("alice", &["consume:orders", "publish:orders"]).await.unwrap();
+    admin
+        .grant("alice", &["consume:orders", "publish:orders"])
+        .await
+        .unwrap();
 
     let connect = |cert: &Path, key: &Path| {
         Client::connect(
@@ -490,19 +516,47 @@ async fn client_certificates_map_to_principals_and_other_cas_are_refused() {
         )
     };
     // Signed by another CA (even with the same name): refused at the handshake.
-    let e = connect(&mallory_cert, &mallory_key).await.err().expect("refused");
-    assert!(matches!(e, ClientError::Connect { .. } | ClientError::ConnectionLost(_)), "{e}");
+    let e = connect(&mallory_cert, &mallory_key)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            e,
+            ClientError::Connect { .. } | ClientError::ConnectionLost(_)
+        ),
+        "{e}"
+    );
 
     let alice = connect(&alice_cert, &alice_key).await.unwrap();
     let me = alice.whoami().await.unwrap();
     assert_eq!(me["name"], "alice");
     assert_eq!(me["grants"], json!(["consume:orders", "publish:orders"]));
-    alice.publish("orders", Record::new("from alice")).await.unwrap();
-    let e = alice.publish("secret", Record::new("no")).await.unwrap_err();
+    alice
+        .publish("orders", Record::new("from alice"))
+        .await
+        .unwrap();
+    let e = alice
+        .publish("secret", Record::new("no"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
-    assert!(e.to_string().contains("publish:secret"), "names the missing grant: {e}");
-    let topics: Vec<_> = alice.list_topics().await.unwrap().into_iter().map(|t| t.name).collect();
-    assert_eq!(topics, ["orders"], "a principal lists only what its grants name");
+    assert!(
+        e.to_string().contains("publish:secret"),
+        "names the missing grant: {e}"
+    );
+    let topics: Vec<_> = alice
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(
+        topics,
+        ["orders"],
+        "a principal lists only what its grants name"
+    );
     // Clients without a certificate still use tokens.
     assert!(r.client().await.whoami().await.is_ok());
 }
@@ -515,7 +569,10 @@ async fn a_route_plugin_can_only_route_where_its_deployer_may_publish() {
         admin.create_topic(t, 1).await.unwrap();
     }
     let team = admin
-        .create_token("team", &["plugin-admin:orders", "publish:orders", "publish:orders.us"])
+        .create_token(
+            "team",
+            &["plugin-admin:orders", "publish:orders", "publish:orders.us"],
+        )
         .await
         .unwrap();
     let team = as_token(&r, &team).await.unwrap();
@@ -535,25 +592,43 @@ async fn a_route_plugin_can_only_route_where_its_deployer_may_publish() {
 
     // Even the admin's publish cannot be moved where the deployer may not go.
     let e = admin
-        .publish("orders", Record::new("eu order").with_header("region", "eu"))
+        .publish(
+            "orders",
+            Record::new("eu order").with_header("region", "eu"),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PluginFailed), "{e}");
     assert!(e.to_string().contains("may not publish"), "{e}");
-    assert_eq!(admin.describe_topic("orders.eu").await.unwrap().partitions[0].end, 0);
+    assert_eq!(
+        admin.describe_topic("orders.eu").await.unwrap().partitions[0].end,
+        0
+    );
     // Where it may go, it routes.
     admin
-        .publish("orders", Record::new("us order").with_header("region", "us"))
+        .publish(
+            "orders",
+            Record::new("us order").with_header("region", "us"),
+        )
         .await
         .unwrap();
-    assert_eq!(admin.describe_topic("orders.us").await.unwrap().partitions[0].end, 1);
+    assert_eq!(
+        admin.describe_topic("orders.us").await.unwrap().partitions[0].end,
+        1
+    );
     // The check follows the deployer's grants as they change.
     admin.grant("team", &["publish:orders.eu"]).await.unwrap();
     admin
-        .publish("orders", Record::new("eu order").with_header("region", "eu"))
+        .publish(
+            "orders",
+            Record::new("eu order").with_header("region", "eu"),
+        )
         .await
         .unwrap();
-    assert_eq!(admin.describe_topic("orders.eu").await.unwrap().partitions[0].end, 1);
+    assert_eq!(
+        admin.describe_topic("orders.eu").await.unwrap().partitions[0].end,
+        1
+    );
 }
 
 #[tokio::test]
@@ -610,7 +685,10 @@ async fn a_revoked_consumer_stops_and_its_group_loses_nothing() {
         .await
         .expect("the revoked worker stopped")
         .unwrap();
-    assert!(worker_n >= 100 && worker_n < N, "worker processed {worker_n}");
+    assert!(
+        (100..N).contains(&worker_n),
+        "worker processed {worker_n}"
+    );
     assert_eq!(
         as_token(&r, &token).await.err().and_then(|e| e.code()),
         Some(ErrorCode::Unauthenticated)
@@ -661,18 +739,27 @@ async fn quotas_slow_or_refuse_a_principal_without_disconnecting_it() {
     let acks = c.publish_batch("t", batch).await.unwrap();
     assert_eq!(acks.len(), 1_500);
     let me = c.whoami().await.unwrap();
-    assert!(me["usage"]["throttled_batches"].as_u64().unwrap() > 0, "{me}");
+    assert!(
+        me["usage"]["throttled_batches"].as_u64().unwrap() > 0,
+        "{me}"
+    );
 
     // Connections: the third is refused with a retry hint; the others work.
     let c2 = as_token(&r, &token).await.unwrap();
-    let e = as_token(&r, &token).await.err().expect("over the connection quota");
+    let e = as_token(&r, &token)
+        .await
+        .err()
+        .expect("over the connection quota");
     assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
     assert!(e.retry_after().is_some(), "{e}");
     c2.close().await;
 
     // Subscriptions: one at a time.
     for i in 0..20 {
-        admin.publish("jobs", Record::new(format!("j{i}"))).await.unwrap();
+        admin
+            .publish("jobs", Record::new(format!("j{i}")))
+            .await
+            .unwrap();
     }
     let mut q = c
         .subscribe_queue(QueueOptions::new("jobs", "w").prefetch(100))
@@ -687,7 +774,9 @@ async fn quotas_slow_or_refuse_a_principal_without_disconnecting_it() {
     // In flight: at most 5 unacked, though the prefetch asked for 100.
     let first = take(&mut q, 5, 10).await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), q.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(500), q.next())
+            .await
+            .is_err(),
         "a sixth delivery arrived while five were unacked"
     );
     for m in &first {
@@ -706,7 +795,12 @@ async fn listening_beyond_loopback_needs_a_principal() {
     let e = Router::start(config.clone()).await.err().expect("refused");
     assert!(matches!(e, StartError::OpenToNetwork(_)), "{e}");
     let msg = e.to_string();
-    for hint in ["auth token create", "--client-ca", "--allow-anonymous", "[auth]"] {
+    for hint in [
+        "auth token create",
+        "--client-ca",
+        "--allow-anonymous",
+        "[auth]",
+    ] {
         assert!(msg.contains(hint), "the message names {hint}: {msg}");
     }
     // The binary says the same and exits non-zero.

@@ -319,8 +319,12 @@ impl Auth {
                 }
                 _ => {
                     let t = new_token();
-                    write_private(&path, format!("{t}\n").as_bytes())
-                        .map_err(|source| AuthError::TokenFile { path: path.clone(), source })?;
+                    write_private(&path, format!("{t}\n").as_bytes()).map_err(|source| {
+                        AuthError::TokenFile {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                     tracing::info!(path = %path.display(), "admin token written");
                     t
                 }
@@ -367,7 +371,9 @@ impl Auth {
                     principal = %name,
                     "a stored principal has the name of one from the data directory or the config file; the stored one is ignored"
                 ),
-                Err(e) => tracing::error!(principal = %name, error = %e, "stored principal unreadable; ignored"),
+                Err(e) => {
+                    tracing::error!(principal = %name, error = %e, "stored principal unreadable; ignored")
+                }
             }
         }
         let anonymous = config.allow_anonymous.then(|| {
@@ -461,16 +467,21 @@ impl Auth {
     }
 
     fn by_certificate(&self, name: &str) -> Arc<Principal> {
-        self.state.load().by_name.get(name).cloned().unwrap_or_else(|| {
-            Arc::new(Principal {
-                name: name.into(),
-                grants: Vec::new(),
-                quotas: self.defaults,
-                source: Source::Certificate,
-                token: None,
-                created_ms: 0,
+        self.state
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(Principal {
+                    name: name.into(),
+                    grants: Vec::new(),
+                    quotas: self.defaults,
+                    source: Source::Certificate,
+                    token: None,
+                    created_ms: 0,
+                })
             })
-        })
     }
 
     /// Re-checks a connection after principals changed.
@@ -478,10 +489,14 @@ impl Auth {
         let now = match credential {
             Credential::Token(h) => match self.state.load().by_token.get(h) {
                 Some(p) => p.clone(),
-                None => return Recheck::Revoked(format!("the token of '{}' was revoked", current.name)),
+                None => {
+                    return Recheck::Revoked(format!("the token of '{}' was revoked", current.name));
+                }
             },
             Credential::Certificate(name) => self.by_certificate(name),
-            Credential::Anonymous => return Recheck::Valid(self.anonymous.clone().expect("anonymous allowed")),
+            Credential::Anonymous => {
+                return Recheck::Valid(self.anonymous.clone().expect("anonymous allowed"));
+            }
         };
         if grant::covers(&now.grants, &current.grants) {
             Recheck::Valid(now)
@@ -662,7 +677,11 @@ impl Auth {
                             ErrorCode::InvalidArgument,
                             format!(
                                 "principal '{name}' has no grant {g} (its grants: {})",
-                                r.grants.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ")
+                                r.grants
+                                    .iter()
+                                    .map(|g| g.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         ));
                     }
@@ -730,6 +749,105 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::with_test_storage;
+
+    #[test]
+    fn static_principals_from_the_config_file_authenticate_and_cannot_be_changed() {
+        let token = new_token();
+        let text = format!(
+            r#"
+            [auth]
+            default_quotas = {{ connections = 64 }}
+            [[auth.principals]]
+            name = "billing"
+            token_sha256 = "{}"
+            grants = ["publish:orders.*", "consume:orders.*@billing"]
+            quotas = {{ publish_msgs_per_s = 5000 }}
+            [[auth.principals]]
+            name = "ingest"
+            grants = ["publish:events.*"]
+            "#,
+            hex(&hash_token(&token))
+        );
+        let config: crate::server::RouterConfig = toml::from_str(&text).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        with_test_storage(|storage| async move {
+            let auth = Auth::open(&config.auth, data.path(), storage).unwrap();
+            assert!(
+                admin_token_path(data.path()).exists(),
+                "admin token written"
+            );
+            let (p, _) = auth.authenticate(Some(&token), None).unwrap();
+            assert_eq!(&*p.name, "billing");
+            assert_eq!(p.source, Source::Config);
+            assert!(p.may(Class::Publish, "orders.eu", ""));
+            assert!(!p.may(Class::Consume, "orders.eu", "shipping"));
+            assert_eq!(p.quotas.publish_msgs_per_s, Some(5000));
+            assert_eq!(p.quotas.connections, Some(64), "defaults fill the gaps");
+            let (cert, _) = auth.authenticate(None, Some("ingest")).unwrap();
+            assert!(cert.may(Class::Publish, "events.x", ""));
+            let e = auth.revoke_token("billing").await.unwrap_err();
+            assert!(e.message.contains("configuration file"), "{}", e.message);
+            let e = auth.revoke_token(ADMIN).await.unwrap_err();
+            assert!(e.message.contains("admin.token"), "{}", e.message);
+            assert!(
+                auth.authenticate(None, None).is_err(),
+                "no anonymous by default"
+            );
+            assert!(auth.has_principals_beyond_admin(false));
+        });
+    }
+
+    #[test]
+    fn stored_principals_survive_a_restart_and_revocation_is_seen_by_recheck() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_path_buf();
+        let db = data.join("db.redb");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = AuthConfig::default();
+        let token = rt.block_on(async {
+            let storage = Storage::open(&db, Default::default()).unwrap();
+            let auth = Auth::open(&config, &data, storage.clone()).unwrap();
+            assert!(!auth.has_principals_beyond_admin(false), "only the admin");
+            let g = vec![Grant::parse("publish:a").unwrap()];
+            let t = auth
+                .create_token("svc", g, Quotas::default(), false)
+                .await
+                .unwrap();
+            storage.shutdown().await;
+            t
+        });
+        rt.block_on(async {
+            let storage = Storage::open(&db, Default::default()).unwrap();
+            let auth = Auth::open(&config, &data, storage.clone()).unwrap();
+            let (p, cred) = auth.authenticate(Some(&token), None).unwrap();
+            assert_eq!(&*p.name, "svc");
+            let mut watch = auth.watch();
+            watch.borrow_and_update();
+            // Widening keeps the connection; narrowing or revoking ends it.
+            auth.update("svc", vec![Grant::parse("publish:b").unwrap()], vec![], &[])
+                .await
+                .unwrap();
+            assert!(watch.has_changed().unwrap());
+            let Recheck::Valid(p) = auth.recheck(&p, &cred) else {
+                panic!("widened grants keep the connection")
+            };
+            auth.update("svc", vec![], vec![Grant::parse("publish:a").unwrap()], &[])
+                .await
+                .unwrap();
+            assert!(matches!(auth.recheck(&p, &cred), Recheck::Revoked(_)));
+            auth.revoke_token("svc").await.unwrap();
+            assert!(matches!(auth.recheck(&p, &cred), Recheck::Revoked(_)));
+            assert_eq!(
+                auth.authenticate(Some(&token), None).unwrap_err().code,
+                ErrorCode::Unauthenticated
+            );
+            storage.shutdown().await;
+        });
+    }
 
     #[test]
     fn tokens_are_random_prefixed_and_hash_to_hex() {
@@ -740,7 +858,11 @@ mod tests {
         assert_eq!(a.len(), TOKEN_PREFIX.len() + 43, "256 bits, base64url");
         let h = hash_token(&a);
         assert_eq!(unhex(&hex(&h)), Some(h));
-        assert_eq!(hash_token(&format!("{a}\n")), h, "a trailing newline is ignored");
+        assert_eq!(
+            hash_token(&format!("{a}\n")),
+            h,
+            "a trailing newline is ignored"
+        );
         assert_ne!(hash_token(&b), h);
     }
 }

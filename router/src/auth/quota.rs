@@ -6,9 +6,9 @@
 //! subscription or queue prefetch over its quota is refused with
 //! `limit_exceeded` and `retry_after_ms`.
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -60,12 +60,13 @@ impl Quotas {
 
     /// Sets one quota by name; `none` (or 0) removes it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
-        let v: Option<u64> = match value {
-            "none" | "0" => None,
-            v => Some(v.parse().map_err(|_| {
-                format!("quota {name}: '{v}' is not a whole number (or 'none')")
-            })?),
-        };
+        let v: Option<u64> =
+            match value {
+                "none" | "0" => None,
+                v => Some(v.parse().map_err(|_| {
+                    format!("quota {name}: '{v}' is not a whole number (or 'none')")
+                })?),
+            };
         let small = |v: Option<u64>| -> Result<Option<u32>, String> {
             v.map(|v| u32::try_from(v).map_err(|_| format!("quota {name}: {v} is too large")))
                 .transpose()
@@ -133,7 +134,9 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.usage.counter(self.counter).fetch_sub(self.n, Ordering::Relaxed);
+        self.usage
+            .counter(self.counter)
+            .fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
@@ -215,8 +218,12 @@ impl Usage {
                             ),
                         ));
                     }
-                    match c.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed)
-                    {
+                    match c.compare_exchange_weak(
+                        cur,
+                        cur + n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => break n,
                         Err(now) => cur = now,
                     }
@@ -232,7 +239,13 @@ impl Usage {
 
     /// Counts a new connection against the quota.
     pub fn connect(self: &Arc<Self>, q: &Quotas, principal: &str) -> Result<Held, WireError> {
-        self.take(Counter::Connections, q.connections, 1, "connections", principal)
+        self.take(
+            Counter::Connections,
+            q.connections,
+            1,
+            "connections",
+            principal,
+        )
     }
 
     /// Counts a new subscription against the quota.

@@ -137,7 +137,11 @@ pub(super) async fn run(cmd: AuthCommand) -> anyhow::Result<()> {
         AuthCommand::Token(TokenCommand::List { json, conn }) => {
             let c = conn.connect().await?;
             let v = c
-                .admin_request("auth-token-list", serde_json::json!({}), bytes::Bytes::new())
+                .admin_request(
+                    "auth-token-list",
+                    serde_json::json!({}),
+                    bytes::Bytes::new(),
+                )
                 .await?;
             c.close().await;
             if json {
@@ -149,7 +153,11 @@ pub(super) async fn run(cmd: AuthCommand) -> anyhow::Result<()> {
                         "{:<24} {:<12} {:<6} {}",
                         p["name"].as_str().unwrap_or_default(),
                         p["source"].as_str().unwrap_or_default(),
-                        if p["token"].as_bool() == Some(true) { "yes" } else { "no" },
+                        if p["token"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        },
                         grant_list(p)
                     );
                 }
@@ -159,7 +167,9 @@ pub(super) async fn run(cmd: AuthCommand) -> anyhow::Result<()> {
             let c = conn.connect().await?;
             c.revoke_token(&name).await?;
             c.close().await;
-            println!("revoked principal '{name}': its token no longer works and its connections are closed");
+            println!(
+                "revoked principal '{name}': its token no longer works and its connections are closed"
+            );
         }
         AuthCommand::Grant {
             name,
@@ -183,11 +193,7 @@ pub(super) async fn run(cmd: AuthCommand) -> anyhow::Result<()> {
             c.close().await;
             println!("principal '{name}' now has grants [{}]", grant_list(&v));
         }
-        AuthCommand::Revoke {
-            name,
-            grants,
-            conn,
-        } => {
+        AuthCommand::Revoke { name, grants, conn } => {
             let grants = parse_grants(&grants)?;
             let c = conn.connect().await?;
             let v = c

@@ -449,11 +449,7 @@ impl Client {
     /// Creates a principal with a new bearer token and these grants
     /// (`publish:orders.*`, `consume:orders.*@billing`, ...). The answer's
     /// `secret` is the token: shown this once, stored only as a hash.
-    pub async fn create_token(
-        &self,
-        name: &str,
-        grants: &[&str],
-    ) -> Result<String, ClientError> {
+    pub async fn create_token(&self, name: &str, grants: &[&str]) -> Result<String, ClientError> {
         let v = self
             .admin_json(
                 "auth-token-create",

@@ -1114,14 +1114,18 @@ mod tests {
 
     fn frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u8>(), any::<u8>(), ".{0,10}", proptest::option::of(".{0,50}")).prop_map(
-                |(a, b, c, t)| Frame::Hello {
+            (
+                any::<u8>(),
+                any::<u8>(),
+                ".{0,10}",
+                proptest::option::of(".{0,50}")
+            )
+                .prop_map(|(a, b, c, t)| Frame::Hello {
                     min_version: a,
                     max_version: b,
                     client: c,
                     token: t,
-                }
-            ),
+                }),
             (any::<u8>(), ".{0,10}", any::<u32>(), any::<u32>()).prop_map(|(v, s, m, f)| {
                 Frame::HelloOk {
                     version: v,

@@ -148,21 +148,30 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<(Control, Se
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().and_then(tls::certificate_principal));
     let remote = conn.remote_address();
-    let (principal, credential) =
-        match shared.auth.authenticate(token.as_deref(), certificate.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::info!(%remote, client, reason = %e.message, "connection refused: unauthenticated");
-                refuse(conn, &mut send, e.code, &e.message, close::UNAUTHENTICATED).await;
-                return Err(e.message);
-            }
-        };
+    let (principal, credential) = match shared
+        .auth
+        .authenticate(token.as_deref(), certificate.as_deref())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(%remote, client, reason = %e.message, "connection refused: unauthenticated");
+            refuse(conn, &mut send, e.code, &e.message, close::UNAUTHENTICATED).await;
+            return Err(e.message);
+        }
+    };
     let usage = shared.auth.usage(&principal.name);
     let held = match usage.connect(&principal.quotas, &principal.name) {
         Ok(h) => h,
         Err(e) => {
             tracing::info!(%remote, principal = %principal.name, "connection refused: quota");
-            refuse(conn, &mut send, e.code, &e.message, close::TOO_MANY_CONNECTIONS).await;
+            refuse(
+                conn,
+                &mut send,
+                e.code,
+                &e.message,
+                close::TOO_MANY_CONNECTIONS,
+            )
+            .await;
             return Err(e.message);
         }
     };

@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
-    PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
+    TOPICS,
 };
 use super::{
     AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
