@@ -539,3 +539,97 @@ fn tune_shows_and_applies_the_wake_up_settings() {
     assert!(text.contains("all tuned"), "{text}");
     assert_eq!(std::fs::read_to_string(&poll).unwrap(), "200000");
 }
+
+/// As `cli`, with extra environment variables.
+fn cli_env(r: &ChildRouter, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(router_bin());
+    cmd.args(args)
+        .env("SWITCHYARD_ADDR", r.addr.to_string())
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn auth_tour_tokens_grants_and_revocation_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    let token_file = data.join("admin.token");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the admin token is private");
+    }
+    ok(&cli(&r, dir.path(), &["topic", "create", "orders"], None));
+    let out = cli(
+        &r,
+        dir.path(),
+        &[
+            "auth",
+            "token",
+            "create",
+            "billing",
+            "--grant",
+            "publish:orders",
+            "--grant",
+            "consume:orders@billing",
+            "--quota",
+            "publish_msgs_per_s=5000",
+        ],
+        None,
+    );
+    let token = ok(&out).trim().to_string();
+    assert!(
+        token.starts_with("sy_"),
+        "the token alone on stdout: {token}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown only this once"));
+
+    let as_billing = [("SWITCHYARD_TOKEN", token.as_str())];
+    ok(&cli_env(
+        &r,
+        dir.path(),
+        &as_billing,
+        &["publish", "orders", "{\"total\": 7}"],
+    ));
+    let out = cli_env(&r, dir.path(), &as_billing, &["topic", "delete", "orders"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("E115 forbidden") && err.contains("topic-admin:orders"),
+        "{err}"
+    );
+    let me = ok(&cli_env(&r, dir.path(), &as_billing, &["auth", "whoami"]));
+    assert!(me.contains("\"billing\"") && me.contains("5000"), "{me}");
+
+    let list = ok(&cli(&r, dir.path(), &["auth", "token", "list"], None));
+    assert!(
+        list.contains("billing") && list.contains("consume:orders@billing"),
+        "{list}"
+    );
+    assert!(list.contains("admin"), "{list}");
+    assert!(!list.contains(&token), "tokens are never listed");
+
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["auth", "token", "revoke", "billing"],
+        None,
+    ));
+    let out = cli_env(&r, dir.path(), &as_billing, &["publish", "orders", "late"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("E114 unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The topic is untouched, with the one record billing published.
+    let out = ok(&cli(&r, dir.path(), &["topic", "describe", "orders"], None));
+    assert!(out.contains("orders"), "{out}");
+}

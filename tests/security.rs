@@ -685,10 +685,7 @@ async fn a_revoked_consumer_stops_and_its_group_loses_nothing() {
         .await
         .expect("the revoked worker stopped")
         .unwrap();
-    assert!(
-        (100..N).contains(&worker_n),
-        "worker processed {worker_n}"
-    );
+    assert!((100..N).contains(&worker_n), "worker processed {worker_n}");
     assert_eq!(
         as_token(&r, &token).await.err().and_then(|e| e.code()),
         Some(ErrorCode::Unauthenticated)

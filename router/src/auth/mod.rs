@@ -490,7 +490,10 @@ impl Auth {
             Credential::Token(h) => match self.state.load().by_token.get(h) {
                 Some(p) => p.clone(),
                 None => {
-                    return Recheck::Revoked(format!("the token of '{}' was revoked", current.name));
+                    return Recheck::Revoked(format!(
+                        "the token of '{}' was revoked",
+                        current.name
+                    ));
                 }
             },
             Credential::Certificate(name) => self.by_certificate(name),
