@@ -29,6 +29,12 @@ pub struct BrokerConfig {
     pub max_message_bytes: usize,
     /// Most partitions a topic may have.
     pub max_partitions: u32,
+    /// Longest dedup window a topic policy may set (ids are held in memory
+    /// for the window).
+    pub max_dedup_window_ms: u64,
+    /// Largest queue look-ahead window a topic policy may set (memory per
+    /// queue group).
+    pub max_queue_window: u32,
 }
 
 impl Default for BrokerConfig {
@@ -36,6 +42,8 @@ impl Default for BrokerConfig {
         BrokerConfig {
             max_message_bytes: 1 << 20,
             max_partitions: 1024,
+            max_dedup_window_ms: 24 * 3600 * 1000,
+            max_queue_window: 1 << 20,
         }
     }
 }
@@ -245,6 +253,10 @@ fn stamp_priority(
                     rec.headers.push((PRIORITY.into(), p.to_string().into()));
                     out.push(rec.to_raw());
                 }
+            }
+            Err(crate::plugins::CallError::Stopped) => {
+                live.plugin.settle_kv(&writes);
+                return Err(route::stopped());
             }
             Err(e) if live.on_failure == FailureMode::Reject => {
                 live.plugin.settle_kv(&writes);

@@ -98,6 +98,10 @@ impl Broker {
                         }
                     }
                 }
+                Err(CallError::Stopped) => {
+                    live.plugin.settle_kv(&staged);
+                    return Err(stopped());
+                }
                 Err(e) => {
                     tracing::warn!(plugin = %live.plugin.label, error = %e, "route plugin failed");
                     for m in result.batch {
@@ -265,6 +269,15 @@ impl Broker {
             }
         }
     }
+}
+
+/// A batch whose plugin call was cut short by shutdown: stored nowhere,
+/// whatever the plugin's failure mode says.
+pub(super) fn stopped() -> WireError {
+    WireError::new(
+        ErrorCode::ShuttingDown,
+        "router shutting down before this batch was routed; nothing was stored; retry",
+    )
 }
 
 enum Decided {

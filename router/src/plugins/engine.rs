@@ -11,6 +11,10 @@ use wasmtime::{Config, Engine, StoreLimits};
 use super::bindings::{BatchRep, host, types};
 use crate::protocol::RawRecord;
 
+/// The longest deadline any configuration may give a call (the ceiling
+/// of `max_plugin_deadline_ms`).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
+
 /// One message of the batch a call sees.
 #[derive(Clone)]
 pub struct CallMessage {
@@ -83,6 +87,7 @@ pub struct PluginEngine {
     /// The epoch advances every `tick`.
     tick: Duration,
     ticker: Arc<Ticker>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Calls in progress, and the ticker's wake-up when the first one starts.
@@ -158,7 +163,23 @@ impl PluginEngine {
             engine,
             tick,
             ticker,
+            stopping: Arc::default(),
         })
+    }
+
+    /// Interrupts every call in progress and refuses new ones: for
+    /// shutdown, which then never waits out a plugin's deadline.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        // Every deadline is at most this many ticks ahead: pass them all.
+        for _ in 0..self.ticks(MAX_DEADLINE) {
+            self.engine.increment_epoch();
+        }
+    }
+
+    /// True once [`PluginEngine::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// The wasmtime engine.

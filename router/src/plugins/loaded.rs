@@ -2,7 +2,7 @@
 //! under a deadline and a memory cap, and call statistics.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use wasmtime::component::{Component, Resource};
 use wasmtime::{Store, StoreLimitsBuilder};
 
 use super::bindings::{self, BatchRep, types};
+use super::breaker::Breaker;
 use super::engine::{CallMessage, KvStore, PluginEngine, StoreState};
 
 /// The five hooks of the plugin contract.
@@ -113,6 +114,16 @@ pub enum CallError {
     /// The plugin returned a decision the router cannot apply.
     #[error("invalid decision: {0}")]
     InvalidDecision(String),
+    /// Suspended by its circuit breaker after repeated timeouts; not called.
+    #[error("suspended after repeated timeouts; next try in {0:?}")]
+    Suspended(Duration),
+    /// Too many calls already wait for this plugin; not called.
+    #[error("overloaded: {0} calls already waiting")]
+    Overloaded(usize),
+    /// The router is shutting down: the call was not made, or was
+    /// interrupted. Nothing it decided may be applied.
+    #[error("router shutting down")]
+    Stopped,
 }
 
 enum Pre {
@@ -144,6 +155,8 @@ pub struct Stats {
     pub messages: AtomicU64,
     /// Calls that failed.
     pub failures: AtomicU64,
+    /// Calls not made because the breaker had suspended the plugin.
+    pub suspended: AtomicU64,
     micros: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
@@ -153,6 +166,7 @@ impl Stats {
             calls: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            suspended: AtomicU64::new(0),
             micros: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
             ),
@@ -195,6 +209,36 @@ pub struct LoadedPlugin {
     /// Calls of one version run one at a time, so that a stateful plugin's
     /// read-modify-write of its key/value store never interleaves.
     serial: Mutex<()>,
+    /// Suspends the plugin after repeated timeouts.
+    pub breaker: Breaker,
+    /// Calls waiting for `serial` off the async workers.
+    waiting: AtomicUsize,
+    /// Nonzero after a slow call: the next calls run off the async workers
+    /// even when `serial` is free, until this many fast ones went by.
+    slow: AtomicU32,
+}
+
+/// Calls of one version that may wait for it at once; more fail at once
+/// (`Overloaded`), so a stuck plugin holds a bounded number of threads.
+pub const MAX_WAITING: usize = 64;
+
+/// A call longer than this runs the next [`SLOW_STREAK`] calls off the
+/// async worker threads.
+const SLOW_CALL: Duration = Duration::from_millis(1);
+const SLOW_STREAK: u32 = 64;
+
+/// Runs `f` where it cannot stall the async runtime: on a multi-threaded
+/// runtime's worker, through `block_in_place`, which hands the worker's
+/// other tasks to another thread while this one waits for and runs the
+/// plugin. Elsewhere (a blocking thread, a current-thread runtime, a plain
+/// thread) `f` runs as is.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// Layer byte pair that marks a component (vs `01 00` for a core module).
@@ -305,6 +349,9 @@ impl LoadedPlugin {
             kv,
             pool: Mutex::new(Vec::new()),
             serial: Mutex::new(()),
+            breaker: Breaker::default(),
+            waiting: AtomicUsize::new(0),
+            slow: AtomicU32::new(0),
         })
     }
 
@@ -342,6 +389,9 @@ impl LoadedPlugin {
 
     fn classify(&self, e: wasmtime::Error) -> CallError {
         if let Some(wasmtime::Trap::Interrupt) = e.downcast_ref::<wasmtime::Trap>() {
+            if self.engine.is_stopping() {
+                return CallError::Stopped;
+            }
             return CallError::Timeout(self.limits.deadline);
         }
         let text = format!("{e:#}");
@@ -353,13 +403,73 @@ impl LoadedPlugin {
 
     /// Runs `f` on a pooled instance with `batch` installed. Returns the
     /// result, the batch back, and the key/value writes the call made.
+    ///
+    /// A plugin never stalls traffic it does not decide: a call that would
+    /// wait for another call of this version, or follows a slow call, runs
+    /// off the async workers; a suspended, overloaded or stopping plugin is
+    /// not called at all.
     fn call<R>(
         &self,
         batch: Vec<CallMessage>,
         f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
     ) -> Called<R> {
+        let refuse = |e: CallError, batch| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            (Err(e), batch, Vec::new())
+        };
+        if self.engine.is_stopping() {
+            return refuse(CallError::Stopped, batch);
+        }
+        if let Some(left) = self.breaker.suspended() {
+            self.stats.suspended.fetch_add(1, Ordering::Relaxed);
+            return refuse(CallError::Suspended(left), batch);
+        }
+        let started = Instant::now();
+        let fast = if self.slow.load(Ordering::Relaxed) == 0 {
+            match self.serial.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        } else {
+            None
+        };
+        let called = match fast {
+            Some(serial) => self.call_locked(serial, batch, f),
+            None => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return refuse(CallError::Overloaded(MAX_WAITING), batch);
+                }
+                let called = off_worker(|| {
+                    let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+                    self.call_locked(serial, batch, f)
+                });
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                called
+            }
+        };
+        let timed_out = matches!(called.0, Err(CallError::Timeout(_)));
+        if timed_out || started.elapsed() > SLOW_CALL {
+            self.slow.store(SLOW_STREAK, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .slow
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1));
+        }
+        if self.breaker.record(timed_out) {
+            tracing::warn!(plugin = %self.label, "plugin suspended after repeated timeouts; its failure mode applies until it is tried again");
+        }
+        called
+    }
+
+    fn call_locked<R>(
+        &self,
+        _serial: std::sync::MutexGuard<'_, ()>,
+        batch: Vec<CallMessage>,
+        f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
+    ) -> Called<R> {
         let n = batch.len() as u64;
-        let _serial = self.serial.lock().expect("serial lock");
         let _running = self.engine.running();
         let started = Instant::now();
         let pooled = self.pool.lock().expect("pool lock").pop();
@@ -378,6 +488,11 @@ impl LoadedPlugin {
         pooled
             .store
             .set_epoch_deadline(self.engine.ticks(self.limits.deadline));
+        // Checked after the deadline is set: a stop from now on passes it.
+        if self.engine.is_stopping() {
+            let batch = std::mem::take(&mut pooled.store.data_mut().batch);
+            return (Err(CallError::Stopped), batch, Vec::new());
+        }
         let result = f(&mut pooled.store, &pooled.inst);
         let data = pooled.store.data_mut();
         let batch = std::mem::take(&mut data.batch);

@@ -1,5 +1,6 @@
 //! The wasmtime host: load, validate, limit, call, hot swap, registry.
 mod bindings;
+pub mod breaker;
 pub mod engine;
 pub mod loaded;
 pub mod registry;
@@ -9,4 +10,4 @@ pub use bindings::types::{
 };
 pub use engine::{CallMessage, EmptyKv, KvStore, PluginEngine};
 pub use loaded::{CallError, CallResult, Hook, Limits, LoadError, LoadedPlugin};
-pub use registry::{Binding, DeployRequest, FailureMode, LiveVersion, PluginRegistry};
+pub use registry::{Binding, Ceilings, DeployRequest, FailureMode, LiveVersion, PluginRegistry};

@@ -313,6 +313,7 @@ pub struct DeployRequest {
 /// All deployed plugins.
 pub struct PluginRegistry {
     engine: PluginEngine,
+    ceilings: Ceilings,
     storage: Storage,
     bindings: RwLock<HashMap<String, Arc<Binding>>>,
     admin: tokio::sync::Mutex<()>,
@@ -329,19 +330,57 @@ fn unknown(name: &str) -> WireError {
     )
 }
 
-fn limits_of(v: &VersionRecord) -> Limits {
-    Limits {
-        deadline: Duration::from_millis(v.deadline_ms.max(1)),
-        memory_bytes: (v.memory_mb.max(1) as usize) << 20,
+/// Router-wide maxima for what a deploy may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceilings {
+    /// Longest per-call deadline, in ms.
+    pub max_deadline_ms: u64,
+    /// Largest memory cap of one plugin version, in MiB.
+    pub max_memory_mb: u64,
+    /// Largest sum of the memory caps of all live plugin versions, in MiB.
+    pub max_total_memory_mb: u64,
+}
+
+impl Default for Ceilings {
+    fn default() -> Self {
+        Ceilings {
+            max_deadline_ms: 1_000,
+            max_memory_mb: 256,
+            max_total_memory_mb: 2_048,
+        }
     }
+}
+
+/// A version's limits, held to the ceilings (a version deployed under
+/// higher ones, before a restart lowered them, runs under the new ones).
+fn limits_of(v: &VersionRecord, c: &Ceilings) -> Limits {
+    Limits {
+        deadline: Duration::from_millis(v.deadline_ms.clamp(1, c.max_deadline_ms)),
+        memory_bytes: (v.memory_mb.clamp(1, c.max_memory_mb) as usize) << 20,
+    }
+}
+
+fn over_ceiling(what: &str, asked: u64, max: u64, key: &str) -> WireError {
+    WireError::new(
+        ErrorCode::LimitExceeded,
+        format!(
+            "{what} {asked} is above this router's maximum of {max} (`{key}` in the router's configuration)"
+        ),
+    )
 }
 
 impl PluginRegistry {
     /// Loads every stored plugin and compiles its live version.
     pub fn open(storage: Storage) -> Result<Self, String> {
+        Self::open_with(storage, Ceilings::default())
+    }
+
+    /// As [`PluginRegistry::open`], with these maxima for deploys.
+    pub fn open_with(storage: Storage, ceilings: Ceilings) -> Result<Self, String> {
         let engine = PluginEngine::new().map_err(|e| format!("plugin engine: {e:#}"))?;
         let reg = PluginRegistry {
             engine,
+            ceilings,
             storage: storage.clone(),
             bindings: RwLock::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
@@ -397,6 +436,11 @@ impl PluginRegistry {
             .ok_or_else(|| unknown(name))
     }
 
+    /// Interrupts plugin calls in progress and refuses new ones (shutdown).
+    pub fn stop_calls(&self) {
+        self.engine.stop();
+    }
+
     /// The engine (for dry runs).
     pub fn engine(&self) -> &PluginEngine {
         &self.engine
@@ -429,7 +473,7 @@ impl PluginRegistry {
             rec.hook,
             format!("{}@v{version}", rec.name).into(),
             v.config.clone(),
-            limits_of(v),
+            limits_of(v, &self.ceilings),
             kv,
         )
         .map_err(|e| e.to_string())?;
@@ -563,6 +607,44 @@ impl PluginRegistry {
             }
         }
 
+        let c = self.ceilings;
+        let deadline_ms = req.deadline_ms.unwrap_or(10);
+        let memory_mb = req.memory_mb.unwrap_or(64);
+        if deadline_ms > c.max_deadline_ms {
+            let key = "max_plugin_deadline_ms";
+            return Err(over_ceiling(
+                "deadline_ms",
+                deadline_ms,
+                c.max_deadline_ms,
+                key,
+            ));
+        }
+        if memory_mb > c.max_memory_mb {
+            let key = "max_plugin_memory_mb";
+            return Err(over_ceiling("memory_mb", memory_mb, c.max_memory_mb, key));
+        }
+        // The new version replaces this binding's live one.
+        let others: u64 = self
+            .bindings
+            .read()
+            .expect("bindings lock")
+            .values()
+            .filter(|b| *b.name != *req.name)
+            .filter_map(|b| {
+                b.live()
+                    .map(|l| (l.plugin.limits.memory_bytes >> 20) as u64)
+            })
+            .sum();
+        if others + memory_mb > c.max_total_memory_mb {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "memory_mb {memory_mb} with the {others} MiB of the other live plugins is above this \
+                     router's total of {} MiB (`max_plugin_memory_total_mb`); lower memory_mb or remove a plugin",
+                    c.max_total_memory_mb
+                ),
+            ));
+        }
         let version = existing
             .as_ref()
             .map(|b| b.record.lock().expect("record lock").next_version)
@@ -573,8 +655,8 @@ impl PluginRegistry {
             size: wasm.len(),
             config: req.config.clone(),
             on_failure: req.on_failure,
-            deadline_ms: req.deadline_ms.unwrap_or(10),
-            memory_mb: req.memory_mb.unwrap_or(64),
+            deadline_ms,
+            memory_mb,
             cutover: BTreeMap::new(),
             swap_latency_us: None,
             deployed_by: req.deployed_by.clone(),
@@ -588,7 +670,11 @@ impl PluginRegistry {
             .map(|b| b.kv.clone())
             .unwrap_or_else(|| PluginKv::new(self.storage.clone(), &req.name));
         let kv: Arc<dyn KvStore> = kv_shared.clone();
-        let (hook, config, limits) = (req.hook, req.config.clone(), limits_of(&vrec));
+        let (hook, config, limits) = (
+            req.hook,
+            req.config.clone(),
+            limits_of(&vrec, &self.ceilings),
+        );
         let wasm_for_load = wasm.clone();
         let started = Instant::now();
         let plugin = tokio::task::spawn_blocking(move || {
@@ -770,6 +856,9 @@ impl PluginRegistry {
                 "failures": s.failures.load(std::sync::atomic::Ordering::Relaxed),
                 "p50_us": s.quantile_us(0.5),
                 "p99_us": s.quantile_us(0.99),
+                "suspended_calls": s.suspended.load(std::sync::atomic::Ordering::Relaxed),
+                "suspended_for_ms": l.plugin.breaker.status().0.map(|d| d.as_millis() as u64),
+                "suspensions": l.plugin.breaker.status().1,
             })
         });
         let mut v = serde_json::json!({

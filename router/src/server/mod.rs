@@ -77,6 +77,16 @@ pub struct RouterConfig {
     pub cache_bytes: usize,
     /// Close connections idle (no keep-alive) this long, in milliseconds.
     pub idle_timeout_ms: u64,
+    /// Longest per-call deadline a plugin deploy may ask for, in ms.
+    pub max_plugin_deadline_ms: u64,
+    /// Largest memory cap a plugin deploy may ask for, in MiB.
+    pub max_plugin_memory_mb: u64,
+    /// Largest sum of the memory caps of all live plugins, in MiB.
+    pub max_plugin_memory_total_mb: u64,
+    /// Longest dedup window a topic may be given, in ms.
+    pub max_dedup_window_ms: u64,
+    /// Largest queue look-ahead window a topic may be given, in messages.
+    pub max_queue_window: u32,
     /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
     pub auth: AuthConfig,
 }
@@ -84,6 +94,8 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         let storage = StorageConfig::default();
+        let plugin_ceilings = crate::plugins::Ceilings::default();
+        let broker = BrokerConfig::default();
         RouterConfig {
             data: PathBuf::from("switchyard-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
@@ -104,6 +116,11 @@ impl Default for RouterConfig {
             retention_check_ms: 30_000,
             cache_bytes: storage.cache_bytes,
             idle_timeout_ms: 30_000,
+            max_plugin_deadline_ms: plugin_ceilings.max_deadline_ms,
+            max_plugin_memory_mb: plugin_ceilings.max_memory_mb,
+            max_plugin_memory_total_mb: plugin_ceilings.max_total_memory_mb,
+            max_dedup_window_ms: broker.max_dedup_window_ms,
+            max_queue_window: broker.max_queue_window,
             auth: AuthConfig::default(),
         }
     }
@@ -189,6 +206,12 @@ pub struct Router {
 impl Router {
     /// Opens storage, prepares TLS, binds the endpoint and starts serving.
     pub async fn start(config: RouterConfig) -> Result<Router, StartError> {
+        if config.max_plugin_deadline_ms > crate::plugins::engine::MAX_DEADLINE.as_millis() as u64 {
+            return Err(StartError::Config(format!(
+                "max_plugin_deadline_ms may be at most {}",
+                crate::plugins::engine::MAX_DEADLINE.as_millis()
+            )));
+        }
         if config.max_message_bytes + 4096 > config.max_frame_bytes {
             return Err(StartError::Config(
                 "max_frame_bytes must exceed max_message_bytes by at least 4096".into(),
@@ -255,12 +278,21 @@ impl Router {
         })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let plugins = Arc::new(PluginRegistry::open(storage.clone()).map_err(StartError::Plugins)?);
+        let ceilings = crate::plugins::Ceilings {
+            max_deadline_ms: config.max_plugin_deadline_ms,
+            max_memory_mb: config.max_plugin_memory_mb,
+            max_total_memory_mb: config.max_plugin_memory_total_mb,
+        };
+        let plugins = Arc::new(
+            PluginRegistry::open_with(storage.clone(), ceilings).map_err(StartError::Plugins)?,
+        );
         let broker = Broker::new(
             storage.clone(),
             BrokerConfig {
                 max_message_bytes: config.max_message_bytes,
                 max_partitions: config.max_partitions,
+                max_dedup_window_ms: config.max_dedup_window_ms,
+                max_queue_window: config.max_queue_window,
             },
             plugins,
             auth.clone(),
@@ -377,7 +409,9 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
         }
     }
     // No new connections; existing ones drain their publish streams (which
-    // needs storage running) and close with SHUTTING_DOWN.
+    // needs storage running) and close with SHUTTING_DOWN. Plugin calls in
+    // progress are interrupted rather than waited out.
+    shared.broker.plugins().stop_calls();
     endpoint.set_server_config(None);
     while connections.join_next().await.is_some() {}
     retention.abort();

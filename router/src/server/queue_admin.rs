@@ -149,6 +149,26 @@ async fn topic_policy(broker: &Broker, r: PolicyReq) -> Result<serde_json::Value
     let policy: TopicPolicy =
         serde_json::from_value(v).map_err(|e| bad(format!("invalid policy: {e}")))?;
     policy.validate().map_err(bad)?;
+    let limits = broker.config();
+    let over = |field: &str, asked: u64, max: u64, key: &str| {
+        WireError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "{field} {asked} is above this router's maximum of {max} (`{key}` in the router's configuration)"
+            ),
+        )
+    };
+    if policy.dedup_window_ms > limits.max_dedup_window_ms
+        && policy.dedup_window_ms != current.dedup_window_ms
+    {
+        let (asked, max) = (policy.dedup_window_ms, limits.max_dedup_window_ms);
+        return Err(over("dedup_window_ms", asked, max, "max_dedup_window_ms"));
+    }
+    if policy.queue_window > limits.max_queue_window && policy.queue_window != current.queue_window
+    {
+        let (asked, max) = (policy.queue_window as u64, limits.max_queue_window as u64);
+        return Err(over("queue_window", asked, max, "max_queue_window"));
+    }
     broker
         .storage()
         .set_policy(&r.name, policy.clone())

@@ -1,0 +1,253 @@
+//! One bad plugin, client or topic can never slow or starve the others.
+//!
+//! The bugs these guard against: plugin calls ran on the async runtime's
+//! worker threads behind a per-plugin lock, so a looping route plugin on
+//! one topic stalled publishes to every other topic (and shutdown); deploys
+//! and topic policies accepted any deadline, memory cap or dedup window.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use serde_json::json;
+use switchyard::client::Client;
+use switchyard::protocol::{ErrorCode, Record};
+
+/// Deploys the hostile plugin in `mode` as `hot`'s route plugin.
+async fn deploy_hostile(c: &Client, name: &str, topic: &str, mode: &str, deadline_ms: u64) {
+    c.deploy_plugin(
+        plugin_wasm("hostile"),
+        json!({ "name": name, "hook": "route", "topic": topic, "deadline_ms": deadline_ms,
+                "config": { "mode": mode } }),
+    )
+    .await
+    .unwrap();
+}
+
+/// Publishes to `topic` from `n` tasks until `stop`; counts failures.
+fn hammer(
+    c: &Arc<Client>,
+    topic: &'static str,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<AtomicU64>) {
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks = (0..n)
+        .map(|i| {
+            let (c, stop, failed) = (c.clone(), stop.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let batch = (0..10).map(|j| Record::new(format!("{i}-{j}"))).collect();
+                    if c.publish_batch(topic, batch).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    (tasks, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_plugin_on_one_topic_does_not_stall_another() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("hot", 1).await.unwrap();
+    c.create_topic("cold", 1).await.unwrap();
+    // The longest deadline this router allows, spent in full by every call.
+    deploy_hostile(&c, "looper", "hot", "loop", 1_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let hot_clients: Vec<_> = futures::future::join_all((0..4).map(|_| r.client())).await;
+    let mut tasks = Vec::new();
+    let mut failures = Vec::new();
+    for hc in &hot_clients {
+        let (t, f) = hammer(hc, "hot", 1, &stop);
+        tasks.extend(t);
+        failures.push(f);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Meanwhile another client publishes to `cold`, one record at a time.
+    let cold = r.client().await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..100 {
+        let t = Instant::now();
+        cold.publish("cold", Record::new(format!("c{i}")))
+            .await
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    // Well under the plugin's 1 s deadline: `cold` never waited for it.
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a publish to the cold topic took {slowest:?}"
+    );
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let failed: u64 = failures.iter().map(|f| f.load(Ordering::Relaxed)).sum();
+    assert!(failed > 0, "the looping plugin's own topic fails");
+    assert_eq!(
+        c.describe_topic("cold").await.unwrap().partitions[0].end,
+        100
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_keeps_timing_out_is_suspended_and_listed_as_such() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("hot", 1).await.unwrap();
+    deploy_hostile(&c, "looper", "hot", "loop", 50).await;
+    let mut last = None;
+    for _ in 0..8 {
+        last = Some(
+            c.publish("hot", Record::new("x"))
+                .await
+                .unwrap_err()
+                .to_string(),
+        );
+    }
+    let last = last.unwrap();
+    assert!(last.contains("suspended"), "{last}");
+    let list = c
+        .admin_request("list", json!({}), Bytes::new())
+        .await
+        .unwrap();
+    let stats = &list[0]["stats"];
+    assert!(stats["suspensions"].as_u64().unwrap() >= 1, "{list}");
+    assert!(stats["suspended_calls"].as_u64().unwrap() >= 1, "{list}");
+    assert!(stats["suspended_for_ms"].as_u64().is_some(), "{list}");
+    // With the failure mode `bypass`, a suspended plugin lets messages through.
+    c.deploy_plugin(
+        plugin_wasm("hostile"),
+        json!({ "name": "looper", "hook": "route", "topic": "hot", "deadline_ms": 50,
+                "on_failure": "bypass", "config": { "mode": "loop" } }),
+    )
+    .await
+    .unwrap();
+    for _ in 0..8 {
+        c.publish("hot", Record::new("kept")).await.unwrap();
+    }
+    assert_eq!(c.describe_topic("hot").await.unwrap().partitions[0].end, 8);
+}
+
+#[tokio::test]
+async fn deploys_and_policies_above_the_router_maxima_are_refused() {
+    let r = start_router_with(|c| c.max_plugin_memory_total_mb = 200).await;
+    let c = r.client().await;
+    c.create_topic("t", 1).await.unwrap();
+    c.create_topic("u", 1).await.unwrap();
+    let deploy = |name: &'static str, topic: &'static str, extra: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            let mut opts = json!({ "name": name, "hook": "route", "topic": topic });
+            for (k, v) in extra.as_object().unwrap() {
+                opts[k] = v.clone();
+            }
+            c.deploy_plugin(plugin_wasm("route_by_header"), opts).await
+        }
+    };
+    for (extra, max) in [
+        (json!({ "deadline_ms": 30_000 }), "1000"),
+        (json!({ "memory_mb": 65_536 }), "256"),
+    ] {
+        let e = deploy("big", "t", extra.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{extra}: {e}");
+        assert!(e.to_string().contains(max), "names the maximum: {e}");
+    }
+    deploy(
+        "first",
+        "t",
+        json!({ "memory_mb": 128, "deadline_ms": 1000 }),
+    )
+    .await
+    .unwrap();
+    let e = deploy("second", "u", json!({ "memory_mb": 128 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded));
+    assert!(e.to_string().contains("max_plugin_memory_total_mb"), "{e}");
+    // A new version of the same plugin replaces its memory, not adds to it.
+    deploy("first", "t", json!({ "memory_mb": 190 }))
+        .await
+        .unwrap();
+    let list = c
+        .admin_request("list", json!({}), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "nothing refused was deployed"
+    );
+
+    let e = c
+        .set_topic_policy("t", json!({ "dedup_window_ms": 365u64 * 24 * 3600 * 1000 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded));
+    assert!(e.to_string().contains("max_dedup_window_ms"), "{e}");
+    let e = c
+        .set_topic_policy("t", json!({ "queue_window": 100_000_000 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded));
+    assert_eq!(
+        c.topic_policy("t").await.unwrap()["dedup_window_ms"],
+        120_000
+    );
+}
+
+#[test]
+fn sigterm_with_a_looping_plugin_exits_within_two_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = ChildRouter::spawn(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = rt.block_on(async {
+        let c = connect(r.addr, &r.cert).await;
+        c.create_topic("hot", 1).await.unwrap();
+        deploy_hostile(&c, "looper", "hot", "loop", 1_000).await;
+        // Four connections: four publish streams, each with a call to make.
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let c = connect(r.addr, &r.cert).await;
+            tasks.extend(hammer(&c, "hot", 1, &stop).0);
+        }
+        // Let calls be in progress when the signal comes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tasks
+    });
+    let pid = r.child.id().to_string();
+    let sent = Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = r.child.wait().unwrap();
+    let took = sent.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        status.success(),
+        "router exits 0 after SIGTERM, got {status}"
+    );
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    rt.block_on(async {
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    });
+}
