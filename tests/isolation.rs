@@ -251,3 +251,142 @@ fn sigterm_with_a_looping_plugin_exits_within_two_seconds() {
         }
     });
 }
+
+/// A raw QUIC connection from `from` that has completed `Hello` as the
+/// router's admin; returns it with the control stream.
+async fn raw_session(
+    r: &TestRouter,
+    from: &str,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![switchyard::protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(format!("{from}:0").parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(r.addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = switchyard::protocol::Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+        client: "raw".into(),
+        token: Some(admin_token(&r.cert)),
+    };
+    send.write_all(&hello.to_bytes()).await.unwrap();
+    let mut head = [0u8; 5];
+    recv.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[4], 0x02, "HelloOk");
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize - 1;
+    let mut rest = vec![0u8; len];
+    recv.read_exact(&mut rest).await.unwrap();
+    (conn, send, recv)
+}
+
+/// Opens a stream and sends the first `sent` bytes of a publish frame
+/// announcing `announced` bytes; never finishes it.
+async fn start_frame(conn: &quinn::Connection, announced: u32, sent: usize) -> quinn::SendStream {
+    let (mut s, _) = conn.open_bi().await.unwrap();
+    let mut head = announced.to_be_bytes().to_vec();
+    head.push(0x20);
+    s.write_all(&head).await.unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let mut left = sent;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await.unwrap();
+        left -= n;
+    }
+    s
+}
+
+async fn closed_code(conn: &quinn::Connection, secs: u64) -> (u64, String) {
+    match tokio::time::timeout(Duration::from_secs(secs), conn.closed())
+        .await
+        .expect("connection closed in time")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_frames_are_bounded_per_connection_and_in_time() {
+    let r = start_router_with(|c| {
+        c.max_connection_partial_bytes = 20 << 20;
+        c.frame_timeout_ms = 1_000;
+    })
+    .await;
+    let good = r.client().await;
+    good.create_topic("t", 1).await.unwrap();
+
+    // Two 15 MiB frames started at once: the second is over the budget.
+    let (conn, _c, _r) = raw_session(&r, "127.0.0.1").await;
+    let _a = start_frame(&conn, 15 << 20, 1 << 20).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _b = start_frame(&conn, 15 << 20, 1 << 20).await;
+    let (code, why) = closed_code(&conn, 10).await;
+    assert_eq!(code, 6, "{why}");
+    assert!(why.contains("budget"), "{why}");
+    good.publish("t", Record::new("still served"))
+        .await
+        .unwrap();
+
+    // A frame that stops arriving is cut off after the frame timeout, and
+    // what it held is released: a new connection may start one again.
+    let (conn, _c, _r) = raw_session(&r, "127.0.0.1").await;
+    let _a = start_frame(&conn, 15 << 20, 1 << 20).await;
+    let (code, why) = closed_code(&conn, 10).await;
+    assert_eq!(code, 6, "{why}");
+    assert!(why.contains("stopped arriving"), "{why}");
+    let (conn, _c, _r) = raw_session(&r, "127.0.0.1").await;
+    let _a = start_frame(&conn, 15 << 20, 1 << 20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(conn.close_reason().is_none(), "the budget was released");
+    good.publish("t", Record::new("still served"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let r = start_router_with(|c| c.max_connections_per_address = 3).await;
+    let held: Vec<_> = futures::future::join_all((0..3).map(|_| r.client())).await;
+    let e = switchyard::client::Client::connect(
+        switchyard::client::ClientConfig::new(r.addr).with_data_dir(r.dir.path()),
+    )
+    .await
+    .err()
+    .expect("a fourth connection from the same address is refused");
+    assert!(e.to_string().contains("max_connections_per_address"), "{e}");
+    // Another address keeps its slots.
+    let (_conn, _s, _r) = raw_session(&r, "127.0.0.2").await;
+    held[0].list_topics().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_only_keep_alive_are_closed_when_idle() {
+    let r = start_router_with(|c| c.connection_max_idle_ms = 400).await;
+    let idle = r.client().await;
+    let busy = r.client().await;
+    busy.create_topic("t", 1).await.unwrap();
+    let _sub = busy
+        .subscribe(switchyard::client::SubscribeOptions::new("t"))
+        .await
+        .unwrap();
+    // The client's keep-alives (every 0.67 s in tests) do not count.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let e = idle.list_topics().await.unwrap_err();
+    assert!(e.to_string().contains("idle"), "{e}");
+    busy.list_topics().await.unwrap();
+}

@@ -286,7 +286,12 @@ impl Client {
             let mut send = self.control.lock().await;
             if let Err(e) = send.write_all(&bytes).await {
                 self.waiters.lock().expect("waiters lock").remove(&id);
-                return Err(ClientError::ConnectionLost(e.to_string()));
+                // The router's own reason, when it closed the connection.
+                let why = match self.conn.close_reason() {
+                    Some(c) => describe_close(&c),
+                    None => e.to_string(),
+                };
+                return Err(ClientError::ConnectionLost(why));
             }
         }
         let frame = rx

@@ -47,6 +47,12 @@ pub mod close {
     /// No valid credential, or the principal's credential or grants were
     /// revoked while connected.
     pub const UNAUTHENTICATED: u32 = 5;
+    /// The peer went past a limit on partially received frames (memory
+    /// budget, frame timeout) or on connections from its address.
+    pub const LIMIT_EXCEEDED: u32 = 6;
+    /// The connection had no stream open and made no request for the
+    /// router's `connection_max_idle_ms`; reconnect when needed.
+    pub const IDLE: u32 = 7;
 }
 
 #[cfg(test)]

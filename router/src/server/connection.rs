@@ -11,12 +11,16 @@ use rustls::pki_types::CertificateDer;
 use super::session::Session;
 use super::{Shared, control, publish, subscribe, tls};
 use crate::protocol::{ErrorCode, Frame, close, negotiate};
-use crate::transport::{FrameReader, ReadFrameError};
+use crate::transport::{Budget, FrameReader, ReadFrameError};
 
 /// How long a new connection has to send `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(super) async fn handle(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    handshaking: super::admission::Handshaking,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -27,20 +31,32 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     tracing::debug!(%remote, "connection open");
     let max_frame = shared.config.max_frame_bytes;
+    let budget = Budget::new(
+        shared.config.max_connection_partial_bytes,
+        Some(shared.partial_budget.clone()),
+    );
+    let frame_timeout = Duration::from_millis(shared.config.frame_timeout_ms);
+    let reader =
+        |recv| FrameReader::new(recv, max_frame).with_limits(budget.clone(), frame_timeout);
 
-    let (control, session) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello(&conn, &shared)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(reason)) => {
-                tracing::debug!(%remote, %reason, "connection rejected");
-                return;
-            }
-            Err(_) => {
-                conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
-                return;
-            }
-        };
+    let hello = hello(&conn, &shared, reader);
+    let (control, session) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(reason)) => {
+            tracing::debug!(%remote, %reason, "connection rejected");
+            return;
+        }
+        Err(_) => {
+            conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
+            return;
+        }
+    };
+    // Admitted: no longer a handshake in progress for its address.
+    drop(handshaking);
     let session = Arc::new(session);
+    let max_idle = Duration::from_millis(shared.config.connection_max_idle_ms);
+    let mut idle_check = tokio::time::interval(max_idle / 4);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut principals = shared.auth.watch();
 
     let mut shutdown = shared.shutdown.clone();
@@ -60,10 +76,10 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
             _ = shutdown.changed() => break true,
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
+                    session.touch();
                     let shared = shared.clone();
                     let conn = conn.clone();
-                    let reader = FrameReader::new(recv, max_frame);
-                    publishers.spawn(stream(send, reader, shared, conn, session.clone()));
+                    publishers.spawn(stream(send, reader(recv), shared, conn, session.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(%remote, reason = %e, "connection closed");
@@ -77,7 +93,19 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     break false;
                 }
             }
-            Some(_) = publishers.join_next(), if !publishers.is_empty() => {}
+            _ = idle_check.tick() => {
+                // Streams count as activity; the control stream does not.
+                if publishers.is_empty() && session.idle_for() >= max_idle {
+                    let why = format!(
+                        "idle for {} ms with no stream open (connection_max_idle_ms); reconnect when needed",
+                        max_idle.as_millis()
+                    );
+                    tracing::debug!(%remote, "closing idle connection");
+                    conn.close(close::IDLE.into(), why.as_bytes());
+                    break false;
+                }
+            }
+            Some(_) = publishers.join_next(), if !publishers.is_empty() => session.touch(),
             Some(_) = others.join_next(), if !others.is_empty() => {}
         }
     };
@@ -103,9 +131,13 @@ type Control = (quinn::SendStream, FrameReader<quinn::RecvStream>);
 /// The handshake: `Hello`, the version, then who the client is (its token,
 /// else its certificate) and whether its connection quota has room; only
 /// then `HelloOk`.
-async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<(Control, Session), String> {
+async fn hello(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    reader: impl Fn(quinn::RecvStream) -> FrameReader<quinn::RecvStream>,
+) -> Result<(Control, Session), String> {
     let (mut send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
+    let mut reader = reader(recv);
     let (version, client, token) = match reader.next().await {
         Ok(Some(Frame::Hello {
             min_version,
@@ -285,6 +317,18 @@ pub(super) async fn read_failed(
             .await
         }
         ReadFrameError::Io(e) => tracing::debug!(error = %e, "stream ended"),
+        e @ (ReadFrameError::OverBudget { .. } | ReadFrameError::Stalled(_)) => {
+            let why = e.to_string();
+            tracing::info!(remote = %conn.remote_address(), %why, "connection closed: limit");
+            refuse(
+                conn,
+                send,
+                ErrorCode::LimitExceeded,
+                &why,
+                close::LIMIT_EXCEEDED,
+            )
+            .await;
+        }
     }
 }
 

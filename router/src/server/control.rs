@@ -23,6 +23,7 @@ pub(super) async fn serve(
             Ok(None) => return,
             Err(e) => return read_failed(&conn, &mut send, e).await,
         };
+        session.touch();
         let reply = match frame {
             Frame::CreateTopic {
                 id,

@@ -4,6 +4,7 @@
 //! The binary only parses configuration and calls [`run`]; tests call
 //! [`Router::start`] with port 0 and talk to the returned address.
 
+mod admission;
 mod auth_admin;
 mod connection;
 mod control;
@@ -77,6 +78,21 @@ pub struct RouterConfig {
     pub cache_bytes: usize,
     /// Close connections idle (no keep-alive) this long, in milliseconds.
     pub idle_timeout_ms: u64,
+    /// Close connections with no stream open and no request for this long,
+    /// in milliseconds, even if they send keep-alives (Kafka's
+    /// `connections.max.idle.ms`).
+    pub connection_max_idle_ms: u64,
+    /// Most connections from one client address.
+    pub max_connections_per_address: usize,
+    /// Most connections from one client address still in their handshake.
+    pub max_handshakes_per_address: usize,
+    /// Bytes of partially received frames one connection may hold, over
+    /// all its streams (a frame counts its announced length).
+    pub max_connection_partial_bytes: usize,
+    /// The same, over all connections.
+    pub max_partial_bytes_total: usize,
+    /// A frame must arrive whole within this many ms of its first byte.
+    pub frame_timeout_ms: u64,
     /// Longest per-call deadline a plugin deploy may ask for, in ms.
     pub max_plugin_deadline_ms: u64,
     /// Largest memory cap a plugin deploy may ask for, in MiB.
@@ -116,6 +132,12 @@ impl Default for RouterConfig {
             retention_check_ms: 30_000,
             cache_bytes: storage.cache_bytes,
             idle_timeout_ms: 30_000,
+            connection_max_idle_ms: 600_000,
+            max_connections_per_address: 256,
+            max_handshakes_per_address: 32,
+            max_connection_partial_bytes: 64 << 20,
+            max_partial_bytes_total: 1 << 30,
+            frame_timeout_ms: 30_000,
             max_plugin_deadline_ms: plugin_ceilings.max_deadline_ms,
             max_plugin_memory_mb: plugin_ceilings.max_memory_mb,
             max_plugin_memory_total_mb: plugin_ceilings.max_total_memory_mb,
@@ -187,6 +209,8 @@ pub enum StartError {
 
 /// State shared by every connection task.
 pub(crate) struct Shared {
+    /// Partially received frames of every connection.
+    pub(crate) partial_budget: Arc<crate::transport::Budget>,
     pub(crate) broker: Broker,
     pub(crate) auth: Arc<Auth>,
     pub(crate) config: RouterConfig,
@@ -211,6 +235,15 @@ impl Router {
                 "max_plugin_deadline_ms may be at most {}",
                 crate::plugins::engine::MAX_DEADLINE.as_millis()
             )));
+        }
+        if config.max_connection_partial_bytes < config.max_frame_bytes + 4
+            || config.max_partial_bytes_total < config.max_connection_partial_bytes
+        {
+            return Err(StartError::Config(
+                "max_connection_partial_bytes must hold one whole frame (max_frame_bytes), and \
+                 max_partial_bytes_total one connection's"
+                    .into(),
+            ));
         }
         if config.max_message_bytes + 4096 > config.max_frame_bytes {
             return Err(StartError::Config(
@@ -301,6 +334,7 @@ impl Router {
             tracing::error!(error = %e, "queue groups not restored");
         }
         let shared = Arc::new(Shared {
+            partial_budget: crate::transport::Budget::new(config.max_partial_bytes_total, None),
             broker,
             auth,
             config: config.clone(),
@@ -359,8 +393,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Completes the handshake so the client gets a reason it can show, not a
+/// bare refusal, then closes.
+async fn refuse_politely(incoming: quinn::Incoming, why: String) {
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), incoming).await {
+        conn.close(close::TOO_MANY_CONNECTIONS.into(), why.as_bytes());
+    }
+}
+
 async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage) {
     let admission = Arc::new(Semaphore::new(shared.config.max_connections));
+    let per_address = admission::PerAddress::new(
+        shared.config.max_connections_per_address,
+        shared.config.max_handshakes_per_address,
+    );
     let mut shutdown = shared.shutdown.clone();
     let mut connections = JoinSet::new();
     let every = |ms: u64| Duration::from_millis(ms.max(10));
@@ -383,25 +429,39 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
             _ = shutdown.changed() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                let (slot, handshaking) = match per_address.admit(remote.ip()) {
+                    Ok(admitted) => admitted,
+                    Err(admission::Refused::Handshakes(n)) => {
+                        // A handshake flood: refuse statelessly, no TLS work.
+                        tracing::info!(%remote, limit = n, "connection refused: handshakes in progress per address");
+                        incoming.refuse();
+                        continue;
+                    }
+                    Err(admission::Refused::Connections(n)) => {
+                        tracing::info!(%remote, limit = n, "connection refused: connections per address");
+                        let why = format!(
+                            "this address holds max_connections_per_address = {n} connections; close some or retry later"
+                        );
+                        connections.spawn(refuse_politely(incoming, why));
+                        continue;
+                    }
+                };
                 match admission.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.clone();
                         connections.spawn(async move {
-                            connection::handle(incoming, shared).await;
+                            connection::handle(incoming, shared, handshaking).await;
                             drop(permit);
+                            drop(slot);
                         });
                     }
                     Err(_) => {
-                        // Complete the handshake so the client gets a reason
-                        // it can show, not a bare refusal.
-                        tracing::warn!(remote = %incoming.remote_address(), "connection limit reached");
+                        drop((slot, handshaking));
+                        tracing::warn!(%remote, "connection limit reached");
                         let limit = shared.config.max_connections;
-                        connections.spawn(async move {
-                            if let Ok(conn) = incoming.await {
-                                let why = format!("router is at max_connections = {limit}; retry later");
-                                conn.close(close::TOO_MANY_CONNECTIONS.into(), why.as_bytes());
-                            }
-                        });
+                        let why = format!("router is at max_connections = {limit}; retry later");
+                        connections.spawn(refuse_politely(incoming, why));
                     }
                 }
             }

@@ -18,6 +18,8 @@ pub(crate) struct Session {
     pub(crate) usage: Arc<Usage>,
     /// This connection's share of the connection quota.
     _connection: Held,
+    /// When it last made a request or opened or closed a stream.
+    last_active: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Session {
@@ -32,7 +34,18 @@ impl Session {
             credential,
             usage,
             _connection: connection,
+            last_active: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// Notes activity: a request, or a stream opened or closed.
+    pub(crate) fn touch(&self) {
+        *self.last_active.lock().expect("activity lock") = std::time::Instant::now();
+    }
+
+    /// Time since the last activity.
+    pub(crate) fn idle_for(&self) -> std::time::Duration {
+        self.last_active.lock().expect("activity lock").elapsed()
     }
 
     /// The principal as it is now.
