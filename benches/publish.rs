@@ -85,7 +85,7 @@ fn publish(c: &mut Criterion) {
 
 fn serde_json_value() -> serde_json::Value {
     // A generous deadline: the bench also runs once, unoptimized, in CI.
-    serde_json::json!({ "name": "probe", "hook": "route", "topic": "routed", "deadline_ms": 5000 })
+    serde_json::json!({ "name": "probe", "hook": "route", "topic": "routed", "deadline_ms": 1000 })
 }
 
 criterion_group!(benches, publish);

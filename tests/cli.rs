@@ -233,7 +233,7 @@ fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
             "needle=paid",
             // Generous: a debug router on a loaded CI machine is slow.
             "--deadline-ms",
-            "5000",
+            "1000",
         ],
         None,
     ));

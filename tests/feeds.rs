@@ -156,7 +156,7 @@ async fn hot_key_fanout_plugin_reads_hot_keys_at_read_time() {
     c.deploy_plugin(
         plugin_wasm("hot_key_fanout"),
         json!({ "name": "hot", "hook": "fanout", "topic": "timeline",
-                "deadline_ms": 5000, "config": { "threshold": "2" } }),
+                "deadline_ms": 1000, "config": { "threshold": "2" } }),
     )
     .await
     .unwrap();
@@ -186,7 +186,7 @@ async fn hot_key_fanout_plugin_reads_hot_keys_at_read_time() {
     // Records that pass a route plugin first fan out the same way.
     c.deploy_plugin(
         plugin_wasm("probe"),
-        json!({ "name": "keep", "hook": "route", "topic": "timeline", "deadline_ms": 5000 }),
+        json!({ "name": "keep", "hook": "route", "topic": "timeline", "deadline_ms": 1000 }),
     )
     .await
     .unwrap();

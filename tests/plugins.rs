@@ -22,7 +22,7 @@ async fn deploy(
     mut opts: serde_json::Value,
 ) -> Result<serde_json::Value, switchyard::client::ClientError> {
     if opts.get("deadline_ms").is_none() {
-        opts["deadline_ms"] = json!(5000);
+        opts["deadline_ms"] = json!(1000);
     }
     c.deploy_plugin(plugin_wasm(file), opts).await
 }
@@ -177,7 +177,7 @@ async fn filter_plugin_decides_what_each_subscription_sees() {
 
 async fn hostile(c: &Client, name: &str, topic: &str, mode: &str, on_failure: &str) {
     // Only the loop should hit the deadline; the others must fail their own way.
-    let deadline_ms = if mode == "loop" { 100 } else { 5000 };
+    let deadline_ms = if mode == "loop" { 100 } else { 1000 };
     deploy(
         c,
         "hostile",

@@ -724,7 +724,7 @@ async fn tenant_priority_plugin_orders_queue_deliveries() {
     c.deploy_plugin(
         plugin_wasm("tenant_priority"),
         json!({
-            "name": "tiers", "hook": "priority", "topic": "tickets", "deadline_ms": 5000,
+            "name": "tiers", "hook": "priority", "topic": "tickets", "deadline_ms": 1000,
             "config": { "tenant.acme": "gold", "tenant.initech": "bronze",
                         "tier.gold": "9", "tier.bronze": "1" }
         }),
@@ -773,7 +773,7 @@ async fn retry_backoff_plugin_decides_retries_and_dead_letters() {
     c.deploy_plugin(
         plugin_wasm("retry_backoff"),
         json!({
-            "name": "backoff", "hook": "retry", "topic": "hooks", "deadline_ms": 5000,
+            "name": "backoff", "hook": "retry", "topic": "hooks", "deadline_ms": 1000,
             "config": { "base-ms": "100", "max-attempts": "3", "jitter": "0",
                         "non-retryable": "auth" }
         }),

@@ -142,7 +142,7 @@ impl Op {
                 .deploy_plugin(
                     plugin_wasm("route_by_header"),
                     json!({ "name": "by-region", "hook": "route", "topic": "orders",
-                            "deadline_ms": 5000, "config": { "header": "region", "prefix": "orders." } }),
+                            "deadline_ms": 1000, "config": { "header": "region", "prefix": "orders." } }),
                 )
                 .await
                 .map(drop),
@@ -219,7 +219,7 @@ async fn world() -> (TestRouter, Arc<Client>) {
     for v in ["a", "b"] {
         a.deploy_plugin(
             plugin_wasm("route_by_header"),
-            json!({ "name": "by-region", "hook": "route", "topic": "orders", "deadline_ms": 5000,
+            json!({ "name": "by-region", "hook": "route", "topic": "orders", "deadline_ms": 1000,
                     "config": { "header": "region", "prefix": "orders.", "v": v } }),
         )
         .await
@@ -578,7 +578,7 @@ async fn a_route_plugin_can_only_route_where_its_deployer_may_publish() {
     let team = as_token(&r, &team).await.unwrap();
     team.deploy_plugin(
         plugin_wasm("route_by_header"),
-        json!({ "name": "by-region", "hook": "route", "topic": "orders", "deadline_ms": 5000,
+        json!({ "name": "by-region", "hook": "route", "topic": "orders", "deadline_ms": 1000,
                 "config": { "header": "region", "prefix": "orders." } }),
     )
     .await
