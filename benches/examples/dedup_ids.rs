@@ -40,7 +40,14 @@ async fn main() -> anyhow::Result<()> {
     let mut pending = Vec::new();
     for start in (0..count).step_by(1000) {
         let batch = (start..(start + 1000).min(count))
-            .map(|i| Record::new(vec![b'x'; 100]).with_message_id(format!("{i:0>id_bytes$}")))
+            .map(|i| {
+                let r = Record::new(vec![b'x'; 100]);
+                // --id-bytes 0: no id, the baseline.
+                match id_bytes {
+                    0 => r,
+                    n => r.with_message_id(format!("{i:0>n$}")),
+                }
+            })
             .collect();
         pending.push(client.queue_batch(&topic, batch).await?);
         if pending.len() >= 16 {
