@@ -393,3 +393,69 @@ async fn connections_that_only_keep_alive_are_closed_when_idle() {
     assert!(e.to_string().contains("idle"), "{e}");
     busy.list_topics().await.unwrap();
 }
+
+/// A 200-byte message id, as the probe that filled memory used.
+fn long_id(i: usize) -> String {
+    format!("{i:0>200}")
+}
+
+async fn publish_ids(c: &Client, range: std::ops::Range<usize>) -> Vec<switchyard::client::Ack> {
+    let mut acks = Vec::new();
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(250) {
+        let batch = chunk
+            .iter()
+            .map(|&i| Record::new(format!("m{i}")).with_message_id(long_id(i)))
+            .collect();
+        acks.extend(c.publish_batch("t", batch).await.unwrap());
+    }
+    acks
+}
+
+#[tokio::test]
+async fn message_ids_are_remembered_across_a_restart_and_forgotten_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || switchyard::server::Router::start(test_config(dir.path()));
+    let router = start().await.unwrap();
+    let cert = router.cert_path().to_path_buf();
+    let c = connect(router.local_addr(), &cert).await;
+    c.create_topic("t", 2).await.unwrap();
+    let first = publish_ids(&c, 0..2_000).await;
+    assert!(first.iter().all(|a| !a.duplicate));
+    // Every retry is recognised, with the original's position.
+    let again = publish_ids(&c, 0..2_000).await;
+    for (a, b) in first.iter().zip(&again) {
+        assert!(b.duplicate);
+        assert_eq!((a.partition, a.offset), (b.partition, b.offset));
+    }
+    // Ids are remembered across a restart.
+    c.close().await;
+    router.shutdown().await;
+    let router = start().await.unwrap();
+    let c = connect(router.local_addr(), &cert).await;
+    let after = publish_ids(&c, 1_990..2_010).await;
+    assert!(after[..10].iter().all(|a| a.duplicate), "remembered");
+    assert!(after[10..].iter().all(|a| !a.duplicate), "new ids are new");
+    // Past the window they are forgotten: the same id is stored anew.
+    c.set_topic_policy("t", json!({ "dedup_window_ms": 300 }))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.publish("t", Record::new("tick")).await.unwrap();
+    let late = publish_ids(&c, 0..10).await;
+    assert!(
+        late.iter().all(|a| !a.duplicate),
+        "forgotten after the window"
+    );
+    let end: u64 = c
+        .describe_topic("t")
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end)
+        .sum();
+    assert_eq!(end, 2_000 + 10 + 1 + 10);
+    c.close().await;
+    router.shutdown().await;
+}
