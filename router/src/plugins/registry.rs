@@ -438,6 +438,7 @@ impl PluginRegistry {
 
     /// Interrupts plugin calls in progress and refuses new ones (shutdown).
     pub fn stop_calls(&self) {
+        tracing::info!("interrupting plugin calls for shutdown");
         self.engine.stop();
     }
 
