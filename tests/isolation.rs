@@ -428,7 +428,7 @@ async fn message_ids_are_remembered_across_a_restart_and_forgotten_after_the_win
         assert!(b.duplicate);
         assert_eq!((a.partition, a.offset), (b.partition, b.offset));
     }
-    // Ids are remembered across a restart.
+    // Ids are remembered across a restart (rebuilt from disk as hashes).
     c.close().await;
     router.shutdown().await;
     let router = start().await.unwrap();

@@ -37,8 +37,8 @@ use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use super::StorageError;
 use super::tables::{
-    DEDUP, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_KV, QUEUE, QUEUE_DONE,
-    QUEUE_FLOOR, QUEUE_MARK,
+    DEDUP, DEDUP_EXPIRY, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_KV, QUEUE,
+    QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
 };
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SYJ1");
@@ -402,6 +402,7 @@ pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), Stora
             n if n == META.name() => apply(txn, META, op, a, b)?,
             n if n == PLUGIN_KV.name() => apply(txn, PLUGIN_KV, op, a, b)?,
             n if n == DEDUP.name() => apply(txn, DEDUP, op, a, b)?,
+            n if n == DEDUP_EXPIRY.name() => apply(txn, DEDUP_EXPIRY, op, a, b)?,
             n if n == QUEUE.name() => apply(txn, QUEUE, op, a, b)?,
             n if n == QUEUE_FLOOR.name() => apply(txn, QUEUE_FLOOR, op, a, b)?,
             n if n == QUEUE_MARK.name() => apply(txn, QUEUE_MARK, op, a, b)?,
@@ -586,6 +587,7 @@ mod tests {
             dump(db, META),
             dump(db, PLUGIN_KV),
             dump(db, DEDUP),
+            dump(db, DEDUP_EXPIRY),
             dump(db, QUEUE),
             dump(db, QUEUE_FLOOR),
             dump(db, QUEUE_MARK),

@@ -908,8 +908,17 @@ impl PartState {
     }
 }
 
-/// A remembered message id: `(id, partition, offset, append ms)`.
-pub(crate) type DedupEntry = (Vec<u8>, u32, u64, u64);
+/// A remembered message id, as memory holds it: `(append ms, id hash)`.
+pub(crate) type DedupEntry = (u64, u64);
+
+/// The in-memory form of a message id: a 64-bit hash, keyed per process so
+/// that ids cannot be crafted to collide. A hash hit is confirmed against
+/// the stored row, so a collision never makes a new message a duplicate.
+pub(crate) fn dedup_hash(id: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    KEY.get_or_init(std::hash::RandomState::new).hash_one(id)
+}
 
 type Loaded = (
     Vec<TopicMeta>,
@@ -1016,6 +1025,16 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::KEY_INDEX)?;
         w.open_table(tables::FEEDS)?;
         w.open_table(tables::PRINCIPALS)?;
+        // Ids stored before the expiry index existed get their entries.
+        let mut expiry = w.open_table(tables::DEDUP_EXPIRY)?;
+        if redb::ReadableTableMetadata::is_empty(&expiry)? {
+            for entry in w.open_table(tables::DEDUP)?.iter()? {
+                let (k, v) = entry?;
+                let (topic, id) = k.value();
+                let (p, o, ts) = v.value();
+                expiry.insert((topic, ts, p, o), id)?;
+            }
+        }
     }
     w.commit()?;
 
@@ -1051,14 +1070,11 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
     for entry in r.open_table(tables::DEDUP)?.iter()? {
         let (k, v) = entry?;
         let (topic, id) = k.value();
-        let (p, o, ts) = v.value();
-        dedup
-            .entry(topic)
-            .or_default()
-            .push((id.to_vec(), p, o, ts));
+        let (_, _, ts) = v.value();
+        dedup.entry(topic).or_default().push((ts, dedup_hash(id)));
     }
     for v in dedup.values_mut() {
-        v.sort_by_key(|e| e.3);
+        v.sort_unstable();
     }
     Ok((metas, parts, dedup))
 }

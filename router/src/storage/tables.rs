@@ -66,6 +66,12 @@ pub(crate) const QUEUE: TableDefinition<(u32, &str, u32, u64), super::QueueEntry
 pub(crate) const DEDUP: TableDefinition<(u32, &[u8]), (u32, u64, u64)> =
     TableDefinition::new("dedup");
 
+/// `(topic id, append ms, partition, offset)` -> message id: the dedup
+/// window in time order, so expiry finds the ids to forget without
+/// holding them in memory.
+pub(crate) const DEDUP_EXPIRY: TableDefinition<(u32, u64, u32, u64), &[u8]> =
+    TableDefinition::new("dedup_expiry");
+
 /// `(topic id, feed id, partition, offset)`: a fan-out-on-write reference,
 /// pushed into a following feed's inbox when the record is appended.
 pub(crate) const INBOX: TableDefinition<(u32, u32, u32, u64), ()> = TableDefinition::new("inbox");

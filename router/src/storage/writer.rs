@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
-    DEDUP, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS, PLUGIN_ARTIFACT,
-    PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
-    TOPICS,
+    DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS,
+    PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR,
+    QUEUE_MARK, TOPICS,
 };
 use super::{
     AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
@@ -125,10 +125,12 @@ impl WriteOp {
 pub(crate) struct TopicState {
     handle: Arc<TopicHandle>,
     parts: Vec<PartState>,
-    /// Message id -> `(partition, offset)` within the dedup window.
-    dedup: HashMap<Box<[u8]>, (u32, u64)>,
-    /// The same ids in append order, with their append time, for expiry.
-    dedup_order: VecDeque<(u64, Box<[u8]>)>,
+    /// Hashes ([`super::dedup_hash`]) of the message ids within the dedup
+    /// window, with how many ids share each (almost always one). The ids
+    /// stay on disk: memory per id is the hash here and its entry below.
+    dedup: HashMap<u64, u32>,
+    /// `(append ms, hash)` in append order, for expiry.
+    dedup_order: VecDeque<(u64, u64)>,
 }
 
 impl TopicState {
@@ -143,12 +145,20 @@ impl TopicState {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
         };
-        for (id, p, o, ts) in dedup {
-            let id: Box<[u8]> = id.into();
-            st.dedup.insert(id.clone(), (p, o));
-            st.dedup_order.push_back((ts, id));
+        for (ts, h) in dedup {
+            *st.dedup.entry(h).or_default() += 1;
+            st.dedup_order.push_back((ts, h));
         }
         st
+    }
+
+    fn forget_id(&mut self, h: u64) {
+        if let Some(n) = self.dedup.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                self.dedup.remove(&h);
+            }
+        }
     }
 
     fn publish(&self) {
@@ -247,6 +257,33 @@ impl<K: Key + 'static> Recorded<'_, '_, K, &'static [u8]> {
     }
 }
 
+impl Recorded<'_, '_, (u32, &'static [u8]), (u32, u64, u64)> {
+    /// The stored position of a message id, if it is remembered.
+    fn get(&self, key: (u32, &[u8])) -> Result<Option<(u32, u64, u64)>, StorageError> {
+        Ok(self.table.get(key)?.map(|v| v.value()))
+    }
+}
+
+impl Recorded<'_, '_, (u32, u64, u32, u64), &'static [u8]> {
+    /// The expiry entries of `topic` appended at or before `upto` ms.
+    #[allow(clippy::type_complexity)]
+    fn up_to(
+        &self,
+        topic: u32,
+        upto: u64,
+    ) -> Result<Vec<((u32, u64, u32, u64), Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        for e in self
+            .table
+            .range((topic, 0, 0, 0)..=(topic, upto, u32::MAX, u64::MAX))?
+        {
+            let (k, v) = e?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
 impl Recorded<'_, '_, (u32, u32, u32, u64), ()> {
     /// Removes every key in `from..to`.
     fn remove_range(
@@ -266,6 +303,7 @@ data_tables! {
     offsets: OFFSETS => (&'static str, u32, u32), u64;
     kv: PLUGIN_KV => (&'static str, &'static str), &'static [u8];
     dedup: DEDUP => (u32, &'static [u8]), (u32, u64, u64);
+    dedup_expiry: DEDUP_EXPIRY => (u32, u64, u32, u64), &'static [u8];
     queue: QUEUE => (u32, &'static str, u32, u64), super::QueueEntryState;
     floors: QUEUE_FLOOR => (u32, &'static str, u32), u64;
     marks: QUEUE_MARK => (u32, &'static str, u32), u64;
@@ -456,7 +494,7 @@ impl Writer {
         let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
-        let mut new_ids: Vec<(u32, Box<[u8]>)> = Vec::new();
+        let mut new_ids: Vec<(u32, u64)> = Vec::new();
         // Ops are taken from the front as they are applied; if the
         // transaction fails, those not reached are still here to answer.
         let bytes: usize = segment.iter().map(|op| weight(op).1).sum();
@@ -489,10 +527,10 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; rolling back the batch");
-                for (t, id) in new_ids {
+                for (t, h) in new_ids.into_iter().rev() {
                     if let Some(ts) = self.topics.get_mut(&t) {
-                        ts.dedup.remove(&id);
-                        if ts.dedup_order.back().is_some_and(|(_, b)| *b == id) {
+                        ts.forget_id(h);
+                        if ts.dedup_order.back().is_some_and(|(_, b)| *b == h) {
                             ts.dedup_order.pop_back();
                         }
                     }
@@ -532,7 +570,7 @@ impl Writer {
             Result<Vec<(u32, u64)>, StorageError>,
         )>,
         flushes: &mut Vec<oneshot::Sender<()>>,
-        new_ids: &mut Vec<(u32, Box<[u8]>)>,
+        new_ids: &mut Vec<(u32, u64)>,
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
         {
@@ -569,8 +607,11 @@ impl Writer {
                         let mut positions = Vec::with_capacity(records.len());
                         for r in records {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
-                            if let Some(id) = &r.dedup
-                                && let Some(&(p, o)) = ts.dedup.get(&id[..])
+                            let hash = r.dedup.as_deref().map(super::dedup_hash);
+                            if let (Some(id), Some(h)) = (&r.dedup, hash)
+                                && ts.dedup.contains_key(&h)
+                                && let Some((p, o, _)) =
+                                    tables.dedup()?.get((r.topic_id, &id[..]))?
                             {
                                 positions.push((p | DUPLICATE_BIT, o));
                                 continue;
@@ -608,14 +649,16 @@ impl Writer {
                                 }
                                 None => {}
                             }
-                            if let Some(id) = r.dedup {
-                                let id: Box<[u8]> = id[..].into();
+                            if let (Some(id), Some(h)) = (r.dedup, hash) {
                                 tables
                                     .dedup()?
                                     .insert((r.topic_id, &id[..]), (p, offset, t))?;
-                                ts.dedup.insert(id.clone(), (p, offset));
-                                ts.dedup_order.push_back((t, id.clone()));
-                                new_ids.push((r.topic_id, id));
+                                tables
+                                    .dedup_expiry()?
+                                    .insert((r.topic_id, t, p, offset), &id[..])?;
+                                *ts.dedup.entry(h).or_default() += 1;
+                                ts.dedup_order.push_back((t, h));
+                                new_ids.push((r.topic_id, h));
                             }
                         }
                         for w in kv {
@@ -849,6 +892,8 @@ impl Writer {
                 })?;
             txn.open_table(DEDUP)?
                 .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
+            txn.open_table(DEDUP_EXPIRY)?
+                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
             txn.open_table(INBOX)?
                 .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
             txn.open_table(KEY_INDEX)?
@@ -1167,7 +1212,9 @@ fn weight(op: &WriteOp) -> (usize, usize) {
     }
 }
 
-/// Forgets message ids older than their topic's dedup window.
+/// Forgets message ids older than their topic's dedup window: their
+/// hashes from memory, their rows (found through the expiry index, in
+/// time order) from disk.
 fn expire_dedup(
     topics: &mut HashMap<u32, TopicState>,
     now: u64,
@@ -1175,13 +1222,20 @@ fn expire_dedup(
 ) -> Result<(), StorageError> {
     for (&id, ts) in topics.iter_mut() {
         let window = ts.handle.policy().dedup_window_ms;
-        while let Some((t, _)) = ts.dedup_order.front() {
+        let mut upto = None;
+        while let Some(&(t, h)) = ts.dedup_order.front() {
             if t.saturating_add(window) > now {
                 break;
             }
-            let (_, key) = ts.dedup_order.pop_front().expect("front exists");
-            ts.dedup.remove(&key);
-            tables.dedup()?.remove((id, &key[..]))?;
+            ts.dedup_order.pop_front();
+            ts.forget_id(h);
+            upto = Some(t);
+        }
+        if let Some(upto) = upto {
+            for (key, msg_id) in tables.dedup_expiry()?.up_to(id, upto)? {
+                tables.dedup()?.remove((id, &msg_id[..]))?;
+                tables.dedup_expiry()?.remove(key)?;
+            }
         }
     }
     Ok(())
