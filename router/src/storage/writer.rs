@@ -1212,6 +1212,9 @@ fn weight(op: &WriteOp) -> (usize, usize) {
     }
 }
 
+/// Most message ids one commit forgets per topic.
+const EXPIRE_PER_COMMIT: usize = 16_384;
+
 /// Forgets message ids older than their topic's dedup window: their
 /// hashes from memory, their rows (found through the expiry index, in
 /// time order) from disk.
@@ -1223,10 +1226,15 @@ fn expire_dedup(
     for (&id, ts) in topics.iter_mut() {
         let window = ts.handle.policy().dedup_window_ms;
         let mut upto = None;
+        let mut expired = 0;
         while let Some(&(t, h)) = ts.dedup_order.front() {
-            if t.saturating_add(window) > now {
+            // A bounded share per commit: forgetting a million ids at once
+            // would hold them all in one transaction. The rest go with the
+            // next commits; until then they are remembered a little longer.
+            if t.saturating_add(window) > now || expired == EXPIRE_PER_COMMIT {
                 break;
             }
+            expired += 1;
             ts.dedup_order.pop_front();
             ts.forget_id(h);
             upto = Some(t);
