@@ -8,29 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{TestRouter, admin_token, start_router, start_router_with, take};
+use common::{TestRouter, admin_token, raw_connect, start_router, start_router_with, take};
 use switchyard::client::SubscribeOptions;
-use switchyard::protocol::{ALPN, ErrorCode, Frame, Record, close};
+use switchyard::protocol::{ErrorCode, Frame, Record, close};
 use switchyard::transport::FrameReader;
-
-/// A QUIC connection with our ALPN and trust, and nothing else of the client.
-async fn raw_connect(r: &TestRouter) -> quinn::Connection {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    ep.connect(r.addr, "localhost").unwrap().await.unwrap()
-}
 
 type Reader = FrameReader<quinn::RecvStream>;
 

@@ -258,21 +258,7 @@ async fn raw_session(
     r: &TestRouter,
     from: &str,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![switchyard::protocol::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client(format!("{from}:0").parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = ep.connect(r.addr, "localhost").unwrap().await.unwrap();
+    let conn = raw_connect_from(r, from).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = switchyard::protocol::Frame::Hello {
         min_version: 1,

@@ -438,24 +438,6 @@ async fn no_wrong_or_revoked_credential_is_refused_before_any_request() {
     assert!(e.to_string().contains("admin.token"), "{e}");
 }
 
-async fn raw_connect(r: &TestRouter) -> quinn::Connection {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![switchyard::protocol::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    ep.connect(r.addr, "localhost").unwrap().await.unwrap()
-}
-
 /// A CA and a client certificate with common name `cn` signed by it,
 /// written as PEM files into `dir`: `(ca, cert, key)`.
 fn client_pki(

@@ -84,6 +84,31 @@ pub async fn connect_with(
     Arc::new(Client::connect(cfg).await.unwrap())
 }
 
+/// A QUIC connection to `r` from address `bind`, with our ALPN and trust
+/// and nothing else of the client: for tests that speak raw frames.
+pub async fn raw_connect_from(r: &TestRouter, bind: &str) -> quinn::Connection {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![switchyard::protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(format!("{bind}:0").parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    ep.connect(r.addr, "localhost").unwrap().await.unwrap()
+}
+
+/// [`raw_connect_from`] loopback's usual address.
+pub async fn raw_connect(r: &TestRouter) -> quinn::Connection {
+    raw_connect_from(r, "127.0.0.1").await
+}
+
 /// Reads exactly `n` messages from a subscription or a queue consumer,
 /// failing the test after `secs` seconds.
 pub async fn take<S, T, E>(sub: &mut S, n: usize, secs: u64) -> Vec<T>
