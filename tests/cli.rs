@@ -633,3 +633,19 @@ fn auth_tour_tokens_grants_and_revocation_from_the_cli() {
     let out = ok(&cli(&r, dir.path(), &["topic", "describe", "orders"], None));
     assert!(out.contains("orders"), "{out}");
 }
+
+#[test]
+fn a_second_router_on_the_same_data_directory_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = ChildRouter::spawn(dir.path());
+    let out = Command::new(router_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "said once: {err}");
+}

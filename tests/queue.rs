@@ -889,3 +889,20 @@ async fn attempts_after_a_restart_count_only_real_deliveries() {
     }
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_empty_dead_letter_queue_lists_as_empty_before_first_use() {
+    let r = start_router().await;
+    let c = r.client().await;
+    c.create_topic("jobs", 2).await.unwrap();
+    // Nothing was ever dead-lettered: `jobs.dlq` does not exist yet.
+    let dl = c.dlq_list("jobs", 10).await.unwrap();
+    assert_eq!(dl["total"], 0);
+    assert_eq!(dl["messages"], json!([]));
+    assert_eq!(c.dlq_redrive("jobs", None).await.unwrap(), 0);
+    assert_eq!(c.dlq_purge("jobs").await.unwrap(), 0);
+    // An unknown original topic is still an error, naming that topic.
+    let e = c.dlq_list("nope", 10).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownTopic));
+    assert!(e.to_string().contains("'nope'"), "{e}");
+}

@@ -173,9 +173,10 @@ pub enum StartError {
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The database could not be opened.
+    /// The database could not be opened. (Not a `source`: the message
+    /// already carries it, and error chains would print it twice.)
     #[error("opening storage: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     /// The UDP socket could not be bound.
     #[error(
         "listening on {addr}: {source} (is another router running? choose another address with --listen)"
@@ -205,6 +206,12 @@ pub enum StartError {
          certificates with --client-ca FILE, or pass --allow-anonymous if an open router is really meant"
     )]
     OpenToNetwork(SocketAddr),
+}
+
+impl From<StorageError> for StartError {
+    fn from(e: StorageError) -> Self {
+        StartError::Storage(e)
+    }
 }
 
 /// State shared by every connection task.

@@ -205,8 +205,18 @@ fn read_dlq(
     Ok(out)
 }
 
+/// The dead-letter topic of `topic`, or `None` if nothing was ever
+/// dead-lettered (it is created on first use): an empty DLQ, not an error.
+/// The original topic must exist.
+fn dlq_of(broker: &Broker, topic: &str) -> Result<Option<std::sync::Arc<TopicHandle>>, WireError> {
+    broker.topic(topic)?;
+    Ok(broker.topic(&dlq_name(topic)).ok())
+}
+
 fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
-    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let Some(dlq) = dlq_of(broker, &r.topic)? else {
+        return Ok(serde_json::json!({ "topic": dlq_name(&r.topic), "total": 0, "messages": [] }));
+    };
     let info = dlq.partitions()[0];
     let letters = read_dlq(broker, &dlq, r.count.unwrap_or(20) as usize)?;
     let out: Vec<serde_json::Value> = letters
@@ -243,7 +253,9 @@ async fn dlq_redrive(
     r: DlqReq,
 ) -> Result<serde_json::Value, WireError> {
     let _one = REDRIVE.lock().await;
-    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let Some(dlq) = dlq_of(broker, &r.topic)? else {
+        return Ok(serde_json::json!({ "topic": r.topic, "redriven": 0, "remaining": 0 }));
+    };
     let max = r.count.unwrap_or(u64::MAX);
     let mut redriven = 0u64;
     let mut rr = 0u32;
@@ -292,7 +304,9 @@ async fn dlq_redrive(
 
 async fn dlq_purge(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
     let _one = REDRIVE.lock().await;
-    let dlq = broker.topic(&dlq_name(&r.topic))?;
+    let Some(dlq) = dlq_of(broker, &r.topic)? else {
+        return Ok(serde_json::json!({ "topic": r.topic, "purged": 0 }));
+    };
     let end = dlq.partitions()[0].end;
     let purged = broker
         .storage()

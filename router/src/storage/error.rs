@@ -19,6 +19,11 @@ pub enum StorageError {
     /// Metadata on disk could not be parsed.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    /// Another process (a router) holds the database open.
+    #[error(
+        "{0} is in use by another process (another `switchyard serve` on this data directory?): stop it, or give this router its own --data"
+    )]
+    InUse(std::path::PathBuf),
     /// A group commit failed (for example the disk is full): the whole
     /// batch was rolled back and nothing in it was acknowledged.
     #[error("write failed, nothing in this request was stored: {0}")]
@@ -32,9 +37,10 @@ impl StorageError {
             StorageError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             StorageError::TopicExists(_) => ErrorCode::TopicExists,
             StorageError::ShutDown => ErrorCode::ShuttingDown,
-            StorageError::Db(_) | StorageError::Corrupt(_) | StorageError::WriteFailed(_) => {
-                ErrorCode::Storage
-            }
+            StorageError::Db(_)
+            | StorageError::Corrupt(_)
+            | StorageError::WriteFailed(_)
+            | StorageError::InUse(_) => ErrorCode::Storage,
         };
         let hint = match self {
             StorageError::Db(_) => {

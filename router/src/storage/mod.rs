@@ -262,9 +262,15 @@ impl Storage {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
         let new_db = !path.exists();
-        let db = Database::builder()
+        let db = match Database::builder()
             .set_cache_size(config.cache_bytes)
-            .create(path)?;
+            .create(path)
+        {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StorageError::InUse(path.to_path_buf()));
+            }
+            r => r?,
+        };
         let journal = open_journal(&db, path, new_db, &config)?;
         let journal_pending = journal.as_ref().map(|j| j.pending_flag());
         let db = Arc::new(db);
