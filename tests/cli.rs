@@ -649,3 +649,30 @@ fn a_second_router_on_the_same_data_directory_says_so_once() {
     assert!(err.contains("in use by another process"), "{err}");
     assert_eq!(err.matches("in use").count(), 1, "said once: {err}");
 }
+
+#[test]
+fn the_plugin_build_script_works_with_cargo_target_dir_set() {
+    // Developer machines and CI caches often set CARGO_TARGET_DIR; the
+    // components must still land where the tests look for them.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("CARGO_TARGET_DIR", elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("built target/wasm32-wasip2/release/hostile.wasm")
+    );
+    assert!(common::plugin_wasm("hostile").len() > 1000);
+    assert!(
+        !elsewhere.path().join("wasm32-wasip2").exists(),
+        "nothing built where the tests would not look"
+    );
+}
