@@ -676,3 +676,36 @@ fn the_plugin_build_script_works_with_cargo_target_dir_set() {
         "nothing built where the tests would not look"
     );
 }
+
+#[test]
+fn logs_redirected_to_a_file_carry_no_colour_codes_and_counts_read_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    let out = ok(&cli(&r, dir.path(), &["topic", "create", "one"], None));
+    assert_eq!(out.trim(), "created topic one with 1 partition");
+    // A router whose log goes to a pipe, not a terminal.
+    let other = dir.path().join("other");
+    let mut child = Command::new(router_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&other)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0);
+    }
+    child.kill().unwrap();
+    let log = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&log.stderr);
+    assert!(err.contains("router listening"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no ANSI escapes off a terminal: {err:?}"
+    );
+}

@@ -69,11 +69,9 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             let t = c
                 .create_topic_with(&name, partitions, retention_ms, retention_bytes)
                 .await?;
-            println!(
-                "created topic {} with {} partitions",
-                t.name,
-                t.partitions.len()
-            );
+            let n = t.partitions.len();
+            let s = if n == 1 { "" } else { "s" };
+            println!("created topic {} with {n} partition{s}", t.name);
             c.close().await;
         }
         TopicCommand::List { conn } => {
