@@ -709,3 +709,87 @@ fn logs_redirected_to_a_file_carry_no_colour_codes_and_counts_read_right() {
         "no ANSI escapes off a terminal: {err:?}"
     );
 }
+
+/// Copies a directory tree (small: the plugin SDK).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_scaffolded_plugin_survives_its_checkout_moving() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // A checkout: the SDK and the lock its plugins are tested with.
+    let checkout = dir.path().join("checkout");
+    copy_tree(
+        &repo.join("plugin-sdk/src"),
+        &checkout.join("plugin-sdk/src"),
+    );
+    for f in ["Cargo.toml", "build.rs"] {
+        std::fs::copy(
+            repo.join("plugin-sdk").join(f),
+            checkout.join("plugin-sdk").join(f),
+        )
+        .unwrap();
+    }
+    copy_tree(&repo.join("wit"), &checkout.join("wit"));
+    std::fs::create_dir_all(checkout.join("plugins")).unwrap();
+    std::fs::copy(
+        repo.join("plugins/Cargo.lock"),
+        checkout.join("plugins/Cargo.lock"),
+    )
+    .unwrap();
+    let out = Command::new(router_bin())
+        .args([
+            "plugin",
+            "new",
+            "by-region",
+            "--hook",
+            "route",
+            "--sdk",
+            "plugin-sdk",
+        ])
+        .current_dir(&checkout)
+        .output()
+        .unwrap();
+    let printed = ok(&out);
+    // The next steps' comments line up.
+    let cols: Vec<usize> = printed.lines().filter_map(|l| l.find('#')).collect();
+    assert_eq!(cols.len(), 2, "{printed}");
+    assert_eq!(cols[0], cols[1], "{printed}");
+    let manifest = std::fs::read_to_string(checkout.join("by-region/Cargo.toml")).unwrap();
+    assert!(manifest.contains(r#"path = "../plugin-sdk""#), "{manifest}");
+    assert!(
+        checkout.join("by-region/Cargo.lock").exists(),
+        "the tested lock file"
+    );
+
+    // Move the whole checkout: the plugin still resolves its SDK.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&checkout, &moved).unwrap();
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--offline",
+            "--format-version",
+            "1",
+            "--no-deps",
+        ])
+        .current_dir(moved.join("by-region"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

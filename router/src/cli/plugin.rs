@@ -268,11 +268,20 @@ pub(super) async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
             });
             super::scaffold::create(&dir, &name, &hook, &sdk)?;
             println!("created {} ({} hook)", dir.display(), hook);
-            println!(
-                "  cd {} && cargo test                                  # test natively",
-                dir.display()
-            );
-            println!("  cargo build --release --target wasm32-wasip2        # build the component");
+            let steps = [
+                (
+                    format!("cd {} && cargo test", dir.display()),
+                    "test natively",
+                ),
+                (
+                    "cargo build --release --target wasm32-wasip2".to_string(),
+                    "build the component",
+                ),
+            ];
+            let width = steps.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+            for (cmd, what) in steps {
+                println!("  {cmd:<width$}  # {what}");
+            }
         }
     }
     Ok(())

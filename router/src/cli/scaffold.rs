@@ -104,6 +104,13 @@ pub(super) fn create(dir: &Path, name: &str, hook: &str, sdk: &Path) -> anyhow::
         .canonicalize()
         .with_context(|| format!("SDK not found at {} (pass --sdk PATH)", sdk.display()))?;
     std::fs::create_dir_all(dir.join("src"))?;
+    // Relative, so the plugin keeps building when the checkout it sits in
+    // moves (with the plugin inside or beside it).
+    let here = dir.canonicalize()?;
+    let sdk_path = relative(&here, &sdk)
+        .display()
+        .to_string()
+        .replace('\\', "/");
     let cargo = format!(
         r#"[package]
 name = "{name}"
@@ -126,13 +133,48 @@ strip = true
 # A plugin is its own workspace.
 [workspace]
 "#,
-        sdk = sdk.display()
+        sdk = sdk_path
     );
     std::fs::write(dir.join("Cargo.toml"), cargo)?;
+    // The versions the SDK's own plugins are built and tested with; cargo
+    // adds this crate to it on the first build and keeps the rest pinned.
+    let tested = sdk.parent().map(|p| p.join("plugins/Cargo.lock"));
+    if let Some(lock) = tested.filter(|l| l.exists()) {
+        std::fs::copy(&lock, dir.join("Cargo.lock"))
+            .with_context(|| format!("copying {}", lock.display()))?;
+    }
     let lib = format!(
         "//! A Switchyard {hook} plugin.\n\nuse switchyard_plugin::prelude::*;\n\n{code}\n\n#[cfg(test)]\nmod tests {{\n    use super::*;\n\n{test}\n}}\n"
     );
     std::fs::write(dir.join("src/lib.rs"), lib)?;
     std::fs::write(dir.join(".gitignore"), "/target\n")?;
     Ok(())
+}
+
+/// The path from directory `from` to `to`, both absolute: `..` up to their
+/// common ancestor, then down.
+fn relative(from: &Path, to: &Path) -> std::path::PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = std::path::PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_to_the_common_ancestor() {
+        let r = relative(Path::new("/a/b/plugin"), Path::new("/a/sdk"));
+        assert_eq!(r, Path::new("../../sdk"));
+        assert_eq!(relative(Path::new("/a"), Path::new("/a/b")), Path::new("b"));
+    }
 }
