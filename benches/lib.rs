@@ -4,6 +4,16 @@
 
 use switchyard::storage::{Storage, StorageConfig};
 
+/// The value after `--name` on the command line, or `default`: enough
+/// argument parsing for the load examples.
+pub fn flag(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
 /// A store in a fresh temporary directory, with the runtime its async calls
 /// run on (`workers` threads). Keep the directory alive as long as the store.
 pub fn temp_store(workers: usize) -> (tokio::runtime::Runtime, tempfile::TempDir, Storage) {

@@ -7,14 +7,30 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{ChildRouter, router_bin};
+use common::{ChildRouter, router_bin, serve_until_exit, sigterm};
 
 fn cli(r: &ChildRouter, dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    run_cli(r, dir, &[], args, stdin)
+}
+
+/// As `cli`, with extra environment variables.
+fn cli_env(r: &ChildRouter, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    run_cli(r, dir, env, args, None)
+}
+
+fn run_cli(
+    r: &ChildRouter,
+    dir: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Output {
     let mut child = Command::new(router_bin())
         .args(args)
         .env("SWITCHYARD_ADDR", r.addr.to_string())
         .current_dir(dir) // the default --ca is ./switchyard-data/cert.pem
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -159,14 +175,7 @@ fn cli_roundtrip_create_publish_subscribe_describe() {
 fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = ChildRouter::spawn(dir.path());
-    let pid = r.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&r.child);
     let status = r.child.wait().unwrap();
     assert!(
         status.success(),
@@ -540,20 +549,6 @@ fn tune_shows_and_applies_the_wake_up_settings() {
     assert_eq!(std::fs::read_to_string(&poll).unwrap(), "200000");
 }
 
-/// As `cli`, with extra environment variables.
-fn cli_env(r: &ChildRouter, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(router_bin());
-    cmd.args(args)
-        .env("SWITCHYARD_ADDR", r.addr.to_string())
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
 #[test]
 fn auth_tour_tokens_grants_and_revocation_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -638,12 +633,7 @@ fn auth_tour_tokens_grants_and_revocation_from_the_cli() {
 fn a_second_router_on_the_same_data_directory_says_so_once() {
     let dir = tempfile::tempdir().unwrap();
     let _first = ChildRouter::spawn(dir.path());
-    let out = Command::new(router_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = serve_until_exit(dir.path(), "127.0.0.1:0");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another process"), "{err}");

@@ -228,15 +228,8 @@ fn sigterm_with_a_looping_plugin_exits_within_two_seconds() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         tasks
     });
-    let pid = r.child.id().to_string();
     let sent = Instant::now();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&r.child);
     let status = r.child.wait().unwrap();
     let took = sent.elapsed();
     stop.store(true, Ordering::Relaxed);

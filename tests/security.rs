@@ -783,12 +783,7 @@ async fn listening_beyond_loopback_needs_a_principal() {
         assert!(msg.contains(hint), "the message names {hint}: {msg}");
     }
     // The binary says the same and exits non-zero.
-    let out = std::process::Command::new(router_bin())
-        .args(["serve", "--listen", "0.0.0.0:0", "--data"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = serve_until_exit(dir.path(), "0.0.0.0:0");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");

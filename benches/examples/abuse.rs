@@ -14,19 +14,13 @@
 
 #![allow(missing_docs)]
 
+use switchyard_benches::flag;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::protocol::{ALPN, Frame};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn endpoint(data: &str) -> anyhow::Result<quinn::Endpoint> {
     let mut roots = rustls::RootCertStore::empty();
@@ -46,7 +40,7 @@ fn endpoint(data: &str) -> anyhow::Result<quinn::Endpoint> {
     config.transport_config(Arc::new(transport));
     // `--bind 127.0.0.2` plays a client on another address than the
     // well-behaved ones on loopback.
-    let bind = format!("{}:0", arg("--bind", "127.0.0.1"));
+    let bind = format!("{}:0", flag("--bind", "127.0.0.1"));
     let mut ep = quinn::Endpoint::client(bind.parse()?)?;
     ep.set_default_client_config(config);
     Ok(ep)
@@ -75,17 +69,17 @@ async fn hello(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    let addr: SocketAddr = arg("--addr", "127.0.0.1:7400").parse()?;
-    let data = arg("--data", "switchyard-data");
-    let hold = Duration::from_secs(arg("--hold", "20").parse()?);
+    let addr: SocketAddr = flag("--addr", "127.0.0.1:7400").parse()?;
+    let data = flag("--data", "switchyard-data");
+    let hold = Duration::from_secs(flag("--hold", "20").parse()?);
     let token = std::fs::read_to_string(std::path::Path::new(&data).join("admin.token"))
         .ok()
         .map(|t| t.trim().to_string());
     let ep = endpoint(&data)?;
     match mode.as_str() {
         "partial" => {
-            let streams: usize = arg("--streams", "128").parse()?;
-            let frame_mb: u32 = arg("--frame-mb", "16").parse()?;
+            let streams: usize = flag("--streams", "128").parse()?;
+            let frame_mb: u32 = flag("--frame-mb", "16").parse()?;
             let conn = hello(&ep, addr, token)
                 .await
                 .ok_or_else(|| anyhow::anyhow!("refused at Hello"))?;
@@ -121,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         "slots" => {
-            let n: usize = arg("--connections", "1100").parse()?;
+            let n: usize = flag("--connections", "1100").parse()?;
             let mut held = Vec::new();
             let mut refused = 0;
             for _ in 0..n {

@@ -11,26 +11,20 @@
 
 #![allow(missing_docs)]
 
+use switchyard_benches::flag;
+
 use std::time::Instant;
 
 use switchyard::client::{Client, ClientConfig};
 use switchyard::protocol::{ErrorCode, Record};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let addr = arg("--addr", "127.0.0.1:7400").parse()?;
-    let data = arg("--data", "switchyard-data");
-    let topic = arg("--topic", "ids");
-    let count: usize = arg("--count", "1000000").parse()?;
-    let id_bytes: usize = arg("--id-bytes", "200").parse()?;
+    let addr = flag("--addr", "127.0.0.1:7400").parse()?;
+    let data = flag("--data", "switchyard-data");
+    let topic = flag("--topic", "ids");
+    let count: usize = flag("--count", "1000000").parse()?;
+    let id_bytes: usize = flag("--id-bytes", "200").parse()?;
     let client = Client::connect(ClientConfig::new(addr).with_data_dir(&data)).await?;
     match client.create_topic(&topic, 4).await {
         Err(e) if e.code() != Some(ErrorCode::TopicExists) => return Err(e.into()),

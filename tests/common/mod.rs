@@ -134,6 +134,24 @@ pub fn router_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
 }
 
+/// Runs `switchyard serve` on `data` and `listen` to its end: for starts
+/// that must be refused.
+pub fn serve_until_exit(data: &Path, listen: &str) -> std::process::Output {
+    Command::new(router_bin())
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Sends SIGTERM to a child router.
+pub fn sigterm(child: &Child) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+}
+
 /// A router running as a child process.
 pub struct ChildRouter {
     pub child: Child,

@@ -266,8 +266,7 @@ pub enum Recheck {
 pub struct Auth {
     state: ArcSwap<State>,
     /// Principals from the data directory and the config file.
-    fixed: Vec<PrincipalRecord>,
-    fixed_sources: HashMap<String, Source>,
+    fixed: Vec<(PrincipalRecord, Source)>,
     /// Principals in the database, as stored.
     stored: Mutex<BTreeMap<String, PrincipalRecord>>,
     anonymous: Option<Arc<Principal>>,
@@ -308,8 +307,10 @@ impl Auth {
     /// Loads principals: the admin token (generated into `data` if missing
     /// and `config.admin_token`), the configured ones and the stored ones.
     pub fn open(config: &AuthConfig, data: &Path, storage: Storage) -> Result<Auth, AuthError> {
-        let mut fixed = Vec::new();
-        let mut fixed_sources = HashMap::new();
+        let mut fixed: Vec<(PrincipalRecord, Source)> = Vec::new();
+        let is_fixed = |fixed: &[(PrincipalRecord, Source)], name: &str| {
+            fixed.iter().any(|(r, _)| r.name == name)
+        };
         if config.admin_token {
             let path = admin_token_path(data);
             let token = match std::fs::read_to_string(&path) {
@@ -329,17 +330,17 @@ impl Auth {
                     t
                 }
             };
-            fixed.push(PrincipalRecord {
+            let admin = PrincipalRecord {
                 name: ADMIN.into(),
                 token_sha256: Some(hex(&hash_token(&token))),
                 grants: vec![Grant::parse("cluster-admin:*").expect("valid grant")],
                 quotas: Quotas::default(),
                 created_ms: 0,
-            });
-            fixed_sources.insert(ADMIN.to_string(), Source::DataDir);
+            };
+            fixed.push((admin, Source::DataDir));
         }
         for p in &config.principals {
-            if p.name.is_empty() || fixed_sources.contains_key(&p.name) {
+            if p.name.is_empty() || is_fixed(&fixed, &p.name) {
                 return Err(AuthError::Config(
                     p.name.clone(),
                     "names must be non-empty and unique (and not 'admin' while admin_token is on)"
@@ -355,8 +356,7 @@ impl Auth {
                         .into(),
                 ));
             }
-            fixed.push(p.clone());
-            fixed_sources.insert(p.name.clone(), Source::Config);
+            fixed.push((p.clone(), Source::Config));
         }
         let mut stored = BTreeMap::new();
         for (name, bytes) in storage
@@ -364,7 +364,7 @@ impl Auth {
             .map_err(|e| AuthError::Storage(e.to_string()))?
         {
             match serde_json::from_slice::<PrincipalRecord>(&bytes) {
-                Ok(r) if !fixed_sources.contains_key(&name) => {
+                Ok(r) if !is_fixed(&fixed, &name) => {
                     stored.insert(name, r);
                 }
                 Ok(_) => tracing::warn!(
@@ -389,7 +389,6 @@ impl Auth {
         let auth = Auth {
             state: ArcSwap::from_pointee(State::default()),
             fixed,
-            fixed_sources,
             stored: Mutex::new(stored),
             anonymous,
             defaults: config.default_quotas,
@@ -408,7 +407,7 @@ impl Auth {
     pub fn has_principals_beyond_admin(&self, client_ca: bool) -> bool {
         client_ca
             || self.anonymous.is_some()
-            || self.fixed_sources.values().any(|s| *s == Source::Config)
+            || self.fixed.iter().any(|(_, s)| *s == Source::Config)
             || !self.stored.lock().expect("stored lock").is_empty()
     }
 
@@ -418,7 +417,7 @@ impl Auth {
         let all = self
             .fixed
             .iter()
-            .map(|r| (r, self.fixed_sources[&r.name]))
+            .map(|(r, s)| (r, *s))
             .chain(stored.values().map(|r| (r, Source::Stored)));
         for (r, source) in all {
             let p = Arc::new(Principal::from_record(r, source, self.defaults));
@@ -541,7 +540,8 @@ impl Auth {
     }
 
     fn not_managed(&self, name: &str) -> Option<WireError> {
-        let why = match self.fixed_sources.get(name)? {
+        let (_, source) = self.fixed.iter().find(|(r, _)| r.name == name)?;
+        let why = match source {
             Source::DataDir => format!(
                 "principal '{name}' is the data directory's admin token ({}): to rotate it, delete \
                  that file and restart the router; to turn it off, set admin_token = false in [auth]",

@@ -47,6 +47,11 @@ impl Quotas {
         "queue_in_flight",
     ];
 
+    /// True if publishing is rate limited at all.
+    pub fn limits_publish(&self) -> bool {
+        self.publish_msgs_per_s.is_some() || self.publish_bytes_per_s.is_some()
+    }
+
     /// These quotas, with `defaults` where none is set.
     pub fn or(self, defaults: Quotas) -> Quotas {
         Quotas {
@@ -157,7 +162,7 @@ impl Usage {
     /// either way: a batch larger than a second's budget goes through after
     /// waiting for it, so nothing is ever refused for size.
     pub fn publish_delay(&self, q: &Quotas, msgs: u64, bytes: u64) -> Option<Duration> {
-        if q.publish_msgs_per_s.is_none() && q.publish_bytes_per_s.is_none() {
+        if !q.limits_publish() {
             return None;
         }
         let now = Instant::now();

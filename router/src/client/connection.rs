@@ -477,23 +477,23 @@ impl Client {
     /// Adds grants to a principal (creating one without a token, for a
     /// client certificate, if the name is new).
     pub async fn grant(&self, name: &str, grants: &[&str]) -> Result<(), ClientError> {
-        self.admin_json(
-            "auth-grant",
-            serde_json::json!({ "name": name, "grants": grants }),
-        )
-        .await
-        .map(drop)
+        self.change_grants("auth-grant", name, grants).await
     }
 
     /// Removes grants from a principal; its connections are closed, so
     /// nothing keeps running on the old grants.
     pub async fn revoke_grant(&self, name: &str, grants: &[&str]) -> Result<(), ClientError> {
-        self.admin_json(
-            "auth-revoke",
-            serde_json::json!({ "name": name, "grants": grants }),
-        )
-        .await
-        .map(drop)
+        self.change_grants("auth-revoke", name, grants).await
+    }
+
+    async fn change_grants(
+        &self,
+        op: &str,
+        name: &str,
+        grants: &[&str],
+    ) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "name": name, "grants": grants });
+        self.admin_json(op, body).await.map(drop)
     }
 
     async fn admin_json(

@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
 use super::session::Session;
-use crate::auth::Class;
 use crate::broker::{PublishTicket, Published};
 use crate::protocol::{ErrorCode, Frame, WireError};
 use crate::storage::{StorageError, TopicHandle};
@@ -74,28 +73,19 @@ pub(super) async fn serve(
             }
             return;
         };
-        if let Err(e) = session.check(Class::Publish, &topic, "") {
-            if tx.send((seq, Err(e))).await.is_err() {
-                break;
-            }
-            continue;
-        }
         // Over its rate quota the principal waits here: this stream stops
         // being read, and QUIC flow control slows the producer.
-        let principal = session.principal();
-        if principal.quotas.publish_msgs_per_s.is_some()
-            || principal.quotas.publish_bytes_per_s.is_some()
-        {
-            let bytes: usize = records.iter().map(|r| r.as_bytes().len()).sum();
-            if let Some(wait) =
-                session
-                    .usage
-                    .publish_delay(&principal.quotas, records.len() as u64, bytes as u64)
-            {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.wait_for(|s| *s) => break,
+        match session.admit_publish(&topic, &records) {
+            Ok(None) => {}
+            Ok(Some(wait)) => tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            },
+            Err(e) => {
+                if tx.send((seq, Err(e))).await.is_err() {
+                    break;
                 }
+                continue;
             }
         }
         let handle = match &cached {

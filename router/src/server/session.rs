@@ -5,7 +5,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::{Auth, Class, Credential, Held, Principal, Recheck, Usage};
-use crate::protocol::WireError;
+use crate::protocol::{RawRecord, WireError};
 
 /// The principal a connection acts as, shared by its streams. Requests are
 /// checked against the current form, which follows grant changes; the
@@ -56,6 +56,25 @@ impl Session {
     /// `Ok` if the principal may do `class` on `name` (in `group`).
     pub(crate) fn check(&self, class: Class, name: &str, group: &str) -> Result<(), WireError> {
         self.principal.load().check(class, name, group)
+    }
+
+    /// Admits a publish batch to `topic`: `Err` if the principal may not
+    /// publish there, else how long its rate quota asks it to wait first.
+    /// One load of the principal per batch.
+    pub(crate) fn admit_publish(
+        &self,
+        topic: &str,
+        records: &[RawRecord],
+    ) -> Result<Option<std::time::Duration>, WireError> {
+        let p = self.principal.load();
+        p.check(Class::Publish, topic, "")?;
+        if !p.quotas.limits_publish() {
+            return Ok(None);
+        }
+        let bytes = records.iter().map(|r| r.as_bytes().len() as u64).sum();
+        Ok(self
+            .usage
+            .publish_delay(&p.quotas, records.len() as u64, bytes))
     }
 
     /// Re-checks after principals changed: `Err` with the reason to close.

@@ -453,20 +453,21 @@ impl Storage {
 
     /// Every stored principal record.
     pub fn principal_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(tables::PRINCIPALS)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (k, v) = e?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.named_records(tables::PRINCIPALS)
     }
 
     /// Every stored plugin record.
     pub fn plugin_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.named_records(tables::PLUGINS)
+    }
+
+    /// Every `(name, record)` row of a control-plane table.
+    fn named_records(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(tables::PLUGINS)?;
+        let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for e in t.iter()? {
             let (k, v) = e?;
