@@ -234,6 +234,42 @@ async fn journaled_commits_come_back_after_kill_9() {
     drop(q);
     drop(child);
 
+    // Copies of the crash image, damaged. One byte flipped in the middle
+    // of the journal's entries: the commits after it cannot be replayed,
+    // so the router refuses to start (naming the file and `check`) instead
+    // of starting without them and handing their offsets out again.
+    let damaged = copy_dir(&data, &dir.path().join("damaged"));
+    let journal = damaged.join("switchyard.journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let used = bytes.iter().rposition(|&b| b != 0).unwrap();
+    bytes[used / 2] ^= 0x01;
+    std::fs::write(&journal, &bytes).unwrap();
+    let out = common::serve_until_exit(&damaged, "127.0.0.1:0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged journal: {err}");
+    assert!(
+        err.contains("switchyard.journal") && err.contains("switchyard check"),
+        "{err}"
+    );
+    // Truncated to half: refused the same way.
+    let mut clean = std::fs::read(data.join("switchyard.journal")).unwrap();
+    clean.truncate(used / 2);
+    std::fs::write(&journal, &clean).unwrap();
+    let out = common::serve_until_exit(&damaged, "127.0.0.1:0");
+    assert!(!out.status.success(), "started on a truncated journal");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    // A database file truncated to 0 bytes is a new database: its old
+    // journal is never replayed into it (no orphan rows, no topics).
+    let wiped = copy_dir(&data, &dir.path().join("wiped"));
+    std::fs::File::create(wiped.join("switchyard.redb")).unwrap();
+    {
+        let child = ChildRouter::spawn(&wiped);
+        let c = connect(child.addr, &child.cert).await;
+        assert!(c.list_topics().await.unwrap().is_empty());
+        let e = c.describe_topic("j").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::UnknownTopic), "{e}");
+    }
+
     let child = ChildRouter::spawn_with(&data, &args);
     let c = connect(child.addr, &child.cert).await;
     let info = c.describe_topic("j").await.unwrap();
@@ -280,4 +316,61 @@ async fn journaled_commits_come_back_after_kill_9() {
         .await
         .unwrap();
     assert_eq!(a.offset, info.partitions[a.partition as usize].end);
+}
+
+/// A log that cannot be written (stderr on a full disk) costs log lines,
+/// never the router: every publish is still stored and acknowledged while
+/// the storage writer logs each checkpoint at `debug`, and a router whose
+/// stdout is full still starts and serves.
+#[tokio::test]
+async fn a_full_log_disk_never_stops_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full");
+    if full().is_err() {
+        eprintln!("skipped: this system has no /dev/full");
+        return;
+    }
+    let mut cmd = std::process::Command::new(common::router_bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "debug");
+    let mut router = ChildRouter::start_logging(cmd, dir.path(), full().unwrap().into());
+    let c = connect(router.addr, &router.cert).await;
+    c.create_topic("logs", 1).await.unwrap();
+    // Across several checkpoints (every 250 ms), each logged by the writer.
+    for i in 0..40u64 {
+        let a = c.publish("logs", Record::new(format!("{i}"))).await.unwrap();
+        assert_eq!(a.offset, i);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(router.child.try_wait().unwrap().is_none(), "router exited");
+
+    // stdout full too: the router starts and keeps running.
+    let data = dir.path().join("quiet");
+    let mut child = std::process::Command::new(common::router_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .stdout(full().unwrap())
+        .stderr(full().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !data.join("admin.token").exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.is_none(), "router with a full stdout exited: {status:?}");
+}
+
+/// Copies the files of a data directory (it has no subdirectories).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to.to_path_buf()
 }

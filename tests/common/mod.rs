@@ -135,14 +135,23 @@ pub fn router_bin() -> PathBuf {
 }
 
 /// Runs `switchyard serve` on `data` and `listen` to its end: for starts
-/// that must be refused.
+/// that must be refused. A router still running after 20 s is killed (and
+/// its status is then the kill's, not success).
 pub fn serve_until_exit(data: &Path, listen: &str) -> std::process::Output {
-    Command::new(router_bin())
+    let mut child = Command::new(router_bin())
         .args(["serve", "--listen", listen, "--data"])
         .arg(data)
         .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
 }
 
 /// Sends SIGTERM to a child router.
@@ -189,11 +198,19 @@ impl ChildRouter {
         Self::start(cmd, data)
     }
 
-    fn start(mut cmd: Command, data: &Path) -> ChildRouter {
+    fn start(cmd: Command, data: &Path) -> ChildRouter {
+        Self::start_logging(cmd, data, Stdio::inherit())
+    }
+
+    /// Starts `cmd` (a `serve`) with its log going to `stderr`, at the
+    /// level `RUST_LOG` set on `cmd` says (`warn` if none).
+    pub fn start_logging(mut cmd: Command, data: &Path, stderr: Stdio) -> ChildRouter {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "warn");
+        }
         let mut child = cmd
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn router");
         let stdout = child.stdout.take().unwrap();

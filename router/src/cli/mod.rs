@@ -10,6 +10,7 @@ mod subscribe;
 mod topic;
 mod tune;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,6 +158,11 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour only on a terminal: a log redirected to a file stays plain.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (a full disk under stderr) is
+        // dropped: reporting that failure would print to stderr again, and
+        // a failed print panics on whatever thread logged, the storage
+        // writer included.
+        .log_internal_errors(false)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -215,9 +221,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.auth.allow_anonymous = true;
     }
     let router = crate::server::Router::start(config).await?;
-    // Tests and scripts read these two lines.
-    println!("switchyard listening on {}", router.local_addr());
-    println!(
+    // Tests and scripts read these two lines. A router whose stdout cannot
+    // be written (closed, or a full disk) still serves.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "switchyard listening on {}", router.local_addr());
+    let _ = writeln!(
+        out,
         "certificate: {}{}",
         router.cert_path().display(),
         if router.generated_cert() {
@@ -227,11 +236,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
     if router.admin_token_path().exists() {
-        println!("admin token: {}", router.admin_token_path().display());
+        let _ = writeln!(
+            out,
+            "admin token: {}",
+            router.admin_token_path().display()
+        );
     }
+    let _ = out.flush();
+    drop(out);
     tune::hint();
     shutdown_signal().await;
-    eprintln!("shutting down: flushing the commit queue and closing connections");
+    let _ = writeln!(
+        std::io::stderr(),
+        "shutting down: flushing the commit queue and closing connections"
+    );
     router.shutdown().await;
     Ok(())
 }

@@ -19,6 +19,10 @@ pub enum StorageError {
     /// Metadata on disk could not be parsed.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    /// A data file is damaged in a way that would lose acknowledged data
+    /// if the router went on; the message names the file and what to do.
+    #[error("damaged data: {0}")]
+    Damaged(String),
     /// Another process (a router) holds the database open.
     #[error(
         "{0} is in use by another process (another `switchyard serve` on this data directory?): stop it, or give this router its own --data"
@@ -39,6 +43,7 @@ impl StorageError {
             StorageError::ShutDown => ErrorCode::ShuttingDown,
             StorageError::Db(_)
             | StorageError::Corrupt(_)
+            | StorageError::Damaged(_)
             | StorageError::WriteFailed(_)
             | StorageError::InUse(_) => ErrorCode::Storage,
         };

@@ -173,11 +173,13 @@ impl Journal {
     /// Opens the journal at `path`, creating it (`capacity` bytes of
     /// zeros, synced) if it does not exist. Returns the entries with an
     /// `lsn` above `applied`, in order: commits that were acknowledged but
-    /// never made durable in redb.
+    /// never made durable in redb. `expected_len` is the size the file
+    /// was written with (a shorter file was truncated).
     pub(crate) fn open(
         path: &Path,
         capacity: u64,
         applied: u64,
+        expected_len: u64,
     ) -> Result<(Journal, Pending), StorageError> {
         let io = |what: &str, e: std::io::Error| {
             StorageError::Corrupt(format!("journal {}: {what}: {e}", path.display()))
@@ -192,18 +194,23 @@ impl Journal {
                 .map_err(|e| io("open", e))?;
             let mut data = Vec::new();
             file.read_to_end(&mut data).map_err(|e| io("read", e))?;
-            let mut pos = 0usize;
-            let mut expect = None;
-            while let Some((lsn, payload, next)) = entry_at(&data, pos) {
-                if expect.is_some_and(|e| e != lsn) {
-                    break;
-                }
+            let scan = scan(&data, applied, expected_len as usize);
+            if let Some(d) = &scan.damage {
+                return Err(StorageError::Damaged(format!(
+                    "journal {}: {d}. The entries after it hold acknowledged commits that \
+                     replay cannot reach, so the router will not start (it would lose them \
+                     and hand their offsets out again). Run `switchyard check --data {}` \
+                     for what can be done",
+                    path.display(),
+                    path.parent()
+                        .map_or_else(|| ".".into(), |p| p.display().to_string()),
+                )));
+            }
+            for (lsn, range) in scan.chain {
                 if lsn > applied {
-                    pending.push((lsn, payload.to_vec()));
+                    pending.push((lsn, data[range].to_vec()));
                 }
                 last_lsn = last_lsn.max(lsn);
-                expect = Some(lsn + 1);
-                pos = next;
             }
             if let Some(&(first, _)) = pending.first()
                 && first != applied + 1
@@ -362,6 +369,88 @@ fn fill_zeros(file: &mut File, capacity: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// What recovery finds in a journal's bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// The chain from offset 0: each entry's `lsn` and payload range.
+    pub(crate) chain: Vec<(u64, std::ops::Range<usize>)>,
+    /// Where the chain ends (the first byte not part of it).
+    pub(crate) end: usize,
+    /// Why the journal cannot be trusted, if it cannot: an entry the chain
+    /// cannot read with a newer, whole entry after it, or a file cut short.
+    pub(crate) damage: Option<String>,
+}
+
+/// Follows the chain of entries from offset 0 and decides whether where
+/// it ends is a clean end or damage.
+///
+/// Entries are appended one at a time, each synced before the next is
+/// written, so a crash can tear only the last one: after a torn tail the
+/// file holds zeros or entries of older cycles, whose `lsn`s are at most
+/// the database's `applied` (a cycle starts over only after a durable
+/// commit). A whole entry with a higher `lsn` beyond the end of the chain
+/// therefore means an entry in the middle was damaged, and a file that
+/// ends inside an entry was truncated (the file is preallocated). Both
+/// are damage; a torn or voided last entry is not.
+pub(crate) fn scan(data: &[u8], applied: u64, expected_len: usize) -> Scan {
+    let mut out = Scan::default();
+    let mut pos = 0usize;
+    let mut expect: Option<u64> = None;
+    while let Some((lsn, payload, next)) = entry_at(data, pos) {
+        if expect.is_some_and(|e| e != lsn) {
+            break;
+        }
+        out.chain
+            .push((lsn, pos + HEADER..pos + HEADER + payload.len()));
+        expect = Some(lsn + 1);
+        pos = next;
+    }
+    out.end = pos;
+    let floor = expect.unwrap_or(0).max(applied + 1);
+    let lost = |at: usize| {
+        let what = match expect {
+            Some(e) => format!("entry {e} at byte {pos}"),
+            None => format!("its first entry (byte {pos})"),
+        };
+        format!("{what} is damaged, and a whole newer entry follows at byte {at}")
+    };
+    // The file is preallocated to its configured size, and the chain
+    // reaches the end of a shorter file: it was cut short.
+    if data.len() < expected_len && pos > 0 {
+        let runs_past_end = match data.get(pos..pos + HEADER) {
+            None => true,
+            Some(h) => {
+                let len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
+                h[0..4] == MAGIC.to_le_bytes() && pos + HEADER + len > data.len()
+            }
+        };
+        if runs_past_end {
+            out.damage = Some(format!(
+                "the file is {} bytes, shorter than the {expected_len} it was written \
+                 with, and its last entry (byte {pos}) runs past the end: it was truncated",
+                data.len()
+            ));
+            return out;
+        }
+    }
+    let mut at = pos + 1;
+    let magic = MAGIC.to_le_bytes();
+    while let Some(i) = data
+        .get(at..)
+        .and_then(|rest| rest.windows(4).position(|w| w == magic))
+    {
+        let cand = at + i;
+        if let Some((lsn, _, _)) = entry_at(data, cand)
+            && lsn >= floor
+        {
+            out.damage = Some(lost(cand));
+            return out;
+        }
+        at = cand + 1;
+    }
+    out
+}
+
 /// The entry at `pos` if it is whole: `(lsn, payload, next position)`.
 fn entry_at(data: &[u8], pos: usize) -> Option<(u64, &[u8], usize)> {
     let header = data.get(pos..pos.checked_add(HEADER)?)?;
@@ -474,14 +563,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
         let mut redo = Redo::new();
-        let (mut j, pending) = Journal::open(&path, 1 << 16, 0).unwrap();
+        let (mut j, pending) = Journal::open(&path, 1 << 16, 0, 1 << 16).unwrap();
         assert!(pending.is_empty());
         for n in 0..5 {
             entry(&mut redo, n);
             j.append(&mut redo).unwrap();
         }
         // Entries 1-5 are in the first cycle; redb holds up to 2.
-        let (_, pending) = Journal::open(&path, 1 << 16, 2).unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 2, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [3, 4, 5]);
 
         // A checkpoint, then a new cycle of two entries over the old ones:
@@ -491,35 +580,58 @@ mod tests {
             entry(&mut redo, n);
             j.append(&mut redo).unwrap();
         }
-        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
         // A database that ends before the journal's first entry (the two
         // files copied at different times) is refused, not replayed over
         // the gap.
-        let e = Journal::open(&path, 1 << 16, 4).err().unwrap();
+        let e = Journal::open(&path, 1 << 16, 4, 1 << 16).err().unwrap();
         assert!(e.to_string().contains("refusing to replay"), "{e}");
 
         // A voided entry (its database commit failed) ends the chain...
         entry(&mut redo, 9);
         j.append(&mut redo).unwrap();
         j.cancel().unwrap();
-        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
         // ...and the next entry takes its place and its number.
         entry(&mut redo, 10);
         j.append(&mut redo).unwrap();
-        let (_, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
+        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7, 8]);
 
-        // A torn entry ends it too.
-        let mut bytes = std::fs::read(&path).unwrap();
-        let second = HEADER + redo.len();
-        bytes[second + HEADER + 3] ^= 0xff;
+        // A torn last entry ends it too (a crash while it was written).
+        let clean = std::fs::read(&path).unwrap();
+        let size = HEADER + redo.len();
+        let mut bytes = clean.clone();
+        bytes[2 * size + HEADER + 3] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (j2, pending) = Journal::open(&path, 1 << 16, 5).unwrap();
-        assert_eq!(lsns(&pending), [6]);
+        let (j2, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
+        assert_eq!(lsns(&pending), [6, 7]);
         // Numbering continues above everything seen and applied.
-        assert_eq!(j2.next_lsn(), 7);
+        assert_eq!(j2.next_lsn(), 8);
+        drop(j2);
+
+        // A damaged entry with a whole newer one after it is damage: the
+        // start is refused, naming the file and the entry, rather than
+        // losing entry 8 and handing its offsets out again.
+        for flip in [size + 2, size + HEADER + 1, size + 17] {
+            let mut bytes = clean.clone();
+            bytes[flip] ^= 0x40;
+            std::fs::write(&path, &bytes).unwrap();
+            let e = Journal::open(&path, 1 << 16, 5, 1 << 16).err().unwrap();
+            let msg = e.to_string();
+            assert!(matches!(e, StorageError::Damaged(_)), "{msg}");
+            assert!(
+                msg.contains("j.journal") && msg.contains("entry 7"),
+                "{msg}"
+            );
+            assert!(msg.contains("switchyard check"), "{msg}");
+        }
+        // So is a file cut short inside an entry.
+        std::fs::write(&path, &clean[..size + size / 2]).unwrap();
+        let e = Journal::open(&path, 1 << 16, 5, 1 << 16).err().unwrap();
+        assert!(e.to_string().contains("truncated"), "{e}");
     }
 
     /// A small commit is durable in the journal before it is in the

@@ -14,6 +14,7 @@ mod tables;
 mod writer;
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -243,6 +244,9 @@ impl TopicHandle {
 
 type Registry = Arc<RwLock<HashMap<String, Arc<TopicHandle>>>>;
 
+/// The exit status of a router whose storage writer thread panicked.
+pub const WRITER_PANIC_EXIT: i32 = 70;
+
 /// A handle to the router's storage; cheap to clone.
 #[derive(Clone)]
 pub struct Storage {
@@ -261,7 +265,9 @@ pub type AppendTicket = oneshot::Receiver<Result<Vec<(u32, u64)>, StorageError>>
 impl Storage {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
-        let new_db = !path.exists();
+        // A file of 0 bytes is a database redb will create afresh, as if the
+        // file were missing: its journal must not be replayed into it.
+        let new_db = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
         let db = match Database::builder()
             .set_cache_size(config.cache_bytes)
             .create(path)
@@ -298,7 +304,22 @@ impl Storage {
         );
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || {
+                // Every write goes through this thread: without it the
+                // router could only refuse writes while it went on serving
+                // reads. A panic here stops the process, loudly and with a
+                // failure status, so a supervisor restarts it (and recovery
+                // replays the journal) instead of it living on as a zombie.
+                let run = std::panic::AssertUnwindSafe(move || w.run(rx));
+                if std::panic::catch_unwind(run).is_err() {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "fatal: the storage writer thread panicked (above); stopping the \
+                         router so that it restarts and recovers from its journal"
+                    );
+                    std::process::exit(WRITER_PANIC_EXIT);
+                }
+            })
             .map_err(|e| StorageError::Corrupt(format!("cannot start writer thread: {e}")))?;
         Ok(Storage {
             db,
@@ -973,14 +994,15 @@ fn open_journal(
     } else {
         config.journal_bytes
     };
-    let (mut journal, pending) = match journal::Journal::open(&jpath, capacity, applied) {
-        Ok(j) => j,
-        Err(e) if !existed => {
-            tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
+    let (mut journal, pending) =
+        match journal::Journal::open(&jpath, capacity, applied, config.journal_bytes) {
+            Ok(j) => j,
+            Err(e) if !existed => {
+                tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
     if let Some(&(last, _)) = pending.last() {
         let txn = db.begin_write()?;
         for (_, payload) in &pending {
