@@ -339,7 +339,10 @@ async fn a_full_log_disk_never_stops_the_router() {
     c.create_topic("logs", 1).await.unwrap();
     // Across several checkpoints (every 250 ms), each logged by the writer.
     for i in 0..40u64 {
-        let a = c.publish("logs", Record::new(format!("{i}"))).await.unwrap();
+        let a = c
+            .publish("logs", Record::new(format!("{i}")))
+            .await
+            .unwrap();
         assert_eq!(a.offset, i);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -362,7 +365,10 @@ async fn a_full_log_disk_never_stops_the_router() {
     let status = child.try_wait().unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(status.is_none(), "router with a full stdout exited: {status:?}");
+    assert!(
+        status.is_none(),
+        "router with a full stdout exited: {status:?}"
+    );
 }
 
 /// Copies the files of a data directory (it has no subdirectories).

@@ -198,6 +198,40 @@ impl ChildRouter {
         Self::start(cmd, data)
     }
 
+    /// As [`ChildRouter::spawn`], but a router that exits before it
+    /// listens is an `Err` with what it printed to stderr.
+    pub fn try_spawn(data: &Path) -> Result<ChildRouter, String> {
+        let mut child = Command::new(router_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn router");
+        let mut stderr = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = lines.by_ref().map_while(Result::ok).find_map(|l| {
+            l.strip_prefix("switchyard listening on ")
+                .map(|a| a.trim().parse().unwrap())
+        });
+        let Some(addr) = addr else {
+            let _ = child.wait();
+            return Err(err.join().unwrap());
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(ChildRouter {
+            child,
+            addr,
+            cert: data.join("cert.pem"),
+        })
+    }
+
     fn start(cmd: Command, data: &Path) -> ChildRouter {
         Self::start_logging(cmd, data, Stdio::inherit())
     }

@@ -236,11 +236,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
     if router.admin_token_path().exists() {
-        let _ = writeln!(
-            out,
-            "admin token: {}",
-            router.admin_token_path().display()
-        );
+        let _ = writeln!(out, "admin token: {}", router.admin_token_path().display());
     }
     let _ = out.flush();
     drop(out);

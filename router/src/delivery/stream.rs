@@ -235,6 +235,18 @@ impl StreamSubscription {
             )?;
             if count == 0 {
                 buf.truncate(header_at);
+                // Nothing where the partition says records are, and not
+                // because retention just removed them: the log is missing
+                // entries. Fail the subscription rather than wait forever.
+                let now = self.group.topic.partitions()[h.partition as usize];
+                if h.position >= now.start && h.position < now.end {
+                    return Err(StorageError::Damaged(format!(
+                        "topic '{}' partition {} has no entry at offset {} though it holds \
+                         offsets {}..{}: the database file may be damaged. Stop the router \
+                         and run `switchyard check --data DIR`",
+                        self.group.topic.meta.name, h.partition, h.position, now.start, now.end
+                    )));
+                }
                 continue;
             }
             let body_len = buf.len() - body_at;

@@ -288,6 +288,16 @@ async fn finish(
         Ok(()) => {
             let _ = send.finish();
         }
+        // A read that failed (a damaged entry, a database error) ends the
+        // subscription with an error frame that says why: never a stream
+        // that just stops.
+        Err(crate::delivery::DeliveryError::Storage(e)) => {
+            tracing::error!(error = %e, "a subscription's read failed; ending it with an error");
+            let _ = send
+                .write_all(&Frame::error(0, &e.to_wire()).to_bytes())
+                .await;
+            let _ = send.finish();
+        }
         Err(e) => tracing::debug!(error = %e, "subscription ended"),
     }
 }

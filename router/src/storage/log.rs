@@ -31,6 +31,19 @@ impl Storage {
         limit: ReadLimit,
         mut f: impl FnMut(u64, u64, &[u8]),
     ) -> Result<u64, StorageError> {
+        guarded("the log", || {
+            self.scan_inner(topic_id, partition, from, limit, &mut f)
+        })
+    }
+
+    fn scan_inner(
+        &self,
+        topic_id: u32,
+        partition: u32,
+        from: u64,
+        limit: ReadLimit,
+        f: &mut impl FnMut(u64, u64, &[u8]),
+    ) -> Result<u64, StorageError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(LOG)?;
         let mut next = from;
@@ -43,9 +56,36 @@ impl Storage {
                 break;
             }
             let (k, v) = entry?;
-            let offset = k.value().2;
-            let v = v.value();
-            let (ts, rec) = split_entry(v)?;
+            let key = k.value();
+            let offset = key.2;
+            // Offsets of a partition are contiguous from its start. The
+            // first may lie past `from` only if retention moved the start
+            // there (this snapshot's partition row says so).
+            let gap = if n > 0 {
+                offset != next
+            } else {
+                offset != from && {
+                    let row = txn.open_table(super::tables::PARTITIONS)?;
+                    let start = row.get((topic_id, partition))?.map_or(0, |r| r.value().0);
+                    offset != start.max(from)
+                }
+            };
+            let entry = if gap {
+                Err(StorageError::Damaged(format!(
+                    "the log of topic id {topic_id} partition {partition} has no entry at \
+                     offset {next} but has one at {offset}: the file may be damaged. Stop \
+                     the router and run `switchyard check --data DIR`"
+                )))
+            } else {
+                split_entry(key, v.value())
+            };
+            let (ts, rec) = match entry {
+                Ok(e) => e,
+                // Deliver what came before; the next read starts here and
+                // reports it.
+                Err(_) if n > 0 => break,
+                Err(e) => return Err(e),
+            };
             bytes += rec.len();
             f(offset, ts, rec);
             next = offset + 1;
@@ -64,6 +104,15 @@ impl Storage {
         keys: &[(u32, u64)],
         mut f: impl FnMut(usize, u64, &[u8]),
     ) -> Result<(), StorageError> {
+        guarded("the log", || self.get_many_inner(topic_id, keys, &mut f))
+    }
+
+    fn get_many_inner(
+        &self,
+        topic_id: u32,
+        keys: &[(u32, u64)],
+        f: &mut impl FnMut(usize, u64, &[u8]),
+    ) -> Result<(), StorageError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(LOG)?;
         let mut i = 0;
@@ -75,15 +124,16 @@ impl Storage {
             }
             if end - i == 1 {
                 if let Some(v) = table.get((topic_id, p, first))? {
-                    let (ts, rec) = split_entry(v.value())?;
+                    let (ts, rec) = split_entry((topic_id, p, first), v.value())?;
                     f(i, ts, rec);
                 }
             } else {
                 let last = first + (end - i - 1) as u64;
                 for e in table.range((topic_id, p, first)..=(topic_id, p, last))? {
                     let (k, v) = e?;
-                    let (ts, rec) = split_entry(v.value())?;
-                    f(i + (k.value().2 - first) as usize, ts, rec);
+                    let key = k.value();
+                    let (ts, rec) = split_entry(key, v.value())?;
+                    f(i + (key.2 - first) as usize, ts, rec);
                 }
             }
             i = end;
@@ -105,6 +155,19 @@ impl Storage {
         cursors: &mut [u64],
         max: usize,
         mut f: impl FnMut(u32, u64, u64, &[u8]),
+    ) -> Result<usize, StorageError> {
+        guarded("a feed", || {
+            self.read_feed_inner(topic_id, feed, cursors, max, &mut f)
+        })
+    }
+
+    fn read_feed_inner(
+        &self,
+        topic_id: u32,
+        feed: &FeedDef,
+        cursors: &mut [u64],
+        max: usize,
+        f: &mut impl FnMut(u32, u64, u64, &[u8]),
     ) -> Result<usize, StorageError> {
         let txn = self.db().begin_read()?;
         let inbox = txn.open_table(INBOX)?;
@@ -171,7 +234,7 @@ impl Storage {
                     let Some(v) = log.get((topic_id, p, o))? else {
                         continue; // removed by retention
                     };
-                    let (ts, rec) = split_entry(v.value())?;
+                    let (ts, rec) = split_entry((topic_id, p, o), v.value())?;
                     // Keys are indexed by hash: skip a colliding key, a key
                     // no longer followed, and a key's records from before
                     // the feed followed it.
@@ -216,7 +279,7 @@ impl Storage {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let t = match table.get((topic_id, partition, mid))? {
-                Some(v) => split_entry(v.value())?.0,
+                Some(v) => entry_meta(v.value()).0,
                 None => 0, // deleted meanwhile: older than anything retained
             };
             if t < ts_ms {
@@ -229,14 +292,101 @@ impl Storage {
     }
 }
 
-fn split_entry(v: &[u8]) -> Result<(u64, &[u8]), StorageError> {
-    if v.len() < 8 {
-        return Err(StorageError::Corrupt(
-            "log entry shorter than its timestamp".into(),
-        ));
+/// Set in a stored timestamp: a CRC-32 of the entry follows it. Entries
+/// written before checksums existed lack the bit and are read unchecked.
+const CHECKED: u64 = 1 << 63;
+/// Bytes in front of the record in a log value: timestamp and CRC-32.
+pub(crate) const ENTRY_HEADER: usize = 12;
+
+/// The CRC-32 of one log entry: its key, timestamp and record, so a value
+/// that is damaged, or found under another key, fails the check.
+fn entry_crc(key: (u32, u32, u64), ts: u64, rec: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&key.0.to_be_bytes());
+    h.update(&key.1.to_be_bytes());
+    h.update(&key.2.to_be_bytes());
+    h.update(&ts.to_be_bytes());
+    h.update(rec);
+    h.finalize()
+}
+
+/// Writes the log value of `rec` at `key`, appended at `ts`, into `dst`
+/// (exactly `ENTRY_HEADER + rec.len()` bytes): `timestamp | CHECKED` (big
+/// endian), the entry's CRC-32, then the record as the producer encoded it.
+pub(crate) fn put_entry(dst: &mut [u8], key: (u32, u32, u64), ts: u64, rec: &[u8]) {
+    dst[..8].copy_from_slice(&(ts | CHECKED).to_be_bytes());
+    dst[8..12].copy_from_slice(&entry_crc(key, ts, rec).to_be_bytes());
+    dst[12..].copy_from_slice(rec);
+}
+
+/// The timestamp and record length of a log value, unchecked: for
+/// retention, which only deletes.
+pub(crate) fn entry_meta(v: &[u8]) -> (u64, usize) {
+    let Some(raw) = v.get(..8) else {
+        return (0, 0);
+    };
+    let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+    let header = if raw & CHECKED != 0 { ENTRY_HEADER } else { 8 };
+    (raw & !CHECKED, v.len().saturating_sub(header))
+}
+
+/// The timestamp and record of the log value stored at `key`, verified
+/// against its checksum. A damaged entry is an error naming where it is,
+/// never a record delivered with the wrong bytes.
+pub(crate) fn split_entry(key: (u32, u32, u64), v: &[u8]) -> Result<(u64, &[u8]), StorageError> {
+    let damaged = |what: &str| {
+        StorageError::Damaged(format!(
+            "log entry of topic id {} partition {} offset {}: {what}. Stop the router and \
+             run `switchyard check --data DIR`",
+            key.0, key.1, key.2
+        ))
+    };
+    let Some(raw) = v.get(..8) else {
+        return Err(damaged("shorter than its timestamp"));
+    };
+    let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+    if raw & CHECKED == 0 {
+        return Ok((raw, &v[8..]));
     }
-    let ts = u64::from_be_bytes(v[..8].try_into().expect("checked length"));
-    Ok((ts, &v[8..]))
+    let Some(crc) = v.get(8..12) else {
+        return Err(damaged("shorter than its header"));
+    };
+    let ts = raw & !CHECKED;
+    let rec = &v[12..];
+    if entry_crc(key, ts, rec) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(damaged("its bytes do not match their checksum"));
+    }
+    Ok((ts, rec))
+}
+
+/// Runs `f`, returning the message of a panic inside it as an `Err`.
+pub(crate) fn guarded_panic<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    })
+}
+
+/// Runs a read, turning a panic inside it (redb meets a damaged page) into
+/// an error for this read alone: the subscription that asked gets an error
+/// frame and the log says where, instead of a task dying silently and the
+/// subscriber waiting forever.
+pub(crate) fn guarded<R>(
+    what: &str,
+    read: impl FnOnce() -> Result<R, StorageError>,
+) -> Result<R, StorageError> {
+    match guarded_panic(read) {
+        Ok(r) => r,
+        Err(msg) => {
+            tracing::error!(read = what, panic = %msg, "a read of the database failed: its file may be damaged");
+            Err(StorageError::Damaged(format!(
+                "reading {what} failed inside the database ({msg}): the file may be damaged. \
+                 Stop the router and run `switchyard check --data DIR`"
+            )))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -268,14 +268,27 @@ impl Storage {
         // A file of 0 bytes is a database redb will create afresh, as if the
         // file were missing: its journal must not be replayed into it.
         let new_db = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
-        let db = match Database::builder()
-            .set_cache_size(config.cache_bytes)
-            .create(path)
-        {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+        // redb panics on some damaged pages while it opens a file: that is
+        // damage to report with the file's name, not a crash.
+        let opened = log::guarded_panic(|| {
+            Database::builder()
+                .set_cache_size(config.cache_bytes)
+                .create(path)
+        });
+        let db = match opened {
+            Err(panic) => {
+                return Err(StorageError::Damaged(format!(
+                    "database {}: opening it failed inside redb ({panic}): the file is \
+                     damaged. Run `switchyard check --data {}` for what can be done",
+                    path.display(),
+                    path.parent()
+                        .map_or_else(|| ".".into(), |p| p.display().to_string()),
+                )));
+            }
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
                 return Err(StorageError::InUse(path.to_path_buf()));
             }
-            r => r?,
+            Ok(r) => r?,
         };
         let journal = open_journal(&db, path, new_db, &config)?;
         let journal_pending = journal.as_ref().map(|j| j.pending_flag());

@@ -622,13 +622,11 @@ impl Writer {
                             let offset = st.end;
                             let t = now.max(st.last_ts);
                             let body = r.record.as_bytes();
+                            let key = (r.topic_id, p, offset);
                             tables.log()?.insert_with(
-                                (r.topic_id, p, offset),
-                                8 + body.len(),
-                                |dst| {
-                                    dst[..8].copy_from_slice(&t.to_be_bytes());
-                                    dst[8..].copy_from_slice(body);
-                                },
+                                key,
+                                super::log::ENTRY_HEADER + body.len(),
+                                |dst| super::log::put_entry(dst, key, t, body),
                             )?;
                             st.end += 1;
                             st.bytes += body.len() as u64;
@@ -983,7 +981,7 @@ impl Writer {
             let mut log = txn.open_table(LOG)?;
             for e in log.range((id, p, st.start)..(id, p, before))? {
                 let (_, v) = e?;
-                new.bytes -= (v.value().len() - 8) as u64;
+                new.bytes -= super::log::entry_meta(v.value()).1 as u64;
             }
             log.retain_in((id, p, st.start)..(id, p, before), |_, _| false)?;
             new.start = before;
@@ -1075,9 +1073,8 @@ impl Writer {
                         .take(RETENTION_PASS_LIMIT)
                     {
                         let (k, v) = entry?;
-                        let v = v.value();
-                        let t = u64::from_be_bytes(v[..8].try_into().expect("8-byte timestamp"));
-                        let len = (v.len() - 8) as u64;
+                        let (t, len) = super::log::entry_meta(v.value());
+                        let len = len as u64;
                         let too_old = m.retention_ms > 0 && t < cutoff;
                         let too_big = m.retention_bytes > 0 && new.bytes > m.retention_bytes;
                         if !(too_old || too_big) {
