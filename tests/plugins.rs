@@ -547,6 +547,99 @@ async fn hot_swaps_under_load_decide_every_message_exactly_once_in_order() {
         .expect("swap latency recorded");
     println!("swap latency (activation to first decision) of v3: {lat} µs");
     assert!(lat < 5_000_000);
+    // Each activation keeps its own: v2's deploy and its later rollback.
+    let v2_events: Vec<&serde_json::Value> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["version"] == 2)
+        .collect();
+    assert_eq!(v2_events.len(), 2);
+    assert_eq!(v2_events[0]["event"], "deploy");
+    assert_eq!(v2_events[1]["event"], "rollback");
+    for p in 0..4 {
+        let key = format!("hot/{p}");
+        let (deployed, rolled_back) = (
+            v2_events[0]["cutover"][&key].as_u64().unwrap(),
+            v2_events[1]["cutover"][&key].as_u64().unwrap(),
+        );
+        let v3_at = v3["cutover"][&key].as_u64().unwrap();
+        assert!(deployed < v3_at && v3_at < rolled_back, "partition {p}");
+    }
+}
+
+/// Cut-over points are stored in the commit of the first record each
+/// activation decided: they survive kill -9, a deduplicated re-publish
+/// never moves them, and a rollback adds its own instead of overwriting
+/// the earlier activation's.
+#[tokio::test]
+async fn cutover_points_survive_kill_9_and_ignore_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = common::ChildRouter::spawn(dir.path());
+    let c = common::connect(router.addr, &router.cert).await;
+    c.create_topic("co", 1).await.unwrap();
+    let stamp = |v: &str| json!({ "name": "co", "hook": "route", "topic": "co", "config": { "version": v } });
+    let publish = |c: Arc<Client>, i: u32| async move {
+        c.publish(
+            "co",
+            Record::new(format!("{i}")).with_message_id(format!("id-{i}")),
+        )
+        .await
+        .unwrap()
+    };
+    deploy(&c, "versioned_route", stamp("v1")).await.unwrap();
+    for i in 0..10 {
+        assert_eq!(publish(c.clone(), i).await.offset, i as u64);
+    }
+    deploy(&c, "versioned_route", stamp("v2")).await.unwrap();
+    let dup = publish(c.clone(), 3).await;
+    assert!(dup.duplicate);
+    assert_eq!(dup.offset, 3);
+    assert_eq!(publish(c.clone(), 10).await.offset, 10);
+    drop(router); // kill -9
+
+    let router = common::ChildRouter::spawn(dir.path());
+    let c = common::connect(router.addr, &router.cert).await;
+    let cutovers = |s: &serde_json::Value| -> Vec<(String, u32, serde_json::Value)> {
+        s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let ev = e["event"].as_str().unwrap().to_string();
+                (
+                    ev,
+                    e["version"].as_u64().unwrap() as u32,
+                    e["cutover"].clone(),
+                )
+            })
+            .collect()
+    };
+    let s = show(&c, "co").await;
+    assert_eq!(
+        cutovers(&s),
+        vec![
+            ("deploy".into(), 1, json!({ "co/0": 0 })),
+            ("deploy".into(), 2, json!({ "co/0": 10 })),
+        ]
+    );
+    let rb = c
+        .plugin_request("rollback", json!({ "name": "co", "to": 1 }), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(rb["version"], 1);
+    assert_eq!(publish(c.clone(), 11).await.offset, 11);
+    let s = show(&c, "co").await;
+    assert_eq!(
+        cutovers(&s),
+        vec![
+            ("deploy".into(), 1, json!({ "co/0": 0 })),
+            ("deploy".into(), 2, json!({ "co/0": 10 })),
+            ("rollback".into(), 1, json!({ "co/0": 11 })),
+        ]
+    );
+    let v1 = &s["version_details"][0];
+    assert_eq!(v1["cutover"], json!({ "co/0": 0 }), "v1's first activation");
 }
 
 #[tokio::test]

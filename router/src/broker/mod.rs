@@ -180,7 +180,8 @@ impl std::future::Future for PublishTicket {
                             .topics
                             .iter()
                             .zip(&stored)
-                            .map(|(t, ((p, o), _))| (t.meta.name.as_str(), *p, *o)),
+                            .filter(|(_, (_, duplicate))| !duplicate)
+                            .map(|(t, ((p, _), _))| (t.meta.id, *p)),
                     );
                     route
                         .slots

@@ -62,7 +62,6 @@ impl Broker {
                 })
                 .collect();
             let result = live.plugin.route(batch);
-            live.note_first_decision();
             match result.decisions {
                 Ok(decisions) => {
                     staged.extend(result.kv_writes.iter().cloned());
@@ -163,7 +162,15 @@ impl Broker {
                 }
             }
         }
-        let ticket = match self.storage.append_many(appends, kv).await {
+        let mark = live.cutover_mark(
+            &plugin_name,
+            appends.iter().map(|a| (a.topic_id, a.partition)),
+        );
+        let appended = match mark {
+            Some(mark) => self.storage.append_routed(appends, kv, mark).await,
+            None => self.storage.append_many(appends, kv).await,
+        };
+        let ticket = match appended {
             Ok(t) => t,
             Err(e) => {
                 live.plugin.settle_kv(&staged);

@@ -6,7 +6,7 @@
 //! a swap never splits a batch. Calls already running keep their `Arc` to the
 //! old version and finish on it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::engine::{KvStore, PluginEngine};
 use super::loaded::{Hook, Limits, LoadError, LoadedPlugin};
 use crate::protocol::{ErrorCode, WireError};
-use crate::storage::{Storage, now_ms};
+use crate::storage::{CutoverMark, Storage, now_ms};
 
 /// How many versions of a plugin are kept for rollback.
 pub const KEEP_VERSIONS: usize = 5;
@@ -89,6 +89,18 @@ pub struct HistoryEvent {
     /// The principal that made the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The activation this event started (its cut-over rows are keyed by
+    /// it). Absent in events stored before activations were numbered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<u64>,
+    /// Per `topic/partition`, the first offset this activation decided
+    /// (shown, not stored: read from the cut-over rows).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cutover: BTreeMap<String, u64>,
+    /// Time from this activation to its first decision, in microseconds
+    /// (shown, not stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_latency_us: Option<u64>,
 }
 
 /// A plugin as stored in redb.
@@ -110,6 +122,9 @@ pub struct PluginRecord {
     pub versions: Vec<VersionRecord>,
     /// Deploys and rollbacks, oldest first.
     pub history: Vec<HistoryEvent>,
+    /// The number the next activation (deploy or rollback) gets.
+    #[serde(default)]
+    pub next_activation: u64,
 }
 
 /// The version a binding runs now.
@@ -125,50 +140,73 @@ pub struct LiveVersion {
     activation: Arc<Activation>,
 }
 
-/// What one activation of a version has done: per `(topic, partition)` the
-/// first offset it decided, and the time from going live to its first
-/// decision. Shared with the binding, so what happens after the version was
-/// replaced (acks of batches it decided) still reaches its record.
+/// Activation numbers of versions made live before activations were
+/// numbered: out of the range new ones count up in.
+const LEGACY_ACTIVATION: u64 = 1 << 63;
+
+impl PluginRecord {
+    /// Records a deploy or rollback of `version` in the history and returns
+    /// its activation number.
+    fn activate(&mut self, event: &str, version: u32, by: Option<String>) -> u64 {
+        let id = self.next_activation;
+        self.next_activation += 1;
+        self.history.push(HistoryEvent {
+            at_ms: now_ms(),
+            event: event.into(),
+            version,
+            by,
+            activation: Some(id),
+            cutover: BTreeMap::new(),
+            swap_latency_us: None,
+        });
+        id
+    }
+}
+
+/// One activation (deploy or rollback) of a version: its number, when it
+/// went live, and the partitions whose cut-over row is already stored.
 struct Activation {
+    id: u64,
     activated: Instant,
-    first_decision_us: Mutex<Option<u64>>,
-    cutover: Mutex<HashMap<String, HashMap<u32, u64>>>,
+    marked: Mutex<HashSet<(u32, u32)>>,
 }
 
 impl Activation {
-    fn new() -> Arc<Self> {
+    fn new(id: u64) -> Arc<Self> {
         Arc::new(Activation {
+            id,
             activated: Instant::now(),
-            first_decision_us: Mutex::new(None),
-            cutover: Mutex::new(HashMap::new()),
+            marked: Mutex::new(HashSet::new()),
         })
     }
 }
 
 impl LiveVersion {
-    /// Records that this version decided these `(topic, partition, offset)`s:
-    /// one lock per acknowledged batch, and an allocation only the first
-    /// time a topic is seen.
-    pub fn note_decided<'a>(&self, decided: impl Iterator<Item = (&'a str, u32, u64)>) {
-        let mut c = self.activation.cutover.lock().expect("cutover lock");
-        for (topic, partition, offset) in decided {
-            if !c.contains_key(topic) {
-                c.insert(topic.to_string(), HashMap::new());
-            }
-            c.get_mut(topic)
-                .expect("inserted above")
-                .entry(partition)
-                .and_modify(|o| *o = (*o).min(offset))
-                .or_insert(offset);
-        }
+    /// The cut-over mark to store with a batch this version decided, if
+    /// the batch reaches a partition whose first decided offset this
+    /// activation has not stored yet. The writer keeps the first row per
+    /// partition, in the commit of that record.
+    pub fn cutover_mark(
+        &self,
+        plugin: &Arc<str>,
+        partitions: impl Iterator<Item = (u32, u32)>,
+    ) -> Option<CutoverMark> {
+        let a = &self.activation;
+        let marked = a.marked.lock().expect("marked lock");
+        let mut parts = partitions;
+        parts.any(|tp| !marked.contains(&tp)).then(|| CutoverMark {
+            plugin: plugin.clone(),
+            activation: a.id,
+            latency_us: a.activated.elapsed().as_micros() as u64,
+        })
     }
 
-    /// Marks the first decision, for the swap latency.
-    pub fn note_first_decision(&self) {
-        let a = &self.activation;
-        let mut f = a.first_decision_us.lock().expect("first lock");
-        if f.is_none() {
-            *f = Some(a.activated.elapsed().as_micros() as u64);
+    /// Records that these `(topic id, partition)`s have their cut-over row
+    /// stored (their batch was acknowledged), so later batches carry no mark.
+    pub fn note_decided(&self, stored: impl Iterator<Item = (u32, u32)>) {
+        let mut marked = self.activation.marked.lock().expect("marked lock");
+        for tp in stored {
+            marked.insert(tp);
         }
     }
 }
@@ -186,52 +224,17 @@ pub struct Binding {
     live: ArcSwapOption<LiveVersion>,
     record: Mutex<PluginRecord>,
     kv: Arc<PluginKv>,
-    /// Each version's latest activation.
-    activations: Mutex<HashMap<u32, Arc<Activation>>>,
 }
 
 impl Binding {
     /// Makes `live` the live version.
     fn activate(&self, live: Arc<LiveVersion>) {
-        self.activations
-            .lock()
-            .expect("activations lock")
-            .insert(live.version, live.activation.clone());
         self.live.store(Some(live));
     }
 
     /// The live version, if any.
     pub fn live(&self) -> Option<Arc<LiveVersion>> {
         self.live.load_full()
-    }
-
-    /// Copies every activation's cut-over points and swap latency into the
-    /// record.
-    fn sync_cutover(&self) {
-        let activations: Vec<(u32, Arc<Activation>)> = self
-            .activations
-            .lock()
-            .expect("activations lock")
-            .iter()
-            .map(|(v, a)| (*v, a.clone()))
-            .collect();
-        let mut rec = self.record.lock().expect("record lock");
-        for (version, a) in activations {
-            let Some(v) = rec.versions.iter_mut().find(|v| v.version == version) else {
-                continue;
-            };
-            for (t, parts) in a.cutover.lock().expect("cutover lock").iter() {
-                for (p, o) in parts {
-                    v.cutover
-                        .entry(format!("{t}/{p}"))
-                        .and_modify(|x| *x = (*x).min(*o))
-                        .or_insert(*o);
-                }
-            }
-            if v.swap_latency_us.is_none() {
-                v.swap_latency_us = *a.first_decision_us.lock().expect("first lock");
-            }
-        }
     }
 }
 
@@ -408,7 +411,6 @@ impl PluginRegistry {
                 live: ArcSwapOption::empty(),
                 record: Mutex::new(rec),
                 kv,
-                activations: Mutex::new(HashMap::new()),
             };
             if let Some(live) = live {
                 b.activate(live);
@@ -483,7 +485,17 @@ impl PluginRegistry {
             plugin,
             on_failure: v.on_failure,
             deployer: v.deployed_by.as_deref().map(Into::into),
-            activation: Activation::new(),
+            // The activation that made this version live, so its cut-over
+            // rows continue across a restart (a version live from before
+            // activations were numbered gets one of its own).
+            activation: Activation::new(
+                rec.history
+                    .iter()
+                    .rev()
+                    .find(|e| e.version == version)
+                    .and_then(|e| e.activation)
+                    .unwrap_or(LEGACY_ACTIVATION | version as u64),
+            ),
         })
     }
 
@@ -698,7 +710,6 @@ impl PluginRegistry {
                     group: req.group.clone(),
                     live: ArcSwapOption::empty(),
                     kv: kv_shared,
-                    activations: Mutex::new(HashMap::new()),
                     record: Mutex::new(PluginRecord {
                         name: req.name.clone(),
                         hook: req.hook,
@@ -708,6 +719,7 @@ impl PluginRegistry {
                         next_version: 1,
                         versions: Vec::new(),
                         history: Vec::new(),
+                        next_activation: 0,
                     }),
                 });
                 self.bindings
@@ -717,18 +729,13 @@ impl PluginRegistry {
                 b
             }
         };
-        binding.sync_cutover();
+        let activation;
         let dropped = {
             let mut rec = binding.record.lock().expect("record lock");
             rec.next_version = version + 1;
             rec.versions.push(vrec);
             rec.live = Some(version);
-            rec.history.push(HistoryEvent {
-                at_ms: now_ms(),
-                event: "deploy".into(),
-                version,
-                by: req.deployed_by.clone(),
-            });
+            activation = rec.activate("deploy", version, req.deployed_by.clone());
             let mut dropped = Vec::new();
             while rec.versions.len() > KEEP_VERSIONS {
                 dropped.push(rec.versions.remove(0).version);
@@ -743,7 +750,7 @@ impl PluginRegistry {
             plugin,
             on_failure: req.on_failure,
             deployer: req.deployed_by.as_deref().map(Into::into),
-            activation: Activation::new(),
+            activation: Activation::new(activation),
         });
         binding.activate(live);
         tracing::info!(plugin = %req.name, version, hook = req.hook.name(), topic = %req.topic, "plugin version live");
@@ -765,7 +772,6 @@ impl PluginRegistry {
     ) -> Result<serde_json::Value, WireError> {
         let _admin = self.admin.lock().await;
         let b = self.binding(name)?;
-        b.sync_cutover();
         let target = {
             let rec = b.record.lock().expect("record lock");
             match to {
@@ -800,28 +806,15 @@ impl PluginRegistry {
         let rec = b.record.lock().expect("record lock").clone();
         // Compiling a kept version takes milliseconds: fine inline for an
         // admin request.
-        let live = self
+        let mut live = self
             .load_version(&rec, target, b.kv.clone())
             .map_err(invalid)?;
         {
             let mut rec = b.record.lock().expect("record lock");
             rec.live = Some(target);
-            rec.history.push(HistoryEvent {
-                at_ms: now_ms(),
-                event: "rollback".into(),
-                version: target,
-                by,
-            });
-            // Decisions from the new activation count as a new cut-over:
-            // forget the earlier activation's, in the record and as a source.
-            if let Some(v) = rec.versions.iter_mut().find(|v| v.version == target) {
-                v.cutover.clear();
-                v.swap_latency_us = None;
-            }
-            b.activations
-                .lock()
-                .expect("activations lock")
-                .remove(&target);
+            // A new activation with its own cut-over points: the history
+            // keeps what every earlier one decided.
+            live.activation = Activation::new(rec.activate("rollback", target, by));
         }
         self.persist(&b, None, Vec::new()).await?;
         b.activate(Arc::new(live));
@@ -846,8 +839,10 @@ impl PluginRegistry {
     }
 
     fn describe(&self, b: &Binding, detail: bool) -> serde_json::Value {
-        b.sync_cutover();
-        let rec = b.record.lock().expect("record lock").clone();
+        let mut rec = b.record.lock().expect("record lock").clone();
+        if detail {
+            self.fill_cutovers(&mut rec);
+        }
         let live = b.live();
         let stats = live.as_ref().map(|l| {
             let s = &l.plugin.stats;
@@ -879,6 +874,43 @@ impl PluginRegistry {
         v
     }
 
+    /// Fills each activation's cut-over points and swap latency from the
+    /// stored rows, and each version's from its first activation that
+    /// decided anything (what `plugin show` reports).
+    fn fill_cutovers(&self, rec: &mut PluginRecord) {
+        let rows = match self.storage.plugin_cutovers(&rec.name) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(plugin = %rec.name, error = %e, "cannot read cut-over points");
+                return;
+            }
+        };
+        let names: HashMap<u32, String> = self
+            .storage
+            .topics()
+            .into_iter()
+            .map(|t| (t.meta.id, t.meta.name.clone()))
+            .collect();
+        for e in &mut rec.history {
+            let Some(a) = e.activation else { continue };
+            for &(_, t, p, o, lat) in rows.iter().filter(|r| r.0 == a) {
+                let topic = names.get(&t).cloned().unwrap_or_else(|| format!("#{t}"));
+                e.cutover.insert(format!("{topic}/{p}"), o);
+                e.swap_latency_us = Some(e.swap_latency_us.map_or(lat, |l| l.min(lat)));
+            }
+        }
+        for v in &mut rec.versions {
+            if let Some(first) = rec
+                .history
+                .iter()
+                .find(|e| e.version == v.version && !e.cutover.is_empty())
+            {
+                v.cutover = first.cutover.clone();
+                v.swap_latency_us = first.swap_latency_us;
+            }
+        }
+    }
+
     /// One line per plugin.
     pub fn list(&self) -> serde_json::Value {
         let bindings = self.bindings.read().expect("bindings lock");
@@ -902,20 +934,5 @@ impl PluginRegistry {
     pub fn kv_get(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>, WireError> {
         let b = self.binding(name)?;
         Ok(b.kv.get(key))
-    }
-
-    /// Persists every binding's cut-over points (at shutdown).
-    pub async fn flush(&self) {
-        let all: Vec<_> = self
-            .bindings
-            .read()
-            .expect("bindings lock")
-            .values()
-            .cloned()
-            .collect();
-        for b in all {
-            b.sync_cutover();
-            let _ = self.persist(&b, None, Vec::new()).await;
-        }
     }
 }

@@ -483,7 +483,6 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     while connections.join_next().await.is_some() {}
     retention.abort();
     checkpoints.abort();
-    shared.broker.plugins().flush().await;
     storage.shutdown().await;
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     endpoint.wait_idle().await;

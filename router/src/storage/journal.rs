@@ -37,8 +37,8 @@ use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use super::StorageError;
 use super::tables::{
-    DEDUP, DEDUP_EXPIRY, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_KV, QUEUE,
-    QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
+    DEDUP, DEDUP_EXPIRY, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_CUTOVER,
+    PLUGIN_KV, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
 };
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SYJ1");
@@ -490,6 +490,7 @@ pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), Stora
             n if n == OFFSETS.name() => apply(txn, OFFSETS, op, a, b)?,
             n if n == META.name() => apply(txn, META, op, a, b)?,
             n if n == PLUGIN_KV.name() => apply(txn, PLUGIN_KV, op, a, b)?,
+            n if n == PLUGIN_CUTOVER.name() => apply(txn, PLUGIN_CUTOVER, op, a, b)?,
             n if n == DEDUP.name() => apply(txn, DEDUP, op, a, b)?,
             n if n == DEDUP_EXPIRY.name() => apply(txn, DEDUP_EXPIRY, op, a, b)?,
             n if n == QUEUE.name() => apply(txn, QUEUE, op, a, b)?,

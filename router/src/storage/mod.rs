@@ -425,6 +425,44 @@ impl Storage {
         self.append_many(records, Vec::new()).await
     }
 
+    /// Like [`Storage::append_many`], for a batch a route plugin decided:
+    /// also records, in the same commit, the first offset the plugin's
+    /// activation decided in each partition it has not decided in before.
+    pub async fn append_routed(
+        &self,
+        records: Vec<AppendRecord>,
+        kv: Vec<KvWrite>,
+        cutover: CutoverMark,
+    ) -> Result<AppendTicket, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Append {
+            records,
+            kv,
+            cutover: Some(cutover),
+            reply,
+        })
+        .await?;
+        Ok(rx)
+    }
+
+    /// Each route plugin activation's cut-over rows, for `plugin`:
+    /// `(activation, topic id, partition, offset, swap latency µs)`.
+    pub fn plugin_cutovers(
+        &self,
+        plugin: &str,
+    ) -> Result<Vec<CutoverRow>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(tables::PLUGIN_CUTOVER)?;
+        let mut out = Vec::new();
+        for e in table.range((plugin, 0, 0, 0)..=(plugin, u64::MAX, u32::MAX, u32::MAX))? {
+            let (k, v) = e?;
+            let (_, a, t, p) = k.value();
+            let (o, lat) = v.value();
+            out.push((a, t, p, o, lat));
+        }
+        Ok(out)
+    }
+
     /// Like [`Storage::append`], for records bound to several topics, plus
     /// plugin key/value writes: all of it commits in one transaction or none.
     pub async fn append_many(
@@ -433,7 +471,13 @@ impl Storage {
         kv: Vec<KvWrite>,
     ) -> Result<AppendTicket, StorageError> {
         let (reply, rx) = oneshot::channel();
-        self.send(WriteOp::Append { records, kv, reply }).await?;
+        self.send(WriteOp::Append {
+            records,
+            kv,
+            cutover: None,
+            reply,
+        })
+        .await?;
         Ok(rx)
     }
 
@@ -919,6 +963,22 @@ pub struct QueueSnapshot {
     pub done: Vec<(u32, u64, Vec<u8>)>,
 }
 
+/// One stored cut-over point: `(activation, topic id, partition, offset,
+/// swap latency µs)`.
+pub type CutoverRow = (u64, u32, u32, u64, u64);
+
+/// Where a route plugin activation's cut-over rows go: see
+/// [`Storage::append_routed`].
+#[derive(Debug, Clone)]
+pub struct CutoverMark {
+    /// Plugin name.
+    pub plugin: Arc<str>,
+    /// The activation (deploy or rollback) that decided the batch.
+    pub activation: u64,
+    /// Time from the activation to this batch's decision, in microseconds.
+    pub latency_us: u64,
+}
+
 /// A plugin's key/value write, committed with the records it decided.
 #[derive(Debug, Clone)]
 pub struct KvWrite {
@@ -1057,6 +1117,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::PLUGINS)?;
         w.open_table(tables::PLUGIN_WASM)?;
         w.open_table(tables::PLUGIN_KV)?;
+        w.open_table(tables::PLUGIN_CUTOVER)?;
         w.open_table(tables::PLUGIN_ARTIFACT)?;
         w.open_table(tables::QUEUE)?;
         w.open_table(tables::QUEUE_FLOOR)?;

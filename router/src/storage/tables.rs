@@ -49,6 +49,13 @@ pub(crate) const PLUGIN_ARTIFACT: TableDefinition<(&str, u32), &[u8]> =
 pub(crate) const PLUGIN_KV: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("plugin_kv");
 
+/// `(plugin name, activation, topic id, partition)` -> `(offset, swap
+/// latency µs)`: the first offset an activation (a deploy or rollback) of a
+/// route plugin decided in that partition, written in the commit of that
+/// record, so it is exactly as durable as the record.
+pub(crate) const PLUGIN_CUTOVER: TableDefinition<(&str, u64, u32, u32), (u64, u64)> =
+    TableDefinition::new("plugin_cutover");
+
 /// `(topic id, group, partition)` -> the queue group's floor: every offset
 /// below it is settled (acked, dead-lettered or expired).
 pub(crate) const QUEUE_FLOOR: TableDefinition<(u32, &str, u32), u64> =

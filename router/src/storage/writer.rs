@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS,
-    PLUGIN_ARTIFACT, PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR,
-    QUEUE_MARK, TOPICS,
+    PLUGIN_ARTIFACT, PLUGIN_CUTOVER, PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE,
+    QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
 };
 use super::{
-    AppendRecord, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite, PartState,
-    QueueWrite, Registry, StorageConfig, StorageError, TopicHandle, TopicMeta, TopicPolicy, now_ms,
+    AppendRecord, CutoverMark, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite,
+    PartState, QueueWrite, Registry, StorageConfig, StorageError, TopicHandle, TopicMeta,
+    TopicPolicy, now_ms,
 };
 use crate::protocol::PartitionInfo;
 
@@ -34,6 +35,7 @@ pub(crate) enum WriteOp {
     Append {
         records: Vec<AppendRecord>,
         kv: Vec<KvWrite>,
+        cutover: Option<CutoverMark>,
         reply: oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
     },
     PutPlugin {
@@ -264,6 +266,13 @@ impl Recorded<'_, '_, (u32, &'static [u8]), (u32, u64, u64)> {
     }
 }
 
+impl Recorded<'_, '_, (&'static str, u64, u32, u32), (u64, u64)> {
+    /// Whether an activation already has its cut-over row for a partition.
+    fn has(&self, key: (&str, u64, u32, u32)) -> Result<bool, StorageError> {
+        Ok(self.table.get(key)?.is_some())
+    }
+}
+
 impl Recorded<'_, '_, (u32, u64, u32, u64), &'static [u8]> {
     /// The expiry entries of `topic` appended at or before `upto` ms.
     #[allow(clippy::type_complexity)]
@@ -302,6 +311,7 @@ data_tables! {
     parts: PARTITIONS => (u32, u32), (u64, u64, u64, u64);
     offsets: OFFSETS => (&'static str, u32, u32), u64;
     kv: PLUGIN_KV => (&'static str, &'static str), &'static [u8];
+    cutover: PLUGIN_CUTOVER => (&'static str, u64, u32, u32), (u64, u64);
     dedup: DEDUP => (u32, &'static [u8]), (u32, u64, u64);
     dedup_expiry: DEDUP_EXPIRY => (u32, u64, u32, u64), &'static [u8];
     queue: QUEUE => (u32, &'static str, u32, u64), super::QueueEntryState;
@@ -581,7 +591,12 @@ impl Writer {
             expire_dedup(&mut self.topics, now, &mut tables)?;
             while let Some(op) = segment.pop_front() {
                 match op {
-                    WriteOp::Append { records, kv, reply } => {
+                    WriteOp::Append {
+                        records,
+                        kv,
+                        cutover,
+                        reply,
+                    } => {
                         // Check the whole request first: it is applied whole or not at all.
                         let bad = records
                             .iter()
@@ -605,6 +620,11 @@ impl Writer {
                         replies.push((reply, Err(StorageError::ShutDown)));
                         let slot = replies.len() - 1;
                         let mut positions = Vec::with_capacity(records.len());
+                        let topic_ids: Vec<u32> = if cutover.is_some() {
+                            records.iter().map(|r| r.topic_id).collect()
+                        } else {
+                            Vec::new()
+                        };
                         for r in records {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
                             let hash = r.dedup.as_deref().map(super::dedup_hash);
@@ -662,6 +682,22 @@ impl Writer {
                         for w in kv {
                             let k = (&*w.plugin, w.key.as_str());
                             tables.kv()?.insert(k, w.value.as_slice())?;
+                        }
+                        if let Some(m) = cutover {
+                            // The first stored (not duplicate) offset per
+                            // partition, kept only if the activation has no
+                            // row there yet.
+                            let mut seen: Vec<(u32, u32)> = Vec::new();
+                            for (r, &(p, o)) in topic_ids.iter().zip(&positions) {
+                                if p & DUPLICATE_BIT != 0 || seen.contains(&(*r, p)) {
+                                    continue;
+                                }
+                                seen.push((*r, p));
+                                let k = (&*m.plugin, m.activation, *r, p);
+                                if !tables.cutover()?.has(k)? {
+                                    tables.cutover()?.insert(k, (o, m.latency_us))?;
+                                }
+                            }
                         }
                         replies[slot].1 = Ok(positions);
                     }
@@ -1043,6 +1079,7 @@ impl Writer {
             txn.open_table(PLUGIN_ARTIFACT)?
                 .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
             txn.open_table(PLUGIN_KV)?.retain(|k, _| k.0 != name)?;
+            txn.open_table(PLUGIN_CUTOVER)?.retain(|k, _| k.0 != name)?;
         }
         txn.commit()?;
         Ok(())
