@@ -241,7 +241,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = out.flush();
     drop(out);
     tune::hint();
-    shutdown_signal().await;
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = router.storage_failed() => Some(why),
+    };
+    if let Some(why) = failed {
+        // Nothing more can be acknowledged: stop, and exit non-zero so that
+        // a supervisor restarts the router, whose recovery replays what
+        // was synced.
+        router.shutdown().await;
+        anyhow::bail!("storage failed, stopping: {why}");
+    }
     let _ = writeln!(
         std::io::stderr(),
         "shutting down: flushing the commit queue and closing connections"

@@ -58,6 +58,10 @@ pub enum ErrorCode {
     /// The topic's backlog is at its limit; the message says when to retry
     /// (`retry_after_ms=N`). Nothing of the batch was stored.
     BacklogFull,
+    /// The router's disk is full or below its free-space reserve; nothing
+    /// of the request was stored. Reads keep working; writes resume once
+    /// space is freed.
+    StorageFull,
     /// An unexpected internal error; the router logged details.
     Internal,
     /// A code this library does not know (from a newer router).
@@ -92,6 +96,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 201,
             ErrorCode::LimitExceeded => 202,
             ErrorCode::BacklogFull => 203,
+            ErrorCode::StorageFull => 204,
             ErrorCode::Internal => 255,
             ErrorCode::Unknown(v) => v,
         }
@@ -124,6 +129,7 @@ impl ErrorCode {
             201 => ErrorCode::ShuttingDown,
             202 => ErrorCode::LimitExceeded,
             203 => ErrorCode::BacklogFull,
+            204 => ErrorCode::StorageFull,
             255 => ErrorCode::Internal,
             v => ErrorCode::Unknown(v),
         }
@@ -156,6 +162,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::BacklogFull => "backlog_full",
+            ErrorCode::StorageFull => "storage_full",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",
         }

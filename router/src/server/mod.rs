@@ -72,6 +72,9 @@ pub struct RouterConfig {
     /// Longest time between durable database commits while the journal is
     /// in use, in milliseconds; bounds the replay after a crash.
     pub journal_checkpoint_ms: u64,
+    /// Free space, in MiB, the data directory's file system keeps: below
+    /// it publishes are refused with `storage_full` until space is freed.
+    pub storage_reserve_mb: u64,
     /// How often retention runs, in milliseconds.
     pub retention_check_ms: u64,
     /// redb page cache, in bytes. The hot tail of every partition should fit.
@@ -129,6 +132,7 @@ impl Default for RouterConfig {
             commit_spin_us: storage.spin.as_micros() as u64,
             journal_bytes: storage.journal_bytes,
             journal_checkpoint_ms: storage.checkpoint.as_millis() as u64,
+            storage_reserve_mb: storage.reserve_bytes >> 20,
             retention_check_ms: 30_000,
             cache_bytes: storage.cache_bytes,
             idle_timeout_ms: 30_000,
@@ -232,6 +236,7 @@ pub struct Router {
     generated_cert: bool,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    storage: Storage,
 }
 
 impl Router {
@@ -275,6 +280,7 @@ impl Router {
                 cache_bytes: config.cache_bytes,
                 journal_bytes: config.journal_bytes,
                 checkpoint: Duration::from_millis(config.journal_checkpoint_ms),
+                reserve_bytes: config.storage_reserve_mb << 20,
             },
         )?;
 
@@ -347,6 +353,7 @@ impl Router {
             config: config.clone(),
             shutdown: shutdown_rx,
         });
+        let storage_handle = storage.clone();
         let task = tokio::spawn(serve(endpoint, shared, storage));
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
@@ -356,7 +363,16 @@ impl Router {
             generated_cert,
             shutdown,
             task,
+            storage: storage_handle,
         })
+    }
+
+    /// Resolves when the storage has failed (a sync of the journal or the
+    /// database failed) and the router acknowledges no more writes: the
+    /// caller should stop it and exit non-zero, so that a supervisor
+    /// restarts it and recovery replays what was synced.
+    pub async fn storage_failed(&self) -> Arc<str> {
+        self.storage.wait_failed().await
     }
 
     /// The bound address (useful with port 0).

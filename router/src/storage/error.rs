@@ -19,6 +19,15 @@ pub enum StorageError {
     /// Metadata on disk could not be parsed.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    /// The disk is full, or below the configured free-space reserve:
+    /// nothing in the request was stored.
+    #[error("storage full, nothing in this request was stored: {0}")]
+    StorageFull(String),
+    /// A sync of the journal or the database failed: the data it was to
+    /// make durable may be lost, so the storage acknowledges nothing more
+    /// and the router stops (a restart recovers from what was synced).
+    #[error("storage failed, nothing in this request was stored: {0}")]
+    Failed(String),
     /// A data file is damaged in a way that would lose acknowledged data
     /// if the router went on; the message names the file and what to do.
     #[error("damaged data: {0}")]
@@ -41,6 +50,8 @@ impl StorageError {
             StorageError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             StorageError::TopicExists(_) => ErrorCode::TopicExists,
             StorageError::ShutDown => ErrorCode::ShuttingDown,
+            StorageError::StorageFull(_) => ErrorCode::StorageFull,
+            StorageError::Failed(_) => ErrorCode::Storage,
             StorageError::Db(_)
             | StorageError::Corrupt(_)
             | StorageError::Damaged(_)

@@ -26,8 +26,6 @@
 //! at the first entry that is torn, zeroed or from an older cycle (a lower
 //! `lsn`).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +34,7 @@ use std::time::{Duration, Instant};
 use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use super::StorageError;
+use super::disk::{Disk, DiskFile, write_zeros};
 use super::tables::{
     DEDUP, DEDUP_EXPIRY, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_CUTOVER,
     PLUGIN_KV, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
@@ -152,7 +151,7 @@ impl Redo {
 
 /// The journal file and where the next entry goes.
 pub(crate) struct Journal {
-    file: File,
+    file: Arc<dyn DiskFile>,
     path: PathBuf,
     capacity: u64,
     pos: u64,
@@ -176,6 +175,7 @@ impl Journal {
     /// never made durable in redb. `expected_len` is the size the file
     /// was written with (a shorter file was truncated).
     pub(crate) fn open(
+        disk: &dyn Disk,
         path: &Path,
         capacity: u64,
         applied: u64,
@@ -186,14 +186,10 @@ impl Journal {
         };
         let mut pending = Vec::new();
         let mut last_lsn = applied;
-        let file = if path.exists() {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| io("open", e))?;
-            let mut data = Vec::new();
-            file.read_to_end(&mut data).map_err(|e| io("read", e))?;
+        let file = if let Some(file) = disk.open(path).map_err(|e| io("open", e))? {
+            let len = file.len().map_err(|e| io("read", e))?;
+            let mut data = vec![0; len as usize];
+            file.read_at(0, &mut data).map_err(|e| io("read", e))?;
             let scan = scan(&data, applied, expected_len as usize);
             if let Some(d) = &scan.damage {
                 return Err(StorageError::Damaged(format!(
@@ -227,24 +223,8 @@ impl Journal {
             }
             file
         } else {
-            let tmp = path.with_extension("journal.new");
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| io("create", e))?;
-            // Written, not just allocated: syncing a write into a hole or
-            // an unwritten extent also syncs the file system's metadata.
-            fill_zeros(&mut file, capacity).map_err(|e| io("create", e))?;
-            std::fs::rename(&tmp, path).map_err(|e| io("create", e))?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| io("create", e))?;
-            }
-            file
+            disk.create_zeroed(path, capacity)
+                .map_err(|e| io("create", e))?
         };
         Ok((
             Journal {
@@ -264,13 +244,14 @@ impl Journal {
     /// Gives the file `capacity` bytes of zeros if it has another size
     /// (the configured size changed). Only once its entries are replayed.
     pub(crate) fn resize(&mut self, capacity: u64) -> Result<(), StorageError> {
-        let len = self.file.metadata().map(|m| m.len());
+        let len = self.file.len();
         if len.as_ref().is_ok_and(|&l| l == capacity) {
             return Ok(());
         }
         let r = len
             .and_then(|_| self.file.set_len(0))
-            .and_then(|_| fill_zeros(&mut self.file, capacity));
+            .and_then(|_| write_zeros(&*self.file, capacity))
+            .and_then(|_| self.file.sync());
         r.map_err(|e| {
             StorageError::Corrupt(format!("journal {}: resize: {e}", self.path.display()))
         })?;
@@ -348,25 +329,9 @@ impl Journal {
     }
 
     fn write_at(&mut self, pos: u64, buf: &[u8]) -> Result<(), StorageError> {
-        let r = (|| {
-            self.file.seek(SeekFrom::Start(pos))?;
-            self.file.write_all(buf)?;
-            self.file.sync_data()
-        })();
+        let r = self.file.write_at(pos, buf).and_then(|_| self.file.sync());
         r.map_err(|e| StorageError::WriteFailed(format!("journal {}: {e}", self.path.display())))
     }
-}
-
-fn fill_zeros(file: &mut File, capacity: u64) -> std::io::Result<()> {
-    let chunk = vec![0u8; 1 << 20];
-    file.seek(SeekFrom::Start(0))?;
-    let mut left = capacity;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        file.write_all(&chunk[..n])?;
-        left -= n as u64;
-    }
-    file.sync_all()
 }
 
 /// What recovery finds in a journal's bytes.
@@ -564,14 +529,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
         let mut redo = Redo::new();
-        let (mut j, pending) = Journal::open(&path, 1 << 16, 0, 1 << 16).unwrap();
+        let (mut j, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 0, 1 << 16).unwrap();
         assert!(pending.is_empty());
         for n in 0..5 {
             entry(&mut redo, n);
             j.append(&mut redo).unwrap();
         }
         // Entries 1-5 are in the first cycle; redb holds up to 2.
-        let (_, pending) = Journal::open(&path, 1 << 16, 2, 1 << 16).unwrap();
+        let (_, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 2, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [3, 4, 5]);
 
         // A checkpoint, then a new cycle of two entries over the old ones:
@@ -581,24 +548,29 @@ mod tests {
             entry(&mut redo, n);
             j.append(&mut redo).unwrap();
         }
-        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
+        let (_, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
         // A database that ends before the journal's first entry (the two
         // files copied at different times) is refused, not replayed over
         // the gap.
-        let e = Journal::open(&path, 1 << 16, 4, 1 << 16).err().unwrap();
+        let e = Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 4, 1 << 16)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("refusing to replay"), "{e}");
 
         // A voided entry (its database commit failed) ends the chain...
         entry(&mut redo, 9);
         j.append(&mut redo).unwrap();
         j.cancel().unwrap();
-        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
+        let (_, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
         // ...and the next entry takes its place and its number.
         entry(&mut redo, 10);
         j.append(&mut redo).unwrap();
-        let (_, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
+        let (_, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7, 8]);
 
         // A torn last entry ends it too (a crash while it was written).
@@ -607,7 +579,8 @@ mod tests {
         let mut bytes = clean.clone();
         bytes[2 * size + HEADER + 3] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (j2, pending) = Journal::open(&path, 1 << 16, 5, 1 << 16).unwrap();
+        let (j2, pending) =
+            Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16).unwrap();
         assert_eq!(lsns(&pending), [6, 7]);
         // Numbering continues above everything seen and applied.
         assert_eq!(j2.next_lsn(), 8);
@@ -620,7 +593,9 @@ mod tests {
             let mut bytes = clean.clone();
             bytes[flip] ^= 0x40;
             std::fs::write(&path, &bytes).unwrap();
-            let e = Journal::open(&path, 1 << 16, 5, 1 << 16).err().unwrap();
+            let e = Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16)
+                .err()
+                .unwrap();
             let msg = e.to_string();
             assert!(matches!(e, StorageError::Damaged(_)), "{msg}");
             assert!(
@@ -631,7 +606,9 @@ mod tests {
         }
         // So is a file cut short inside an entry.
         std::fs::write(&path, &clean[..size + size / 2]).unwrap();
-        let e = Journal::open(&path, 1 << 16, 5, 1 << 16).err().unwrap();
+        let e = Journal::open(&crate::storage::disk::OsDisk, &path, 1 << 16, 5, 1 << 16)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("truncated"), "{e}");
     }
 

@@ -6,10 +6,13 @@
 //! then acknowledges each request with its offsets. Reads ([`log`]) use
 //! redb's MVCC read transactions and never wait for the writer.
 
+pub mod disk;
 mod error;
 pub mod log;
 pub use log::ReadLimit;
 mod journal;
+#[cfg(test)]
+mod power_loss;
 mod tables;
 mod writer;
 
@@ -53,6 +56,10 @@ pub struct StorageConfig {
     /// Longest time between durable redb commits while the journal is in
     /// use; bounds how much a restart after a crash replays.
     pub checkpoint: Duration,
+    /// Free space the data directory's file system keeps: below it, appends
+    /// are refused with `storage_full` (nothing stored) until space is
+    /// freed, so the database never meets a full disk mid-commit.
+    pub reserve_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -65,6 +72,7 @@ impl Default for StorageConfig {
             cache_bytes: 64 << 20,
             journal_bytes: 8 << 20,
             checkpoint: Duration::from_millis(250),
+            reserve_bytes: 64 << 20,
         }
     }
 }
@@ -257,6 +265,9 @@ pub struct Storage {
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// True while journaled commits wait for a checkpoint (`None`: no journal).
     journal_pending: Option<Arc<AtomicBool>>,
+    /// Set once a commit failed in a way that may have lost what it was to
+    /// make durable: from then on nothing is acknowledged.
+    failed: watch::Receiver<Option<Arc<str>>>,
 }
 
 /// The future of one append: resolves once the records are durable.
@@ -265,15 +276,33 @@ pub type AppendTicket = oneshot::Receiver<Result<Vec<(u32, u64)>, StorageError>>
 impl Storage {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path, config: StorageConfig) -> Result<Storage, StorageError> {
+        Self::open_on(Arc::new(disk::OsDisk), path, config)
+    }
+
+    /// As [`Storage::open`], with the files on `disk` (tests use a
+    /// [`disk::SimDisk`] to cut the power or fail a sync).
+    pub fn open_on(
+        disk: Arc<dyn disk::Disk>,
+        path: &Path,
+        config: StorageConfig,
+    ) -> Result<Storage, StorageError> {
+        let io = |e: std::io::Error| StorageError::Corrupt(format!("{}: {e}", path.display()));
         // A file of 0 bytes is a database redb will create afresh, as if the
         // file were missing: its journal must not be replayed into it.
-        let new_db = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+        let new_db = match disk.open(path).map_err(io)? {
+            None => true,
+            Some(f) => f.len().map_err(io)? == 0,
+        };
+        let backend = disk.redb_file(path).map_err(io)?;
         // redb panics on some damaged pages while it opens a file: that is
         // damage to report with the file's name, not a crash.
         let opened = log::guarded_panic(|| {
-            Database::builder()
-                .set_cache_size(config.cache_bytes)
-                .create(path)
+            let mut b = Database::builder();
+            b.set_cache_size(config.cache_bytes);
+            match backend {
+                Some(file) => b.create_with_backend(disk::DiskBackend(file)),
+                None => b.create(path),
+            }
         });
         let db = match opened {
             Err(panic) => {
@@ -290,7 +319,7 @@ impl Storage {
             }
             Ok(r) => r?,
         };
-        let journal = open_journal(&db, path, new_db, &config)?;
+        let journal = open_journal(&*disk, &db, path, new_db, &config)?;
         let journal_pending = journal.as_ref().map(|j| j.pending_flag());
         let db = Arc::new(db);
         let (metas, parts, dedup) = load(&db)?;
@@ -307,6 +336,7 @@ impl Storage {
         }
         let topics: Registry = Arc::new(RwLock::new(registry));
         let (tx, rx) = mpsc::channel(4096);
+        let (failed_tx, failed) = watch::channel(None);
         let w = writer::Writer::new(
             db.clone(),
             topics.clone(),
@@ -314,6 +344,9 @@ impl Storage {
             states,
             config,
             journal,
+            disk,
+            path.to_path_buf(),
+            failed_tx,
         );
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
@@ -341,7 +374,29 @@ impl Storage {
             feeds,
             writer: Arc::new(std::sync::Mutex::new(Some(join))),
             journal_pending,
+            failed,
         })
+    }
+
+    /// Why this storage stopped acknowledging writes, if it did (a sync of
+    /// the journal or the database failed). The router then stops; a
+    /// restart recovers every acknowledged write.
+    pub fn failed(&self) -> Option<Arc<str>> {
+        self.failed.borrow().clone()
+    }
+
+    /// Waits until the storage fails (see [`Storage::failed`]).
+    pub async fn wait_failed(&self) -> Arc<str> {
+        let mut rx = self.failed.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                // The writer is gone without a failure: wait forever.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The live topic with this name.
@@ -447,10 +502,7 @@ impl Storage {
 
     /// Each route plugin activation's cut-over rows, for `plugin`:
     /// `(activation, topic id, partition, offset, swap latency µs)`.
-    pub fn plugin_cutovers(
-        &self,
-        plugin: &str,
-    ) -> Result<Vec<CutoverRow>, StorageError> {
+    pub fn plugin_cutovers(&self, plugin: &str) -> Result<Vec<CutoverRow>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(tables::PLUGIN_CUTOVER)?;
         let mut out = Vec::new();
@@ -1034,6 +1086,7 @@ type Loaded = (
 /// since it may hold acknowledged writes. `new_db`: the database file was
 /// just created.
 fn open_journal(
+    disk: &dyn disk::Disk,
     db: &Database,
     path: &Path,
     new_db: bool,
@@ -1042,15 +1095,20 @@ fn open_journal(
     let jpath = path.with_extension("journal");
     let remove = |why: &str| {
         tracing::warn!(journal = %jpath.display(), "{why}");
-        std::fs::remove_file(&jpath)
+        disk.remove(&jpath)
             .map_err(|e| StorageError::Corrupt(format!("removing {}: {e}", jpath.display())))
     };
-    if new_db && jpath.exists() {
+    let existing = disk
+        .open(&jpath)
+        .map_err(|e| StorageError::Corrupt(format!("{}: {e}", jpath.display())))?;
+    let mut existed = existing.is_some();
+    if new_db && existed {
         // A journal belongs to its database: replaying one into a new,
         // empty database would invent rows for topics it does not have.
-        remove("database missing; discarding its journal")?;
+        remove("database missing or empty; discarding its journal")?;
+        existed = false;
     }
-    if config.journal_bytes == 0 && !jpath.exists() {
+    if config.journal_bytes == 0 && !existed {
         return Ok(None);
     }
     let applied = {
@@ -1061,21 +1119,20 @@ fn open_journal(
             Err(e) => return Err(e.into()),
         }
     };
-    let existed = jpath.exists();
-    let capacity = if existed {
-        std::fs::metadata(&jpath).map_or(0, |m| m.len())
-    } else {
-        config.journal_bytes
+    let capacity = match (&existing, existed) {
+        (Some(f), true) => f.len().unwrap_or(0),
+        _ => config.journal_bytes,
     };
-    let (mut journal, pending) =
-        match journal::Journal::open(&jpath, capacity, applied, config.journal_bytes) {
-            Ok(j) => j,
-            Err(e) if !existed => {
-                tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        };
+    drop(existing);
+    let opened = journal::Journal::open(disk, &jpath, capacity, applied, config.journal_bytes);
+    let (mut journal, pending) = match opened {
+        Ok(j) => j,
+        Err(e) if !existed => {
+            tracing::warn!(error = %e, "no journal: every commit goes to the database durably");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(&(last, _)) = pending.last() {
         let txn = db.begin_write()?;
         for (_, payload) in &pending {

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, Key, ReadableTable, TableDefinition, Value, WriteTransaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use super::disk::Disk;
 use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS,
@@ -182,6 +183,36 @@ pub(crate) struct Writer {
     journal: Option<Journal>,
     /// The changes of the commit being applied, for the journal.
     redo: Redo,
+    /// Where the files are, for the free-space check.
+    disk: Arc<dyn Disk>,
+    path: std::path::PathBuf,
+    /// Free bytes when last looked, when, and record bytes appended since.
+    free: Option<(Instant, u64, u64)>,
+    /// Set once a sync failed: nothing is acknowledged any more.
+    failed: watch::Sender<Option<Arc<str>>>,
+    /// A write already failed for lack of space (redb then refuses every
+    /// write until it is reopened).
+    space_failed: bool,
+}
+
+/// How often the writer looks at the free space, at most.
+const FREE_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// The same failure for another request of the batch.
+fn clone_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::StorageFull(m) => StorageError::StorageFull(m.clone()),
+        StorageError::Failed(m) => StorageError::Failed(m.clone()),
+        other => StorageError::WriteFailed(other.to_string()),
+    }
+}
+
+/// Whether a failed write ran out of space (rather than failing to sync).
+fn is_space_error(msg: &str) -> bool {
+    msg.contains("No space left on device")
+        || msg.contains("File too large")
+        || msg.contains("os error 28")
+        || msg.contains("os error 27")
 }
 
 /// Declares [`DataTables`]: the tables a data commit writes, each opened on
@@ -332,6 +363,7 @@ const JOURNAL_MAX_COMMIT_BYTES: usize = 256 << 10;
 const RETENTION_PASS_LIMIT: usize = 100_000;
 
 impl Writer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         db: Arc<Database>,
         registry: Registry,
@@ -339,6 +371,9 @@ impl Writer {
         topics: HashMap<u32, TopicState>,
         config: StorageConfig,
         journal: Option<Journal>,
+        disk: Arc<dyn Disk>,
+        path: std::path::PathBuf,
+        failed: watch::Sender<Option<Arc<str>>>,
     ) -> Self {
         Writer {
             db,
@@ -349,7 +384,78 @@ impl Writer {
             prune: HashMap::new(),
             journal,
             redo: Redo::new(),
+            disk,
+            path,
+            free: None,
+            failed,
+            space_failed: false,
         }
+    }
+
+    /// The failure that stopped this storage, if one did.
+    fn failure(&self) -> Option<Arc<str>> {
+        self.failed.borrow().clone()
+    }
+
+    /// Classifies a failed commit: out of space (refused, the router stays
+    /// up) or anything else, above all a failed sync, after which nothing
+    /// more is acknowledged: the data that sync was to cover may be gone
+    /// even if a retried sync succeeds, so the only safe recovery is a
+    /// restart that replays what was synced.
+    fn failed_commit(&mut self, e: &StorageError) -> StorageError {
+        let msg = e.to_string();
+        if is_space_error(&msg) || (self.space_failed && msg.contains("Previous I/O error")) {
+            self.space_failed = true;
+            return StorageError::StorageFull(format!(
+                "{msg} (the database refuses writes after a failed write until the router \
+                 restarts: free space, then restart it; `storage_reserve_mb` keeps a margin so \
+                 that this is not reached)"
+            ));
+        }
+        if self.failure().is_none() {
+            tracing::error!(error = %msg, "a commit of the journal or the database failed; acknowledging nothing more: restart the router to recover from what was synced");
+            let why: Arc<str> = format!(
+                "a commit failed ({msg}); the router acknowledges nothing more and must be \
+                 restarted, which recovers every acknowledged write"
+            )
+            .into();
+            self.failed.send_replace(Some(why));
+        }
+        StorageError::Failed(self.failure().map(|m| m.to_string()).unwrap_or(msg))
+    }
+
+    /// Why appends must be refused for lack of space, if they must: the
+    /// file system's free space, looked at every `FREE_CHECK_EVERY` (less
+    /// what was appended since), is below the reserve.
+    fn space_short(&mut self) -> Option<String> {
+        let reserve = self.config.reserve_bytes;
+        if reserve == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let stale = self
+            .free
+            .is_none_or(|(at, _, since)| now - at >= FREE_CHECK_EVERY || since >= reserve / 8);
+        if stale {
+            match self.disk.free_bytes(&self.path) {
+                Ok(free) => self.free = Some((now, free, 0)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the free space of the data directory");
+                    return None;
+                }
+            }
+        }
+        let (_, free, since) = self.free?;
+        let left = free.saturating_sub(since);
+        (left < reserve).then(|| {
+            format!(
+                "{} MiB free on the data directory's file system, below the reserve of {} MiB \
+                 (`storage_reserve_mb`); writes resume by themselves once space is freed \
+                 (delete topics, shorten retention, or grow the disk)",
+                left >> 20,
+                reserve >> 20
+            )
+        })
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
@@ -383,7 +489,9 @@ impl Writer {
                     ops.push(op);
                 }
                 let more = self.process(&mut ops);
-                if let Err(e) = self.checkpoint() {
+                if self.failure().is_some() {
+                    // Nothing more reaches the files; a restart replays.
+                } else if let Err(e) = self.checkpoint() {
                     tracing::error!(error = %e, "final journal checkpoint failed; the next start replays it");
                 }
                 let _ = done.send(());
@@ -488,7 +596,11 @@ impl Writer {
                     let _ = reply.send(self.follow(topic_id, name, keys));
                 }
                 WriteOp::Checkpoint { reply } => {
-                    let _ = reply.send(self.checkpoint());
+                    let r = match self.failure() {
+                        Some(m) => Err(StorageError::Failed(m.to_string())),
+                        None => self.checkpoint().map_err(|e| self.failed_commit(&e)),
+                    };
+                    let _ = reply.send(r);
                 }
                 WriteOp::Shutdown { reply } => shutdown = Some(reply),
                 _ => unreachable!("data ops are batched above"),
@@ -501,6 +613,42 @@ impl Writer {
     }
 
     fn commit_data(&mut self, segment: Vec<WriteOp>) {
+        // After a failed sync nothing is acknowledged; short of space,
+        // appends are refused before they touch the database.
+        let refuse = self
+            .failure()
+            .map(|m| StorageError::Failed(m.to_string()))
+            .or_else(|| {
+                segment
+                    .iter()
+                    .any(|op| matches!(op, WriteOp::Append { .. }))
+                    .then(|| self.space_short().map(StorageError::StorageFull))
+                    .flatten()
+            });
+        let segment = match refuse {
+            None => segment,
+            Some(e) => {
+                let failed = matches!(e, StorageError::Failed(_));
+                let mut keep = Vec::new();
+                for op in segment {
+                    match op {
+                        WriteOp::Append { reply, .. } => {
+                            let _ = reply.send(Err(clone_error(&e)));
+                        }
+                        WriteOp::Flush { reply } => {
+                            let _ = reply.send(());
+                        }
+                        other if !failed => keep.push(other),
+                        _ => {}
+                    }
+                }
+                if keep.is_empty() {
+                    return;
+                }
+                keep
+            }
+        };
+        let appended: u64 = segment.iter().map(|op| weight(op).1 as u64).sum();
         let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
@@ -525,6 +673,9 @@ impl Writer {
         );
         match result {
             Ok(()) => {
+                if let Some((_, _, since)) = self.free.as_mut() {
+                    *since += appended;
+                }
                 let touched: HashSet<u32> = undo.keys().map(|(t, _)| *t).collect();
                 for t in touched {
                     if let Some(ts) = self.topics.get(&t) {
@@ -537,6 +688,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; rolling back the batch");
+                let e = self.failed_commit(&e);
                 for (t, h) in new_ids.into_iter().rev() {
                     if let Some(ts) = self.topics.get_mut(&t) {
                         ts.forget_id(h);
@@ -550,14 +702,13 @@ impl Writer {
                         ts.parts[p as usize] = old;
                     }
                 }
-                let msg = e.to_string();
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(StorageError::WriteFailed(msg.clone())));
+                    let _ = reply.send(Err(clone_error(&e)));
                 }
                 for op in segment {
                     match op {
                         WriteOp::Append { reply, .. } => {
-                            let _ = reply.send(Err(StorageError::WriteFailed(msg.clone())));
+                            let _ = reply.send(Err(clone_error(&e)));
                         }
                         WriteOp::Flush { reply } => flushes.push(reply),
                         _ => {}
