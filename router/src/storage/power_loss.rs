@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::disk::SimDisk;
@@ -546,6 +547,111 @@ fn a_failed_sync_acknowledges_nothing_that_depended_on_it() {
         assert_eq!(got, [(0, bytes::Bytes::from("before"))]);
         let t = storage.append(&topic, rec("again")).await.unwrap();
         assert_eq!(t.await.unwrap().unwrap(), [(0, 1)]);
+        storage.shutdown().await;
+    });
+}
+
+/// Appends 64 KiB batches until one is refused; returns the acked
+/// `(offset, byte)` pairs and the error.
+async fn fill(
+    storage: &Storage,
+    topic: &Arc<super::TopicHandle>,
+    from: u64,
+) -> (Vec<(u64, u8)>, super::StorageError) {
+    let mut acked = Vec::new();
+    for i in from..from + 10_000 {
+        let rec = Record::new(vec![i as u8; 64 << 10]).to_raw();
+        let t = storage.append(topic, vec![(0, rec)]).await.unwrap();
+        match t.await.unwrap() {
+            Ok(p) => acked.push((p[0].1, i as u8)),
+            Err(e) => return (acked, e),
+        }
+    }
+    panic!("the disk never filled");
+}
+
+/// Every acked record is readable with its bytes.
+fn check(storage: &Storage, topic: &super::TopicHandle, acked: &[(u64, u8)]) {
+    let mut got = Vec::new();
+    let limit = super::ReadLimit {
+        max_records: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    storage
+        .scan(topic.meta.id, 0, 0, limit, |o, _, r| {
+            let p = crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(r))
+                .unwrap()
+                .payload();
+            got.push((o, p[0], p.iter().all(|b| *b == p[0])));
+        })
+        .unwrap();
+    for (i, &(o, b)) in acked.iter().enumerate() {
+        assert_eq!(got.get(i), Some(&(o, b, true)), "acked record {o}");
+    }
+}
+
+#[test]
+fn a_full_disk_is_storage_full_and_the_reserve_recovers_by_itself() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = Path::new("/sim/switchyard.redb");
+    rt.block_on(async {
+        // No reserve: the database meets ENOSPC. Refused as storage_full,
+        // nothing acknowledged that was not stored, reads keep working,
+        // and after a restart everything acknowledged is there.
+        let disk = SimDisk::new();
+        let config = StorageConfig {
+            reserve_bytes: 0,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open_on(disk.clone(), path, config.clone()).unwrap();
+        let topic = storage.create_topic("t", 1, 0, 0).await.unwrap();
+        disk.faults.space.store(
+            disk.used() + (4 << 20),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (acked, e) = fill(&storage, &topic, 0).await;
+        assert!(matches!(e, super::StorageError::StorageFull(_)), "{e}");
+        assert_eq!(e.to_wire().code, crate::protocol::ErrorCode::StorageFull);
+        assert!(!acked.is_empty());
+        check(&storage, &topic, &acked);
+        assert!(storage.failed().is_none(), "a full disk is not a failure");
+        let image = disk.crash(3);
+        storage.shutdown().await;
+        let storage = Storage::open_on(image, path, config).unwrap();
+        let topic = storage.topic("t").unwrap();
+        check(&storage, &topic, &acked);
+        storage.shutdown().await;
+
+        // With a reserve, appends are refused before the disk is full, and
+        // resume by themselves once there is room: no restart.
+        let disk = SimDisk::new();
+        let config = StorageConfig {
+            reserve_bytes: 2 << 20,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open_on(disk.clone(), path, config.clone()).unwrap();
+        let topic = storage.create_topic("t", 1, 0, 0).await.unwrap();
+        let space = disk.used() + (6 << 20);
+        disk.faults
+            .space
+            .store(space, std::sync::atomic::Ordering::Relaxed);
+        let (mut acked, e) = fill(&storage, &topic, 0).await;
+        assert!(
+            matches!(&e, super::StorageError::StorageFull(m) if m.contains("reserve")),
+            "{e}"
+        );
+        check(&storage, &topic, &acked);
+        disk.faults
+            .space
+            .store(space + (64 << 20), std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(super::writer::FREE_CHECK_EVERY * 2).await;
+        let (more, e) = fill(&storage, &topic, acked.len() as u64).await;
+        assert!(more.len() > acked.len(), "writes resumed: {e}");
+        acked.extend(more);
+        check(&storage, &topic, &acked);
         storage.shutdown().await;
     });
 }

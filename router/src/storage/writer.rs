@@ -196,7 +196,7 @@ pub(crate) struct Writer {
 }
 
 /// How often the writer looks at the free space, at most.
-const FREE_CHECK_EVERY: Duration = Duration::from_millis(50);
+pub(crate) const FREE_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// The same failure for another request of the batch.
 fn clone_error(e: &StorageError) -> StorageError {
