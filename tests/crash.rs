@@ -252,6 +252,20 @@ async fn journaled_commits_come_back_after_kill_9() {
         err.contains("switchyard.journal") && err.contains("switchyard check"),
         "{err}"
     );
+    // `check` names it too, with what can be done.
+    let out = std::process::Command::new(common::router_bin())
+        .args(["check", "--data"])
+        .arg(&damaged)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("switchyard.journal")
+            && text.contains("is damaged")
+            && text.contains("what to do"),
+        "{text}"
+    );
     // Truncated to half: refused the same way.
     let mut clean = std::fs::read(data.join("switchyard.journal")).unwrap();
     clean.truncate(used / 2);

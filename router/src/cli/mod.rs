@@ -122,6 +122,9 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Show (and with --apply set) the host settings that decide latency.
     Tune(tune::TuneArgs),
+    /// Verify a stopped router's data directory; `--repair` fixes what can
+    /// be fixed without losing acknowledged data.
+    Check(CheckArgs),
     /// Principals: tokens, grants, quotas, whoami.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
@@ -146,6 +149,54 @@ struct ServeArgs {
     /// with every right (or `[auth] anonymous_grants`). Logged at every start.
     #[arg(long)]
     allow_anonymous: bool,
+}
+
+/// Arguments of `switchyard check`.
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The data directory of a stopped router.
+    #[arg(long, default_value = "switchyard-data")]
+    data: PathBuf,
+    /// Fix what can be fixed without losing acknowledged data.
+    #[arg(long)]
+    repair: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let report = crate::storage::check::check(&args.data, args.repair)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "checked {}: {} topic(s), {} partition(s), {} record checksum(s) verified; \
+             journal: {} commit(s) to replay at the next start",
+            args.data.display(),
+            report.topics,
+            report.partitions,
+            report.records,
+            report.journal_pending
+        )?;
+        for f in &report.findings {
+            let state = if f.repaired { "repaired" } else { "problem" };
+            writeln!(out, "{state}: {}: {}", f.file.display(), f.problem)?;
+            if !f.repaired {
+                writeln!(out, "  what to do: {}", f.action)?;
+            }
+        }
+    }
+    let open = report.findings.iter().filter(|f| !f.repaired).count();
+    if open > 0 {
+        anyhow::bail!("{open} problem(s) left in {}", args.data.display());
+    }
+    if !args.json {
+        writeln!(out, "ok")?;
+    }
+    Ok(())
 }
 
 /// Entry point of the binary.
@@ -194,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue(cmd) => queue::run_queue(cmd).await,
         Command::Dlq(cmd) => queue::run_dlq(cmd).await,
         Command::Tune(args) => tune::run(args),
+        Command::Check(args) => check(args),
         Command::Auth(cmd) => auth::run(cmd).await,
     }
 }

@@ -6,6 +6,7 @@
 //! then acknowledges each request with its offsets. Reads ([`log`]) use
 //! redb's MVCC read transactions and never wait for the writer.
 
+pub mod check;
 pub mod disk;
 mod error;
 pub mod log;
