@@ -211,7 +211,7 @@ async fn check_verifies_a_stopped_routers_files_and_repairs_what_it_can() {
                 .unwrap()
                 .value()
                 .len() as u64
-                - 12;
+                - 8;
             parts.insert((1, 0), (s + 1, e, b - first, t)).unwrap();
             w.open_table(INBOX)
                 .unwrap()

@@ -292,31 +292,57 @@ impl Storage {
     }
 }
 
-/// Set in a stored timestamp: a CRC-32 of the entry follows it. Entries
-/// written before checksums existed lack the bit and are read unchecked.
+/// Set in a log value's first word: the word packs a checksum with the
+/// timestamp. Entries written before checksums existed lack the bit and
+/// are read unchecked.
 const CHECKED: u64 = 1 << 63;
-/// Bytes in front of the record in a log value: timestamp and CRC-32.
-pub(crate) const ENTRY_HEADER: usize = 12;
+/// Bits of the append timestamp (milliseconds since 1970, enough until
+/// the year 2109).
+const TS_BITS: u32 = 42;
+const TS_MASK: u64 = (1 << TS_BITS) - 1;
+/// Bits of the checksum: the low 21 bits of a CRC-32.
+const CRC_MASK: u64 = (1 << 21) - 1;
+/// Bytes a log value adds to its record: the timestamp word.
+pub(crate) const ENTRY_OVERHEAD: usize = 8;
 
-/// The CRC-32 of one log entry: its key, timestamp and record, so a value
-/// that is damaged, or found under another key, fails the check.
-fn entry_crc(key: (u32, u32, u64), ts: u64, rec: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&key.0.to_be_bytes());
-    h.update(&key.1.to_be_bytes());
-    h.update(&key.2.to_be_bytes());
-    h.update(&ts.to_be_bytes());
+/// The checksum of one log entry: a CRC-32 of the record, seeded from the
+/// key and the timestamp, so a record that is damaged, or a value found
+/// under another key or with another timestamp, fails the check. Packed
+/// beside the timestamp so that it costs no bytes: 4 more bytes per
+/// 100-byte record cost 3% of single-producer publish throughput.
+fn entry_crc(key: (u32, u32, u64), ts: u64, rec: &[u8]) -> u64 {
+    let seed = key.0.rotate_left(7)
+        ^ key.1.rotate_left(19)
+        ^ key.2 as u32
+        ^ (key.2 >> 32) as u32
+        ^ (ts as u32).rotate_left(11)
+        ^ (ts >> 32) as u32;
+    let mut h = crc32fast::Hasher::new_with_initial(seed);
     h.update(rec);
-    h.finalize()
+    h.finalize() as u64 & CRC_MASK
 }
 
 /// Writes the log value of `rec` at `key`, appended at `ts`, into `dst`
-/// (exactly `ENTRY_HEADER + rec.len()` bytes): `timestamp | CHECKED` (big
-/// endian), the entry's CRC-32, then the record as the producer encoded it.
+/// (exactly `ENTRY_OVERHEAD + rec.len()` bytes): one big-endian word
+/// `CHECKED | checksum << 42 | ts`, then the record as the producer
+/// encoded it.
 pub(crate) fn put_entry(dst: &mut [u8], key: (u32, u32, u64), ts: u64, rec: &[u8]) {
-    dst[..8].copy_from_slice(&(ts | CHECKED).to_be_bytes());
-    dst[8..12].copy_from_slice(&entry_crc(key, ts, rec).to_be_bytes());
-    dst[12..].copy_from_slice(rec);
+    let word = if ts <= TS_MASK {
+        CHECKED | entry_crc(key, ts, rec) << TS_BITS | ts
+    } else {
+        ts // does not fit beside a checksum: stored unchecked
+    };
+    dst[..8].copy_from_slice(&word.to_be_bytes());
+    dst[8..].copy_from_slice(rec);
+}
+
+/// The timestamp of a log value's first word.
+fn word_ts(word: u64) -> u64 {
+    if word & CHECKED != 0 {
+        word & TS_MASK
+    } else {
+        word
+    }
 }
 
 /// The timestamp and record length of a log value, unchecked: for
@@ -325,9 +351,8 @@ pub(crate) fn entry_meta(v: &[u8]) -> (u64, usize) {
     let Some(raw) = v.get(..8) else {
         return (0, 0);
     };
-    let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
-    let header = if raw & CHECKED != 0 { ENTRY_HEADER } else { 8 };
-    (raw & !CHECKED, v.len().saturating_sub(header))
+    let word = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+    (word_ts(word), v.len() - 8)
 }
 
 /// The timestamp and record of the log value stored at `key`, verified
@@ -344,16 +369,10 @@ pub(crate) fn split_entry(key: (u32, u32, u64), v: &[u8]) -> Result<(u64, &[u8])
     let Some(raw) = v.get(..8) else {
         return Err(damaged("shorter than its timestamp"));
     };
-    let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
-    if raw & CHECKED == 0 {
-        return Ok((raw, &v[8..]));
-    }
-    let Some(crc) = v.get(8..12) else {
-        return Err(damaged("shorter than its header"));
-    };
-    let ts = raw & !CHECKED;
-    let rec = &v[12..];
-    if entry_crc(key, ts, rec) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+    let word = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+    let ts = word_ts(word);
+    let rec = &v[8..];
+    if word & CHECKED != 0 && entry_crc(key, ts, rec) != (word >> TS_BITS) & CRC_MASK {
         return Err(damaged("its bytes do not match their checksum"));
     }
     Ok((ts, rec))

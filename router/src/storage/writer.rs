@@ -796,7 +796,7 @@ impl Writer {
                             let key = (r.topic_id, p, offset);
                             tables.log()?.insert_with(
                                 key,
-                                super::log::ENTRY_HEADER + body.len(),
+                                super::log::ENTRY_OVERHEAD + body.len(),
                                 |dst| super::log::put_entry(dst, key, t, body),
                             )?;
                             st.end += 1;
