@@ -1084,6 +1084,14 @@ impl QueueGroup {
         }
     }
 
+    /// Writes queued state changes and waits until they are committed:
+    /// an ack is answered only once it is durable, so an acknowledged ack
+    /// never comes back after a crash.
+    pub async fn flush_durable(&self) {
+        self.flush().await;
+        let _ = self.storage.flush().await;
+    }
+
     /// Writes queued state changes to the group commit, in order.
     pub async fn flush(&self) {
         let _order = self.flush_lock.lock().await;
@@ -1245,13 +1253,17 @@ impl QueueSubscription {
         let mut topic_rx = self.group.topic.watch();
         let mut ready_rx = self.group.ready_watch();
         let mut buf = BytesMut::with_capacity(64 << 10);
+        // Answers to acks, nacks and extends: sent once the state changes
+        // they made are committed.
+        let mut answers = BytesMut::new();
         loop {
             loop {
                 match events.try_recv() {
-                    Ok(ev) => self.apply(ev, &mut buf).await,
+                    Ok(ev) => self.apply(ev, &mut answers).await,
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         out.write_all(&buf).await?;
+                        self.answer_durably(out, &mut answers).await?;
                         return Ok(());
                     }
                 }
@@ -1273,7 +1285,11 @@ impl QueueSubscription {
                 out.write_all(&buf).await?;
                 buf.clear();
             }
-            self.group.flush().await;
+            if answers.is_empty() {
+                self.group.flush().await;
+            } else {
+                self.answer_durably(out, &mut answers).await?;
+            }
             if sent > 0 {
                 continue;
             }
@@ -1282,14 +1298,31 @@ impl QueueSubscription {
                 _ = topic_rx.changed(), if room => {}
                 _ = ready_rx.changed(), if room => {}
                 ev = events.recv() => match ev {
-                    Some(ev) => self.apply(ev, &mut buf).await,
+                    Some(ev) => self.apply(ev, &mut answers).await,
                     None => {
                         out.write_all(&buf).await?;
+                        self.answer_durably(out, &mut answers).await?;
                         return Ok(());
                     }
                 },
             }
         }
+    }
+
+    /// Commits the group's state changes, then sends the answers that
+    /// acknowledged them.
+    async fn answer_durably<W: AsyncWrite + Unpin>(
+        &self,
+        out: &mut W,
+        answers: &mut BytesMut,
+    ) -> Result<(), DeliveryError> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        self.group.flush_durable().await;
+        out.write_all(answers).await?;
+        answers.clear();
+        Ok(())
     }
 
     /// Takes up to `room` messages and encodes them. Returns how many.
