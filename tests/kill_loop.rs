@@ -365,7 +365,7 @@ async fn consume_stream(
             Err(_) => continue,
         };
         n += 1;
-        if n % 16 == 0 {
+        if n.is_multiple_of(16) {
             // Recorded before it is sent: a commit the router got counts.
             let mut m = model.lock().unwrap();
             m.group_committed = m.group_committed.max(msg.offset + 1);
