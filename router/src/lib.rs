@@ -21,6 +21,8 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod plugins;
 pub mod protocol;
 pub mod server;

@@ -4,6 +4,7 @@
 mod group;
 pub mod partitioner;
 mod route;
+pub use route::with_headers;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

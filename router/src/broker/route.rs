@@ -190,15 +190,10 @@ impl Broker {
         let record = if d.add_headers.is_empty() {
             record
         } else {
-            // Adding headers changes the encoding: the one copy a route
-            // plugin can cause, and only when it asks for it.
-            let mut r: Record = record.to_record();
-            r.headers.extend(
-                d.add_headers
-                    .into_iter()
-                    .map(|(n, v)| (n, bytes::Bytes::from(v))),
-            );
-            r.to_raw()
+            match with_headers(&record, d.add_headers) {
+                Ok(r) => r,
+                Err(why) => return Err(Decided::Invalid(record, why)),
+            }
         };
         match d.action {
             RouteAction::Keep => Ok(Placement::Targets(vec![(topic.clone(), record)])),
@@ -290,4 +285,19 @@ pub(super) fn stopped() -> WireError {
 enum Decided {
     Reject(String),
     Invalid(RawRecord, String),
+}
+
+/// `record` with the headers a route decision adds, or why the record
+/// format cannot hold them (a header name over 65,535 bytes, more than
+/// 65,535 headers): an invalid decision, never a record stored with a
+/// truncated length that no reader can parse.
+pub fn with_headers(record: &RawRecord, add: Vec<(String, Vec<u8>)>) -> Result<RawRecord, String> {
+    // Adding headers changes the encoding: the one copy a route plugin can
+    // cause, and only when it asks for it.
+    let mut r: Record = record.to_record();
+    r.headers
+        .extend(add.into_iter().map(|(n, v)| (n, bytes::Bytes::from(v))));
+    r.check()
+        .map_err(|e| format!("the headers it adds do not fit the record format: {e}"))?;
+    Ok(r.to_raw())
 }

@@ -253,6 +253,26 @@ impl TopicHandle {
 
 type Registry = Arc<RwLock<HashMap<String, Arc<TopicHandle>>>>;
 
+/// Scans `data` as a journal and replays its chain into an empty
+/// in-memory database, and checks `data` as a log value: for
+/// [`crate::fuzzing::journal`].
+#[doc(hidden)]
+pub fn fuzz_journal(data: &[u8]) {
+    let _ = log::split_entry((1, 0, 7), data);
+    let _ = log::entry_meta(data);
+    let scan = journal::scan(data, 0, data.len());
+    let Ok(db) = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
+    else {
+        return;
+    };
+    let Ok(txn) = db.begin_write() else { return };
+    for (_, range) in scan.chain {
+        if journal::replay(&txn, &data[range]).is_err() {
+            break;
+        }
+    }
+}
+
 /// The exit status of a router whose storage writer thread panicked.
 pub const WRITER_PANIC_EXIT: i32 = 70;
 
