@@ -376,6 +376,28 @@ impl SimDisk {
         self.faults.used.load(Ordering::Relaxed)
     }
 
+    /// Where `needle` first occurs in the live content of `path`.
+    pub fn find(&self, path: &Path, needle: &[u8]) -> Option<u64> {
+        let f = self.file(path, false)?;
+        let s = f.state.lock().expect("sim file");
+        s.live
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p as u64)
+    }
+
+    /// Zeroes `len` bytes of `path` from `offset`, durably (a damaged page).
+    pub fn zero(&self, path: &Path, offset: u64, len: u64) {
+        if let Some(f) = self.file(path, false) {
+            let mut guard = f.state.lock().expect("sim file");
+            let s = &mut *guard;
+            for b in [&mut s.live, &mut s.durable] {
+                let end = ((offset + len) as usize).min(b.len());
+                b[(offset as usize).min(end)..end].fill(0);
+            }
+        }
+    }
+
     /// Flips one byte of the durable and live content of `path`.
     pub fn flip(&self, path: &Path, offset: u64) {
         if let Some(f) = self.file(path, false) {

@@ -338,6 +338,14 @@ impl Storage {
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
                 return Err(StorageError::InUse(path.to_path_buf()));
             }
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)))) => {
+                return Err(StorageError::Damaged(format!(
+                    "database {}: {why}. Run `switchyard check --data {}` for what can be done",
+                    path.display(),
+                    path.parent()
+                        .map_or_else(|| ".".into(), |p| p.display().to_string()),
+                )));
+            }
             Ok(r) => r?,
         };
         let journal = open_journal(&*disk, &db, path, new_db, &config)?;

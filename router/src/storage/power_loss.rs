@@ -655,3 +655,79 @@ fn a_full_disk_is_storage_full_and_the_reserve_recovers_by_itself() {
         storage.shutdown().await;
     });
 }
+
+/// A page of the log zeroed under a running storage: whatever redb makes
+/// of it (a panic inside a read, an error, a missing range), a read returns
+/// an error that says where and what to do, and the storage keeps serving
+/// the records it can read.
+#[test]
+fn a_damaged_page_under_a_running_storage_is_an_error_not_a_panic() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let disk = SimDisk::new();
+    let path = Path::new("/sim/switchyard.redb");
+    let config = StorageConfig {
+        cache_bytes: 0,
+        ..StorageConfig::default()
+    };
+    rt.block_on(async {
+        let storage = Storage::open_on(disk.clone(), path, config).unwrap();
+        let topic = storage.create_topic("t", 1, 0, 0).await.unwrap();
+        for chunk in 0..20u64 {
+            let recs = (0..1000)
+                .map(|i| {
+                    (
+                        0,
+                        Record::new(format!("rec-{:06}-{}", chunk * 1000 + i, "x".repeat(60)))
+                            .to_raw(),
+                    )
+                })
+                .collect();
+            storage
+                .append(&topic, recs)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        storage.checkpoint().await.unwrap();
+        let at = disk.find(path, b"rec-012345-").expect("stored in the file");
+        disk.zero(path, at / 4096 * 4096, 4096);
+        let limit = super::ReadLimit {
+            max_records: usize::MAX,
+            max_bytes: usize::MAX,
+        };
+        let mut read = 0u64;
+        let mut from = 0;
+        let err = loop {
+            match storage.scan(topic.meta.id, 0, from, limit, |_, _, _| read += 1) {
+                Ok(next) if next == from => panic!("a read stopped at {from} with no error"),
+                Ok(next) if next >= 20_000 => panic!("all records read past a zeroed page"),
+                Ok(next) => from = next,
+                Err(e) => break e,
+            }
+        };
+        println!("after {read} records: {err}");
+        assert!(matches!(err, super::StorageError::Damaged(_)), "{err}");
+        assert!(err.to_string().contains("switchyard check"), "{err}");
+        // Reads of what is intact go on.
+        let mut first = 0;
+        storage
+            .scan(
+                topic.meta.id,
+                0,
+                0,
+                super::ReadLimit {
+                    max_records: 10,
+                    max_bytes: 1 << 20,
+                },
+                |_, _, _| first += 1,
+            )
+            .unwrap();
+        assert_eq!(first, 10);
+        storage.shutdown().await;
+    });
+}
