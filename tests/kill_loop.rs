@@ -34,8 +34,9 @@ use switchyard::protocol::{Record, StartPosition};
 struct Model {
     /// Offset -> payload of every acknowledged publish (one partition).
     acked: HashMap<u64, Bytes>,
-    /// Message id -> acknowledged offset.
-    ids: HashMap<String, u64>,
+    /// Message id -> acknowledged offset, and when (ids are remembered for
+    /// the topic's dedup window, 2 minutes by default).
+    ids: HashMap<String, (u64, std::time::Instant)>,
     /// Highest offset already verified after a restart.
     verified: u64,
     /// Payloads whose queue ack was answered.
@@ -156,11 +157,13 @@ async fn verify(
         } else {
             None
         };
+        // Well inside the dedup window.
         let ids: Vec<(String, u64)> = m
             .ids
             .iter()
+            .filter(|(_, (_, at))| at.elapsed() < Duration::from_secs(60))
             .take(1 + rng.below(4) as usize)
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, (o, _))| (k.clone(), *o))
             .collect();
         (m.verified, top, sample, ids)
     };
@@ -305,7 +308,7 @@ fn record(model: &Mutex<Model>, msgs: Vec<(String, Bytes)>, acks: Vec<switchyard
         if !a.duplicate {
             m.acked.insert(a.offset, p);
         }
-        m.ids.insert(id, a.offset);
+        m.ids.insert(id, (a.offset, std::time::Instant::now()));
     }
 }
 
