@@ -3,7 +3,7 @@
 //!
 //! Each seed picks a workload (pipelined appends with plugin key/value
 //! writes and message ids, queue floors, consumer offsets, plugin records,
-//! truncation, checkpoints, a small or a large journal), runs part of it,
+//! truncation, retention, checkpoints, a small or a large journal), runs part of it,
 //! and takes the disk image a power cut would leave at that instant
 //! ([`SimDisk::crash`]: unsynced writes dropped, kept or torn by sector).
 //! The storage reopened on that image must start (a torn tail is never an
@@ -112,12 +112,16 @@ fn run_seed(seed: u64) -> Result<(), String> {
     };
     let ops = 5 + rng.below(40);
     let crash_after = rng.below(ops + 1);
+    // Some topics keep only their last ~64 KiB per partition: retention
+    // may then remove acknowledged records (and only those below the
+    // recovered start may be missing).
+    let retention_bytes = if rng.below(3) == 0 { 64 << 10 } else { 0 };
     let mut acked = Acked::default();
     let image = rt.block_on(async {
         let storage = Storage::open_on(disk.clone(), path, config.clone())
             .map_err(|e| format!("first open: {e}"))?;
         let topic = storage
-            .create_topic("t", PARTS, 0, 0)
+            .create_topic("t", PARTS, 0, retention_bytes)
             .await
             .map_err(|e| e.to_string())?;
         let policy = super::TopicPolicy {
@@ -254,6 +258,10 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     *t = (*t).max(before);
                     let _ = storage.truncate(&topic, p, before).await;
                 }
+                _ if rng.below(2) == 0 => {
+                    settle(&mut pending, &mut acked, &mut kvs).await;
+                    let _ = storage.enforce_retention().await;
+                }
                 _ => {
                     let _ = storage.checkpoint().await;
                 }
@@ -286,7 +294,11 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     info.end
                 ));
             }
-            let cut = acked.truncated.get(&p).copied().unwrap_or(0);
+            let cut = if retention_bytes > 0 {
+                u64::MAX
+            } else {
+                acked.truncated.get(&p).copied().unwrap_or(0)
+            };
             if info.start > cut {
                 return Err(format!(
                     "partition {p} starts at {} but was truncated to {cut} at most",
