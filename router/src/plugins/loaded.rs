@@ -497,10 +497,14 @@ impl LoadedPlugin {
         let data = pooled.store.data_mut();
         let batch = std::mem::take(&mut data.batch);
         let writes = std::mem::take(&mut data.kv_writes);
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.stats.messages.fetch_add(n, Ordering::Relaxed);
-        let micros = started.elapsed().as_micros().max(1) as u64;
-        let _ = self.stats.micros.lock().expect("stats lock").record(micros);
+        // The deploy's self-test (the only call without messages) is not
+        // traffic: `plugin list` counts the calls messages made.
+        if n > 0 {
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            self.stats.messages.fetch_add(n, Ordering::Relaxed);
+            let micros = started.elapsed().as_micros().max(1) as u64;
+            let _ = self.stats.micros.lock().expect("stats lock").record(micros);
+        }
         match result {
             Ok(r) => {
                 self.kv.stage(&writes);
