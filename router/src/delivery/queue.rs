@@ -1087,9 +1087,9 @@ impl QueueGroup {
     /// Writes queued state changes and waits until they are committed:
     /// an ack is answered only once it is durable, so an acknowledged ack
     /// never comes back after a crash.
-    pub async fn flush_durable(&self) {
+    pub async fn flush_durable(&self) -> Result<(), StorageError> {
         self.flush().await;
-        let _ = self.storage.flush().await;
+        self.storage.flush().await
     }
 
     /// Writes queued state changes to the group commit, in order.
@@ -1319,7 +1319,9 @@ impl QueueSubscription {
         if answers.is_empty() {
             return Ok(());
         }
-        self.group.flush_durable().await;
+        // A commit that failed acknowledges nothing: the subscription ends
+        // with the error, and the acks it carried get no answer.
+        self.group.flush_durable().await?;
         out.write_all(answers).await?;
         answers.clear();
         Ok(())

@@ -76,7 +76,7 @@ pub(crate) enum WriteOp {
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
     Flush {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
     },
     Queue(QueueWrite),
     FeedCommit {
@@ -635,8 +635,8 @@ impl Writer {
                         WriteOp::Append { reply, .. } => {
                             let _ = reply.send(Err(clone_error(&e)));
                         }
-                        WriteOp::Flush { reply } => {
-                            let _ = reply.send(());
+                        WriteOp::Flush { reply } if failed => {
+                            let _ = reply.send(Err(clone_error(&e)));
                         }
                         other if !failed => keep.push(other),
                         _ => {}
@@ -671,8 +671,10 @@ impl Writer {
             &mut flushes,
             &mut new_ids,
         );
+        let flushed: Result<(), StorageError>;
         match result {
             Ok(()) => {
+                flushed = Ok(());
                 if let Some((_, _, since)) = self.free.as_mut() {
                     *since += appended;
                 }
@@ -689,6 +691,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; rolling back the batch");
                 let e = self.failed_commit(&e);
+                flushed = Err(clone_error(&e));
                 for (t, h) in new_ids.into_iter().rev() {
                     if let Some(ts) = self.topics.get_mut(&t) {
                         ts.forget_id(h);
@@ -717,7 +720,7 @@ impl Writer {
             }
         }
         for f in flushes {
-            let _ = f.send(());
+            let _ = f.send(flushed.as_ref().map_err(clone_error).copied());
         }
     }
 
@@ -730,7 +733,7 @@ impl Writer {
             oneshot::Sender<Result<Vec<(u32, u64)>, StorageError>>,
             Result<Vec<(u32, u64)>, StorageError>,
         )>,
-        flushes: &mut Vec<oneshot::Sender<()>>,
+        flushes: &mut Vec<oneshot::Sender<Result<(), StorageError>>>,
         new_ids: &mut Vec<(u32, u64)>,
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write()?;
