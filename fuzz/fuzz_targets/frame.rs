@@ -1,3 +1,3 @@
 #![no_main]
-//! See `switchyard::fuzzing::frame`.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard::fuzzing::frame(data));
+//! See `switchyard::fuzzing::frames`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard::fuzzing::frames(data));
