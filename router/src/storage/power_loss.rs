@@ -40,6 +40,34 @@ impl Rng {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `(offset, payload)` of up to `max` records of one partition from
+/// `from` (`None` for a record that does not decode).
+fn payloads(
+    storage: &Storage,
+    topic_id: u32,
+    partition: u32,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, Option<bytes::Bytes>)>, super::StorageError> {
+    let mut out = Vec::new();
+    let limit = super::ReadLimit {
+        max_records: max,
+        max_bytes: usize::MAX,
+    };
+    storage.scan(topic_id, partition, from, limit, |o, _, r| {
+        let rec = crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(r));
+        out.push((o, rec.ok().map(|r| r.payload())));
+    })?;
+    Ok(out)
+}
+
 /// What the workload was told was stored, and what it tried.
 #[derive(Default)]
 struct Acked {
@@ -98,10 +126,7 @@ async fn settle(pending: &mut InFlight, acked: &mut Acked, kvs: &mut Vec<(String
 
 /// Runs one seed; returns a description of what went wrong, if anything.
 fn run_seed(seed: u64) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut rng = Rng(seed);
     let disk = SimDisk::new();
     let path = Path::new("/sim/switchyard.redb");
@@ -308,51 +333,20 @@ fn run_seed(seed: u64) -> Result<(), String> {
             if o < info.start {
                 continue;
             }
-            let mut got = None;
-            storage
-                .scan(
-                    id,
-                    p,
-                    o,
-                    super::ReadLimit {
-                        max_records: 1,
-                        max_bytes: 1 << 20,
-                    },
-                    |off, _, rec| {
-                        got = Some((
-                            off,
-                            crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(rec))
-                                .map(|r| r.payload().to_vec()),
-                        ));
-                    },
-                )
-                .map_err(|e| format!("reading {p}/{o}: {e}"))?;
-            match got {
-                Some((off, Ok(bytes))) if off == o && &bytes == want => {}
+            let got =
+                payloads(&storage, id, p, o, 1).map_err(|e| format!("reading {p}/{o}: {e}"))?;
+            match got.first() {
+                Some((off, Some(bytes))) if *off == o && bytes[..] == want[..] => {}
                 other => return Err(format!("acked record {p}/{o} lost or changed: {other:?}")),
             }
         }
         // Every stored record was sent by the workload (nothing invented).
         for (p, info) in parts.iter().enumerate() {
-            let mut bad = None;
-            storage
-                .scan(
-                    id,
-                    p as u32,
-                    info.start,
-                    super::ReadLimit {
-                        max_records: usize::MAX,
-                        max_bytes: usize::MAX,
-                    },
-                    |off, _, rec| {
-                        let b = crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(rec))
-                            .map(|r| r.payload().to_vec());
-                        if !b.as_ref().is_ok_and(|b| acked.attempted.contains(b)) && bad.is_none() {
-                            bad = Some(off);
-                        }
-                    },
-                )
-                .map_err(|e| format!("reading partition {p}: {e}"))?;
+            let bad = payloads(&storage, id, p as u32, info.start, usize::MAX)
+                .map_err(|e| format!("reading partition {p}: {e}"))?
+                .into_iter()
+                .find(|(_, b)| !b.as_ref().is_some_and(|b| acked.attempted.contains(&b[..])))
+                .map(|(off, _)| off);
             if let Some(off) = bad {
                 return Err(format!(
                     "partition {p} offset {off} holds a record nobody sent"
@@ -498,10 +492,7 @@ fn acknowledged_operations_survive_a_power_cut_at_any_moment() {
 
 #[test]
 fn a_failed_sync_acknowledges_nothing_that_depended_on_it() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let disk = SimDisk::new();
     let path = Path::new("/sim/switchyard.redb");
     let config = StorageConfig::default();
@@ -536,27 +527,8 @@ fn a_failed_sync_acknowledges_nothing_that_depended_on_it() {
         // not, and writes work again.
         let storage = Storage::open_on(image, path, config).unwrap();
         let topic = storage.topic("t").unwrap();
-        let mut got = Vec::new();
-        storage
-            .scan(
-                topic.meta.id,
-                0,
-                0,
-                super::ReadLimit {
-                    max_records: 10,
-                    max_bytes: 1 << 20,
-                },
-                |o, _, r| {
-                    got.push((
-                        o,
-                        crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(r))
-                            .unwrap()
-                            .payload(),
-                    ));
-                },
-            )
-            .unwrap();
-        assert_eq!(got, [(0, bytes::Bytes::from("before"))]);
+        let got = payloads(&storage, topic.meta.id, 0, 0, 10).unwrap();
+        assert_eq!(got, [(0, Some(bytes::Bytes::from("before")))]);
         let t = storage.append(&topic, rec("again")).await.unwrap();
         assert_eq!(t.await.unwrap().unwrap(), [(0, 1)]);
         storage.shutdown().await;
@@ -584,19 +556,14 @@ async fn fill(
 
 /// Every acked record is readable with its bytes.
 fn check(storage: &Storage, topic: &super::TopicHandle, acked: &[(u64, u8)]) {
-    let mut got = Vec::new();
-    let limit = super::ReadLimit {
-        max_records: usize::MAX,
-        max_bytes: usize::MAX,
-    };
-    storage
-        .scan(topic.meta.id, 0, 0, limit, |o, _, r| {
-            let p = crate::protocol::RawRecord::new(bytes::Bytes::copy_from_slice(r))
-                .unwrap()
-                .payload();
-            got.push((o, p[0], p.iter().all(|b| *b == p[0])));
+    let got: Vec<(u64, u8, bool)> = payloads(storage, topic.meta.id, 0, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(o, p)| {
+            let p = p.expect("decodes");
+            (o, p[0], p.iter().all(|b| *b == p[0]))
         })
-        .unwrap();
+        .collect();
     for (i, &(o, b)) in acked.iter().enumerate() {
         assert_eq!(got.get(i), Some(&(o, b, true)), "acked record {o}");
     }
@@ -604,10 +571,7 @@ fn check(storage: &Storage, topic: &super::TopicHandle, acked: &[(u64, u8)]) {
 
 #[test]
 fn a_full_disk_is_storage_full_and_the_reserve_recovers_by_itself() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let path = Path::new("/sim/switchyard.redb");
     rt.block_on(async {
         // No reserve: the database meets ENOSPC. Refused as storage_full,
@@ -674,10 +638,7 @@ fn a_full_disk_is_storage_full_and_the_reserve_recovers_by_itself() {
 /// the records it can read.
 #[test]
 fn a_damaged_page_under_a_running_storage_is_an_error_not_a_panic() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let disk = SimDisk::new();
     let path = Path::new("/sim/switchyard.redb");
     let config = StorageConfig {
@@ -722,23 +683,10 @@ fn a_damaged_page_under_a_running_storage_is_an_error_not_a_panic() {
                 Err(e) => break e,
             }
         };
-        println!("after {read} records: {err}");
         assert!(matches!(err, super::StorageError::Damaged(_)), "{err}");
         assert!(err.to_string().contains("switchyard check"), "{err}");
         // Reads of what is intact go on.
-        let mut first = 0;
-        storage
-            .scan(
-                topic.meta.id,
-                0,
-                0,
-                super::ReadLimit {
-                    max_records: 10,
-                    max_bytes: 1 << 20,
-                },
-                |_, _, _| first += 1,
-            )
-            .unwrap();
+        let first = payloads(&storage, topic.meta.id, 0, 0, 10).unwrap().len();
         assert_eq!(first, 10);
         storage.shutdown().await;
     });
