@@ -783,3 +783,59 @@ fn a_scaffolded_plugin_survives_its_checkout_moving() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `publish --input json`: key, headers and message id per line; a line
+/// that does not parse stops the publish, naming its line number.
+#[test]
+fn publish_reads_json_lines_with_a_key_headers_and_an_id_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["topic", "create", "j", "--partitions", "1"],
+        None,
+    ));
+    let input = concat!(
+        r#"{"payload": "first", "key": "k1", "headers": {"src": "json"}, "id": "a"}"#,
+        "\n",
+        r#"{"payload": {"total": 7}, "key": "k2"}"#,
+        "\n\n",
+        r#"{"payload": "again", "id": "a"}"#,
+        "\n",
+    );
+    let out = cli(
+        &r,
+        dir.path(),
+        &["publish", "j", "--input", "json", "--header", "via=cli"],
+        Some(input.as_bytes()),
+    );
+    ok(&out);
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &["subscribe", "j", "--count", "2", "--format", "json"],
+        None,
+    ));
+    let msgs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(msgs.len(), 2, "the duplicate id stored nothing: {out}");
+    assert_eq!(msgs[0]["key"], "k1");
+    assert_eq!(msgs[0]["payload"], "first");
+    assert_eq!(msgs[0]["headers"]["src"], "json");
+    assert_eq!(msgs[0]["headers"]["via"], "cli");
+    assert_eq!(msgs[1]["key"], "k2");
+    assert_eq!(msgs[1]["payload"], r#"{"total":7}"#);
+    let out = cli(
+        &r,
+        dir.path(),
+        &["publish", "j", "--input", "json"],
+        Some(b"{\"payload\": \"ok\"}\n{\"payload\": 1, \"colour\": \"red\"}\n"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("colour"), "{err}");
+}

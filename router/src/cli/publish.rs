@@ -38,6 +38,11 @@ pub(super) struct PublishArgs {
     /// dedup window stores nothing and reports the original position.
     #[arg(long)]
     id: Option<String>,
+    /// How standard input is read: `lines` (each line is a payload) or
+    /// `json` (each line is an object with `payload` and optional `key`,
+    /// `headers` and `id`, which add to or replace the flags).
+    #[arg(long, value_enum, default_value = "lines")]
+    input: Input,
     /// Lines per batch when reading standard input.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
@@ -46,6 +51,29 @@ pub(super) struct PublishArgs {
     in_flight: usize,
     #[command(flatten)]
     conn: ConnectArgs,
+}
+
+/// The line format of standard input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Input {
+    /// Each line is one payload.
+    Lines,
+    /// Each line is a JSON object: `{"payload": ..., "key": "...",
+    /// "headers": {"name": "value"}, "id": "..."}`.
+    Json,
+}
+
+/// One line of `--input json`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLine {
+    /// A string is the payload as is; any other JSON value is published
+    /// as its JSON text.
+    payload: serde_json::Value,
+    key: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    id: Option<String>,
 }
 
 fn parse_time(s: &str) -> Result<u64, String> {
@@ -111,7 +139,9 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     }
 
     if args.id.is_some() {
-        anyhow::bail!("--id names one message: give the payload as an argument");
+        anyhow::bail!(
+            "--id names one message: give the payload as an argument, or an \"id\" per line with --input json"
+        );
     }
     // Pipelined: queue batches as lines arrive, keep up to `in_flight`
     // batches unacknowledged, and never wait a round trip per line.
@@ -123,6 +153,7 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let mut acked = 0usize;
     let mut bytes = 0usize;
     let batch_max = args.batch.clamp(1, 4096);
+    let mut lines = 0usize;
     loop {
         line.clear();
         let n = stdin.read_line(&mut line).await?;
@@ -130,7 +161,17 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
             let text = line.strip_suffix('\n').unwrap_or(&line);
             let text = text.strip_suffix('\r').unwrap_or(text);
             bytes += text.len();
-            batch.push(args.record(Bytes::copy_from_slice(text.as_bytes())));
+            lines += 1;
+            let record = match args.input {
+                Input::Lines => args.record(Bytes::copy_from_slice(text.as_bytes())),
+                Input::Json if text.trim().is_empty() => continue,
+                Input::Json => json_record(&args, text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "line {lines}: {e} (expected {{\"payload\": ..., \"key\": ..., \"headers\": {{...}}, \"id\": ...}}; lines before it were published)"
+                    )
+                })?,
+            };
+            batch.push(record);
         }
         // Send when the batch is full, at end of input, or when no more
         // input is buffered (so interactive use is not held back).
@@ -163,4 +204,24 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     );
     client.close().await;
     Ok(())
+}
+
+/// The record of one `--input json` line: the flags, with the line's key,
+/// headers and id added or in their place.
+fn json_record(args: &PublishArgs, text: &str) -> Result<Record, serde_json::Error> {
+    let line: JsonLine = serde_json::from_str(text)?;
+    let payload = match line.payload {
+        serde_json::Value::String(s) => Bytes::from(s),
+        other => Bytes::from(other.to_string()),
+    };
+    let mut r = args.record(payload);
+    if let Some(k) = line.key {
+        r.key = Some(Bytes::from(k));
+    }
+    r.headers
+        .extend(line.headers.into_iter().map(|(n, v)| (n, Bytes::from(v))));
+    if let Some(id) = line.id {
+        r = r.with_message_id(id);
+    }
+    Ok(r)
 }
