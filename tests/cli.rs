@@ -839,3 +839,62 @@ fn publish_reads_json_lines_with_a_key_headers_and_an_id_each() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && err.contains("colour"), "{err}");
 }
+
+/// `subscribe --queue --exec CMD`: a shell worker. Exit 0 acks, exit 100
+/// dead-letters, any other status is retried under the topic's policy.
+#[test]
+fn a_queue_worker_in_shell_acks_retries_and_dead_letters_by_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["topic", "create", "jobs", "--partitions", "1"],
+        None,
+    ));
+    ok(&cli(
+        &r,
+        dir.path(),
+        &["topic", "config", "jobs", "--set", "retry_base_ms=100"],
+        None,
+    ));
+    for p in ["ok", "flaky", "poison"] {
+        ok(&cli(&r, dir.path(), &["publish", "jobs", p], None));
+    }
+    let worker = r#"p=$(cat); echo "$p@$SWITCHYARD_ATTEMPT"; case "$p" in
+        ok) exit 0;;
+        flaky) [ "$SWITCHYARD_ATTEMPT" -ge 2 ] && exit 0; echo "not yet" >&2; exit 3;;
+        poison) echo "cannot parse" >&2; exit 100;;
+    esac"#;
+    let out = ok(&cli(
+        &r,
+        dir.path(),
+        &[
+            "subscribe",
+            "jobs",
+            "--group",
+            "w",
+            "--queue",
+            "--exec",
+            worker,
+            "--count",
+            "4",
+        ],
+        None,
+    ));
+    let mut runs: Vec<&str> = out.lines().collect();
+    runs.sort();
+    assert_eq!(runs, ["flaky@1", "flaky@2", "ok@1", "poison@1"], "{out}");
+    let dlq = ok(&cli(&r, dir.path(), &["dlq", "list", "jobs"], None));
+    assert!(
+        dlq.contains("poison") && dlq.contains("cannot parse"),
+        "{dlq}"
+    );
+    assert!(!dlq.contains("flaky"), "{dlq}");
+    // Every message was settled: two acked, one dead-lettered, none left.
+    let stats = ok(&cli(&r, dir.path(), &["queue", "stats", "jobs"], None));
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats[0]["acked"], 2, "{stats}");
+    assert_eq!(stats[0]["backlog"], 0, "{stats}");
+}

@@ -64,6 +64,19 @@ pub(super) struct SubscribeArgs {
     /// router settle it when sent (at most once).
     #[arg(long, value_enum, default_value_t = AckMode::Manual, requires = "queue")]
     ack: AckMode,
+    /// Queue mode: run this shell command per message instead of printing
+    /// it, one at a time, with the payload on its standard input and
+    /// `SWITCHYARD_TOPIC`, `_PARTITION`, `_OFFSET`, `_ATTEMPT` and `_KEY` set.
+    /// Exit 0 acks; exit 100 dead-letters at once (a message that will
+    /// never succeed); any other status nacks it for a retry under the
+    /// topic's retry policy.
+    #[arg(
+        long,
+        value_name = "CMD",
+        requires = "queue",
+        conflicts_with = "follow"
+    )]
+    exec: Option<String>,
     #[command(flatten)]
     conn: ConnectArgs,
 }
@@ -158,6 +171,15 @@ async fn run_queue(args: SubscribeArgs, client: crate::client::Client) -> anyhow
         .visibility(args.visibility)
         .auto_ack(auto);
     let mut q = client.subscribe_queue(opts).await?;
+    if let Some(cmd) = &args.exec {
+        if auto {
+            anyhow::bail!("--exec acks or nacks each message by its exit status: drop --ack auto");
+        }
+        let r = run_exec(&mut q, cmd, args.count).await;
+        q.close().await;
+        client.close().await;
+        return r;
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut printed: Vec<DeliveryTag> = Vec::new();
@@ -187,6 +209,65 @@ async fn run_queue(args: SubscribeArgs, client: crate::client::Client) -> anyhow
     ack_printed(&q, &mut printed).await?;
     q.close().await;
     client.close().await;
+    Ok(())
+}
+
+/// The exit status with which an `--exec` command dead-letters its message.
+const EXIT_DEAD_LETTER: i32 = 100;
+
+/// Runs `cmd` per message until `count` messages were handled (or the
+/// stream or Ctrl-C ends it): ack on exit 0, dead-letter on exit 100, nack
+/// for a retry otherwise.
+async fn run_exec(q: &mut QueueConsumer, cmd: &str, count: Option<u64>) -> anyhow::Result<()> {
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let next = tokio::select! {
+            n = q.next() => n,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(msg) = next else { break };
+        let msg = msg.context("queue subscription failed")?;
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("SWITCHYARD_TOPIC", &*msg.topic)
+            .env("SWITCHYARD_PARTITION", msg.tag.partition.to_string())
+            .env("SWITCHYARD_OFFSET", msg.tag.offset.to_string())
+            .env("SWITCHYARD_ATTEMPT", msg.tag.attempt.to_string())
+            .env(
+                "SWITCHYARD_KEY",
+                msg.key()
+                    .map(|k| String::from_utf8_lossy(&k).into_owned())
+                    .unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running `{cmd}`"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            // A command that does not read its input is fine.
+            let _ = stdin.write_all(&msg.payload()).await;
+        }
+        let out = child.wait_with_output().await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let why = stderr.lines().last().unwrap_or("").trim();
+        eprint!("{stderr}");
+        match out.status.code() {
+            Some(0) => q.ack(&msg).await.context("acknowledging a message")?,
+            Some(EXIT_DEAD_LETTER) => q
+                .nack(&msg, false, "exit-100", why)
+                .await
+                .context("dead-lettering a message")?,
+            code => {
+                let code = code.map_or("signal".to_string(), |c| format!("exit-{c}"));
+                q.nack(&msg, true, &code, why)
+                    .await
+                    .context("nacking a message")?;
+            }
+        }
+        seen += 1;
+    }
     Ok(())
 }
 
