@@ -159,6 +159,7 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
             seq: 2,
             positions: vec![(0, 0)],
             duplicates: vec![],
+            routed: vec![],
         }
     );
     // The rejected batch stored nothing: the one record is the small batch's.
@@ -323,6 +324,7 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
             seq: 42,
             positions: vec![(0, 0), (0, 1)],
             duplicates: vec![],
+            routed: vec![],
         }
     );
 

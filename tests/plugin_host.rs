@@ -76,7 +76,10 @@ fn route_by_header_decides_a_batch() {
     assert_eq!(r.batch.len(), 3, "the batch is handed back");
     // The self-test is not traffic: one call, three messages.
     assert_eq!(p.stats.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(p.stats.messages.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(
+        p.stats.messages.load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
 }
 
 #[test]

@@ -76,6 +76,9 @@ async fn route_plugin_sends_messages_to_the_topics_it_names() {
         .await
         .unwrap();
     assert_eq!(acks.len(), 3);
+    // Each ack names the topic its record landed in, if a route moved it.
+    let topics: Vec<Option<&str>> = acks.iter().map(|a| a.topic.as_deref()).collect();
+    assert_eq!(topics, [Some("orders.eu"), Some("orders.us"), None]);
     assert_eq!(end(&c, "orders.eu").await, 1);
     assert_eq!(end(&c, "orders.us").await, 1);
     assert_eq!(

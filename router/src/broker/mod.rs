@@ -86,6 +86,8 @@ pub struct PublishTicket {
 }
 
 struct Routed {
+    /// The topic the batch was published to.
+    origin: u32,
     slots: Vec<Slot>,
     live: Arc<LiveVersion>,
     /// Topic of each stored record, in storage order.
@@ -106,6 +108,7 @@ impl PublishTicket {
 
     fn routed(
         inner: AppendTicket,
+        origin: u32,
         slots: Vec<Slot>,
         live: Arc<LiveVersion>,
         topics: Vec<Arc<TopicHandle>>,
@@ -114,6 +117,7 @@ impl PublishTicket {
         PublishTicket {
             inner,
             route: Some(Routed {
+                origin,
                 slots,
                 live,
                 topics,
@@ -134,6 +138,9 @@ pub struct Published {
     /// Indexes of records whose message id was already stored within the
     /// dedup window: their position is the original's.
     pub duplicates: Vec<u32>,
+    /// `(index, topic)` of records a route plugin stored in another topic
+    /// than the one published to (their position is in that topic).
+    pub routed: Vec<(u32, String)>,
 }
 
 impl std::future::Future for PublishTicket {
@@ -164,6 +171,7 @@ impl std::future::Future for PublishTicket {
                 return Published {
                     positions: stored,
                     duplicates: Vec::new(),
+                    routed: Vec::new(),
                 };
             }
             // Storage marks duplicates in the partition's top bit.
@@ -173,8 +181,10 @@ impl std::future::Future for PublishTicket {
                 .collect();
             // One entry per record the broker queued: through the route
             // plugin's slots if there is one, then with shed records back.
-            let mut per_record: Vec<((u32, u64), bool)> = match &route {
-                None => stored,
+            // Per record: its position, whether it was a duplicate, and the
+            // topic it landed in if a route plugin moved it.
+            let mut per_record: Vec<((u32, u64), bool, Option<&str>)> = match &route {
+                None => stored.into_iter().map(|(pos, d)| (pos, d, None)).collect(),
                 Some(route) => {
                     route.live.note_decided(
                         route
@@ -188,20 +198,31 @@ impl std::future::Future for PublishTicket {
                         .slots
                         .iter()
                         .map(|s| match s {
-                            Slot::Stored(i) => stored[*i],
-                            Slot::Dropped => (DROPPED, false),
+                            Slot::Stored(i) => {
+                                let (pos, dup) = stored[*i];
+                                let t = route.topics[*i].meta.id;
+                                let to = (t != route.origin)
+                                    .then_some(route.topics[*i].meta.name.as_str());
+                                (pos, dup, to)
+                            }
+                            Slot::Dropped => (DROPPED, false, None),
                         })
                         .collect()
                 }
             };
             for i in shed {
-                per_record.insert(i.min(per_record.len()), (DROPPED, false));
+                per_record.insert(i.min(per_record.len()), (DROPPED, false, None));
             }
             Published {
                 duplicates: (0..per_record.len() as u32)
                     .filter(|i| per_record[*i as usize].1)
                     .collect(),
-                positions: per_record.into_iter().map(|(pos, _)| pos).collect(),
+                routed: per_record
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.2.map(|t| (i as u32, t.to_string())))
+                    .collect(),
+                positions: per_record.into_iter().map(|(pos, _, _)| pos).collect(),
             }
         }))
     }

@@ -177,7 +177,14 @@ impl Broker {
                 return Err(e.to_wire());
             }
         };
-        Ok(PublishTicket::routed(ticket, slots, live, decided, staged))
+        Ok(PublishTicket::routed(
+            ticket,
+            topic.meta.id,
+            slots,
+            live,
+            decided,
+            staged,
+        ))
     }
 
     fn place(

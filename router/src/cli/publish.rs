@@ -125,7 +125,11 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
             .publish(&args.topic, args.record(Bytes::from(p.clone())))
             .await?;
         println!(
-            "partition {} offset {}{}",
+            "{}partition {} offset {}{}",
+            ack.topic
+                .as_deref()
+                .map(|t| format!("routed to {t}: "))
+                .unwrap_or_default(),
             ack.partition,
             ack.offset,
             if ack.duplicate {

@@ -17,7 +17,7 @@ use crate::protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
 use crate::transport::FrameReader;
 
 /// Where a record was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Ack {
     /// Partition.
     pub partition: u32,
@@ -27,6 +27,9 @@ pub struct Ack {
     /// topic's dedup window: nothing new was stored, and this is the
     /// original's position.
     pub duplicate: bool,
+    /// The topic a route plugin stored the record in, if not the one it
+    /// was published to (`partition` and `offset` are in that topic).
+    pub topic: Option<Arc<str>>,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Ack>, ClientError>>;
@@ -347,7 +350,8 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                 seq,
                 positions,
                 duplicates,
-            } => (seq, Ok((positions, duplicates))),
+                routed,
+            } => (seq, Ok((positions, duplicates, routed))),
             Frame::Error { id, code, message } => (id, Err(WireError::new(code, message))),
             other => break format!("unexpected frame on publish stream: {other:?}"),
         };
@@ -367,7 +371,7 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             break format!("ack for unknown batch {seq}");
         };
         match result {
-            Ok((positions, duplicates)) => {
+            Ok((positions, duplicates, routed)) => {
                 let total: usize = batch.parts.iter().map(|(_, n, _)| *n).sum();
                 if total != positions.len() {
                     break format!(
@@ -375,6 +379,8 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                         positions.len()
                     );
                 }
+                // Routed indexes come in batch order: merged, not searched.
+                let mut routed = routed.into_iter().peekable();
                 let mut it = positions
                     .into_iter()
                     .enumerate()
@@ -382,6 +388,9 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                         partition,
                         offset,
                         duplicate: duplicates.contains(&(i as u32)),
+                        topic: routed
+                            .next_if(|(j, _)| *j == i as u32)
+                            .map(|(_, t)| Arc::from(t)),
                     });
                 for (reply, n, _permit) in batch.parts {
                     let _ = reply.send(Ok(it.by_ref().take(n).collect()));

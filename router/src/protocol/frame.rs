@@ -202,6 +202,10 @@ pub enum Frame {
         /// Indexes (into the batch) of records whose message id was already
         /// stored within the dedup window: their position is the original's.
         duplicates: Vec<u32>,
+        /// `(index, topic)` of records a route plugin stored in another
+        /// topic than the one published to: their position is in that
+        /// topic. An optional trailing field (absent when empty).
+        routed: Vec<(u32, String)>,
     },
     /// First frame on a subscription stream.
     Subscribe {
@@ -443,6 +447,7 @@ impl Frame {
                 seq,
                 positions,
                 duplicates,
+                routed,
             } => {
                 buf.put_u8(ty::PUBLISH_ACK);
                 buf.put_u64(*seq);
@@ -454,6 +459,13 @@ impl Frame {
                 buf.put_u32(duplicates.len() as u32);
                 for i in duplicates {
                     buf.put_u32(*i);
+                }
+                if !routed.is_empty() {
+                    buf.put_u32(routed.len() as u32);
+                    for (i, topic) in routed {
+                        buf.put_u32(*i);
+                        put_str(buf, topic);
+                    }
                 }
             }
             Frame::Subscribe {
@@ -912,10 +924,19 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             for _ in 0..n {
                 duplicates.push(b.u32("duplicate index")?);
             }
+            // Optional trailing field: absent means nothing was routed.
+            let mut routed = Vec::new();
+            if !b.buf.is_empty() {
+                let n = b.count("routed count", 6)?;
+                for _ in 0..n {
+                    routed.push((b.u32("routed index")?, b.string("routed topic")?));
+                }
+            }
             Frame::PublishAck {
                 seq,
                 positions,
                 duplicates,
+                routed,
             }
         }
         ty::SUBSCRIBE => {
@@ -1174,12 +1195,14 @@ mod tests {
             (
                 any::<u64>(),
                 proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5),
-                proptest::collection::vec(any::<u32>(), 0..3)
+                proptest::collection::vec(any::<u32>(), 0..3),
+                proptest::collection::vec((any::<u32>(), "[a-z.]{1,10}"), 0..3)
             )
-                .prop_map(|(seq, positions, duplicates)| Frame::PublishAck {
+                .prop_map(|(seq, positions, duplicates, routed)| Frame::PublishAck {
                     seq,
                     positions,
-                    duplicates
+                    duplicates,
+                    routed
                 }),
             (
                 "[a-z]{0,10}",

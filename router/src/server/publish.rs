@@ -162,10 +162,12 @@ fn encode_result(seq: u64, r: Result<Published, StorageError>, buf: &mut BytesMu
         Ok(Published {
             positions,
             duplicates,
+            routed,
         }) => Frame::PublishAck {
             seq,
             positions,
             duplicates,
+            routed,
         }
         .encode(buf),
         Err(StorageError::ShutDown) => Frame::error(
