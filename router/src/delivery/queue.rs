@@ -1084,14 +1084,6 @@ impl QueueGroup {
         }
     }
 
-    /// Writes queued state changes and waits until they are committed:
-    /// an ack is answered only once it is durable, so an acknowledged ack
-    /// never comes back after a crash.
-    pub async fn flush_durable(&self) -> Result<(), StorageError> {
-        self.flush().await;
-        self.storage.flush().await
-    }
-
     /// Writes queued state changes to the group commit, in order.
     pub async fn flush(&self) {
         let _order = self.flush_lock.lock().await;
@@ -1254,8 +1246,11 @@ impl QueueSubscription {
         let mut ready_rx = self.group.ready_watch();
         let mut buf = BytesMut::with_capacity(64 << 10);
         // Answers to acks, nacks and extends: sent once the state changes
-        // they made are committed.
+        // they made are committed. The loop does not wait for that commit:
+        // it queues the answers behind a flush ticket and goes on
+        // delivering, and writes them, in order, as their commits finish.
         let mut answers = BytesMut::new();
+        let mut committing: VecDeque<(FlushTicket, BytesMut)> = VecDeque::new();
         loop {
             loop {
                 match events.try_recv() {
@@ -1263,8 +1258,7 @@ impl QueueSubscription {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         out.write_all(&buf).await?;
-                        self.answer_durably(out, &mut answers).await?;
-                        return Ok(());
+                        return self.finish_answers(out, answers, committing).await;
                     }
                 }
             }
@@ -1285,45 +1279,59 @@ impl QueueSubscription {
                 out.write_all(&buf).await?;
                 buf.clear();
             }
-            if answers.is_empty() {
-                self.group.flush().await;
-            } else {
-                self.answer_durably(out, &mut answers).await?;
+            self.group.flush().await;
+            if !answers.is_empty() {
+                let ticket = self.group.storage.flush_ticket().await?;
+                committing.push_back((ticket, std::mem::take(&mut answers)));
+            }
+            // Answers whose commit already finished.
+            while let Some((ticket, _)) = committing.front_mut() {
+                match ticket.try_recv() {
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    r => {
+                        let (_, a) = committing.pop_front().expect("front");
+                        answer_committed(out, r.ok(), &a).await?;
+                    }
+                }
             }
             if sent > 0 {
                 continue;
             }
             let room = room > 0;
+            let waiting = !committing.is_empty();
             tokio::select! {
                 _ = topic_rx.changed(), if room => {}
                 _ = ready_rx.changed(), if room => {}
+                r = async { (&mut committing.front_mut().expect("waiting").0).await }, if waiting => {
+                    let (_, a) = committing.pop_front().expect("front");
+                    answer_committed(out, r.ok(), &a).await?;
+                }
                 ev = events.recv() => match ev {
                     Some(ev) => self.apply(ev, &mut answers).await,
                     None => {
                         out.write_all(&buf).await?;
-                        self.answer_durably(out, &mut answers).await?;
-                        return Ok(());
+                        return self.finish_answers(out, answers, committing).await;
                     }
                 },
             }
         }
     }
 
-    /// Commits the group's state changes, then sends the answers that
-    /// acknowledged them.
-    async fn answer_durably<W: AsyncWrite + Unpin>(
+    /// At the end of a subscription: commits what is pending, then writes
+    /// every answer whose commit succeeded, in order.
+    async fn finish_answers<W: AsyncWrite + Unpin>(
         &self,
         out: &mut W,
-        answers: &mut BytesMut,
+        answers: BytesMut,
+        mut committing: VecDeque<(FlushTicket, BytesMut)>,
     ) -> Result<(), DeliveryError> {
-        if answers.is_empty() {
-            return Ok(());
+        if !answers.is_empty() {
+            self.group.flush().await;
+            committing.push_back((self.group.storage.flush_ticket().await?, answers));
         }
-        // A commit that failed acknowledges nothing: the subscription ends
-        // with the error, and the acks it carried get no answer.
-        self.group.flush_durable().await?;
-        out.write_all(answers).await?;
-        answers.clear();
+        for (ticket, a) in committing {
+            answer_committed(out, ticket.await.ok(), &a).await?;
+        }
         Ok(())
     }
 
@@ -1397,4 +1405,25 @@ pub fn redrive_record(rec: &RawRecord) -> (Option<String>, crate::protocol::Reco
         !n.starts_with("x-dlq-") && n != DELAY_MS && n != DELIVER_AT && n != MESSAGE_ID
     });
     (origin, r)
+}
+
+/// A flush of the group commit: resolves with the commit's outcome.
+type FlushTicket = tokio::sync::oneshot::Receiver<Result<(), StorageError>>;
+
+/// Writes `answers` if the commit that holds their state changes succeeded
+/// (`r`), so an answered ack never comes back after a crash; a failed
+/// commit ends the subscription with its error, and the acks get no answer.
+async fn answer_committed<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    r: Option<Result<(), StorageError>>,
+    answers: &[u8],
+) -> Result<(), DeliveryError> {
+    match r {
+        Some(Ok(())) => {
+            out.write_all(answers).await?;
+            Ok(())
+        }
+        Some(Err(e)) => Err(e.into()),
+        None => Err(StorageError::ShutDown.into()),
+    }
 }

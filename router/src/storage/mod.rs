@@ -703,6 +703,17 @@ impl Storage {
         rx.await.map_err(|_| StorageError::ShutDown)?
     }
 
+    /// Queues a flush and returns its ticket, which resolves once
+    /// everything queued before it is durable (an error if that commit
+    /// failed), without waiting here.
+    pub async fn flush_ticket(
+        &self,
+    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Flush { reply }).await?;
+        Ok(rx)
+    }
+
     /// Waits until everything queued before this call is durable; an error
     /// if the commit that held it failed.
     pub async fn flush(&self) -> Result<(), StorageError> {
