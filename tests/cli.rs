@@ -46,6 +46,15 @@ fn run_cli(
     child.wait_with_output().unwrap()
 }
 
+/// A router on `switchyard-data` in a fresh directory, where the CLI run
+/// from that directory finds its certificate and token by default.
+fn router_in_tempdir() -> (tempfile::TempDir, std::path::PathBuf, ChildRouter) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("switchyard-data");
+    let r = ChildRouter::spawn(&data);
+    (dir, data, r)
+}
+
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -58,9 +67,7 @@ fn ok(out: &Output) -> String {
 
 #[test]
 fn cli_roundtrip_create_publish_subscribe_describe() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, data, r) = router_in_tempdir();
     assert!(
         data.join("cert.pem").exists(),
         "certificate generated on first start"
@@ -185,9 +192,7 @@ fn sigterm_shuts_down_gracefully() {
 
 #[test]
 fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let crate_dir = dir.path().join("keep-paid");
     ok(&cli(
@@ -265,9 +270,7 @@ fn plugin_new_scaffolds_a_crate_that_tests_builds_and_deploys() {
 
 #[test]
 fn bench_reports_throughput_and_latency_as_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     let out = ok(&cli(
         &r,
         dir.path(),
@@ -368,9 +371,7 @@ fn bench_reports_throughput_and_latency_as_json() {
 
 #[test]
 fn cli_queue_policy_delay_ids_and_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     let run = |args: &[&str]| ok(&cli(&r, dir.path(), args, None));
     run(&["topic", "create", "tasks", "--partitions", "2"]);
     let policy = run(&[
@@ -551,9 +552,7 @@ fn tune_shows_and_applies_the_wake_up_settings() {
 
 #[test]
 fn auth_tour_tokens_grants_and_revocation_from_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, data, r) = router_in_tempdir();
     let token_file = data.join("admin.token");
     #[cfg(unix)]
     {
@@ -669,9 +668,7 @@ fn the_plugin_build_script_works_with_cargo_target_dir_set() {
 
 #[test]
 fn logs_redirected_to_a_file_carry_no_colour_codes_and_counts_read_right() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     let out = ok(&cli(&r, dir.path(), &["topic", "create", "one"], None));
     assert_eq!(out.trim(), "created topic one with 1 partition");
     // A router whose log goes to a pipe, not a terminal.
@@ -788,9 +785,7 @@ fn a_scaffolded_plugin_survives_its_checkout_moving() {
 /// that does not parse stops the publish, naming its line number.
 #[test]
 fn publish_reads_json_lines_with_a_key_headers_and_an_id_each() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     ok(&cli(
         &r,
         dir.path(),
@@ -844,9 +839,7 @@ fn publish_reads_json_lines_with_a_key_headers_and_an_id_each() {
 /// dead-letters, any other status is retried under the topic's policy.
 #[test]
 fn a_queue_worker_in_shell_acks_retries_and_dead_letters_by_exit_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("switchyard-data");
-    let r = ChildRouter::spawn(&data);
+    let (dir, _, r) = router_in_tempdir();
     ok(&cli(
         &r,
         dir.path(),

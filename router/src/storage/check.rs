@@ -210,12 +210,13 @@ pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
             let mut sum = 0u64;
             let mut gaps = 0u64;
             let mut bad = Vec::new();
+            let mut below_start = false;
             for e in log.range((id, p, 0)..=(id, p, u64::MAX))? {
                 let (k, v) = e?;
                 let key = k.value();
                 let o = key.2;
                 if o < start {
-                    drop_log.push(((id, p, 0), (id, p, start)));
+                    below_start = true;
                     continue;
                 }
                 if o != expect {
@@ -227,6 +228,9 @@ pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
                 if split_entry(key, v.value()).is_err() {
                     bad.push(o);
                 }
+            }
+            if below_start {
+                drop_log.push(((id, p, 0), (id, p, start)));
             }
             let file = &db_path;
             if !bad.is_empty() {
@@ -281,7 +285,6 @@ pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
             }
         }
     }
-    drop_log.dedup();
     if !drop_log.is_empty() {
         report.add(
             &db_path,

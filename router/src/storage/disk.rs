@@ -397,19 +397,6 @@ impl SimDisk {
             }
         }
     }
-
-    /// Flips one byte of the durable and live content of `path`.
-    pub fn flip(&self, path: &Path, offset: u64) {
-        if let Some(f) = self.file(path, false) {
-            let mut guard = f.state.lock().expect("sim file");
-            let s = &mut *guard;
-            for b in [&mut s.live, &mut s.durable] {
-                if let Some(x) = b.get_mut(offset as usize) {
-                    *x ^= 0x10;
-                }
-            }
-        }
-    }
 }
 
 impl Disk for SimDisk {

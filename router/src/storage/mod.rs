@@ -717,9 +717,10 @@ impl Storage {
     /// Waits until everything queued before this call is durable; an error
     /// if the commit that held it failed.
     pub async fn flush(&self) -> Result<(), StorageError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(WriteOp::Flush { reply }).await?;
-        rx.await.map_err(|_| StorageError::ShutDown)?
+        self.flush_ticket()
+            .await?
+            .await
+            .map_err(|_| StorageError::ShutDown)?
     }
 
     /// Commits everything queued and stops the writer thread. Later writes

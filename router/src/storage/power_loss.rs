@@ -89,6 +89,18 @@ struct Acked {
     ids: HashMap<String, (u32, u64)>,
 }
 
+impl Acked {
+    /// One past the highest acknowledged offset of partition `p`.
+    fn end(&self, p: u32) -> u64 {
+        self.records
+            .keys()
+            .filter(|k| k.0 == p)
+            .map(|k| k.1 + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 const PARTS: u32 = 3;
 
 fn payload(seq: u64, i: usize) -> Vec<u8> {
@@ -225,13 +237,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 5 => {
                     settle(&mut pending, &mut acked, &mut kvs).await;
                     let p = rng.below(PARTS as u64) as u32;
-                    let top = acked
-                        .records
-                        .keys()
-                        .filter(|k| k.0 == p)
-                        .map(|k| k.1 + 1)
-                        .max()
-                        .unwrap_or(0);
+                    let top = acked.end(p);
                     let floor = rng.below(top + 1);
                     let e = acked.floors.entry(p).or_default();
                     if floor <= e.1 {
@@ -426,13 +432,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         }
         // New appends continue after everything acknowledged.
         for p in 0..PARTS {
-            let top = acked
-                .records
-                .keys()
-                .filter(|k| k.0 == p)
-                .map(|k| k.1 + 1)
-                .max()
-                .unwrap_or(0);
+            let top = acked.end(p);
             let t = storage
                 .append(&topic, vec![(p, Record::new("after").to_raw())])
                 .await

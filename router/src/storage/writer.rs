@@ -648,7 +648,6 @@ impl Writer {
                 keep
             }
         };
-        let appended: u64 = segment.iter().map(|op| weight(op).1 as u64).sum();
         let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
@@ -676,7 +675,7 @@ impl Writer {
             Ok(()) => {
                 flushed = Ok(());
                 if let Some((_, _, since)) = self.free.as_mut() {
-                    *since += appended;
+                    *since += bytes as u64;
                 }
                 let touched: HashSet<u32> = undo.keys().map(|(t, _)| *t).collect();
                 for t in touched {
