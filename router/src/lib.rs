@@ -19,12 +19,13 @@
 pub mod auth;
 pub mod broker;
 pub mod cli;
-pub mod client;
 pub mod delivery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod plugins;
-pub mod protocol;
 pub mod server;
 pub mod storage;
-pub mod transport;
+
+pub use switchyard_client as client;
+pub use switchyard_protocol as protocol;
+pub use switchyard_protocol::transport;

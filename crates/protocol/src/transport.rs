@@ -1,5 +1,5 @@
 //! Reading frames from a byte stream: the one piece of I/O the server and
-//! the client share. The codec itself is in [`crate::protocol`].
+//! the client share. The codec itself is in [`crate`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::protocol::{DecodeError, Frame, decode};
+use crate::{DecodeError, Frame, decode};
 
 /// Why no frame could be read.
 #[derive(Debug, thiserror::Error)]

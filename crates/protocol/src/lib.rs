@@ -7,6 +7,7 @@ mod error;
 mod frame;
 pub mod headers;
 mod record;
+pub mod transport;
 
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use frame::{
@@ -14,7 +15,7 @@ pub use frame::{
     QueueDelivered, StartPosition, SubscribeMode, TopicInfo, decode, put_deliver_header,
     put_delivered, put_queue_deliver_header, put_queue_delivered,
 };
-pub(crate) use record::key_of;
+pub use record::key_of;
 pub use record::{RawRecord, Record};
 
 /// The ALPN identifier both sides require during the TLS handshake.

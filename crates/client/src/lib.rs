@@ -1,10 +1,12 @@
-//! The Rust client: connect, publish, subscribe, commit, topic admin.
+//! The Rust client for Switchyard: connect, publish, subscribe, commit,
+//! queues and topic administration. It depends on the wire protocol
+//! ([`switchyard_protocol`], re-exported as [`protocol`]) and nothing of
+//! the router, so an application builds it without wasmtime or redb.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), switchyard::client::ClientError> {
+//! # async fn demo() -> Result<(), switchyard_client::ClientError> {
 //! use futures::StreamExt;
-//! use switchyard::client::{Client, ClientConfig, SubscribeOptions};
-//! use switchyard::protocol::Record;
+//! use switchyard_client::{Client, ClientConfig, Record, SubscribeOptions};
 //!
 //! let client = Client::connect(ClientConfig::new("127.0.0.1:7400".parse().unwrap())
 //!     .with_ca_file("switchyard-data/cert.pem")).await?;
@@ -20,7 +22,6 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The client speaks only [`crate::protocol`]; it never touches broker code.
 
 mod connection;
 mod inbox;
@@ -33,7 +34,10 @@ pub use publish::{Ack, PendingAcks};
 pub use queue::{QueueConsumer, QueueMessage, QueueOptions};
 pub use subscribe::{Message, SubscribeOptions, Subscription};
 
-use crate::protocol::{ErrorCode, WireError};
+pub use switchyard_protocol as protocol;
+pub use switchyard_protocol::{
+    DeliveryTag, ErrorCode, RawRecord, Record, StartPosition, TopicInfo, WireError,
+};
 
 /// Everything a client call can fail with.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -219,7 +219,7 @@ fn layout(buf: &[u8]) -> Result<Layout, DecodeError> {
 
 /// The key of an encoded record, without copying (`None`: no key, or
 /// malformed).
-pub(crate) fn key_of(buf: &[u8]) -> Option<&[u8]> {
+pub fn key_of(buf: &[u8]) -> Option<&[u8]> {
     let mut c = Cursor { buf, pos: 0 };
     let n = c.u32("").ok()?;
     if n == NO_KEY {

@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 
 use super::ClientError;
 use super::publish::Publisher;
-use crate::protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
-use crate::transport::FrameReader;
+use switchyard_protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
+use switchyard_protocol::transport::FrameReader;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]

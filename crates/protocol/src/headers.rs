@@ -119,7 +119,7 @@ impl<'a> Policy<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Record;
+    use crate::Record;
 
     #[test]
     fn reads_and_checks_policy_headers() {

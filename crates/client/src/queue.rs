@@ -16,8 +16,8 @@ use super::ClientError;
 use super::connection::Client;
 use super::inbox::{Inbox, InboxSender, inbox};
 use super::subscribe::write_control;
-use crate::protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
-use crate::transport::FrameReader;
+use switchyard_protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
+use switchyard_protocol::transport::FrameReader;
 
 /// How to consume a topic as a queue.
 #[derive(Debug, Clone)]

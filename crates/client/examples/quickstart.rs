@@ -11,8 +11,7 @@
 //! `SWITCHYARD_ADDR` the address).
 
 use futures::StreamExt;
-use switchyard::client::{Client, ClientConfig, SubscribeOptions};
-use switchyard::protocol::{ErrorCode, Record, StartPosition};
+use switchyard_client::{Client, ClientConfig, ErrorCode, Record, StartPosition, SubscribeOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch};
 use super::ClientError;
 use super::connection::Client;
 use super::inbox::{Inbox, InboxSender, inbox};
-use crate::protocol::{Frame, RawRecord, StartPosition, WireError};
-use crate::transport::FrameReader;
+use switchyard_protocol::{Frame, RawRecord, StartPosition, WireError};
+use switchyard_protocol::transport::FrameReader;
 
 /// How to subscribe.
 #[derive(Debug, Clone)]
@@ -142,8 +142,8 @@ impl Client {
             credits: opts.prefetch,
             auto_commit: opts.auto_commit,
             mode: match &opts.follow {
-                None => crate::protocol::SubscribeMode::Stream,
-                Some(keys) => crate::protocol::SubscribeMode::Feed { keys: keys.clone() },
+                None => switchyard_protocol::SubscribeMode::Stream,
+                Some(keys) => switchyard_protocol::SubscribeMode::Feed { keys: keys.clone() },
             },
         };
         let (send, reader, partitions) = self.open_subscription(f).await?;

@@ -13,8 +13,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::ClientError;
 use super::connection::{Client, ServerInfo};
-use crate::protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
-use crate::transport::FrameReader;
+use switchyard_protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
+use switchyard_protocol::transport::FrameReader;
 
 /// Where a record was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
