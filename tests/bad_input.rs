@@ -142,11 +142,13 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
             Record::new("ok").to_raw(),
             Record::new(vec![1u8; 2000]).to_raw(),
         ],
+        parts: Vec::new(),
     };
     let small = Frame::PublishBatch {
         seq: 2,
         topic: "t".into(),
         records: vec![Record::new("ok").to_raw()],
+        parts: Vec::new(),
     };
     send.write_all(&big.to_bytes()).await.unwrap();
     send.write_all(&small.to_bytes()).await.unwrap();
@@ -160,6 +162,7 @@ async fn oversized_messages_are_refused_and_the_stream_continues() {
             positions: vec![(0, 0)],
             duplicates: vec![],
             routed: vec![],
+            refused: vec![],
         }
     );
     // The rejected batch stored nothing: the one record is the small batch's.
@@ -226,6 +229,7 @@ async fn malformed_frames_close_only_that_connection() {
         seq: 1,
         topic: "safe".into(),
         records: vec![Record::new("x").to_raw()],
+        parts: Vec::new(),
     }
     .to_bytes();
     expect_violation(
@@ -316,6 +320,7 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
             Record::new("a").to_raw(),
             Record::new("b").with_key("k").to_raw(),
         ],
+        parts: Vec::new(),
     };
     send.write_all(&batch.to_bytes()).await.unwrap();
     assert_eq!(
@@ -325,6 +330,7 @@ async fn raw_protocol_roundtrip_matches_the_documented_frames() {
             positions: vec![(0, 0), (0, 1)],
             duplicates: vec![],
             routed: vec![],
+            refused: vec![],
         }
     );
 
@@ -431,6 +437,7 @@ async fn raw_queue_frames_and_misplaced_acks() {
         seq: 1,
         topic: "rq".into(),
         records: vec![Record::new("job").to_raw()],
+        parts: Vec::new(),
     };
     send.write_all(&batch.to_bytes()).await.unwrap();
     next_frame(&mut reader).await;

@@ -359,7 +359,12 @@ async fn one_address_cannot_take_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_only_keep_alive_are_closed_when_idle() {
     let r = start_router_with(|c| c.connection_max_idle_ms = 400).await;
-    let idle = r.client().await;
+    let idle = connect_with(r.addr, &r.cert, |c| {
+        c.with_token(admin_token(&r.cert))
+            .with_reconnect(switchyard::client::Reconnect::off())
+    })
+    .await;
+    let reconnecting = r.client().await;
     let busy = r.client().await;
     busy.create_topic("t", 1).await.unwrap();
     let _sub = busy
@@ -371,6 +376,12 @@ async fn connections_that_only_keep_alive_are_closed_when_idle() {
     let e = idle.list_topics().await.unwrap_err();
     assert!(e.to_string().contains("idle"), "{e}");
     busy.list_topics().await.unwrap();
+    assert_eq!(busy.connections(), 1, "a subscription keeps its connection");
+    // A client that reconnects makes a new connection when next used, not
+    // before (an idle client does not churn connections).
+    assert!(!reconnecting.is_connected());
+    reconnecting.list_topics().await.unwrap();
+    assert_eq!(reconnecting.connections(), 2);
 }
 
 /// A 200-byte message id, as the probe that filled memory used.

@@ -689,3 +689,57 @@ async fn plugin_key_value_state_counts_every_stored_message_once() {
     assert_eq!(kv(c.clone()).await, json!("10000"));
     router.shutdown().await;
 }
+
+/// Concurrent `publish` calls share batch frames; the router stores or
+/// refuses each call's records as a unit, so a record a route plugin
+/// refuses fails only the call that published it.
+#[tokio::test]
+async fn a_refused_record_fails_only_its_own_publish() {
+    let r = start_router().await;
+    let c = r.client().await;
+    for t in ["in", "out"] {
+        c.create_topic(t, 1).await.unwrap();
+    }
+    deploy(
+        &c,
+        "route_by_header",
+        json!({ "name": "by-header", "hook": "route", "topic": "in", "on_failure": "reject" }),
+    )
+    .await
+    .unwrap();
+    // A current-thread runtime polls every call before the publisher's
+    // writer runs: all 40 are queued, and travel, in one frame.
+    let calls = (0..40).map(|i| {
+        let target = if i == 17 { "nowhere" } else { "out" };
+        c.publish(
+            "in",
+            Record::new(format!("m{i}")).with_header("route-to", target),
+        )
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (17, Err(e)) => {
+                assert_eq!(e.code(), Some(ErrorCode::PluginFailed), "{e}");
+                assert!(e.to_string().contains("nowhere"), "{e}");
+            }
+            (17, Ok(a)) => panic!("the record routed nowhere was stored: {a:?}"),
+            (_, Ok(a)) => assert_eq!(a.topic.as_deref(), Some("out")),
+            (_, Err(e)) => panic!("call {i} failed for another call's record: {e}"),
+        }
+    }
+    assert_eq!(end(&c, "out").await, 39);
+    assert_eq!(end(&c, "in").await, 0);
+    // In publish order.
+    let mut sub = c.subscribe(SubscribeOptions::new("out")).await.unwrap();
+    let got: Vec<Bytes> = take(&mut sub, 39, 5)
+        .await
+        .into_iter()
+        .map(|m| m.payload())
+        .collect();
+    let want: Vec<Bytes> = (0..40)
+        .filter(|i| *i != 17)
+        .map(|i| Bytes::from(format!("m{i}")))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -175,6 +175,15 @@ impl ChildRouter {
         Self::spawn_with(data, &[])
     }
 
+    /// As [`ChildRouter::spawn`], on a given address (to restart a router
+    /// where its clients will look for it).
+    pub fn spawn_on(data: &Path, addr: SocketAddr) -> ChildRouter {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["serve", "--listen", &addr.to_string(), "--data"])
+            .arg(data);
+        Self::start(cmd, data)
+    }
+
     /// As [`ChildRouter::spawn`], with more arguments to `serve`.
     pub fn spawn_with(data: &Path, extra: &[&std::ffi::OsStr]) -> ChildRouter {
         let mut cmd = Command::new(router_bin());
@@ -272,6 +281,15 @@ impl Drop for ChildRouter {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback UDP address free right now, for a router that is restarted
+/// on the same address.
+pub fn free_udp_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A plugin component built by `plugins/build.sh`, by crate name with

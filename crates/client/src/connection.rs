@@ -3,18 +3,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot, watch};
 
 use super::ClientError;
 use super::publish::Publisher;
-use switchyard_protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
 use switchyard_protocol::transport::FrameReader;
+use switchyard_protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -38,6 +38,62 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Client certificate and key (PEM files) for mutual TLS.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Whether and how a lost connection is remade (on by default).
+    pub reconnect: Reconnect,
+}
+
+/// How a client remakes a lost connection: attempts with exponential
+/// backoff and jitter, from `initial_backoff` up to `max_backoff`.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// Remake lost connections. Off: after a loss every call fails with
+    /// [`ClientError::ConnectionLost`].
+    pub enabled: bool,
+    /// Wait after the first failed attempt (the first attempt is at once);
+    /// doubles after each further failure.
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Stop after trying for this long; calls then fail with
+    /// [`ClientError::ConnectionLost`]. `None`: keep trying.
+    pub give_up_after: Option<Duration>,
+}
+
+impl Default for Reconnect {
+    /// On; 50 ms doubling to 5 s between attempts; never give up.
+    fn default() -> Self {
+        Reconnect {
+            enabled: true,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            give_up_after: None,
+        }
+    }
+}
+
+impl Reconnect {
+    /// Never reconnect.
+    pub fn off() -> Self {
+        Reconnect {
+            enabled: false,
+            ..Reconnect::default()
+        }
+    }
+
+    /// The wait after failed attempt number `attempt` (from 1): the
+    /// doubled backoff, capped, less up to a quarter at random so that
+    /// many clients of one router do not retry in step.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doubled = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let capped = doubled.min(self.max_backoff);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        capped - capped.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
 }
 
 impl ClientConfig {
@@ -53,6 +109,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(15),
             token: None,
             client_cert: None,
+            reconnect: Reconnect::default(),
         }
     }
 
@@ -94,6 +151,12 @@ impl ClientConfig {
         self
     }
 
+    /// Sets how lost connections are remade ([`Reconnect::off`] to never).
+    pub fn with_reconnect(mut self, reconnect: Reconnect) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
     /// Sets the TLS server name.
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = name.into();
@@ -116,16 +179,92 @@ pub struct ServerInfo {
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
-/// A connection to a router. Cheap to share behind an `Arc`; every method
-/// takes `&self` and may be called concurrently.
-pub struct Client {
-    pub(super) conn: quinn::Connection,
-    endpoint: quinn::Endpoint,
-    info: ServerInfo,
+/// One connection to the router, from a handshake to its loss. A client
+/// has one at a time; after a loss it makes a new one (see [`Reconnect`]).
+pub(crate) struct Link {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) info: ServerInfo,
     control: tokio::sync::Mutex<quinn::SendStream>,
     waiters: Waiters,
+    /// 1 for the first connection, then one more per reconnect.
+    pub(crate) generation: u64,
+}
+
+#[derive(Clone)]
+enum State {
+    Up(Arc<Link>),
+    /// Lost; a new connection is being made (or will be, on next use).
+    Down,
+    /// Lost for good: reconnecting is off, gave up, or the router refused us.
+    Failed(ClientError),
+}
+
+/// What a client's calls, its publisher and its subscriptions share: the
+/// current connection, and how to make the next one.
+pub(crate) struct Shared {
+    cfg: ClientConfig,
+    crypto: quinn::ClientConfig,
+    endpoint: quinn::Endpoint,
+    state: watch::Sender<State>,
+    /// Asks for a connection after an idle close, which is not remade
+    /// until something needs it.
+    want: Arc<Notify>,
+    closing: AtomicBool,
     next_id: AtomicU64,
-    pub(super) publisher: Publisher,
+}
+
+impl Shared {
+    /// The current connection, waiting while a new one is being made.
+    pub(crate) async fn link(&self) -> Result<Arc<Link>, ClientError> {
+        let mut rx = self.state.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                State::Up(l) => return Ok(l),
+                State::Failed(e) => return Err(e),
+                State::Down => self.want.notify_one(),
+            }
+            if rx.changed().await.is_err() {
+                return Err(ClientError::ConnectionLost("client closed".into()));
+            }
+        }
+    }
+
+    /// Waits until connection number `generation` is no longer the
+    /// current one (lost, replaced, or the client failed).
+    pub(crate) async fn link_lost(&self, generation: u64) {
+        let mut rx = self.state.subscribe();
+        loop {
+            let current =
+                matches!(&*rx.borrow_and_update(), State::Up(l) if l.generation == generation);
+            if !current || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The current connection if it is up now, without waiting.
+    pub(crate) fn current(&self) -> Option<Arc<Link>> {
+        match &*self.state.borrow() {
+            State::Up(l) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether a lost connection is remade.
+    pub(crate) fn reconnects(&self) -> bool {
+        self.cfg.reconnect.enabled
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Ends the supervisor, which holds a handle to the connection.
+        if let State::Up(l) = &*self.state.borrow() {
+            l.conn.close(close::NORMAL.into(), b"client dropped");
+        }
+        self.want.notify_one();
+    }
 }
 
 fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -190,8 +329,51 @@ fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError>
     Ok(config)
 }
 
+/// A connection to a router. Cheap to share behind an `Arc`; every method
+/// takes `&self` and may be called concurrently.
+///
+/// # Reconnects
+///
+/// A lost connection is remade by the client, with backoff (see
+/// [`Reconnect`]; on by default). While it is down, calls wait for it.
+/// Across a reconnect:
+///
+/// - **Publishes** whose records all carry a message id
+///   ([`Record::with_message_id`](switchyard_protocol::Record::with_message_id))
+///   and were not yet acknowledged are sent again, before anything newer,
+///   and the caller gets the ack of the new connection: the dedup window
+///   stores each once (a resent record that had been stored comes back
+///   with `duplicate: true` and the original position). A publish with a
+///   record without an id that was in flight fails with
+///   [`ClientError::ConnectionLost`]: it may or may not have been stored.
+/// - **Stream subscriptions** subscribe again. A group member resumes from
+///   the group's committed offsets (with auto-commit every record is
+///   delivered at most once; with manual commits, uncommitted records come
+///   again). An anonymous subscription resumes after the last record it
+///   delivered in each partition.
+/// - **Queue consumers** rejoin their group. Messages delivered before the
+///   loss and not yet acknowledged are released by the router and
+///   delivered again (attempt + 1), to this consumer or another: at least
+///   once. Acking, nacking or extending such a message afterwards does
+///   nothing and returns `Ok` (the new delivery is the one to settle).
+/// - **Requests** (topic and plugin administration) issued while the
+///   connection is down wait for it; one in flight when it is lost fails
+///   with [`ClientError::ConnectionLost`] and may or may not have been
+///   applied.
+///
+/// The router refusing the client (a revoked token, no common protocol
+/// version, a protocol violation) is not retried: every call then fails
+/// with the reason.
+pub struct Client {
+    pub(crate) shared: Arc<Shared>,
+    info: ServerInfo,
+    pub(super) publisher: Publisher,
+}
+
 impl Client {
-    /// Connects, negotiates the protocol version and opens the control stream.
+    /// Connects, negotiates the protocol version and opens the control
+    /// stream. The first connection is not retried: an unreachable router
+    /// is an error at once.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
         let crypto = client_crypto(&cfg)?;
         let bind: SocketAddr = if cfg.addr.is_ipv6() {
@@ -199,75 +381,28 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().expect("valid")
         };
-        let connect_err = |reason: String| ClientError::Connect {
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
             addr: cfg.addr,
-            reason,
-        };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        endpoint.set_default_client_config(crypto);
-        let connecting = endpoint
-            .connect(cfg.addr, &cfg.server_name)
-            .map_err(|e| connect_err(e.to_string()))?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-            .await
-            .map_err(|_| connect_err("timed out after 10 s".into()))?
-            .map_err(|e| connect_err(e.to_string()))?;
-
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
-        let hello = Frame::Hello {
-            min_version: MIN_VERSION,
-            max_version: MAX_VERSION,
-            client: cfg.client_name.clone(),
-            token: cfg.token.clone(),
-        };
-        send.write_all(&hello.to_bytes())
-            .await
-            .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
-        // Frames from the router are bounded by our own generous limit.
-        let mut reader = FrameReader::new(recv, 64 << 20);
-        let info = match reader.next().await {
-            Ok(Some(Frame::HelloOk {
-                version,
-                server,
-                max_message_bytes,
-                max_frame_bytes,
-            })) => ServerInfo {
-                version,
-                server,
-                max_message_bytes: max_message_bytes as usize,
-                max_frame_bytes: max_frame_bytes as usize,
-            },
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                return Err(ClientError::Server(WireError::new(code, message)));
-            }
-            Ok(Some(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected HelloOk, got {other:?}"
-                )));
-            }
-            Ok(None) | Err(_) => {
-                // Wait briefly for the close frame so its reason can be shown.
-                let reason = tokio::time::timeout(Duration::from_secs(1), conn.closed())
-                    .await
-                    .map(|e| describe_close(&e))
-                    .unwrap_or_else(|_| "closed during handshake".into());
-                return Err(ClientError::ConnectionLost(reason));
-            }
-        };
-
-        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(control_reader(reader, waiters.clone()));
-        let publisher = Publisher::new(conn.clone(), info.clone(), cfg.max_in_flight);
-        Ok(Client {
-            conn,
+            reason: e.to_string(),
+        })?;
+        let link = handshake(&cfg, &endpoint, &crypto, 1).await?;
+        let info = link.info.clone();
+        let (state, _) = watch::channel(State::Up(link.clone()));
+        let max_in_flight = cfg.max_in_flight;
+        let shared = Arc::new(Shared {
+            cfg,
+            crypto,
             endpoint,
-            info,
-            control: tokio::sync::Mutex::new(send),
-            waiters,
+            state,
+            want: Arc::new(Notify::new()),
+            closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&shared), link));
+        let publisher = Publisher::new(shared.clone(), info.clone(), max_in_flight);
+        Ok(Client {
+            shared,
+            info,
             publisher,
         })
     }
@@ -277,17 +412,32 @@ impl Client {
         &self.info
     }
 
+    /// Whether the connection is up now (false while reconnecting).
+    pub fn is_connected(&self) -> bool {
+        self.shared.current().is_some()
+    }
+
+    /// How many connections this client has made: 1, plus one per
+    /// reconnect.
+    pub fn connections(&self) -> u64 {
+        match &*self.shared.state.borrow() {
+            State::Up(l) => l.generation,
+            _ => 0,
+        }
+    }
+
     async fn request(&self, make: impl FnOnce(u64) -> Frame) -> Result<Frame, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let link = self.shared.link().await?;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters lock").insert(id, tx);
+        link.waiters.lock().expect("waiters lock").insert(id, tx);
         let bytes = make(id).to_bytes();
         {
-            let mut send = self.control.lock().await;
+            let mut send = link.control.lock().await;
             if let Err(e) = send.write_all(&bytes).await {
-                self.waiters.lock().expect("waiters lock").remove(&id);
+                link.waiters.lock().expect("waiters lock").remove(&id);
                 // The router's own reason, when it closed the connection.
-                let why = match self.conn.close_reason() {
+                let why = match link.conn.close_reason() {
                     Some(c) => describe_close(&c),
                     None => e.to_string(),
                 };
@@ -296,20 +446,13 @@ impl Client {
         }
         let frame = rx
             .await
-            .map_err(|_| ClientError::ConnectionLost(self.close_reason()))?;
+            .map_err(|_| ClientError::ConnectionLost(close_reason(&link.conn)))?;
         match frame {
             Frame::Error { code, message, .. } => {
                 Err(ClientError::Server(WireError::new(code, message)))
             }
             f => Ok(f),
         }
-    }
-
-    pub(super) fn close_reason(&self) -> String {
-        self.conn
-            .close_reason()
-            .map(|e| describe_close(&e))
-            .unwrap_or_else(|| "control stream closed".into())
     }
 
     /// Creates a topic with `partitions` partitions and no retention limit.
@@ -542,8 +685,204 @@ impl Client {
     /// connection and waits for the close to reach the router.
     pub async fn close(&self) {
         self.publisher.flush().await;
-        self.conn.close(close::NORMAL.into(), b"client closed");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.shared.closing.store(true, Ordering::Relaxed);
+        if let Some(link) = self.shared.current() {
+            link.conn.close(close::NORMAL.into(), b"client closed");
+        }
+        self.shared
+            .state
+            .send_replace(State::Failed(ClientError::ConnectionLost(
+                "client closed".into(),
+            )));
+        self.shared.want.notify_one();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// The reason a connection ended, or a generic one while it is open.
+pub(crate) fn close_reason(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map(|e| describe_close(&e))
+        .unwrap_or_else(|| "control stream closed".into())
+}
+
+/// True if the router ended the connection in a way a new one would not
+/// change: retrying would only repeat the refusal.
+fn refused(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => [
+            close::PROTOCOL_VIOLATION,
+            close::UNSUPPORTED_VERSION,
+            close::UNAUTHENTICATED,
+        ]
+        .iter()
+        .any(|&code| c.error_code == code.into()),
+        quinn::ConnectionError::LocallyClosed | quinn::ConnectionError::VersionMismatch => true,
+        _ => false,
+    }
+}
+
+/// True if a failed (re)connect attempt is worth repeating.
+fn retryable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Connect { .. } | ClientError::ConnectionLost(_)
+    )
+}
+
+/// Connects and shakes hands: one [`Link`].
+async fn handshake(
+    cfg: &ClientConfig,
+    endpoint: &quinn::Endpoint,
+    crypto: &quinn::ClientConfig,
+    generation: u64,
+) -> Result<Arc<Link>, ClientError> {
+    let connect_err = |reason: String| ClientError::Connect {
+        addr: cfg.addr,
+        reason,
+    };
+    let connecting = endpoint
+        .connect_with(crypto.clone(), cfg.addr, &cfg.server_name)
+        .map_err(|e| connect_err(e.to_string()))?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| connect_err("timed out after 10 s".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    let hello = Frame::Hello {
+        min_version: MIN_VERSION,
+        max_version: MAX_VERSION,
+        client: cfg.client_name.clone(),
+        token: cfg.token.clone(),
+    };
+    send.write_all(&hello.to_bytes())
+        .await
+        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    // Frames from the router are bounded by our own generous limit.
+    let mut reader = FrameReader::new(recv, 64 << 20);
+    let info = match reader.next().await {
+        Ok(Some(Frame::HelloOk {
+            version,
+            server,
+            max_message_bytes,
+            max_frame_bytes,
+        })) => ServerInfo {
+            version,
+            server,
+            max_message_bytes: max_message_bytes as usize,
+            max_frame_bytes: max_frame_bytes as usize,
+        },
+        Ok(Some(Frame::Error { code, message, .. })) => {
+            return Err(ClientError::Server(WireError::new(code, message)));
+        }
+        Ok(Some(other)) => {
+            return Err(ClientError::Protocol(format!(
+                "expected HelloOk, got {other:?}"
+            )));
+        }
+        Ok(None) | Err(_) => {
+            // Wait briefly for the close frame so its reason can be shown.
+            let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            return Err(match closed {
+                Ok(e) if refused(&e) => ClientError::Refused(describe_close(&e)),
+                Ok(e) => ClientError::ConnectionLost(describe_close(&e)),
+                Err(_) => ClientError::ConnectionLost("closed during handshake".into()),
+            });
+        }
+    };
+    let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+    tokio::spawn(control_reader(reader, waiters.clone()));
+    Ok(Arc::new(Link {
+        conn,
+        info,
+        control: tokio::sync::Mutex::new(send),
+        waiters,
+        generation,
+    }))
+}
+
+/// Watches the connection; when it is lost, makes a new one with backoff
+/// (or marks the client failed). Holds the client weakly: it ends when the
+/// client and everything made from it are gone.
+async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
+    loop {
+        let lost = link.conn.closed().await;
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let reason = describe_close(&lost);
+        if refused(&lost) || !shared.cfg.reconnect.enabled {
+            let e = if refused(&lost) {
+                ClientError::Refused(reason)
+            } else {
+                ClientError::ConnectionLost(reason)
+            };
+            shared.state.send_replace(State::Failed(e));
+            return;
+        }
+        shared.state.send_replace(State::Down);
+        let idle = matches!(&lost, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == close::IDLE.into());
+        if idle {
+            // Closed for idleness: connect again when something needs it.
+            tracing::debug!(addr = %shared.cfg.addr, "router closed an idle connection");
+            let want = shared.want.clone();
+            let notified = want.notified();
+            drop(shared);
+            notified.await;
+        } else {
+            tracing::warn!(addr = %shared.cfg.addr, %reason, "connection lost; reconnecting");
+            drop(shared);
+        }
+        let generation = link.generation + 1;
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        link = loop {
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.closing.load(Ordering::Relaxed) {
+                return;
+            }
+            attempts += 1;
+            let rc = &shared.cfg.reconnect;
+            let e = match handshake(&shared.cfg, &shared.endpoint, &shared.crypto, generation).await
+            {
+                Ok(l) => break l,
+                Err(e) => e,
+            };
+            let gave_up = rc.give_up_after.is_some_and(|d| started.elapsed() >= d);
+            if !retryable(&e) || gave_up {
+                let e = if gave_up {
+                    ClientError::ConnectionLost(format!(
+                        "gave up reconnecting to {} after {attempts} attempts in {:.1?}: {e}",
+                        shared.cfg.addr,
+                        started.elapsed()
+                    ))
+                } else {
+                    e
+                };
+                tracing::warn!(addr = %shared.cfg.addr, error = %e, "not reconnecting");
+                shared.state.send_replace(State::Failed(e));
+                return;
+            }
+            let wait = rc.backoff(attempts);
+            tracing::debug!(addr = %shared.cfg.addr, error = %e, ?wait, "reconnect attempt failed");
+            drop(shared);
+            tokio::time::sleep(wait).await;
+        };
+        let Some(shared) = weak.upgrade() else { return };
+        tracing::info!(
+            addr = %shared.cfg.addr,
+            attempts,
+            elapsed = ?started.elapsed(),
+            "reconnected"
+        );
+        shared.state.send_replace(State::Up(link.clone()));
     }
 }
 

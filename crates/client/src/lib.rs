@@ -29,7 +29,7 @@ mod publish;
 mod queue;
 mod subscribe;
 
-pub use connection::{Client, ClientConfig, ServerInfo};
+pub use connection::{Client, ClientConfig, Reconnect, ServerInfo};
 pub use publish::{Ack, PendingAcks};
 pub use queue::{QueueConsumer, QueueMessage, QueueOptions};
 pub use subscribe::{Message, SubscribeOptions, Subscription};
@@ -63,6 +63,11 @@ pub enum ClientError {
     /// have been applied.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The router refused this client (a revoked or unknown credential, no
+    /// common protocol version, a protocol violation); reconnecting would
+    /// be refused again, so the client does not try.
+    #[error("refused by the router: {0}")]
+    Refused(String),
     /// The router sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),

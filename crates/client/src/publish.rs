@@ -4,17 +4,24 @@
 //! whatever is queued into `PublishBatch` frames and sends them in one
 //! stream write; an ack task matches the router's in-order acks back to the
 //! callers. A semaphore bounds records awaiting acknowledgement.
+//!
+//! Each call's records are one *part* of the frame they travel in, and the
+//! frame lists its parts: the router stores or refuses each part as a unit,
+//! so one caller's refused record never fails another caller's publish.
+//! When the connection is lost, parts whose records all carry a message id
+//! are sent again on the next connection, ahead of anything newer; the
+//! others fail with `ConnectionLost`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::ClientError;
-use super::connection::{Client, ServerInfo};
-use switchyard_protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
+use super::connection::{Client, ServerInfo, Shared};
 use switchyard_protocol::transport::FrameReader;
+use switchyard_protocol::{ErrorCode, Frame, PublishBatchWriter, Record, WireError};
 
 /// Where a record was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -38,18 +45,30 @@ struct Request {
     topic: Arc<str>,
     records: Vec<Record>,
     reply: Reply,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
-/// Callers waiting on one batch frame: each caller's reply and record count.
+/// One caller's records in a batch frame.
+struct Part {
+    reply: Reply,
+    count: usize,
+    permit: OwnedSemaphorePermit,
+    /// The records, kept until acknowledged when they may be sent again
+    /// after a reconnect (every one has a message id).
+    resend: Option<Vec<Record>>,
+}
+
+/// Callers waiting on one batch frame.
 struct InFlight {
     seq: u64,
-    parts: Vec<(Reply, usize, OwnedSemaphorePermit)>,
+    topic: Arc<str>,
+    parts: Vec<Part>,
 }
 
 #[derive(Default)]
 struct Pending {
     queue: VecDeque<InFlight>,
+    /// Set by the ack reader when the stream has ended, with why.
     dead: Option<String>,
 }
 
@@ -59,7 +78,7 @@ const WRITE_CHUNK: usize = 256 << 10;
 const MAX_BATCH_RECORDS: usize = 4096;
 
 pub(super) struct Publisher {
-    conn: quinn::Connection,
+    shared: Arc<Shared>,
     info: ServerInfo,
     window: Arc<Semaphore>,
     max_in_flight: usize,
@@ -67,10 +86,10 @@ pub(super) struct Publisher {
 }
 
 impl Publisher {
-    pub(super) fn new(conn: quinn::Connection, info: ServerInfo, max_in_flight: usize) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, info: ServerInfo, max_in_flight: usize) -> Self {
         let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Publisher {
-            conn,
+            shared,
             info,
             window: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
@@ -78,20 +97,12 @@ impl Publisher {
         }
     }
 
-    async fn sender(&self) -> Result<&mpsc::Sender<Request>, ClientError> {
+    async fn sender(&self) -> &mpsc::Sender<Request> {
         self.tx
-            .get_or_try_init(|| async {
-                let (send, recv) = self
-                    .conn
-                    .open_bi()
-                    .await
-                    .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
-                let pending = Arc::new(Mutex::new(Pending::default()));
+            .get_or_init(|| async {
                 let (tx, rx) = mpsc::channel(1024);
-                let max_frame = self.info.max_frame_bytes;
-                tokio::spawn(writer(rx, send, pending.clone(), max_frame));
-                tokio::spawn(ack_reader(FrameReader::new(recv, 64 << 20), pending));
-                Ok(tx)
+                tokio::spawn(run(self.shared.clone(), rx));
+                tx
             })
             .await
     }
@@ -168,12 +179,12 @@ impl Publisher {
             .await
             .expect("semaphore never closed");
         let (reply, rx) = oneshot::channel();
-        let tx = self.sender().await?;
+        let tx = self.sender().await;
         tx.send(Request {
             topic: topic.into(),
             records,
             reply,
-            _permit: permit,
+            permit,
         })
         .await
         .map_err(|_| ClientError::ConnectionLost("publish stream closed".into()))?;
@@ -252,84 +263,217 @@ impl Client {
     }
 }
 
-fn fail(parts: Vec<(Reply, usize, OwnedSemaphorePermit)>, err: &ClientError) {
-    for (reply, _, _) in parts {
-        let _ = reply.send(Err(err.clone()));
+fn fail(parts: Vec<Part>, err: &ClientError) {
+    for p in parts {
+        let _ = p.reply.send(Err(err.clone()));
     }
 }
 
-async fn writer(
-    mut rx: mpsc::Receiver<Request>,
-    mut send: quinn::SendStream,
-    pending: Arc<Mutex<Pending>>,
-    max_frame: usize,
-) {
-    let mut buf = BytesMut::with_capacity(WRITE_CHUNK + (64 << 10));
+/// Why a publish stream's writer stopped.
+enum Ended {
+    /// Every sender is gone and everything queued was written.
+    Finished,
+    /// The stream (or the connection) was lost.
+    Lost,
+}
+
+/// The publisher: one publish stream per connection, for as long as the
+/// client lives. After a loss, resends what may be resent (see the module
+/// doc) on the next connection before anything newer.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
+    let mut carry: VecDeque<Request> = VecDeque::new();
     let mut seq = 0u64;
+    let resend = shared.reconnects();
+    loop {
+        if carry.is_empty() {
+            // Open a stream only when there is something to send.
+            match rx.recv().await {
+                Some(r) => carry.push_back(r),
+                None => return,
+            }
+        }
+        let link = match shared.link().await {
+            Ok(l) => l,
+            Err(e) => {
+                // The client is closed or failed for good: so is every
+                // publish, queued now or later.
+                for r in carry.drain(..) {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+                while let Some(r) = rx.recv().await {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let (send, recv) = match link.conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                if !resend {
+                    let err = ClientError::ConnectionLost(e.to_string());
+                    for r in carry.drain(..) {
+                        let _ = r.reply.send(Err(err.clone()));
+                    }
+                }
+                // Wait for the supervisor to notice before asking again.
+                shared.link_lost(link.generation).await;
+                continue;
+            }
+        };
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let dead = Arc::new(Notify::new());
+        tokio::spawn(ack_reader(
+            FrameReader::new(recv, 64 << 20),
+            pending.clone(),
+            dead.clone(),
+        ));
+        let max_frame = link.info.max_frame_bytes;
+        let ended = writer(
+            &mut rx, &mut carry, send, &pending, &dead, max_frame, &mut seq, resend,
+        )
+        .await;
+        // Wait until the ack reader is done: after that no ack can arrive
+        // for what is still pending.
+        let (queue, reason) = loop {
+            let notified = dead.notified();
+            {
+                let mut p = pending.lock().expect("pending lock");
+                if let Some(reason) = p.dead.clone() {
+                    break (std::mem::take(&mut p.queue), reason);
+                }
+            }
+            notified.await;
+        };
+        let err = ClientError::ConnectionLost(reason);
+        let mut again = VecDeque::new();
+        for f in queue {
+            for part in f.parts {
+                match part.resend {
+                    Some(records) if resend => again.push_back(Request {
+                        topic: f.topic.clone(),
+                        records,
+                        reply: part.reply,
+                        permit: part.permit,
+                    }),
+                    _ => {
+                        let _ = part.reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        if matches!(ended, Ended::Finished) {
+            for r in again {
+                let _ = r.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        if !again.is_empty() {
+            tracing::debug!(parts = again.len(), "resending unacknowledged publishes");
+        }
+        again.extend(carry.drain(..));
+        carry = again;
+        if !resend {
+            for r in carry.drain(..) {
+                let _ = r.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn writer(
+    rx: &mut mpsc::Receiver<Request>,
+    carry: &mut VecDeque<Request>,
+    mut send: quinn::SendStream,
+    pending: &Mutex<Pending>,
+    dead: &Notify,
+    max_frame: usize,
+    seq: &mut u64,
+    resend: bool,
+) -> Ended {
+    let mut buf = BytesMut::with_capacity(WRITE_CHUNK + (64 << 10));
     let budget = frame_budget(max_frame);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = match carry.pop_front() {
+            Some(r) => r,
+            None => tokio::select! {
+                biased;
+                _ = dead.notified() => {
+                    // Give the permit back for `run`, which waits on it too.
+                    dead.notify_one();
+                    return Ended::Lost;
+                }
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => {
+                        let _ = send.finish();
+                        return Ended::Finished;
+                    }
+                },
+            },
+        };
         let mut frames: Vec<InFlight> = Vec::new();
-        let mut open: Option<(Arc<str>, PublishBatchWriter)> = None;
+        let mut open: Option<PublishBatchWriter> = None;
         let mut next = Some(first);
         while let Some(req) = next.take() {
             // `submit` sizes every request to fit one frame, so a request
             // never spans frames and is acknowledged as a unit.
             let req_len: usize = req.records.iter().map(|r| r.encoded_len() + 4).sum();
-            let fits = open.as_ref().is_some_and(|(t, w)| {
-                *t == req.topic
+            let fits = open.as_ref().is_some_and(|w| {
+                frames.last().is_some_and(|f| f.topic == req.topic)
                     && w.count() as usize + req.records.len() <= MAX_BATCH_RECORDS
-                    && w.len(&buf) + req_len <= budget
+                    && w.len(&buf) + req_len + 8 * frames.last().map_or(0, |f| f.parts.len())
+                        <= budget
             });
             if !fits {
-                if let Some((_, w)) = open.take() {
-                    w.finish(&mut buf);
+                if let (Some(w), Some(f)) = (open.take(), frames.last()) {
+                    w.finish_parts(&mut buf, f.parts.iter().map(|p| p.count as u32));
                 }
-                seq += 1;
-                open = Some((
-                    req.topic.clone(),
-                    PublishBatchWriter::begin(&mut buf, seq, &req.topic),
-                ));
+                *seq += 1;
+                open = Some(PublishBatchWriter::begin(&mut buf, *seq, &req.topic));
                 frames.push(InFlight {
-                    seq,
+                    seq: *seq,
+                    topic: req.topic.clone(),
                     parts: Vec::new(),
                 });
             }
-            let (_, w) = open.as_mut().expect("opened above");
+            let w = open.as_mut().expect("opened above");
             for r in &req.records {
                 w.push(&mut buf, r);
             }
-            frames.last_mut().expect("a frame is open").parts.push((
-                req.reply,
-                req.records.len(),
-                req._permit,
-            ));
+            let keep = resend && req.records.iter().all(|r| r.message_id().is_some());
+            frames
+                .last_mut()
+                .expect("a frame is open")
+                .parts
+                .push(Part {
+                    reply: req.reply,
+                    count: req.records.len(),
+                    permit: req.permit,
+                    resend: keep.then_some(req.records),
+                });
             if buf.len() < WRITE_CHUNK {
-                next = rx.try_recv().ok();
+                next = carry.pop_front().or_else(|| rx.try_recv().ok());
             }
         }
-        if let Some((_, w)) = open.take() {
-            w.finish(&mut buf);
+        if let (Some(w), Some(f)) = (open.take(), frames.last()) {
+            w.finish_parts(&mut buf, f.parts.iter().map(|p| p.count as u32));
         }
         {
             let mut p = pending.lock().expect("pending lock");
-            if let Some(reason) = &p.dead {
-                let err = ClientError::ConnectionLost(reason.clone());
-                for f in frames {
-                    fail(f.parts, &err);
-                }
-                buf.clear();
-                continue;
-            }
+            let lost = p.dead.is_some();
             p.queue.extend(frames);
+            if lost {
+                // Not written: `run` resends or fails them with the rest.
+                return Ended::Lost;
+            }
         }
         if let Err(e) = send.write_all(&buf).await {
             tracing::debug!(error = %e, "publish stream write failed");
-            // The ack reader sees the stream end and fails what is pending.
-            return;
+            return Ended::Lost;
         }
         buf.clear();
     }
-    let _ = send.finish();
 }
 
 /// Bytes of records one batch frame may carry, leaving room for its header
@@ -338,7 +482,11 @@ fn frame_budget(max_frame: usize) -> usize {
     max_frame.saturating_sub(1024).max(4096)
 }
 
-async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mutex<Pending>>) {
+async fn ack_reader(
+    mut reader: FrameReader<quinn::RecvStream>,
+    pending: Arc<Mutex<Pending>>,
+    dead: Arc<Notify>,
+) {
     let reason = loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
@@ -351,7 +499,8 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                 positions,
                 duplicates,
                 routed,
-            } => (seq, Ok((positions, duplicates, routed))),
+                refused,
+            } => (seq, Ok((positions, duplicates, routed, refused))),
             Frame::Error { id, code, message } => (id, Err(WireError::new(code, message))),
             other => break format!("unexpected frame on publish stream: {other:?}"),
         };
@@ -371,15 +520,22 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
             break format!("ack for unknown batch {seq}");
         };
         match result {
-            Ok((positions, duplicates, routed)) => {
-                let total: usize = batch.parts.iter().map(|(_, n, _)| *n).sum();
-                if total != positions.len() {
+            Ok((positions, duplicates, routed, refused)) => {
+                let mut refused = refused.into_iter().peekable();
+                let stored: usize = batch
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !refused.clone().any(|(j, _)| j as usize == *i))
+                    .map(|(_, p)| p.count)
+                    .sum();
+                if stored != positions.len() {
                     break format!(
-                        "ack for batch {seq} has {} positions, expected {total}",
+                        "ack for batch {seq} has {} positions, expected {stored}",
                         positions.len()
                     );
                 }
-                // Routed indexes come in batch order: merged, not searched.
+                // Indexes come in order: merged, not searched.
                 let mut routed = routed.into_iter().peekable();
                 let mut it = positions
                     .into_iter()
@@ -392,17 +548,17 @@ async fn ack_reader(mut reader: FrameReader<quinn::RecvStream>, pending: Arc<Mut
                             .next_if(|(j, _)| *j == i as u32)
                             .map(|(_, t)| Arc::from(t)),
                     });
-                for (reply, n, _permit) in batch.parts {
-                    let _ = reply.send(Ok(it.by_ref().take(n).collect()));
+                for (i, part) in batch.parts.into_iter().enumerate() {
+                    let answer = match refused.next_if(|(j, _)| *j as usize == i) {
+                        Some((_, e)) => Err(ClientError::Server(e)),
+                        None => Ok(it.by_ref().take(part.count).collect()),
+                    };
+                    let _ = part.reply.send(answer);
                 }
             }
             Err(e) => fail(batch.parts, &ClientError::Server(e)),
         }
     };
-    let mut p = pending.lock().expect("pending lock");
-    p.dead = Some(reason.clone());
-    let err = ClientError::ConnectionLost(reason);
-    for b in p.queue.drain(..) {
-        fail(b.parts, &err);
-    }
+    pending.lock().expect("pending lock").dead = Some(reason);
+    dead.notify_one();
 }

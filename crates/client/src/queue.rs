@@ -15,9 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::ClientError;
 use super::connection::Client;
 use super::inbox::{Inbox, InboxSender, inbox};
-use super::subscribe::write_control;
+use super::subscribe::{Flow, Handler, drive, open_subscription};
 use switchyard_protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
-use switchyard_protocol::transport::FrameReader;
 
 /// How to consume a topic as a queue.
 #[derive(Debug, Clone)]
@@ -80,6 +79,9 @@ impl QueueOptions {
 /// A message delivered by a queue.
 #[derive(Debug, Clone)]
 pub struct QueueMessage {
+    /// The consumer's stream it came on: a message from before a
+    /// reconnect is settled by its redelivery, not by this one.
+    stream: u64,
     /// Topic.
     pub topic: Arc<str>,
     /// Which delivery this is: pass it back to ack, nack or extend.
@@ -116,13 +118,16 @@ impl QueueMessage {
 struct Pending {
     map: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
     ended: Option<ClientError>,
+    /// Which stream is current: 1, then one more per reconnect.
+    stream: u64,
 }
 
 type Waiters = Arc<Mutex<Pending>>;
 
 /// A live queue consumer: a [`Stream`] of messages. Dropping it (or
 /// [`QueueConsumer::close`]) leaves the group; messages it had not acked
-/// are delivered to other members at once.
+/// are delivered to other members at once. It rejoins after a reconnect
+/// (see [`Client`]'s section on them).
 pub struct QueueConsumer {
     rx: Inbox<QueueMessage>,
     ctl: mpsc::UnboundedSender<Frame>,
@@ -131,7 +136,7 @@ pub struct QueueConsumer {
     auto_ack: bool,
     consumed: u32,
     refill_at: u32,
-    writer: tokio::task::JoinHandle<()>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -148,13 +153,28 @@ impl Client {
                 visibility_ms: opts.visibility.as_millis() as u64,
             },
         };
-        let (send, reader, _) = self.open_subscription(f).await?;
+        let link = self.shared.link().await?;
+        let (send, reader, _) = open_subscription(&link, &f).await?;
         let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
-        let waiters: Waiters = Arc::default();
-        let topic: Arc<str> = opts.topic.as_str().into();
-        tokio::spawn(read_queue(reader, tx, waiters.clone(), topic));
-        let writer = tokio::spawn(write_control(send, ctl_rx));
+        let waiters: Waiters = Arc::new(Mutex::new(Pending {
+            stream: 1,
+            ..Pending::default()
+        }));
+        let handler = QueueHandler {
+            subscribe: f,
+            tx,
+            waiters: waiters.clone(),
+            topic: opts.topic.as_str().into(),
+        };
+        let driver = tokio::spawn(drive(
+            self.shared.clone(),
+            link,
+            send,
+            reader,
+            ctl_rx,
+            handler,
+        ));
         Ok(QueueConsumer {
             rx,
             ctl,
@@ -163,19 +183,29 @@ impl Client {
             auto_ack: opts.auto_ack,
             consumed: 0,
             refill_at: (opts.prefetch / 2).max(1),
-            writer,
+            driver,
         })
     }
 }
 
 impl QueueConsumer {
-    async fn request(&self, make: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
+    /// Sends a request about deliveries of stream `stream` (`None`: the
+    /// current one) and waits for the answer. Deliveries of an earlier
+    /// stream were released when it was lost: there is nothing to settle.
+    async fn request(
+        &self,
+        stream: Option<u64>,
+        make: impl FnOnce(u64) -> Frame,
+    ) -> Result<(), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut w = self.waiters.lock().expect("waiters lock");
             if let Some(e) = &w.ended {
                 return Err(e.clone());
+            }
+            if stream.is_some_and(|s| s != w.stream) {
+                return Ok(());
             }
             w.map.insert(id, tx);
         }
@@ -189,14 +219,16 @@ impl QueueConsumer {
 
     /// Acknowledges a message: it is settled and never delivered again.
     pub async fn ack(&self, msg: &QueueMessage) -> Result<(), ClientError> {
-        self.ack_many(&[msg.tag]).await
+        let items = vec![msg.tag];
+        self.request(Some(msg.stream), |id| Frame::Ack { id, items })
+            .await
     }
 
     /// Acknowledges several deliveries in one request. Valid ones are
     /// settled even if the error reports others as unknown.
     pub async fn ack_many(&self, tags: &[DeliveryTag]) -> Result<(), ClientError> {
         let items = tags.to_vec();
-        self.request(|id| Frame::Ack { id, items }).await
+        self.request(None, |id| Frame::Ack { id, items }).await
     }
 
     /// Reports that processing failed. The topic's retry policy decides
@@ -210,7 +242,7 @@ impl QueueConsumer {
         message: &str,
     ) -> Result<(), ClientError> {
         let items = vec![msg.tag];
-        self.request(|id| Frame::Nack {
+        self.request(Some(msg.stream), |id| Frame::Nack {
             id,
             items,
             retryable,
@@ -227,7 +259,7 @@ impl QueueConsumer {
         visibility: Duration,
     ) -> Result<(), ClientError> {
         let items = vec![msg.tag];
-        self.request(|id| Frame::Extend {
+        self.request(Some(msg.stream), |id| Frame::Extend {
             id,
             items,
             visibility_ms: visibility.as_millis() as u64,
@@ -242,9 +274,9 @@ impl QueueConsumer {
 
     /// Leaves the group after the router has received every request sent.
     pub async fn close(self) {
-        let QueueConsumer { ctl, writer, .. } = self;
+        let QueueConsumer { ctl, driver, .. } = self;
         drop(ctl);
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
     }
 }
 
@@ -252,7 +284,18 @@ impl Stream for QueueConsumer {
     type Item = Result<QueueMessage, ClientError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.rx.poll_next(cx);
+        let item = loop {
+            let item = self.rx.poll_next(cx);
+            // A message that came before a reconnect was released by the
+            // router and comes again: skip this copy.
+            if let Poll::Ready(Some(Ok(m))) = &item {
+                let current = self.waiters.lock().expect("waiters lock").stream;
+                if m.stream != current {
+                    continue;
+                }
+            }
+            break item;
+        };
         if self.auto_ack
             && let Poll::Ready(Some(Ok(_))) = &item
         {
@@ -266,58 +309,85 @@ impl Stream for QueueConsumer {
     }
 }
 
-async fn read_queue(
-    mut reader: FrameReader<quinn::RecvStream>,
+/// A queue consumer's side of [`drive`].
+struct QueueHandler {
+    subscribe: Frame,
     tx: InboxSender<QueueMessage>,
     waiters: Waiters,
     topic: Arc<str>,
-) {
-    let answer = |id: u64, r: Result<(), ClientError>| {
-        if let Some(w) = waiters.lock().expect("waiters lock").map.remove(&id) {
+}
+
+impl QueueHandler {
+    fn answer(&self, id: u64, r: Result<(), ClientError>) {
+        if let Some(w) = self.waiters.lock().expect("waiters lock").map.remove(&id) {
             let _ = w.send(r);
         }
-    };
-    let end = loop {
-        match reader.next().await {
-            Ok(Some(Frame::QueueDeliver { records })) => {
+    }
+}
+
+impl Handler for QueueHandler {
+    fn frame(&mut self, f: Frame) -> Flow {
+        match f {
+            Frame::QueueDeliver { records } => {
+                let stream = self.waiters.lock().expect("waiters lock").stream;
                 let batch = records
                     .into_iter()
                     .map(|d| QueueMessage {
-                        topic: topic.clone(),
+                        stream,
+                        topic: self.topic.clone(),
                         tag: d.tag,
                         timestamp_ms: d.timestamp_ms,
                         record: d.record,
                     })
                     .collect();
-                if !tx.send(batch) {
-                    break ClientError::ConnectionLost("consumer dropped".into());
+                if !self.tx.send(batch) {
+                    return Flow::Stop;
                 }
+                Flow::Continue
             }
-            Ok(Some(Frame::Ok { id })) => answer(id, Ok(())),
-            Ok(Some(Frame::Error { id, code, message })) if id != 0 => {
-                answer(id, Err(ClientError::Server(WireError::new(code, message))));
+            Frame::Ok { id } => {
+                self.answer(id, Ok(()));
+                Flow::Continue
             }
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                let e = ClientError::Server(WireError::new(code, message));
-                tx.fail(e.clone());
-                break e;
+            Frame::Error { id, code, message } if id != 0 => {
+                self.answer(id, Err(ClientError::Server(WireError::new(code, message))));
+                Flow::Continue
             }
-            Ok(Some(other)) => {
-                let e = ClientError::Protocol(format!("unexpected frame on queue: {other:?}"));
-                tx.fail(e.clone());
-                break e;
+            Frame::Error { code, message, .. } => {
+                Flow::Fail(ClientError::Server(WireError::new(code, message)))
             }
-            Ok(None) => break ClientError::ConnectionLost("queue stream ended".into()),
-            Err(e) => {
-                let e = ClientError::ConnectionLost(e.to_string());
-                tx.fail(e.clone());
-                break e;
-            }
+            other => Flow::Fail(ClientError::Protocol(format!(
+                "unexpected frame on queue: {other:?}"
+            ))),
         }
-    };
-    let mut w = waiters.lock().expect("waiters lock");
-    for (_, tx) in w.map.drain() {
-        let _ = tx.send(Err(end.clone()));
     }
-    w.ended = Some(end);
+
+    fn resubscribe(&self) -> Frame {
+        self.subscribe.clone()
+    }
+
+    fn lost(&mut self) {
+        // Every delivery of the lost stream was released by the router;
+        // settling one now has nothing to do (its redelivery is the one
+        // to settle).
+        let mut w = self.waiters.lock().expect("waiters lock");
+        w.stream += 1;
+        for (_, tx) in w.map.drain() {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    fn ended(&mut self, e: Option<ClientError>) {
+        let end = e
+            .clone()
+            .unwrap_or_else(|| ClientError::ConnectionLost("queue stream ended".into()));
+        if let Some(e) = e {
+            self.tx.fail(e);
+        }
+        let mut w = self.waiters.lock().expect("waiters lock");
+        for (_, tx) in w.map.drain() {
+            let _ = tx.send(Err(end.clone()));
+        }
+        w.ended = Some(end);
+    }
 }

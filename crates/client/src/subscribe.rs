@@ -1,18 +1,20 @@
 //! Subscriptions: a stream of messages with credit-based flow control.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 
 use super::ClientError;
-use super::connection::Client;
+use super::connection::{Client, Link, Shared};
 use super::inbox::{Inbox, InboxSender, inbox};
-use switchyard_protocol::{Frame, RawRecord, StartPosition, WireError};
 use switchyard_protocol::transport::FrameReader;
+use switchyard_protocol::{Frame, RawRecord, StartPosition, WireError};
 
 /// How to subscribe.
 #[derive(Debug, Clone)]
@@ -120,7 +122,9 @@ impl Message {
 }
 
 /// A live subscription: a [`Stream`] of messages. Dropping it (or calling
-/// [`Subscription::close`]) leaves the group.
+/// [`Subscription::close`]) leaves the group. It survives reconnects (see
+/// [`Client`]'s section on them) and never yields the same partition and
+/// offset twice.
 pub struct Subscription {
     rx: Inbox<Message>,
     ctl: mpsc::UnboundedSender<Frame>,
@@ -128,7 +132,7 @@ pub struct Subscription {
     refill_at: u32,
     assignment: watch::Receiver<Vec<u32>>,
     partitions: u32,
-    writer: tokio::task::JoinHandle<()>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -146,13 +150,42 @@ impl Client {
                 Some(keys) => switchyard_protocol::SubscribeMode::Feed { keys: keys.clone() },
             },
         };
-        let (send, reader, partitions) = self.open_subscription(f).await?;
+        // An anonymous subscription resumes where it was in each partition;
+        // for one that starts at the end, that is the end as of now.
+        let anonymous = opts.group.is_empty() && opts.follow.is_none();
+        let mut next = HashMap::new();
+        if anonymous && opts.start == StartPosition::Latest {
+            let t = self.describe_topic(&opts.topic).await?;
+            next = t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(p, info)| (p as u32, info.end))
+                .collect();
+        }
+        let link = self.shared.link().await?;
+        let (send, reader, partitions) = open_subscription(&link, &f).await?;
         let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let (assign_tx, assignment) = watch::channel(Vec::new());
-        let topic: Arc<str> = opts.topic.as_str().into();
-        tokio::spawn(read_deliveries(reader, tx, assign_tx, topic));
-        let writer = tokio::spawn(write_control(send, ctl_rx));
+        let handler = StreamHandler {
+            subscribe: f,
+            anonymous,
+            start: opts.start,
+            partitions,
+            next,
+            tx,
+            assignment: assign_tx,
+            topic: opts.topic.as_str().into(),
+        };
+        let driver = tokio::spawn(drive(
+            self.shared.clone(),
+            link,
+            send,
+            reader,
+            ctl_rx,
+            handler,
+        ));
         Ok(Subscription {
             rx,
             ctl,
@@ -160,36 +193,231 @@ impl Client {
             refill_at: (opts.prefetch / 2).max(1),
             assignment,
             partitions,
-            writer,
+            driver,
         })
     }
 }
 
-impl Client {
-    /// Opens a subscription stream: sends `subscribe` and waits for
-    /// `Subscribed` (returning the partition count) or the router's error.
-    pub(super) async fn open_subscription(
-        &self,
-        subscribe: Frame,
-    ) -> Result<(quinn::SendStream, FrameReader<quinn::RecvStream>, u32), ClientError> {
-        let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
-        send.write_all(&subscribe.to_bytes())
-            .await
-            .map_err(|e| lost(&e))?;
-        let mut reader = FrameReader::new(recv, 64 << 20);
-        match reader.next().await {
-            Ok(Some(Frame::Subscribed { partitions })) => Ok((send, reader, partitions)),
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                Err(ClientError::Server(WireError::new(code, message)))
+/// Opens a subscription stream: sends `subscribe` and waits for
+/// `Subscribed` (returning the partition count) or the router's error.
+pub(crate) async fn open_subscription(
+    link: &Link,
+    subscribe: &Frame,
+) -> Result<(quinn::SendStream, FrameReader<quinn::RecvStream>, u32), ClientError> {
+    let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
+    let (mut send, recv) = link.conn.open_bi().await.map_err(|e| lost(&e))?;
+    send.write_all(&subscribe.to_bytes())
+        .await
+        .map_err(|e| lost(&e))?;
+    let mut reader = FrameReader::new(recv, 64 << 20);
+    match reader.next().await {
+        Ok(Some(Frame::Subscribed { partitions })) => Ok((send, reader, partitions)),
+        Ok(Some(Frame::Error { code, message, .. })) => {
+            Err(ClientError::Server(WireError::new(code, message)))
+        }
+        Ok(Some(other)) => Err(ClientError::Protocol(format!(
+            "expected Subscribed, got {other:?}"
+        ))),
+        Ok(None) => Err(ClientError::ConnectionLost(
+            "subscription stream closed".into(),
+        )),
+        Err(e) => Err(lost(&e)),
+    }
+}
+
+/// What a subscription does with the router's frames, and how it
+/// subscribes again after a reconnect.
+pub(crate) trait Handler: Send + 'static {
+    /// Takes one frame from the router.
+    fn frame(&mut self, f: Frame) -> Flow;
+    /// The `Subscribe` frame that resumes this subscription.
+    fn resubscribe(&self) -> Frame;
+    /// The stream was lost and a new one is being opened.
+    fn lost(&mut self) {}
+    /// The subscription ended: by leaving (`None`) or with an error.
+    fn ended(&mut self, e: Option<ClientError>);
+}
+
+/// What to do after a frame.
+pub(crate) enum Flow {
+    Continue,
+    /// The consumer is gone: stop without a word.
+    Stop,
+    /// End the subscription with this error.
+    Fail(ClientError),
+}
+
+/// Runs a subscription stream: the router's frames to `handler`, the
+/// consumer's frames (credits, commits, acks) from `ctl` to the router, in
+/// order. A lost stream is opened again on the next connection when the
+/// client reconnects. When `ctl` closes, finishes the stream and reads on
+/// until the router ends it (so it has received everything, commits
+/// included).
+pub(crate) async fn drive<H: Handler>(
+    shared: Arc<Shared>,
+    mut link: Arc<Link>,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader<quinn::RecvStream>,
+    mut ctl: mpsc::UnboundedReceiver<Frame>,
+    mut handler: H,
+) {
+    let mut leaving = false;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let lost = loop {
+            tokio::select! {
+                f = reader.next() => match f {
+                    Ok(Some(f)) => match handler.frame(f) {
+                        Flow::Continue => {}
+                        Flow::Stop => return,
+                        Flow::Fail(e) => return handler.ended(Some(e)),
+                    },
+                    Ok(None) if leaving => return handler.ended(None),
+                    Ok(None) => break ClientError::ConnectionLost(
+                        "subscription stream closed by the router".into(),
+                    ),
+                    Err(e) => break ClientError::ConnectionLost(e.to_string()),
+                },
+                c = ctl.recv(), if !leaving => match c {
+                    Some(f) => {
+                        f.encode(&mut buf);
+                        while let Ok(f) = ctl.try_recv() {
+                            f.encode(&mut buf);
+                        }
+                        let written = send.write_all(&buf).await;
+                        buf.clear();
+                        if let Err(e) = written {
+                            break ClientError::ConnectionLost(e.to_string());
+                        }
+                    }
+                    None => {
+                        leaving = true;
+                        let _ = send.finish();
+                    }
+                },
             }
-            Ok(Some(other)) => Err(ClientError::Protocol(format!(
-                "expected Subscribed, got {other:?}"
+        };
+        if leaving || !shared.reconnects() {
+            return handler.ended((!leaving).then_some(lost));
+        }
+        handler.lost();
+        loop {
+            if link.conn.close_reason().is_some() {
+                shared.link_lost(link.generation).await;
+            }
+            link = match shared.link().await {
+                Ok(l) => l,
+                Err(e) => return handler.ended(Some(e)),
+            };
+            match open_subscription(&link, &handler.resubscribe()).await {
+                Ok((s, r, _)) => {
+                    (send, reader) = (s, r);
+                    break;
+                }
+                Err(e @ ClientError::Server(_)) => return handler.ended(Some(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "resubscribing failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A stream subscription's side of [`drive`].
+struct StreamHandler {
+    subscribe: Frame,
+    anonymous: bool,
+    start: StartPosition,
+    partitions: u32,
+    /// Per partition, the offset the next record must reach: records
+    /// below it were delivered before a reconnect.
+    next: HashMap<u32, u64>,
+    tx: InboxSender<Message>,
+    assignment: watch::Sender<Vec<u32>>,
+    topic: Arc<str>,
+}
+
+impl StreamHandler {
+    /// Where a partition that delivered nothing yet starts.
+    fn initial(&self) -> u64 {
+        match self.start {
+            StartPosition::Offset(o) => o,
+            _ => 0,
+        }
+    }
+}
+
+impl Handler for StreamHandler {
+    fn frame(&mut self, f: Frame) -> Flow {
+        match f {
+            Frame::Deliver { partition, records } => {
+                let (floor, untouched) = match self.next.get(&partition) {
+                    Some(&n) => (n, false),
+                    None => (self.initial(), true),
+                };
+                let batch: Vec<Message> = records
+                    .into_iter()
+                    .filter(|d| d.offset >= floor)
+                    .filter(|d| match (untouched, self.start) {
+                        // Resumed from an offset before this partition's
+                        // first record at or after the start time.
+                        (true, StartPosition::Timestamp(t)) => d.timestamp_ms >= t,
+                        _ => true,
+                    })
+                    .map(|d| Message {
+                        topic: self.topic.clone(),
+                        partition,
+                        offset: d.offset,
+                        timestamp_ms: d.timestamp_ms,
+                        record: d.record,
+                    })
+                    .collect();
+                if let Some(last) = batch.last() {
+                    self.next.insert(partition, last.offset + 1);
+                }
+                if !self.tx.send(batch) {
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            }
+            Frame::Assignment { partitions } => {
+                self.assignment.send_replace(partitions);
+                Flow::Continue
+            }
+            Frame::Error { code, message, .. } => {
+                Flow::Fail(ClientError::Server(WireError::new(code, message)))
+            }
+            other => Flow::Fail(ClientError::Protocol(format!(
+                "unexpected frame on subscription: {other:?}"
             ))),
-            Ok(None) => Err(ClientError::ConnectionLost(
-                "subscription stream closed".into(),
-            )),
-            Err(e) => Err(lost(&e)),
+        }
+    }
+
+    fn resubscribe(&self) -> Frame {
+        let mut f = self.subscribe.clone();
+        if self.anonymous
+            && !self.next.is_empty()
+            && let Frame::Subscribe { start, .. } = &mut f
+        {
+            // From the lowest next offset over the partitions; records
+            // below a partition's own next offset are skipped above.
+            let missing = (self.next.len() as u32) < self.partitions;
+            let lowest = self
+                .next
+                .values()
+                .copied()
+                .chain(missing.then(|| self.initial()))
+                .min()
+                .unwrap_or(0);
+            *start = StartPosition::Offset(lowest);
+        }
+        f
+    }
+
+    fn ended(&mut self, e: Option<ClientError>) {
+        if let Some(e) = e {
+            self.tx.fail(e);
         }
     }
 }
@@ -242,9 +470,9 @@ impl Subscription {
     /// this member's partitions to the others. (Dropping a subscription
     /// leaves too, without waiting.)
     pub async fn close(self) {
-        let Subscription { ctl, writer, .. } = self;
+        let Subscription { ctl, driver, .. } = self;
         drop(ctl);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
     }
 }
 
@@ -262,72 +490,4 @@ impl Stream for Subscription {
         }
         item
     }
-}
-
-async fn read_deliveries(
-    mut reader: FrameReader<quinn::RecvStream>,
-    tx: InboxSender<Message>,
-    assignment: watch::Sender<Vec<u32>>,
-    topic: Arc<str>,
-) {
-    loop {
-        match reader.next().await {
-            Ok(Some(Frame::Deliver { partition, records })) => {
-                let batch = records
-                    .into_iter()
-                    .map(|d| Message {
-                        topic: topic.clone(),
-                        partition,
-                        offset: d.offset,
-                        timestamp_ms: d.timestamp_ms,
-                        record: d.record,
-                    })
-                    .collect();
-                if !tx.send(batch) {
-                    return;
-                }
-            }
-            Ok(Some(Frame::Assignment { partitions })) => {
-                assignment.send_replace(partitions);
-            }
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                tx.fail(ClientError::Server(WireError::new(code, message)));
-                return;
-            }
-            Ok(Some(other)) => {
-                tx.fail(ClientError::Protocol(format!(
-                    "unexpected frame on subscription: {other:?}"
-                )));
-                return;
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tx.fail(ClientError::ConnectionLost(e.to_string()));
-                return;
-            }
-        }
-    }
-}
-
-/// Writes a subscriber's frames (credits, commits, acks) in order; when the
-/// sender side is dropped, finishes the stream and waits until the router
-/// has received everything.
-pub(super) async fn write_control(
-    mut send: quinn::SendStream,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-) {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(f) = rx.recv().await {
-        f.encode(&mut buf);
-        while let Ok(f) = rx.try_recv() {
-            f.encode(&mut buf);
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = send.finish();
-    // Resolves once the router has received everything, commits included.
-    let _ = send.stopped().await;
 }

@@ -192,12 +192,19 @@ pub enum Frame {
         topic: String,
         /// Encoded records.
         records: Vec<RawRecord>,
+        /// How many records each of the batch's parts holds, in order: the
+        /// router stores or refuses each part as a unit. Empty: one part,
+        /// the whole batch. An optional trailing field, sent run-length
+        /// encoded (see `docs/protocol.md`).
+        parts: Vec<u32>,
     },
-    /// Durable acknowledgement of a publish batch, one position per record.
+    /// Durable acknowledgement of a publish batch, one position per record
+    /// of every part that was stored.
     PublishAck {
         /// The batch's sequence number.
         seq: u64,
-        /// `(partition, offset)` of each record, in batch order.
+        /// `(partition, offset)` of each stored record, in batch order
+        /// (records of refused parts have none).
         positions: Vec<(u32, u64)>,
         /// Indexes (into the batch) of records whose message id was already
         /// stored within the dedup window: their position is the original's.
@@ -206,6 +213,10 @@ pub enum Frame {
         /// topic than the one published to: their position is in that
         /// topic. An optional trailing field (absent when empty).
         routed: Vec<(u32, String)>,
+        /// `(part, error)` of each part refused while the rest of the batch
+        /// was stored; indexes in `duplicates` and `routed` count only
+        /// stored records. An optional trailing field (absent when empty).
+        refused: Vec<(u32, WireError)>,
     },
     /// First frame on a subscription stream.
     Subscribe {
@@ -433,6 +444,7 @@ impl Frame {
                 seq,
                 topic,
                 records,
+                parts,
             } => {
                 buf.put_u8(ty::PUBLISH_BATCH);
                 buf.put_u64(*seq);
@@ -442,12 +454,14 @@ impl Frame {
                     buf.put_u32(r.len() as u32);
                     buf.put_slice(r.as_bytes());
                 }
+                put_parts(buf, parts.iter().copied());
             }
             Frame::PublishAck {
                 seq,
                 positions,
                 duplicates,
                 routed,
+                refused,
             } => {
                 buf.put_u8(ty::PUBLISH_ACK);
                 buf.put_u64(*seq);
@@ -460,11 +474,19 @@ impl Frame {
                 for i in duplicates {
                     buf.put_u32(*i);
                 }
-                if !routed.is_empty() {
+                if !routed.is_empty() || !refused.is_empty() {
                     buf.put_u32(routed.len() as u32);
                     for (i, topic) in routed {
                         buf.put_u32(*i);
                         put_str(buf, topic);
+                    }
+                }
+                if !refused.is_empty() {
+                    buf.put_u32(refused.len() as u32);
+                    for (i, e) in refused {
+                        buf.put_u32(*i);
+                        buf.put_u16(e.code.as_u16());
+                        put_str(buf, &e.message);
                     }
                 }
             }
@@ -601,6 +623,27 @@ impl Frame {
     }
 }
 
+/// Writes a batch's part sizes as the optional trailing field of
+/// `PublishBatch`: runs of `(repeat, records)`, so a batch of many
+/// one-record parts costs 12 bytes. Nothing for a single part.
+fn put_parts(buf: &mut BytesMut, parts: impl IntoIterator<Item = u32>) {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for n in parts {
+        match runs.last_mut() {
+            Some((repeat, size)) if *size == n => *repeat += 1,
+            _ => runs.push((1, n)),
+        }
+    }
+    if runs.len() == 1 && runs[0].0 == 1 || runs.is_empty() {
+        return;
+    }
+    buf.put_u32(runs.len() as u32);
+    for (repeat, size) in runs {
+        buf.put_u32(repeat);
+        buf.put_u32(size);
+    }
+}
+
 /// Appends one record of a `PublishBatch` straight from an owned [`Record`],
 /// so a producer encodes each record exactly once, into the frame buffer.
 pub struct PublishBatchWriter {
@@ -646,6 +689,13 @@ impl PublishBatchWriter {
     /// True if no record was appended.
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Patches the frame length and record count, after listing the
+    /// batch's parts (record counts, in order) if there is more than one.
+    pub fn finish_parts(self, buf: &mut BytesMut, parts: impl IntoIterator<Item = u32>) {
+        put_parts(buf, parts);
+        self.finish(buf);
     }
 
     /// Patches the frame length and record count.
@@ -906,10 +956,32 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
                 let bytes = b.bytes(len, "record")?;
                 records.push(RawRecord::new(bytes)?);
             }
+            // Optional trailing field: absent means one part.
+            let mut parts = Vec::new();
+            if !b.buf.is_empty() {
+                let runs = b.count("part runs", 8)?;
+                let mut left = records.len();
+                for _ in 0..runs {
+                    let repeat = b.u32("part repeat")? as usize;
+                    let size = b.u32("part size")? as usize;
+                    if size == 0 || repeat.saturating_mul(size) > left {
+                        return Err(DecodeError::InvalidValue("publish batch parts"));
+                    }
+                    left -= repeat * size;
+                    parts.extend(std::iter::repeat_n(size as u32, repeat));
+                }
+                if left != 0 {
+                    return Err(DecodeError::InvalidValue("publish batch parts"));
+                }
+                if parts.len() == 1 {
+                    parts.clear();
+                }
+            }
             Frame::PublishBatch {
                 seq,
                 topic,
                 records,
+                parts,
             }
         }
         ty::PUBLISH_ACK => {
@@ -932,11 +1004,21 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
                     routed.push((b.u32("routed index")?, b.string("routed topic")?));
                 }
             }
+            let mut refused = Vec::new();
+            if !b.buf.is_empty() {
+                let n = b.count("refused count", 10)?;
+                for _ in 0..n {
+                    let part = b.u32("refused part")?;
+                    let code = ErrorCode::from_u16(b.u16("refused code")?);
+                    refused.push((part, WireError::new(code, b.string("refused message")?)));
+                }
+            }
             Frame::PublishAck {
                 seq,
                 positions,
                 duplicates,
                 routed,
+                refused,
             }
         }
         ty::SUBSCRIBE => {
@@ -1187,22 +1269,40 @@ mod tests {
                 "[a-z]{0,10}",
                 proptest::collection::vec(raw_record(), 0..5)
             )
-                .prop_map(|(seq, topic, records)| Frame::PublishBatch {
-                    seq,
-                    topic,
-                    records
+                .prop_map(|(seq, topic, records)| {
+                    // Parts from the seq's low bits: one part, or the
+                    // records split 1 + rest, or one record per part.
+                    let n = records.len() as u32;
+                    let parts = match seq % 3 {
+                        1 if n >= 2 => vec![1, n - 1],
+                        2 if n >= 2 => vec![1; n as usize],
+                        _ => Vec::new(),
+                    };
+                    Frame::PublishBatch {
+                        seq,
+                        topic,
+                        records,
+                        parts,
+                    }
                 }),
             (
                 any::<u64>(),
                 proptest::collection::vec((any::<u32>(), any::<u64>()), 0..5),
                 proptest::collection::vec(any::<u32>(), 0..3),
-                proptest::collection::vec((any::<u32>(), "[a-z.]{1,10}"), 0..3)
+                proptest::collection::vec((any::<u32>(), "[a-z.]{1,10}"), 0..3),
+                proptest::collection::vec((any::<u32>(), any::<u16>(), ".{0,20}"), 0..3)
             )
-                .prop_map(|(seq, positions, duplicates, routed)| Frame::PublishAck {
-                    seq,
-                    positions,
-                    duplicates,
-                    routed
+                .prop_map(|(seq, positions, duplicates, routed, refused)| {
+                    Frame::PublishAck {
+                        seq,
+                        positions,
+                        duplicates,
+                        routed,
+                        refused: refused
+                            .into_iter()
+                            .map(|(i, c, m)| (i, WireError::new(ErrorCode::from_u16(c), m)))
+                            .collect(),
+                    }
                 }),
             (
                 "[a-z]{0,10}",
@@ -1359,6 +1459,7 @@ mod tests {
             seq: 1,
             topic: "orders".into(),
             records: vec![Record::new("hi").with_key("k").to_raw()],
+            parts: Vec::new(),
         };
         let hex: String = f.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
@@ -1392,8 +1493,50 @@ mod tests {
             seq: 7,
             topic: "t".into(),
             records: recs.iter().map(Record::to_raw).collect(),
+            parts: Vec::new(),
         };
         assert_eq!(&buf[..], &expected.to_bytes()[..]);
+    }
+
+    #[test]
+    fn batch_parts_travel_run_length_encoded_and_must_add_up() {
+        let recs: Vec<RawRecord> = (0..6).map(|i| Record::new(vec![i]).to_raw()).collect();
+        let mut buf = BytesMut::new();
+        let mut w = PublishBatchWriter::begin(&mut buf, 3, "t");
+        for r in &recs {
+            w.push(&mut buf, &r.to_record());
+        }
+        w.finish_parts(&mut buf, [1, 1, 1, 1, 2]);
+        let parts = Frame::PublishBatch {
+            seq: 3,
+            topic: "t".into(),
+            records: recs.clone(),
+            parts: vec![1, 1, 1, 1, 2],
+        };
+        assert_eq!(&buf[..], &parts.to_bytes()[..]);
+        // Two runs: 4 parts of 1, 1 part of 2.
+        let one_part = Frame::PublishBatch {
+            seq: 3,
+            topic: "t".into(),
+            records: recs.clone(),
+            parts: Vec::new(),
+        };
+        assert_eq!(buf.len(), one_part.to_bytes().len() + 4 + 2 * 8);
+        assert_eq!(decode(&mut buf, 1 << 20).unwrap(), Some(parts));
+
+        // Parts that claim more (or fewer) records than the batch holds.
+        for bad in [[2u32, 5], [1, 4]] {
+            let mut buf = BytesMut::new();
+            let mut w = PublishBatchWriter::begin(&mut buf, 3, "t");
+            for r in &recs {
+                w.push(&mut buf, &r.to_record());
+            }
+            w.finish_parts(&mut buf, bad);
+            assert!(matches!(
+                decode(&mut buf, 1 << 20),
+                Err(DecodeError::InvalidValue("publish batch parts"))
+            ));
+        }
     }
 
     #[test]

@@ -77,6 +77,14 @@ impl Record {
         self.with_header(super::headers::MESSAGE_ID, id)
     }
 
+    /// The producer's message id, if the record carries one.
+    pub fn message_id(&self) -> Option<&Bytes> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == super::headers::MESSAGE_ID)
+            .map(|(_, v)| v)
+    }
+
     /// The encoded length of this record, without any outer length prefix.
     pub fn encoded_len(&self) -> usize {
         4 + self.key.as_ref().map_or(0, |k| k.len())

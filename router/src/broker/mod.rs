@@ -130,7 +130,7 @@ impl PublishTicket {
 }
 
 /// Where a publish batch's records went, once durable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
     /// `(partition, offset)` per record in batch order; [`DROPPED`] for a
     /// record a route plugin dropped or the backlog limit shed.

@@ -23,7 +23,14 @@ use crate::transport::FrameReader;
 /// Batches in flight per publish stream before the reader stops reading.
 const MAX_IN_FLIGHT: usize = 256;
 
-type Pending = (u64, Result<PublishTicket, WireError>);
+/// What became of one batch frame: stored or refused as a whole, or (a
+/// batch of several parts that was refused as a whole) part by part.
+enum Outcome {
+    Whole(Result<PublishTicket, WireError>),
+    Parts(Vec<Result<PublishTicket, WireError>>),
+}
+
+type Pending = (u64, Outcome);
 
 pub(super) async fn serve(
     first: Frame,
@@ -64,6 +71,7 @@ pub(super) async fn serve(
             seq,
             topic,
             records,
+            parts,
         } = frame
         else {
             drop(tx);
@@ -82,7 +90,7 @@ pub(super) async fn serve(
                 _ = shutdown.wait_for(|s| *s) => break,
             },
             Err(e) => {
-                if tx.send((seq, Err(e))).await.is_err() {
+                if tx.send((seq, Outcome::Whole(Err(e)))).await.is_err() {
                     break;
                 }
                 continue;
@@ -93,12 +101,33 @@ pub(super) async fn serve(
             _ => shared.broker.topic(&topic),
         };
         let result = match handle {
-            Ok(h) => {
-                let r = shared.broker.publish(&h, records, &mut rr).await;
+            Ok(h) if parts.len() > 1 => {
+                // Several callers' records: if the batch is refused, each
+                // part is tried alone, so one part's bad record refuses
+                // only that part. A refused batch stored nothing, so
+                // nothing is stored twice, and parts keep their order.
+                let whole = shared.broker.publish(&h, records.clone(), &mut rr).await;
+                let r = match whole {
+                    Ok(ticket) => Outcome::Whole(Ok(ticket)),
+                    Err(_) => {
+                        let mut left = records.into_iter();
+                        let mut each = Vec::with_capacity(parts.len());
+                        for n in &parts {
+                            let part: Vec<_> = left.by_ref().take(*n as usize).collect();
+                            each.push(shared.broker.publish(&h, part, &mut rr).await);
+                        }
+                        Outcome::Parts(each)
+                    }
+                };
                 cached = Some(h);
                 r
             }
-            Err(e) => Err(e),
+            Ok(h) => {
+                let r = shared.broker.publish(&h, records, &mut rr).await;
+                cached = Some(h);
+                Outcome::Whole(r)
+            }
+            Err(e) => Outcome::Whole(Err(e)),
         };
         if tx.send((seq, result)).await.is_err() {
             break; // the ack writer failed: the stream is gone
@@ -130,14 +159,18 @@ async fn ack_loop(
         // Coalesce every ack that is already decided.
         loop {
             match rx.try_recv() {
-                Ok((seq, Err(e))) => Frame::error(seq, &e).encode(&mut buf),
-                Ok((seq, Ok(mut ticket))) => match (&mut ticket).now_or_never() {
+                Ok((seq, Outcome::Whole(Err(e)))) => Frame::error(seq, &e).encode(&mut buf),
+                Ok((seq, Outcome::Whole(Ok(mut ticket)))) => match (&mut ticket).now_or_never() {
                     Some(r) => encode_result(seq, r, &mut buf),
                     None => {
-                        head = Some((seq, Ok(ticket)));
+                        head = Some((seq, Outcome::Whole(Ok(ticket))));
                         break;
                     }
                 },
+                Ok(parts @ (_, Outcome::Parts(_))) => {
+                    head = Some(parts);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -150,10 +183,50 @@ async fn ack_loop(
     Ok(())
 }
 
-async fn encode_ack(seq: u64, result: Result<PublishTicket, WireError>, buf: &mut BytesMut) {
-    match result {
-        Ok(ticket) => encode_result(seq, ticket.await, buf),
-        Err(e) => Frame::error(seq, &e).encode(buf),
+async fn encode_ack(seq: u64, outcome: Outcome, buf: &mut BytesMut) {
+    match outcome {
+        Outcome::Whole(Ok(ticket)) => encode_result(seq, ticket.await, buf),
+        Outcome::Whole(Err(e)) => Frame::error(seq, &e).encode(buf),
+        Outcome::Parts(each) => {
+            // One ack: the stored parts' positions, and each refused part
+            // with its error. Indexes count stored records only.
+            let mut all = Published::default();
+            let mut refused = Vec::new();
+            for (i, r) in each.into_iter().enumerate() {
+                let stored = match r {
+                    Ok(ticket) => ticket.await.map_err(|e| storage_wire(&e)),
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(p) => {
+                        let base = all.positions.len() as u32;
+                        all.positions.extend(p.positions);
+                        all.duplicates.extend(p.duplicates.iter().map(|d| d + base));
+                        all.routed
+                            .extend(p.routed.into_iter().map(|(j, t)| (j + base, t)));
+                    }
+                    Err(e) => refused.push((i as u32, e)),
+                }
+            }
+            Frame::PublishAck {
+                seq,
+                positions: all.positions,
+                duplicates: all.duplicates,
+                routed: all.routed,
+                refused,
+            }
+            .encode(buf)
+        }
+    }
+}
+
+fn storage_wire(e: &StorageError) -> WireError {
+    match e {
+        StorageError::ShutDown => WireError::new(
+            ErrorCode::ShuttingDown,
+            "router shutting down before this batch was stored; retry",
+        ),
+        e => e.to_wire(),
     }
 }
 
@@ -168,17 +241,10 @@ fn encode_result(seq: u64, r: Result<Published, StorageError>, buf: &mut BytesMu
             positions,
             duplicates,
             routed,
+            refused: Vec::new(),
         }
         .encode(buf),
-        Err(StorageError::ShutDown) => Frame::error(
-            seq,
-            &WireError::new(
-                ErrorCode::ShuttingDown,
-                "router shutting down before this batch was stored; retry",
-            ),
-        )
-        .encode(buf),
-        Err(e) => Frame::error(seq, &e.to_wire()).encode(buf),
+        Err(e) => Frame::error(seq, &storage_wire(&e)).encode(buf),
     }
 }
 
