@@ -906,3 +906,91 @@ async fn an_empty_dead_letter_queue_lists_as_empty_before_first_use() {
     assert_eq!(e.code(), Some(ErrorCode::UnknownTopic));
     assert!(e.to_string().contains("'nope'"), "{e}");
 }
+
+/// One stage reading two topics: a retry plugin bound to `payments.*`
+/// decides for both, and both name one dead-letter topic.
+#[tokio::test]
+async fn a_pattern_binding_and_a_shared_dlq_serve_a_stage_of_several_topics() {
+    let r = start_router().await;
+    let c = r.client().await;
+    for t in ["payments.eu", "payments.us", "other"] {
+        c.create_topic(t, 1).await.unwrap();
+    }
+    // Before anything was dead-lettered, the shared DLQ lists as empty.
+    c.set_topic_policy("payments.eu", json!({ "dlq": "payments-dead" }))
+        .await
+        .unwrap();
+    let empty = c.dlq_list("payments.eu", 10).await.unwrap();
+    assert_eq!(empty["topic"], "payments-dead");
+    assert_eq!(empty["total"], 0);
+    c.set_topic_policy("payments.us", json!({ "dlq": "payments-dead" }))
+        .await
+        .unwrap();
+    let own = c
+        .set_topic_policy("other", json!({ "dlq": "other" }))
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), Some(ErrorCode::InvalidArgument), "{own}");
+
+    let d = c
+        .deploy_plugin(
+            plugin_wasm("retry_backoff"),
+            json!({
+                "name": "payments-retry", "hook": "retry", "topic": "payments.*",
+                "deadline_ms": 1000, "config": { "non-retryable": "declined" }
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d["version"], 1, "{d}");
+    // A pattern may only end in '*'.
+    let bad = c
+        .deploy_plugin(
+            plugin_wasm("retry_backoff"),
+            json!({ "name": "bad", "hook": "retry", "topic": "pay*ments", "deadline_ms": 1000 }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Some(ErrorCode::InvalidArgument), "{bad}");
+
+    // "declined" is the plugin's non-retryable code: the topic default
+    // (max_attempts 5, nothing special about the code) would retry it.
+    for t in ["payments.eu", "payments.us", "other"] {
+        c.publish(t, Record::new(format!("from {t}")))
+            .await
+            .unwrap();
+        let mut q = c.subscribe_queue(QueueOptions::new(t, "g")).await.unwrap();
+        let m = take(&mut q, 1, 10).await.remove(0);
+        q.nack(&m, true, "declined", "card declined").await.unwrap();
+        if t == "other" {
+            // No plugin applies: retried by the topic's policy.
+            let again = take(&mut q, 1, 10).await.remove(0);
+            assert_eq!(again.attempt(), 2);
+            q.ack(&again).await.unwrap();
+        }
+        q.close().await;
+    }
+    let dl = c.dlq_list("payments.us", 10).await.unwrap();
+    assert_eq!(dl["topic"], "payments-dead");
+    let origins: HashSet<&str> = dl["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["headers"]["x-dlq-topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        origins,
+        HashSet::from(["payments.eu", "payments.us"]),
+        "{dl}"
+    );
+    for m in dl["messages"].as_array().unwrap() {
+        let why = m["headers"]["x-dlq-error"].as_str().unwrap();
+        assert!(why.contains("non-retryable failure declined"), "{why}");
+    }
+    // Redrive sends each letter back to the topic it came from.
+    assert_eq!(c.dlq_redrive("payments.eu", None).await.unwrap(), 2);
+    for t in ["payments.eu", "payments.us"] {
+        let end: u64 = c.describe_topic(t).await.unwrap().partitions[0].end;
+        assert_eq!(end, 2, "{t} got its letter back");
+    }
+}

@@ -239,6 +239,19 @@ impl Client {
     ///
     /// Calls are pipelined: many may be in flight at once on one stream, and
     /// records from one task keep their order.
+    ///
+    /// # Batching and its fate
+    ///
+    /// Concurrent calls (from any tasks sharing this client) travel
+    /// together: the publisher packs whatever is queued into one batch
+    /// frame. Each call's records are a *part* of that frame, and the router
+    /// stores or refuses each part on its own: a record refused by a route
+    /// or priority plugin, a bad header or a delay over the topic's limit
+    /// fails only the call that published it, never another call that
+    /// happened to share its frame. Refusals that concern the whole frame
+    /// (an unknown topic, a missing grant, a full backlog, a full disk)
+    /// fail every call in it with that error. After a reconnect, see
+    /// [`Client`]'s section on reconnects.
     pub async fn publish(&self, topic: &str, record: Record) -> Result<Ack, ClientError> {
         let mut v = self.publisher.submit(topic, vec![record]).await?;
         v.pop()
@@ -247,8 +260,10 @@ impl Client {
 
     /// Publishes records; positions come back in input order. A batch that
     /// fits one frame (4096 records and the router's frame size) is stored
-    /// atomically: all of it or none. A larger one is sent as several such
-    /// batches, in order, and the call fails if any of them fails.
+    /// atomically: all of it or none, whatever other calls share its frame
+    /// (see [`Client::publish`]). A larger one is sent as several such
+    /// batches, in order, and the call fails if any of them fails (those
+    /// before it may have been stored).
     pub async fn publish_batch(
         &self,
         topic: &str,

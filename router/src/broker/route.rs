@@ -260,7 +260,7 @@ impl Broker {
             )),
             FailureMode::Bypass => Ok(Placement::Targets(vec![(topic.clone(), record)])),
             FailureMode::DeadLetter => {
-                let dlq = format!("{}.dlq", topic.meta.name);
+                let dlq = topic.policy().dlq_of(&topic.meta.name);
                 let t = self
                     .storage
                     .topic(&dlq)

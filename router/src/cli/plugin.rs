@@ -30,10 +30,12 @@ pub(super) enum PluginCommand {
         /// route, filter, priority, fanout or retry.
         #[arg(long)]
         hook: String,
-        /// Topic to bind to.
+        /// Topic to bind to, or a pattern ending in '*' ('payments.*')
+        /// for every topic it matches, now and later.
         #[arg(long)]
         topic: String,
-        /// Consumer group (filters only; default: every subscription).
+        /// Consumer group (filters only; default: every subscription
+        /// without a filter of its own group).
         #[arg(long)]
         group: Option<String>,
         /// Configuration the plugin reads, KEY=VALUE; repeat for more.

@@ -73,11 +73,6 @@ pub const DLQ_ERROR: &str = "x-dlq-error";
 /// When it was dead-lettered, ms since the epoch.
 pub const DLQ_TIME: &str = "x-dlq-time-ms";
 
-/// The dead-letter topic of `topic`.
-pub fn dlq_name(topic: &str) -> String {
-    format!("{topic}.dlq")
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Ready,
@@ -1070,7 +1065,7 @@ impl QueueGroup {
     }
 
     async fn dlq_topic(&self) -> Result<Arc<TopicHandle>, StorageError> {
-        let name = dlq_name(&self.topic.meta.name);
+        let name = self.topic.policy().dlq_of(&self.topic.meta.name);
         if let Some(t) = self.storage.topic(&name) {
             return Ok(t);
         }

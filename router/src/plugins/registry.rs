@@ -501,30 +501,40 @@ impl PluginRegistry {
 
     /// The live route plugin of `topic`.
     pub fn route_for(&self, topic: &str) -> Option<Arc<LiveVersion>> {
-        self.find(|b| b.hook == Hook::Route && b.topic == topic)
+        self.bound(topic, |b| b.hook == Hook::Route)
     }
 
     /// The live filter for a subscription of `group` on `topic`: one bound
     /// to that group, else one bound to the whole topic.
     pub fn filter_for(&self, topic: &str, group: &str) -> Option<Arc<LiveVersion>> {
-        self.find(|b| {
-            b.hook == Hook::Filter && b.topic == topic && b.group.as_deref() == Some(group)
+        self.bound(topic, |b| {
+            b.hook == Hook::Filter && b.group.as_deref() == Some(group)
         })
-        .or_else(|| self.find(|b| b.hook == Hook::Filter && b.topic == topic && b.group.is_none()))
+        .or_else(|| self.bound(topic, |b| b.hook == Hook::Filter && b.group.is_none()))
     }
 
     /// The live plugin for `hook` on `topic` (priority, fanout, retry).
     pub fn hook_for(&self, hook: Hook, topic: &str) -> Option<Arc<LiveVersion>> {
-        self.find(|b| b.hook == hook && b.topic == topic)
+        self.bound(topic, |b| b.hook == hook)
     }
 
-    fn find(&self, f: impl Fn(&Binding) -> bool) -> Option<Arc<LiveVersion>> {
-        self.bindings
-            .read()
-            .expect("bindings lock")
-            .values()
-            .find(|b| f(b))
-            .and_then(|b| b.live())
+    /// The live version of the binding `f` accepts that applies to
+    /// `topic`: one bound to the topic by name, else the one whose pattern
+    /// (`orders.*`) matches it with the longest prefix.
+    fn bound(&self, topic: &str, f: impl Fn(&Binding) -> bool) -> Option<Arc<LiveVersion>> {
+        let bindings = self.bindings.read().expect("bindings lock");
+        let mut best: Option<(&Binding, usize)> = None;
+        for b in bindings.values().filter(|b| f(b)) {
+            let rank = match topic_pattern(&b.topic) {
+                None if b.topic == topic => usize::MAX,
+                Some(prefix) if topic.starts_with(prefix) => prefix.len(),
+                _ => continue,
+            };
+            if best.is_none_or(|(_, r)| rank > r) {
+                best = Some((b, rank));
+            }
+        }
+        best.and_then(|(b, _)| b.live())
     }
 
     async fn persist(
@@ -563,7 +573,11 @@ impl PluginRegistry {
                 "plugin names use 1-128 characters from A-Z a-z 0-9 - _ .",
             ));
         }
-        if !topic_exists {
+        if req.topic.contains('*') {
+            crate::auth::Pattern::parse(&req.topic).map_err(|e| {
+                WireError::new(ErrorCode::InvalidArgument, format!("plugin binding: {e}"))
+            })?;
+        } else if !topic_exists {
             return Err(WireError::new(
                 ErrorCode::UnknownTopic,
                 format!(
@@ -935,4 +949,10 @@ impl PluginRegistry {
         let b = self.binding(name)?;
         Ok(b.kv.get(key))
     }
+}
+
+/// The prefix of a binding's topic pattern (`orders.` for `orders.*`), or
+/// `None` for a binding to one topic by name.
+pub fn topic_pattern(topic: &str) -> Option<&str> {
+    topic.strip_suffix('*')
 }

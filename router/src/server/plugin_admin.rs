@@ -56,16 +56,30 @@ pub(super) async fn handle(
                 session.check(Class::PluginAdmin, &current, "")?;
             }
             req.deployed_by = Some(session.principal().name.to_string());
-            let topic_exists = broker.topic(&req.topic).is_ok();
-            if req.on_failure == crate::plugins::FailureMode::DeadLetter && topic_exists {
-                // Route failures are stored on `<topic>.dlq`: make sure it exists.
-                let dlq = format!("{}.dlq", req.topic);
-                if broker.topic(&dlq).is_err() {
-                    let partitions = broker.topic(&req.topic)?.meta.partitions;
-                    match broker.create_topic(&dlq, partitions, 0, 0).await {
-                        Ok(_) => {}
-                        Err(e) if e.code == ErrorCode::TopicExists => {}
-                        Err(e) => return Err(e),
+            // A binding names one topic, or a pattern (`orders.*`) that
+            // applies to every topic it matches, present or future.
+            let pattern = crate::plugins::registry::topic_pattern(&req.topic);
+            let bound: Vec<_> = match pattern {
+                Some(prefix) => broker
+                    .storage()
+                    .topics()
+                    .into_iter()
+                    .filter(|t| t.meta.name.starts_with(prefix))
+                    .collect(),
+                None => broker.topic(&req.topic).ok().into_iter().collect(),
+            };
+            let topic_exists = pattern.is_some() || !bound.is_empty();
+            if req.on_failure == crate::plugins::FailureMode::DeadLetter {
+                // Route failures are stored on each topic's dead-letter
+                // topic: make sure they exist.
+                for t in bound {
+                    let dlq = t.policy().dlq_of(&t.meta.name);
+                    if broker.topic(&dlq).is_err() {
+                        match broker.create_topic(&dlq, t.meta.partitions, 0, 0).await {
+                            Ok(_) => {}
+                            Err(e) if e.code == ErrorCode::TopicExists => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use super::session::Session;
 use crate::auth::Class;
 use crate::broker::Broker;
-use crate::delivery::queue::{dlq_name, redrive_record};
+use crate::delivery::queue::redrive_record;
 use crate::protocol::{ErrorCode, RawRecord, WireError};
 use crate::storage::{ReadLimit, TopicHandle, TopicPolicy};
 
@@ -67,7 +67,7 @@ pub(super) async fn handle(
             } else {
                 principal.check(Class::TopicAdmin, &r.name, "")?;
             }
-            topic_policy(broker, r).await
+            topic_policy(broker, session, r).await
         }
         "queue-stats" => {
             let r: StatsReq = parse(body)?;
@@ -134,7 +134,11 @@ pub(super) async fn handle(
     }
 }
 
-async fn topic_policy(broker: &Broker, r: PolicyReq) -> Result<serde_json::Value, WireError> {
+async fn topic_policy(
+    broker: &Broker,
+    session: &Session,
+    r: PolicyReq,
+) -> Result<serde_json::Value, WireError> {
     let topic = broker.topic(&r.name)?;
     let current = topic.policy();
     if r.set.is_empty() {
@@ -149,6 +153,18 @@ async fn topic_policy(broker: &Broker, r: PolicyReq) -> Result<serde_json::Value
     let policy: TopicPolicy =
         serde_json::from_value(v).map_err(|e| bad(format!("invalid policy: {e}")))?;
     policy.validate().map_err(bad)?;
+    if let Some(dlq) = &policy.dlq
+        && policy.dlq != current.dlq
+    {
+        crate::broker::validate_topic_name(dlq)?;
+        if *dlq == r.name {
+            return Err(bad(format!(
+                "topic '{dlq}' cannot be its own dead-letter topic"
+            )));
+        }
+        // Dead letters are written there: naming it needs rights on it.
+        session.principal().check(Class::TopicAdmin, dlq, "")?;
+    }
     let limits = broker.config();
     let over = |field: &str, asked: u64, max: u64, key: &str| {
         WireError::new(
@@ -209,13 +225,19 @@ fn read_dlq(
 /// dead-lettered (it is created on first use): an empty DLQ, not an error.
 /// The original topic must exist.
 fn dlq_of(broker: &Broker, topic: &str) -> Result<Option<std::sync::Arc<TopicHandle>>, WireError> {
-    broker.topic(topic)?;
-    Ok(broker.topic(&dlq_name(topic)).ok())
+    Ok(broker.topic(&dlq_name(broker, topic)?).ok())
+}
+
+/// The name of `topic`'s dead-letter topic (its policy's `dlq`, else
+/// `<topic>.dlq`). The original topic must exist.
+fn dlq_name(broker: &Broker, topic: &str) -> Result<String, WireError> {
+    Ok(broker.topic(topic)?.policy().dlq_of(topic))
 }
 
 fn dlq_list(broker: &Broker, r: DlqReq) -> Result<serde_json::Value, WireError> {
     let Some(dlq) = dlq_of(broker, &r.topic)? else {
-        return Ok(serde_json::json!({ "topic": dlq_name(&r.topic), "total": 0, "messages": [] }));
+        let name = dlq_name(broker, &r.topic)?;
+        return Ok(serde_json::json!({ "topic": name, "total": 0, "messages": [] }));
     };
     let info = dlq.partitions()[0];
     let letters = read_dlq(broker, &dlq, r.count.unwrap_or(20) as usize)?;

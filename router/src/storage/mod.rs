@@ -117,7 +117,8 @@ pub struct TopicPolicy {
     pub min_share_pct: u8,
     /// Time to live of every message, from its append time (0: none).
     pub ttl_ms: u64,
-    /// Move expired messages to `<topic>.dlq` instead of discarding them.
+    /// Move expired messages to the dead-letter topic instead of
+    /// discarding them.
     pub dead_letter_expired: bool,
     /// Longest delay a publisher may ask for.
     pub max_delay_ms: u64,
@@ -134,6 +135,10 @@ pub struct TopicPolicy {
     /// Feeds: how keyed records reach the feeds following their key when
     /// no fanout plugin decides (`None`: the topic has no feeds).
     pub fanout: Option<Fanout>,
+    /// The topic dead letters go to (`None`: `<topic>.dlq`). Several
+    /// topics may name one, so that a stage reading `orders.eu` and
+    /// `orders.us` has one DLQ; each letter names its origin.
+    pub dlq: Option<String>,
 }
 
 impl Default for TopicPolicy {
@@ -152,6 +157,7 @@ impl Default for TopicPolicy {
             shed_below_priority: None,
             queue_window: 65_536,
             fanout: None,
+            dlq: None,
         }
     }
 }
@@ -178,6 +184,14 @@ impl TopicPolicy {
             return Err("retry_max_ms must be at least retry_base_ms".into());
         }
         Ok(())
+    }
+
+    /// The dead-letter topic of `topic` under this policy.
+    pub fn dlq_of(&self, topic: &str) -> String {
+        match &self.dlq {
+            Some(d) => d.clone(),
+            None => format!("{topic}.dlq"),
+        }
     }
 
     /// The default retry delay before attempt `attempt + 1`.
