@@ -67,6 +67,9 @@ struct InFlight {
 
 #[derive(Default)]
 struct Pending {
+    /// Batches the router did not store because it was shutting down,
+    /// whose parts may be resent: before `queue`, which they preceded.
+    again: Vec<InFlight>,
     queue: VecDeque<InFlight>,
     /// Set by the ack reader when the stream has ended, with why.
     dead: Option<String>,
@@ -354,7 +357,9 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
             {
                 let mut p = pending.lock().expect("pending lock");
                 if let Some(reason) = p.dead.clone() {
-                    break (std::mem::take(&mut p.queue), reason);
+                    let mut all: VecDeque<InFlight> = std::mem::take(&mut p.again).into();
+                    all.extend(std::mem::take(&mut p.queue));
+                    break (all, reason);
                 }
             }
             notified.await;
@@ -570,6 +575,17 @@ async fn ack_reader(
                     };
                     let _ = part.reply.send(answer);
                 }
+            }
+            Err(e) if e.code == ErrorCode::ShuttingDown => {
+                // Not stored: what may be resent goes to the next
+                // connection, the rest fails now.
+                let (keep, lost): (Vec<Part>, Vec<Part>) =
+                    batch.parts.into_iter().partition(|p| p.resend.is_some());
+                fail(lost, &ClientError::Server(e));
+                pending.lock().expect("pending lock").again.push(InFlight {
+                    parts: keep,
+                    ..batch
+                });
             }
             Err(e) => fail(batch.parts, &ClientError::Server(e)),
         }
