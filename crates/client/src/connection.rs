@@ -589,6 +589,14 @@ impl Client {
         Ok(v["purged"].as_u64().unwrap_or(0))
     }
 
+    /// A snapshot of the router for operators: topics with their offsets
+    /// and counters, consumer lag, queue depth, dead letters, plugin
+    /// health and the storage (what `switchyard status` prints), limited
+    /// to the topics this principal sees.
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.admin_json("status", serde_json::json!({})).await
+    }
+
     /// Who this connection acts as: name, grants, quotas and usage.
     pub async fn whoami(&self) -> Result<serde_json::Value, ClientError> {
         self.admin_json("whoami", serde_json::json!({})).await

@@ -207,7 +207,13 @@ impl Group {
 }
 
 impl Group {
-    /// The storage this group reads from.
+    /// Next offset to read per partition, as committed by the group
+    /// (`None`: nothing committed in that partition).
+    pub fn committed(&self) -> Vec<Option<u64>> {
+        self.state.lock().expect("group lock").committed.clone()
+    }
+
+    /// The storage this group commits to.
     pub fn topic_storage(&self) -> &Storage {
         &self.storage
     }

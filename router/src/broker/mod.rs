@@ -447,6 +447,30 @@ impl Broker {
         records: Vec<RawRecord>,
         rr: &mut u32,
     ) -> Result<PublishTicket, WireError> {
+        let (n, bytes) = (
+            records.len() as u64,
+            records.iter().map(|r| r.len() as u64).sum::<u64>(),
+        );
+        let r = self.publish_batch(topic, records, rr).await;
+        match &r {
+            Ok(_) => {
+                topic.stats.published.fetch_add(n, Ordering::Relaxed);
+                topic
+                    .stats
+                    .published_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(e) => topic.stats.refuse(e.code),
+        }
+        r
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Arc<TopicHandle>,
+        records: Vec<RawRecord>,
+        rr: &mut u32,
+    ) -> Result<PublishTicket, WireError> {
         if let Some(r) = records
             .iter()
             .find(|r| r.len() > self.config.max_message_bytes)
@@ -682,6 +706,20 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// Named stream consumer groups known since the router started.
+    pub fn stream_groups(&self) -> Vec<Arc<Group>> {
+        let mut v: Vec<Arc<Group>> = self
+            .groups
+            .lock()
+            .expect("groups lock")
+            .values()
+            .filter(|g| !g.name.is_empty() && !g.topic.is_deleted())
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.topic.meta.name, &a.name).cmp(&(&b.topic.meta.name, &b.name)));
+        v
     }
 
     /// Queue groups, optionally of one topic.

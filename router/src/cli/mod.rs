@@ -6,6 +6,7 @@ mod plugin;
 mod publish;
 mod queue;
 mod scaffold;
+mod status;
 mod subscribe;
 mod topic;
 mod tune;
@@ -27,6 +28,18 @@ use crate::server::RouterConfig;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as JSON objects (one per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SWITCHYARD_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable (coloured only on a terminal).
+    Text,
+    /// One JSON object per line: timestamp, level, message, fields, spans.
+    Json,
 }
 
 /// How client commands reach the router.
@@ -122,6 +135,9 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Show (and with --apply set) the host settings that decide latency.
     Tune(tune::TuneArgs),
+    /// One look at the router: topics, rates, consumer lag, queue depth,
+    /// dead letters, plugin health (`--json` for scripts).
+    Status(status::StatusArgs),
     /// Verify a stopped router's data directory; `--repair` fixes what can
     /// be fixed without losing acknowledged data.
     Check(CheckArgs),
@@ -149,6 +165,11 @@ struct ServeArgs {
     /// with every right (or `[auth] anonymous_grants`). Logged at every start.
     #[arg(long)]
     allow_anonymous: bool,
+    /// Prometheus endpoint (`GET /metrics`, plain HTTP), or `off`. Default:
+    /// 127.0.0.1 on the port after --listen's (7401), or the config file's
+    /// `metrics`. Beyond loopback it needs a cluster-admin bearer token.
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<String>,
 }
 
 /// Arguments of `switchyard check`.
@@ -204,17 +225,25 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
-    tracing_subscriber::fmt()
+    // A log line that cannot be written (a full disk under stderr) is
+    // dropped: reporting that failure would print to stderr again, and a
+    // failed print panics on whatever thread logged, the storage writer
+    // included.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false);
+    match cli.log_format {
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
         // Colour only on a terminal: a log redirected to a file stays plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // A log line that cannot be written (a full disk under stderr) is
-        // dropped: reporting that failure would print to stderr again, and
-        // a failed print panics on whatever thread logged, the storage
-        // writer included.
-        .log_internal_errors(false)
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue(cmd) => queue::run_queue(cmd).await,
         Command::Dlq(cmd) => queue::run_dlq(cmd).await,
         Command::Tune(args) => tune::run(args),
+        Command::Status(args) => status::run(args).await,
         Command::Check(args) => check(args),
         Command::Auth(cmd) => auth::run(cmd).await,
     }
@@ -272,6 +302,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.allow_anonymous {
         config.auth.allow_anonymous = true;
     }
+    match args.metrics.as_deref() {
+        Some("off") => config.metrics = None,
+        Some(a) => {
+            config.metrics = Some(
+                a.parse()
+                    .with_context(|| format!("--metrics '{a}' is not an address or 'off'"))?,
+            )
+        }
+        None if config.metrics.is_none() => {
+            let port = match config.listen.port() {
+                0 => 0,
+                p => p.wrapping_add(1),
+            };
+            config.metrics = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        None => {}
+    }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot
     // be written (closed, or a full disk) still serves.
@@ -289,6 +336,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     if router.admin_token_path().exists() {
         let _ = writeln!(out, "admin token: {}", router.admin_token_path().display());
+    }
+    if let Some(m) = router.metrics_addr() {
+        let _ = writeln!(out, "metrics: http://{m}/metrics");
     }
     let _ = out.flush();
     drop(out);

@@ -100,6 +100,10 @@ impl FeedSubscription {
             buf[at..at + 13].copy_from_slice(&header);
         }
         self.credits -= n as u64;
+        self.topic
+            .stats
+            .delivered
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         // Cursors moved past skipped entries too: remember them.
         if self.cursors != before && n == 0 {
             return Ok(usize::MAX);

@@ -1088,6 +1088,13 @@ impl QueueGroup {
         }
     }
 
+    /// Messages ready, in flight and waiting (delayed or backing off).
+    pub fn depth(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        let ready: usize = st.lanes.iter().map(|l| l.len()).sum();
+        (ready, st.deadlines.len(), st.timers.len())
+    }
+
     /// The group's counters and sizes, for `queue stats`.
     pub fn describe(&self) -> serde_json::Value {
         let st = self.lock();
@@ -1374,6 +1381,11 @@ impl QueueSubscription {
         let mut header = [0u8; 9];
         put_queue_deliver_header(&mut &mut header[..], count, buf.len() - start - 9);
         buf[start..start + 9].copy_from_slice(&header);
+        self.group
+            .topic
+            .stats
+            .delivered
+            .fetch_add(count as u64, Ordering::Relaxed);
         if self.auto_ack {
             self.credits = self.credits.saturating_sub(count as u64);
         }

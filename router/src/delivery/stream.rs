@@ -210,6 +210,11 @@ impl StreamSubscription {
                     continue;
                 }
                 h.position = next;
+                self.group
+                    .topic
+                    .stats
+                    .delivered
+                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
                 self.credits -= count as u64;
                 sent += count as u64;
                 progressed = true;
@@ -220,6 +225,7 @@ impl StreamSubscription {
             buf.put_bytes(0, 13);
             let body_at = buf.len();
             let mut count = 0u32;
+            let mut last_ts = 0;
             let next = storage.scan(
                 topic_id,
                 h.partition,
@@ -231,8 +237,18 @@ impl StreamSubscription {
                 |offset, ts, rec| {
                     put_delivered(buf, offset, ts, rec);
                     count += 1;
+                    last_ts = ts;
                 },
             )?;
+            if count > 0 && next >= info.end {
+                // Caught up: the last record's age is the delivery latency.
+                let age_ms = crate::storage::now_ms().saturating_sub(last_ts);
+                self.group
+                    .topic
+                    .stats
+                    .publish_to_deliver
+                    .observe(age_ms as f64 / 1000.0);
+            }
             if count == 0 {
                 buf.truncate(header_at);
                 // Nothing where the partition says records are, and not
@@ -253,6 +269,11 @@ impl StreamSubscription {
             let mut header = [0u8; 13];
             put_deliver_header(&mut &mut header[..], h.partition, count, body_len);
             buf[header_at..body_at].copy_from_slice(&header);
+            self.group
+                .topic
+                .stats
+                .delivered
+                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
             h.position = next;
             self.credits -= count as u64;
             sent += count as u64;

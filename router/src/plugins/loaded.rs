@@ -157,7 +157,35 @@ pub struct Stats {
     pub failures: AtomicU64,
     /// Calls not made because the breaker had suspended the plugin.
     pub suspended: AtomicU64,
+    /// Failures by kind, indexed as [`FAILURE_KINDS`].
+    pub failures_by_kind: [AtomicU64; FAILURE_KINDS.len()],
     micros: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+/// The kinds of failed calls, as metrics label them.
+pub const FAILURE_KINDS: [&str; 7] = [
+    "timeout",
+    "memory",
+    "trap",
+    "invalid_decision",
+    "suspended",
+    "overloaded",
+    "stopped",
+];
+
+impl CallError {
+    /// Its index in [`FAILURE_KINDS`].
+    pub fn kind(&self) -> usize {
+        match self {
+            CallError::Timeout(_) => 0,
+            CallError::OutOfMemory(_) => 1,
+            CallError::Trap(_) => 2,
+            CallError::InvalidDecision(_) => 3,
+            CallError::Suspended(_) => 4,
+            CallError::Overloaded(_) => 5,
+            CallError::Stopped => 6,
+        }
+    }
 }
 
 impl Stats {
@@ -167,6 +195,7 @@ impl Stats {
             messages: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             suspended: AtomicU64::new(0),
+            failures_by_kind: Default::default(),
             micros: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
             ),
@@ -176,6 +205,20 @@ impl Stats {
     /// Call time at quantile `q` (0..1), in microseconds.
     pub fn quantile_us(&self, q: f64) -> u64 {
         self.micros.lock().expect("stats lock").value_at_quantile(q)
+    }
+
+    /// Counts a failed call.
+    fn fail(&self, e: &CallError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.failures_by_kind[e.kind()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Call times as cumulative counts at each bound (in µs), with their
+    /// sum (µs) and count: a histogram for metrics, read at scrape.
+    pub fn call_time_buckets(&self, bounds_us: &[u64]) -> (Vec<u64>, f64, u64) {
+        let h = self.micros.lock().expect("stats lock");
+        let counts = bounds_us.iter().map(|&b| h.count_between(0, b)).collect();
+        (counts, h.mean() * h.len() as f64, h.len())
     }
 }
 
@@ -414,7 +457,7 @@ impl LoadedPlugin {
         f: impl FnOnce(&mut Store<StoreState>, &Inst) -> wasmtime::Result<R>,
     ) -> Called<R> {
         let refuse = |e: CallError, batch| {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            self.stats.fail(&e);
             (Err(e), batch, Vec::new())
         };
         if self.engine.is_stopping() {
@@ -476,7 +519,7 @@ impl LoadedPlugin {
         let mut pooled = match pooled.map(Ok).unwrap_or_else(|| self.instantiate()) {
             Ok(p) => p,
             Err(e) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.fail(&e);
                 return (Err(e), batch, Vec::new());
             }
         };
@@ -516,14 +559,15 @@ impl LoadedPlugin {
             }
             Err(e) => {
                 // A trapped instance may be inconsistent: never reuse it.
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                (Err(self.classify(e)), batch, Vec::new())
+                let e = self.classify(e);
+                self.stats.fail(&e);
+                (Err(e), batch, Vec::new())
             }
         }
     }
 
     fn count_invalid(&self) {
-        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.fail(&CallError::InvalidDecision(String::new()));
     }
 
     /// Route decisions for `batch`, one per message.

@@ -499,6 +499,19 @@ impl PluginRegistry {
         })
     }
 
+    /// Every binding with its live version (if any) and how many times it
+    /// was activated (deploys and rollbacks): for metrics.
+    pub fn snapshot(&self) -> Vec<(Arc<Binding>, Option<Arc<LiveVersion>>, u64)> {
+        let bindings = self.bindings.read().expect("bindings lock");
+        bindings
+            .values()
+            .map(|b| {
+                let swaps = b.record.lock().expect("record lock").next_activation;
+                (b.clone(), b.live(), swaps)
+            })
+            .collect()
+    }
+
     /// The live route plugin of `topic`.
     pub fn route_for(&self, topic: &str) -> Option<Arc<LiveVersion>> {
         self.bound(topic, |b| b.hook == Hook::Route)

@@ -2,12 +2,15 @@
 //! a task per stream, chosen by the stream's first frame.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tracing::Instrument;
 
 use rustls::pki_types::CertificateDer;
 
+use super::metrics::Open;
 use super::session::Session;
 use super::{Shared, control, publish, subscribe, tls};
 use crate::protocol::{ErrorCode, Frame, close, negotiate};
@@ -25,6 +28,10 @@ pub(super) async fn handle(
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
+            shared
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%remote, error = %e, "handshake failed");
             return;
         }
@@ -43,10 +50,18 @@ pub(super) async fn handle(
     let (control, session) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await {
         Ok(Ok(c)) => c,
         Ok(Err(reason)) => {
-            tracing::debug!(%remote, %reason, "connection rejected");
+            shared
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%remote, %reason, "connection refused");
             return;
         }
         Err(_) => {
+            shared
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             conn.close(close::PROTOCOL_VIOLATION.into(), b"no Hello within 10 s");
             return;
         }
@@ -54,6 +69,15 @@ pub(super) async fn handle(
     // Admitted: no longer a handshake in progress for its address.
     drop(handshaking);
     let session = Arc::new(session);
+    shared
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    let _open = Open::new(&shared, |s| &s.connections);
+    let principal = session.principal().name.clone();
+    tracing::info!(%remote, %principal, "connection open");
+    // Everything its streams log names the connection and principal.
+    let span = tracing::info_span!("connection", %remote, %principal);
     let max_idle = Duration::from_millis(shared.config.connection_max_idle_ms);
     let mut idle_check = tokio::time::interval(max_idle / 4);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -69,7 +93,10 @@ pub(super) async fn handle(
         let shared = shared.clone();
         let conn = conn.clone();
         let session = session.clone();
-        others.spawn(async move { control::serve(send, reader, shared, conn, session).await });
+        others.spawn(
+            async move { control::serve(send, reader, shared, conn, session).await }
+                .instrument(span.clone()),
+        );
     }
     let shutting_down = loop {
         tokio::select! {
@@ -79,10 +106,13 @@ pub(super) async fn handle(
                     session.touch();
                     let shared = shared.clone();
                     let conn = conn.clone();
-                    publishers.spawn(stream(send, reader(recv), shared, conn, session.clone()));
+                    publishers.spawn(
+                        stream(send, reader(recv), shared, conn, session.clone())
+                            .instrument(span.clone()),
+                    );
                 }
                 Err(e) => {
-                    tracing::debug!(%remote, reason = %e, "connection closed");
+                    tracing::info!(%remote, %principal, reason = %e, "connection closed");
                     break false;
                 }
             },
@@ -252,6 +282,7 @@ async fn stream(
     conn: quinn::Connection,
     session: Arc<Session>,
 ) {
+    let _open = Open::new(&shared, |s| &s.streams);
     let mut shutdown = shared.shutdown.clone();
     let first = tokio::select! {
         f = reader.next() => f,

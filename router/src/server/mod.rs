@@ -8,11 +8,13 @@ mod admission;
 mod auth_admin;
 mod connection;
 mod control;
+pub(crate) mod metrics;
 mod plugin_admin;
 mod plugin_test;
 mod publish;
 mod queue_admin;
 mod session;
+mod status;
 mod subscribe;
 pub mod tls;
 
@@ -106,6 +108,11 @@ pub struct RouterConfig {
     pub max_dedup_window_ms: u64,
     /// Largest queue look-ahead window a topic may be given, in messages.
     pub max_queue_window: u32,
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP;
+    /// `None`: none). Beyond loopback it answers only a bearer token of a
+    /// principal with `cluster-admin`. `switchyard serve` defaults it to
+    /// 127.0.0.1 and the port after `listen`'s.
+    pub metrics: Option<SocketAddr>,
     /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
     pub auth: AuthConfig,
 }
@@ -147,6 +154,7 @@ impl Default for RouterConfig {
             max_plugin_memory_total_mb: plugin_ceilings.max_total_memory_mb,
             max_dedup_window_ms: broker.max_dedup_window_ms,
             max_queue_window: broker.max_queue_window,
+            metrics: None,
             auth: AuthConfig::default(),
         }
     }
@@ -200,6 +208,16 @@ pub enum StartError {
     /// Principals could not be loaded.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The metrics endpoint's TCP address could not be bound.
+    #[error(
+        "metrics endpoint on {addr}: {source} (choose another address with --metrics ADDR, or --metrics off)"
+    )]
+    MetricsBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The router would be reachable beyond this machine with no principal
     /// but the local admin token.
     #[error(
@@ -226,11 +244,14 @@ pub(crate) struct Shared {
     pub(crate) auth: Arc<Auth>,
     pub(crate) config: RouterConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Endpoint counters and end-to-end histograms, for metrics.
+    pub(crate) stats: metrics::ServerStats,
 }
 
 /// A running router.
 pub struct Router {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     data: PathBuf,
     cert_path: PathBuf,
     generated_cert: bool,
@@ -352,12 +373,31 @@ impl Router {
             auth,
             config: config.clone(),
             shutdown: shutdown_rx,
+            stats: metrics::ServerStats::default(),
         });
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics {
+            let bind = |source| StartError::MetricsBind { addr, source };
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    storage.shutdown().await;
+                    return Err(bind(e));
+                }
+            };
+            metrics_addr = Some(listener.local_addr().map_err(bind)?);
+            tokio::spawn(metrics::serve(
+                listener,
+                shared.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
         let storage_handle = storage.clone();
         let task = tokio::spawn(serve(endpoint, shared, storage));
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
             local_addr,
+            metrics_addr,
             data: config.data.clone(),
             cert_path: paths.cert,
             generated_cert,
@@ -378,6 +418,11 @@ impl Router {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound address of the metrics endpoint, if it serves one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The certificate clients should trust.
@@ -456,12 +501,14 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
                 let (slot, handshaking) = match per_address.admit(remote.ip()) {
                     Ok(admitted) => admitted,
                     Err(admission::Refused::Handshakes(n)) => {
+                        shared.stats.refuse(metrics::Refusal::HandshakesPerAddress);
                         // A handshake flood: refuse statelessly, no TLS work.
                         tracing::info!(%remote, limit = n, "connection refused: handshakes in progress per address");
                         incoming.refuse();
                         continue;
                     }
                     Err(admission::Refused::Connections(n)) => {
+                        shared.stats.refuse(metrics::Refusal::ConnectionsPerAddress);
                         tracing::info!(%remote, limit = n, "connection refused: connections per address");
                         let why = format!(
                             "this address holds max_connections_per_address = {n} connections; close some or retry later"
@@ -481,6 +528,7 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
                     }
                     Err(_) => {
                         drop((slot, handshaking));
+                        shared.stats.refuse(metrics::Refusal::Connections);
                         tracing::warn!(%remote, "connection limit reached");
                         let limit = shared.config.max_connections;
                         let why = format!("router is at max_connections = {limit}; retry later");

@@ -128,6 +128,7 @@ pub(super) async fn handle(
             session.check(Class::PluginAdmin, &req.topic, "")?;
             super::plugin_test::dry_run(broker, req, wasm).await
         }
+        "status" => Ok(super::status::status(shared, session)),
         other if super::queue_admin::OPS.contains(&other) => {
             super::queue_admin::handle(broker, session, other, body).await
         }
@@ -139,7 +140,7 @@ pub(super) async fn handle(
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
-                     dlq-redrive, dlq-purge; auth: {})",
+                     dlq-redrive, dlq-purge; status; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),

@@ -30,7 +30,11 @@ enum Outcome {
     Parts(Vec<Result<PublishTicket, WireError>>),
 }
 
-type Pending = (u64, Outcome);
+/// A batch's sequence number, what became of it, and when it arrived on
+/// which topic (for the publish-to-ack histogram).
+type Pending = (u64, Outcome, Option<Timing>);
+
+type Timing = (std::time::Instant, Arc<TopicHandle>);
 
 pub(super) async fn serve(
     first: Frame,
@@ -67,6 +71,7 @@ pub(super) async fn serve(
                 }
             },
         };
+        let arrived = std::time::Instant::now();
         let Frame::PublishBatch {
             seq,
             topic,
@@ -85,12 +90,16 @@ pub(super) async fn serve(
         // being read, and QUIC flow control slows the producer.
         match session.admit_publish(&topic, &records) {
             Ok(None) => {}
-            Ok(Some(wait)) => tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|s| *s) => break,
-            },
+            Ok(Some(wait)) => {
+                shared.stats.refuse(super::metrics::Refusal::Quota);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
             Err(e) => {
-                if tx.send((seq, Outcome::Whole(Err(e)))).await.is_err() {
+                shared.stats.refuse(super::metrics::Refusal::Quota);
+                if tx.send((seq, Outcome::Whole(Err(e)), None)).await.is_err() {
                     break;
                 }
                 continue;
@@ -129,7 +138,11 @@ pub(super) async fn serve(
             }
             Err(e) => Outcome::Whole(Err(e)),
         };
-        if tx.send((seq, result)).await.is_err() {
+        // Refusals are not acks: only stored batches are timed.
+        let timing = (!matches!(result, Outcome::Whole(Err(_))))
+            .then(|| cached.clone().map(|h| (arrived, h)))
+            .flatten();
+        if tx.send((seq, result, timing)).await.is_err() {
             break; // the ack writer failed: the stream is gone
         }
     }
@@ -154,20 +167,26 @@ async fn ack_loop(
 ) -> Result<(), quinn::WriteError> {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut head = rx.recv().await;
-    while let Some((seq, result)) = head.take() {
+    while let Some((seq, result, timing)) = head.take() {
         encode_ack(seq, result, &mut buf).await;
+        observe(timing);
         // Coalesce every ack that is already decided.
         loop {
             match rx.try_recv() {
-                Ok((seq, Outcome::Whole(Err(e)))) => Frame::error(seq, &e).encode(&mut buf),
-                Ok((seq, Outcome::Whole(Ok(mut ticket)))) => match (&mut ticket).now_or_never() {
-                    Some(r) => encode_result(seq, r, &mut buf),
-                    None => {
-                        head = Some((seq, Outcome::Whole(Ok(ticket))));
-                        break;
+                Ok((seq, Outcome::Whole(Err(e)), _)) => Frame::error(seq, &e).encode(&mut buf),
+                Ok((seq, Outcome::Whole(Ok(mut ticket)), timing)) => {
+                    match (&mut ticket).now_or_never() {
+                        Some(r) => {
+                            encode_result(seq, r, &mut buf);
+                            observe(timing);
+                        }
+                        None => {
+                            head = Some((seq, Outcome::Whole(Ok(ticket)), timing));
+                            break;
+                        }
                     }
-                },
-                Ok(parts @ (_, Outcome::Parts(_))) => {
+                }
+                Ok(parts @ (_, Outcome::Parts(_), _)) => {
                     head = Some(parts);
                     break;
                 }
@@ -181,6 +200,16 @@ async fn ack_loop(
         }
     }
     Ok(())
+}
+
+/// Records a batch's publish-to-ack time on its topic.
+fn observe(timing: Option<Timing>) {
+    if let Some((arrived, topic)) = timing {
+        topic
+            .stats
+            .publish_to_ack
+            .observe(arrived.elapsed().as_secs_f64());
+    }
 }
 
 async fn encode_ack(seq: u64, outcome: Outcome, buf: &mut BytesMut) {

@@ -10,6 +10,7 @@ pub mod check;
 pub mod disk;
 mod error;
 pub mod log;
+pub mod stats;
 pub use log::ReadLimit;
 mod journal;
 #[cfg(test)]
@@ -20,7 +21,7 @@ mod writer;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -214,6 +215,58 @@ pub struct TopicHandle {
     policy: arc_swap::ArcSwap<TopicPolicy>,
     /// Records shed by the backlog limit since the router started.
     pub shed: std::sync::atomic::AtomicU64,
+    /// Counters since the router started, for metrics.
+    pub stats: TopicStats,
+}
+
+/// A topic's counters since the router started: bumped once per batch or
+/// delivery frame on the hot paths, read by the metrics collector.
+#[derive(Debug)]
+pub struct TopicStats {
+    /// Records accepted for this topic (published to it by name).
+    pub published: AtomicU64,
+    /// Their bytes, as encoded records.
+    pub published_bytes: AtomicU64,
+    /// Records sent to stream, feed and queue subscribers.
+    pub delivered: AtomicU64,
+    /// Records deleted by retention.
+    pub retention_deleted: AtomicU64,
+    /// Publishes refused, by error code (written only when one is).
+    pub refused: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// From a publish batch's arrival to its durable ack, in seconds.
+    pub publish_to_ack: prometheus_client::metrics::histogram::Histogram,
+    /// From a record's append (ms clock) to its delivery, in seconds, for
+    /// delivery frames that bring a stream subscriber to the end of a
+    /// partition (a replay from far back would say nothing about latency).
+    pub publish_to_deliver: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for TopicStats {
+    fn default() -> Self {
+        let secs =
+            || prometheus_client::metrics::histogram::Histogram::new(stats::seconds_buckets());
+        TopicStats {
+            published: AtomicU64::new(0),
+            published_bytes: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            retention_deleted: AtomicU64::new(0),
+            refused: Default::default(),
+            publish_to_ack: secs(),
+            publish_to_deliver: secs(),
+        }
+    }
+}
+
+impl TopicStats {
+    /// Counts a refused publish.
+    pub fn refuse(&self, code: crate::protocol::ErrorCode) {
+        *self
+            .refused
+            .lock()
+            .expect("refused lock")
+            .entry(code.as_u16())
+            .or_default() += 1;
+    }
 }
 
 impl TopicHandle {
@@ -224,6 +277,7 @@ impl TopicHandle {
             state: watch::Sender::new(parts),
             deleted: AtomicBool::new(false),
             shed: std::sync::atomic::AtomicU64::new(0),
+            stats: TopicStats::default(),
         }
     }
 
@@ -303,6 +357,9 @@ pub struct Storage {
     /// Set once a commit failed in a way that may have lost what it was to
     /// make durable: from then on nothing is acknowledged.
     failed: watch::Receiver<Option<Arc<str>>>,
+    /// The database file (the journal is beside it).
+    path: Arc<std::path::PathBuf>,
+    stats: Arc<stats::StorageStats>,
 }
 
 /// The future of one append: resolves once the records are durable.
@@ -380,6 +437,7 @@ impl Storage {
         let topics: Registry = Arc::new(RwLock::new(registry));
         let (tx, rx) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
+        let stats = Arc::new(stats::StorageStats::default());
         let w = writer::Writer::new(
             db.clone(),
             topics.clone(),
@@ -390,6 +448,7 @@ impl Storage {
             disk,
             path.to_path_buf(),
             failed_tx,
+            stats.clone(),
         );
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
@@ -418,7 +477,27 @@ impl Storage {
             writer: Arc::new(std::sync::Mutex::new(Some(join))),
             journal_pending,
             failed,
+            path: Arc::new(path.to_path_buf()),
+            stats,
         })
+    }
+
+    /// The writer's commit, sync and checkpoint histograms.
+    pub fn stats(&self) -> &stats::StorageStats {
+        &self.stats
+    }
+
+    /// Bytes of the database file and of the journal beside it (0 for a
+    /// file that is missing).
+    pub fn file_bytes(&self) -> (u64, u64) {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        (size(&self.path), size(&self.path.with_extension("journal")))
+    }
+
+    /// Free bytes on the data directory's file system, if it can be read.
+    pub fn free_bytes(&self) -> Option<u64> {
+        use disk::Disk as _;
+        disk::OsDisk.free_bytes(&self.path).ok()
     }
 
     /// Why this storage stopped acknowledging writes, if it did (a sync of

@@ -193,6 +193,7 @@ pub(crate) struct Writer {
     /// A write already failed for lack of space (redb then refuses every
     /// write until it is reopened).
     space_failed: bool,
+    stats: Arc<super::stats::StorageStats>,
 }
 
 /// How often the writer looks at the free space, at most.
@@ -374,6 +375,7 @@ impl Writer {
         disk: Arc<dyn Disk>,
         path: std::path::PathBuf,
         failed: watch::Sender<Option<Arc<str>>>,
+        stats: Arc<super::stats::StorageStats>,
     ) -> Self {
         Writer {
             db,
@@ -389,6 +391,7 @@ impl Writer {
             free: None,
             failed,
             space_failed: false,
+            stats,
         }
     }
 
@@ -648,13 +651,17 @@ impl Writer {
                 keep
             }
         };
+        let started = Instant::now();
         let mut undo: HashMap<(u32, u32), PartState> = HashMap::new();
         let mut replies = Vec::new();
         let mut flushes = Vec::new();
         let mut new_ids: Vec<(u32, u64)> = Vec::new();
         // Ops are taken from the front as they are applied; if the
         // transaction fails, those not reached are still here to answer.
-        let bytes: usize = segment.iter().map(|op| weight(op).1).sum();
+        let (records, bytes) = segment.iter().fold((0, 0), |(n, b), op| match op {
+            WriteOp::Append { records, .. } => (n + records.len(), b + weight(op).1),
+            _ => (n, b),
+        });
         // A cycle older than the checkpoint period ends with this commit,
         // made durable in redb (the periodic checkpoint normally comes first).
         let journal = self.journal.as_ref().is_some_and(|j| {
@@ -674,6 +681,10 @@ impl Writer {
         match result {
             Ok(()) => {
                 flushed = Ok(());
+                self.stats.commit_records.observe(records as f64);
+                self.stats
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 if let Some((_, _, since)) = self.free.as_mut() {
                     *since += bytes as u64;
                 }
@@ -943,7 +954,11 @@ impl Writer {
         let journal = match self.journal.as_mut() {
             Some(j) if self.redo.is_on() && j.fits(self.redo.len()) => j,
             _ => {
+                let t0 = Instant::now();
                 txn.commit()?;
+                self.stats
+                    .database_sync_seconds
+                    .observe(t0.elapsed().as_secs_f64());
                 self.durable();
                 return Ok(());
             }
@@ -953,7 +968,11 @@ impl Writer {
         txn.set_durability(Durability::None)
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         // Dropping `txn` on an error aborts it: nothing becomes visible.
+        let t0 = Instant::now();
         journal.append(&mut self.redo)?;
+        self.stats
+            .journal_sync_seconds
+            .observe(t0.elapsed().as_secs_f64());
         if let Err(e) = txn.commit() {
             // Refused to the client, so it must not come back on replay.
             if let Err(c) = journal.cancel() {
@@ -987,6 +1006,9 @@ impl Writer {
         txn.open_table(META)?.insert(JOURNAL_LSN, last)?;
         txn.commit()?;
         self.durable();
+        self.stats
+            .checkpoint_seconds
+            .observe(t0.elapsed().as_secs_f64());
         tracing::debug!(
             lsn = last,
             took_us = t0.elapsed().as_micros() as u64,
@@ -1278,6 +1300,10 @@ impl Writer {
                         parts_table
                             .insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
                         deleted += new.start - st.start;
+                        ts.handle
+                            .stats
+                            .retention_deleted
+                            .fetch_add(new.start - st.start, std::sync::atomic::Ordering::Relaxed);
                         changed.push((id, p, new));
                     }
                 }

@@ -1,0 +1,141 @@
+//! The `status` admin operation: one JSON snapshot of what an operator
+//! looks at first (topics, consumer lag, queue depth, dead letters, plugin
+//! health, the storage). `switchyard status` prints it, `switchyard top`
+//! polls it; rates are computed by the caller from two snapshots.
+
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::session::Session;
+use crate::plugins::loaded::FAILURE_KINDS;
+
+/// The snapshot, limited to the topics the principal sees.
+pub(super) fn status(shared: &Shared, session: &Session) -> Value {
+    let principal = session.principal();
+    let broker = &shared.broker;
+    let storage = broker.storage();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut topics = storage.topics();
+    topics.retain(|t| principal.sees(&t.meta.name));
+    topics.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+    let topics_json: Vec<Value> = topics
+        .iter()
+        .map(|t| {
+            let parts = t.partitions();
+            let refused: serde_json::Map<String, Value> = t
+                .stats
+                .refused
+                .lock()
+                .expect("refused lock")
+                .iter()
+                .map(|(c, n)| {
+                    let code = crate::protocol::ErrorCode::from_u16(*c).name().to_string();
+                    (code, json!(n))
+                })
+                .collect();
+            json!({
+                "name": t.meta.name,
+                "partitions": parts.iter().enumerate().map(|(p, i)| json!({
+                    "partition": p, "start": i.start, "end": i.end, "bytes": i.bytes,
+                })).collect::<Vec<_>>(),
+                "messages": parts.iter().map(|i| i.end - i.start).sum::<u64>(),
+                "bytes": parts.iter().map(|i| i.bytes).sum::<u64>(),
+                "published": load(&t.stats.published),
+                "published_bytes": load(&t.stats.published_bytes),
+                "delivered": load(&t.stats.delivered),
+                "refused": refused,
+            })
+        })
+        .collect();
+    let groups: Vec<Value> = broker
+        .stream_groups()
+        .into_iter()
+        .filter(|g| principal.sees(&g.topic.meta.name))
+        .map(|g| {
+            let parts = g.topic.partitions();
+            let lags: Vec<Value> = g
+                .committed()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(p, c)| {
+                    let info = parts.get(p)?;
+                    let at = c.unwrap_or(info.start).max(info.start);
+                    Some(json!({ "partition": p, "committed": c, "end": info.end,
+                                 "lag": info.end.saturating_sub(at) }))
+                })
+                .collect();
+            let total: u64 = lags.iter().filter_map(|l| l["lag"].as_u64()).sum();
+            json!({
+                "topic": g.topic.meta.name, "group": &*g.name,
+                "members": g.member_count(), "lag": total, "partitions": lags,
+            })
+        })
+        .collect();
+    let queues: Vec<Value> = broker
+        .queue_groups(None)
+        .into_iter()
+        .filter(|q| principal.sees(&q.topic.meta.name))
+        .map(|q| {
+            let (ready, in_flight, delayed) = q.depth();
+            let dlq = q.topic.policy().dlq_of(&q.topic.meta.name);
+            let dlq_size = storage.topic(&dlq).map_or(0, |d| {
+                d.partitions().iter().map(|p| p.end - p.start).sum::<u64>()
+            });
+            json!({
+                "topic": q.topic.meta.name, "group": &*q.name,
+                "ready": ready, "in_flight": in_flight, "delayed": delayed,
+                "backlog": q.backlog(),
+                "delivered": load(&q.stats.delivered), "acked": load(&q.stats.acked),
+                "nacked": load(&q.stats.nacked), "redelivered": load(&q.stats.retried),
+                "dead_lettered": load(&q.stats.dead_lettered),
+                "dlq": dlq, "dlq_size": dlq_size,
+            })
+        })
+        .collect();
+    let plugins: Vec<Value> = broker
+        .plugins()
+        .snapshot()
+        .into_iter()
+        .filter(|(b, _, _)| principal.sees(&b.topic))
+        .map(|(b, live, swaps)| {
+            let mut v = json!({
+                "name": &*b.name, "hook": b.hook.name(), "topic": b.topic,
+                "group": b.group, "swaps": swaps, "live_version": live.as_ref().map(|l| l.version),
+            });
+            if let Some(l) = live {
+                let s = &l.plugin.stats;
+                let kinds: serde_json::Map<String, Value> = FAILURE_KINDS
+                    .iter()
+                    .zip(&s.failures_by_kind)
+                    .filter(|(_, n)| load(n) > 0)
+                    .map(|(k, n)| (k.to_string(), json!(load(n))))
+                    .collect();
+                v["calls"] = json!(load(&s.calls));
+                v["messages"] = json!(load(&s.messages));
+                v["failures"] = json!(load(&s.failures));
+                v["failures_by_kind"] = Value::Object(kinds);
+                v["p99_us"] = json!(s.quantile_us(0.99));
+                v["suspended"] = json!(load(&s.suspended));
+            }
+            v
+        })
+        .collect();
+    let (db, journal) = storage.file_bytes();
+    let s = &shared.stats;
+    json!({
+        "server": format!("switchyard {}", env!("CARGO_PKG_VERSION")),
+        "time_ms": crate::storage::now_ms(),
+        "connections": s.connections.load(Ordering::Relaxed),
+        "streams": s.streams.load(Ordering::Relaxed),
+        "storage": {
+            "database_bytes": db, "journal_bytes": journal,
+            "free_bytes": storage.free_bytes(), "failed": storage.failed().map(|f| f.to_string()),
+        },
+        "topics": topics_json,
+        "groups": groups,
+        "queues": queues,
+        "plugins": plugins,
+    })
+}
