@@ -1046,6 +1046,11 @@ impl QueueGroup {
                 self.stats
                     .dead_lettered
                     .fetch_add(dead.len() as u64, Ordering::Relaxed);
+                for (f, why) in &dead {
+                    tracing::info!(topic = %self.topic.meta.name, group = %self.name,
+                        partition = f.partition, offset = f.offset, reason = %why,
+                        "moved to the dead-letter topic");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, topic = %self.topic.meta.name,

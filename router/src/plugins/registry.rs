@@ -845,6 +845,7 @@ impl PluginRegistry {
         }
         self.persist(&b, None, Vec::new()).await?;
         b.activate(Arc::new(live));
+        tracing::info!(plugin = %name, version = target, topic = %b.topic, "plugin rolled back");
         Ok(serde_json::json!({ "name": name, "version": target }))
     }
 

@@ -55,7 +55,11 @@ impl Session {
 
     /// `Ok` if the principal may do `class` on `name` (in `group`).
     pub(crate) fn check(&self, class: Class, name: &str, group: &str) -> Result<(), WireError> {
-        self.principal.load().check(class, name, group)
+        let p = self.principal.load();
+        p.check(class, name, group).inspect_err(|e| {
+            tracing::info!(principal = %p.name, class = class.name(), name, group,
+                code = %e.code, "request refused");
+        })
     }
 
     /// Admits a publish batch to `topic`: `Err` if the principal may not

@@ -1,0 +1,319 @@
+//! What an operator sees: the Prometheus endpoint after a known workload,
+//! its guard beyond loopback, the `status` snapshot, `switchyard status`
+//! and JSON logs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use switchyard::client::{QueueOptions, Record, SubscribeOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET /metrics` over a plain TCP connection: (status code, body).
+async fn get(addr: SocketAddr, token: Option<&str>) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap();
+    (code, body)
+}
+
+/// Samples by `name{labels}` (labels as written), skipping comments.
+fn samples(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no sample {key}; have {:?}", m.keys().collect::<Vec<_>>()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_describe_a_known_workload() {
+    let r = start_router_with(|c| c.metrics = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = r.router.metrics_addr().expect("metrics served");
+    let c = r.client().await;
+    c.create_topic("orders", 2).await.unwrap();
+    c.create_topic("out", 1).await.unwrap();
+    c.set_topic_policy("orders", json!({ "max_delay_ms": 1000 }))
+        .await
+        .unwrap();
+
+    // 100 records, one refused publish.
+    let records: Vec<Record> = (0..100)
+        .map(|i| Record::new(format!("order-{i}")).with_key(format!("k{}", i % 7)))
+        .collect();
+    let bytes: usize = records.iter().map(Record::encoded_len).sum();
+    c.publish_batch("orders", records).await.unwrap();
+    let late = Record::new("late").with_delay(Duration::from_secs(60));
+    assert!(c.publish("orders", late).await.is_err());
+
+    // A stream group reads and commits 30: lag 70.
+    let mut sub = c
+        .subscribe(
+            SubscribeOptions::new("orders")
+                .group("billing")
+                .auto_commit(false),
+        )
+        .await
+        .unwrap();
+    let got = take(&mut sub, 30, 10).await;
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    for m in &got {
+        last.insert(m.partition, m.offset + 1);
+    }
+    for (p, o) in &last {
+        sub.commit(*p, *o).unwrap();
+    }
+    sub.close().await;
+
+    // A queue group with a prefetch of 10: 7 acked, 1 dead-lettered, so 8
+    // more were delivered: 10 in flight, 82 ready.
+    let mut q = c
+        .subscribe_queue(QueueOptions::new("orders", "workers").prefetch(10))
+        .await
+        .unwrap();
+    let msgs = take(&mut q, 10, 10).await;
+    for m in &msgs[..7] {
+        q.ack(m).await.unwrap();
+    }
+    q.nack(&msgs[7], false, "bad", "cannot parse")
+        .await
+        .unwrap();
+
+    // A route plugin: one version live, called.
+    c.deploy_plugin(
+        plugin_wasm("route_by_header"),
+        json!({ "name": "to-out", "hook": "route", "topic": "orders.routed*",
+                "config": { "default": "out" }, "deadline_ms": 1000 }),
+    )
+    .await
+    .unwrap();
+    c.create_topic("orders.routed", 1).await.unwrap();
+    for i in 0..5 {
+        c.publish("orders.routed", Record::new(format!("r{i}")))
+            .await
+            .unwrap();
+    }
+
+    // Dead-lettering is written by the queue's own task: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let (code, body) = get(addr, None).await;
+        assert_eq!(code, 200, "{body}");
+        let m = samples(&body);
+        if m.get(r#"switchyard_dlq_messages{topic="orders",dlq="orders.dlq"}"#) == Some(&1.0)
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let t = r#"{topic="orders"}"#;
+    assert_eq!(
+        value(&m, &format!("switchyard_published_messages_total{t}")),
+        100.0
+    );
+    assert_eq!(
+        value(&m, &format!("switchyard_published_bytes_total{t}")),
+        bytes as f64
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_publish_refused_total{topic="orders",code="invalid_delay"}"#
+        ),
+        1.0
+    );
+    let lag: f64 = (0..2)
+        .map(|p| {
+            value(
+                &m,
+                &format!(
+                    r#"switchyard_consumer_lag_messages{{topic="orders",group="billing",partition="{p}"}}"#
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(lag, 70.0);
+    let q = r#"{topic="orders",group="workers"}"#;
+    assert_eq!(value(&m, &format!("switchyard_queue_acks_total{q}")), 7.0);
+    assert_eq!(value(&m, &format!("switchyard_queue_nacks_total{q}")), 1.0);
+    assert_eq!(
+        value(&m, &format!("switchyard_queue_dead_lettered_total{q}")),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_queue_depth_messages{topic="orders",group="workers",state="in_flight"}"#
+        ),
+        10.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_queue_depth_messages{topic="orders",group="workers",state="ready"}"#
+        ),
+        82.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_dlq_messages{topic="orders",dlq="orders.dlq"}"#
+        ),
+        1.0
+    );
+    assert!(value(&m, &format!("switchyard_delivered_messages_total{t}")) >= 40.0);
+    assert!(value(&m, &format!("switchyard_publish_to_ack_seconds_count{t}")) >= 1.0);
+    assert!(value(&m, "switchyard_commit_records_count") >= 1.0);
+    assert!(value(&m, "switchyard_commit_records_sum") >= 105.0);
+    assert!(value(&m, "switchyard_journal_sync_seconds_count") >= 1.0);
+    assert!(value(&m, r#"switchyard_storage_file_bytes{file="database"}"#) > 0.0);
+    assert!(value(&m, "switchyard_disk_free_bytes") > 0.0);
+    assert_eq!(value(&m, "switchyard_connections"), 1.0);
+    let p = r#"{plugin="to-out",hook="route",topic="orders.routed*"}"#;
+    assert_eq!(
+        value(&m, &format!("switchyard_plugin_live_version{p}")),
+        1.0
+    );
+    assert_eq!(value(&m, &format!("switchyard_plugin_calls_total{p}")), 5.0);
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_plugin_failures_total{plugin="to-out",hook="route",topic="orders.routed*",kind="trap"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(&m, &format!("switchyard_plugin_call_seconds_count{p}")),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"switchyard_published_messages_total{topic="orders.routed"}"#
+        ),
+        5.0
+    );
+
+    // The same picture from the status request.
+    let s = c.status().await.unwrap();
+    let orders = s["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["messages"], 100);
+    assert_eq!(orders["refused"]["invalid_delay"], 1);
+    let g = &s["groups"][0];
+    assert_eq!(
+        (g["group"].as_str(), g["lag"].as_u64()),
+        (Some("billing"), Some(70))
+    );
+    let w = s["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["group"] == "workers")
+        .unwrap();
+    assert_eq!(
+        (w["in_flight"].as_u64(), w["dlq_size"].as_u64()),
+        (Some(10), Some(1))
+    );
+    assert_eq!(s["plugins"][0]["live_version"], 1);
+    assert_eq!(s["plugins"][0]["calls"], 5);
+}
+
+#[tokio::test]
+async fn metrics_beyond_loopback_need_a_cluster_admin_token() {
+    let r = start_router_with(|c| c.metrics = Some("0.0.0.0:0".parse().unwrap())).await;
+    let port = r.router.metrics_addr().unwrap().port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (code, body) = get(addr, None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("cluster-admin"), "{body}");
+    let c = r.client().await;
+    let reader = c.create_token("reader", &["consume:*"]).await.unwrap();
+    assert_eq!(get(addr, Some(&reader)).await.0, 401);
+    let (code, body) = get(addr, Some(&admin_token(&r.cert))).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("switchyard_connections "), "{body}");
+}
+
+#[test]
+fn status_prints_the_router_and_logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(router_bin());
+    cmd.args([
+        "--log-format",
+        "json",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(dir.path())
+    .env("RUST_LOG", "info");
+    let log = dir.path().join("router.log");
+    let stderr = std::fs::File::create(&log).unwrap();
+    let router = ChildRouter::start_logging(cmd, dir.path(), stderr.into());
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(router_bin())
+            .args(args)
+            .args(["--addr", &router.addr.to_string()])
+            .env("SWITCHYARD_CA", &router.cert)
+            .env("SWITCHYARD_TOKEN", admin_token(&router.cert))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["topic", "create", "orders", "--partitions", "3"]);
+    cli(&["publish", "orders", "--key", "k", "hello"]);
+    let text = cli(&["status", "--interval", "0"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cols[..3], ["orders", "3", "1"], "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&["status", "--json", "--interval", "200ms"])).unwrap();
+    assert_eq!(json["topics"][0]["published"], 1);
+    assert!(json["topics"][0]["publish_per_s"].is_number(), "{json}");
+
+    // One JSON object per line, connections named with their principal.
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let opened: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "connection open")
+        .collect();
+    assert!(opened.len() >= 4, "{logs}");
+    assert_eq!(opened[0]["fields"]["principal"], "admin");
+}
