@@ -216,6 +216,34 @@ async fn metrics_and_status_describe_a_known_workload() {
         5.0
     );
 
+    // Every family is documented, and the dashboard uses only real ones.
+    let (_, body) = get(addr, None).await;
+    let families: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(families.len() >= 35, "{families:?}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    for f in &families {
+        assert!(doc.contains(f), "docs/metrics.md does not describe {f}");
+    }
+    let dash = std::fs::read_to_string(root.join("docs/grafana-dashboard.json")).unwrap();
+    for used in dash.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+        if let Some(name) = used.strip_prefix("switchyard_") {
+            let base = ["_bucket", "_sum", "_count", "_total"]
+                .iter()
+                .fold(format!("switchyard_{name}"), |n, s| {
+                    n.strip_suffix(s).map_or(n.clone(), str::to_string)
+                });
+            assert!(
+                families.contains(&base.as_str()),
+                "the dashboard uses {used}, which the router does not export"
+            );
+        }
+    }
+
     // The same picture from the status request.
     let s = c.status().await.unwrap();
     let orders = s["topics"]
