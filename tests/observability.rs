@@ -345,3 +345,138 @@ fn status_prints_the_router_and_logs_can_be_json() {
     assert!(opened.len() >= 4, "{logs}");
     assert_eq!(opened[0]["fields"]["principal"], "admin");
 }
+
+/// `switchyard top` in a real pseudo-terminal: the screen it draws is read
+/// back through a terminal emulator, and a topic being published to shows
+/// its rate rise.
+#[test]
+fn top_shows_a_rising_publish_rate_in_a_terminal() {
+    use portable_pty::{CommandBuilder, PtySize};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let router = ChildRouter::spawn(dir.path());
+    let token = admin_token(&router.cert);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(connect(router.addr, &router.cert));
+    rt.block_on(async {
+        c.create_topic("live", 2).await.unwrap();
+        c.create_topic("quiet", 1).await.unwrap();
+    });
+
+    let (rows, cols) = (40, 150);
+    let pair = portable_pty::native_pty_system()
+        .openpty(PtySize {
+            rows,
+            cols,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .unwrap();
+    let mut cmd = CommandBuilder::new(router_bin());
+    cmd.args([
+        "top",
+        "--interval",
+        "300ms",
+        "--addr",
+        &router.addr.to_string(),
+    ]);
+    cmd.env("SWITCHYARD_CA", &router.cert);
+    cmd.env("SWITCHYARD_TOKEN", &token);
+    cmd.env("TERM", "xterm-256color");
+    let mut child = pair.slave.spawn_command(cmd).unwrap();
+    drop(pair.slave);
+    let screen = Arc::new(Mutex::new(vt100::Parser::new(rows, cols, 0)));
+    {
+        let mut reader = pair.master.try_clone_reader().unwrap();
+        let screen = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().unwrap().process(&buf[..n]);
+            }
+        });
+    }
+    let mut keys = pair.master.take_writer().unwrap();
+    // The publish rate `top` shows for `live`, once the topic is on screen.
+    let rate = || -> Option<(f64, String)> {
+        let text = screen.lock().unwrap().screen().contents();
+        let words = |l: &str| -> Vec<String> {
+            l.split(|c: char| c.is_whitespace() || c == '│')
+                .filter(|w| !w.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let line = text
+            .lines()
+            .map(words)
+            .find(|w| w.first().is_some_and(|w| w == "live"))?;
+        let r = line
+            .iter()
+            .find_map(|w| w.strip_suffix("/s"))?
+            .parse()
+            .ok()?;
+        Some((r, text))
+    };
+    let wait_for = |what: &str, ok: &dyn Fn(f64) -> bool| -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((r, _)) = rate().filter(|(r, _)| ok(*r)) {
+                return r;
+            }
+            if std::time::Instant::now() > deadline {
+                let shown = screen.lock().unwrap().screen().contents();
+                panic!("top never showed {what}; the screen:\n{shown}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let idle = wait_for("the idle topic", &|r| r == 0.0);
+    assert_eq!(idle, 0.0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (c, stop) = (c.clone(), stop.clone());
+        let handle = rt.handle().clone();
+        std::thread::spawn(move || {
+            handle.block_on(async {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch = (0..50).map(|j| Record::new(format!("m{i}-{j}"))).collect();
+                    c.publish_batch("live", batch).await.unwrap();
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+    };
+    let rising = wait_for("a rising publish rate", &|r| r > 100.0);
+    assert!(rising > 100.0);
+    // The table is sorted by publish rate: the busy topic comes first.
+    let text = screen.lock().unwrap().screen().contents();
+    let live_at = text.find("│live ").unwrap();
+    let quiet_at = text.find("│quiet ").unwrap();
+    assert!(live_at < quiet_at, "{text}");
+    stop.store(true, Ordering::Relaxed);
+    publisher.join().unwrap();
+
+    keys.write_all(b"q").unwrap();
+    keys.flush().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "top did not quit on q"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

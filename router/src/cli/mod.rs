@@ -8,6 +8,7 @@ mod queue;
 mod scaffold;
 mod status;
 mod subscribe;
+mod top;
 mod topic;
 mod tune;
 
@@ -138,6 +139,8 @@ enum Command {
     /// One look at the router: topics, rates, consumer lag, queue depth,
     /// dead letters, plugin health (`--json` for scripts).
     Status(status::StatusArgs),
+    /// The same, live in the terminal: refreshing, sortable (s, r; q quits).
+    Top(top::TopArgs),
     /// Verify a stopped router's data directory; `--repair` fixes what can
     /// be fixed without losing acknowledged data.
     Check(CheckArgs),
@@ -275,6 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(cmd) => queue::run_dlq(cmd).await,
         Command::Tune(args) => tune::run(args),
         Command::Status(args) => status::run(args).await,
+        Command::Top(args) => top::run(args).await,
         Command::Check(args) => check(args),
         Command::Auth(cmd) => auth::run(cmd).await,
     }
