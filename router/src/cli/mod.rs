@@ -173,6 +173,10 @@ struct ServeArgs {
     /// `metrics`. Beyond loopback it needs a cluster-admin bearer token.
     #[arg(long, value_name = "ADDR|off")]
     metrics: Option<String>,
+    /// Serve the web console here (plain HTTP, e.g. 127.0.0.1:7402); sign
+    /// in with a token. Off unless given (or the config file's `console`).
+    #[arg(long, value_name = "ADDR")]
+    console: Option<SocketAddr>,
 }
 
 /// Arguments of `switchyard check`.
@@ -221,6 +225,11 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         writeln!(out, "ok")?;
     }
     Ok(())
+}
+
+/// Bytes as B, KiB, MiB, GiB.
+pub fn human_bytes(n: u64) -> String {
+    status::bytes(n)
 }
 
 /// Entry point of the binary.
@@ -323,6 +332,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
+    if let Some(c) = args.console {
+        config.console = Some(c);
+    }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot
     // be written (closed, or a full disk) still serves.
@@ -343,6 +355,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(m) = router.metrics_addr() {
         let _ = writeln!(out, "metrics: http://{m}/metrics");
+    }
+    if let Some(c) = router.console_addr() {
+        let _ = writeln!(out, "console: http://{c}/");
     }
     let _ = out.flush();
     drop(out);

@@ -7,6 +7,7 @@
 mod admission;
 mod auth_admin;
 mod connection;
+mod console;
 mod control;
 pub(crate) mod metrics;
 mod plugin_admin;
@@ -113,6 +114,10 @@ pub struct RouterConfig {
     /// principal with `cluster-admin`. `switchyard serve` defaults it to
     /// 127.0.0.1 and the port after `listen`'s.
     pub metrics: Option<SocketAddr>,
+    /// Address of the web console (plain HTTP; `None`: none). Sign-in
+    /// takes a bearer token; every page and action is checked against
+    /// that principal's grants.
+    pub console: Option<SocketAddr>,
     /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
     pub auth: AuthConfig,
 }
@@ -155,6 +160,7 @@ impl Default for RouterConfig {
             max_dedup_window_ms: broker.max_dedup_window_ms,
             max_queue_window: broker.max_queue_window,
             metrics: None,
+            console: None,
             auth: AuthConfig::default(),
         }
     }
@@ -218,6 +224,14 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The web console's TCP address could not be bound.
+    #[error("web console on {addr}: {source} (choose another address with --console ADDR)")]
+    ConsoleBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The router would be reachable beyond this machine with no principal
     /// but the local admin token.
     #[error(
@@ -252,6 +266,7 @@ pub(crate) struct Shared {
 pub struct Router {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    console_addr: Option<SocketAddr>,
     data: PathBuf,
     cert_path: PathBuf,
     generated_cert: bool,
@@ -392,12 +407,30 @@ impl Router {
                 shared.shutdown.clone(),
             ));
         }
+        let mut console_addr = None;
+        if let Some(addr) = config.console {
+            let bind = |source| StartError::ConsoleBind { addr, source };
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    storage.shutdown().await;
+                    return Err(bind(e));
+                }
+            };
+            console_addr = Some(listener.local_addr().map_err(bind)?);
+            tokio::spawn(console::serve(
+                listener,
+                shared.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
         let storage_handle = storage.clone();
         let task = tokio::spawn(serve(endpoint, shared, storage));
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
             local_addr,
             metrics_addr,
+            console_addr,
             data: config.data.clone(),
             cert_path: paths.cert,
             generated_cert,
@@ -423,6 +456,11 @@ impl Router {
     /// The bound address of the metrics endpoint, if it serves one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The bound address of the web console, if it serves one.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_addr
     }
 
     /// The certificate clients should trust.

@@ -14,11 +14,16 @@ use crate::plugins::loaded::FAILURE_KINDS;
 /// The snapshot, limited to the topics the principal sees.
 pub(super) fn status(shared: &Shared, session: &Session) -> Value {
     let principal = session.principal();
+    status_of(shared, &|t| principal.sees(t))
+}
+
+/// The snapshot of the topics `sees` accepts.
+pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
     let broker = &shared.broker;
     let storage = broker.storage();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut topics = storage.topics();
-    topics.retain(|t| principal.sees(&t.meta.name));
+    topics.retain(|t| sees(&t.meta.name));
     topics.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
     let topics_json: Vec<Value> = topics
         .iter()
@@ -52,7 +57,7 @@ pub(super) fn status(shared: &Shared, session: &Session) -> Value {
     let groups: Vec<Value> = broker
         .stream_groups()
         .into_iter()
-        .filter(|g| principal.sees(&g.topic.meta.name))
+        .filter(|g| sees(&g.topic.meta.name))
         .map(|g| {
             let parts = g.topic.partitions();
             let lags: Vec<Value> = g
@@ -76,7 +81,7 @@ pub(super) fn status(shared: &Shared, session: &Session) -> Value {
     let queues: Vec<Value> = broker
         .queue_groups(None)
         .into_iter()
-        .filter(|q| principal.sees(&q.topic.meta.name))
+        .filter(|q| sees(&q.topic.meta.name))
         .map(|q| {
             let (ready, in_flight, delayed) = q.depth();
             let dlq = q.topic.policy().dlq_of(&q.topic.meta.name);
@@ -98,7 +103,7 @@ pub(super) fn status(shared: &Shared, session: &Session) -> Value {
         .plugins()
         .snapshot()
         .into_iter()
-        .filter(|(b, _, _)| principal.sees(&b.topic))
+        .filter(|(b, _, _)| sees(&b.topic))
         .map(|(b, live, swaps)| {
             let mut v = json!({
                 "name": &*b.name, "hook": b.hook.name(), "topic": b.topic,
