@@ -290,10 +290,23 @@ async fn stream(
     };
     match first {
         Ok(Some(first @ Frame::PublishBatch { .. })) => {
-            publish::serve(first, send, reader, shared, conn, session).await
+            // A stream's logs name the topic its first batch is for.
+            let topic = match &first {
+                Frame::PublishBatch { topic, .. } => topic.clone(),
+                _ => String::new(),
+            };
+            publish::serve(first, send, reader, shared, conn, session)
+                .instrument(tracing::info_span!("publish", %topic))
+                .await
         }
         Ok(Some(first @ Frame::Subscribe { .. })) => {
-            subscribe::serve(first, send, reader, shared, conn, session).await
+            let (topic, group) = match &first {
+                Frame::Subscribe { topic, group, .. } => (topic.clone(), group.clone()),
+                _ => Default::default(),
+            };
+            subscribe::serve(first, send, reader, shared, conn, session)
+                .instrument(tracing::info_span!("subscription", %topic, %group))
+                .await
         }
         Ok(Some(other)) => {
             let why = format!(
