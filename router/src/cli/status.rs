@@ -137,76 +137,105 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The snapshot as the tables `switchyard status` prints.
-pub(super) fn render(s: &Value) -> String {
+/// One table of a snapshot: its title, column names and rows.
+pub(super) struct Section {
+    pub(super) title: &'static str,
+    pub(super) header: &'static [&'static str],
+    pub(super) rows: Vec<Vec<String>>,
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The snapshot's tables, topics in the order the snapshot lists them:
+/// what `status` prints and `top` draws.
+pub(super) fn sections(s: &Value) -> Vec<Section> {
     let arr = |k: &str| s[k].as_array().cloned().unwrap_or_default();
-    let u = |v: &Value| v.as_u64().unwrap_or(0).to_string();
-    let mut out = format!(
-        "{} · {} connection(s) · {} stream(s) · database {} · journal {} · free {}{}\n",
-        s["server"].as_str().unwrap_or("switchyard"),
-        u(&s["connections"]),
-        u(&s["streams"]),
-        bytes(s["storage"]["database_bytes"].as_u64().unwrap_or(0)),
-        bytes(s["storage"]["journal_bytes"].as_u64().unwrap_or(0)),
-        s["storage"]["free_bytes"]
-            .as_u64()
-            .map_or("?".into(), bytes),
-        match s["storage"]["failed"].as_str() {
-            Some(f) => format!("\nSTORAGE FAILED: {f}"),
-            None => String::new(),
-        }
-    );
-    let mut rows = vec![
-        [
-            "TOPIC",
-            "PARTITIONS",
-            "MESSAGES",
-            "SIZE",
-            "PUBLISH",
-            "DELIVER",
-            "REFUSED",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for t in arr("topics") {
-        let refused: u64 = t["refused"]
-            .as_object()
-            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        rows.push(vec![
-            t["name"].as_str().unwrap_or("").to_string(),
-            t["partitions"].as_array().map_or(0, Vec::len).to_string(),
-            u(&t["messages"]),
-            bytes(t["bytes"].as_u64().unwrap_or(0)),
-            per_s(&t["publish_per_s"]),
-            per_s(&t["deliver_per_s"]),
-            refused.to_string(),
-        ]);
-    }
-    out.push('\n');
-    out.push_str(&table(&rows));
-    let groups = arr("groups");
-    if !groups.is_empty() {
-        let mut rows = vec![
-            ["GROUP", "TOPIC", "MEMBERS", "LAG"]
-                .map(String::from)
-                .to_vec(),
-        ];
-        for g in groups {
-            rows.push(vec![
-                g["group"].as_str().unwrap_or("").to_string(),
-                g["topic"].as_str().unwrap_or("").to_string(),
-                u(&g["members"]),
-                u(&g["lag"]),
-            ]);
-        }
-        out.push('\n');
-        out.push_str(&table(&rows));
-    }
-    let queues = arr("queues");
-    if !queues.is_empty() {
-        let mut rows = vec![
-            [
+    let topics = arr("topics")
+        .iter()
+        .map(|t| {
+            let refused: u64 = t["refused"]
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+            vec![
+                cell(&t["name"]),
+                t["partitions"].as_array().map_or(0, Vec::len).to_string(),
+                cell(&t["messages"]),
+                bytes(t["bytes"].as_u64().unwrap_or(0)),
+                per_s(&t["publish_per_s"]),
+                per_s(&t["deliver_per_s"]),
+                refused.to_string(),
+            ]
+        })
+        .collect();
+    let groups = arr("groups")
+        .iter()
+        .map(|g| {
+            ["group", "topic", "members", "lag"]
+                .map(|k| cell(&g[k]))
+                .to_vec()
+        })
+        .collect();
+    let queues = arr("queues")
+        .iter()
+        .map(|q| {
+            vec![
+                cell(&q["group"]),
+                cell(&q["topic"]),
+                cell(&q["ready"]),
+                cell(&q["in_flight"]),
+                cell(&q["delayed"]),
+                per_s(&q["ack_per_s"]),
+                cell(&q["dead_lettered"]),
+                format!("{} ({})", cell(&q["dlq"]), cell(&q["dlq_size"])),
+            ]
+        })
+        .collect();
+    let plugins = arr("plugins")
+        .iter()
+        .map(|p| {
+            vec![
+                cell(&p["name"]),
+                cell(&p["hook"]),
+                cell(&p["topic"]),
+                p["live_version"]
+                    .as_u64()
+                    .map_or("-".into(), |v| format!("v{v}")),
+                cell(&p["calls"]),
+                cell(&p["failures"]),
+                p["p99_us"]
+                    .as_u64()
+                    .map_or("-".into(), |v| format!("{v} µs")),
+            ]
+        })
+        .collect();
+    vec![
+        Section {
+            title: "Topics",
+            header: &[
+                "TOPIC",
+                "PARTITIONS",
+                "MESSAGES",
+                "SIZE",
+                "PUBLISH",
+                "DELIVER",
+                "REFUSED",
+            ],
+            rows: topics,
+        },
+        Section {
+            title: "Consumer groups",
+            header: &["GROUP", "TOPIC", "MEMBERS", "LAG"],
+            rows: groups,
+        },
+        Section {
+            title: "Queues",
+            header: &[
                 "QUEUE",
                 "TOPIC",
                 "READY",
@@ -215,53 +244,49 @@ pub(super) fn render(s: &Value) -> String {
                 "ACK",
                 "DEAD-LETTERED",
                 "DLQ",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        for q in queues {
-            rows.push(vec![
-                q["group"].as_str().unwrap_or("").to_string(),
-                q["topic"].as_str().unwrap_or("").to_string(),
-                u(&q["ready"]),
-                u(&q["in_flight"]),
-                u(&q["delayed"]),
-                per_s(&q["ack_per_s"]),
-                u(&q["dead_lettered"]),
-                format!(
-                    "{} ({})",
-                    q["dlq"].as_str().unwrap_or(""),
-                    u(&q["dlq_size"])
-                ),
-            ]);
-        }
-        out.push('\n');
-        out.push_str(&table(&rows));
-    }
-    let plugins = arr("plugins");
-    if !plugins.is_empty() {
-        let mut rows = vec![
-            [
+            ],
+            rows: queues,
+        },
+        Section {
+            title: "Plugins",
+            header: &[
                 "PLUGIN", "HOOK", "TOPIC", "VERSION", "CALLS", "FAILURES", "P99",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        for p in plugins {
-            rows.push(vec![
-                p["name"].as_str().unwrap_or("").to_string(),
-                p["hook"].as_str().unwrap_or("").to_string(),
-                p["topic"].as_str().unwrap_or("").to_string(),
-                p["live_version"]
-                    .as_u64()
-                    .map_or("-".into(), |v| format!("v{v}")),
-                u(&p["calls"]),
-                u(&p["failures"]),
-                p["p99_us"]
-                    .as_u64()
-                    .map_or("-".into(), |v| format!("{v} µs")),
-            ]);
+            ],
+            rows: plugins,
+        },
+    ]
+}
+
+/// The line above the tables: the router, its connections and storage.
+pub(super) fn summary(s: &Value) -> String {
+    format!(
+        "{} · {} connection(s) · {} stream(s) · database {} · journal {} · free {}{}",
+        s["server"].as_str().unwrap_or("switchyard"),
+        cell(&s["connections"]),
+        cell(&s["streams"]),
+        bytes(s["storage"]["database_bytes"].as_u64().unwrap_or(0)),
+        bytes(s["storage"]["journal_bytes"].as_u64().unwrap_or(0)),
+        s["storage"]["free_bytes"]
+            .as_u64()
+            .map_or("?".into(), bytes),
+        match s["storage"]["failed"].as_str() {
+            Some(f) => format!(" · STORAGE FAILED: {f}"),
+            None => String::new(),
         }
+    )
+}
+
+/// The snapshot as the tables `switchyard status` prints (the topics
+/// table always, the others when they have rows).
+pub(super) fn render(s: &Value) -> String {
+    let mut out = summary(s);
+    out.push('\n');
+    for (i, sec) in sections(s).into_iter().enumerate() {
+        if i > 0 && sec.rows.is_empty() {
+            continue;
+        }
+        let mut rows = vec![sec.header.iter().map(|h| h.to_string()).collect()];
+        rows.extend(sec.rows);
         out.push('\n');
         out.push_str(&table(&rows));
     }

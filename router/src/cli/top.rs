@@ -15,7 +15,7 @@ use ratatui::widgets::{Block, Row, Table};
 use serde_json::Value;
 
 use super::ConnectArgs;
-use super::status::{bytes, per_s, with_rates};
+use super::status::{sections, summary, with_rates};
 
 /// Arguments of `switchyard top`.
 #[derive(Debug, clap::Args)]
@@ -135,12 +135,8 @@ fn screen(rx: mpsc::Receiver<Update>, mut sort: Sort) -> anyhow::Result<()> {
     outcome
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+fn name(v: &Value) -> String {
+    v["name"].as_str().unwrap_or_default().to_string()
 }
 
 fn table<'a>(title: &'a str, header: &'a [&'a str], rows: Vec<Vec<String>>) -> Table<'a> {
@@ -168,149 +164,40 @@ fn draw(f: &mut Frame, s: Option<&Value>, error: Option<&str>, sort: Sort, rever
         f.render_widget(Line::from(msg.to_string()), f.area());
         return;
     };
-    let arr = |k: &str| s[k].as_array().cloned().unwrap_or_default();
-    let mut topics = arr("topics");
+    // The topics sorted as asked, then the same tables `status` prints.
+    let mut s = s.clone();
     let key = |t: &Value| match sort {
         Sort::Name => 0.0,
         Sort::Publish => t["publish_per_s"].as_f64().unwrap_or(0.0),
         Sort::Deliver => t["deliver_per_s"].as_f64().unwrap_or(0.0),
         Sort::Messages => t["messages"].as_f64().unwrap_or(0.0),
     };
-    topics.sort_by(|a, b| {
-        let o = key(b)
-            .total_cmp(&key(a))
-            .then_with(|| text(&a["name"]).cmp(&text(&b["name"])));
-        if reverse { o.reverse() } else { o }
-    });
-    let topic_rows: Vec<Vec<String>> = topics
-        .iter()
-        .map(|t| {
-            let refused: u64 = t["refused"]
-                .as_object()
-                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-            vec![
-                text(&t["name"]),
-                t["partitions"].as_array().map_or(0, Vec::len).to_string(),
-                text(&t["messages"]),
-                bytes(t["bytes"].as_u64().unwrap_or(0)),
-                per_s(&t["publish_per_s"]),
-                per_s(&t["deliver_per_s"]),
-                refused.to_string(),
-            ]
-        })
-        .collect();
-    let group_rows: Vec<Vec<String>> = arr("groups")
-        .iter()
-        .map(|g| {
-            vec![
-                text(&g["group"]),
-                text(&g["topic"]),
-                text(&g["members"]),
-                text(&g["lag"]),
-            ]
-        })
-        .collect();
-    let queue_rows: Vec<Vec<String>> = arr("queues")
-        .iter()
-        .map(|q| {
-            vec![
-                text(&q["group"]),
-                text(&q["topic"]),
-                text(&q["ready"]),
-                text(&q["in_flight"]),
-                text(&q["delayed"]),
-                per_s(&q["ack_per_s"]),
-                text(&q["dead_lettered"]),
-                format!("{} ({})", text(&q["dlq"]), text(&q["dlq_size"])),
-            ]
-        })
-        .collect();
-    let plugin_rows: Vec<Vec<String>> = arr("plugins")
-        .iter()
-        .map(|p| {
-            vec![
-                text(&p["name"]),
-                text(&p["hook"]),
-                text(&p["topic"]),
-                p["live_version"]
-                    .as_u64()
-                    .map_or("-".into(), |v| format!("v{v}")),
-                text(&p["calls"]),
-                text(&p["failures"]),
-                p["p99_us"]
-                    .as_u64()
-                    .map_or("-".into(), |v| format!("{v} µs")),
-            ]
-        })
-        .collect();
+    if let Some(topics) = s["topics"].as_array_mut() {
+        topics.sort_by(|a, b| {
+            let o = key(b)
+                .total_cmp(&key(a))
+                .then_with(|| name(a).cmp(&name(b)));
+            if reverse { o.reverse() } else { o }
+        });
+    }
     let header = format!(
-        "{} · {} connections · {} streams · database {} · journal {} · free {} · sort: {}{} (s, r; q quits){}",
-        text(&s["server"]),
-        text(&s["connections"]),
-        text(&s["streams"]),
-        bytes(s["storage"]["database_bytes"].as_u64().unwrap_or(0)),
-        bytes(s["storage"]["journal_bytes"].as_u64().unwrap_or(0)),
-        s["storage"]["free_bytes"]
-            .as_u64()
-            .map_or("?".into(), bytes),
+        "{} · sort: {}{} (s, r; q quits){}",
+        summary(&s),
         sort.label(),
         if reverse { ", reversed" } else { "" },
         error.map(|e| format!(" · {e}")).unwrap_or_default(),
     );
-    let h = |rows: usize| Constraint::Length(rows as u16 + 3);
-    let areas = Layout::vertical([
-        Constraint::Length(1),
-        h(topic_rows.len()),
-        h(group_rows.len()),
-        h(queue_rows.len()),
-        h(plugin_rows.len()),
-        Constraint::Min(0),
-    ])
-    .split(f.area());
+    let sections = sections(&s);
+    let mut heights = vec![Constraint::Length(1)];
+    heights.extend(
+        sections
+            .iter()
+            .map(|sec| Constraint::Length(sec.rows.len() as u16 + 3)),
+    );
+    heights.push(Constraint::Min(0));
+    let areas = Layout::vertical(heights).split(f.area());
     f.render_widget(Line::from(header), areas[0]);
-    f.render_widget(
-        table(
-            "Topics",
-            &[
-                "TOPIC", "PARTS", "MESSAGES", "SIZE", "PUBLISH", "DELIVER", "REFUSED",
-            ],
-            topic_rows,
-        ),
-        areas[1],
-    );
-    f.render_widget(
-        table(
-            "Consumer groups",
-            &["GROUP", "TOPIC", "MEMBERS", "LAG"],
-            group_rows,
-        ),
-        areas[2],
-    );
-    f.render_widget(
-        table(
-            "Queues",
-            &[
-                "QUEUE",
-                "TOPIC",
-                "READY",
-                "IN FLIGHT",
-                "DELAYED",
-                "ACK",
-                "DEAD",
-                "DLQ",
-            ],
-            queue_rows,
-        ),
-        areas[3],
-    );
-    f.render_widget(
-        table(
-            "Plugins",
-            &[
-                "PLUGIN", "HOOK", "TOPIC", "VERSION", "CALLS", "FAILURES", "P99",
-            ],
-            plugin_rows,
-        ),
-        areas[4],
-    );
+    for (i, sec) in sections.into_iter().enumerate() {
+        f.render_widget(table(sec.title, sec.header, sec.rows), areas[i + 1]);
+    }
 }
