@@ -70,8 +70,49 @@ async fn browser(d: &Driver) -> Client {
         .expect("a browser session")
 }
 
+/// The text of element `id`, waiting for it to appear (a click may return
+/// before the page it leads to has loaded).
 async fn text(b: &Client, id: &str) -> String {
-    b.find(Locator::Id(id)).await.unwrap().text().await.unwrap()
+    b.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("no element {id}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Waits (a click may return before its navigation ends) until the
+/// browser is on a page whose path ends with `path`.
+async fn on_page(b: &Client, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = b.current_url().await.unwrap();
+        if now.path().ends_with(path) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "on {now}, expected {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn click(b: &Client, id: &str) {
+    b.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn type_in(b: &Client, id: &str, keys: &str) {
+    b.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .send_keys(keys)
+        .await
+        .unwrap();
 }
 
 async fn screenshot(b: &Client, name: &str) {
@@ -122,33 +163,13 @@ async fn the_console_signs_in_reads_offsets_redrives_and_rolls_back() {
 
     // Signed out, every page leads to the sign-in form.
     b.goto(&format!("{base}/topics")).await.unwrap();
-    assert!(b.current_url().await.unwrap().path().ends_with("/login"));
-    b.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("not-a-token")
-        .await
-        .unwrap();
-    b.find(Locator::Id("signin"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    on_page(&b, "/login").await;
+    type_in(&b, "token", "not-a-token").await;
+    click(&b, "signin").await;
     assert!(text(&b, "message").await.contains("not recognised"));
-    b.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(&admin_token(&r.cert))
-        .await
-        .unwrap();
-    b.find(Locator::Id("signin"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(b.current_url().await.unwrap().path(), "/");
+    type_in(&b, "token", &admin_token(&r.cert)).await;
+    click(&b, "signin").await;
+    on_page(&b, "/").await;
     // Give the overview's charts a few samples before the screenshot.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     b.refresh().await.unwrap();
@@ -172,12 +193,7 @@ async fn the_console_signs_in_reads_offsets_redrives_and_rolls_back() {
     let page = b.source().await.unwrap();
     assert!(page.contains("total is negative"), "{page}");
     screenshot(&b, "console-dlq.png").await;
-    b.find(Locator::Id("redrive"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "redrive").await;
     assert!(text(&b, "message").await.contains("1 redriven"));
     assert_eq!(c.dlq_list("orders", 10).await.unwrap()["total"], 0);
     let end: u64 = c
@@ -194,12 +210,7 @@ async fn the_console_signs_in_reads_offsets_redrives_and_rolls_back() {
     b.goto(&format!("{base}/plugins")).await.unwrap();
     assert_eq!(text(&b, "live-by-region").await, "v2");
     screenshot(&b, "console-plugins.png").await;
-    b.find(Locator::Id("rollback-by-region"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "rollback-by-region").await;
     assert!(text(&b, "message").await.contains("now v1"));
     assert_eq!(text(&b, "live-by-region").await, "v1");
     let show = c
@@ -210,14 +221,9 @@ async fn the_console_signs_in_reads_offsets_redrives_and_rolls_back() {
     assert_eq!(show["history"].as_array().unwrap().len(), 3);
 
     // Signing out ends the session.
-    b.find(Locator::Id("logout"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "logout").await;
     b.goto(&format!("{base}/plugins")).await.unwrap();
-    assert!(b.current_url().await.unwrap().path().ends_with("/login"));
+    on_page(&b, "/login").await;
     b.close().await.unwrap();
     let _: SocketAddr = r.addr;
 }
