@@ -1006,7 +1006,7 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             }
             let mut refused = Vec::new();
             if !b.buf.is_empty() {
-                let n = b.count("refused count", 10)?;
+                let n = b.count("refused count", 8)?;
                 for _ in 0..n {
                     let part = b.u32("refused part")?;
                     let code = ErrorCode::from_u16(b.u16("refused code")?);
@@ -1496,6 +1496,20 @@ mod tests {
             parts: Vec::new(),
         };
         assert_eq!(&buf[..], &expected.to_bytes()[..]);
+    }
+
+    #[test]
+    fn an_ack_refusing_a_part_with_an_empty_message_roundtrips() {
+        // Found by the property test: the smallest refused entry is 8 bytes.
+        let f = Frame::PublishAck {
+            seq: 0,
+            positions: vec![],
+            duplicates: vec![],
+            routed: vec![],
+            refused: vec![(0, WireError::new(ErrorCode::from_u16(0), ""))],
+        };
+        let mut buf = BytesMut::from(&f.to_bytes()[..]);
+        assert_eq!(decode(&mut buf, 1 << 20).unwrap(), Some(f));
     }
 
     #[test]
