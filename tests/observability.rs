@@ -115,6 +115,21 @@ async fn metrics_and_status_describe_a_known_workload() {
             .unwrap();
     }
 
+    // A plugin that traps on marked records: its failures are counted by kind.
+    c.create_topic("hostile", 1).await.unwrap();
+    c.deploy_plugin(
+        plugin_wasm("hostile"),
+        json!({ "name": "trapper", "hook": "route", "topic": "hostile", "on_failure": "bypass",
+                "config": { "mode": "trap", "when-header": "evil" }, "deadline_ms": 1000 }),
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        c.publish("hostile", Record::new("x").with_header("evil", "1"))
+            .await
+            .unwrap();
+    }
+
     // Dead-lettering is written by the queue's own task: wait for it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let m = loop {
@@ -204,6 +219,21 @@ async fn metrics_and_status_describe_a_known_workload() {
         ),
         0.0
     );
+    let h = r#"plugin="trapper",hook="route",topic="hostile""#;
+    assert_eq!(
+        value(
+            &m,
+            &format!("switchyard_plugin_failures_total{{{h},kind=\"trap\"}}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            &format!("switchyard_plugin_failures_total{{{h},kind=\"timeout\"}}")
+        ),
+        0.0
+    );
     assert_eq!(
         value(&m, &format!("switchyard_plugin_call_seconds_count{p}")),
         5.0
@@ -269,8 +299,16 @@ async fn metrics_and_status_describe_a_known_workload() {
         (w["in_flight"].as_u64(), w["dlq_size"].as_u64()),
         (Some(10), Some(1))
     );
-    assert_eq!(s["plugins"][0]["live_version"], 1);
-    assert_eq!(s["plugins"][0]["calls"], 5);
+    let to_out = s["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "to-out")
+        .unwrap();
+    assert_eq!(
+        (to_out["live_version"].as_u64(), to_out["calls"].as_u64()),
+        (Some(1), Some(5))
+    );
 }
 
 #[tokio::test]

@@ -541,14 +541,14 @@ async fn ack_reader(
         };
         match result {
             Ok((positions, duplicates, routed, refused)) => {
-                let mut refused = refused.into_iter().peekable();
                 let stored: usize = batch
                     .parts
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| !refused.clone().any(|(j, _)| j as usize == *i))
+                    .filter(|(i, _)| !refused.iter().any(|(j, _)| *j as usize == *i))
                     .map(|(_, p)| p.count)
                     .sum();
+                let mut refused = refused.into_iter().peekable();
                 if stored != positions.len() {
                     break format!(
                         "ack for batch {seq} has {} positions, expected {stored}",

@@ -213,6 +213,20 @@ impl Group {
         self.state.lock().expect("group lock").committed.clone()
     }
 
+    /// Per partition: the committed offset, the end offset, and the lag
+    /// (records not yet committed; all retained ones if nothing is).
+    pub fn lag(&self) -> Vec<(Option<u64>, u64, u64)> {
+        let parts = self.topic.partitions();
+        self.committed()
+            .into_iter()
+            .zip(parts.iter())
+            .map(|(c, info)| {
+                let at = c.unwrap_or(info.start).max(info.start);
+                (c, info.end, info.end.saturating_sub(at))
+            })
+            .collect()
+    }
+
     /// The storage this group commits to.
     pub fn topic_storage(&self) -> &Storage {
         &self.storage

@@ -708,6 +708,14 @@ impl Broker {
         Ok(())
     }
 
+    /// `topic`'s dead-letter topic and how many letters it holds (0 if it
+    /// does not exist yet).
+    pub fn dlq_of(&self, topic: &TopicHandle) -> (String, u64) {
+        let dlq = topic.policy().dlq_of(&topic.meta.name);
+        let held = self.storage.topic(&dlq).map_or(0, |d| d.messages());
+        (dlq, held)
+    }
+
     /// Named stream consumer groups known since the router started.
     pub fn stream_groups(&self) -> Vec<Arc<Group>> {
         let mut v: Vec<Arc<Group>> = self

@@ -503,13 +503,16 @@ impl PluginRegistry {
     /// was activated (deploys and rollbacks): for metrics.
     pub fn snapshot(&self) -> Vec<(Arc<Binding>, Option<Arc<LiveVersion>>, u64)> {
         let bindings = self.bindings.read().expect("bindings lock");
-        bindings
+        let mut all: Vec<_> = bindings
             .values()
             .map(|b| {
                 let swaps = b.record.lock().expect("record lock").next_activation;
                 (b.clone(), b.live(), swaps)
             })
-            .collect()
+            .collect();
+        // A stable order for status, metrics and the console.
+        all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        all
     }
 
     /// The live route plugin of `topic`.

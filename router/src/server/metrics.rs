@@ -271,11 +271,8 @@ impl Collector for RouterCollector {
         let groups = broker.stream_groups();
         let mut lag = Vec::new();
         for g in &groups {
-            let parts = g.topic.partitions();
-            for (p, c) in g.committed().into_iter().enumerate() {
-                let Some(info) = parts.get(p) else { continue };
-                let at = c.unwrap_or(info.start).max(info.start);
-                lag.push((g, p.to_string(), info.end.saturating_sub(at)));
+            for (p, (_, _, n)) in g.lag().into_iter().enumerate() {
+                lag.push((g, p.to_string(), n));
             }
         }
         family(
@@ -399,10 +396,7 @@ impl Collector for RouterCollector {
             if dlqs.iter().any(|(t, _, _)| *t == name) {
                 continue;
             }
-            let dlq = q.topic.policy().dlq_of(&name);
-            let size = storage.topic(&dlq).map_or(0, |d| {
-                d.partitions().iter().map(|p| p.end - p.start).sum::<u64>()
-            });
+            let (dlq, size) = broker.dlq_of(&q.topic);
             dlqs.push((name, dlq, size));
         }
         family(

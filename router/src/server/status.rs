@@ -45,7 +45,7 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
                 "partitions": parts.iter().enumerate().map(|(p, i)| json!({
                     "partition": p, "start": i.start, "end": i.end, "bytes": i.bytes,
                 })).collect::<Vec<_>>(),
-                "messages": parts.iter().map(|i| i.end - i.start).sum::<u64>(),
+                "messages": t.messages(),
                 "bytes": parts.iter().map(|i| i.bytes).sum::<u64>(),
                 "published": load(&t.stats.published),
                 "published_bytes": load(&t.stats.published_bytes),
@@ -59,19 +59,15 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
         .into_iter()
         .filter(|g| sees(&g.topic.meta.name))
         .map(|g| {
-            let parts = g.topic.partitions();
-            let lags: Vec<Value> = g
-                .committed()
+            let lag = g.lag();
+            let total: u64 = lag.iter().map(|l| l.2).sum();
+            let lags: Vec<Value> = lag
                 .into_iter()
                 .enumerate()
-                .filter_map(|(p, c)| {
-                    let info = parts.get(p)?;
-                    let at = c.unwrap_or(info.start).max(info.start);
-                    Some(json!({ "partition": p, "committed": c, "end": info.end,
-                                 "lag": info.end.saturating_sub(at) }))
+                .map(|(p, (c, end, n))| {
+                    json!({ "partition": p, "committed": c, "end": end, "lag": n })
                 })
                 .collect();
-            let total: u64 = lags.iter().filter_map(|l| l["lag"].as_u64()).sum();
             json!({
                 "topic": g.topic.meta.name, "group": &*g.name,
                 "members": g.member_count(), "lag": total, "partitions": lags,
@@ -84,10 +80,7 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
         .filter(|q| sees(&q.topic.meta.name))
         .map(|q| {
             let (ready, in_flight, delayed) = q.depth();
-            let dlq = q.topic.policy().dlq_of(&q.topic.meta.name);
-            let dlq_size = storage.topic(&dlq).map_or(0, |d| {
-                d.partitions().iter().map(|p| p.end - p.start).sum::<u64>()
-            });
+            let (dlq, dlq_size) = broker.dlq_of(&q.topic);
             json!({
                 "topic": q.topic.meta.name, "group": &*q.name,
                 "ready": ready, "in_flight": in_flight, "delayed": delayed,

@@ -286,6 +286,11 @@ impl TopicHandle {
         self.state.borrow().clone()
     }
 
+    /// Records retained over all partitions.
+    pub fn messages(&self) -> u64 {
+        self.partitions().iter().map(|p| p.end - p.start).sum()
+    }
+
     /// A receiver that changes after every commit touching this topic.
     pub fn watch(&self) -> watch::Receiver<Arc<[PartitionInfo]>> {
         self.state.subscribe()
