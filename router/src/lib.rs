@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod delivery;
 #[doc(hidden)]
 pub mod fuzzing;

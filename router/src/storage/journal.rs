@@ -36,8 +36,9 @@ use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 use super::StorageError;
 use super::disk::{Disk, DiskFile, write_zeros};
 use super::tables::{
-    DEDUP, DEDUP_EXPIRY, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_CUTOVER,
-    PLUGIN_KV, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
+    DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_CUTOVER,
+    PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
+    TOPICS,
 };
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SYJ1");
@@ -78,6 +79,11 @@ impl Redo {
 
     pub(crate) fn is_on(&self) -> bool {
         self.on
+    }
+
+    /// The recorded payload.
+    pub(crate) fn payload(&self) -> &[u8] {
+        &self.buf[HEADER..]
     }
 
     /// Payload bytes recorded so far.
@@ -464,6 +470,11 @@ pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), Stora
             n if n == QUEUE_DONE.name() => apply(txn, QUEUE_DONE, op, a, b)?,
             n if n == INBOX.name() => apply(txn, INBOX, op, a, b)?,
             n if n == KEY_INDEX.name() => apply(txn, KEY_INDEX, op, a, b)?,
+            n if n == TOPICS.name() => apply(txn, TOPICS, op, a, b)?,
+            n if n == PLUGINS.name() => apply(txn, PLUGINS, op, a, b)?,
+            n if n == PLUGIN_WASM.name() => apply(txn, PLUGIN_WASM, op, a, b)?,
+            n if n == PRINCIPALS.name() => apply(txn, PRINCIPALS, op, a, b)?,
+            n if n == FEEDS.name() => apply(txn, FEEDS, op, a, b)?,
             other => {
                 return Err(StorageError::Corrupt(format!(
                     "journal entry names unknown table '{other}'"
@@ -472,6 +483,88 @@ pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), Stora
         }
     }
     Ok(())
+}
+
+/// Something done to every table a redo can change (every table but
+/// `plugin_artifact`, which holds code compiled for one build and is made
+/// again from `plugin_wasm` where it is missing).
+pub(crate) trait EachTable {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+    ) -> Result<(), StorageError>;
+}
+
+/// Calls `f` for every table a redo can change.
+pub(crate) fn each_table(f: &mut impl EachTable) -> Result<(), StorageError> {
+    f.table(TOPICS)?;
+    f.table(PARTITIONS)?;
+    f.table(LOG)?;
+    f.table(OFFSETS)?;
+    f.table(META)?;
+    f.table(PLUGINS)?;
+    f.table(PRINCIPALS)?;
+    f.table(PLUGIN_WASM)?;
+    f.table(PLUGIN_KV)?;
+    f.table(PLUGIN_CUTOVER)?;
+    f.table(QUEUE_FLOOR)?;
+    f.table(QUEUE)?;
+    f.table(DEDUP)?;
+    f.table(DEDUP_EXPIRY)?;
+    f.table(INBOX)?;
+    f.table(KEY_INDEX)?;
+    f.table(FEEDS)?;
+    f.table(QUEUE_MARK)?;
+    f.table(QUEUE_DONE)
+}
+
+/// Records every row of every table `txn` sees as puts: a redo that,
+/// replayed into empty tables, rebuilds them (a replica's snapshot).
+pub(crate) fn dump(txn: &redb::ReadTransaction, redo: &mut Redo) -> Result<(), StorageError> {
+    struct Dump<'a> {
+        txn: &'a redb::ReadTransaction,
+        redo: &'a mut Redo,
+    }
+    impl EachTable for Dump<'_> {
+        fn table<K: Key + 'static, V: Value + 'static>(
+            &mut self,
+            def: TableDefinition<K, V>,
+        ) -> Result<(), StorageError> {
+            use redb::ReadableTable;
+            let table = match self.txn.open_table(def) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            for row in table.iter()? {
+                let (k, v) = row?;
+                self.redo.table(PUT, def.name());
+                self.redo.bytes(K::as_bytes(&k.value()).as_ref());
+                self.redo.bytes(V::as_bytes(&v.value()).as_ref());
+            }
+            Ok(())
+        }
+    }
+    let on = redo.on;
+    redo.on = true;
+    let r = each_table(&mut Dump { txn, redo });
+    redo.on = on;
+    r
+}
+
+/// Removes every row of every table a redo can change.
+pub(crate) fn clear(txn: &WriteTransaction) -> Result<(), StorageError> {
+    struct Clear<'a>(&'a WriteTransaction);
+    impl EachTable for Clear<'_> {
+        fn table<K: Key + 'static, V: Value + 'static>(
+            &mut self,
+            def: TableDefinition<K, V>,
+        ) -> Result<(), StorageError> {
+            self.0.open_table(def)?.retain(|_, _| false)?;
+            Ok(())
+        }
+    }
+    each_table(&mut Clear(txn))
 }
 
 fn split(b: &[u8], n: usize) -> Option<(&[u8], &[u8])> {

@@ -12,10 +12,10 @@ mod error;
 pub mod log;
 pub mod stats;
 pub use log::ReadLimit;
-mod journal;
+pub(crate) mod journal;
 #[cfg(test)]
 mod power_loss;
-mod tables;
+pub(crate) mod tables;
 mod writer;
 
 use std::collections::HashMap;

@@ -1,0 +1,235 @@
+//! The Raft log and vote, in their own redb file (`raft.redb`).
+//!
+//! An append commits its entries to redb without a sync, so they can be
+//! read (and replicated) at once, and hands openraft's completion callback
+//! to a flusher thread. The flusher makes every append queued since its
+//! last sync durable with one durable commit and only then reports them
+//! flushed: openraft counts an entry towards a majority only after that,
+//! so an acknowledged write is on the disks of a majority. A vote is saved
+//! with a durable commit before it is answered.
+//!
+//! A separate file from the state machine's: its commits are small and
+//! frequent, the state machine's are checkpointed lazily, and a snapshot
+//! install can replace the state machine's tables without touching the
+//! log. `docs/cluster.md` has the measurements.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
+
+/// Index -> postcard-encoded entry.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// `vote`, `committed`, `purged` -> postcard-encoded value.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+
+/// The Raft log store of one node. Cheap to clone: clones share the file.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log at `path` and starts its flusher thread,
+    /// which ends when the last clone is dropped.
+    pub fn open(path: &Path) -> Result<LogStore, StorageError> {
+        let db = Arc::new(Database::create(path).map_err(write_error)?);
+        {
+            let txn = db.begin_write().map_err(write_error)?;
+            txn.open_table(LOG).map_err(write_error)?;
+            txn.open_table(STATE).map_err(write_error)?;
+            txn.commit().map_err(write_error)?;
+        }
+        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(&flush_db, &rx))
+            .map_err(write_error)?;
+        Ok(LogStore { db, flusher: tx })
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let txn = self.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(STATE).map_err(read_error)?;
+        let Some(v) = table.get(key).map_err(read_error)? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(read_error)
+    }
+
+    fn put<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), StorageError> {
+        let bytes = postcard::to_allocvec(value).map_err(write_error)?;
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(durability).map_err(write_error)?;
+        txn.open_table(STATE)
+            .map_err(write_error)?
+            .insert(key, bytes.as_slice())
+            .map_err(write_error)?;
+        txn.commit().map_err(write_error)
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+        let txn = self.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(LOG).map_err(read_error)?;
+        let Some((_, v)) = table.last().map_err(read_error)? else {
+            return Ok(None);
+        };
+        let entry: Entry = postcard::from_bytes(v.value()).map_err(read_error)?;
+        Ok(Some(entry.log_id))
+    }
+}
+
+/// Makes queued appends durable, one sync for all of them, then reports
+/// each flushed in order.
+fn flusher(db: &Database, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut done = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            done.push(more);
+        }
+        // A durable commit makes every earlier non-durable one durable.
+        let r = (|| -> Result<(), String> {
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.open_table(STATE)
+                .map_err(|e| e.to_string())?
+                .insert("flushed", &[][..])
+                .map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        })();
+        for cb in done {
+            cb.log_io_completed(r.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => Bound::Included(s),
+            Bound::Excluded(&s) => Bound::Excluded(s),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&s) => Bound::Included(s),
+            Bound::Excluded(&s) => Bound::Excluded(s),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let txn = self.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(LOG).map_err(read_error)?;
+        let mut out = Vec::new();
+        for row in table.range::<u64>((start, end)).map_err(read_error)? {
+            let (_, v) = row.map_err(read_error)?;
+            out.push(postcard::from_bytes(v.value()).map_err(read_error)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let purged: Option<LogId> = self.get("purged")?;
+        let last = self.last_entry_id()?.or(purged);
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put("vote", vote, Durability::Immediate)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Durable with the next flush; losing it only makes a restart
+        // learn the commit point from the leader again.
+        self.put("committed", &committed, Durability::None)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get::<Option<LogId>>("committed")?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(Durability::None).map_err(write_error)?;
+        {
+            let mut table = txn.open_table(LOG).map_err(write_error)?;
+            let mut buf = Vec::new();
+            for entry in entries {
+                buf.clear();
+                let bytes =
+                    postcard::to_extend(&entry, std::mem::take(&mut buf)).map_err(write_error)?;
+                table
+                    .insert(entry.log_id.index, bytes.as_slice())
+                    .map_err(write_error)?;
+                buf = bytes;
+            }
+        }
+        txn.commit().map_err(write_error)?;
+        self.flusher
+            .send(callback)
+            .map_err(|_| write_error("the log flusher stopped"))
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(Durability::None).map_err(write_error)?;
+        txn.open_table(LOG)
+            .map_err(write_error)?
+            .retain_in(log_id.index.., |_, _| false)
+            .map_err(write_error)?;
+        txn.commit().map_err(write_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let bytes = postcard::to_allocvec(&log_id).map_err(write_error)?;
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(Durability::None).map_err(write_error)?;
+        txn.open_table(STATE)
+            .map_err(write_error)?
+            .insert("purged", bytes.as_slice())
+            .map_err(write_error)?;
+        txn.open_table(LOG)
+            .map_err(write_error)?
+            .retain_in(..=log_id.index, |_, _| false)
+            .map_err(write_error)?;
+        txn.commit().map_err(write_error)
+    }
+}

@@ -1,0 +1,83 @@
+//! Replication: a Raft group of routers that hold the same data.
+//!
+//! The consensus engine is openraft; what it replicates is ours. A Raft
+//! log entry's payload is a *redo*, the physical table changes of one
+//! storage commit, in the same format the single-node write-ahead journal
+//! uses (`storage::journal`). The leader decides everything a commit
+//! holds (offsets, dedup hits, queue transitions, plugin decisions and
+//! their kv writes) and every replica applies the same rows, so replicas
+//! are equal by construction, not by re-running the decisions.
+//!
+//! - [`log_store`]: the Raft log and vote in their own redb file, with
+//!   group commit of log appends (one fsync for every append queued while
+//!   the previous one synced).
+//! - [`state`]: the state machine, the router's own tables in a redb file,
+//!   applying redo entries; snapshots are those tables dumped as a redo.
+//! - [`net`]: Raft RPCs over QUIC with mutual TLS under one cluster CA,
+//!   behind a seam ([`net::Faults`]) that tests use to drop, delay,
+//!   duplicate or cut messages.
+//! - [`node`]: one member of a group, started from a data directory.
+//!
+//! `docs/cluster.md` has the design and its measurements.
+
+// openraft's storage traits return its `StorageError` (224 bytes); our
+// helpers return the same type rather than converting at every call.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod net;
+pub mod node;
+pub mod state;
+pub mod tls;
+
+use serde::{Deserialize, Serialize};
+
+pub use node::{ClusterNode, NodeConfig, Timing, WriteError};
+
+/// A node's identity in the cluster: `--node-id`.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The types one Switchyard Raft group is built from.
+    pub TypeConfig:
+        D = Command,
+        R = (),
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Vec<u8>,
+);
+
+/// One replicated change: the redo of one storage commit, decided by the
+/// leader.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Table changes in the journal's redo format (`storage::journal`).
+    pub redo: bytes::Bytes,
+}
+
+/// A Raft log position.
+pub type LogId = openraft::LogId<NodeId>;
+/// The Raft handle of one group.
+pub type Raft = openraft::Raft<TypeConfig>;
+type Entry = openraft::Entry<TypeConfig>;
+type StorageError = openraft::StorageError<NodeId>;
+
+#[cfg(test)]
+mod tests;
+
+fn storage_error(verb: openraft::ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::new(
+        openraft::ErrorSubject::Store,
+        verb,
+        openraft::AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+fn read_error(e: impl std::fmt::Display) -> StorageError {
+    storage_error(openraft::ErrorVerb::Read, e)
+}
+
+fn write_error(e: impl std::fmt::Display) -> StorageError {
+    storage_error(openraft::ErrorVerb::Write, e)
+}

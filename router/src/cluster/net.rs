@@ -1,0 +1,439 @@
+//! Raft RPCs over QUIC.
+//!
+//! Every node listens for Raft on its own QUIC endpoint (mutual TLS under
+//! the cluster CA, ALPN `switchyard-raft`). A node keeps one connection
+//! per peer and sends each RPC on a stream of its own, so a large
+//! snapshot never blocks heartbeats. A message is a `u32` little-endian
+//! length and a postcard encoding of [`Request`] or [`Response`].
+//!
+//! Every RPC a node sends passes its [`Faults`] first: in production
+//! [`NoFaults`]; tests use [`Partitions`] (or their own) to drop, delay,
+//! duplicate or cut messages between chosen nodes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
+use serde::{Deserialize, Serialize};
+
+use super::tls::node_name;
+use super::{NodeId, Raft, TypeConfig};
+
+/// Largest message accepted: a snapshot travels as one.
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// A Raft RPC on the wire.
+#[derive(Serialize, Deserialize)]
+pub enum Request {
+    /// Replicate entries, or a heartbeat.
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Ask for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// Install a whole snapshot.
+    Snapshot {
+        /// The sender's vote.
+        vote: Vote<NodeId>,
+        /// What the snapshot covers.
+        meta: SnapshotMeta<NodeId, BasicNode>,
+        /// The snapshot's bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::Append`].
+    Append(AppendEntriesResponse<NodeId>),
+    /// Answer to [`Request::Vote`].
+    Vote(VoteResponse<NodeId>),
+    /// Answer to [`Request::Snapshot`].
+    Snapshot(SnapshotResponse<NodeId>),
+    /// The receiving node could not handle it (it is shutting down).
+    Failed(String),
+}
+
+/// What happens to one RPC a node is about to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Sent as usual.
+    Deliver,
+    /// Lost: the sender sees the peer as unreachable.
+    Drop,
+    /// Sent after this long.
+    Delay(Duration),
+    /// Sent twice; the second answer is the one used.
+    Duplicate,
+}
+
+/// The seam between Raft and the network: decides the fate of each RPC.
+pub trait Faults: Send + Sync + 'static {
+    /// The fate of an RPC from `from` to `to`.
+    fn decide(&self, from: NodeId, to: NodeId) -> Fault;
+}
+
+/// Every RPC is delivered.
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn decide(&self, _: NodeId, _: NodeId) -> Fault {
+        Fault::Deliver
+    }
+}
+
+/// Network partitions for tests: cut links are dropped both ways; any
+/// link may also be given a fixed fault.
+#[derive(Default)]
+pub struct Partitions {
+    cut: Mutex<HashSet<(NodeId, NodeId)>>,
+    links: Mutex<BTreeMap<(NodeId, NodeId), Fault>>,
+}
+
+impl Partitions {
+    /// Cuts `node` off from every node in `others`, both ways.
+    pub fn isolate(&self, node: NodeId, others: &[NodeId]) {
+        let mut cut = self.cut.lock().expect("partition lock");
+        for &o in others {
+            cut.insert((node, o));
+            cut.insert((o, node));
+        }
+    }
+
+    /// Gives RPCs from `from` to `to` a fault (until [`Partitions::heal`]).
+    pub fn set(&self, from: NodeId, to: NodeId, fault: Fault) {
+        self.links
+            .lock()
+            .expect("partition lock")
+            .insert((from, to), fault);
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.cut.lock().expect("partition lock").clear();
+        self.links.lock().expect("partition lock").clear();
+    }
+}
+
+impl Faults for Partitions {
+    fn decide(&self, from: NodeId, to: NodeId) -> Fault {
+        if self
+            .cut
+            .lock()
+            .expect("partition lock")
+            .contains(&(from, to))
+        {
+            return Fault::Drop;
+        }
+        self.links
+            .lock()
+            .expect("partition lock")
+            .get(&(from, to))
+            .copied()
+            .unwrap_or(Fault::Deliver)
+    }
+}
+
+async fn write_message<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), String> {
+    let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+async fn read_message<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, String> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(format!("message of {len} bytes is over the limit"));
+    }
+    let mut body = vec![0; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    postcard::from_bytes(&body).map_err(|e| e.to_string())
+}
+
+/// Answers Raft RPCs arriving at `endpoint` with `raft`, until the
+/// endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, raft: Raft) {
+    while let Some(incoming) = endpoint.accept().await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let raft = raft.clone();
+                tokio::spawn(handle(raft, send, recv));
+            }
+        });
+    }
+}
+
+async fn handle(raft: Raft, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let request: Request = match read_message(&mut recv).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "unreadable Raft request");
+            return;
+        }
+    };
+    let response = match request {
+        Request::Append(rpc) => raft
+            .append_entries(rpc)
+            .await
+            .map_or_else(|e| Response::Failed(e.to_string()), Response::Append),
+        Request::Vote(rpc) => raft
+            .vote(rpc)
+            .await
+            .map_or_else(|e| Response::Failed(e.to_string()), Response::Vote),
+        Request::Snapshot { vote, meta, data } => raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: Box::new(data),
+                },
+            )
+            .await
+            .map_or_else(|e| Response::Failed(e.to_string()), Response::Snapshot),
+    };
+    let _ = write_message(&mut send, &response).await;
+}
+
+/// Makes a [`PeerClient`] for each peer openraft replicates to.
+pub struct Network {
+    me: NodeId,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    faults: Arc<dyn Faults>,
+}
+
+impl Network {
+    /// RPCs from node `me`, sent through `endpoint` with `client` TLS.
+    pub fn new(
+        me: NodeId,
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        faults: Arc<dyn Faults>,
+    ) -> Network {
+        Network {
+            me,
+            endpoint,
+            client,
+            faults,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            me: self.me,
+            target,
+            addr: node.addr.parse().ok(),
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            faults: self.faults.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// RPCs from this node to one peer.
+pub struct PeerClient {
+    me: NodeId,
+    target: NodeId,
+    addr: Option<SocketAddr>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    faults: Arc<dyn Faults>,
+    conn: Option<quinn::Connection>,
+}
+
+/// Why an RPC did not get an answer.
+enum Failure {
+    /// Could not reach the peer: back off.
+    Unreachable(String),
+    /// Reached it, but the exchange failed.
+    Network(String),
+}
+
+impl PeerClient {
+    async fn connection(&mut self) -> Result<quinn::Connection, Failure> {
+        if let Some(c) = &self.conn
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .addr
+            .ok_or_else(|| Failure::Unreachable(format!("node {} has no address", self.target)))?;
+        let conn = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, &node_name(self.target))
+            .map_err(|e| Failure::Unreachable(e.to_string()))?
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn call_once(&mut self, request: &Request) -> Result<Response, Failure> {
+        let conn = self.connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+            self.conn = None;
+            Failure::Unreachable(e.to_string())
+        })?;
+        write_message(&mut send, request)
+            .await
+            .map_err(Failure::Network)?;
+        read_message(&mut recv).await.map_err(Failure::Network)
+    }
+
+    async fn call(&mut self, request: Request, ttl: Duration) -> Result<Response, Failure> {
+        let fault = self.faults.decide(self.me, self.target);
+        let run = async {
+            match fault {
+                Fault::Drop => {
+                    return Err(Failure::Unreachable(format!(
+                        "link {} -> {} is cut",
+                        self.me, self.target
+                    )));
+                }
+                Fault::Delay(d) => tokio::time::sleep(d).await,
+                Fault::Duplicate => {
+                    let _ = self.call_once(&request).await;
+                }
+                Fault::Deliver => {}
+            }
+            self.call_once(&request).await
+        };
+        match tokio::time::timeout(ttl, run).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Unreachable(format!(
+                "node {} did not answer within {ttl:?}",
+                self.target
+            ))),
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(f: Failure) -> RPCError<NodeId, BasicNode, E> {
+    match f {
+        Failure::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Message(m))),
+        Failure::Network(m) => RPCError::Network(NetworkError::new(&Message(m))),
+    }
+}
+
+/// An error that is just its text.
+#[derive(Debug)]
+struct Message(String);
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
+fn unexpected<E: std::error::Error>(r: Response) -> RPCError<NodeId, BasicNode, E> {
+    let m = match r {
+        Response::Failed(m) => format!("peer failed the request: {m}"),
+        _ => "peer answered another request".to_string(),
+    };
+    RPCError::Network(NetworkError::new(&Message(m)))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self
+            .call(Request::Append(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_error)?
+        {
+            Response::Append(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        Err(RPCError::Network(NetworkError::new(&Message(
+            "snapshots are sent whole (full_snapshot)".into(),
+        ))))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self
+            .call(Request::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_error)?
+        {
+            Response::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let request = Request::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: *snapshot.snapshot,
+        };
+        let sent = tokio::select! {
+            r = self.call(request, option.hard_ttl()) => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        match sent {
+            Ok(Response::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(match unexpected::<Message>(other) {
+                RPCError::Network(e) => StreamingError::Network(e),
+                _ => unreachable!("unexpected() makes network errors"),
+            }),
+            Err(Failure::Unreachable(m)) => {
+                Err(StreamingError::Unreachable(Unreachable::new(&Message(m))))
+            }
+            Err(Failure::Network(m)) => {
+                Err(StreamingError::Network(NetworkError::new(&Message(m))))
+            }
+        }
+    }
+}

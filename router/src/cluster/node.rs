@@ -1,0 +1,215 @@
+//! One member of a Raft group, started from a data directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+
+use super::log_store::LogStore;
+use super::net::{Faults, Network, NoFaults, serve};
+use super::state::StateMachine;
+use super::tls::NodeTls;
+use super::{Command, LogId, NodeId, Raft};
+
+/// Election and heartbeat timing. Loopback clusters on a loaded 2-core
+/// machine need more slack than the openraft defaults.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// How often a leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// A follower that hears nothing for a random time in this range
+    /// starts an election.
+    pub election: (Duration, Duration),
+    /// Entries applied since the last snapshot that trigger a new one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging
+    /// follower catches up from the log instead of a whole snapshot.
+    pub keep_logs: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat: Duration::from_millis(100),
+            election: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 50_000,
+            keep_logs: 10_000,
+        }
+    }
+}
+
+/// What a node needs to start.
+pub struct NodeConfig {
+    /// This node's id.
+    pub id: NodeId,
+    /// Every member's Raft address, this node's included.
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Where the log (`raft.redb`) and tables (`switchyard.redb`) live.
+    pub dir: PathBuf,
+    /// This node's certificate under the cluster CA.
+    pub tls: NodeTls,
+    /// The network seam (tests cut and delay links here).
+    pub faults: Arc<dyn Faults>,
+    /// Election and heartbeat timing.
+    pub timing: Timing,
+}
+
+impl NodeConfig {
+    /// A node with no faults and default timing.
+    pub fn new(
+        id: NodeId,
+        members: BTreeMap<NodeId, SocketAddr>,
+        dir: PathBuf,
+        tls: NodeTls,
+    ) -> NodeConfig {
+        NodeConfig {
+            id,
+            members,
+            dir,
+            tls,
+            faults: Arc::new(NoFaults),
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Why a replicated write was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This node is not the leader; `leader` is the one it knows of.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader's id, if known.
+        leader: Option<NodeId>,
+        /// The leader's Raft address, if known.
+        addr: Option<String>,
+    },
+    /// The node is stopping or its storage failed.
+    #[error("replication failed: {0}")]
+    Failed(String),
+}
+
+/// A running member of a group.
+pub struct ClusterNode {
+    id: NodeId,
+    raft: Raft,
+    state: StateMachine,
+    endpoint: quinn::Endpoint,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterNode {
+    /// Opens the node's files in `config.dir`, binds its Raft address and
+    /// joins the group. A new group is formed by its members when each
+    /// starts with the same member list; a node restarting from its files
+    /// picks up where it was.
+    pub async fn start(config: NodeConfig) -> Result<ClusterNode, WriteError> {
+        let failed = |e: &dyn std::fmt::Display| WriteError::Failed(e.to_string());
+        let addr = *config
+            .members
+            .get(&config.id)
+            .ok_or_else(|| WriteError::Failed(format!("node {} is not a member", config.id)))?;
+        std::fs::create_dir_all(&config.dir).map_err(|e| failed(&e))?;
+        let log = LogStore::open(&config.dir.join("raft.redb")).map_err(|e| failed(&e))?;
+        let state =
+            StateMachine::open(&config.dir.join("switchyard.redb")).map_err(|e| failed(&e))?;
+        let endpoint =
+            quinn::Endpoint::server(config.tls.server_config().map_err(|e| failed(&e))?, addr)
+                .map_err(|e| failed(&e))?;
+        let client = config.tls.client_config().map_err(|e| failed(&e))?;
+        let network = Network::new(config.id, endpoint.clone(), client, config.faults.clone());
+        let t = &config.timing;
+        let raft_config = Config {
+            cluster_name: "switchyard".into(),
+            heartbeat_interval: t.heartbeat.as_millis() as u64,
+            election_timeout_min: t.election.0.as_millis() as u64,
+            election_timeout_max: t.election.1.as_millis() as u64,
+            install_snapshot_timeout: 30_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+            max_in_snapshot_log_to_keep: t.keep_logs,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| failed(&e))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            network,
+            log,
+            state.clone(),
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        let members: BTreeMap<NodeId, BasicNode> = config
+            .members
+            .iter()
+            .map(|(id, a)| (*id, BasicNode::new(a.to_string())))
+            .collect();
+        // Every member initializes with the same list; on a node that
+        // already has a log this is refused, which is fine.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::debug!(error = %e, "Raft group already initialized");
+        }
+        let server = tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        Ok(ClusterNode {
+            id: config.id,
+            raft,
+            state,
+            endpoint,
+            server,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The replicated tables.
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Replicates one redo; returns once a majority holds it durably and
+    /// this node has applied it.
+    pub async fn write(&self, redo: impl Into<bytes::Bytes>) -> Result<LogId, WriteError> {
+        match self.raft.client_write(Command { redo: redo.into() }).await {
+            Ok(r) => Ok(r.log_id),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader {
+                    leader: f.leader_id,
+                    addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Err(e) => Err(WriteError::Failed(e.to_string())),
+        }
+    }
+
+    /// Stops the node: Raft, then its endpoint. Its files stay for a
+    /// restart.
+    pub async fn shutdown(self) {
+        let _ = self.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"node stopping");
+        self.server.abort();
+        self.endpoint.wait_idle().await;
+    }
+}

@@ -1,0 +1,225 @@
+//! The replicated state machine: the router's tables in a redb file.
+//!
+//! Applying an entry replays its redo into the tables; the last applied
+//! log id and membership are written in the same transaction, so the two
+//! never disagree. Applied commits are not synced one by one: the Raft log
+//! holds every entry until a snapshot covers it, and a snapshot is only
+//! built after a durable commit of the tables, so after a crash the tables
+//! are at some applied position and openraft replays the log after it
+//! (replaying a redo is idempotent: puts and deletes of whole rows).
+//!
+//! A snapshot is every replicated row as one redo (`journal::dump`), read
+//! from one read transaction, so building it does not stop the appliers.
+//! Installing one clears the tables and replays it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
+};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+
+use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
+use crate::storage::journal::{self, Redo};
+
+/// `applied`, `membership` -> postcard-encoded value.
+const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_applied");
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+/// The last snapshot built or installed: what it covers and its bytes.
+type LastSnapshot = (Meta, Arc<Vec<u8>>);
+
+/// The state machine of one node. Cheap to clone: clones share the file
+/// and the last snapshot.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    snapshot: Arc<std::sync::Mutex<Option<LastSnapshot>>>,
+}
+
+impl StateMachine {
+    /// Opens (or creates) the tables at `path`.
+    pub fn open(path: &Path) -> Result<StateMachine, StorageError> {
+        let db = Arc::new(Database::create(path).map_err(write_error)?);
+        let txn = db.begin_write().map_err(write_error)?;
+        txn.open_table(APPLIED).map_err(write_error)?;
+        txn.commit().map_err(write_error)?;
+        Ok(StateMachine {
+            db,
+            snapshot: Arc::default(),
+        })
+    }
+
+    /// The database the entries are applied to, for reading.
+    pub fn database(&self) -> &Arc<Database> {
+        &self.db
+    }
+
+    /// Every replicated row, as a redo: equal on two replicas that applied
+    /// the same entries.
+    pub fn dump(&self) -> Result<Vec<u8>, StorageError> {
+        let txn = self.db.begin_read().map_err(read_error)?;
+        let mut redo = Redo::new();
+        journal::dump(&txn, &mut redo).map_err(read_error)?;
+        Ok(redo.payload().to_vec())
+    }
+
+    /// The last applied position and membership.
+    pub fn applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        applied_in(&self.db.begin_read().map_err(read_error)?)
+    }
+
+    /// Makes every applied entry durable in the tables.
+    pub fn checkpoint(&self) -> Result<(), StorageError> {
+        // A durable commit makes the earlier non-durable ones durable;
+        // it writes a row so that it is never an empty commit.
+        let txn = self.db.begin_write().map_err(write_error)?;
+        txn.open_table(APPLIED)
+            .map_err(write_error)?
+            .insert("checkpoint", &[][..])
+            .map_err(write_error)?;
+        txn.commit().map_err(write_error)
+    }
+}
+
+fn applied_in(txn: &redb::ReadTransaction) -> Result<(Option<LogId>, Membership), StorageError> {
+    {
+        let table = txn.open_table(APPLIED).map_err(read_error)?;
+        let get = |key: &str| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(table
+                .get(key)
+                .map_err(read_error)?
+                .map(|v| v.value().to_vec()))
+        };
+        let applied = match get("applied")? {
+            Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
+            None => None,
+        };
+        let membership = match get("membership")? {
+            Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
+            None => Membership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+fn set_applied(
+    txn: &redb::WriteTransaction,
+    applied: Option<LogId>,
+    membership: &Membership,
+) -> Result<(), StorageError> {
+    let mut table = txn.open_table(APPLIED).map_err(write_error)?;
+    let a = postcard::to_allocvec(&applied).map_err(write_error)?;
+    let m = postcard::to_allocvec(membership).map_err(write_error)?;
+    table.insert("applied", a.as_slice()).map_err(write_error)?;
+    table
+        .insert("membership", m.as_slice())
+        .map_err(write_error)?;
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Durable first: the log before this snapshot may be purged once
+        // it exists, and a crash must not take the tables back past it.
+        self.checkpoint()?;
+        let txn = self.db.begin_read().map_err(read_error)?;
+        let mut redo = Redo::new();
+        journal::dump(&txn, &mut redo).map_err(read_error)?;
+        let (applied, membership) = applied_in(&txn)?;
+        drop(txn);
+        let meta = Meta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}",
+                applied.map_or(0, |l| l.index),
+                crate::storage::now_ms()
+            ),
+        };
+        let data = Arc::new(redo.payload().to_vec());
+        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(data.to_vec()),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (_, mut membership) = self.applied()?;
+        let mut last = None;
+        let mut out = Vec::new();
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(Durability::None).map_err(write_error)?;
+        for entry in entries {
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(cmd) => {
+                    journal::replay(&txn, &cmd.redo).map_err(|e| {
+                        openraft::StorageIOError::apply(entry.log_id, openraft::AnyError::new(&e))
+                    })?;
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Membership::new(Some(entry.log_id), m);
+                }
+            }
+            last = Some(entry.log_id);
+            out.push(());
+        }
+        if last.is_some() {
+            set_applied(&txn, last, &membership)?;
+        }
+        txn.commit().map_err(write_error)?;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Vec<u8>>, StorageError> {
+        Ok(Box::default())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(write_error)?;
+        journal::clear(&txn).map_err(write_error)?;
+        journal::replay(&txn, &snapshot).map_err(write_error)?;
+        set_applied(&txn, meta.last_log_id, &meta.last_membership)?;
+        txn.commit().map_err(write_error)?;
+        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), Arc::new(*snapshot)));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self
+            .snapshot
+            .lock()
+            .expect("snapshot lock")
+            .as_ref()
+            .map(|(meta, data)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(data.to_vec()),
+            }))
+    }
+}

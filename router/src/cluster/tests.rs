@@ -1,0 +1,288 @@
+//! A group of three nodes on loopback: real QUIC endpoints under a real
+//! cluster CA, real redb files in temp dirs, openraft deciding.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::ReadableDatabase;
+
+use super::net::{Faults, Partitions};
+use super::tls::{ClusterCa, NodeTls};
+use super::{ClusterNode, NodeConfig, NodeId, Timing, WriteError};
+use crate::storage::journal::Redo;
+use crate::storage::tables::{LOG, PARTITIONS};
+
+struct Group {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    members: BTreeMap<NodeId, SocketAddr>,
+    tls: BTreeMap<NodeId, NodeTls>,
+    faults: Arc<Partitions>,
+    timing: Timing,
+    nodes: BTreeMap<NodeId, ClusterNode>,
+}
+
+fn free_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
+/// Timing for three nodes sharing two loaded cores.
+fn timing() -> Timing {
+    Timing {
+        heartbeat: Duration::from_millis(100),
+        election: (Duration::from_millis(600), Duration::from_millis(1200)),
+        ..Timing::default()
+    }
+}
+
+impl Group {
+    async fn start(timing: Timing) -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate().unwrap();
+        let members: BTreeMap<NodeId, SocketAddr> = (1..=3).map(|id| (id, free_port())).collect();
+        let tls = members
+            .keys()
+            .map(|&id| (id, ca.issue(id, &["127.0.0.1".into()]).unwrap()))
+            .collect();
+        let mut g = Group {
+            root: dir.path().to_path_buf(),
+            _dir: dir,
+            members,
+            tls,
+            faults: Arc::default(),
+            timing,
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=3 {
+            g.up(id).await;
+        }
+        g
+    }
+
+    async fn up(&mut self, id: NodeId) {
+        let mut config = NodeConfig::new(
+            id,
+            self.members.clone(),
+            self.root.join(format!("n{id}")),
+            self.tls[&id].clone(),
+        );
+        config.faults = self.faults.clone() as Arc<dyn Faults>;
+        config.timing = self.timing.clone();
+        let node = ClusterNode::start(config).await.unwrap();
+        self.nodes.insert(id, node);
+    }
+
+    async fn down(&mut self, id: NodeId) {
+        self.nodes.remove(&id).unwrap().shutdown().await;
+    }
+
+    /// Waits until one of `among` is leader, as all of them see it.
+    async fn leader(&self, among: &[NodeId]) -> NodeId {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen: Vec<Option<NodeId>> =
+                among.iter().map(|id| self.nodes[id].leader()).collect();
+            if let Some(Some(l)) = seen.first()
+                && seen.iter().all(|s| *s == Some(*l))
+                && among.contains(l)
+                && self.nodes[l].is_leader()
+            {
+                return *l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader among {among:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running node has applied everything `leader` has.
+    async fn converge(&self, leader: NodeId) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let target = self.nodes[&leader].raft().metrics().borrow().last_applied;
+            let behind: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.raft().metrics().borrow().last_applied != target)
+                .map(|(id, _)| *id)
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes {behind:?} never caught up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every running node's tables, byte for byte.
+    fn assert_replicas_equal(&self) -> Vec<u8> {
+        let dumps: Vec<(NodeId, Vec<u8>)> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.state().dump().unwrap()))
+            .collect();
+        for (id, d) in &dumps[1..] {
+            assert!(
+                *d == dumps[0].1,
+                "node {id}'s tables differ from node {}'s",
+                dumps[0].0
+            );
+        }
+        dumps[0].1.clone()
+    }
+
+    /// The offsets of topic 1 partition 0 stored on `id`.
+    fn offsets(&self, id: NodeId) -> Vec<u64> {
+        let db = self.nodes[&id].state().database();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(LOG).unwrap();
+        table
+            .range((1, 0, 0)..(1, 1, 0))
+            .unwrap()
+            .map(|r| r.unwrap().0.value().2)
+            .collect()
+    }
+}
+
+/// The redo of appending record `offset` to topic 1 partition 0.
+fn append(offset: u64) -> Vec<u8> {
+    let mut redo = Redo::new();
+    redo.start(true);
+    let body = format!("record {offset}");
+    redo.put(LOG, &(1, 0, offset), &body.as_bytes());
+    redo.put(PARTITIONS, &(1, 0), &(0, offset + 1, 0, 0));
+    redo.payload().to_vec()
+}
+
+async fn write_range(node: &ClusterNode, offsets: std::ops::Range<u64>) {
+    let writes = offsets.map(|o| node.write(append(o)));
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_leader() {
+    let mut g = Group::start(timing()).await;
+    let first = g.leader(&[1, 2, 3]).await;
+    write_range(&g.nodes[&first], 0..200).await;
+    g.converge(first).await;
+    g.assert_replicas_equal();
+
+    // A follower refuses writes and names the leader.
+    let follower = *g.nodes.keys().find(|&&id| id != first).unwrap();
+    match g.nodes[&follower].write(append(999)).await {
+        Err(WriteError::NotLeader { leader, addr }) => {
+            assert_eq!(leader, Some(first));
+            assert_eq!(addr, Some(g.members[&first].to_string()));
+        }
+        other => panic!("a follower accepted a write: {other:?}"),
+    }
+
+    // Lose the leader: the other two elect one and go on.
+    let lost = Instant::now();
+    g.down(first).await;
+    let rest: Vec<NodeId> = g.nodes.keys().copied().collect();
+    let second = g.leader(&rest).await;
+    assert_ne!(second, first);
+    write_range(&g.nodes[&second], 200..300).await;
+    let failover = lost.elapsed();
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+
+    // The old leader comes back from its files and catches up.
+    g.up(first).await;
+    g.converge(second).await;
+    g.assert_replicas_equal();
+    for id in 1..=3 {
+        assert_eq!(g.offsets(id), (0..300).collect::<Vec<u64>>(), "node {id}");
+    }
+    for id in [1, 2, 3] {
+        g.down(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healing() {
+    let mut g = Group::start(timing()).await;
+    let old = g.leader(&[1, 2, 3]).await;
+    write_range(&g.nodes[&old], 0..50).await;
+    let others: Vec<NodeId> = (1..=3).filter(|&id| id != old).collect();
+    g.faults.isolate(old, &others);
+
+    // The isolated leader cannot reach a majority: its write is never
+    // acknowledged, while the majority elects a leader and goes on.
+    let lonely = g.nodes[&old].write(append(50));
+    let lonely = tokio::time::timeout(Duration::from_secs(4), lonely).await;
+    assert!(
+        !matches!(lonely, Ok(Ok(_))),
+        "an isolated leader acknowledged a write: {lonely:?}"
+    );
+    let new = g.leader(&others).await;
+    write_range(&g.nodes[&new], 50..80).await;
+
+    g.faults.heal();
+    // The old leader learns of the new term, drops its unacknowledged
+    // entry and takes the majority's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.nodes[&old].leader() != Some(new) {
+        assert!(Instant::now() < deadline, "the old leader never followed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.converge(new).await;
+    g.assert_replicas_equal();
+    for id in 1..=3 {
+        assert_eq!(g.offsets(id), (0..80).collect::<Vec<u64>>(), "node {id}");
+    }
+    for id in [1, 2, 3] {
+        g.down(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
+    let mut g = Group::start(Timing {
+        snapshot_every: 40,
+        keep_logs: 0,
+        ..timing()
+    })
+    .await;
+    let leader = g.leader(&[1, 2, 3]).await;
+    let away = *g.nodes.keys().find(|&&id| id != leader).unwrap();
+    g.down(away).await;
+    for chunk in 0..5 {
+        write_range(&g.nodes[&leader], chunk * 40..(chunk + 1) * 40).await;
+    }
+    // The leader has purged entries the stopped node never saw.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.nodes[&leader]
+        .raft()
+        .metrics()
+        .borrow()
+        .purged
+        .is_none_or(|p| p.index < 100)
+    {
+        assert!(Instant::now() < deadline, "the leader never purged its log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.up(away).await;
+    g.converge(leader).await;
+    g.assert_replicas_equal();
+    assert_eq!(g.offsets(away), (0..200).collect::<Vec<u64>>());
+    let snap = g.nodes[&away].raft().metrics().borrow().snapshot;
+    assert!(snap.is_some(), "the node caught up without a snapshot");
+    for id in [1, 2, 3] {
+        g.down(id).await;
+    }
+}
