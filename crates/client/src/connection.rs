@@ -40,6 +40,11 @@ pub struct ClientConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Whether and how a lost connection is remade (on by default).
     pub reconnect: Reconnect,
+    /// The other nodes of a cluster `addr` belongs to (client addresses).
+    /// The client connects to whichever node leads, following the
+    /// redirects of the others, and tries these when `addr` (or the last
+    /// leader) cannot be reached. Empty for a single router.
+    pub cluster: Vec<SocketAddr>,
 }
 
 /// How a client remakes a lost connection: attempts with exponential
@@ -110,6 +115,7 @@ impl ClientConfig {
             token: None,
             client_cert: None,
             reconnect: Reconnect::default(),
+            cluster: Vec::new(),
         }
     }
 
@@ -154,6 +160,13 @@ impl ClientConfig {
     /// Sets how lost connections are remade ([`Reconnect::off`] to never).
     pub fn with_reconnect(mut self, reconnect: Reconnect) -> Self {
         self.reconnect = reconnect;
+        self
+    }
+
+    /// Names the other nodes of the cluster `addr` belongs to; see
+    /// [`ClientConfig::cluster`].
+    pub fn with_cluster(mut self, nodes: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.cluster = nodes.into_iter().filter(|a| *a != self.addr).collect();
         self
     }
 
@@ -211,6 +224,8 @@ pub(crate) struct Shared {
     want: Arc<Notify>,
     closing: AtomicBool,
     next_id: AtomicU64,
+    /// The node to connect to next (a cluster's leader, as last learned).
+    target: Mutex<SocketAddr>,
 }
 
 impl Shared {
@@ -385,7 +400,8 @@ impl Client {
             addr: cfg.addr,
             reason: e.to_string(),
         })?;
-        let link = handshake(&cfg, &endpoint, &crypto, 1).await?;
+        let target = Mutex::new(cfg.addr);
+        let link = connect_any(&cfg, &endpoint, &crypto, &target, 1).await?;
         let info = link.info.clone();
         let (state, _) = watch::channel(State::Up(link.clone()));
         let max_in_flight = cfg.max_in_flight;
@@ -397,6 +413,7 @@ impl Client {
             want: Arc::new(Notify::new()),
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            target,
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), link));
         let publisher = Publisher::new(shared.clone(), info.clone(), max_in_flight);
@@ -739,38 +756,112 @@ fn retryable(e: &ClientError) -> bool {
     )
 }
 
-/// Connects and shakes hands: one [`Link`].
-async fn handshake(
+/// Why a handshake did not make a link.
+enum Handshake {
+    /// A cluster node that does not lead; the leader's address if known.
+    NotLeader(Option<SocketAddr>),
+    /// Anything else.
+    Failed(ClientError),
+}
+
+impl From<ClientError> for Handshake {
+    fn from(e: ClientError) -> Self {
+        Handshake::Failed(e)
+    }
+}
+
+/// Connects to the router, or to a cluster's leader: follows redirects
+/// from nodes that do not lead, waits out an election (up to 15 s), and
+/// tries the other nodes when one cannot be reached.
+async fn connect_any(
     cfg: &ClientConfig,
     endpoint: &quinn::Endpoint,
     crypto: &quinn::ClientConfig,
+    target: &Mutex<SocketAddr>,
     generation: u64,
 ) -> Result<Arc<Link>, ClientError> {
-    let connect_err = |reason: String| ClientError::Connect {
-        addr: cfg.addr,
-        reason,
+    let nodes: Vec<SocketAddr> = std::iter::once(cfg.addr)
+        .chain(cfg.cluster.iter().copied())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut unreachable = 0;
+    loop {
+        let addr = *target.lock().expect("target lock");
+        let next = || {
+            let i = nodes.iter().position(|a| *a == addr).map_or(0, |i| i + 1);
+            *target.lock().expect("target lock") = nodes[i % nodes.len()];
+        };
+        match handshake(cfg, addr, endpoint, crypto, generation).await {
+            Ok(link) => return Ok(link),
+            Err(Handshake::NotLeader(Some(leader))) if leader != addr => {
+                tracing::debug!(%addr, %leader, "not the leader; following");
+                *target.lock().expect("target lock") = leader;
+                unreachable = 0;
+            }
+            Err(Handshake::NotLeader(_)) => {
+                if Instant::now() >= deadline {
+                    return Err(ClientError::ConnectionLost(format!(
+                        "no cluster leader among {nodes:?} within 15 s"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                next();
+            }
+            Err(Handshake::Failed(e @ ClientError::Connect { .. })) if nodes.len() > 1 => {
+                unreachable += 1;
+                if unreachable >= nodes.len() {
+                    return Err(e);
+                }
+                next();
+            }
+            Err(Handshake::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+/// Connects and shakes hands: one [`Link`].
+async fn handshake(
+    cfg: &ClientConfig,
+    addr: SocketAddr,
+    endpoint: &quinn::Endpoint,
+    crypto: &quinn::ClientConfig,
+    generation: u64,
+) -> Result<Arc<Link>, Handshake> {
+    let connect_err = |reason: String| ClientError::Connect { addr, reason };
+    // A cluster node that is down does not answer at all: give up on it
+    // sooner and try the others.
+    let limit = if cfg.cluster.is_empty() {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(2)
     };
     let connecting = endpoint
-        .connect_with(crypto.clone(), cfg.addr, &cfg.server_name)
+        .connect_with(crypto.clone(), addr, &cfg.server_name)
         .map_err(|e| connect_err(e.to_string()))?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
-        .map_err(|_| connect_err("timed out after 10 s".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
+    let conn = match tokio::time::timeout(limit, connecting).await {
+        Err(_) => return Err(connect_err(format!("timed out after {limit:?}")).into()),
+        Ok(Err(quinn::ConnectionError::ApplicationClosed(c)))
+            if c.error_code == close::NOT_LEADER.into() =>
+        {
+            return Err(not_leader(&c));
+        }
+        Ok(Err(e)) => return Err(connect_err(e.to_string()).into()),
+        Ok(Ok(c)) => c,
+    };
 
-    let (mut send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(_) => return Err(ended(&conn).await),
+    };
     let hello = Frame::Hello {
         min_version: MIN_VERSION,
         max_version: MAX_VERSION,
         client: cfg.client_name.clone(),
         token: cfg.token.clone(),
     };
-    send.write_all(&hello.to_bytes())
-        .await
-        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    if send.write_all(&hello.to_bytes()).await.is_err() {
+        return Err(ended(&conn).await);
+    }
     // Frames from the router are bounded by our own generous limit.
     let mut reader = FrameReader::new(recv, 64 << 20);
     let info = match reader.next().await {
@@ -786,22 +877,12 @@ async fn handshake(
             max_frame_bytes: max_frame_bytes as usize,
         },
         Ok(Some(Frame::Error { code, message, .. })) => {
-            return Err(ClientError::Server(WireError::new(code, message)));
+            return Err(ClientError::Server(WireError::new(code, message)).into());
         }
         Ok(Some(other)) => {
-            return Err(ClientError::Protocol(format!(
-                "expected HelloOk, got {other:?}"
-            )));
+            return Err(ClientError::Protocol(format!("expected HelloOk, got {other:?}")).into());
         }
-        Ok(None) | Err(_) => {
-            // Wait briefly for the close frame so its reason can be shown.
-            let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-            return Err(match closed {
-                Ok(e) if refused(&e) => ClientError::Refused(describe_close(&e)),
-                Ok(e) => ClientError::ConnectionLost(describe_close(&e)),
-                Err(_) => ClientError::ConnectionLost("closed during handshake".into()),
-            });
-        }
+        Ok(None) | Err(_) => return Err(ended(&conn).await),
     };
     let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
     tokio::spawn(control_reader(reader, waiters.clone()));
@@ -812,6 +893,31 @@ async fn handshake(
         waiters,
         generation,
     }))
+}
+
+/// Why a connection ended during the handshake. Waits briefly for the
+/// close frame so that its reason can be shown (or followed).
+async fn ended(conn: &quinn::Connection) -> Handshake {
+    let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == close::NOT_LEADER.into() =>
+        {
+            not_leader(&c)
+        }
+        Ok(e) if refused(&e) => ClientError::Refused(describe_close(&e)).into(),
+        Ok(e) => ClientError::ConnectionLost(describe_close(&e)).into(),
+        Err(_) => ClientError::ConnectionLost("closed during handshake".into()).into(),
+    }
+}
+
+/// A `NOT_LEADER` close: its reason is the leader's address, if known.
+fn not_leader(c: &quinn::ApplicationClose) -> Handshake {
+    Handshake::NotLeader(
+        std::str::from_utf8(&c.reason)
+            .ok()
+            .and_then(|r| r.parse().ok()),
+    )
 }
 
 /// Watches the connection; when it is lost, makes a new one with backoff
@@ -858,7 +964,14 @@ async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
             }
             attempts += 1;
             let rc = &shared.cfg.reconnect;
-            let e = match handshake(&shared.cfg, &shared.endpoint, &shared.crypto, generation).await
+            let e = match connect_any(
+                &shared.cfg,
+                &shared.endpoint,
+                &shared.crypto,
+                &shared.target,
+                generation,
+            )
+            .await
             {
                 Ok(l) => break l,
                 Err(e) => e,

@@ -54,6 +54,10 @@ pub mod close {
     /// The connection had no stream open and made no request for the
     /// router's `connection_max_idle_ms`; reconnect when needed.
     pub const IDLE: u32 = 7;
+    /// A cluster node that is not the leader: the reason is the leader's
+    /// client address (empty while an election is under way). Connect
+    /// there instead.
+    pub const NOT_LEADER: u32 = 8;
 }
 
 #[cfg(test)]

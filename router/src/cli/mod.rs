@@ -2,6 +2,7 @@
 
 mod auth;
 mod bench;
+mod cluster;
 mod plugin;
 mod publish;
 mod queue;
@@ -66,6 +67,10 @@ pub struct ConnectArgs {
     /// --ca certificate, if there is one: the router's own data directory).
     #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Every node of a cluster (client addresses): follow its leader
+    /// (default: `cluster.addrs` beside --ca, if there is one).
+    #[arg(long, env = "SWITCHYARD_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<SocketAddr>,
     /// Client certificate (PEM) for mutual TLS.
     #[arg(long, env = "SWITCHYARD_CLIENT_CERT", requires = "client_key")]
     client_cert: Option<PathBuf>,
@@ -87,6 +92,19 @@ impl ConnectArgs {
             .with_server_name(&self.server_name);
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
             cfg = cfg.with_client_cert(cert, key);
+        }
+        if !self.cluster.is_empty() {
+            cfg = cfg.with_cluster(self.cluster.iter().copied());
+        } else if let Some(dir) = self.ca.parent() {
+            // Beside a cluster node, the cluster's node list.
+            let beside = dir.join(cluster::ADDRS_FILE);
+            if let Ok(text) = std::fs::read_to_string(&beside) {
+                let nodes: Result<Vec<SocketAddr>, _> =
+                    text.trim().split(',').map(|a| a.trim().parse()).collect();
+                let nodes = nodes
+                    .with_context(|| format!("{} is not a list of addresses", beside.display()))?;
+                cfg = cfg.with_cluster(nodes);
+            }
         }
         if let Some(t) = &self.token {
             cfg = cfg.with_token(t);
@@ -147,6 +165,9 @@ enum Command {
     /// Principals: tokens, grants, quotas, whoami.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
+    /// A replicated cluster: make its data directories, see its state.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +198,13 @@ struct ServeArgs {
     /// in with a token. Off unless given (or the config file's `console`).
     #[arg(long, value_name = "ADDR")]
     console: Option<SocketAddr>,
+    /// This node's id in a cluster (1 for the first address of --cluster).
+    #[arg(long, requires = "cluster")]
+    node_id: Option<u64>,
+    /// Every node's client address, in node id order: run as one node of a
+    /// replicated cluster (data directories from `switchyard cluster init`).
+    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    cluster: Vec<SocketAddr>,
 }
 
 /// Arguments of `switchyard check`.
@@ -236,7 +264,7 @@ pub fn human_bytes(n: u64) -> String {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,openraft=warn"));
     // A log line that cannot be written (a full disk under stderr) is
     // dropped: reporting that failure would print to stderr again, and a
     // failed print panics on whatever thread logged, the storage writer
@@ -290,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Top(args) => top::run(args).await,
         Command::Check(args) => check(args),
         Command::Auth(cmd) => auth::run(cmd).await,
+        Command::Cluster(cmd) => cluster::run(cmd).await,
     }
 }
 
@@ -335,6 +364,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(c) = args.console {
         config.console = Some(c);
     }
+    if let Some(id) = args.node_id {
+        return serve_cluster(config, id, args.cluster).await;
+    }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot
     // be written (closed, or a full disk) still serves.
@@ -378,6 +410,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "shutting down: flushing the commit queue and closing connections"
     );
     router.shutdown().await;
+    Ok(())
+}
+
+async fn serve_cluster(
+    config: RouterConfig,
+    id: u64,
+    nodes: Vec<SocketAddr>,
+) -> anyhow::Result<()> {
+    if id == 0 || id as usize > nodes.len() {
+        anyhow::bail!(
+            "--node-id {id} is not one of the {} nodes of --cluster",
+            nodes.len()
+        );
+    }
+    if nodes[id as usize - 1] != config.listen {
+        anyhow::bail!(
+            "--cluster names {} for node {id}, but it listens on {} (--listen)",
+            nodes[id as usize - 1],
+            config.listen
+        );
+    }
+    let members = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u64 + 1, *a))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "switchyard node {id} of {} listening on {} (Raft on {})",
+        nodes.len(),
+        config.listen,
+        crate::cluster::serve::raft_addr(config.listen)
+    );
+    let _ = out.flush();
+    drop(out);
+    crate::cluster::serve::run(
+        crate::cluster::serve::ClusterServe {
+            node_id: id,
+            members,
+            router: config,
+            timing: crate::cluster::Timing::default(),
+        },
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -27,6 +27,8 @@
 pub mod log_store;
 pub mod net;
 pub mod node;
+pub mod replicate;
+pub mod serve;
 pub mod state;
 pub mod tls;
 
@@ -53,6 +55,21 @@ openraft::declare_raft_types!(
 pub struct Command {
     /// Table changes in the journal's redo format (`storage::journal`).
     pub redo: bytes::Bytes,
+    /// Which leader's storage writer made it, if one did: that writer
+    /// applies it itself (its transaction is open, waiting for it).
+    pub origin: Option<Origin>,
+}
+
+/// The storage commit a [`Command`] came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The leader's node id.
+    pub node: NodeId,
+    /// Which term of serving on that node (a new one each time it becomes
+    /// leader and opens its storage).
+    pub incarnation: u64,
+    /// The commit's number within the incarnation.
+    pub seq: u64,
 }
 
 /// A Raft log position.

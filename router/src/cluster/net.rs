@@ -368,8 +368,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // A heartbeat's time to live is short; a large batch on a loaded
+        // machine can take longer than that without anything being wrong.
+        let ttl = option.hard_ttl().max(Duration::from_secs(2));
         match self
-            .call(Request::Append(rpc), option.hard_ttl())
+            .call(Request::Append(rpc), ttl)
             .await
             .map_err(rpc_error)?
         {

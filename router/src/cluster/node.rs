@@ -192,7 +192,14 @@ impl ClusterNode {
     /// Replicates one redo; returns once a majority holds it durably and
     /// this node has applied it.
     pub async fn write(&self, redo: impl Into<bytes::Bytes>) -> Result<LogId, WriteError> {
-        match self.raft.client_write(Command { redo: redo.into() }).await {
+        match self
+            .raft
+            .client_write(Command {
+                redo: redo.into(),
+                origin: None,
+            })
+            .await
+        {
             Ok(r) => Ok(r.log_id),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(WriteError::NotLeader {

@@ -19,13 +19,12 @@ use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
 };
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase};
 
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
 use crate::storage::journal::{self, Redo};
 
-/// `applied`, `membership` -> postcard-encoded value.
-const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_applied");
+use crate::storage::tables::RAFT_APPLIED as APPLIED;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -38,6 +37,7 @@ type LastSnapshot = (Meta, Arc<Vec<u8>>);
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<Database>,
+    handoff: Arc<super::replicate::Handoff>,
     snapshot: Arc<std::sync::Mutex<Option<LastSnapshot>>>,
 }
 
@@ -50,8 +50,14 @@ impl StateMachine {
         txn.commit().map_err(write_error)?;
         Ok(StateMachine {
             db,
+            handoff: Arc::default(),
             snapshot: Arc::default(),
         })
+    }
+
+    /// Shared with the storage writer while this node serves as leader.
+    pub fn handoff(&self) -> &Arc<super::replicate::Handoff> {
+        &self.handoff
     }
 
     /// The database the entries are applied to, for reading.
@@ -107,7 +113,7 @@ fn applied_in(txn: &redb::ReadTransaction) -> Result<(Option<LogId>, Membership)
     }
 }
 
-fn set_applied(
+pub(crate) fn set_applied(
     txn: &redb::WriteTransaction,
     applied: Option<LogId>,
     membership: &Membership,
@@ -120,6 +126,21 @@ fn set_applied(
         .insert("membership", m.as_slice())
         .map_err(write_error)?;
     Ok(())
+}
+
+impl StateMachine {
+    /// The transaction entries are replayed into, begun on first use.
+    fn direct<'a>(
+        &self,
+        direct: &'a mut Option<(redb::WriteTransaction, LogId)>,
+    ) -> Result<&'a redb::WriteTransaction, StorageError> {
+        if direct.is_none() {
+            let mut txn = self.db.begin_write().map_err(write_error)?;
+            txn.set_durability(Durability::None).map_err(write_error)?;
+            *direct = Some((txn, LogId::default()));
+        }
+        Ok(&direct.as_ref().expect("begun above").0)
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -163,29 +184,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let (_, mut membership) = self.applied()?;
-        let mut last = None;
+        if let Some(m) = self
+            .handoff
+            .membership
+            .lock()
+            .expect("handoff lock")
+            .clone()
+        {
+            membership = m;
+        }
         let mut out = Vec::new();
-        let mut txn = self.db.begin_write().map_err(write_error)?;
-        txn.set_durability(Durability::None).map_err(write_error)?;
+        // Entries replayed here, not yet committed: (transaction, last).
+        let mut direct: Option<(redb::WriteTransaction, LogId)> = None;
         for entry in entries {
-            match entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(cmd) => {
-                    journal::replay(&txn, &cmd.redo).map_err(|e| {
-                        openraft::StorageIOError::apply(entry.log_id, openraft::AnyError::new(&e))
-                    })?;
+            out.push(());
+            let log_id = entry.log_id;
+            if self.handoff.serving() {
+                match entry.payload {
+                    EntryPayload::Blank => continue,
+                    EntryPayload::Membership(m) => {
+                        membership = Membership::new(Some(log_id), m);
+                        *self.handoff.membership.lock().expect("handoff lock") =
+                            Some(membership.clone());
+                        continue;
+                    }
+                    EntryPayload::Normal(cmd) => match self.handoff.take(cmd.origin) {
+                        Some(expected) => {
+                            // The writer holds these rows in its open
+                            // transaction: let it commit them here.
+                            let _ = expected
+                                .events
+                                .send(super::replicate::Event::Apply(log_id, membership.clone()));
+                            if expected.done.recv() != Ok(true) {
+                                return Err(write_error(format!(
+                                    "the leader's commit of entry {log_id} failed"
+                                )));
+                            }
+                            continue;
+                        }
+                        None => {
+                            // Another leader's entry: this node's writer is
+                            // stopping; replay once it has let go.
+                            self.handoff.until_not_serving().await;
+                            let txn = self.direct(&mut direct)?;
+                            journal::replay(txn, &cmd.redo).map_err(|e| {
+                                openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
+                            })?;
+                        }
+                    },
                 }
-                EntryPayload::Membership(m) => {
-                    membership = Membership::new(Some(entry.log_id), m);
+            } else {
+                let txn = self.direct(&mut direct)?;
+                match entry.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(cmd) => {
+                        journal::replay(txn, &cmd.redo).map_err(|e| {
+                            openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
+                        })?;
+                    }
+                    EntryPayload::Membership(m) => {
+                        membership = Membership::new(Some(log_id), m);
+                    }
                 }
             }
-            last = Some(entry.log_id);
-            out.push(());
+            if let Some((_, last)) = direct.as_mut() {
+                *last = log_id;
+            }
         }
-        if last.is_some() {
-            set_applied(&txn, last, &membership)?;
+        if let Some((txn, last)) = direct {
+            set_applied(&txn, Some(last), &membership)?;
+            txn.commit().map_err(write_error)?;
+            *self.handoff.membership.lock().expect("handoff lock") = None;
         }
-        txn.commit().map_err(write_error)?;
         Ok(out)
     }
 

@@ -120,6 +120,28 @@ pub struct RouterConfig {
     pub console: Option<SocketAddr>,
     /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
     pub auth: AuthConfig,
+    /// Serve over a cluster node's replicated tables instead of opening
+    /// the data directory's own (set by the cluster, never in a file).
+    #[serde(skip)]
+    pub replica: Option<Replica>,
+}
+
+/// The replicated tables a cluster's leader serves from, and what
+/// replicates its commits.
+#[derive(Clone)]
+pub struct Replica {
+    /// The node's state machine database (`switchyard.redb`).
+    pub db: Arc<redb::Database>,
+    /// Replicates each commit before it is made.
+    pub replicator: Arc<dyn crate::storage::Replicator>,
+    /// The cluster as this node sees it (`cluster_status`), as JSON.
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replica")
+    }
 }
 
 impl Default for RouterConfig {
@@ -162,6 +184,7 @@ impl Default for RouterConfig {
             metrics: None,
             console: None,
             auth: AuthConfig::default(),
+            replica: None,
         }
     }
 }
@@ -306,19 +329,22 @@ impl Router {
         let generated_cert = tls::ensure_self_signed(&paths)?;
         let crypto = tls::server_crypto(&paths, config.auth.client_ca.as_deref())?;
 
-        let storage = Storage::open(
-            &config.data.join("switchyard.redb"),
-            StorageConfig {
-                max_batch_records: config.commit_max_batch_records,
-                max_batch_bytes: config.commit_max_batch_bytes,
-                linger: Duration::from_micros(config.commit_linger_us),
-                spin: Duration::from_micros(config.commit_spin_us),
-                cache_bytes: config.cache_bytes,
-                journal_bytes: config.journal_bytes,
-                checkpoint: Duration::from_millis(config.journal_checkpoint_ms),
-                reserve_bytes: config.storage_reserve_mb << 20,
-            },
-        )?;
+        let storage_config = StorageConfig {
+            max_batch_records: config.commit_max_batch_records,
+            max_batch_bytes: config.commit_max_batch_bytes,
+            linger: Duration::from_micros(config.commit_linger_us),
+            spin: Duration::from_micros(config.commit_spin_us),
+            cache_bytes: config.cache_bytes,
+            journal_bytes: config.journal_bytes,
+            checkpoint: Duration::from_millis(config.journal_checkpoint_ms),
+            reserve_bytes: config.storage_reserve_mb << 20,
+            replicator: config.replica.as_ref().map(|r| r.replicator.clone()),
+        };
+        let db_path = config.data.join("switchyard.redb");
+        let storage = match &config.replica {
+            None => Storage::open(&db_path, storage_config)?,
+            Some(r) => Storage::open_replicated(r.db.clone(), &db_path, storage_config)?,
+        };
 
         let auth = Arc::new(Auth::open(&config.auth, &config.data, storage.clone())?);
         if !config.listen.ip().is_loopback()

@@ -129,6 +129,16 @@ pub(super) async fn handle(
             super::plugin_test::dry_run(broker, req, wasm).await
         }
         "status" => Ok(super::status::status(shared, session)),
+        "cluster_status" => {
+            session.check(Class::ClusterAdmin, "*", "")?;
+            match &shared.config.replica {
+                Some(r) => Ok((r.status)()),
+                None => Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    "this router is not a cluster node (start it with --node-id and --cluster)",
+                )),
+            }
+        }
         other if super::queue_admin::OPS.contains(&other) => {
             super::queue_admin::handle(broker, session, other, body).await
         }
@@ -140,7 +150,7 @@ pub(super) async fn handle(
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
-                     dlq-redrive, dlq-purge; status; auth: {})",
+                     dlq-redrive, dlq-purge; status; cluster_status; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),

@@ -41,6 +41,11 @@ pub enum StorageError {
     /// batch was rolled back and nothing in it was acknowledged.
     #[error("write failed, nothing in this request was stored: {0}")]
     WriteFailed(String),
+    /// A cluster node that is no longer (or not yet) the leader could not
+    /// replicate the commit: nothing in it was acknowledged, and a retry
+    /// (at the leader) with the same message ids is safe.
+    #[error("not the leader, nothing in this request was acknowledged: {0}")]
+    NotLeader(String),
 }
 
 impl StorageError {
@@ -49,7 +54,7 @@ impl StorageError {
         let code = match self {
             StorageError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             StorageError::TopicExists(_) => ErrorCode::TopicExists,
-            StorageError::ShutDown => ErrorCode::ShuttingDown,
+            StorageError::ShutDown | StorageError::NotLeader(_) => ErrorCode::ShuttingDown,
             StorageError::StorageFull(_) => ErrorCode::StorageFull,
             StorageError::Failed(_) => ErrorCode::Storage,
             StorageError::Db(_)

@@ -35,8 +35,26 @@ use writer::WriteOp;
 
 use crate::protocol::{PartitionInfo, RawRecord, TopicInfo};
 
+/// Replicates each commit before it is made (a cluster's leader).
+///
+/// With a replicator the writer records every change of every commit as
+/// a redo (`journal`'s format) and, instead of syncing the journal or the
+/// database, hands the redo to [`Replicator::replicate`], which returns
+/// once a majority holds it durably. The transaction then commits without
+/// a sync: the replicated log is what a restart recovers from.
+pub trait Replicator: Send + Sync + 'static {
+    /// Proposes `redo` and blocks until it is committed and it is its turn
+    /// to be applied here; then writes the applied position into `txn`.
+    /// An error means it was not committed by this leader (the commit is
+    /// refused; a retry with the message id is safe).
+    fn replicate(&self, redo: &[u8], txn: &redb::WriteTransaction) -> Result<(), StorageError>;
+    /// Reports whether the transaction of the last successful
+    /// [`Replicator::replicate`] committed.
+    fn done(&self, committed: bool);
+}
+
 /// Group-commit tuning.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StorageConfig {
     /// Most records one write transaction takes before it commits.
     pub max_batch_records: usize,
@@ -62,6 +80,24 @@ pub struct StorageConfig {
     /// are refused with `storage_full` (nothing stored) until space is
     /// freed, so the database never meets a full disk mid-commit.
     pub reserve_bytes: u64,
+    /// Replicate every commit (a cluster); `None` alone.
+    pub replicator: Option<Arc<dyn Replicator>>,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("max_batch_records", &self.max_batch_records)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("linger", &self.linger)
+            .field("spin", &self.spin)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("journal_bytes", &self.journal_bytes)
+            .field("checkpoint", &self.checkpoint)
+            .field("reserve_bytes", &self.reserve_bytes)
+            .field("replicated", &self.replicator.is_some())
+            .finish()
+    }
 }
 
 impl Default for StorageConfig {
@@ -75,6 +111,7 @@ impl Default for StorageConfig {
             journal_bytes: 8 << 20,
             checkpoint: Duration::from_millis(250),
             reserve_bytes: 64 << 20,
+            replicator: None,
         }
     }
 }
@@ -425,8 +462,39 @@ impl Storage {
             Ok(r) => r?,
         };
         let journal = open_journal(&*disk, &db, path, new_db, &config)?;
-        let journal_pending = journal.as_ref().map(|j| j.pending_flag());
-        let db = Arc::new(db);
+        Self::start(Arc::new(db), journal, disk, path, config)
+    }
+
+    /// Storage over a cluster node's replicated tables, already open in
+    /// `db` at `path`: no journal (the Raft log is the journal), and every
+    /// commit goes through `config.replicator`.
+    pub fn open_replicated(
+        db: Arc<Database>,
+        path: &Path,
+        config: StorageConfig,
+    ) -> Result<Storage, StorageError> {
+        if config.replicator.is_none() {
+            return Err(StorageError::Corrupt(
+                "replicated storage needs a replicator".into(),
+            ));
+        }
+        Self::start(db, None, Arc::new(disk::OsDisk), path, config)
+    }
+
+    fn start(
+        db: Arc<Database>,
+        journal: Option<journal::Journal>,
+        disk: Arc<dyn disk::Disk>,
+        path: &Path,
+        config: StorageConfig,
+    ) -> Result<Storage, StorageError> {
+        // Replicated storage checkpoints on the same timer, always.
+        let journal_pending = journal.as_ref().map(|j| j.pending_flag()).or_else(|| {
+            config
+                .replicator
+                .is_some()
+                .then(|| Arc::new(AtomicBool::new(true)))
+        });
         let (metas, parts, dedup) = load(&db)?;
         let feeds: FeedRegistry = Arc::new(RwLock::new(load_feeds(&db)?));
         let mut registry = HashMap::new();

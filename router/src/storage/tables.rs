@@ -103,3 +103,8 @@ pub(crate) const QUEUE_MARK: TableDefinition<(u32, &str, u32), u64> =
 /// `(start, end)` relative to the chunk (see `delivery::ranges`).
 pub(crate) const QUEUE_DONE: TableDefinition<(u32, &str, u32, u64), &[u8]> =
     TableDefinition::new("queue_done");
+
+/// Raft's applied position and membership on a cluster node (`applied`,
+/// `membership`), written with the rows they cover; node-local, so never
+/// in a redo or a snapshot.
+pub(crate) const RAFT_APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_applied");

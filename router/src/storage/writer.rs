@@ -406,6 +406,10 @@ impl Writer {
     /// even if a retried sync succeeds, so the only safe recovery is a
     /// restart that replays what was synced.
     fn failed_commit(&mut self, e: &StorageError) -> StorageError {
+        if let StorageError::NotLeader(m) = e {
+            // Not a storage failure: this node lost its leadership.
+            return StorageError::NotLeader(m.clone());
+        }
         let msg = e.to_string();
         if is_space_error(&msg) || (self.space_failed && msg.contains("Previous I/O error")) {
             self.space_failed = true;
@@ -668,7 +672,7 @@ impl Writer {
             bytes <= JOURNAL_MAX_COMMIT_BYTES
                 && j.age().is_none_or(|age| age < self.config.checkpoint)
         });
-        self.redo.start(journal);
+        self.redo.start(journal || self.replicating());
         let mut segment: VecDeque<WriteOp> = segment.into();
         let result = self.apply_data(
             &mut segment,
@@ -946,6 +950,9 @@ impl Writer {
     /// recorded and fit, else durably in redb (which also checkpoints
     /// everything journaled before it).
     fn commit(&mut self, mut txn: WriteTransaction) -> Result<(), StorageError> {
+        if self.replicating() {
+            return self.replicate(txn);
+        }
         if let Some(j) = self.journal.as_ref().filter(|_| self.redo.is_on()) {
             // The entry also moves redb's lsn row, so it is recorded first
             // and counted in the size.
@@ -983,6 +990,44 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether commits are replicated (a cluster's leader).
+    fn replicating(&self) -> bool {
+        self.config.replicator.is_some()
+    }
+
+    /// Starts recording a commit that is not a data commit: recorded only
+    /// when it is replicated.
+    fn start_other(&mut self) {
+        let on = self.replicating();
+        self.redo.start(on);
+    }
+
+    /// Commits a transaction that is not a data commit: replicated first
+    /// in a cluster, else durably in redb.
+    fn commit_other(&mut self, txn: WriteTransaction) -> Result<(), StorageError> {
+        if self.replicating() {
+            return self.replicate(txn);
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Replicates the recorded changes of `txn`, then commits it without a
+    /// sync: the replicated log, durable on a majority, is what recovers it.
+    fn replicate(&mut self, txn: WriteTransaction) -> Result<(), StorageError> {
+        let r = self
+            .config
+            .replicator
+            .clone()
+            .expect("replicate() is called only with a replicator");
+        let t0 = Instant::now();
+        commit_replicated(&*r, self.redo.payload(), txn)?;
+        self.stats
+            .journal_sync_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     /// Notes a durable redb commit: every journal entry so far is in redb.
     fn durable(&mut self) {
         if let Some(j) = self.journal.as_mut() {
@@ -993,6 +1038,20 @@ impl Writer {
     /// Makes every journaled commit durable in redb (one durable commit),
     /// so the journal starts a new cycle; nothing to do if it is empty.
     fn checkpoint(&mut self) -> Result<(), StorageError> {
+        if self.replicating() {
+            // Commits are not synced one by one here; a durable commit now
+            // and then lets redb reuse the pages they freed and bounds what
+            // a restart replays from the Raft log.
+            let t0 = Instant::now();
+            let txn = self.db.begin_write()?;
+            txn.open_table(super::tables::RAFT_APPLIED)?
+                .insert("checkpoint", &[][..])?;
+            txn.commit()?;
+            self.stats
+                .checkpoint_seconds
+                .observe(t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
         let Some(last) = self
             .journal
             .as_ref()
@@ -1032,12 +1091,14 @@ impl Writer {
         {
             return Err(StorageError::TopicExists(name));
         }
+        self.start_other();
         let txn = self.db.begin_write()?;
         let meta;
         {
             let mut m = txn.open_table(META)?;
             let id = m.get(NEXT_TOPIC_ID)?.map(|v| v.value()).unwrap_or(1) as u32;
             m.insert(NEXT_TOPIC_ID, id as u64 + 1)?;
+            self.redo.put(META, &NEXT_TOPIC_ID, &(id as u64 + 1));
             meta = TopicMeta {
                 id,
                 name: name.clone(),
@@ -1050,12 +1111,14 @@ impl Writer {
             let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
             txn.open_table(TOPICS)?
                 .insert(name.as_str(), json.as_slice())?;
+            self.redo.put(TOPICS, &name.as_str(), &json.as_slice());
             let mut pt = txn.open_table(PARTITIONS)?;
             for p in 0..partitions {
                 pt.insert((id, p), (0, 0, 0, 0))?;
+                self.redo.put(PARTITIONS, &(id, p), &(0, 0, 0, 0));
             }
         }
-        txn.commit()?;
+        self.commit_other(txn)?;
         let parts = vec![PartState::default(); partitions as usize];
         let infos: Arc<[PartitionInfo]> = parts.iter().map(|s| s.info()).collect();
         let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
@@ -1079,39 +1142,28 @@ impl Writer {
             return Err(StorageError::UnknownTopic(name.to_string()));
         };
         let id = handle.meta.id;
+        let next = id.saturating_add(1);
+        self.start_other();
         let txn = self.db.begin_write()?;
         {
+            let redo = &mut self.redo;
             txn.open_table(TOPICS)?.remove(name)?;
-            txn.open_table(PARTITIONS)?
-                .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
-            txn.open_table(LOG)?
-                .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-            txn.open_table(OFFSETS)?.retain(|k, _| k.1 != id)?;
-            txn.open_table(QUEUE)?
-                .retain_in((id, "", 0, 0)..(id.saturating_add(1), "", 0, 0), |_, _| {
-                    false
-                })?;
-            txn.open_table(QUEUE_FLOOR)?
-                .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
-            txn.open_table(QUEUE_MARK)?
-                .retain_in((id, "", 0)..(id.saturating_add(1), "", 0), |_, _| false)?;
-            txn.open_table(QUEUE_DONE)?
-                .retain_in((id, "", 0, 0)..(id.saturating_add(1), "", 0, 0), |_, _| {
-                    false
-                })?;
-            txn.open_table(DEDUP)?
-                .retain_in((id, &[][..])..(id.saturating_add(1), &[][..]), |_, _| false)?;
-            txn.open_table(DEDUP_EXPIRY)?
-                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
-            txn.open_table(INBOX)?
-                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
-            txn.open_table(KEY_INDEX)?
-                .retain_in((id, 0, 0, 0)..(id.saturating_add(1), 0, 0, 0), |_, _| false)?;
-            txn.open_table(FEEDS)?
-                .retain_in((id, "")..(id.saturating_add(1), ""), |_, _| false)?;
+            redo.del(TOPICS, &name);
+            remove_range(&txn, redo, PARTITIONS, (id, 0), (next, 0))?;
+            remove_range(&txn, redo, LOG, (id, 0, 0), (next, 0, 0))?;
+            remove_where(&txn, redo, OFFSETS, |k| k.1 == id)?;
+            remove_range(&txn, redo, QUEUE, (id, "", 0, 0), (next, "", 0, 0))?;
+            remove_range(&txn, redo, QUEUE_FLOOR, (id, "", 0), (next, "", 0))?;
+            remove_range(&txn, redo, QUEUE_MARK, (id, "", 0), (next, "", 0))?;
+            remove_range(&txn, redo, QUEUE_DONE, (id, "", 0, 0), (next, "", 0, 0))?;
+            remove_range(&txn, redo, DEDUP, (id, &[][..]), (next, &[][..]))?;
+            remove_range(&txn, redo, DEDUP_EXPIRY, (id, 0, 0, 0), (next, 0, 0, 0))?;
+            remove_range(&txn, redo, INBOX, (id, 0, 0, 0), (next, 0, 0, 0))?;
+            remove_range(&txn, redo, KEY_INDEX, (id, 0, 0, 0), (next, 0, 0, 0))?;
+            remove_range(&txn, redo, FEEDS, (id, ""), (next, ""))?;
         }
+        self.commit_other(txn)?;
         self.feeds.write().expect("feeds lock").remove(&id);
-        txn.commit()?;
         self.topics.remove(&id);
         self.registry.write().expect("registry lock").remove(name);
         handle.mark_deleted();
@@ -1148,10 +1200,19 @@ impl Writer {
             def.keys.push((k, start));
         }
         let json = serde_json::to_vec(&def).expect("feed serializes");
+        let on = self.config.replicator.is_some();
+        self.redo.start(on);
         let txn = self.db.begin_write()?;
         txn.open_table(FEEDS)?
             .insert((topic_id, name.as_str()), json.as_slice())?;
-        txn.commit()?;
+        self.redo
+            .put(FEEDS, &(topic_id, name.as_str()), &json.as_slice());
+        if on {
+            let r = self.config.replicator.clone().expect("checked above");
+            commit_replicated(&*r, self.redo.payload(), txn)?;
+        } else {
+            txn.commit()?;
+        }
         topic_feeds.feeds.insert(name, def.clone());
         topic_feeds.rebuild();
         Ok(def)
@@ -1168,9 +1229,11 @@ impl Writer {
         let mut meta = handle.meta.clone();
         meta.policy = policy.clone();
         let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
+        self.start_other();
         let txn = self.db.begin_write()?;
         txn.open_table(TOPICS)?.insert(name, json.as_slice())?;
-        txn.commit()?;
+        self.redo.put(TOPICS, &name, &json.as_slice());
+        self.commit_other(txn)?;
         handle.policy.store(Arc::new(policy));
         Ok(())
     }
@@ -1187,6 +1250,8 @@ impl Writer {
             return Ok(0);
         }
         let mut new = st;
+        let on = self.config.replicator.is_some();
+        self.redo.start(on);
         let txn = self.db.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -1195,11 +1260,18 @@ impl Writer {
                 new.bytes -= super::log::entry_meta(v.value()).1 as u64;
             }
             log.retain_in((id, p, st.start)..(id, p, before), |_, _| false)?;
+            self.redo
+                .del_range(LOG, &(id, p, st.start), &(id, p, before));
             new.start = before;
-            txn.open_table(PARTITIONS)?
-                .insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
+            let row = (new.start, new.end, new.bytes, new.last_ts);
+            txn.open_table(PARTITIONS)?.insert((id, p), row)?;
+            self.redo.put(PARTITIONS, &(id, p), &row);
         }
-        txn.commit()?;
+        if let Some(r) = self.config.replicator.clone() {
+            commit_replicated(&*r, self.redo.payload(), txn)?;
+        } else {
+            txn.commit()?;
+        }
         ts.parts[p as usize] = new;
         ts.publish();
         Ok(before - st.start)
@@ -1212,51 +1284,66 @@ impl Writer {
         wasm: Option<(u32, Vec<u8>, Option<Vec<u8>>)>,
         drop_versions: &[u32],
     ) -> Result<(), StorageError> {
+        self.start_other();
         let txn = self.db.begin_write()?;
         {
             txn.open_table(PLUGINS)?.insert(name, record)?;
+            self.redo.put(PLUGINS, &name, &record);
             let mut w = txn.open_table(PLUGIN_WASM)?;
             let mut a = txn.open_table(PLUGIN_ARTIFACT)?;
             if let Some((version, bytes, artifact)) = wasm {
                 w.insert((name, version), bytes.as_slice())?;
+                self.redo
+                    .put(PLUGIN_WASM, &(name, version), &bytes.as_slice());
+                // The compiled artifact is for this build only: not replicated.
                 if let Some(artifact) = artifact {
                     a.insert((name, version), artifact.as_slice())?;
                 }
             }
             for v in drop_versions {
                 w.remove((name, *v))?;
+                self.redo.del(PLUGIN_WASM, &(name, *v));
                 a.remove((name, *v))?;
             }
         }
-        txn.commit()?;
+        self.commit_other(txn)?;
         Ok(())
     }
 
     fn put_principal(&mut self, name: &str, record: Option<&[u8]>) -> Result<(), StorageError> {
+        self.start_other();
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(PRINCIPALS)?;
             match record {
-                Some(r) => t.insert(name, r)?,
-                None => t.remove(name)?,
+                Some(r) => {
+                    t.insert(name, r)?;
+                    self.redo.put(PRINCIPALS, &name, &r);
+                }
+                None => {
+                    t.remove(name)?;
+                    self.redo.del(PRINCIPALS, &name);
+                }
             };
         }
-        txn.commit()?;
+        self.commit_other(txn)?;
         Ok(())
     }
 
     fn remove_plugin(&mut self, name: &str) -> Result<(), StorageError> {
+        self.start_other();
         let txn = self.db.begin_write()?;
         {
+            let redo = &mut self.redo;
             txn.open_table(PLUGINS)?.remove(name)?;
-            txn.open_table(PLUGIN_WASM)?
-                .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
+            redo.del(PLUGINS, &name);
+            remove_where(&txn, redo, PLUGIN_WASM, |k| k.0 == name)?;
             txn.open_table(PLUGIN_ARTIFACT)?
                 .retain_in((name, 0)..=(name, u32::MAX), |_, _| false)?;
-            txn.open_table(PLUGIN_KV)?.retain(|k, _| k.0 != name)?;
-            txn.open_table(PLUGIN_CUTOVER)?.retain(|k, _| k.0 != name)?;
+            remove_where(&txn, redo, PLUGIN_KV, |k| k.0 == name)?;
+            remove_where(&txn, redo, PLUGIN_CUTOVER, |k| k.0 == name)?;
         }
-        txn.commit()?;
+        self.commit_other(txn)?;
         Ok(())
     }
 
@@ -1265,6 +1352,8 @@ impl Writer {
         let now = now_ms();
         let mut deleted = 0u64;
         let mut changed: Vec<(u32, u32, PartState)> = Vec::new();
+        let replicated = self.replicating();
+        self.start_other();
         let txn = self.db.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -1297,8 +1386,11 @@ impl Writer {
                     }
                     if new.start != st.start {
                         log.retain_in((id, p, st.start)..(id, p, new.start), |_, _| false)?;
-                        parts_table
-                            .insert((id, p), (new.start, new.end, new.bytes, new.last_ts))?;
+                        self.redo
+                            .del_range(LOG, &(id, p, st.start), &(id, p, new.start));
+                        let row = (new.start, new.end, new.bytes, new.last_ts);
+                        parts_table.insert((id, p), row)?;
+                        self.redo.put(PARTITIONS, &(id, p), &row);
                         deleted += new.start - st.start;
                         ts.handle
                             .stats
@@ -1320,6 +1412,12 @@ impl Writer {
                             .map_or(st.start, |c| c.2.start)
                     })
                     .collect();
+                if replicated {
+                    // The sweep of fan-out references is not replicated
+                    // yet: readers skip references below a partition's
+                    // start, so leaving them costs space, not correctness.
+                    continue;
+                }
                 let state = self.prune.entry(id).or_default();
                 // A finished sweep against these starts has nothing left to do.
                 if state.keys_from == 0 && state.feeds_from == 0 && state.swept == starts {
@@ -1332,7 +1430,7 @@ impl Writer {
                 }
             }
         }
-        txn.commit()?;
+        self.commit_other(txn)?;
         let mut touched = HashSet::new();
         for (id, p, st) in changed {
             if let Some(ts) = self.topics.get_mut(&id) {
@@ -1348,6 +1446,62 @@ impl Writer {
         }
         Ok(deleted)
     }
+}
+
+/// Replicates `redo`, the changes of `txn`, then commits `txn` without a
+/// sync. On an error `txn` is dropped, which aborts it.
+fn commit_replicated(
+    r: &dyn super::Replicator,
+    redo: &[u8],
+    mut txn: WriteTransaction,
+) -> Result<(), StorageError> {
+    r.replicate(redo, &txn)?;
+    txn.set_durability(Durability::None)
+        .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let committed = txn.commit();
+    r.done(committed.is_ok());
+    Ok(committed?)
+}
+
+/// Removes the keys in `from..to` from `def`, recording it in `redo`.
+fn remove_range<'k, K: Key + 'static, V: Value + 'static>(
+    txn: &WriteTransaction,
+    redo: &mut Redo,
+    def: TableDefinition<K, V>,
+    from: K::SelfType<'k>,
+    to: K::SelfType<'k>,
+) -> Result<(), StorageError>
+where
+    K::SelfType<'k>: Clone,
+{
+    redo.del_range(def, &from, &to);
+    txn.open_table(def)?
+        .retain_in::<K::SelfType<'k>, _>(from..to, |_, _| false)?;
+    Ok(())
+}
+
+/// Removes the keys of `def` that `matches`, recording each in `redo`.
+fn remove_where<K: Key + 'static, V: Value + 'static>(
+    txn: &WriteTransaction,
+    redo: &mut Redo,
+    def: TableDefinition<K, V>,
+    matches: impl Fn(&K::SelfType<'_>) -> bool,
+) -> Result<(), StorageError> {
+    let mut table = txn.open_table(def)?;
+    let mut gone: Vec<Vec<u8>> = Vec::new();
+    for row in table.iter()? {
+        let (k, _) = row?;
+        let k = k.value();
+        if matches(&k) {
+            gone.push(K::as_bytes(&k).as_ref().to_vec());
+        }
+    }
+    for k in &gone {
+        let key = K::from_bytes(k);
+        redo.del(def, &key);
+        table.remove(key)?;
+    }
+    Ok(())
 }
 
 /// Where a topic's sweep of fan-out references stands.

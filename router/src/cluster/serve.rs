@@ -1,0 +1,275 @@
+//! `switchyard serve --node-id N --cluster A,B,C`: a router that is one
+//! node of a replicated cluster.
+//!
+//! Every node runs a Raft member ([`ClusterNode`]). The leader serves
+//! clients: it opens the replicated tables as its storage (every commit
+//! replicated before it is acknowledged) and runs the whole router on its
+//! client address. A follower answers every connection on its client
+//! address by closing it with [`close::NOT_LEADER`] and the leader's
+//! address, which clients follow. When leadership moves, the old leader
+//! stops its router (its clients reconnect and follow) and the new one
+//! starts its router once it has applied every committed entry.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+
+use super::replicate::LeaderReplicator;
+use super::tls::NodeTls;
+use super::{ClusterNode, NodeConfig, NodeId, Timing};
+use crate::protocol::close;
+use crate::server::{Replica, Router, RouterConfig, StartError, tls};
+
+/// The Raft port of a node is its client port plus this.
+pub const RAFT_PORT_OFFSET: u16 = 5;
+
+/// The files in a node's data directory that make it a cluster member.
+pub const CA_FILE: &str = "cluster-ca.pem";
+
+/// A node's Raft address, from its client address.
+pub fn raft_addr(client: SocketAddr) -> SocketAddr {
+    SocketAddr::new(client.ip(), client.port() + RAFT_PORT_OFFSET)
+}
+
+/// Loads a node's TLS identity from its data directory: `cert.pem` (its
+/// certificate, then the CA's), `key.pem`, `cluster-ca.pem`.
+pub fn load_node_tls(dir: &Path) -> Result<NodeTls, StartError> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let paths = tls::CertPaths::in_dir(dir);
+    let missing = |what: &str| {
+        StartError::Config(format!(
+            "{} has no {what}: a cluster node's data directory is made by \
+             `switchyard cluster init`",
+            dir.display()
+        ))
+    };
+    let ca_path = dir.join(CA_FILE);
+    if !ca_path.exists() {
+        return Err(missing(CA_FILE));
+    }
+    let ca = tls::load_certs(&ca_path)?;
+    let mut chain = tls::load_certs(&paths.cert).map_err(|_| missing("cert.pem"))?;
+    chain.truncate(1);
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|_| missing("key.pem"))?;
+    Ok(NodeTls {
+        ca,
+        chain,
+        key: Arc::new(key),
+    })
+}
+
+/// A cluster node's settings.
+pub struct ClusterServe {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Every node's client address, by id (`--cluster`, in id order).
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// The router this node runs while it leads (`listen` is its client
+    /// address, `data` its data directory).
+    pub router: RouterConfig,
+    /// Election timing.
+    pub timing: Timing,
+}
+
+/// Runs a cluster node until `shutdown` completes.
+pub async fn run(
+    cfg: ClusterServe,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let node_tls = load_node_tls(&cfg.router.data)?;
+    let raft_members = cfg
+        .members
+        .iter()
+        .map(|(id, a)| (*id, raft_addr(*a)))
+        .collect();
+    let mut nc = NodeConfig::new(cfg.node_id, raft_members, cfg.router.data.clone(), node_tls);
+    nc.timing = cfg.timing.clone();
+    let node = ClusterNode::start(nc)
+        .await
+        .map_err(|e| StartError::Config(format!("cluster node: {e}")))?;
+    tracing::info!(node = cfg.node_id, members = ?cfg.members, "cluster node started");
+    tokio::pin!(shutdown);
+    let mut incarnation = crate::storage::now_ms() << 8;
+    loop {
+        // Following: point clients at the leader until this node leads.
+        let redirect = Redirect::start(&cfg, &node)?;
+        let ready = tokio::select! {
+            () = &mut shutdown => false,
+            () = until_ready_leader(&node) => true,
+        };
+        redirect.stop().await;
+        if !ready {
+            break;
+        }
+        // Leading: the router serves from the replicated tables.
+        incarnation += 1;
+        let term = node.raft().metrics().borrow().current_term;
+        let handoff = node.state().handoff().clone();
+        handoff.set_serving(true);
+        let replicator = LeaderReplicator::new(
+            node.raft().clone(),
+            tokio::runtime::Handle::current(),
+            handoff.clone(),
+            cfg.node_id,
+            incarnation,
+        );
+        let mut rc = cfg.router.clone();
+        let raft = node.raft().clone();
+        let members = cfg.members.clone();
+        rc.replica = Some(Replica {
+            db: node.state().database().clone(),
+            replicator: Arc::new(replicator),
+            status: Arc::new(move || cluster_status(&raft, &members)),
+        });
+        let router = match Router::start(rc).await {
+            Ok(r) => r,
+            Err(e) => {
+                handoff.set_serving(false);
+                node.shutdown().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(node = cfg.node_id, term, "leading: serving clients");
+        let stop = tokio::select! {
+            () = &mut shutdown => true,
+            () = until_not_leader(&node, term) => false,
+        };
+        if !stop {
+            tracing::info!(
+                node = cfg.node_id,
+                "no longer the leader: handing clients over"
+            );
+        }
+        router.shutdown().await;
+        handoff.set_serving(false);
+        if stop {
+            break;
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The cluster as the leader sees it: nodes, roles, how far each
+/// follower's log matches the leader's.
+fn cluster_status(raft: &super::Raft, members: &BTreeMap<NodeId, SocketAddr>) -> serde_json::Value {
+    let m = raft.metrics().borrow().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let replication = m.replication.clone().unwrap_or_default();
+    let nodes: Vec<serde_json::Value> = members
+        .iter()
+        .map(|(id, addr)| {
+            let leader = m.current_leader == Some(*id);
+            let matched = if leader {
+                Some(last)
+            } else {
+                replication.get(id).and_then(|l| l.map(|l| l.index))
+            };
+            serde_json::json!({
+                "id": id,
+                "addr": addr.to_string(),
+                "role": if leader { "leader" } else { "follower" },
+                "matched": matched,
+                "behind": matched.map(|i| last.saturating_sub(i)),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": m.id,
+        "leader": m.current_leader,
+        "term": m.current_term,
+        "last_log": m.last_log_index,
+        "committed": m.last_applied.map(|l| l.index),
+        "nodes": nodes,
+    })
+}
+
+/// Waits until this node is the leader and has applied every entry
+/// committed before its term (so its tables are complete).
+async fn until_ready_leader(node: &ClusterNode) {
+    let mut metrics = node.raft().metrics();
+    loop {
+        if metrics.borrow().state == ServerState::Leader
+            && node.raft().ensure_linearizable().await.is_ok()
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+    }
+}
+
+/// Waits until this node is no longer the leader of `term`.
+async fn until_not_leader(node: &ClusterNode, term: u64) {
+    let mut metrics = node.raft().metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.state != ServerState::Leader || m.current_term != term {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A follower's client endpoint: every connection is closed with
+/// `NOT_LEADER` and the leader's client address.
+struct Redirect {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Redirect {
+    fn start(cfg: &ClusterServe, node: &ClusterNode) -> Result<Redirect, StartError> {
+        let crypto = tls::server_crypto(
+            &cfg.router.cert_paths(),
+            cfg.router.auth.client_ca.as_deref(),
+        )?;
+        let addr = cfg.router.listen;
+        // The address was just released by the router: retry briefly.
+        let mut tries = 0;
+        let endpoint = loop {
+            let server = quinn::ServerConfig::with_crypto(crypto.clone());
+            match quinn::Endpoint::server(server, addr) {
+                Ok(e) => break e,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "client address busy; retrying");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => return Err(StartError::Bind { addr, source }),
+            }
+        };
+        let metrics = node.raft().metrics();
+        let members = cfg.members.clone();
+        let e = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = e.accept().await {
+                let leader = metrics.borrow().current_leader;
+                let to = leader
+                    .and_then(|l| members.get(&l))
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        conn.close(close::NOT_LEADER.into(), to.as_bytes());
+                    }
+                });
+            }
+        });
+        Ok(Redirect { endpoint, task })
+    }
+
+    async fn stop(self) {
+        self.endpoint.close(close::NOT_LEADER.into(), b"");
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
