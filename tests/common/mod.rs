@@ -305,3 +305,11 @@ pub fn plugin_wasm(name: &str) -> Vec<u8> {
         )
     })
 }
+
+/// Nanoseconds of the wall clock, as a cheap seed.
+pub fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -217,6 +217,16 @@ impl QueueConsumer {
             .unwrap_or_else(|_| Err(ClientError::ConnectionLost("queue stream ended".into())))
     }
 
+    /// How many times this consumer has joined its group again (after a
+    /// reconnect, or the router ending the subscription). An ack, nack or
+    /// extend of a message delivered before a rejoin returns `Ok` without
+    /// reaching the router: the message comes again. So an ack that
+    /// returns `Ok` with this number unchanged since the message arrived
+    /// was answered by the router, after the commit that holds it.
+    pub fn rejoins(&self) -> u64 {
+        self.waiters.lock().expect("waiters lock").stream
+    }
+
     /// Acknowledges a message: it is settled and never delivered again.
     pub async fn ack(&self, msg: &QueueMessage) -> Result<(), ClientError> {
         let items = vec![msg.tag];

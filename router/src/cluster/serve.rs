@@ -97,7 +97,7 @@ pub async fn run(
     let mut incarnation = crate::storage::now_ms() << 8;
     loop {
         // Following: point clients at the leader until this node leads.
-        let redirect = Redirect::start(&cfg, &node)?;
+        let redirect = Redirect::start(&cfg, &node).await?;
         let ready = tokio::select! {
             () = &mut shutdown => false,
             () = until_ready_leader(&node) => true,
@@ -126,12 +126,21 @@ pub async fn run(
             replicator: Arc::new(replicator),
             status: Arc::new(move || cluster_status(&raft, &members)),
         });
-        let router = match Router::start(rc).await {
-            Ok(r) => r,
-            Err(e) => {
-                handoff.set_serving(false);
-                node.shutdown().await;
-                return Err(e);
+        // The client address was released by the redirect just now; the
+        // kernel may take a moment to let it go.
+        let mut tries = 0;
+        let router = loop {
+            match Router::start(rc.clone()).await {
+                Ok(r) => break r,
+                Err(StartError::Bind { .. }) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    handoff.set_serving(false);
+                    node.shutdown().await;
+                    return Err(e);
+                }
             }
         };
         tracing::info!(node = cfg.node_id, term, "leading: serving clients");
@@ -227,7 +236,7 @@ struct Redirect {
 }
 
 impl Redirect {
-    fn start(cfg: &ClusterServe, node: &ClusterNode) -> Result<Redirect, StartError> {
+    async fn start(cfg: &ClusterServe, node: &ClusterNode) -> Result<Redirect, StartError> {
         let crypto = tls::server_crypto(
             &cfg.router.cert_paths(),
             cfg.router.auth.client_ca.as_deref(),
@@ -236,13 +245,20 @@ impl Redirect {
         // The address was just released by the router: retry briefly.
         let mut tries = 0;
         let endpoint = loop {
-            let server = quinn::ServerConfig::with_crypto(crypto.clone());
+            let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
+            let mut transport = quinn::TransportConfig::default();
+            transport.max_idle_timeout(Some(
+                Duration::from_secs(2)
+                    .try_into()
+                    .expect("a valid idle timeout"),
+            ));
+            server.transport_config(Arc::new(transport));
             match quinn::Endpoint::server(server, addr) {
                 Ok(e) => break e,
-                Err(e) if tries < 50 => {
+                Err(e) if tries < 100 => {
                     tries += 1;
                     tracing::debug!(error = %e, "client address busy; retrying");
-                    std::thread::sleep(Duration::from_millis(20));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(source) => return Err(StartError::Bind { addr, source }),
             }
@@ -251,17 +267,23 @@ impl Redirect {
         let members = cfg.members.clone();
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
+            // Owned here, so stopping the redirect aborts the handshakes in
+            // progress too: each holds the socket open until it ends.
+            let mut closing = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
                 let leader = metrics.borrow().current_leader;
                 let to = leader
                     .and_then(|l| members.get(&l))
                     .map(|a| a.to_string())
                     .unwrap_or_default();
-                tokio::spawn(async move {
-                    if let Ok(conn) = incoming.await {
+                closing.spawn(async move {
+                    if let Ok(Ok(conn)) =
+                        tokio::time::timeout(Duration::from_secs(2), incoming).await
+                    {
                         conn.close(close::NOT_LEADER.into(), to.as_bytes());
                     }
                 });
+                while closing.try_join_next().is_some() {}
             }
         });
         Ok(Redirect { endpoint, task })

@@ -1,0 +1,499 @@
+//! A three-node cluster of real `switchyard serve` processes on loopback:
+//! kill -9 the leader again and again under a pipelined producer, an
+//! acking queue consumer and a stream reader, then check the history the
+//! clients saw against what every replica holds.
+//!
+//! `SWITCHYARD_CLUSTER_KILLS=N` sets the number of kills (20 by default).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{router_bin, sigterm};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use switchyard::client::{
+    Client, ClientConfig, QueueOptions, Record, StartPosition, SubscribeOptions,
+};
+
+const PER_BATCH: usize = 20;
+
+/// Loopback client addresses whose Raft ports (5 above) are free too,
+/// below the ephemeral port range: a killed node's port must still be
+/// free when it restarts, not taken by some client's socket meanwhile.
+fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let seed = std::process::id() as u64 ^ common::now_nanos();
+    let mut port = 20_000 + (seed % 12_000) as u16;
+    while out.len() < n {
+        port += 10;
+        if port > 32_000 {
+            port = 20_000;
+        }
+        let free = |p: u16| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 5) {
+            out.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    out
+}
+
+struct Node {
+    id: u64,
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    _root: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let addrs = cluster_addrs(n);
+        let list = addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = Command::new(router_bin())
+            .args(["cluster", "init", "--nodes", &list, "--dir"])
+            .arg(root.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut c = Cluster {
+            nodes: addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Node {
+                    id: i as u64 + 1,
+                    addr: *a,
+                    dir: root.path().join(format!("n{}", i + 1)),
+                    child: None,
+                })
+                .collect(),
+            addrs,
+            _root: root,
+        };
+        for i in 0..n {
+            c.up(i as u64 + 1);
+        }
+        c
+    }
+
+    fn up(&mut self, id: u64) {
+        let list = self
+            .addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = &mut self.nodes[id as usize - 1];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("node.log"))
+            .unwrap();
+        let mut child = Command::new(router_bin())
+            .args(["serve", "--data"])
+            .arg(&node.dir)
+            .args(["--listen", &node.addr.to_string(), "--metrics", "off"])
+            .args(["--node-id", &id.to_string(), "--cluster", &list])
+            .env("RUST_LOG", "warn,switchyard::cluster=info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.starts_with("switchyard node"), "{first}");
+        std::thread::spawn(move || for _ in lines {});
+        node.child = Some(child);
+    }
+
+    fn kill(&mut self, id: u64) {
+        let mut child = self.nodes[id as usize - 1].child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn stop_all(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                sigterm(&c);
+                c.wait().unwrap();
+            }
+        }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.nodes[0].dir.join("cert.pem")
+    }
+
+    async fn client(&self) -> Arc<Client> {
+        let mut cfg = ClientConfig::new(self.addrs[0])
+            .with_ca_file(self.cert())
+            .with_token_file(self.nodes[0].dir.join("admin.token"))
+            .unwrap()
+            .with_cluster(self.addrs.iter().copied());
+        // Notice a killed leader within a second or two.
+        cfg.idle_timeout = Duration::from_millis(1500);
+        Arc::new(Client::connect(cfg).await.unwrap())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::env::var_os("SWITCHYARD_KEEP_CLUSTER").is_some() {
+            eprintln!("cluster files kept in {}", self._root.path().display());
+            std::mem::forget(std::mem::replace(
+                &mut self._root,
+                tempfile::tempdir().unwrap(),
+            ));
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+async fn cluster_status(c: &Client) -> serde_json::Value {
+    c.admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+        .await
+        .unwrap()
+}
+
+/// Waits until every node's log matches the leader's.
+async fn converged(c: &Client) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster_status(c).await;
+        let nodes = s["nodes"].as_array().unwrap();
+        if nodes.iter().all(|n| n["behind"] == 0) {
+            return s["leader"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never converged: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a topic, again if the leader changed under the request (an
+/// admin request is not resent by the client: its fate is unknown).
+async fn create_topic(c: &Client, name: &str, partitions: u32) {
+    for _ in 0..20 {
+        match c.create_topic(name, partitions).await {
+            Ok(_) => return,
+            Err(e) if e.code() == Some(switchyard::client::ErrorCode::TopicExists) => return,
+            Err(e) => {
+                eprintln!("create {name}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("could not create {name}");
+}
+
+fn kills() -> usize {
+    std::env::var("SWITCHYARD_CLUSTER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_acknowledged_message() {
+    let mut cluster = Cluster::start(3);
+    let admin = cluster.client().await;
+    create_topic(&admin, "jobs", 3).await;
+
+    // A pipelined producer, every record with a message id: remembers
+    // where each acknowledged id was stored.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let stored: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::default();
+    let producer = {
+        let c = cluster.client().await;
+        let (stop, acked, stored) = (stop.clone(), acked.clone(), stored.clone());
+        tokio::spawn(async move {
+            let mut in_flight = FuturesOrdered::new();
+            let mut b = 0;
+            let settle = |ids: Vec<String>, acks: Vec<switchyard::client::Ack>| {
+                let mut s = stored.lock().unwrap();
+                for (id, a) in ids.into_iter().zip(acks) {
+                    if let Some(old) = s.insert(id.clone(), (a.partition, a.offset)) {
+                        panic!("{id} acknowledged twice: {old:?} and {a:?}");
+                    }
+                }
+                acked.store(s.len(), Ordering::Relaxed);
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let ids: Vec<String> = (0..PER_BATCH)
+                    .map(|i| format!("job-{}", b * PER_BATCH + i))
+                    .collect();
+                let records = ids
+                    .iter()
+                    .map(|id| Record::new(id.clone()).with_message_id(id.clone()))
+                    .collect();
+                let pending = c.queue_batch("jobs", records).await.unwrap();
+                in_flight.push_back(async move { (ids, pending.await) });
+                if in_flight.len() == 8 {
+                    let (ids, acks) = in_flight.next().await.unwrap();
+                    settle(ids, acks.expect("a publish failed"));
+                }
+                b += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            while let Some((ids, acks)) = in_flight.next().await {
+                settle(ids, acks.expect("a publish failed"));
+            }
+        })
+    };
+
+    // A queue consumer acking everything: an acknowledged ack must never
+    // be followed by the same message again.
+    let worker_done = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let c = cluster.client().await;
+        let done = worker_done.clone();
+        tokio::spawn(async move {
+            let mut q = c
+                .subscribe_queue(QueueOptions::new("jobs", "workers"))
+                .await
+                .unwrap();
+            let mut settled: HashSet<(u32, u64)> = HashSet::new();
+            let mut seen: HashSet<Vec<u8>> = HashSet::new();
+            let mut redeliveries = 0;
+            while !done.load(Ordering::Relaxed) {
+                let joined = q.rejoins();
+                let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), q.next()).await
+                else {
+                    continue;
+                };
+                let m = m.unwrap();
+                let at = (m.tag.partition, m.tag.offset);
+                assert!(
+                    !settled.contains(&at),
+                    "p{}@{} came again after its ack was answered (attempt {}, connection {})",
+                    at.0,
+                    at.1,
+                    m.attempt(),
+                    c.connections()
+                );
+                if !seen.insert(m.payload().to_vec()) {
+                    redeliveries += 1;
+                }
+                // An ack of a message delivered before the consumer
+                // rejoined is a no-op that returns Ok (the router already
+                // released it): only an ack the router answered settles.
+                if q.ack(&m).await.is_ok() && q.rejoins() == joined {
+                    settled.insert(at);
+                }
+            }
+            (seen, redeliveries)
+        })
+    };
+
+    let mut failovers = Vec::new();
+    let wait_for_acks = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while acked.load(Ordering::Relaxed) < n {
+                assert!(Instant::now() < deadline, "no acknowledgement for 30 s");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_acks(100).await;
+    for k in 0..kills() {
+        let leader = converged(&admin).await;
+        let before = acked.load(Ordering::Relaxed);
+        wait_for_acks(before + 50).await;
+        let from = acked.load(Ordering::Relaxed);
+        cluster.kill(leader);
+        let killed = Instant::now();
+        // Writes resume once a new leader serves and clients found it.
+        wait_for_acks(from + PER_BATCH * 8 + 1).await;
+        failovers.push(killed.elapsed());
+        cluster.up(leader);
+        eprintln!(
+            "kill {}: node {leader}, writes again after {:?}",
+            k + 1,
+            killed.elapsed()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    producer.await.unwrap();
+    let stored = stored.lock().unwrap().clone();
+    let total = stored.len();
+
+    // The topic holds each acknowledged record once, at its acknowledged
+    // position, with offsets dense in every partition.
+    let mut sub = admin
+        .subscribe(SubscribeOptions::new("jobs").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut log: BTreeMap<(u32, u64), String> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while log.len() < total && Instant::now() < deadline {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await else {
+            continue;
+        };
+        let m = m.unwrap();
+        let payload = String::from_utf8(m.payload().to_vec()).unwrap();
+        assert!(log.insert((m.partition, m.offset), payload).is_none());
+    }
+    let info = admin.describe_topic("jobs").await.unwrap();
+    let in_topic: u64 = info.partitions.iter().map(|p| p.end - p.start).sum();
+    assert_eq!(
+        in_topic, total as u64,
+        "records stored beyond the acknowledged ones"
+    );
+    for (id, at) in &stored {
+        assert_eq!(
+            log.get(at),
+            Some(id),
+            "{id} not at its acknowledged position {at:?}"
+        );
+    }
+    for (i, p) in info.partitions.iter().enumerate() {
+        let offsets: Vec<u64> = log
+            .keys()
+            .filter(|k| k.0 == i as u32)
+            .map(|k| k.1)
+            .collect();
+        assert_eq!(
+            offsets,
+            (p.start..p.end).collect::<Vec<_>>(),
+            "partition {i}"
+        );
+    }
+
+    // The queue group got every record (at least once).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = admin.queue_stats(Some("jobs")).await.unwrap();
+        if s[0]["backlog"] == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker_done.store(true, Ordering::Relaxed);
+    let (seen, redeliveries) = worker.await.unwrap();
+    assert_eq!(seen.len(), total, "the queue group got every record");
+
+    // Every replica holds the same tables, byte for byte.
+    converged(&admin).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.stop_all();
+    let replicas: Vec<(Vec<u8>, Option<u64>)> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let sm = switchyard::cluster::state::StateMachine::open(&n.dir.join("switchyard.redb"))
+                .unwrap();
+            (sm.dump().unwrap(), sm.applied().unwrap().0.map(|l| l.index))
+        })
+        .collect();
+    for (i, r) in replicas.iter().enumerate().skip(1) {
+        assert_eq!(
+            r.1,
+            replicas[0].1,
+            "node {} applied another position",
+            i + 1
+        );
+        assert!(
+            r.0 == replicas[0].0,
+            "node {}'s tables differ from node 1's",
+            i + 1
+        );
+    }
+
+    failovers.sort();
+    eprintln!(
+        "{} kills, {total} records acknowledged, {redeliveries} queue redeliveries; \
+         writes resumed after p50 {:?}, max {:?}",
+        failovers.len(),
+        failovers[failovers.len() / 2],
+        failovers.last().unwrap()
+    );
+}
+
+/// The README's cluster steps: three nodes, `cluster status` beside any
+/// node, kill one, and keep publishing and reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_beside_any_node_names_the_leader() {
+    let mut cluster = Cluster::start(3);
+    let status = |dir: &Path| {
+        let out = Command::new(router_bin())
+            .args(["cluster", "status", "--json", "--ca"])
+            .arg(dir.join("cert.pem"))
+            .args(["--addr", &cluster_addr(dir)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut leader = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &cluster.nodes {
+        loop {
+            let s = status(&n.dir);
+            if s["leader"].is_u64() {
+                assert!(leader.is_none() || leader == s["leader"].as_u64());
+                leader = s["leader"].as_u64();
+                assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
+                break;
+            }
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let leader = leader.unwrap();
+    let admin = cluster.client().await;
+    create_topic(&admin, "t", 1).await;
+    admin.publish("t", Record::new("before")).await.unwrap();
+    cluster.kill(leader);
+    // With a message id the client resends it to the new leader if the
+    // first copy's fate was lost with the old one.
+    admin
+        .publish("t", Record::new("after").with_message_id("after"))
+        .await
+        .unwrap();
+    let other = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    let s = status(&other.dir);
+    assert_ne!(s["leader"].as_u64(), Some(leader));
+    let info = admin.describe_topic("t").await.unwrap();
+    assert_eq!(info.partitions[0].end, 2);
+}
+
+fn cluster_addr(dir: &Path) -> String {
+    let list = std::fs::read_to_string(dir.join("cluster.addrs")).unwrap();
+    let i: usize = dir.file_name().unwrap().to_str().unwrap()[1..]
+        .parse()
+        .unwrap();
+    list.trim().split(',').nth(i - 1).unwrap().to_string()
+}
