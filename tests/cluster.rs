@@ -176,10 +176,24 @@ impl Drop for Cluster {
     }
 }
 
+/// The leader's view of the cluster (asked again if the request was cut
+/// off by a leader change).
 async fn cluster_status(c: &Client) -> serde_json::Value {
-    c.admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
-        .await
-        .unwrap()
+    let mut tries = 0;
+    loop {
+        match c
+            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+        {
+            Ok(v) => return v,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("cluster_status: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cluster_status: {e}"),
+        }
+    }
 }
 
 /// Waits until every node's log matches the leader's.
@@ -221,6 +235,9 @@ fn kills() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_acknowledged_message() {
+    if let Ok(filter) = std::env::var("SWITCHYARD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
     let mut cluster = Cluster::start(3);
     let admin = cluster.client().await;
     create_topic(&admin, "jobs", 3).await;

@@ -829,11 +829,12 @@ async fn handshake(
 ) -> Result<Arc<Link>, Handshake> {
     let connect_err = |reason: String| ClientError::Connect { addr, reason };
     // A cluster node that is down does not answer at all: give up on it
-    // sooner and try the others.
+    // sooner and try the others (a loopback or LAN handshake takes a few
+    // milliseconds; this is its time to answer at all).
     let limit = if cfg.cluster.is_empty() {
         Duration::from_secs(10)
     } else {
-        Duration::from_secs(2)
+        Duration::from_secs(1)
     };
     let connecting = endpoint
         .connect_with(crypto.clone(), addr, &cfg.server_name)
