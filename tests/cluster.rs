@@ -45,6 +45,26 @@ fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
     out
 }
 
+/// Runs a command to its end; it must succeed.
+fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Addresses as `--cluster` takes them.
+fn joined(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 struct Node {
     id: u64,
     addr: SocketAddr,
@@ -62,20 +82,11 @@ impl Cluster {
     fn start(n: usize) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let addrs = cluster_addrs(n);
-        let list = addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let out = Command::new(router_bin())
-            .args(["cluster", "init", "--nodes", &list, "--dir"])
-            .arg(root.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let list = joined(&addrs);
+        succeed(
+            Command::new(router_bin())
+                .args(["cluster", "init", "--nodes", &list, "--dir"])
+                .arg(root.path()),
         );
         let mut c = Cluster {
             nodes: addrs
@@ -98,12 +109,7 @@ impl Cluster {
     }
 
     fn up(&mut self, id: u64) {
-        let list = self
-            .addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = joined(&self.addrs);
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -478,16 +484,11 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
 async fn cluster_status_beside_any_node_names_the_leader() {
     let mut cluster = Cluster::start(3);
     let status = |dir: &Path| {
-        let out = Command::new(router_bin())
-            .args(["cluster", "status", "--json", "--ca"])
-            .arg(dir.join("cert.pem"))
-            .args(["--addr", &cluster_addr(dir)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeed(
+            Command::new(router_bin())
+                .args(["cluster", "status", "--json", "--ca"])
+                .arg(dir.join("cert.pem"))
+                .args(["--addr", &cluster_addr(dir)]),
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
