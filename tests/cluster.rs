@@ -109,6 +109,10 @@ impl Cluster {
     }
 
     fn up(&mut self, id: u64) {
+        self.start_node(id, false);
+    }
+
+    fn start_node(&mut self, id: u64, join: bool) {
         let list = joined(&self.addrs);
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new()
@@ -121,6 +125,7 @@ impl Cluster {
             .arg(&node.dir)
             .args(["--listen", &node.addr.to_string(), "--metrics", "off"])
             .args(["--node-id", &id.to_string(), "--cluster", &list])
+            .args(join.then_some("--join"))
             .env("RUST_LOG", "warn,switchyard::cluster=info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -139,9 +144,16 @@ impl Cluster {
         child.wait().unwrap();
     }
 
-    fn stop_all(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
+    /// Stops every node gracefully, `last` last: once the others are
+    /// gone it can commit nothing more, so every node stops at the same
+    /// applied position.
+    fn stop_all_but_last(&mut self, last: u64) {
+        let order: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].id != last)
+            .chain((0..self.nodes.len()).filter(|&i| self.nodes[i].id == last))
+            .collect();
+        for i in order {
+            if let Some(mut c) = self.nodes[i].child.take() {
                 sigterm(&c);
                 c.wait().unwrap();
             }
@@ -442,9 +454,9 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
     assert_eq!(seen.len(), total, "the queue group got every record");
 
     // Every replica holds the same tables, byte for byte.
-    converged(&admin).await;
+    let leader = converged(&admin).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.stop_all();
+    cluster.stop_all_but_last(leader);
     let replicas: Vec<(Vec<u8>, Option<u64>)> = cluster
         .nodes
         .iter()
@@ -531,4 +543,106 @@ fn cluster_addr(dir: &Path) -> String {
         .parse()
         .unwrap();
     list.trim().split(',').nth(i - 1).unwrap().to_string()
+}
+
+/// `cluster add-node` grows a running cluster by a fourth node (learner,
+/// then voter) and `remove-node` takes one out, while the data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_added_and_removed_while_the_cluster_serves() {
+    let mut cluster = Cluster::start(3);
+    let admin = cluster.client().await;
+    create_topic(&admin, "t", 2).await;
+    for i in 0..50 {
+        let id = format!("r{i}");
+        admin
+            .publish("t", Record::new(id.clone()).with_message_id(id))
+            .await
+            .unwrap();
+    }
+    let root = cluster._root.path().to_path_buf();
+    let new_addr = loop {
+        let a = cluster_addrs(1)[0];
+        if !cluster.addrs.contains(&a) {
+            break a;
+        }
+    };
+    // add-node makes the directory, prints the serve line and waits for
+    // the node to catch up.
+    let add = Command::new(router_bin())
+        .args(["cluster", "add-node", "--dir"])
+        .arg(&root)
+        .args(["--node-addr", &new_addr.to_string(), "--ca"])
+        .arg(cluster.cert())
+        .args(["--addr", &cluster.addrs[0].to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !root.join("n4").join("cluster.addrs").exists() {
+        assert!(Instant::now() < deadline, "add-node made no directory");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.addrs.push(new_addr);
+    cluster.nodes.push(Node {
+        id: 4,
+        addr: new_addr,
+        dir: root.join("n4"),
+        child: None,
+    });
+    cluster.start_node(4, true);
+    let out = tokio::task::spawn_blocking(move || add.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node 4 joined"));
+    let s = cluster_status(&admin).await;
+    let roles: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.iter().filter(|r| **r != "learner").count(), 4, "{s}");
+    assert_eq!(converged(&admin).await, s["leader"].as_u64().unwrap());
+
+    // Remove a follower; the other three go on.
+    let leader = s["leader"].as_u64().unwrap();
+    let gone = (1..=4).find(|&id| id != leader).unwrap();
+    succeed(
+        Command::new(router_bin())
+            .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
+            .arg(cluster.cert())
+            .args(["--addr", &cluster.addrs[0].to_string()]),
+    );
+    cluster.kill(gone);
+    admin
+        .publish("t", Record::new("after").with_message_id("after"))
+        .await
+        .unwrap();
+    let s = cluster_status(&admin).await;
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
+    let info = admin.describe_topic("t").await.unwrap();
+    assert_eq!(info.partitions.iter().map(|p| p.end).sum::<u64>(), 51);
+    // The new node holds what the others hold.
+    let leader = converged(&admin).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.stop_all_but_last(leader);
+    let dumps: Vec<Vec<u8>> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != gone)
+        .map(|n| {
+            switchyard::cluster::state::StateMachine::open(&n.dir.join("switchyard.redb"))
+                .unwrap()
+                .dump()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(dumps.len(), 3);
+    assert!(dumps.iter().all(|d| *d == dumps[0]), "replicas differ");
 }

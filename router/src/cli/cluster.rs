@@ -1,6 +1,5 @@
 //! `switchyard cluster`: make a cluster's data directories, and look at it.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -8,6 +7,7 @@ use anyhow::Context;
 
 use crate::cluster::serve::CA_FILE;
 use crate::cluster::tls::ClusterCa;
+use std::io::Write;
 
 /// The file beside `cert.pem` listing every node's client address, which
 /// the CLI (and an application) uses to find the leader.
@@ -21,6 +21,36 @@ pub(super) enum ClusterCommand {
     Init(InitArgs),
     /// Nodes, the leader, terms and how far each follower is behind.
     Status(StatusArgs),
+    /// Make a new node's data directory (certificate from the cluster CA
+    /// that `init` kept) and add it to the running cluster: as a learner
+    /// until it has caught up, then as a voter. Start the node with the
+    /// printed `serve --join` line; this waits for it.
+    AddNode(AddNodeArgs),
+    /// Remove a node from the cluster; stop it afterwards.
+    RemoveNode(RemoveNodeArgs),
+}
+
+/// Arguments of `switchyard cluster add-node`.
+#[derive(Debug, clap::Args)]
+pub(super) struct AddNodeArgs {
+    #[command(flatten)]
+    connect: super::ConnectArgs,
+    /// The directory `cluster init` made (holds the CA and the nodes').
+    #[arg(long, default_value = "switchyard-cluster")]
+    dir: PathBuf,
+    /// The new node's client address (its Raft port is 5 above).
+    #[arg(long = "node-addr")]
+    node_addr: SocketAddr,
+}
+
+/// Arguments of `switchyard cluster remove-node`.
+#[derive(Debug, clap::Args)]
+pub(super) struct RemoveNodeArgs {
+    #[command(flatten)]
+    connect: super::ConnectArgs,
+    /// The node's id.
+    #[arg(long)]
+    id: u64,
 }
 
 /// Arguments of `switchyard cluster init`.
@@ -54,62 +84,51 @@ pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Init(args) => init(&args),
         ClusterCommand::Status(args) => status(args).await,
+        ClusterCommand::AddNode(args) => add_node(args).await,
+        ClusterCommand::RemoveNode(args) => {
+            let client = args.connect.connect().await?;
+            let body = serde_json::json!({ "id": args.id });
+            client
+                .admin_request("cluster_remove_node", body, bytes::Bytes::new())
+                .await?;
+            writeln!(
+                std::io::stdout(),
+                "node {} removed; stop it (its data directory is no longer needed)",
+                args.id
+            )?;
+            Ok(())
+        }
     }
 }
+
+/// Where `init` keeps the cluster CA's key, to issue certificates for
+/// nodes added later. Keep it offline once the cluster is complete.
+const CA_KEY_FILE: &str = "cluster-ca.key";
 
 fn init(args: &InitArgs) -> anyhow::Result<()> {
     if args.nodes.is_empty() {
         anyhow::bail!("--nodes needs at least one address");
     }
+    if args.dir.join(CA_KEY_FILE).exists() {
+        anyhow::bail!(
+            "{} already holds a cluster; remove it to start over",
+            args.dir.display()
+        );
+    }
     let ca = ClusterCa::generate()?;
     let token = crate::auth::new_token();
-    let addrs = args
-        .nodes
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    write_file(&args.dir.join(CA_KEY_FILE), &ca.key_pem, true)?;
+    write_file(&args.dir.join(CA_FILE), &ca.cert_pem, false)?;
     let mut out = std::io::stdout().lock();
     for (i, addr) in args.nodes.iter().enumerate() {
         let id = i as u64 + 1;
-        let dir = args.dir.join(format!("n{id}"));
-        if dir.join(CA_FILE).exists() {
-            anyhow::bail!(
-                "{} already belongs to a cluster; remove it to start over",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut hosts = vec![
-            "localhost".to_string(),
-            "127.0.0.1".into(),
-            "::1".into(),
-            addr.ip().to_string(),
-        ];
-        hosts.extend(args.hosts.iter().cloned());
-        hosts.sort();
-        hosts.dedup();
-        let (cert, key) = ca.issue_pem(id, &hosts)?;
-        let write = |name: &str, text: &str, private: bool| -> anyhow::Result<()> {
-            let path = dir.join(name);
-            if private {
-                crate::auth::write_private(&path, text.as_bytes())
-            } else {
-                std::fs::write(&path, text)
-            }
-            .with_context(|| format!("writing {}", path.display()))
-        };
-        // cert.pem is the node's chain (its certificate, then the CA's):
-        // what it presents, and what the CLI beside it trusts.
-        write("cert.pem", &format!("{cert}{}", ca.cert_pem), false)?;
-        write("key.pem", &key, true)?;
-        write(CA_FILE, &ca.cert_pem, false)?;
-        write("admin.token", &format!("{token}\n"), true)?;
-        write(ADDRS_FILE, &format!("{addrs}\n"), false)?;
+        make_node(&ca, &token, &args.dir, id, *addr, &args.nodes, &args.hosts)?;
         let _ = writeln!(
             out,
-            "switchyard serve --data {} --listen {addr} --node-id {id} --cluster {addrs}",
-            dir.display()
+            "{}",
+            serve_line(&args.dir, id, *addr, &args.nodes, false)
         );
     }
     let _ = writeln!(
@@ -119,6 +138,154 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         args.dir.display()
     );
     Ok(())
+}
+
+fn write_file(path: &std::path::Path, text: &str, private: bool) -> anyhow::Result<()> {
+    if private {
+        crate::auth::write_private(path, text.as_bytes())
+    } else {
+        std::fs::write(path, text)
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+fn list(nodes: &[SocketAddr]) -> String {
+    nodes
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn serve_line(
+    dir: &std::path::Path,
+    id: u64,
+    addr: SocketAddr,
+    nodes: &[SocketAddr],
+    join: bool,
+) -> String {
+    format!(
+        "switchyard serve --data {} --listen {addr} --node-id {id} --cluster {}{}",
+        dir.join(format!("n{id}")).display(),
+        list(nodes),
+        if join { " --join" } else { "" }
+    )
+}
+
+/// Makes node `id`'s data directory under `dir`.
+fn make_node(
+    ca: &ClusterCa,
+    token: &str,
+    dir: &std::path::Path,
+    id: u64,
+    addr: SocketAddr,
+    nodes: &[SocketAddr],
+    extra_hosts: &[String],
+) -> anyhow::Result<()> {
+    let dir = dir.join(format!("n{id}"));
+    if dir.join(CA_FILE).exists() {
+        anyhow::bail!(
+            "{} already belongs to a cluster; remove it to start over",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        addr.ip().to_string(),
+    ];
+    hosts.extend(extra_hosts.iter().cloned());
+    hosts.sort();
+    hosts.dedup();
+    let (cert, key) = ca.issue_pem(id, &hosts)?;
+    // cert.pem is the node's chain (its certificate, then the CA's): what
+    // it presents, and what the CLI beside it trusts.
+    write_file(
+        &dir.join("cert.pem"),
+        &format!("{cert}{}", ca.cert_pem),
+        false,
+    )?;
+    write_file(&dir.join("key.pem"), &key, true)?;
+    write_file(&dir.join(CA_FILE), &ca.cert_pem, false)?;
+    write_file(
+        &dir.join("admin.token"),
+        &format!("{}\n", token.trim()),
+        true,
+    )?;
+    write_file(&dir.join(ADDRS_FILE), &format!("{}\n", list(nodes)), false)?;
+    Ok(())
+}
+
+async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
+    let read = |name: &str| {
+        let p = args.dir.join(name);
+        std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "reading {} (the directory `cluster init` made)",
+                p.display()
+            )
+        })
+    };
+    let ca = ClusterCa {
+        cert_pem: read(CA_FILE)?,
+        key_pem: read(CA_KEY_FILE)?,
+    };
+    // Nodes are n1, n2, ...: the new one is the next number.
+    let mut id = 1;
+    while args.dir.join(format!("n{id}")).exists() {
+        id += 1;
+    }
+    let first = args.dir.join("n1");
+    let token = std::fs::read_to_string(first.join("admin.token"))
+        .with_context(|| format!("reading {}", first.join("admin.token").display()))?;
+    let old = std::fs::read_to_string(first.join(ADDRS_FILE))
+        .with_context(|| format!("reading {}", first.join(ADDRS_FILE).display()))?;
+    let mut nodes: Vec<SocketAddr> = old
+        .trim()
+        .split(',')
+        .map(|a| a.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("cluster.addrs is not a list of addresses")?;
+    nodes.push(args.node_addr);
+    make_node(&ca, &token, &args.dir, id, args.node_addr, &nodes, &[])?;
+    for i in 1..id {
+        let d = args.dir.join(format!("n{i}"));
+        if d.exists() {
+            write_file(&d.join(ADDRS_FILE), &format!("{}\n", list(&nodes)), false)?;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "made {}; start node {id} with:",
+        args.dir.join(format!("n{id}")).display()
+    )?;
+    writeln!(
+        out,
+        "{}",
+        serve_line(&args.dir, id, args.node_addr, &nodes, true)
+    )?;
+    writeln!(out, "waiting for it to catch up and join as a voter...")?;
+    out.flush()?;
+    drop(out);
+    let client = args.connect.connect().await?;
+    let body = serde_json::json!({ "id": id, "addr": args.node_addr });
+    client
+        .admin_request("cluster_add_node", body, bytes::Bytes::new())
+        .await?;
+    writeln!(std::io::stdout(), "node {id} joined the cluster")?;
+    Ok(())
+}
+
+/// A number, or `-` where the leader has heard nothing (a node down).
+fn dash(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        v.to_string()
+    }
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -148,8 +315,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             n["id"].to_string(),
             n["addr"].as_str().unwrap_or(""),
             n["role"].as_str().unwrap_or(""),
-            n["matched"].to_string(),
-            n["behind"].to_string()
+            dash(&n["matched"]),
+            dash(&n["behind"])
         )?;
     }
     Ok(())

@@ -205,6 +205,10 @@ struct ServeArgs {
     /// replicated cluster (data directories from `switchyard cluster init`).
     #[arg(long, value_delimiter = ',', requires = "node_id")]
     cluster: Vec<SocketAddr>,
+    /// Join a running cluster (a node made by `switchyard cluster
+    /// add-node`): wait to be added instead of forming a new cluster.
+    #[arg(long, requires = "node_id")]
+    join: bool,
 }
 
 /// Arguments of `switchyard check`.
@@ -365,7 +369,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.console = Some(c);
     }
     if let Some(id) = args.node_id {
-        return serve_cluster(config, id, args.cluster).await;
+        return serve_cluster(config, id, args.cluster, args.join).await;
     }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot
@@ -417,6 +421,7 @@ async fn serve_cluster(
     config: RouterConfig,
     id: u64,
     nodes: Vec<SocketAddr>,
+    join: bool,
 ) -> anyhow::Result<()> {
     if id == 0 || id as usize > nodes.len() {
         anyhow::bail!(
@@ -452,6 +457,7 @@ async fn serve_cluster(
             members,
             router: config,
             timing: crate::cluster::Timing::default(),
+            join,
         },
         shutdown_signal(),
     )

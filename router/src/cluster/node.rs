@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub tls: NodeTls,
     /// The network seam (tests cut and delay links here).
     pub faults: Arc<dyn Faults>,
+    /// Join an existing group (`cluster add-node`) instead of forming one
+    /// with `members`: the node waits for the leader to add it.
+    pub join: bool,
     /// Election and heartbeat timing.
     pub timing: Timing,
 }
@@ -72,6 +75,7 @@ impl NodeConfig {
             dir,
             tls,
             faults: Arc::new(NoFaults),
+            join: false,
             timing: Timing::default(),
         }
     }
@@ -91,6 +95,38 @@ pub enum WriteError {
     /// The node is stopping or its storage failed.
     #[error("replication failed: {0}")]
     Failed(String),
+}
+
+/// See [`ClusterNode::add_node`].
+pub async fn add_node(raft: &Raft, id: NodeId, addr: SocketAddr) -> Result<(), WriteError> {
+    let node = BasicNode::new(addr.to_string());
+    raft.add_learner(id, node, true)
+        .await
+        .map_err(membership_error)?;
+    let voters: std::collections::BTreeSet<NodeId> = [id].into();
+    raft.change_membership(openraft::ChangeMembers::AddVoterIds(voters), false)
+        .await
+        .map_err(membership_error)?;
+    Ok(())
+}
+
+/// See [`ClusterNode::remove_node`].
+pub async fn remove_node(raft: &Raft, id: NodeId) -> Result<(), WriteError> {
+    let voters: std::collections::BTreeSet<NodeId> = [id].into();
+    raft.change_membership(openraft::ChangeMembers::RemoveVoters(voters), false)
+        .await
+        .map_err(membership_error)?;
+    Ok(())
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> WriteError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader {
+            leader: f.leader_id,
+            addr: f.leader_node.map(|n| n.addr),
+        },
+        e => WriteError::Failed(e.to_string()),
+    }
 }
 
 /// A running member of a group.
@@ -150,8 +186,11 @@ impl ClusterNode {
             .map(|(id, a)| (*id, BasicNode::new(a.to_string())))
             .collect();
         // Every member initializes with the same list; on a node that
-        // already has a log this is refused, which is fine.
-        if let Err(e) = raft.initialize(members).await {
+        // already has a log this is refused, which is fine. A joining node
+        // must not: it would form a group of its own.
+        if !config.join
+            && let Err(e) = raft.initialize(members).await
+        {
             tracing::debug!(error = %e, "Raft group already initialized");
         }
         let server = tokio::spawn(serve(endpoint.clone(), raft.clone()));
@@ -209,6 +248,29 @@ impl ClusterNode {
             }
             Err(e) => Err(WriteError::Failed(e.to_string())),
         }
+    }
+
+    /// Adds node `id` (its Raft address `addr`) to the group: first as a
+    /// learner, which receives the log (or a snapshot) while writes go on;
+    /// once it has caught up, as a voter. On the leader only.
+    pub async fn add_node(&self, id: NodeId, addr: SocketAddr) -> Result<(), WriteError> {
+        add_node(&self.raft, id, addr).await
+    }
+
+    /// Removes node `id` from the group (it may then be stopped and its
+    /// files deleted). On the leader only; the leader may remove itself,
+    /// and the others then elect one.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), WriteError> {
+        remove_node(&self.raft, id).await
+    }
+
+    /// Every member's id and Raft address, and whether it votes.
+    pub fn members(&self) -> Vec<(NodeId, String, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<NodeId> = m.voter_ids().collect();
+        m.nodes()
+            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect()
     }
 
     /// Stops the node: Raft, then its endpoint. Its files stay for a

@@ -74,6 +74,8 @@ pub struct ClusterServe {
     pub router: RouterConfig,
     /// Election timing.
     pub timing: Timing,
+    /// Join a running cluster (`cluster add-node`) instead of forming one.
+    pub join: bool,
 }
 
 /// Runs a cluster node until `shutdown` completes.
@@ -89,6 +91,7 @@ pub async fn run(
         .collect();
     let mut nc = NodeConfig::new(cfg.node_id, raft_members, cfg.router.data.clone(), node_tls);
     nc.timing = cfg.timing.clone();
+    nc.join = cfg.join;
     let node = ClusterNode::start(nc)
         .await
         .map_err(|e| StartError::Config(format!("cluster node: {e}")))?;
@@ -119,12 +122,12 @@ pub async fn run(
             incarnation,
         );
         let mut rc = cfg.router.clone();
-        let raft = node.raft().clone();
-        let members = cfg.members.clone();
         rc.replica = Some(Replica {
             db: node.state().database().clone(),
             replicator: Arc::new(replicator),
-            status: Arc::new(move || cluster_status(&raft, &members)),
+            control: Arc::new(Control {
+                raft: node.raft().clone(),
+            }),
         });
         // The client address was released by the redirect just now; the
         // kernel may take a moment to let it go.
@@ -154,7 +157,23 @@ pub async fn run(
                 "no longer the leader: handing clients over"
             );
         }
-        router.shutdown().await;
+        // A commit queued before the stop waits for a majority; if that
+        // majority is gone it never comes, so Raft is stopped after a
+        // while, which fails the waiting commits (nothing of them was
+        // acknowledged) and lets the router finish.
+        let stopping = router.shutdown();
+        tokio::pin!(stopping);
+        if tokio::time::timeout(Duration::from_secs(5), &mut stopping)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "commits are waiting for a majority that does not answer; stopping Raft \
+                 so that the router can stop (they were not acknowledged)"
+            );
+            let _ = node.raft().shutdown().await;
+            stopping.await;
+        }
         handoff.set_serving(false);
         if stop {
             break;
@@ -164,25 +183,76 @@ pub async fn run(
     Ok(())
 }
 
+/// A node's client address, from its Raft address (the client port is 5
+/// below).
+pub fn client_addr(raft: &str) -> Option<SocketAddr> {
+    let a: SocketAddr = raft.parse().ok()?;
+    Some(SocketAddr::new(
+        a.ip(),
+        a.port().checked_sub(RAFT_PORT_OFFSET)?,
+    ))
+}
+
+/// The admin protocol's hold on the cluster, on the leader.
+struct Control {
+    raft: super::Raft,
+}
+
+impl crate::server::ClusterControl for Control {
+    fn status(&self) -> serde_json::Value {
+        cluster_status(&self.raft)
+    }
+
+    fn add_node(
+        &self,
+        id: NodeId,
+        addr: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            super::node::add_node(&self.raft, id, raft_addr(addr))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn remove_node(
+        &self,
+        id: NodeId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            super::node::remove_node(&self.raft, id)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 /// The cluster as the leader sees it: nodes, roles, how far each
 /// follower's log matches the leader's.
-fn cluster_status(raft: &super::Raft, members: &BTreeMap<NodeId, SocketAddr>) -> serde_json::Value {
+fn cluster_status(raft: &super::Raft) -> serde_json::Value {
     let m = raft.metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
     let replication = m.replication.clone().unwrap_or_default();
-    let nodes: Vec<serde_json::Value> = members
-        .iter()
-        .map(|(id, addr)| {
+    let voters: std::collections::BTreeSet<NodeId> = m.membership_config.voter_ids().collect();
+    let nodes: Vec<serde_json::Value> = m
+        .membership_config
+        .nodes()
+        .map(|(id, n)| {
             let leader = m.current_leader == Some(*id);
             let matched = if leader {
                 Some(last)
             } else {
                 replication.get(id).and_then(|l| l.map(|l| l.index))
             };
+            let role = match (leader, voters.contains(id)) {
+                (true, _) => "leader",
+                (false, true) => "follower",
+                (false, false) => "learner",
+            };
             serde_json::json!({
                 "id": id,
-                "addr": addr.to_string(),
-                "role": if leader { "leader" } else { "follower" },
+                "addr": client_addr(&n.addr).map(|a| a.to_string()),
+                "role": role,
                 "matched": matched,
                 "behind": matched.map(|i| last.saturating_sub(i)),
             })
@@ -264,18 +334,20 @@ impl Redirect {
             }
         };
         let metrics = node.raft().metrics();
-        let members = cfg.members.clone();
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
             // Owned here, so stopping the redirect aborts the handshakes in
             // progress too: each holds the socket open until it ends.
             let mut closing = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
-                let leader = metrics.borrow().current_leader;
-                let to = leader
-                    .and_then(|l| members.get(&l))
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+                let to = {
+                    let m = metrics.borrow();
+                    m.current_leader
+                        .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+                        .and_then(|n| client_addr(&n.addr))
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
+                };
                 closing.spawn(async move {
                     if let Ok(Ok(conn)) =
                         tokio::time::timeout(Duration::from_secs(2), incoming).await

@@ -17,6 +17,7 @@ use crate::storage::tables::{LOG, PARTITIONS};
 
 struct Group {
     _dir: tempfile::TempDir,
+    ca: ClusterCa,
     root: PathBuf,
     members: BTreeMap<NodeId, SocketAddr>,
     tls: BTreeMap<NodeId, NodeTls>,
@@ -49,6 +50,7 @@ impl Group {
             .map(|&id| (id, ca.issue(id, &["127.0.0.1".into()]).unwrap()))
             .collect();
         let mut g = Group {
+            ca,
             root: dir.path().to_path_buf(),
             _dir: dir,
             members,
@@ -58,12 +60,12 @@ impl Group {
             nodes: BTreeMap::new(),
         };
         for id in 1..=3 {
-            g.up(id).await;
+            g.up(id, false).await;
         }
         g
     }
 
-    async fn up(&mut self, id: NodeId) {
+    async fn up(&mut self, id: NodeId, join: bool) {
         let mut config = NodeConfig::new(
             id,
             self.members.clone(),
@@ -72,6 +74,7 @@ impl Group {
         );
         config.faults = self.faults.clone() as Arc<dyn Faults>;
         config.timing = self.timing.clone();
+        config.join = join;
         let node = ClusterNode::start(config).await.unwrap();
         self.nodes.insert(id, node);
     }
@@ -202,7 +205,7 @@ async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_l
     );
 
     // The old leader comes back from its files and catches up.
-    g.up(first).await;
+    g.up(first, false).await;
     g.converge(second).await;
     g.assert_replicas_equal();
     for id in 1..=3 {
@@ -276,13 +279,51 @@ async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
         assert!(Instant::now() < deadline, "the leader never purged its log");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    g.up(away).await;
+    g.up(away, false).await;
     g.converge(leader).await;
     g.assert_replicas_equal();
     assert_eq!(g.offsets(away), (0..200).collect::<Vec<u64>>());
     let snap = g.nodes[&away].raft().metrics().borrow().snapshot;
     assert!(snap.is_some(), "the node caught up without a snapshot");
     for id in [1, 2, 3] {
+        g.down(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_and_one_removed_while_writes_go_on_lose_nothing() {
+    let mut g = Group::start(timing()).await;
+    let leader = g.leader(&[1, 2, 3]).await;
+    write_range(&g.nodes[&leader], 0..100).await;
+    // Node 4 joins (its certificate from the same CA) while writes go on.
+    g.members.insert(4, free_port());
+    let tls4 = g.ca.issue(4, &["127.0.0.1".into()]).unwrap();
+    g.tls.insert(4, tls4);
+    g.up(4, true).await;
+    let writer = {
+        let node = &g.nodes[&leader];
+        write_range(node, 100..200)
+    };
+    let add = g.nodes[&leader].add_node(4, g.members[&4]);
+    let (_, added) = tokio::join!(writer, add);
+    added.unwrap();
+    let voters: Vec<NodeId> = g.nodes[&leader]
+        .members()
+        .into_iter()
+        .filter(|m| m.2)
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(voters, vec![1, 2, 3, 4]);
+    // Remove a node that is not the leader; writes go on with four.
+    let gone = (1..=3).find(|&id| id != leader).unwrap();
+    g.nodes[&leader].remove_node(gone).await.unwrap();
+    g.down(gone).await;
+    write_range(&g.nodes[&leader], 200..300).await;
+    g.converge(leader).await;
+    g.assert_replicas_equal();
+    assert_eq!(g.offsets(4), (0..300).collect::<Vec<u64>>());
+    let ids: Vec<NodeId> = g.nodes.keys().copied().collect();
+    for id in ids {
         g.down(id).await;
     }
 }

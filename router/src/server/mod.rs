@@ -134,8 +134,27 @@ pub struct Replica {
     pub db: Arc<redb::Database>,
     /// Replicates each commit before it is made.
     pub replicator: Arc<dyn crate::storage::Replicator>,
-    /// The cluster as this node sees it (`cluster_status`), as JSON.
-    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The cluster's administration (`cluster_status`, adding and
+    /// removing nodes).
+    pub control: Arc<dyn ClusterControl>,
+}
+
+/// What the admin protocol asks of a cluster node that serves as leader.
+pub trait ClusterControl: Send + Sync {
+    /// The cluster as this node sees it, as JSON.
+    fn status(&self) -> serde_json::Value;
+    /// Adds node `id` listening for clients on `addr` (its Raft port is 5
+    /// above): learner first, voter once it has caught up.
+    fn add_node(
+        &self,
+        id: u64,
+        addr: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Removes node `id` from the voters and the group.
+    fn remove_node(
+        &self,
+        id: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 impl std::fmt::Debug for Replica {

@@ -16,6 +16,13 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, WireError> {
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("bad request body: {e}")))
 }
 
+/// A node to add or remove (`cluster_add_node`, `cluster_remove_node`).
+#[derive(Deserialize)]
+struct NodeRequest {
+    id: u64,
+    addr: Option<std::net::SocketAddr>,
+}
+
 #[derive(Deserialize)]
 struct Named {
     name: String,
@@ -129,14 +136,35 @@ pub(super) async fn handle(
             super::plugin_test::dry_run(broker, req, wasm).await
         }
         "status" => Ok(super::status::status(shared, session)),
-        "cluster_status" => {
+        "cluster_status" | "cluster_add_node" | "cluster_remove_node" => {
             session.check(Class::ClusterAdmin, "*", "")?;
-            match &shared.config.replica {
-                Some(r) => Ok((r.status)()),
-                None => Err(WireError::new(
+            let Some(r) = &shared.config.replica else {
+                return Err(WireError::new(
                     ErrorCode::InvalidArgument,
                     "this router is not a cluster node (start it with --node-id and --cluster)",
-                )),
+                ));
+            };
+            let failed = |e: String| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("membership change failed: {e}"),
+                )
+            };
+            match op {
+                "cluster_add_node" => {
+                    let n: NodeRequest = parse(body)?;
+                    let addr = n.addr.ok_or_else(|| {
+                        WireError::new(ErrorCode::InvalidArgument, "addr is required")
+                    })?;
+                    r.control.add_node(n.id, addr).await.map_err(failed)?;
+                    Ok(r.control.status())
+                }
+                "cluster_remove_node" => {
+                    let n: NodeRequest = parse(body)?;
+                    r.control.remove_node(n.id).await.map_err(failed)?;
+                    Ok(r.control.status())
+                }
+                _ => Ok(r.control.status()),
             }
         }
         other if super::queue_admin::OPS.contains(&other) => {
@@ -150,7 +178,8 @@ pub(super) async fn handle(
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
-                     dlq-redrive, dlq-purge; status; cluster_status; auth: {})",
+                     dlq-redrive, dlq-purge; status; cluster_status, cluster_add_node, \
+                     cluster_remove_node; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),

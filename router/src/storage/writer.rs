@@ -1455,6 +1455,14 @@ fn commit_replicated(
     redo: &[u8],
     mut txn: WriteTransaction,
 ) -> Result<(), StorageError> {
+    if redo.is_empty() {
+        // Nothing changed (a flush barrier, a retention pass that removed
+        // nothing): every earlier commit is replicated already, since the
+        // writer waits for each, so there is nothing to order or to send.
+        txn.set_durability(Durability::None)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        return Ok(txn.commit()?);
+    }
     r.replicate(redo, &txn)?;
     txn.set_durability(Durability::None)
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;
