@@ -38,7 +38,7 @@ fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
             port = 20_000;
         }
         let free = |p: u16| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + 5) {
+        if free(port) && free(port + 1) && free(port + 5) {
             out.push(SocketAddr::from(([127, 0, 0, 1], port)));
         }
     }
@@ -75,11 +75,17 @@ struct Node {
 struct Cluster {
     _root: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
+    /// Serve metrics on each node's client port + 1 (else none).
+    metrics: bool,
     nodes: Vec<Node>,
 }
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Self::start_with(n, false)
+    }
+
+    fn start_with(n: usize, metrics: bool) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let addrs = cluster_addrs(n);
         let list = joined(&addrs);
@@ -100,6 +106,7 @@ impl Cluster {
                 })
                 .collect(),
             addrs,
+            metrics,
             _root: root,
         };
         for i in 0..n {
@@ -114,6 +121,12 @@ impl Cluster {
 
     fn start_node(&mut self, id: u64, join: bool) {
         let list = joined(&self.addrs);
+        let metrics = if self.metrics {
+            let a = self.nodes[id as usize - 1].addr;
+            SocketAddr::new(a.ip(), a.port() + 1).to_string()
+        } else {
+            "off".to_string()
+        };
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -123,7 +136,7 @@ impl Cluster {
         let mut child = Command::new(router_bin())
             .args(["serve", "--data"])
             .arg(&node.dir)
-            .args(["--listen", &node.addr.to_string(), "--metrics", "off"])
+            .args(["--listen", &node.addr.to_string(), "--metrics", &metrics])
             .args(["--node-id", &id.to_string(), "--cluster", &list])
             .args(join.then_some("--join"))
             .env("RUST_LOG", "warn,switchyard::cluster=info")
@@ -494,7 +507,7 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
 /// node, kill one, and keep publishing and reading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_status_beside_any_node_names_the_leader() {
-    let mut cluster = Cluster::start(3);
+    let mut cluster = Cluster::start_with(3, true);
     let status = |dir: &Path| {
         let out = succeed(
             Command::new(router_bin())
@@ -522,6 +535,21 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     let leader = leader.unwrap();
     let admin = cluster.client().await;
     create_topic(&admin, "t", 1).await;
+    // The leader's metrics describe the cluster.
+    let at = cluster.nodes[leader as usize - 1].addr;
+    let (code, body) = common::get_metrics(SocketAddr::new(at.ip(), at.port() + 1), None).await;
+    assert_eq!(code, 200);
+    for line in [
+        format!("switchyard_cluster_leader {leader}"),
+        format!("switchyard_cluster_member{{node=\"{leader}\",role=\"leader\"}} 1"),
+    ] {
+        assert!(body.lines().any(|l| l == line), "no `{line}` in:\n{body}");
+    }
+    let followers = body
+        .lines()
+        .filter(|l| l.starts_with("switchyard_cluster_member{") && l.contains("role=\"follower\""))
+        .count();
+    assert_eq!(followers, 2);
     admin.publish("t", Record::new("before")).await.unwrap();
     cluster.kill(leader);
     // With a message id the client resends it to the new leader if the

@@ -11,26 +11,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use switchyard::client::{QueueOptions, Record, SubscribeOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `GET /metrics` over a plain TCP connection: (status code, body).
-async fn get(addr: SocketAddr, token: Option<&str>) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap();
-    (code, body)
-}
-
 /// Samples by `name{labels}` (labels as written), skipping comments.
 fn samples(body: &str) -> HashMap<String, f64> {
     body.lines()
@@ -133,7 +115,7 @@ async fn metrics_and_status_describe_a_known_workload() {
     // Dead-lettering is written by the queue's own task: wait for it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let m = loop {
-        let (code, body) = get(addr, None).await;
+        let (code, body) = get_metrics(addr, None).await;
         assert_eq!(code, 200, "{body}");
         let m = samples(&body);
         if m.get(r#"switchyard_dlq_messages{topic="orders",dlq="orders.dlq"}"#) == Some(&1.0)
@@ -247,7 +229,7 @@ async fn metrics_and_status_describe_a_known_workload() {
     );
 
     // Every family is documented, and the dashboard uses only real ones.
-    let (_, body) = get(addr, None).await;
+    let (_, body) = get_metrics(addr, None).await;
     let families: Vec<&str> = body
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -316,13 +298,13 @@ async fn metrics_beyond_loopback_need_a_cluster_admin_token() {
     let r = start_router_with(|c| c.metrics = Some("0.0.0.0:0".parse().unwrap())).await;
     let port = r.router.metrics_addr().unwrap().port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let (code, body) = get(addr, None).await;
+    let (code, body) = get_metrics(addr, None).await;
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("cluster-admin"), "{body}");
     let c = r.client().await;
     let reader = c.create_token("reader", &["consume:*"]).await.unwrap();
-    assert_eq!(get(addr, Some(&reader)).await.0, 401);
-    let (code, body) = get(addr, Some(&admin_token(&r.cert))).await;
+    assert_eq!(get_metrics(addr, Some(&reader)).await.0, 401);
+    let (code, body) = get_metrics(addr, Some(&admin_token(&r.cert))).await;
     assert_eq!(code, 200);
     assert!(body.contains("switchyard_connections "), "{body}");
 }

@@ -126,6 +126,52 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
+/// The cluster as the leader sees it (only a leader serves metrics).
+fn cluster_families(enc: &mut DescriptorEncoder, s: &serde_json::Value) -> std::fmt::Result {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as i64;
+    family(
+        enc,
+        "switchyard_cluster_term",
+        "The Raft term of this cluster's leader (each election makes a new one).",
+        None,
+        MetricType::Gauge,
+        [(vec![], gauge(n(&s["term"])))],
+    )?;
+    family(
+        enc,
+        "switchyard_cluster_leader",
+        "The node id of the leader (the node serving these metrics).",
+        None,
+        MetricType::Gauge,
+        [(vec![], gauge(n(&s["leader"])))],
+    )?;
+    let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<String> = nodes.iter().map(|m| m["id"].to_string()).collect();
+    family(
+        enc,
+        "switchyard_cluster_member",
+        "1 per member, by node id and role (leader, follower, learner).",
+        None,
+        MetricType::Gauge,
+        nodes.iter().zip(&ids).map(|(m, id)| {
+            let role = m["role"].as_str().unwrap_or("");
+            (vec![("node", id.as_str()), ("role", role)], gauge(1))
+        }),
+    )?;
+    family(
+        enc,
+        "switchyard_cluster_behind_entries",
+        "Log entries a member's log is behind the leader's (absent while the leader has no answer from it).",
+        None,
+        MetricType::Gauge,
+        nodes
+            .iter()
+            .zip(&ids)
+            .filter(|(m, _)| m["behind"].is_u64())
+            .map(|(m, id)| (vec![("node", id.as_str())], gauge(n(&m["behind"])))),
+    )
+}
+
 fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
@@ -475,6 +521,9 @@ impl Collector for RouterCollector {
                 MetricType::Gauge,
                 [(vec![], gauge(free as i64))],
             )?;
+        }
+        if let Some(r) = &shared.config.replica {
+            cluster_families(&mut enc, &r.control.status())?;
         }
         family(
             &mut enc,
