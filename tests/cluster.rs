@@ -133,12 +133,31 @@ impl Cluster {
             .append(true)
             .open(node.dir.join("node.log"))
             .unwrap();
-        let mut child = Command::new(router_bin())
-            .args(["serve", "--data"])
-            .arg(&node.dir)
-            .args(["--listen", &node.addr.to_string(), "--metrics", &metrics])
-            .args(["--node-id", &id.to_string(), "--cluster", &list])
-            .args(join.then_some("--join"))
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["serve", "--data"]).arg(&node.dir).args([
+            "--listen",
+            &node.addr.to_string(),
+            "--metrics",
+            &metrics,
+        ]);
+        if join {
+            // A joining node takes its cluster settings from the config
+            // file's [cluster] section, the others from flags.
+            let quoted: Vec<String> = self.addrs.iter().map(|a| format!("\"{a}\"")).collect();
+            let config = node.dir.join("node.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[cluster]\nnode_id = {id}\nnodes = [{}]\njoin = true\n",
+                    quoted.join(", ")
+                ),
+            )
+            .unwrap();
+            cmd.arg("--config").arg(config);
+        } else {
+            cmd.args(["--node-id", &id.to_string(), "--cluster", &list]);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "warn,switchyard::cluster=info")
             .stdout(Stdio::piped())
             .stderr(log)

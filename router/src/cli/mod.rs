@@ -198,16 +198,17 @@ struct ServeArgs {
     /// in with a token. Off unless given (or the config file's `console`).
     #[arg(long, value_name = "ADDR")]
     console: Option<SocketAddr>,
-    /// This node's id in a cluster (1 for the first address of --cluster).
-    #[arg(long, requires = "cluster")]
+    /// This node's id in a cluster (1 for the first address of --cluster;
+    /// or the config file's `[cluster] node_id`).
+    #[arg(long)]
     node_id: Option<u64>,
     /// Every node's client address, in node id order: run as one node of a
     /// replicated cluster (data directories from `switchyard cluster init`).
-    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    #[arg(long, value_delimiter = ',')]
     cluster: Vec<SocketAddr>,
     /// Join a running cluster (a node made by `switchyard cluster
     /// add-node`): wait to be added instead of forming a new cluster.
-    #[arg(long, requires = "node_id")]
+    #[arg(long)]
     join: bool,
 }
 
@@ -369,7 +370,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.console = Some(c);
     }
     if let Some(id) = args.node_id {
-        return serve_cluster(config, id, args.cluster, args.join).await;
+        config.cluster.node_id = Some(id);
+    }
+    if !args.cluster.is_empty() {
+        config.cluster.nodes = args.cluster;
+    }
+    if args.join {
+        config.cluster.join = true;
+    }
+    if let Some(id) = config.cluster.node_id {
+        let (nodes, join) = (config.cluster.nodes.clone(), config.cluster.join);
+        return serve_cluster(config, id, nodes, join).await;
+    }
+    if !config.cluster.nodes.is_empty() || config.cluster.join {
+        anyhow::bail!(
+            "--cluster and --join need --node-id (or `[cluster] node_id` in the config file)"
+        );
     }
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot

@@ -120,10 +120,27 @@ pub struct RouterConfig {
     pub console: Option<SocketAddr>,
     /// Principals, credentials and quotas (`[auth]`; see docs/security.md).
     pub auth: AuthConfig,
+    /// Run as one node of a replicated cluster (`[cluster]`; see
+    /// docs/cluster.md). `serve --node-id`, `--cluster` and `--join`
+    /// override it.
+    pub cluster: ClusterSection,
     /// Serve over a cluster node's replicated tables instead of opening
     /// the data directory's own (set by the cluster, never in a file).
     #[serde(skip)]
     pub replica: Option<Replica>,
+}
+
+/// The `[cluster]` section of the configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's id (1 for the first address of `nodes`); none: a
+    /// router alone.
+    pub node_id: Option<u64>,
+    /// Every node's client address, in node id order.
+    pub nodes: Vec<SocketAddr>,
+    /// Join a running cluster instead of forming one.
+    pub join: bool,
 }
 
 /// The replicated tables a cluster's leader serves from, and what
@@ -203,6 +220,7 @@ impl Default for RouterConfig {
             metrics: None,
             console: None,
             auth: AuthConfig::default(),
+            cluster: ClusterSection::default(),
             replica: None,
         }
     }
