@@ -104,15 +104,22 @@ impl Group {
         }
     }
 
-    /// Waits until every running node has applied everything `leader` has.
+    /// Waits until every running node has applied every entry `leader`
+    /// has (call it once the writes are done).
     async fn converge(&self, leader: NodeId) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let target = self.nodes[&leader].raft().metrics().borrow().last_applied;
+            // Every entry the leader has (no more come once the writes
+            // are done), applied everywhere. Applied positions in metrics
+            // may lag a state machine but never lead it, so comparing
+            // them with each other alone could pass too early.
+            let target = self.nodes[&leader].raft().metrics().borrow().last_log_index;
             let behind: Vec<NodeId> = self
                 .nodes
                 .iter()
-                .filter(|(_, n)| n.raft().metrics().borrow().last_applied != target)
+                .filter(|(_, n)| {
+                    n.raft().metrics().borrow().last_applied.map(|l| l.index) != target
+                })
                 .map(|(id, _)| *id)
                 .collect();
             if behind.is_empty() {
