@@ -489,7 +489,7 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
     let leader = converged(&admin).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.stop_all_but_last(leader);
-    let replicas: Vec<(Vec<u8>, Option<u64>)> = cluster
+    let replicas: Vec<(bytes::Bytes, Option<u64>)> = cluster
         .nodes
         .iter()
         .map(|n| {
@@ -679,7 +679,7 @@ async fn nodes_are_added_and_removed_while_the_cluster_serves() {
     let leader = converged(&admin).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.stop_all_but_last(leader);
-    let dumps: Vec<Vec<u8>> = cluster
+    let dumps: Vec<bytes::Bytes> = cluster
         .nodes
         .iter()
         .filter(|n| n.id != gone)

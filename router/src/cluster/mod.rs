@@ -46,7 +46,7 @@ openraft::declare_raft_types!(
         R = (),
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = Vec<u8>,
+        SnapshotData = bytes::Bytes,
 );
 
 /// One replicated change: the redo of one storage commit, decided by the

@@ -47,7 +47,7 @@ pub enum Request {
         /// What the snapshot covers.
         meta: SnapshotMeta<NodeId, BasicNode>,
         /// The snapshot's bytes.
-        data: Vec<u8>,
+        data: bytes::Bytes,
     },
 }
 

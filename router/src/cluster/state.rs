@@ -15,6 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
@@ -30,7 +31,7 @@ type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
 /// The last snapshot built or installed: what it covers and its bytes.
-type LastSnapshot = (Meta, Arc<Vec<u8>>);
+type LastSnapshot = (Meta, Bytes);
 
 /// The state machine of one node. Cheap to clone: clones share the file
 /// and the last snapshot.
@@ -67,11 +68,8 @@ impl StateMachine {
 
     /// Every replicated row, as a redo: equal on two replicas that applied
     /// the same entries.
-    pub fn dump(&self) -> Result<Vec<u8>, StorageError> {
-        let txn = self.db.begin_read().map_err(read_error)?;
-        let mut redo = Redo::new();
-        journal::dump(&txn, &mut redo).map_err(read_error)?;
-        Ok(redo.payload().to_vec())
+    pub fn dump(&self) -> Result<Bytes, StorageError> {
+        dump_in(&self.db.begin_read().map_err(read_error)?)
     }
 
     /// The last applied position and membership.
@@ -92,25 +90,30 @@ impl StateMachine {
     }
 }
 
+/// Every replicated row `txn` sees, as one redo.
+fn dump_in(txn: &redb::ReadTransaction) -> Result<Bytes, StorageError> {
+    let mut redo = Redo::new();
+    journal::dump(txn, &mut redo).map_err(read_error)?;
+    Ok(redo.into_payload())
+}
+
 fn applied_in(txn: &redb::ReadTransaction) -> Result<(Option<LogId>, Membership), StorageError> {
-    {
-        let table = txn.open_table(APPLIED).map_err(read_error)?;
-        let get = |key: &str| -> Result<Option<Vec<u8>>, StorageError> {
-            Ok(table
-                .get(key)
-                .map_err(read_error)?
-                .map(|v| v.value().to_vec()))
-        };
-        let applied = match get("applied")? {
-            Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
-            None => None,
-        };
-        let membership = match get("membership")? {
-            Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
-            None => Membership::default(),
-        };
-        Ok((applied, membership))
-    }
+    let table = txn.open_table(APPLIED).map_err(read_error)?;
+    let get = |key: &str| -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(table
+            .get(key)
+            .map_err(read_error)?
+            .map(|v| v.value().to_vec()))
+    };
+    let applied = match get("applied")? {
+        Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
+        None => None,
+    };
+    let membership = match get("membership")? {
+        Some(b) => postcard::from_bytes(&b).map_err(read_error)?,
+        None => Membership::default(),
+    };
+    Ok((applied, membership))
 }
 
 pub(crate) fn set_applied(
@@ -149,8 +152,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // it exists, and a crash must not take the tables back past it.
         self.checkpoint()?;
         let txn = self.db.begin_read().map_err(read_error)?;
-        let mut redo = Redo::new();
-        journal::dump(&txn, &mut redo).map_err(read_error)?;
+        let data = dump_in(&txn)?;
         let (applied, membership) = applied_in(&txn)?;
         drop(txn);
         let meta = Meta {
@@ -162,11 +164,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 crate::storage::now_ms()
             ),
         };
-        let data = Arc::new(redo.payload().to_vec());
         *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(data.to_vec()),
+            snapshot: Box::new(data),
         })
     }
 }
@@ -263,21 +264,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Vec<u8>>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Bytes>, StorageError> {
         Ok(Box::default())
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Vec<u8>>,
+        snapshot: Box<Bytes>,
     ) -> Result<(), StorageError> {
         let txn = self.db.begin_write().map_err(write_error)?;
         journal::clear(&txn).map_err(write_error)?;
         journal::replay(&txn, &snapshot).map_err(write_error)?;
         set_applied(&txn, meta.last_log_id, &meta.last_membership)?;
         txn.commit().map_err(write_error)?;
-        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), Arc::new(*snapshot)));
+        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), *snapshot));
         Ok(())
     }
 
@@ -289,7 +290,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .as_ref()
             .map(|(meta, data)| Snapshot {
                 meta: meta.clone(),
-                snapshot: Box::new(data.to_vec()),
+                snapshot: Box::new(data.clone()),
             }))
     }
 }

@@ -134,8 +134,8 @@ impl Group {
     }
 
     /// Every running node's tables, byte for byte.
-    fn assert_replicas_equal(&self) -> Vec<u8> {
-        let dumps: Vec<(NodeId, Vec<u8>)> = self
+    fn assert_replicas_equal(&self) -> bytes::Bytes {
+        let dumps: Vec<(NodeId, bytes::Bytes)> = self
             .nodes
             .iter()
             .map(|(id, n)| (*id, n.state().dump().unwrap()))

@@ -86,6 +86,11 @@ impl Redo {
         &self.buf[HEADER..]
     }
 
+    /// The recorded payload, without a copy.
+    pub(crate) fn into_payload(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.buf).slice(HEADER..)
+    }
+
     /// Payload bytes recorded so far.
     pub(crate) fn len(&self) -> usize {
         self.buf.len() - HEADER
