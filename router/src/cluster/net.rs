@@ -354,12 +354,12 @@ impl std::fmt::Display for Message {
 
 impl std::error::Error for Message {}
 
-fn unexpected<E: std::error::Error>(r: Response) -> RPCError<NodeId, BasicNode, E> {
-    let m = match r {
+/// An answer of the wrong kind: the peer failed, or broke the protocol.
+fn mismatch(r: Response) -> Failure {
+    Failure::Network(match r {
         Response::Failed(m) => format!("peer failed the request: {m}"),
         _ => "peer answered another request".to_string(),
-    };
-    RPCError::Network(NetworkError::new(&Message(m)))
+    })
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -371,13 +371,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // A heartbeat's time to live is short; a large batch on a loaded
         // machine can take longer than that without anything being wrong.
         let ttl = option.hard_ttl().max(Duration::from_secs(2));
-        match self
-            .call(Request::Append(rpc), ttl)
-            .await
-            .map_err(rpc_error)?
-        {
-            Response::Append(r) => Ok(r),
-            other => Err(unexpected(other)),
+        match self.call(Request::Append(rpc), ttl).await {
+            Ok(Response::Append(r)) => Ok(r),
+            Ok(other) => Err(rpc_error(mismatch(other))),
+            Err(f) => Err(rpc_error(f)),
         }
     }
 
@@ -399,13 +396,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self
-            .call(Request::Vote(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
-            Response::Vote(r) => Ok(r),
-            other => Err(unexpected(other)),
+        match self.call(Request::Vote(rpc), option.hard_ttl()).await {
+            Ok(Response::Vote(r)) => Ok(r),
+            Ok(other) => Err(rpc_error(mismatch(other))),
+            Err(f) => Err(rpc_error(f)),
         }
     }
 
@@ -425,18 +419,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             r = self.call(request, option.hard_ttl()) => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
-        match sent {
-            Ok(Response::Snapshot(r)) => Ok(r),
-            Ok(other) => Err(match unexpected::<Message>(other) {
-                RPCError::Network(e) => StreamingError::Network(e),
-                _ => unreachable!("unexpected() makes network errors"),
-            }),
-            Err(Failure::Unreachable(m)) => {
-                Err(StreamingError::Unreachable(Unreachable::new(&Message(m))))
-            }
-            Err(Failure::Network(m)) => {
-                Err(StreamingError::Network(NetworkError::new(&Message(m))))
-            }
-        }
+        let failure = match sent {
+            Ok(Response::Snapshot(r)) => return Ok(r),
+            Ok(other) => mismatch(other),
+            Err(f) => f,
+        };
+        Err(match failure {
+            Failure::Unreachable(m) => StreamingError::Unreachable(Unreachable::new(&Message(m))),
+            Failure::Network(m) => StreamingError::Network(NetworkError::new(&Message(m))),
+        })
     }
 }
