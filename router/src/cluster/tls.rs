@@ -51,11 +51,11 @@ impl ClusterCa {
     /// A certificate for node `id`, valid for `node-<id>` and the given
     /// host names or addresses (for clients), signed by this CA.
     pub fn issue(&self, id: super::NodeId, hosts: &[String]) -> Result<NodeTls, TlsError> {
-        let (cert, key) = self.issue_der(id, hosts)?;
+        let (cert, key) = self.sign(id, hosts)?;
         Ok(NodeTls {
             ca: vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(pem)?],
-            chain: vec![cert],
-            key: Arc::new(PrivatePkcs8KeyDer::from(key).into()),
+            chain: vec![cert.der().clone()],
+            key: Arc::new(PrivatePkcs8KeyDer::from(key.serialize_der()).into()),
         })
     }
 
@@ -65,26 +65,16 @@ impl ClusterCa {
         id: super::NodeId,
         hosts: &[String],
     ) -> Result<(String, String), TlsError> {
-        let (cert, key) = self.issue_der(id, hosts)?;
-        let pem = |label: &str, der: &[u8]| {
-            use base64::Engine as _;
-            let b = base64::engine::general_purpose::STANDARD.encode(der);
-            let mut out = format!("-----BEGIN {label}-----\n");
-            for line in b.as_bytes().chunks(64) {
-                out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-                out.push('\n');
-            }
-            out.push_str(&format!("-----END {label}-----\n"));
-            out
-        };
-        Ok((pem("CERTIFICATE", &cert), pem("PRIVATE KEY", &key)))
+        let (cert, key) = self.sign(id, hosts)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
-    fn issue_der(
+    /// Node `id`'s certificate, signed by this CA, and its new key.
+    fn sign(
         &self,
         id: super::NodeId,
         hosts: &[String],
-    ) -> Result<(CertificateDer<'static>, Vec<u8>), TlsError> {
+    ) -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
         use rcgen::{
             CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose,
         };
@@ -103,7 +93,7 @@ impl ClusterCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let cert = params.signed_by(&key, &issuer)?;
-        Ok((cert.der().clone(), key.serialize_der()))
+        Ok((cert, key))
     }
 }
 
