@@ -1005,11 +1005,7 @@ impl Writer {
     /// Commits a transaction that is not a data commit: replicated first
     /// in a cluster, else durably in redb.
     fn commit_other(&mut self, txn: WriteTransaction) -> Result<(), StorageError> {
-        if self.replicating() {
-            return self.replicate(txn);
-        }
-        txn.commit()?;
-        Ok(())
+        commit_other(self.config.replicator.as_deref(), &self.redo, txn)
     }
 
     /// Replicates the recorded changes of `txn`, then commits it without a
@@ -1200,19 +1196,15 @@ impl Writer {
             def.keys.push((k, start));
         }
         let json = serde_json::to_vec(&def).expect("feed serializes");
-        let on = self.config.replicator.is_some();
-        self.redo.start(on);
+        // Field by field: the topic's state and the feed registry are
+        // borrowed here.
+        self.redo.start(self.config.replicator.is_some());
         let txn = self.db.begin_write()?;
         txn.open_table(FEEDS)?
             .insert((topic_id, name.as_str()), json.as_slice())?;
         self.redo
             .put(FEEDS, &(topic_id, name.as_str()), &json.as_slice());
-        if on {
-            let r = self.config.replicator.clone().expect("checked above");
-            commit_replicated(&*r, self.redo.payload(), txn)?;
-        } else {
-            txn.commit()?;
-        }
+        commit_other(self.config.replicator.as_deref(), &self.redo, txn)?;
         topic_feeds.feeds.insert(name, def.clone());
         topic_feeds.rebuild();
         Ok(def)
@@ -1250,8 +1242,8 @@ impl Writer {
             return Ok(0);
         }
         let mut new = st;
-        let on = self.config.replicator.is_some();
-        self.redo.start(on);
+        // Field by field: the topic's state is borrowed here.
+        self.redo.start(self.config.replicator.is_some());
         let txn = self.db.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -1267,11 +1259,7 @@ impl Writer {
             txn.open_table(PARTITIONS)?.insert((id, p), row)?;
             self.redo.put(PARTITIONS, &(id, p), &row);
         }
-        if let Some(r) = self.config.replicator.clone() {
-            commit_replicated(&*r, self.redo.payload(), txn)?;
-        } else {
-            txn.commit()?;
-        }
+        commit_other(self.config.replicator.as_deref(), &self.redo, txn)?;
         ts.parts[p as usize] = new;
         ts.publish();
         Ok(before - st.start)
@@ -1445,6 +1433,19 @@ impl Writer {
             tracing::info!(deleted, "retention removed records");
         }
         Ok(deleted)
+    }
+}
+
+/// Commits a transaction that is not a data commit: replicated first by
+/// `replicator` (a cluster's leader), else durably in redb.
+fn commit_other(
+    replicator: Option<&dyn super::Replicator>,
+    redo: &Redo,
+    txn: WriteTransaction,
+) -> Result<(), StorageError> {
+    match replicator {
+        Some(r) => commit_replicated(r, redo.payload(), txn),
+        None => Ok(txn.commit()?),
     }
 }
 
