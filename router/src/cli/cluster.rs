@@ -13,6 +13,17 @@ use std::io::Write;
 /// the CLI (and an application) uses to find the leader.
 pub(super) const ADDRS_FILE: &str = "cluster.addrs";
 
+/// Reads a `cluster.addrs` file: client addresses, comma-separated.
+pub(super) fn read_addrs(path: &std::path::Path) -> anyhow::Result<Vec<SocketAddr>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.trim()
+        .split(',')
+        .map(|a| a.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not a list of addresses", path.display()))
+}
+
 /// `switchyard cluster ...`
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum ClusterCommand {
@@ -240,14 +251,7 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let first = args.dir.join("n1");
     let token = std::fs::read_to_string(first.join("admin.token"))
         .with_context(|| format!("reading {}", first.join("admin.token").display()))?;
-    let old = std::fs::read_to_string(first.join(ADDRS_FILE))
-        .with_context(|| format!("reading {}", first.join(ADDRS_FILE).display()))?;
-    let mut nodes: Vec<SocketAddr> = old
-        .trim()
-        .split(',')
-        .map(|a| a.trim().parse())
-        .collect::<Result<_, _>>()
-        .context("cluster.addrs is not a list of addresses")?;
+    let mut nodes = read_addrs(&first.join(ADDRS_FILE))?;
     nodes.push(args.node_addr);
     make_node(&ca, &token, &args.dir, id, args.node_addr, &nodes, &[])?;
     for i in 1..id {

@@ -98,12 +98,8 @@ impl ConnectArgs {
         } else if let Some(dir) = self.ca.parent() {
             // Beside a cluster node, the cluster's node list.
             let beside = dir.join(cluster::ADDRS_FILE);
-            if let Ok(text) = std::fs::read_to_string(&beside) {
-                let nodes: Result<Vec<SocketAddr>, _> =
-                    text.trim().split(',').map(|a| a.trim().parse()).collect();
-                let nodes = nodes
-                    .with_context(|| format!("{} is not a list of addresses", beside.display()))?;
-                cfg = cfg.with_cluster(nodes);
+            if beside.exists() {
+                cfg = cfg.with_cluster(cluster::read_addrs(&beside)?);
             }
         }
         if let Some(t) = &self.token {
