@@ -841,12 +841,9 @@ async fn handshake(
         .map_err(|e| connect_err(e.to_string()))?;
     let conn = match tokio::time::timeout(limit, connecting).await {
         Err(_) => return Err(connect_err(format!("timed out after {limit:?}")).into()),
-        Ok(Err(quinn::ConnectionError::ApplicationClosed(c)))
-            if c.error_code == close::NOT_LEADER.into() =>
-        {
-            return Err(not_leader(&c));
+        Ok(Err(e)) => {
+            return Err(not_leader(&e).unwrap_or_else(|| connect_err(e.to_string()).into()));
         }
-        Ok(Err(e)) => return Err(connect_err(e.to_string()).into()),
         Ok(Ok(c)) => c,
     };
 
@@ -899,26 +896,34 @@ async fn handshake(
 /// Why a connection ended during the handshake. Waits briefly for the
 /// close frame so that its reason can be shown (or followed).
 async fn ended(conn: &quinn::Connection) -> Handshake {
-    let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-    match closed {
-        Ok(quinn::ConnectionError::ApplicationClosed(c))
-            if c.error_code == close::NOT_LEADER.into() =>
-        {
-            not_leader(&c)
-        }
-        Ok(e) if refused(&e) => ClientError::Refused(describe_close(&e)).into(),
-        Ok(e) => ClientError::ConnectionLost(describe_close(&e)).into(),
-        Err(_) => ClientError::ConnectionLost("closed during handshake".into()).into(),
+    let Ok(e) = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await else {
+        return ClientError::ConnectionLost("closed during handshake".into()).into();
+    };
+    if let Some(h) = not_leader(&e) {
+        return h;
+    }
+    if refused(&e) {
+        ClientError::Refused(describe_close(&e)).into()
+    } else {
+        ClientError::ConnectionLost(describe_close(&e)).into()
     }
 }
 
-/// A `NOT_LEADER` close: its reason is the leader's address, if known.
-fn not_leader(c: &quinn::ApplicationClose) -> Handshake {
-    Handshake::NotLeader(
-        std::str::from_utf8(&c.reason)
-            .ok()
-            .and_then(|r| r.parse().ok()),
-    )
+/// A `NOT_LEADER` close, if `e` is one: its reason is the leader's
+/// address, if known.
+fn not_leader(e: &quinn::ConnectionError) -> Option<Handshake> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == close::NOT_LEADER.into() =>
+        {
+            Some(Handshake::NotLeader(
+                std::str::from_utf8(&c.reason)
+                    .ok()
+                    .and_then(|r| r.parse().ok()),
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Watches the connection; when it is lost, makes a new one with backoff
