@@ -599,6 +599,16 @@ async fn nodes_are_added_and_removed_while_the_cluster_serves() {
     let mut cluster = Cluster::start(3);
     let admin = cluster.client().await;
     create_topic(&admin, "t", 2).await;
+    // Changes besides records, replicated as rows too: the byte-for-byte
+    // comparison at the end covers them on every node, the new one too.
+    admin.grant("alice", &["consume:t"]).await.unwrap();
+    admin
+        .set_topic_policy("t", serde_json::json!({ "max_attempts": 3 }))
+        .await
+        .unwrap();
+    create_topic(&admin, "gone", 1).await;
+    admin.publish("gone", Record::new("x")).await.unwrap();
+    admin.delete_topic("gone").await.unwrap();
     for i in 0..50 {
         let id = format!("r{i}");
         admin

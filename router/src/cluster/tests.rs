@@ -83,6 +83,14 @@ impl Group {
         self.nodes.remove(&id).unwrap().shutdown().await;
     }
 
+    /// Stops every running node.
+    async fn stop(mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.down(id).await;
+        }
+    }
+
     /// Waits until one of `among` is leader, as all of them see it.
     async fn leader(&self, among: &[NodeId]) -> NodeId {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -218,22 +226,21 @@ async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_l
     for id in 1..=3 {
         assert_eq!(g.offsets(id), (0..300).collect::<Vec<u64>>(), "node {id}");
     }
-    for id in [1, 2, 3] {
-        g.down(id).await;
-    }
+    g.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healing() {
-    let mut g = Group::start(timing()).await;
+    let g = Group::start(timing()).await;
     let old = g.leader(&[1, 2, 3]).await;
     write_range(&g.nodes[&old], 0..50).await;
     let others: Vec<NodeId> = (1..=3).filter(|&id| id != old).collect();
     g.faults.isolate(old, &others);
 
     // The isolated leader cannot reach a majority: its write is never
-    // acknowledged, while the majority elects a leader and goes on.
-    let lonely = g.nodes[&old].write(append(50));
+    // acknowledged, while the majority elects a leader and goes on. (At
+    // an offset of its own, so that it would show if it survived.)
+    let lonely = g.nodes[&old].write(append(1000));
     let lonely = tokio::time::timeout(Duration::from_secs(4), lonely).await;
     assert!(
         !matches!(lonely, Ok(Ok(_))),
@@ -255,9 +262,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healin
     for id in 1..=3 {
         assert_eq!(g.offsets(id), (0..80).collect::<Vec<u64>>(), "node {id}");
     }
-    for id in [1, 2, 3] {
-        g.down(id).await;
-    }
+    g.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,9 +297,7 @@ async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
     assert_eq!(g.offsets(away), (0..200).collect::<Vec<u64>>());
     let snap = g.nodes[&away].raft().metrics().borrow().snapshot;
     assert!(snap.is_some(), "the node caught up without a snapshot");
-    for id in [1, 2, 3] {
-        g.down(id).await;
-    }
+    g.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,8 +332,5 @@ async fn a_node_added_and_one_removed_while_writes_go_on_lose_nothing() {
     g.converge(leader).await;
     g.assert_replicas_equal();
     assert_eq!(g.offsets(4), (0..300).collect::<Vec<u64>>());
-    let ids: Vec<NodeId> = g.nodes.keys().copied().collect();
-    for id in ids {
-        g.down(id).await;
-    }
+    g.stop().await;
 }
