@@ -75,6 +75,9 @@ pub enum Fault {
     Delay(Duration),
     /// Sent twice; the second answer is the one used.
     Duplicate,
+    /// Delivered and handled, but the answer is lost: the sender sees the
+    /// peer as unreachable although the peer acted on it.
+    LoseAnswer,
 }
 
 /// The seam between Raft and the network: decides the fate of each RPC.
@@ -320,6 +323,13 @@ impl PeerClient {
                 Fault::Delay(d) => tokio::time::sleep(d).await,
                 Fault::Duplicate => {
                     let _ = self.call_once(&request).await;
+                }
+                Fault::LoseAnswer => {
+                    let _ = self.call_once(&request).await;
+                    return Err(Failure::Unreachable(format!(
+                        "the answer from {} to {} was lost",
+                        self.target, self.me
+                    )));
                 }
                 Fault::Deliver => {}
             }

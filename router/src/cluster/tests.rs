@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use redb::ReadableDatabase;
 
-use super::net::{Faults, Partitions};
+use super::net::{Fault, Faults, Partitions};
 use super::tls::{ClusterCa, NodeTls};
 use super::{ClusterNode, NodeConfig, NodeId, Timing, WriteError};
 use crate::storage::journal::Redo;
@@ -22,6 +22,9 @@ struct Group {
     members: BTreeMap<NodeId, SocketAddr>,
     tls: BTreeMap<NodeId, NodeTls>,
     faults: Arc<Partitions>,
+    /// What every node's RPCs pass through: `faults` unless a test gives
+    /// its own.
+    seam: Arc<dyn Faults>,
     timing: Timing,
     nodes: BTreeMap<NodeId, ClusterNode>,
 }
@@ -42,6 +45,14 @@ fn timing() -> Timing {
 
 impl Group {
     async fn start(timing: Timing) -> Group {
+        let faults = Arc::new(Partitions::default());
+        let mut g = Self::start_with(timing, faults.clone()).await;
+        g.faults = faults;
+        g
+    }
+
+    /// Starts three nodes whose RPCs pass through `seam`.
+    async fn start_with(timing: Timing, seam: Arc<dyn Faults>) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::generate().unwrap();
         let members: BTreeMap<NodeId, SocketAddr> = (1..=3).map(|id| (id, free_port())).collect();
@@ -56,6 +67,7 @@ impl Group {
             members,
             tls,
             faults: Arc::default(),
+            seam,
             timing,
             nodes: BTreeMap::new(),
         };
@@ -72,7 +84,7 @@ impl Group {
             self.root.join(format!("n{id}")),
             self.tls[&id].clone(),
         );
-        config.faults = self.faults.clone() as Arc<dyn Faults>;
+        config.faults = self.seam.clone();
         config.timing = self.timing.clone();
         config.join = join;
         let node = ClusterNode::start(config).await.unwrap();
@@ -332,5 +344,137 @@ async fn a_node_added_and_one_removed_while_writes_go_on_lose_nothing() {
     g.converge(leader).await;
     g.assert_replicas_equal();
     assert_eq!(g.offsets(4), (0..300).collect::<Vec<u64>>());
+    g.stop().await;
+}
+
+/// Every RPC's fate drawn at random (seeded, so a failure can be replayed
+/// with `SWITCHYARD_CHAOS_SEED`), counting what it did.
+struct Chaos {
+    state: std::sync::Mutex<u64>,
+    on: std::sync::atomic::AtomicBool,
+    counts: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl Chaos {
+    fn new(seed: u64) -> Chaos {
+        Chaos {
+            state: std::sync::Mutex::new(seed),
+            on: true.into(),
+            counts: Default::default(),
+        }
+    }
+
+    /// splitmix64: enough randomness for choosing faults.
+    fn next(&self) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn count(&self, i: usize) -> u64 {
+        self.counts[i].load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Faults for Chaos {
+    fn decide(&self, _: NodeId, _: NodeId) -> Fault {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.on.load(Relaxed) {
+            return Fault::Deliver;
+        }
+        let r = self.next();
+        let (i, fault) = match r % 100 {
+            0..8 => (1, Fault::Drop),
+            8..14 => (2, Fault::LoseAnswer),
+            14..22 => (3, Fault::Duplicate),
+            22..42 => (4, Fault::Delay(Duration::from_millis((r >> 8) % 40))),
+            _ => (0, Fault::Deliver),
+        };
+        self.counts[i].fetch_add(1, Relaxed);
+        fault
+    }
+}
+
+/// Writes record `offset` through whichever node leads, until one
+/// acknowledges it (a lost answer makes the outcome unknown: the redo is
+/// idempotent, so writing it again is safe).
+async fn write_somewhere(g: &Group, offset: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut at = *g.nodes.keys().next().unwrap();
+    loop {
+        match g.nodes[&at].write(append(offset)).await {
+            Ok(_) => return,
+            Err(WriteError::NotLeader {
+                leader: Some(l), ..
+            }) => at = l,
+            Err(_) => {
+                at = at % 3 + 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "record {offset} was never acknowledged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_lost_duplicated_and_delayed_messages_lose_no_acknowledged_write() {
+    let seed = std::env::var("SWITCHYARD_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos seed {seed} (SWITCHYARD_CHAOS_SEED)");
+    let chaos = Arc::new(Chaos::new(seed));
+    let g = Group::start_with(timing(), chaos.clone()).await;
+    // 400 records, 8 at a time, while a fifth of all RPCs are dropped or
+    // lose their answer, some are sent twice and some are late.
+    let next = &std::sync::atomic::AtomicU64::new(0);
+    let group = &g;
+    let worker = || async move {
+        loop {
+            let o = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if o >= 400 {
+                return;
+            }
+            write_somewhere(group, o).await;
+        }
+    };
+    futures::future::join_all((0..8).map(|_| worker())).await;
+    for (i, what) in [
+        "delivered",
+        "dropped",
+        "answer lost",
+        "duplicated",
+        "delayed",
+    ]
+    .iter()
+    .enumerate()
+    {
+        eprintln!("{what}: {}", chaos.count(i));
+        assert!(chaos.count(i) > 0, "no RPC was {what}");
+    }
+
+    // Calm again: every node applies the same log and holds every
+    // acknowledged record.
+    chaos.on.store(false, std::sync::atomic::Ordering::Relaxed);
+    let leader = g.leader(&[1, 2, 3]).await;
+    // An entry of the leader's own term commits whatever it holds from
+    // earlier terms, so every node converges on one log.
+    write_somewhere(&g, 400).await;
+    g.converge(leader).await;
+    g.assert_replicas_equal();
+    for id in 1..=3 {
+        assert_eq!(g.offsets(id), (0..=400).collect::<Vec<u64>>(), "node {id}");
+    }
     g.stop().await;
 }
