@@ -15,6 +15,8 @@ pub use log::ReadLimit;
 pub(crate) mod journal;
 #[cfg(test)]
 mod power_loss;
+#[cfg(test)]
+mod replica_tests;
 pub(crate) mod tables;
 mod writer;
 

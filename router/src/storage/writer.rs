@@ -1340,7 +1340,6 @@ impl Writer {
         let now = now_ms();
         let mut deleted = 0u64;
         let mut changed: Vec<(u32, u32, PartState)> = Vec::new();
-        let replicated = self.replicating();
         self.start_other();
         let txn = self.db.begin_write()?;
         {
@@ -1400,19 +1399,22 @@ impl Writer {
                             .map_or(st.start, |c| c.2.start)
                     })
                     .collect();
-                if replicated {
-                    // The sweep of fan-out references is not replicated
-                    // yet: readers skip references below a partition's
-                    // start, so leaving them costs space, not correctness.
-                    continue;
-                }
                 let state = self.prune.entry(id).or_default();
                 // A finished sweep against these starts has nothing left to do.
                 if state.keys_from == 0 && state.feeds_from == 0 && state.swept == starts {
                     continue;
                 }
-                state.keys_from = prune_references(&mut key_index, id, &starts, state.keys_from)?;
-                state.feeds_from = prune_references(&mut inbox, id, &starts, state.feeds_from)?;
+                let redo = &mut self.redo;
+                state.keys_from = prune_references(
+                    &mut key_index,
+                    KEY_INDEX,
+                    redo,
+                    id,
+                    &starts,
+                    state.keys_from,
+                )?;
+                state.feeds_from =
+                    prune_references(&mut inbox, INBOX, redo, id, &starts, state.feeds_from)?;
                 if state.keys_from == 0 && state.feeds_from == 0 {
                     state.swept = starts;
                 }
@@ -1533,9 +1535,12 @@ const PRUNE_KEYS_PER_PASS: usize = 4_096;
 /// offset)`: the key index or the inbox) of topic `id` whose offset is below
 /// its partition's start in `starts`, for up to [`PRUNE_KEYS_PER_PASS`]
 /// distinct keys from `from` on. Returns where the next pass starts (0 once
-/// the sweep reached the end).
+/// the sweep reached the end). Each deletion goes into `redo` (`def` is
+/// the table's definition), so a cluster's replicas prune the same rows.
 fn prune_references<S>(
     table: &mut redb::Table<(u32, S, u32, u64), ()>,
+    def: redb::TableDefinition<(u32, S, u32, u64), ()>,
+    redo: &mut Redo,
     id: u32,
     starts: &[u64],
     from: u64,
@@ -1558,10 +1563,9 @@ where
         };
         for (p, &start) in starts.iter().enumerate() {
             if start > 0 {
-                table.retain_in(
-                    (id, key, p as u32, 0)..(id, key, p as u32, start),
-                    |_, _| false,
-                )?;
+                let (from, to) = ((id, key, p as u32, 0), (id, key, p as u32, start));
+                table.retain_in(from..to, |_, _| false)?;
+                redo.del_range(def, &from, &to);
             }
         }
         let k: u64 = key.into();
