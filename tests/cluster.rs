@@ -554,7 +554,9 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     let leader = leader.unwrap();
     let admin = cluster.client().await;
     create_topic(&admin, "t", 1).await;
-    // The leader's metrics describe the cluster.
+    admin.publish("t", Record::new("before")).await.unwrap();
+    // The leader's metrics describe the cluster, and the publish's
+    // replication was timed.
     let at = cluster.nodes[leader as usize - 1].addr;
     let (code, body) = common::get_metrics(SocketAddr::new(at.ip(), at.port() + 1), None).await;
     assert_eq!(code, 200);
@@ -569,7 +571,14 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         .filter(|l| l.starts_with("switchyard_cluster_member{") && l.contains("role=\"follower\""))
         .count();
     assert_eq!(followers, 2);
-    admin.publish("t", Record::new("before")).await.unwrap();
+    let replicated = body
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_cluster_replicate_seconds_count "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        replicated.is_some_and(|n| n >= 1),
+        "no replicated commit timed in:\n{body}"
+    );
     cluster.kill(leader);
     // With a message id the client resends it to the new leader if the
     // first copy's fate was lost with the old one.

@@ -23,6 +23,8 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::storage::disk::{Disk, OsDisk};
+
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
 
 /// Index -> postcard-encoded entry.
@@ -41,7 +43,12 @@ impl LogStore {
     /// Opens (or creates) the log at `path` and starts its flusher thread,
     /// which ends when the last clone is dropped.
     pub fn open(path: &Path) -> Result<LogStore, StorageError> {
-        let db = Arc::new(Database::create(path).map_err(write_error)?);
+        Self::open_on(&OsDisk, path)
+    }
+
+    /// As [`LogStore::open`], with the file on `disk`.
+    pub fn open_on(disk: &dyn Disk, path: &Path) -> Result<LogStore, StorageError> {
+        let db = Arc::new(super::create_db(disk, path)?);
         {
             let txn = db.begin_write().map_err(write_error)?;
             txn.open_table(LOG).map_err(write_error)?;

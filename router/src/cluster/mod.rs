@@ -98,3 +98,18 @@ fn read_error(e: impl std::fmt::Display) -> StorageError {
 fn write_error(e: impl std::fmt::Display) -> StorageError {
     storage_error(openraft::ErrorVerb::Write, e)
 }
+
+/// Opens (or creates) the redb file at `path` on `disk`: through the
+/// disk's own file when it has one (a simulated disk in tests), else by
+/// redb itself.
+fn create_db(
+    disk: &dyn crate::storage::disk::Disk,
+    path: &std::path::Path,
+) -> Result<redb::Database, StorageError> {
+    match disk.redb_file(path).map_err(write_error)? {
+        Some(file) => redb::Database::builder()
+            .create_with_backend(crate::storage::disk::DiskBackend(file))
+            .map_err(write_error),
+        None => redb::Database::create(path).map_err(write_error),
+    }
+}

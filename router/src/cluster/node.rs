@@ -14,6 +14,7 @@ use super::net::{Faults, Network, NoFaults, serve};
 use super::state::StateMachine;
 use super::tls::NodeTls;
 use super::{Command, LogId, NodeId, Raft};
+use crate::storage::disk::{Disk, OsDisk};
 
 /// Election and heartbeat timing. Loopback clusters on a loaded 2-core
 /// machine need more slack than the openraft defaults.
@@ -59,6 +60,8 @@ pub struct NodeConfig {
     pub join: bool,
     /// Election and heartbeat timing.
     pub timing: Timing,
+    /// The files' seam (tests cut the power or fail syncs here).
+    pub disk: Arc<dyn Disk>,
 }
 
 impl NodeConfig {
@@ -77,6 +80,7 @@ impl NodeConfig {
             faults: Arc::new(NoFaults),
             join: false,
             timing: Timing::default(),
+            disk: Arc::new(OsDisk),
         }
     }
 }
@@ -150,9 +154,10 @@ impl ClusterNode {
             .get(&config.id)
             .ok_or_else(|| WriteError::Failed(format!("node {} is not a member", config.id)))?;
         std::fs::create_dir_all(&config.dir).map_err(|e| failed(&e))?;
-        let log = LogStore::open(&config.dir.join("raft.redb")).map_err(|e| failed(&e))?;
-        let state =
-            StateMachine::open(&config.dir.join("switchyard.redb")).map_err(|e| failed(&e))?;
+        let disk = &*config.disk;
+        let log = LogStore::open_on(disk, &config.dir.join("raft.redb")).map_err(|e| failed(&e))?;
+        let state = StateMachine::open_on(disk, &config.dir.join("switchyard.redb"))
+            .map_err(|e| failed(&e))?;
         let endpoint =
             quinn::Endpoint::server(config.tls.server_config().map_err(|e| failed(&e))?, addr)
                 .map_err(|e| failed(&e))?;

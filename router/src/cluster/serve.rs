@@ -102,12 +102,15 @@ pub async fn run(
         // Following: point clients at the leader until this node leads.
         let redirect = Redirect::start(&cfg, &node).await?;
         let ready = tokio::select! {
-            () = &mut shutdown => false,
-            () = until_ready_leader(&node) => true,
+            () = &mut shutdown => Ok(false),
+            () = until_ready_leader(&node) => Ok(true),
+            why = raft_stopped(&node) => Err(why),
         };
         redirect.stop().await;
-        if !ready {
-            break;
+        match ready {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(why) => return Err(stopped(node, why).await),
         }
         // Leading: the router serves from the replicated tables.
         incarnation += 1;
@@ -147,9 +150,10 @@ pub async fn run(
             }
         };
         tracing::info!(node = cfg.node_id, term, "leading: serving clients");
-        let stop = tokio::select! {
-            () = &mut shutdown => true,
-            () = until_not_leader(&node, term) => false,
+        let (stop, fatal) = tokio::select! {
+            () = &mut shutdown => (true, None),
+            () = until_not_leader(&node, term) => (false, None),
+            why = raft_stopped(&node) => (true, Some(why)),
         };
         if !stop {
             tracing::info!(
@@ -175,12 +179,38 @@ pub async fn run(
             stopping.await;
         }
         handoff.set_serving(false);
+        if let Some(why) = fatal {
+            return Err(stopped(node, why).await);
+        }
         if stop {
             break;
         }
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Waits until this node's Raft stops on its own: a storage error (a
+/// failed sync of its log, say) after which it must not go on.
+async fn raft_stopped(node: &ClusterNode) -> String {
+    let mut metrics = node.raft().metrics();
+    loop {
+        if let Err(e) = &metrics.borrow_and_update().running_state {
+            return e.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "Raft stopped".into();
+        }
+    }
+}
+
+/// Stops a node whose Raft stopped on its own; the error makes the
+/// process exit non-zero, so that a supervisor restarts it (from its
+/// files, catching up from the others) instead of it lingering.
+async fn stopped(node: ClusterNode, why: String) -> StartError {
+    tracing::error!(error = %why, "the cluster node stopped; exiting");
+    node.shutdown().await;
+    StartError::ClusterStopped(why)
 }
 
 /// A node's client address, from its Raft address (the client port is 5

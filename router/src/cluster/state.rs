@@ -45,7 +45,15 @@ pub struct StateMachine {
 impl StateMachine {
     /// Opens (or creates) the tables at `path`.
     pub fn open(path: &Path) -> Result<StateMachine, StorageError> {
-        let db = Arc::new(Database::create(path).map_err(write_error)?);
+        Self::open_on(&crate::storage::disk::OsDisk, path)
+    }
+
+    /// As [`StateMachine::open`], with the file on `disk`.
+    pub fn open_on(
+        disk: &dyn crate::storage::disk::Disk,
+        path: &Path,
+    ) -> Result<StateMachine, StorageError> {
+        let db = Arc::new(super::create_db(disk, path)?);
         let txn = db.begin_write().map_err(write_error)?;
         txn.open_table(APPLIED).map_err(write_error)?;
         txn.commit().map_err(write_error)?;

@@ -524,6 +524,14 @@ impl Collector for RouterCollector {
         }
         if let Some(r) = &shared.config.replica {
             cluster_families(&mut enc, &r.control.status())?;
+            family(
+                &mut enc,
+                "switchyard_cluster_replicate",
+                "A data commit from proposing it until a majority holds it durably and it is applied here.",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+                [(vec![], st.replicate_seconds.clone())],
+            )?;
         }
         family(
             &mut enc,

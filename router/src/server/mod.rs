@@ -274,6 +274,11 @@ pub enum StartError {
     /// Principals could not be loaded.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A cluster node's Raft stopped on its own (a failed sync of its
+    /// log, say): the node must not go on, and a restart recovers it from
+    /// its files and the other nodes.
+    #[error("the cluster node stopped: {0} (restart it; it catches up from the others)")]
+    ClusterStopped(String),
     /// The metrics endpoint's TCP address could not be bound.
     #[error(
         "metrics endpoint on {addr}: {source} (choose another address with --metrics ADDR, or --metrics off)"

@@ -18,6 +18,10 @@ pub struct StorageStats {
     pub database_sync_seconds: Histogram,
     /// A journal checkpoint, in seconds.
     pub checkpoint_seconds: Histogram,
+    /// A cluster leader's data commit from proposing its redo until the
+    /// entry is durable on a majority and its turn to be applied, in
+    /// seconds (the cluster's counterpart of the journal sync).
+    pub replicate_seconds: Histogram,
 }
 
 /// Buckets for durations from 50 µs to about 3 s.
@@ -39,6 +43,7 @@ impl Default for StorageStats {
             journal_sync_seconds: secs(),
             database_sync_seconds: secs(),
             checkpoint_seconds: secs(),
+            replicate_seconds: secs(),
         }
     }
 }

@@ -1019,7 +1019,7 @@ impl Writer {
         let t0 = Instant::now();
         commit_replicated(&*r, self.redo.payload(), txn)?;
         self.stats
-            .journal_sync_seconds
+            .replicate_seconds
             .observe(t0.elapsed().as_secs_f64());
         Ok(())
     }
