@@ -184,7 +184,7 @@ fn serve_line(
 }
 
 /// Makes node `id`'s data directory under `dir`.
-fn make_node(
+pub(crate) fn make_node(
     ca: &ClusterCa,
     token: &str,
     dir: &std::path::Path,

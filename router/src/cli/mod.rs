@@ -2,7 +2,7 @@
 
 mod auth;
 mod bench;
-mod cluster;
+pub(crate) mod cluster;
 mod plugin;
 mod publish;
 mod queue;
@@ -470,6 +470,7 @@ async fn serve_cluster(
             router: config,
             timing: crate::cluster::Timing::default(),
             join,
+            faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
         },
         shutdown_signal(),
     )

@@ -80,6 +80,8 @@ type Entry = openraft::Entry<TypeConfig>;
 type StorageError = openraft::StorageError<NodeId>;
 
 #[cfg(test)]
+mod serve_tests;
+#[cfg(test)]
 mod tests;
 
 fn storage_error(verb: openraft::ErrorVerb, e: impl std::fmt::Display) -> StorageError {

@@ -30,6 +30,11 @@ pub struct Timing {
     /// Entries kept in the log behind a snapshot, so a briefly lagging
     /// follower catches up from the log instead of a whole snapshot.
     pub keep_logs: u64,
+    /// A leader that has had no answer from a majority for this long
+    /// stops serving clients (they go to the other nodes), refusing the
+    /// commits that wait: it is probably cut off, and the others elect a
+    /// leader after the election timeout.
+    pub step_down: Duration,
 }
 
 impl Default for Timing {
@@ -39,6 +44,7 @@ impl Default for Timing {
             election: (Duration::from_millis(500), Duration::from_millis(1000)),
             snapshot_every: 50_000,
             keep_logs: 10_000,
+            step_down: Duration::from_secs(2),
         }
     }
 }

@@ -31,6 +31,10 @@ pub(crate) enum Event {
     Apply(LogId, Membership),
     /// The proposal failed.
     Failed(String),
+    /// The node stopped serving while the commit waited
+    /// ([`Handoff::abandon`]): it is refused, and if it is committed after
+    /// all, the state machine replays it.
+    Abandoned(String),
 }
 
 /// The commit a writer waits for.
@@ -47,6 +51,9 @@ pub struct Handoff {
     /// leader): the state machine then writes nothing itself.
     serving: AtomicBool,
     waiting: Mutex<Option<Expected>>,
+    /// Set by [`Handoff::abandon`] until serving starts again: why every
+    /// commit is refused.
+    abandoned: Mutex<Option<String>>,
     /// The membership applied while serving (written with the next commit).
     pub(crate) membership: Mutex<Option<Membership>>,
     changed: tokio::sync::Notify,
@@ -62,7 +69,9 @@ impl Handoff {
     /// machine.
     pub fn set_serving(&self, on: bool) {
         self.serving.store(on, Ordering::Release);
-        if !on {
+        if on {
+            *self.abandoned.lock().expect("handoff lock") = None;
+        } else {
             *self.waiting.lock().expect("handoff lock") = None;
         }
         self.changed.notify_waiters();
@@ -90,8 +99,28 @@ impl Handoff {
         }
     }
 
-    fn expect(&self, e: Expected) {
-        *self.waiting.lock().expect("handoff lock") = Some(e);
+    /// Registers the commit the writer is about to propose; refused (with
+    /// why) once the commits of this serving have been abandoned.
+    fn expect(&self, e: Expected) -> Result<(), String> {
+        let mut w = self.waiting.lock().expect("handoff lock");
+        if let Some(why) = self.abandoned.lock().expect("handoff lock").clone() {
+            return Err(why);
+        }
+        *w = Some(e);
+        Ok(())
+    }
+
+    /// Refuses the commit the writer waits for and every later one until
+    /// serving starts again, so that a router whose commits cannot reach a
+    /// majority (this node is cut off) can stop without waiting for one.
+    /// Nothing refused was acknowledged; an entry of it that is committed
+    /// after all is replayed by the state machine once serving stops.
+    pub fn abandon(&self, why: &str) {
+        let mut w = self.waiting.lock().expect("handoff lock");
+        *self.abandoned.lock().expect("handoff lock") = Some(why.to_string());
+        if let Some(e) = w.take() {
+            let _ = e.events.send(Event::Abandoned(why.to_string()));
+        }
     }
 
     /// Withdraws the waiting commit; false if the state machine took it.
@@ -160,11 +189,13 @@ impl Replicator for LeaderReplicator {
         };
         let (events, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
-        self.handoff.expect(Expected {
-            origin,
-            events: events.clone(),
-            done: done_rx,
-        });
+        self.handoff
+            .expect(Expected {
+                origin,
+                events: events.clone(),
+                done: done_rx,
+            })
+            .map_err(StorageError::NotLeader)?;
         let raft = self.raft.clone();
         let command = Command {
             redo: bytes::Bytes::copy_from_slice(redo),
@@ -178,6 +209,7 @@ impl Replicator for LeaderReplicator {
         let not_leader = |m: String| StorageError::NotLeader(m);
         match rx.recv() {
             Ok(Event::Apply(log_id, m)) => self.commit_at(txn, log_id, m, done_tx),
+            Ok(Event::Abandoned(why)) => Err(not_leader(why)),
             Ok(Event::Failed(why)) => {
                 if self.handoff.cancel(origin) {
                     return Err(not_leader(why));

@@ -76,6 +76,8 @@ pub struct ClusterServe {
     pub timing: Timing,
     /// Join a running cluster (`cluster add-node`) instead of forming one.
     pub join: bool,
+    /// The Raft network seam ([`super::net::NoFaults`] but in tests).
+    pub faults: Arc<dyn super::net::Faults>,
 }
 
 /// Runs a cluster node until `shutdown` completes.
@@ -92,6 +94,7 @@ pub async fn run(
     let mut nc = NodeConfig::new(cfg.node_id, raft_members, cfg.router.data.clone(), node_tls);
     nc.timing = cfg.timing.clone();
     nc.join = cfg.join;
+    nc.faults = cfg.faults.clone();
     let node = ClusterNode::start(nc)
         .await
         .map_err(|e| StartError::Config(format!("cluster node: {e}")))?;
@@ -153,18 +156,29 @@ pub async fn run(
         let (stop, fatal) = tokio::select! {
             () = &mut shutdown => (true, None),
             () = until_not_leader(&node, term) => (false, None),
+            () = quorum_lost(&node, cfg.timing.step_down) => {
+                tracing::warn!(
+                    node = cfg.node_id,
+                    after = ?cfg.timing.step_down,
+                    "no answer from a majority of the cluster: this node is probably cut off; \
+                     it stops serving clients (they go to the other nodes) and refuses the \
+                     commits that wait (they were not acknowledged)"
+                );
+                handoff.abandon("this node lost contact with a majority of the cluster");
+                (false, None)
+            }
             why = raft_stopped(&node) => (true, Some(why)),
         };
         if !stop {
             tracing::info!(
                 node = cfg.node_id,
-                "no longer the leader: handing clients over"
+                "no longer serving as leader: handing clients over"
             );
         }
         // A commit queued before the stop waits for a majority; if that
-        // majority is gone it never comes, so Raft is stopped after a
-        // while, which fails the waiting commits (nothing of them was
-        // acknowledged) and lets the router finish.
+        // majority is gone it never comes, so after a while the waiting
+        // commits are refused (nothing of them was acknowledged), which
+        // lets the router finish.
         let stopping = router.shutdown();
         tokio::pin!(stopping);
         if tokio::time::timeout(Duration::from_secs(5), &mut stopping)
@@ -172,10 +186,10 @@ pub async fn run(
             .is_err()
         {
             tracing::warn!(
-                "commits are waiting for a majority that does not answer; stopping Raft \
+                "commits are waiting for a majority that does not answer; refusing them \
                  so that the router can stop (they were not acknowledged)"
             );
-            let _ = node.raft().shutdown().await;
+            handoff.abandon("the router is stopping and no majority answers");
             stopping.await;
         }
         handoff.set_serving(false);
@@ -188,6 +202,24 @@ pub async fn run(
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Waits until this leader has had no answer from a majority for
+/// `limit` (openraft's time since the last quorum acknowledgement).
+async fn quorum_lost(node: &ClusterNode, limit: Duration) {
+    let limit = limit.as_millis() as u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let lost = {
+            let metrics = node.raft().metrics();
+            let m = metrics.borrow();
+            m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
+        };
+        if lost {
+            return;
+        }
+    }
 }
 
 /// Waits until this node's Raft stops on its own: a storage error (a
@@ -364,6 +396,7 @@ impl Redirect {
             }
         };
         let metrics = node.raft().metrics();
+        let me = cfg.node_id;
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
             // Owned here, so stopping the redirect aborts the handshakes in
@@ -372,7 +405,10 @@ impl Redirect {
             while let Some(incoming) = e.accept().await {
                 let to = {
                     let m = metrics.borrow();
+                    // Not itself: a leader that stopped serving (cut off
+                    // from the others) sends clients to try the others.
                     m.current_leader
+                        .filter(|&l| l != me)
                         .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
                         .and_then(|n| client_addr(&n.addr))
                         .map(|a| a.to_string())

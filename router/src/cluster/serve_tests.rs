@@ -1,0 +1,167 @@
+//! Cluster nodes as `switchyard serve` runs them (Raft, the redirecting
+//! follower endpoint, the leader's router), three in one process so that
+//! the Raft links between them pass through a fault seam, with a real
+//! client in front.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::net::Partitions;
+use super::serve::{ClusterServe, run};
+use super::tls::ClusterCa;
+use super::{NodeId, Timing};
+use crate::client::{Client, ClientConfig};
+use crate::protocol::Record;
+use crate::server::RouterConfig;
+
+/// A client port whose Raft port (5 above) is free too.
+fn free_pair() -> SocketAddr {
+    loop {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = s.local_addr().unwrap();
+        if a.port() < 60_000 && std::net::UdpSocket::bind(super::serve::raft_addr(a)).is_ok() {
+            return a;
+        }
+    }
+}
+
+struct Nodes {
+    root: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), crate::server::StartError>>>,
+}
+
+impl Nodes {
+    fn start(faults: Arc<Partitions>) -> Nodes {
+        let root = tempfile::tempdir().unwrap();
+        let addrs: Vec<SocketAddr> = (0..3).map(|_| free_pair()).collect();
+        let ca = ClusterCa::generate().unwrap();
+        let token = crate::auth::new_token();
+        let members: BTreeMap<NodeId, SocketAddr> =
+            (1..=3).map(|id| (id, addrs[id as usize - 1])).collect();
+        let (mut stops, mut tasks) = (Vec::new(), Vec::new());
+        for (&id, &addr) in &members {
+            crate::cli::cluster::make_node(&ca, &token, root.path(), id, addr, &addrs, &[])
+                .unwrap();
+            let router = RouterConfig {
+                data: root.path().join(format!("n{id}")),
+                listen: addr,
+                ..RouterConfig::default()
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let cfg = ClusterServe {
+                node_id: id,
+                members: members.clone(),
+                router,
+                timing: Timing {
+                    election: (Duration::from_millis(600), Duration::from_millis(1200)),
+                    ..Timing::default()
+                },
+                join: false,
+                faults: faults.clone(),
+            };
+            tasks.push(tokio::spawn(run(cfg, async move {
+                let _ = stopped.await;
+            })));
+            stops.push(stop);
+        }
+        Nodes {
+            root,
+            addrs,
+            stops,
+            tasks,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let dir = self.root.path().join("n1");
+        let mut cfg = ClientConfig::new(self.addrs[0])
+            .with_ca_file(dir.join("cert.pem"))
+            .with_token_file(dir.join("admin.token"))
+            .unwrap()
+            .with_cluster(self.addrs.iter().copied());
+        cfg.idle_timeout = Duration::from_millis(1500);
+        Client::connect(cfg).await.unwrap()
+    }
+
+    async fn stop(self) {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+        for t in self.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// The leader as the node the client reaches sees it (asked again while
+/// leadership moves).
+async fn leader(c: &Client) -> NodeId {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = c
+            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+            && let Some(l) = s["leader"].as_u64()
+        {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on() {
+    let faults = Arc::new(Partitions::default());
+    let nodes = Nodes::start(faults.clone());
+    let client = nodes.client().await;
+    let created = async {
+        loop {
+            match client.create_topic("t", 1).await {
+                Ok(_) => return,
+                Err(e) if e.to_string().contains("exists") => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), created)
+        .await
+        .expect("the topic was never created");
+    client
+        .publish("t", Record::new("a").with_message_id("a"))
+        .await
+        .unwrap();
+    let old = leader(&client).await;
+
+    // The leader loses its links to the other nodes, not to the client.
+    // The client's next publish must not wait on it forever: the leader
+    // stops serving once no majority answers, and the client finds the
+    // leader the others elected.
+    let others: Vec<NodeId> = (1..=3).filter(|&id| id != old).collect();
+    faults.isolate(old, &others);
+    let cut = Instant::now();
+    let published = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.publish("t", Record::new("b").with_message_id("b")),
+    )
+    .await;
+    assert!(
+        matches!(published, Ok(Ok(_))),
+        "the publish never reached the new leader: {published:?}"
+    );
+    let moved = cut.elapsed();
+    let new = leader(&client).await;
+    assert_ne!(new, old, "the cut-off node still serves");
+    eprintln!("the client published on the new leader {moved:?} after the cut");
+
+    // Healed, the old leader follows; each record is stored once.
+    faults.heal();
+    let info = client.describe_topic("t").await.unwrap();
+    assert_eq!(info.partitions[0].end, 2, "{info:?}");
+    drop(client);
+    nodes.stop().await;
+}
