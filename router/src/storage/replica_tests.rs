@@ -146,3 +146,59 @@ fn replaying_every_replicated_commit_gives_the_leaders_tables() {
     }
     assert!(kept > 0);
 }
+
+/// A leader that loses its leadership after `allow` commits: from then
+/// on every commit is refused, slowly (so that requests queue up behind
+/// the refusal and form a batch).
+struct Deposed {
+    allow: std::sync::atomic::AtomicU64,
+}
+
+impl Replicator for Deposed {
+    fn replicate(&self, _: &[u8], _: &redb::WriteTransaction) -> Result<(), StorageError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.allow.load(Relaxed) > 0 {
+            self.allow.fetch_sub(1, Relaxed);
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        Err(StorageError::NotLeader("deposed".into()))
+    }
+
+    fn done(&self, _: bool) {}
+}
+
+#[test]
+fn every_request_of_a_batch_a_lost_leadership_refused_may_be_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leader.redb");
+    let db = Arc::new(Database::create(&path).unwrap());
+    let config = StorageConfig {
+        replicator: Some(Arc::new(Deposed { allow: 1.into() })),
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open_replicated(db, &path, config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let topic = storage.create_topic("t", 1, 0, 0).await.unwrap();
+        // Six appends at once: the first commits alone, the others queue
+        // behind its refusal and are refused together.
+        let appends = (0..6).map(|i| {
+            let (s, topic) = (&storage, &topic);
+            async move {
+                let record = Record::new(format!("r{i}").into_bytes()).to_raw();
+                s.append(topic, vec![(0, record)]).await?.await.unwrap()
+            }
+        });
+        for r in futures::future::join_all(appends).await {
+            assert!(
+                matches!(r, Err(StorageError::NotLeader(_))),
+                "a request refused for a lost leadership came back as {r:?}"
+            );
+        }
+        storage.shutdown().await;
+    });
+}

@@ -204,6 +204,9 @@ fn clone_error(e: &StorageError) -> StorageError {
     match e {
         StorageError::StorageFull(m) => StorageError::StorageFull(m.clone()),
         StorageError::Failed(m) => StorageError::Failed(m.clone()),
+        // Every request of a batch a lost leadership refused may be resent
+        // to the new leader, not just the first.
+        StorageError::NotLeader(m) => StorageError::NotLeader(m.clone()),
         other => StorageError::WriteFailed(other.to_string()),
     }
 }
