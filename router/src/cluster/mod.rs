@@ -29,6 +29,7 @@ pub mod net;
 pub mod node;
 pub mod replicate;
 pub mod serve;
+pub mod snapshot;
 pub mod state;
 pub mod tls;
 
@@ -46,7 +47,7 @@ openraft::declare_raft_types!(
         R = (),
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = bytes::Bytes,
+        SnapshotData = snapshot::SnapshotFile,
 );
 
 /// One replicated change: the redo of one storage commit, decided by the

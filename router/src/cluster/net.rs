@@ -4,7 +4,9 @@
 //! the cluster CA, ALPN `switchyard-raft`). A node keeps one connection
 //! per peer and sends each RPC on a stream of its own, so a large
 //! snapshot never blocks heartbeats. A message is a `u32` little-endian
-//! length and a postcard encoding of [`Request`] or [`Response`].
+//! length and a postcard encoding of [`Request`] or [`Response`]; a
+//! snapshot's file follows its request on the same stream, streamed from
+//! the sender's file into the receiver's.
 //!
 //! Every RPC a node sends passes its [`Faults`] first: in production
 //! [`NoFaults`]; tests use [`Partitions`] (or their own) to drop, delay,
@@ -12,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,10 +30,12 @@ use openraft::raft::{
 use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::{CHUNK, SnapshotDir, SnapshotFile};
 use super::tls::node_name;
 use super::{NodeId, Raft, TypeConfig};
 
-/// Largest message accepted: a snapshot travels as one.
+/// Largest message accepted (a batch of log entries; snapshots are
+/// streamed beside their message).
 const MAX_MESSAGE: usize = 1 << 30;
 
 /// A Raft RPC on the wire.
@@ -40,14 +45,14 @@ pub enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     /// Ask for a vote.
     Vote(VoteRequest<NodeId>),
-    /// Install a whole snapshot.
+    /// Install a whole snapshot, whose `len` bytes follow on the stream.
     Snapshot {
         /// The sender's vote.
         vote: Vote<NodeId>,
         /// What the snapshot covers.
         meta: SnapshotMeta<NodeId, BasicNode>,
-        /// The snapshot's bytes.
-        data: bytes::Bytes,
+        /// The snapshot file's length.
+        len: u64,
     },
 }
 
@@ -148,12 +153,58 @@ impl Faults for Partitions {
 }
 
 async fn write_message<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), String> {
+    write_unfinished(send, msg).await?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+/// Writes a message and leaves the stream open for what follows it.
+async fn write_unfinished<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), String> {
     let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
-    send.write_all(&frame).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())
+    send.write_all(&frame).await.map_err(|e| e.to_string())
+}
+
+/// Streams `file` into `send`, one chunk at a time.
+async fn send_file(send: &mut quinn::SendStream, file: &SnapshotFile) -> Result<(), String> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < file.len {
+        let n = CHUNK.min((file.len - at) as usize);
+        file.file
+            .read_exact_at(&mut buf[..n], at)
+            .map_err(|e| e.to_string())?;
+        send.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Receives `len` bytes from `recv` into a new file in `dir`.
+async fn receive_file(
+    recv: &mut quinn::RecvStream,
+    dir: &SnapshotDir,
+    len: u64,
+) -> Result<SnapshotFile, String> {
+    let path = dir.fresh("received");
+    let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < len {
+        let n = CHUNK.min((len - at) as usize);
+        recv.read_exact(&mut buf[..n])
+            .await
+            .map_err(|e| e.to_string())?;
+        file.write_all_at(&buf[..n], at)
+            .map_err(|e| e.to_string())?;
+        at += n as u64;
+    }
+    drop(file);
+    SnapshotFile::open(&path).map_err(|e| e.to_string())
 }
 
 async fn read_message<T: serde::de::DeserializeOwned>(
@@ -174,20 +225,26 @@ async fn read_message<T: serde::de::DeserializeOwned>(
 
 /// Answers Raft RPCs arriving at `endpoint` with `raft`, until the
 /// endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, raft: Raft) {
+/// Snapshots received are written to files in `snapshots`.
+pub async fn serve(endpoint: quinn::Endpoint, raft: Raft, snapshots: Arc<SnapshotDir>) {
     while let Some(incoming) = endpoint.accept().await {
         let raft = raft.clone();
+        let snapshots = snapshots.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let raft = raft.clone();
-                tokio::spawn(handle(raft, send, recv));
+                tokio::spawn(handle(raft.clone(), snapshots.clone(), send, recv));
             }
         });
     }
 }
 
-async fn handle(raft: Raft, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle(
+    raft: Raft,
+    snapshots: Arc<SnapshotDir>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let request: Request = match read_message(&mut recv).await {
         Ok(r) => r,
         Err(e) => {
@@ -204,16 +261,30 @@ async fn handle(raft: Raft, mut send: quinn::SendStream, mut recv: quinn::RecvSt
             .vote(rpc)
             .await
             .map_or_else(|e| Response::Failed(e.to_string()), Response::Vote),
-        Request::Snapshot { vote, meta, data } => raft
-            .install_full_snapshot(
-                vote,
-                Snapshot {
-                    meta,
-                    snapshot: Box::new(data),
-                },
-            )
-            .await
-            .map_or_else(|e| Response::Failed(e.to_string()), Response::Snapshot),
+        Request::Snapshot { vote, meta, len } => {
+            match receive_file(&mut recv, &snapshots, len).await {
+                Err(e) => Response::Failed(format!("receiving a snapshot: {e}")),
+                Ok(file) => {
+                    let path = file.path.clone();
+                    let r = raft
+                        .install_full_snapshot(
+                            vote,
+                            Snapshot {
+                                meta,
+                                snapshot: Box::new(file),
+                            },
+                        )
+                        .await
+                        .map_or_else(|e| Response::Failed(e.to_string()), Response::Snapshot);
+                    // Installed, it is this node's snapshot (kept under its
+                    // name); refused, it is deleted.
+                    if matches!(r, Response::Failed(_)) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    r
+                }
+            }
+        }
     };
     let _ = write_message(&mut send, &response).await;
 }
@@ -298,19 +369,34 @@ impl PeerClient {
         Ok(conn)
     }
 
-    async fn call_once(&mut self, request: &Request) -> Result<Response, Failure> {
+    async fn call_once(
+        &mut self,
+        request: &Request,
+        file: Option<&SnapshotFile>,
+    ) -> Result<Response, Failure> {
         let conn = self.connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
             self.conn = None;
             Failure::Unreachable(e.to_string())
         })?;
-        write_message(&mut send, request)
+        write_unfinished(&mut send, request)
             .await
             .map_err(Failure::Network)?;
+        if let Some(file) = file {
+            send_file(&mut send, file).await.map_err(Failure::Network)?;
+        }
+        send.finish().map_err(|e| Failure::Network(e.to_string()))?;
         read_message(&mut recv).await.map_err(Failure::Network)
     }
 
-    async fn call(&mut self, request: Request, ttl: Duration) -> Result<Response, Failure> {
+    /// Sends `request` (and `file`, a snapshot's, after it) through the
+    /// fault seam.
+    async fn call(
+        &mut self,
+        request: Request,
+        file: Option<&SnapshotFile>,
+        ttl: Duration,
+    ) -> Result<Response, Failure> {
         let fault = self.faults.decide(self.me, self.target);
         let run = async {
             match fault {
@@ -322,10 +408,10 @@ impl PeerClient {
                 }
                 Fault::Delay(d) => tokio::time::sleep(d).await,
                 Fault::Duplicate => {
-                    let _ = self.call_once(&request).await;
+                    let _ = self.call_once(&request, file).await;
                 }
                 Fault::LoseAnswer => {
-                    let _ = self.call_once(&request).await;
+                    let _ = self.call_once(&request, file).await;
                     return Err(Failure::Unreachable(format!(
                         "the answer from {} to {} was lost",
                         self.target, self.me
@@ -333,7 +419,7 @@ impl PeerClient {
                 }
                 Fault::Deliver => {}
             }
-            self.call_once(&request).await
+            self.call_once(&request, file).await
         };
         match tokio::time::timeout(ttl, run).await {
             Ok(r) => r,
@@ -381,7 +467,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // A heartbeat's time to live is short; a large batch on a loaded
         // machine can take longer than that without anything being wrong.
         let ttl = option.hard_ttl().max(Duration::from_secs(2));
-        match self.call(Request::Append(rpc), ttl).await {
+        match self.call(Request::Append(rpc), None, ttl).await {
             Ok(Response::Append(r)) => Ok(r),
             Ok(other) => Err(rpc_error(mismatch(other))),
             Err(f) => Err(rpc_error(f)),
@@ -406,7 +492,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.call(Request::Vote(rpc), option.hard_ttl()).await {
+        match self.call(Request::Vote(rpc), None, option.hard_ttl()).await {
             Ok(Response::Vote(r)) => Ok(r),
             Ok(other) => Err(rpc_error(mismatch(other))),
             Err(f) => Err(rpc_error(f)),
@@ -420,13 +506,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let file = *snapshot.snapshot;
         let request = Request::Snapshot {
             vote,
             meta: snapshot.meta,
-            data: *snapshot.snapshot,
+            len: file.len,
         };
         let sent = tokio::select! {
-            r = self.call(request, option.hard_ttl()) => r,
+            r = self.call(request, Some(&file), option.hard_ttl()) => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
         let failure = match sent {

@@ -204,7 +204,11 @@ impl ClusterNode {
         {
             tracing::debug!(error = %e, "Raft group already initialized");
         }
-        let server = tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        let server = tokio::spawn(serve(
+            endpoint.clone(),
+            raft.clone(),
+            state.snapshots().clone(),
+        ));
         Ok(ClusterNode {
             id: config.id,
             raft,

@@ -8,11 +8,11 @@
 //! are at some applied position and openraft replays the log after it
 //! (replaying a redo is idempotent: puts and deletes of whole rows).
 //!
-//! A snapshot is every replicated row as one redo (`journal::dump`), read
-//! from one read transaction, so building it does not stop the appliers.
-//! Installing one clears the tables and replays it.
+//! A snapshot is every replicated row, read from one read transaction (so
+//! building it does not stop the appliers) into a file of redo frames
+//! (`snapshot`). Installing one clears the tables and replays it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use openraft::{
 };
 use redb::{Database, Durability, ReadableDatabase};
 
+use super::snapshot::{SnapshotDir, SnapshotFile};
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
 use crate::storage::journal::{self, Redo};
 
@@ -30,8 +31,8 @@ use crate::storage::tables::RAFT_APPLIED as APPLIED;
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
-/// The last snapshot built or installed: what it covers and its bytes.
-type LastSnapshot = (Meta, Bytes);
+/// The last snapshot built or installed: what it covers and its file.
+type LastSnapshot = (Meta, PathBuf);
 
 /// The state machine of one node. Cheap to clone: clones share the file
 /// and the last snapshot.
@@ -40,6 +41,7 @@ pub struct StateMachine {
     db: Arc<Database>,
     handoff: Arc<super::replicate::Handoff>,
     snapshot: Arc<std::sync::Mutex<Option<LastSnapshot>>>,
+    snapshots: Arc<SnapshotDir>,
 }
 
 impl StateMachine {
@@ -54,6 +56,8 @@ impl StateMachine {
         path: &Path,
     ) -> Result<StateMachine, StorageError> {
         let db = Arc::new(super::create_db(disk, path)?);
+        let snapshots = path.parent().unwrap_or(Path::new(".")).join("snapshots");
+        let snapshots = Arc::new(SnapshotDir::open(&snapshots)?);
         let txn = db.begin_write().map_err(write_error)?;
         txn.open_table(APPLIED).map_err(write_error)?;
         txn.commit().map_err(write_error)?;
@@ -61,7 +65,13 @@ impl StateMachine {
             db,
             handoff: Arc::default(),
             snapshot: Arc::default(),
+            snapshots,
         })
+    }
+
+    /// Where this node's snapshots are written and received.
+    pub fn snapshots(&self) -> &Arc<SnapshotDir> {
+        &self.snapshots
     }
 
     /// Shared with the storage writer while this node serves as leader.
@@ -154,15 +164,32 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Makes `file` (covering `meta`) the snapshot this node serves, and
+    /// deletes the one it replaces.
+    fn keep_snapshot(&self, meta: &Meta, file: &SnapshotFile) {
+        // Under the lock: `get_current_snapshot` opens the file it names
+        // under it too, so a file is never deleted between the two.
+        let mut current = self.snapshot.lock().expect("snapshot lock");
+        if let Some((_, old)) = current.replace((meta.clone(), file.path.clone()))
+            && old != file.path
+        {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         // Durable first: the log before this snapshot may be purged once
         // it exists, and a crash must not take the tables back past it.
         self.checkpoint()?;
         let txn = self.db.begin_read().map_err(read_error)?;
-        let data = dump_in(&txn)?;
         let (applied, membership) = applied_in(&txn)?;
-        drop(txn);
+        let this = self.clone();
+        let file = tokio::task::spawn_blocking(move || this.snapshots.write(&txn))
+            .await
+            .map_err(read_error)??;
         let meta = Meta {
             last_log_id: applied,
             last_membership: membership,
@@ -172,10 +199,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 crate::storage::now_ms()
             ),
         };
-        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
+        self.keep_snapshot(&meta, &file);
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(data),
+            snapshot: Box::new(file),
         })
     }
 }
@@ -272,33 +299,42 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Bytes>, StorageError> {
-        Ok(Box::default())
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        // Snapshots arrive whole (`net`), never through this.
+        let path = self.snapshots.fresh("unused");
+        std::fs::File::create(&path).map_err(write_error)?;
+        Ok(Box::new(SnapshotFile::open(&path).map_err(read_error)?))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Bytes>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(write_error)?;
-        journal::clear(&txn).map_err(write_error)?;
-        journal::replay(&txn, &snapshot).map_err(write_error)?;
-        set_applied(&txn, meta.last_log_id, &meta.last_membership)?;
-        txn.commit().map_err(write_error)?;
-        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), *snapshot));
+        let db = self.db.clone();
+        let (m, snap) = (meta.clone(), snapshot);
+        let snap = tokio::task::spawn_blocking(move || -> Result<SnapshotFile, StorageError> {
+            let txn = db.begin_write().map_err(write_error)?;
+            journal::clear(&txn).map_err(write_error)?;
+            snap.replay_into(&txn)?;
+            set_applied(&txn, m.last_log_id, &m.last_membership)?;
+            txn.commit().map_err(write_error)?;
+            Ok(*snap)
+        })
+        .await
+        .map_err(write_error)??;
+        self.keep_snapshot(meta, &snap);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self
-            .snapshot
-            .lock()
-            .expect("snapshot lock")
-            .as_ref()
-            .map(|(meta, data)| Snapshot {
-                meta: meta.clone(),
-                snapshot: Box::new(data.clone()),
-            }))
+        let current = self.snapshot.lock().expect("snapshot lock");
+        let Some((meta, path)) = current.as_ref() else {
+            return Ok(None);
+        };
+        Ok(Some(Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(SnapshotFile::open(path).map_err(read_error)?),
+        }))
     }
 }

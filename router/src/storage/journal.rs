@@ -526,9 +526,24 @@ pub(crate) fn each_table(f: &mut impl EachTable) -> Result<(), StorageError> {
 /// Records every row of every table `txn` sees as puts: a redo that,
 /// replayed into empty tables, rebuilds them (a replica's snapshot).
 pub(crate) fn dump(txn: &redb::ReadTransaction, redo: &mut Redo) -> Result<(), StorageError> {
+    dump_chunked(txn, redo, usize::MAX, &mut |_| Ok(()))
+}
+
+/// Like [`dump`], handing `sink` the redo whenever it holds `chunk` bytes
+/// or more (whole rows: each piece replays on its own) and starting it
+/// afresh; what is left at the end stays in `redo`. A dump of any size
+/// then takes about `chunk` bytes of memory.
+pub(crate) fn dump_chunked(
+    txn: &redb::ReadTransaction,
+    redo: &mut Redo,
+    chunk: usize,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
     struct Dump<'a> {
         txn: &'a redb::ReadTransaction,
         redo: &'a mut Redo,
+        chunk: usize,
+        sink: &'a mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
     }
     impl EachTable for Dump<'_> {
         fn table<K: Key + 'static, V: Value + 'static>(
@@ -546,13 +561,22 @@ pub(crate) fn dump(txn: &redb::ReadTransaction, redo: &mut Redo) -> Result<(), S
                 self.redo.table(PUT, def.name());
                 self.redo.bytes(K::as_bytes(&k.value()).as_ref());
                 self.redo.bytes(V::as_bytes(&v.value()).as_ref());
+                if self.redo.len() >= self.chunk {
+                    (self.sink)(self.redo.payload())?;
+                    self.redo.start(true);
+                }
             }
             Ok(())
         }
     }
     let on = redo.on;
     redo.on = true;
-    let r = each_table(&mut Dump { txn, redo });
+    let r = each_table(&mut Dump {
+        txn,
+        redo,
+        chunk,
+        sink,
+    });
     redo.on = on;
     r
 }
