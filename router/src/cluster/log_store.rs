@@ -17,6 +17,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -37,6 +38,8 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 pub struct LogStore {
     db: Arc<Database>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Bytes of entries appended since the log was opened.
+    appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -61,7 +64,17 @@ impl LogStore {
             .name("raft-log-flush".into())
             .spawn(move || flusher(&flush_db, &rx))
             .map_err(write_error)?;
-        Ok(LogStore { db, flusher: tx })
+        Ok(LogStore {
+            db,
+            flusher: tx,
+            appended: Arc::default(),
+        })
+    }
+
+    /// Bytes of entries appended since the log was opened, counted as
+    /// they are appended (what snapshots are weighed against).
+    pub fn appended(&self) -> Arc<AtomicU64> {
+        self.appended.clone()
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -206,6 +219,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 table
                     .insert(entry.log_id.index, bytes.as_slice())
                     .map_err(write_error)?;
+                self.appended
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 buf = bytes;
             }
         }

@@ -25,8 +25,15 @@ pub struct Timing {
     /// A follower that hears nothing for a random time in this range
     /// starts an election.
     pub election: (Duration, Duration),
-    /// Entries applied since the last snapshot that trigger a new one.
+    /// Entries applied since the last snapshot before a new one is
+    /// considered (see `snapshot_log_bytes`).
     pub snapshot_every: u64,
+    /// A new snapshot is built once the log has grown by this many bytes
+    /// since the last one, or by the last snapshot's size if larger: a
+    /// snapshot costs a pass over all the data, so it is built when the log
+    /// it lets go of is worth as much (the cost stays in proportion to what
+    /// is written, however large the data).
+    pub snapshot_log_bytes: u64,
     /// Entries kept in the log behind a snapshot, so a briefly lagging
     /// follower catches up from the log instead of a whole snapshot.
     pub keep_logs: u64,
@@ -42,7 +49,8 @@ impl Default for Timing {
         Timing {
             heartbeat: Duration::from_millis(100),
             election: (Duration::from_millis(500), Duration::from_millis(1000)),
-            snapshot_every: 50_000,
+            snapshot_every: 10_000,
+            snapshot_log_bytes: 64 << 20,
             keep_logs: 10_000,
             step_down: Duration::from_secs(2),
         }
@@ -146,6 +154,7 @@ pub struct ClusterNode {
     state: StateMachine,
     endpoint: quinn::Endpoint,
     server: tokio::task::JoinHandle<()>,
+    trigger: tokio::task::JoinHandle<()>,
 }
 
 impl ClusterNode {
@@ -162,6 +171,7 @@ impl ClusterNode {
         std::fs::create_dir_all(&config.dir).map_err(|e| failed(&e))?;
         let disk = &*config.disk;
         let log = LogStore::open_on(disk, &config.dir.join("raft.redb")).map_err(|e| failed(&e))?;
+        let appended = log.appended();
         let state = StateMachine::open_on(disk, &config.dir.join("switchyard.redb"))
             .map_err(|e| failed(&e))?;
         let endpoint =
@@ -176,7 +186,8 @@ impl ClusterNode {
             election_timeout_min: t.election.0.as_millis() as u64,
             election_timeout_max: t.election.1.as_millis() as u64,
             install_snapshot_timeout: 30_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+            // Built by `snapshot_trigger` instead.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: t.keep_logs,
             ..Default::default()
         }
@@ -209,12 +220,19 @@ impl ClusterNode {
             raft.clone(),
             state.snapshots().clone(),
         ));
+        let trigger = tokio::spawn(snapshot_trigger(
+            raft.clone(),
+            appended,
+            state.clone(),
+            config.timing.clone(),
+        ));
         Ok(ClusterNode {
             id: config.id,
             raft,
             state,
             endpoint,
             server,
+            trigger,
         })
     }
 
@@ -291,9 +309,43 @@ impl ClusterNode {
     /// Stops the node: Raft, then its endpoint. Its files stay for a
     /// restart.
     pub async fn shutdown(self) {
+        self.trigger.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"node stopping");
         self.server.abort();
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Builds a snapshot when enough has been applied and appended since the
+/// last one (see [`Timing::snapshot_log_bytes`]); openraft then purges the
+/// log it covers.
+async fn snapshot_trigger(
+    raft: Raft,
+    appended: Arc<std::sync::atomic::AtomicU64>,
+    state: StateMachine,
+    timing: Timing,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut mark = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let (applied, snapshot) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.snapshot.map_or(0, |l| l.index),
+            )
+        };
+        let grown = appended.load(Relaxed).saturating_sub(mark);
+        let need = timing.snapshot_log_bytes.max(state.snapshot_len());
+        if applied.saturating_sub(snapshot) >= timing.snapshot_every && grown >= need {
+            mark = appended.load(Relaxed);
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
     }
 }

@@ -69,6 +69,16 @@ impl StateMachine {
         })
     }
 
+    /// The size of the snapshot this node holds (0: none yet).
+    pub fn snapshot_len(&self) -> u64 {
+        self.snapshot
+            .lock()
+            .expect("snapshot lock")
+            .as_ref()
+            .and_then(|(_, path)| std::fs::metadata(path).ok())
+            .map_or(0, |m| m.len())
+    }
+
     /// Where this node's snapshots are written and received.
     pub fn snapshots(&self) -> &Arc<SnapshotDir> {
         &self.snapshots

@@ -314,6 +314,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healin
 async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
     let mut g = Group::start(Timing {
         snapshot_every: 40,
+        snapshot_log_bytes: 0,
         keep_logs: 0,
         ..timing()
     })
@@ -645,6 +646,44 @@ async fn a_leader_whose_syncs_fail_stops_and_the_others_go_on() {
     g.assert_replicas_equal();
     for id in 1..=3 {
         assert_eq!(g.offsets(id), (0..=300).collect::<Vec<u64>>(), "node {id}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_built_once_the_log_has_grown_by_its_worth() {
+    let g = Group::start(Timing {
+        snapshot_every: 10,
+        snapshot_log_bytes: 1 << 20,
+        ..timing()
+    })
+    .await;
+    let leader = g.leader(&[1, 2, 3]).await;
+    let snapshot = |id: NodeId| g.nodes[&id].raft().metrics().borrow().snapshot;
+    // Many small entries, far fewer bytes than the threshold: no snapshot.
+    write_range(&g.nodes[&leader], 0..300).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        snapshot(leader),
+        None,
+        "a snapshot for a few kilobytes of log"
+    );
+    // 2 MiB more: every node builds one.
+    let big = |o: u64| {
+        let mut redo = Redo::new();
+        redo.start(true);
+        redo.put(LOG, &(2, 0, o), &vec![7u8; 64 << 10].as_slice());
+        redo.payload().to_vec()
+    };
+    for o in 0..32 {
+        g.nodes[&leader].write(big(o)).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in 1..=3 {
+        while snapshot(id).is_none() {
+            assert!(Instant::now() < deadline, "node {id} built no snapshot");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     g.stop().await;
 }
