@@ -47,6 +47,11 @@ pub struct ClientConfig {
     pub cluster: Vec<SocketAddr>,
 }
 
+/// The idle timeout of a client of a cluster ([`ClientConfig::with_cluster`]):
+/// keep-alives every second, and a leader that stopped answering is given
+/// up after three, where a single router's clients wait 15.
+pub const CLUSTER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How a client remakes a lost connection: attempts with exponential
 /// backoff and jitter, from `initial_backoff` up to `max_backoff`.
 #[derive(Debug, Clone)]
@@ -164,9 +169,14 @@ impl ClientConfig {
     }
 
     /// Names the other nodes of the cluster `addr` belongs to; see
-    /// [`ClientConfig::cluster`].
+    /// [`ClientConfig::cluster`]. Also shortens `idle_timeout` to
+    /// [`CLUSTER_IDLE_TIMEOUT`] (set it after this call to choose
+    /// another): a leader that dies without closing its connections is
+    /// noticed only when the connection falls idle, and the sooner that
+    /// happens the sooner the client moves to the new leader.
     pub fn with_cluster(mut self, nodes: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.cluster = nodes.into_iter().filter(|a| *a != self.addr).collect();
+        self.idle_timeout = CLUSTER_IDLE_TIMEOUT;
         self
     }
 
