@@ -512,8 +512,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             meta: snapshot.meta,
             len: file.len,
         };
+        // A large snapshot takes longer than an RPC: allow for it at a
+        // floor of 10 MiB/s.
+        let ttl = option.hard_ttl() + Duration::from_secs(file.len / (10 << 20));
         let sent = tokio::select! {
-            r = self.call(request, Some(&file), option.hard_ttl()) => r,
+            r = self.call(request, Some(&file), ttl) => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
         let failure = match sent {
