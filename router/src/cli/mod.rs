@@ -471,6 +471,7 @@ async fn serve_cluster(
             timing: crate::cluster::Timing::default(),
             join,
             faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
+            disk: std::sync::Arc::new(crate::storage::disk::OsDisk),
         },
         shutdown_signal(),
     )

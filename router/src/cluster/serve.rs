@@ -23,6 +23,8 @@ use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::protocol::close;
 use crate::server::{Replica, Router, RouterConfig, StartError, tls};
+#[cfg(doc)]
+use crate::storage::disk::OsDisk;
 
 /// The Raft port of a node is its client port plus this.
 pub const RAFT_PORT_OFFSET: u16 = 5;
@@ -78,6 +80,9 @@ pub struct ClusterServe {
     pub join: bool,
     /// The Raft network seam ([`super::net::NoFaults`] but in tests).
     pub faults: Arc<dyn super::net::Faults>,
+    /// Where the node's Raft log and tables live ([`OsDisk`] but in tests,
+    /// which fail its syncs).
+    pub disk: Arc<dyn crate::storage::disk::Disk>,
 }
 
 /// Runs a cluster node until `shutdown` completes.
@@ -95,6 +100,7 @@ pub async fn run(
     nc.timing = cfg.timing.clone();
     nc.join = cfg.join;
     nc.faults = cfg.faults.clone();
+    nc.disk = cfg.disk.clone();
     let node = ClusterNode::start(nc)
         .await
         .map_err(|e| StartError::Config(format!("cluster node: {e}")))?;
@@ -168,6 +174,10 @@ pub async fn run(
                 (false, None)
             }
             why = raft_stopped(&node) => (true, Some(why)),
+            // A failed sync of the tables (a checkpoint): as on a single
+            // router, nothing more may be acknowledged; a restart recovers
+            // from the Raft log.
+            why = router.storage_failed() => (true, Some(format!("storage failed: {why}"))),
         };
         if !stop {
             tracing::info!(

@@ -14,7 +14,8 @@ use super::tls::ClusterCa;
 use super::{NodeId, Timing};
 use crate::client::{Client, ClientConfig};
 use crate::protocol::Record;
-use crate::server::RouterConfig;
+use crate::server::{RouterConfig, StartError};
+use crate::storage::disk::{OsDisk, SimDisk};
 
 /// A client port whose Raft port (5 above) is free too.
 fn free_pair() -> SocketAddr {
@@ -31,11 +32,16 @@ struct Nodes {
     root: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), crate::server::StartError>>>,
+    tasks: Vec<Option<tokio::task::JoinHandle<Result<(), crate::server::StartError>>>>,
 }
 
 impl Nodes {
     fn start(faults: Arc<Partitions>) -> Nodes {
+        Self::start_on(faults, None)
+    }
+
+    /// Three nodes, on `disks` if given (else real files).
+    fn start_on(faults: Arc<Partitions>, disks: Option<Vec<Arc<SimDisk>>>) -> Nodes {
         let root = tempfile::tempdir().unwrap();
         let addrs: Vec<SocketAddr> = (0..3).map(|_| free_pair()).collect();
         let ca = ClusterCa::generate().unwrap();
@@ -62,10 +68,14 @@ impl Nodes {
                 },
                 join: false,
                 faults: faults.clone(),
+                disk: match &disks {
+                    Some(d) => d[id as usize - 1].clone(),
+                    None => Arc::new(OsDisk),
+                },
             };
-            tasks.push(tokio::spawn(run(cfg, async move {
+            tasks.push(Some(tokio::spawn(run(cfg, async move {
                 let _ = stopped.await;
-            })));
+            }))));
             stops.push(stop);
         }
         Nodes {
@@ -91,7 +101,7 @@ impl Nodes {
         for s in self.stops {
             let _ = s.send(());
         }
-        for t in self.tasks {
+        for t in self.tasks.into_iter().flatten() {
             t.await.unwrap().unwrap();
         }
     }
@@ -114,11 +124,8 @@ async fn leader(c: &Client) -> NodeId {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on() {
-    let faults = Arc::new(Partitions::default());
-    let nodes = Nodes::start(faults.clone());
-    let client = nodes.client().await;
+/// Creates topic `t` (again if leadership moved under the request).
+async fn create_topic(client: &Client) {
     let created = async {
         loop {
             match client.create_topic("t", 1).await {
@@ -131,6 +138,14 @@ async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on(
     tokio::time::timeout(Duration::from_secs(30), created)
         .await
         .expect("the topic was never created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on() {
+    let faults = Arc::new(Partitions::default());
+    let nodes = Nodes::start(faults.clone());
+    let client = nodes.client().await;
+    create_topic(&client).await;
     client
         .publish("t", Record::new("a").with_message_id("a"))
         .await
@@ -160,6 +175,49 @@ async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on(
 
     // Healed, the old leader follows; each record is stored once.
     faults.heal();
+    let info = client.describe_topic("t").await.unwrap();
+    assert_eq!(info.partitions[0].end, 2, "{info:?}");
+    drop(client);
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_fails_stops_with_an_error_and_its_clients_move_on() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let disks: Vec<Arc<SimDisk>> = (0..3).map(|_| SimDisk::new()).collect();
+    let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), Some(disks.clone()));
+    let client = nodes.client().await;
+    create_topic(&client).await;
+    client
+        .publish("t", Record::new("a").with_message_id("a"))
+        .await
+        .unwrap();
+    let old = leader(&client).await;
+
+    // Every sync on the leader's disk fails from now on.
+    disks[old as usize - 1]
+        .faults
+        .fail_syncs
+        .store(true, Relaxed);
+    let published = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.publish("t", Record::new("b").with_message_id("b")),
+    )
+    .await;
+    assert!(
+        matches!(published, Ok(Ok(_))),
+        "the publish never reached a working leader: {published:?}"
+    );
+    assert_ne!(leader(&client).await, old);
+    // The node stopped with an error (the process exits non-zero, so a
+    // supervisor restarts it) rather than lingering.
+    let task = nodes.tasks[old as usize - 1].take().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), task).await;
+    assert!(
+        matches!(ended, Ok(Ok(Err(StartError::ClusterStopped(_))))),
+        "the node with the failed disk did not stop with an error: {ended:?}"
+    );
     let info = client.describe_topic("t").await.unwrap();
     assert_eq!(info.partitions[0].end, 2, "{info:?}");
     drop(client);

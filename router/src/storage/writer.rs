@@ -431,7 +431,21 @@ impl Writer {
             .into();
             self.failed.send_replace(Some(why));
         }
-        StorageError::Failed(self.failure().map(|m| m.to_string()).unwrap_or(msg))
+        let why = self.failure().map(|m| m.to_string()).unwrap_or(msg);
+        self.failed_error(why)
+    }
+
+    /// The refusal of a request after a failed sync. In a cluster the node
+    /// is stopping and the others take over, so the client may send it
+    /// again there (`NotLeader`); a single router is down until restarted.
+    fn failed_error(&self, why: String) -> StorageError {
+        if self.replicating() {
+            StorageError::NotLeader(format!(
+                "this node's storage failed and it is stopping; another node takes over ({why})"
+            ))
+        } else {
+            StorageError::Failed(why)
+        }
     }
 
     /// Why appends must be refused for lack of space, if they must: the
@@ -607,7 +621,7 @@ impl Writer {
                 }
                 WriteOp::Checkpoint { reply } => {
                     let r = match self.failure() {
-                        Some(m) => Err(StorageError::Failed(m.to_string())),
+                        Some(m) => Err(self.failed_error(m.to_string())),
                         None => self.checkpoint().map_err(|e| self.failed_commit(&e)),
                     };
                     let _ = reply.send(r);
@@ -627,7 +641,7 @@ impl Writer {
         // appends are refused before they touch the database.
         let refuse = self
             .failure()
-            .map(|m| StorageError::Failed(m.to_string()))
+            .map(|m| self.failed_error(m.to_string()))
             .or_else(|| {
                 segment
                     .iter()
@@ -638,7 +652,7 @@ impl Writer {
         let segment = match refuse {
             None => segment,
             Some(e) => {
-                let failed = matches!(e, StorageError::Failed(_));
+                let failed = !matches!(e, StorageError::StorageFull(_));
                 let mut keep = Vec::new();
                 for op in segment {
                     match op {
