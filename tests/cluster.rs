@@ -545,6 +545,11 @@ async fn cluster_status_beside_any_node_names_the_leader() {
                 assert!(leader.is_none() || leader == s["leader"].as_u64());
                 leader = s["leader"].as_u64();
                 assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
+                // Answered by the leader, which hears from a majority.
+                assert!(
+                    s["quorum_ack_ms"].as_u64().is_some_and(|ms| ms < 10_000),
+                    "{s}"
+                );
                 break;
             }
             assert!(Instant::now() < deadline);
@@ -571,6 +576,11 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         .filter(|l| l.starts_with("switchyard_cluster_member{") && l.contains("role=\"follower\""))
         .count();
     assert_eq!(followers, 2);
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("switchyard_cluster_quorum_ack_age_milliseconds ")),
+        "no quorum age in:\n{body}"
+    );
     let replicated = body
         .lines()
         .find_map(|l| l.strip_prefix("switchyard_cluster_replicate_seconds_count "))

@@ -309,6 +309,13 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
+        "last answer from a majority: {} ms ago; snapshot at {}, log purged to {}",
+        dash(&v["quorum_ack_ms"]),
+        dash(&v["snapshot"]),
+        dash(&v["purged"])
+    )?;
+    writeln!(
+        out,
         "{:<6} {:<22} {:<10} {:>12} {:>10}",
         "node", "address", "role", "matched", "behind"
     )?;

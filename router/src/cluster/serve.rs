@@ -336,6 +336,9 @@ fn cluster_status(raft: &super::Raft) -> serde_json::Value {
         "term": m.current_term,
         "last_log": m.last_log_index,
         "committed": m.last_applied.map(|l| l.index),
+        "snapshot": m.snapshot.map(|l| l.index),
+        "purged": m.purged.map(|l| l.index),
+        "quorum_ack_ms": m.millis_since_quorum_ack,
         "nodes": nodes,
     })
 }

@@ -145,6 +145,16 @@ fn cluster_families(enc: &mut DescriptorEncoder, s: &serde_json::Value) -> std::
         MetricType::Gauge,
         [(vec![], gauge(n(&s["leader"])))],
     )?;
+    if let Some(ms) = s["quorum_ack_ms"].as_u64() {
+        family(
+            enc,
+            "switchyard_cluster_quorum_ack_age_milliseconds",
+            "Time since a majority last answered the leader (it stops serving past the step-down time).",
+            None,
+            MetricType::Gauge,
+            [(vec![], gauge(ms as i64))],
+        )?;
+    }
     let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
     let ids: Vec<String> = nodes.iter().map(|m| m["id"].to_string()).collect();
     family(
