@@ -124,6 +124,23 @@ async fn leader(c: &Client) -> NodeId {
     }
 }
 
+/// Publishes `id` to `t`; the node the client is on is failing, so it
+/// must reach the leader the others elect, within 30 s.
+async fn publish_elsewhere(client: &Client, id: &str) {
+    let published = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.publish(
+            "t",
+            Record::new(id.to_string()).with_message_id(id.to_string()),
+        ),
+    )
+    .await;
+    assert!(
+        matches!(published, Ok(Ok(_))),
+        "the publish never reached a working leader: {published:?}"
+    );
+}
+
 /// Creates topic `t` (again if leadership moved under the request).
 async fn create_topic(client: &Client) {
     let created = async {
@@ -159,15 +176,7 @@ async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on(
     let others: Vec<NodeId> = (1..=3).filter(|&id| id != old).collect();
     faults.isolate(old, &others);
     let cut = Instant::now();
-    let published = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.publish("t", Record::new("b").with_message_id("b")),
-    )
-    .await;
-    assert!(
-        matches!(published, Ok(Ok(_))),
-        "the publish never reached the new leader: {published:?}"
-    );
+    publish_elsewhere(&client, "b").await;
     let moved = cut.elapsed();
     let new = leader(&client).await;
     assert_ne!(new, old, "the cut-off node still serves");
@@ -200,15 +209,7 @@ async fn a_leader_whose_disk_fails_stops_with_an_error_and_its_clients_move_on()
         .faults
         .fail_syncs
         .store(true, Relaxed);
-    let published = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.publish("t", Record::new("b").with_message_id("b")),
-    )
-    .await;
-    assert!(
-        matches!(published, Ok(Ok(_))),
-        "the publish never reached a working leader: {published:?}"
-    );
+    publish_elsewhere(&client, "b").await;
     assert_ne!(leader(&client).await, old);
     // The node stopped with an error (the process exits non-zero, so a
     // supervisor restarts it) rather than lingering.

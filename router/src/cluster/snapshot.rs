@@ -131,13 +131,6 @@ mod tests {
     use super::*;
     use crate::storage::tables::LOG;
 
-    fn dump(db: &Database) -> Vec<u8> {
-        let mut redo = Redo::new();
-        redo.start(true);
-        journal::dump(&db.begin_read().unwrap(), &mut redo).unwrap();
-        redo.payload().to_vec()
-    }
-
     /// Tables several frames large come back whole, byte for byte.
     #[test]
     fn a_snapshot_of_many_frames_replays_into_the_same_tables() {
@@ -161,7 +154,10 @@ mod tests {
         let txn = target.begin_write().unwrap();
         file.replay_into(&txn).unwrap();
         txn.commit().unwrap();
-        assert!(dump(&source) == dump(&target), "the replayed tables differ");
+        assert!(
+            journal::dump_db(&source) == journal::dump_db(&target),
+            "the replayed tables differ"
+        );
 
         // A file cut short is an error, not a partial install.
         let cut = SnapshotFile {

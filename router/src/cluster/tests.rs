@@ -381,6 +381,22 @@ async fn a_node_added_and_one_removed_while_writes_go_on_lose_nothing() {
     g.stop().await;
 }
 
+/// A seed from `name` in the environment (to replay a run), else from
+/// the clock; printed either way.
+fn seed(name: &str) -> u64 {
+    let seed = std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} ({name})");
+    seed
+}
+
 /// Every RPC's fate drawn at random (seeded, so a failure can be replayed
 /// with `SWITCHYARD_CHAOS_SEED`), counting what it did.
 struct Chaos {
@@ -458,17 +474,7 @@ async fn write_somewhere(g: &Group, offset: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_lost_duplicated_and_delayed_messages_lose_no_acknowledged_write() {
-    let seed = std::env::var("SWITCHYARD_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("chaos seed {seed} (SWITCHYARD_CHAOS_SEED)");
-    let chaos = Arc::new(Chaos::new(seed));
+    let chaos = Arc::new(Chaos::new(seed("SWITCHYARD_CHAOS_SEED")));
     let g = Group::start_with(timing(), chaos.clone()).await;
     // 400 records, 8 at a time, while a fifth of all RPCs are dropped or
     // lose their answer, some are sent twice and some are late.
@@ -511,20 +517,6 @@ async fn dropped_lost_duplicated_and_delayed_messages_lose_no_acknowledged_write
         assert_eq!(g.offsets(id), (0..=400).collect::<Vec<u64>>(), "node {id}");
     }
     g.stop().await;
-}
-
-fn seed(name: &str) -> u64 {
-    let seed = std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("seed {seed} ({name})");
-    seed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

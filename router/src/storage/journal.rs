@@ -529,6 +529,17 @@ pub(crate) fn dump(txn: &redb::ReadTransaction, redo: &mut Redo) -> Result<(), S
     dump_chunked(txn, redo, usize::MAX, &mut |_| Ok(()))
 }
 
+/// Every replicated row of `db`, as a redo's payload: equal for two
+/// databases with equal tables.
+#[cfg(test)]
+pub(crate) fn dump_db(db: &redb::Database) -> Vec<u8> {
+    use redb::ReadableDatabase;
+    let mut redo = Redo::new();
+    redo.start(true);
+    dump(&db.begin_read().unwrap(), &mut redo).unwrap();
+    redo.payload().to_vec()
+}
+
 /// Like [`dump`], handing `sink` the redo whenever it holds `chunk` bytes
 /// or more (whole rows: each piece replays on its own) and starting it
 /// afresh; what is left at the end stays in `redo`. A dump of any size

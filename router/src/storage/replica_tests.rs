@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
-use super::journal::{self, Redo};
+use super::journal;
 use super::tables::{INBOX, KEY_INDEX, PARTITIONS};
 use super::{AppendRecord, Fanout, Replicator, Storage, StorageConfig, StorageError, key_hash};
 use crate::protocol::Record;
@@ -31,13 +31,6 @@ impl Replicator for Capture {
             self.log.lock().unwrap().push(redo);
         }
     }
-}
-
-fn dump(db: &Database) -> Vec<u8> {
-    let mut redo = Redo::new();
-    redo.start(true);
-    journal::dump(&db.begin_read().unwrap(), &mut redo).unwrap();
-    redo.payload().to_vec()
 }
 
 #[test]
@@ -114,7 +107,7 @@ fn replaying_every_replicated_commit_gives_the_leaders_tables() {
         journal::replay(&txn, redo).unwrap();
         txn.commit().unwrap();
     }
-    let (leader, replica) = (dump(&db), dump(&mirror));
+    let (leader, replica) = (journal::dump_db(&db), journal::dump_db(&mirror));
     assert!(
         leader == replica,
         "a replica's tables differ from its leader's"
