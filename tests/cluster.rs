@@ -1,7 +1,8 @@
 //! A three-node cluster of real `switchyard serve` processes on loopback:
-//! kill -9 the leader again and again under a pipelined producer, an
-//! acking queue consumer and a stream reader, then check the history the
-//! clients saw against what every replica holds.
+//! kill -9 the leader again and again (every fourth time a SIGTERM, as in a
+//! rolling restart) under a pipelined producer, an acking queue consumer
+//! and a stream reader, then check the history the clients saw against
+//! what every replica holds.
 //!
 //! `SWITCHYARD_CLUSTER_KILLS=N` sets the number of kills (20 by default).
 
@@ -174,6 +175,25 @@ impl Cluster {
         let mut child = self.nodes[id as usize - 1].child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Stops node `id` as an operator's rolling restart does (SIGTERM)
+    /// and checks that it exits cleanly within 20 s.
+    fn terminate(&mut self, id: u64) {
+        let mut child = self.nodes[id as usize - 1].child.take().unwrap();
+        sigterm(&child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "node {id} stopped with {status}");
     }
 
     /// Stops every node gracefully, `last` last: once the others are
@@ -396,7 +416,7 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
         })
     };
 
-    let mut failovers = Vec::new();
+    let (mut failovers, mut stopped) = (Vec::new(), Vec::new());
     let wait_for_acks = |n: usize| {
         let acked = acked.clone();
         async move {
@@ -413,16 +433,28 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
         let before = acked.load(Ordering::Relaxed);
         wait_for_acks(before + 50).await;
         let from = acked.load(Ordering::Relaxed);
-        cluster.kill(leader);
+        // Every fourth time the leader is stopped as in a rolling restart
+        // instead: it must hand over cleanly under the same load.
+        let graceful = k % 4 == 3;
         let killed = Instant::now();
+        if graceful {
+            cluster.terminate(leader);
+        } else {
+            cluster.kill(leader);
+        }
         // Writes resume once a new leader serves and clients found it.
         wait_for_acks(from + PER_BATCH * 8 + 1).await;
-        failovers.push(killed.elapsed());
+        let took = killed.elapsed();
+        if graceful {
+            stopped.push(took);
+        } else {
+            failovers.push(took);
+        }
         cluster.up(leader);
         eprintln!(
-            "kill {}: node {leader}, writes again after {:?}",
+            "{} {}: node {leader}, writes again after {took:?}",
+            if graceful { "stop" } else { "kill" },
             k + 1,
-            killed.elapsed()
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -513,6 +545,13 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
     }
 
     failovers.sort();
+    stopped.sort();
+    if let (Some(first), Some(last)) = (stopped.first(), stopped.last()) {
+        eprintln!(
+            "{} graceful stops of the leader: writes resumed after {first:?} to {last:?}",
+            stopped.len()
+        );
+    }
     eprintln!(
         "{} kills, {total} records acknowledged, {redeliveries} queue redeliveries; \
          writes resumed after p50 {:?}, max {:?}",
