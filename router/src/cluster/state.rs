@@ -191,10 +191,12 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Durable first: the log before this snapshot may be purged once
-        // it exists, and a crash must not take the tables back past it.
-        self.checkpoint()?;
+        // The log before this snapshot may be purged once it exists, so a
+        // crash must not take the tables back past its position: the read
+        // transaction first, then a durable commit, which makes every
+        // commit before it durable, those this snapshot sees included.
         let txn = self.db.begin_read().map_err(read_error)?;
+        self.checkpoint()?;
         let (applied, membership) = applied_in(&txn)?;
         let this = self.clone();
         let file = tokio::task::spawn_blocking(move || this.snapshots.write(&txn))

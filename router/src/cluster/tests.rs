@@ -527,8 +527,17 @@ async fn a_power_cut_on_every_node_loses_no_acknowledged_write() {
 
     let seed = seed("SWITCHYARD_POWER_SEED");
     let disks = (1..=3).map(|id| (id, SimDisk::new())).collect();
-    let mut g = Group::start_on(timing(), Arc::new(Partitions::default()), disks).await;
+    // Snapshots and log purges all the time, so that cuts also fall
+    // around them.
+    let timing = Timing {
+        snapshot_every: 50,
+        snapshot_log_bytes: 0,
+        keep_logs: 0,
+        ..timing()
+    };
+    let mut g = Group::start_on(timing, Arc::new(Partitions::default()), disks).await;
     let mut survived: BTreeSet<u64> = BTreeSet::new();
+    let mut purges = 0;
     let next = AtomicU64::new(0);
     for round in 0..3u64 {
         let leader = g.leader(&[1, 2, 3]).await;
@@ -547,6 +556,7 @@ async fn a_power_cut_on_every_node_loses_no_acknowledged_write() {
         }));
         let cut = async {
             tokio::time::sleep(Duration::from_millis(150 + 100 * round)).await;
+            let purged = g.nodes[&leader].raft().metrics().borrow().purged;
             let before = acked.lock().unwrap().clone();
             let images: BTreeMap<NodeId, Arc<SimDisk>> = g
                 .disks
@@ -554,9 +564,10 @@ async fn a_power_cut_on_every_node_loses_no_acknowledged_write() {
                 .map(|(id, d)| (*id, d.crash(seed ^ (round << 8) ^ id)))
                 .collect();
             stop.store(true, Relaxed);
-            (before, images)
+            (before, images, purged)
         };
-        let (_, (before, images)) = tokio::join!(writers, cut);
+        let (_, (before, images, purged)) = tokio::join!(writers, cut);
+        purges += u64::from(purged.is_some());
         assert!(
             !before.is_empty(),
             "nothing was acknowledged before the cut"
@@ -587,8 +598,10 @@ async fn a_power_cut_on_every_node_loses_no_acknowledged_write() {
             &lost[..lost.len().min(10)]
         );
     }
+    assert!(purges > 0, "no cut came after a snapshot and a purge");
     eprintln!(
-        "{} writes acknowledged before the cuts, all kept; {} held after them",
+        "{} writes acknowledged before the cuts, all kept; {} held after them; \
+         {purges} of 3 cuts after a purge",
         survived.len(),
         g.offsets(1).len()
     );
