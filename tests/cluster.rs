@@ -4,7 +4,9 @@
 //! and a stream reader, then check the history the clients saw against
 //! what every replica holds.
 //!
-//! `SWITCHYARD_CLUSTER_KILLS=N` sets the number of kills (20 by default).
+//! `SWITCHYARD_CLUSTER_KILLS=N` sets the number of kills (20 by default);
+//! `SWITCHYARD_NODE_LOG` the nodes' log filter (their logs are `node.log`
+//! in each data directory, kept with `SWITCHYARD_KEEP_CLUSTER`).
 
 mod common;
 
@@ -159,7 +161,11 @@ impl Cluster {
             cmd.args(["--node-id", &id.to_string(), "--cluster", &list]);
         }
         let mut child = cmd
-            .env("RUST_LOG", "warn,switchyard::cluster=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SWITCHYARD_NODE_LOG")
+                    .unwrap_or_else(|_| "warn,switchyard::cluster=info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -567,6 +567,9 @@ pub async fn run(
     Ok(())
 }
 
+/// How long a stopping router waits for its closed connections to drain.
+const ENDPOINT_DRAIN: Duration = Duration::from_secs(2);
+
 /// Completes the handshake so the client gets a reason it can show, not a
 /// bare refusal, then closes.
 async fn refuse_politely(incoming: quinn::Incoming, why: String) {
@@ -650,12 +653,23 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     // progress are interrupted rather than waited out.
     shared.broker.plugins().stop_calls();
     endpoint.set_server_config(None);
+    tracing::debug!(connections = connections.len(), "draining connections");
     while connections.join_next().await.is_some() {}
     retention.abort();
     checkpoints.abort();
+    tracing::debug!("connections drained; stopping storage");
     storage.shutdown().await;
+    tracing::debug!("storage stopped; closing the endpoint");
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
-    endpoint.wait_idle().await;
+    // Every connection has been told; waiting for them to drain is a
+    // courtesy. A connection caught in its handshake by the close can
+    // linger until its idle timeout, and a stopping router must not.
+    if tokio::time::timeout(ENDPOINT_DRAIN, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::debug!("connections still draining; stopping anyway");
+    }
     tracing::info!("router stopped");
 }
 
