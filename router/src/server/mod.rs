@@ -662,8 +662,9 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     tracing::debug!("storage stopped; closing the endpoint");
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     // Every connection has been told; waiting for them to drain is a
-    // courtesy. A connection caught in its handshake by the close can
-    // linger until its idle timeout, and a stopping router must not.
+    // courtesy. Under clients that reconnect at once (a cluster leader
+    // stopping under load) one sometimes never finished draining, and the
+    // router hung on SIGTERM; a stopping router must not.
     if tokio::time::timeout(ENDPOINT_DRAIN, endpoint.wait_idle())
         .await
         .is_err()
