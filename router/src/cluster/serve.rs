@@ -159,9 +159,9 @@ pub async fn run(
             }
         };
         tracing::info!(node = cfg.node_id, term, "leading: serving clients");
-        let (stop, fatal) = tokio::select! {
-            () = &mut shutdown => (true, None),
-            () = until_not_leader(&node, term) => (false, None),
+        let ending = tokio::select! {
+            () = &mut shutdown => Ending::Shutdown,
+            () = until_not_leader(&node, term) => Ending::Handover,
             () = quorum_lost(&node, cfg.timing.step_down) => {
                 tracing::warn!(
                     node = cfg.node_id,
@@ -171,15 +171,15 @@ pub async fn run(
                      commits that wait (they were not acknowledged)"
                 );
                 handoff.abandon("this node lost contact with a majority of the cluster");
-                (false, None)
+                Ending::Handover
             }
-            why = raft_stopped(&node) => (true, Some(why)),
+            why = raft_stopped(&node) => Ending::Fatal(why),
             // A failed sync of the tables (a checkpoint): as on a single
             // router, nothing more may be acknowledged; a restart recovers
             // from the Raft log.
-            why = router.storage_failed() => (true, Some(format!("storage failed: {why}"))),
+            why = router.storage_failed() => Ending::Fatal(format!("storage failed: {why}")),
         };
-        if !stop {
+        if let Ending::Handover = ending {
             tracing::info!(
                 node = cfg.node_id,
                 "no longer serving as leader: handing clients over"
@@ -203,15 +203,24 @@ pub async fn run(
             stopping.await;
         }
         handoff.set_serving(false);
-        if let Some(why) = fatal {
-            return Err(stopped(node, why).await);
-        }
-        if stop {
-            break;
+        match ending {
+            Ending::Handover => {}
+            Ending::Shutdown => break,
+            Ending::Fatal(why) => return Err(stopped(node, why).await),
         }
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Why a node stops serving as leader.
+enum Ending {
+    /// The process is stopping.
+    Shutdown,
+    /// Leadership moved, or this node is cut off: it follows again.
+    Handover,
+    /// Its Raft or its storage failed: the process exits.
+    Fatal(String),
 }
 
 /// Waits until this leader has had no answer from a majority for

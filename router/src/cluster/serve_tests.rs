@@ -97,6 +97,19 @@ impl Nodes {
         Client::connect(cfg).await.unwrap()
     }
 
+    /// A client of the cluster once it serves: topic `t` exists and holds
+    /// record `a`; and the leader's id.
+    async fn serving(&self) -> (Client, NodeId) {
+        let client = self.client().await;
+        create_topic(&client).await;
+        client
+            .publish("t", Record::new("a").with_message_id("a"))
+            .await
+            .unwrap();
+        let leader = leader(&client).await;
+        (client, leader)
+    }
+
     async fn stop(self) {
         for s in self.stops {
             let _ = s.send(());
@@ -161,13 +174,7 @@ async fn create_topic(client: &Client) {
 async fn a_leader_cut_off_from_the_others_stops_serving_and_its_clients_move_on() {
     let faults = Arc::new(Partitions::default());
     let nodes = Nodes::start(faults.clone());
-    let client = nodes.client().await;
-    create_topic(&client).await;
-    client
-        .publish("t", Record::new("a").with_message_id("a"))
-        .await
-        .unwrap();
-    let old = leader(&client).await;
+    let (client, old) = nodes.serving().await;
 
     // The leader loses its links to the other nodes, not to the client.
     // The client's next publish must not wait on it forever: the leader
@@ -196,13 +203,7 @@ async fn a_leader_whose_disk_fails_stops_with_an_error_and_its_clients_move_on()
 
     let disks: Vec<Arc<SimDisk>> = (0..3).map(|_| SimDisk::new()).collect();
     let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), Some(disks.clone()));
-    let client = nodes.client().await;
-    create_topic(&client).await;
-    client
-        .publish("t", Record::new("a").with_message_id("a"))
-        .await
-        .unwrap();
-    let old = leader(&client).await;
+    let (client, old) = nodes.serving().await;
 
     // Every sync on the leader's disk fails from now on.
     disks[old as usize - 1]

@@ -186,8 +186,18 @@ impl Group {
         }
     }
 
+    /// Every running node's tables equal byte for byte, holding exactly
+    /// the records `offsets` of topic 1 partition 0.
+    fn assert_every_node_holds(&self, offsets: std::ops::Range<u64>) {
+        self.assert_replicas_equal();
+        let want: Vec<u64> = offsets.collect();
+        for id in self.nodes.keys() {
+            assert_eq!(self.offsets(*id), want, "node {id}");
+        }
+    }
+
     /// Every running node's tables, byte for byte.
-    fn assert_replicas_equal(&self) -> bytes::Bytes {
+    fn assert_replicas_equal(&self) {
         let dumps: Vec<(NodeId, bytes::Bytes)> = self
             .nodes
             .iter()
@@ -200,7 +210,6 @@ impl Group {
                 dumps[0].0
             );
         }
-        dumps[0].1.clone()
     }
 
     /// The offsets of topic 1 partition 0 stored on `id`.
@@ -267,10 +276,7 @@ async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_l
     // The old leader comes back from its files and catches up.
     g.up(first, false).await;
     g.converge(second).await;
-    g.assert_replicas_equal();
-    for id in 1..=3 {
-        assert_eq!(g.offsets(id), (0..300).collect::<Vec<u64>>(), "node {id}");
-    }
+    g.assert_every_node_holds(0..300);
     g.stop().await;
 }
 
@@ -303,10 +309,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healin
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     g.converge(new).await;
-    g.assert_replicas_equal();
-    for id in 1..=3 {
-        assert_eq!(g.offsets(id), (0..80).collect::<Vec<u64>>(), "node {id}");
-    }
+    g.assert_every_node_holds(0..80);
     g.stop().await;
 }
 
@@ -339,8 +342,7 @@ async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
     }
     g.up(away, false).await;
     g.converge(leader).await;
-    g.assert_replicas_equal();
-    assert_eq!(g.offsets(away), (0..200).collect::<Vec<u64>>());
+    g.assert_every_node_holds(0..200);
     let snap = g.nodes[&away].raft().metrics().borrow().snapshot;
     assert!(snap.is_some(), "the node caught up without a snapshot");
     g.stop().await;
@@ -376,8 +378,7 @@ async fn a_node_added_and_one_removed_while_writes_go_on_lose_nothing() {
     g.down(gone).await;
     write_range(&g.nodes[&leader], 200..300).await;
     g.converge(leader).await;
-    g.assert_replicas_equal();
-    assert_eq!(g.offsets(4), (0..300).collect::<Vec<u64>>());
+    g.assert_every_node_holds(0..300);
     g.stop().await;
 }
 
@@ -512,10 +513,7 @@ async fn dropped_lost_duplicated_and_delayed_messages_lose_no_acknowledged_write
     // earlier terms, so every node converges on one log.
     write_somewhere(&g, 400).await;
     g.converge(leader).await;
-    g.assert_replicas_equal();
-    for id in 1..=3 {
-        assert_eq!(g.offsets(id), (0..=400).collect::<Vec<u64>>(), "node {id}");
-    }
+    g.assert_every_node_holds(0..401);
     g.stop().await;
 }
 
@@ -648,10 +646,7 @@ async fn a_leader_whose_syncs_fail_stops_and_the_others_go_on() {
     g.up(bad, false).await;
     write_somewhere(&g, 300).await;
     g.converge(leader).await;
-    g.assert_replicas_equal();
-    for id in 1..=3 {
-        assert_eq!(g.offsets(id), (0..=300).collect::<Vec<u64>>(), "node {id}");
-    }
+    g.assert_every_node_holds(0..301);
     g.stop().await;
 }
 

@@ -414,7 +414,7 @@ mod tests {
 
     use crate::protocol::Record;
     use crate::storage::tables::{INBOX, KEY_INDEX};
-    use crate::storage::{AppendRecord, Fanout, key_hash, with_test_storage};
+    use crate::storage::{fanned_out, with_test_storage};
 
     /// Retention removes the fan-out references (key index and inbox
     /// entries) to the records it deletes, and keeps those to records it
@@ -429,23 +429,7 @@ mod tests {
             // Two rounds: the second checks a finished sweep does not stop
             // later ones.
             for round in 0..2u64 {
-                let records = (0..400usize)
-                    .map(|i| {
-                        let k = &keys[i % keys.len()];
-                        let fanout = if i % 3 == 0 {
-                            Fanout::OnWrite
-                        } else {
-                            Fanout::OnRead
-                        };
-                        AppendRecord {
-                            topic_id: topic.meta.id,
-                            partition: (i % 2) as u32,
-                            record: Record::new(vec![b'x'; 90]).with_key(k.clone()).to_raw(),
-                            dedup: None,
-                            fanout: Some((key_hash(k), fanout)),
-                        }
-                    })
-                    .collect();
+                let records = fanned_out(topic.meta.id, &keys, 400, |_| None);
                 let t = storage.append_many(records, Vec::new()).await.unwrap();
                 t.await.unwrap().unwrap();
                 assert!(storage.enforce_retention().await.unwrap() > 300);

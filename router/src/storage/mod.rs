@@ -1476,6 +1476,37 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `count` records of 90 bytes for topic `topic_id`'s two partitions, keyed
+/// in turn by `keys` and fanned out to a feed, one in three on write and
+/// the others on read; `id` gives each its message id (or none).
+#[cfg(test)]
+pub(crate) fn fanned_out(
+    topic_id: u32,
+    keys: &[Vec<u8>],
+    count: usize,
+    id: impl Fn(usize) -> Option<bytes::Bytes>,
+) -> Vec<AppendRecord> {
+    (0..count)
+        .map(|i| {
+            let k = &keys[i % keys.len()];
+            let fanout = if i % 3 == 0 {
+                Fanout::OnWrite
+            } else {
+                Fanout::OnRead
+            };
+            AppendRecord {
+                topic_id,
+                partition: (i % 2) as u32,
+                record: crate::protocol::Record::new(vec![b'x'; 90])
+                    .with_key(k.clone())
+                    .to_raw(),
+                dedup: id(i),
+                fanout: Some((key_hash(k), fanout)),
+            }
+        })
+        .collect()
+}
+
 /// Runs `f` on a fresh store in a temporary directory, on a single-threaded
 /// runtime: the setup every storage unit test shares.
 #[cfg(test)]

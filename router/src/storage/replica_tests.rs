@@ -9,7 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::journal;
 use super::tables::{INBOX, KEY_INDEX, PARTITIONS};
-use super::{AppendRecord, Fanout, Replicator, Storage, StorageConfig, StorageError, key_hash};
+use super::{Replicator, Storage, StorageConfig, StorageError, fanned_out};
 use crate::protocol::Record;
 
 /// Keeps the redo of every commit that committed, in order.
@@ -57,23 +57,9 @@ fn replaying_every_replicated_commit_gives_the_leaders_tables() {
         let keys: Vec<Vec<u8>> = (0..10).map(|k| format!("k{k}").into_bytes()).collect();
         storage.follow(&topic, "f", keys.clone()).await.unwrap();
         for round in 0..2usize {
-            let records = (0..300usize)
-                .map(|i| {
-                    let k = &keys[i % keys.len()];
-                    let fanout = if i % 3 == 0 {
-                        Fanout::OnWrite
-                    } else {
-                        Fanout::OnRead
-                    };
-                    AppendRecord {
-                        topic_id: topic.meta.id,
-                        partition: (i % 2) as u32,
-                        record: Record::new(vec![b'x'; 90]).with_key(k.clone()).to_raw(),
-                        dedup: Some(format!("id-{round}-{i}").into_bytes().into()),
-                        fanout: Some((key_hash(k), fanout)),
-                    }
-                })
-                .collect();
+            let records = fanned_out(topic.meta.id, &keys, 300, |i| {
+                Some(format!("id-{round}-{i}").into_bytes().into())
+            });
             let t = storage.append_many(records, Vec::new()).await.unwrap();
             t.await.unwrap().unwrap();
             assert!(storage.enforce_retention().await.unwrap() > 200);
