@@ -54,6 +54,10 @@ pub enum Request {
         /// The snapshot file's length.
         len: u64,
     },
+    /// Start an election now (Raft's TimeoutNow): sent by a leader that is
+    /// stopping, once this node holds its whole log, so that leadership
+    /// moves in one round trip instead of after an election timeout.
+    TimeoutNow,
 }
 
 /// The answer to a [`Request`].
@@ -65,6 +69,8 @@ pub enum Response {
     Vote(VoteResponse<NodeId>),
     /// Answer to [`Request::Snapshot`].
     Snapshot(SnapshotResponse<NodeId>),
+    /// Answer to [`Request::TimeoutNow`]: the election has started.
+    TimeoutNow,
     /// The receiving node could not handle it (it is shutting down).
     Failed(String),
 }
@@ -261,6 +267,13 @@ async fn handle(
             .vote(rpc)
             .await
             .map_or_else(|e| Response::Failed(e.to_string()), Response::Vote),
+        Request::TimeoutNow => {
+            tracing::info!("asked by the stopping leader to stand for election");
+            raft.trigger()
+                .elect()
+                .await
+                .map_or_else(|e| Response::Failed(e.to_string()), |()| Response::TimeoutNow)
+        }
         Request::Snapshot { vote, meta, len } => {
             match receive_file(&mut recv, &snapshots, len).await {
                 Err(e) => Response::Failed(format!("receiving a snapshot: {e}")),
@@ -290,6 +303,7 @@ async fn handle(
 }
 
 /// Makes a [`PeerClient`] for each peer openraft replicates to.
+#[derive(Clone)]
 pub struct Network {
     me: NodeId,
     endpoint: quinn::Endpoint,
@@ -312,21 +326,26 @@ impl Network {
             faults,
         }
     }
+
+    /// A client of node `target`, whose Raft address is `addr`.
+    pub fn peer(&self, target: NodeId, addr: &str) -> PeerClient {
+        PeerClient {
+            me: self.me,
+            target,
+            addr: addr.parse().ok(),
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            faults: self.faults.clone(),
+            conn: None,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient {
-            me: self.me,
-            target,
-            addr: node.addr.parse().ok(),
-            endpoint: self.endpoint.clone(),
-            client: self.client.clone(),
-            faults: self.faults.clone(),
-            conn: None,
-        }
+        self.peer(target, &node.addr)
     }
 }
 
@@ -427,6 +446,19 @@ impl PeerClient {
                 "node {} did not answer within {ttl:?}",
                 self.target
             ))),
+        }
+    }
+}
+
+impl PeerClient {
+    /// Asks the peer to start an election at once ([`Request::TimeoutNow`]).
+    pub async fn timeout_now(&mut self, ttl: Duration) -> Result<(), String> {
+        match self.call(Request::TimeoutNow, None, ttl).await {
+            Ok(Response::TimeoutNow) => Ok(()),
+            Ok(other) => Err(match mismatch(other) {
+                Failure::Network(m) | Failure::Unreachable(m) => m,
+            }),
+            Err(Failure::Network(m) | Failure::Unreachable(m)) => Err(m),
         }
     }
 }

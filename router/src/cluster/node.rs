@@ -153,8 +153,14 @@ pub struct ClusterNode {
     raft: Raft,
     state: StateMachine,
     endpoint: quinn::Endpoint,
+    /// For RPCs of our own beside openraft's ([`ClusterNode::hand_over`]).
+    network: Network,
+    timing: Timing,
+    /// When this node last became leader, and of which term.
+    leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
     server: tokio::task::JoinHandle<()>,
     trigger: tokio::task::JoinHandle<()>,
+    tracker: tokio::task::JoinHandle<()>,
 }
 
 impl ClusterNode {
@@ -196,7 +202,7 @@ impl ClusterNode {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            network,
+            network.clone(),
             log,
             state.clone(),
         )
@@ -226,13 +232,19 @@ impl ClusterNode {
             state.clone(),
             config.timing.clone(),
         ));
+        let leading_since = Arc::default();
+        let tracker = tokio::spawn(track_leadership(raft.clone(), Arc::clone(&leading_since)));
         Ok(ClusterNode {
             id: config.id,
             raft,
             state,
             endpoint,
+            network,
+            timing: config.timing.clone(),
+            leading_since,
             server,
             trigger,
+            tracker,
         })
     }
 
@@ -306,14 +318,111 @@ impl ClusterNode {
             .collect()
     }
 
+    /// Hands leadership over before this leader stops (a rolling restart):
+    /// waits until a voter holds the whole log, then asks it to stand for
+    /// election at once (Raft's TimeoutNow). This leader grants it its vote
+    /// (it is not bound by a leader lease of its own), so in a group of
+    /// three the new leader is elected in one round trip, where the others
+    /// would otherwise wait out the leader lease and an election timeout
+    /// (1.5-2 s with the default timing). Call it once nothing more is
+    /// written through this node. Returns the new leader, or `None` when
+    /// this node does not lead or no voter took over within the timing's
+    /// election timeout (the others then elect one as after a crash).
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        let limit = self.timing.election.1 * 2;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut metrics = self.raft.metrics();
+        // A voter whose log matches this leader's last entry.
+        let (target, addr) = loop {
+            let found = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return None;
+                }
+                let last = m.last_log_index;
+                let membership = m.membership_config.membership();
+                let voters: Vec<NodeId> = membership.voter_ids().filter(|&v| v != self.id).collect();
+                m.replication.as_ref().and_then(|r| {
+                    voters
+                        .iter()
+                        .filter(|v| r.get(v).and_then(|l| l.map(|l| l.index)) == last)
+                        .find_map(|&v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
+                })
+            };
+            if let Some(f) = found {
+                break f;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                tracing::info!("no follower caught up in time to take over");
+                return None;
+            }
+        };
+        // A leader grants a vote only once its own lease has run out since
+        // it was elected (the lease is the election timeout's maximum):
+        // a leader elected a moment ago waits for that first.
+        let since = self.leading_since.lock().expect("leadership lock").map(|(_, t)| t);
+        if let Some(since) = since {
+            let ready = since + self.timing.election.1 + Duration::from_millis(50);
+            tokio::time::sleep_until(ready.min(deadline)).await;
+        }
+        let mut peer = self.network.peer(target, &addr);
+        if let Err(e) = peer.timeout_now(self.timing.election.1).await {
+            tracing::info!(to = target, error = %e, "could not hand leadership over");
+            return None;
+        }
+        let moved = tokio::time::timeout_at(
+            deadline,
+            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id)),
+        )
+        .await;
+        match moved {
+            Ok(Ok(m)) => {
+                let to = m.current_leader;
+                tracing::info!(to = ?to, "leadership handed over");
+                to
+            }
+            _ => {
+                tracing::info!(to = target, "the handover did not complete in time");
+                None
+            }
+        }
+    }
+
     /// Stops the node: Raft, then its endpoint. Its files stay for a
     /// restart.
     pub async fn shutdown(self) {
         self.trigger.abort();
+        self.tracker.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"node stopping");
         self.server.abort();
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Notes when this node becomes leader of a new term (see
+/// [`ClusterNode::hand_over`]).
+async fn track_leadership(
+    raft: Raft,
+    slot: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            let mut s = slot.lock().expect("leadership lock");
+            if m.state != ServerState::Leader {
+                *s = None;
+            } else if s.is_none_or(|(term, _)| term != m.current_term) {
+                *s = Some((m.current_term, tokio::time::Instant::now()));
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -205,13 +205,42 @@ pub async fn run(
         handoff.set_serving(false);
         match ending {
             Ending::Handover => {}
-            Ending::Shutdown => break,
+            Ending::Shutdown => {
+                hand_over(&cfg, &node).await;
+                break;
+            }
             Ending::Fatal(why) => return Err(stopped(node, why).await),
         }
     }
     node.shutdown().await;
     Ok(())
 }
+
+/// A stopping leader's last act: leadership moves to a follower that holds
+/// the whole log ([`ClusterNode::hand_over`]) in one round trip, while this
+/// node's client address redirects the clients its router just closed, so
+/// that they reach the new leader without waiting out an election.
+async fn hand_over(cfg: &ClusterServe, node: &ClusterNode) {
+    let redirect = match Redirect::start(cfg, node).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::debug!(error = %e, "no redirect during the handover");
+            None
+        }
+    };
+    if let Some(to) = node.hand_over().await {
+        tracing::info!(node = cfg.node_id, to, "stopping: leadership handed over");
+        // Clients closed by the router a moment ago come back here first.
+        tokio::time::sleep(HANDOVER_LINGER).await;
+    }
+    if let Some(r) = redirect {
+        r.stop().await;
+    }
+}
+
+/// How long a stopping leader goes on redirecting clients after it handed
+/// leadership over: about two of a reconnecting client's first backoffs.
+const HANDOVER_LINGER: Duration = Duration::from_millis(300);
 
 /// Why a node stops serving as leader.
 enum Ending {

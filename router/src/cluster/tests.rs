@@ -281,6 +281,34 @@ async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_in_one_round_trip() {
+    let mut g = Group::start(timing()).await;
+    let first = g.leader(&[1, 2, 3]).await;
+    write_range(&g.nodes[&first], 0..100).await;
+    // No node starts an election on its own from here on: the leadership
+    // can only move by the handover.
+    for n in g.nodes.values() {
+        n.raft().runtime_config().elect(false);
+    }
+    let to = g.nodes[&first]
+        .hand_over()
+        .await
+        .expect("the leader handed over");
+    assert_ne!(to, first);
+    g.down(first).await;
+    let rest: Vec<NodeId> = g.nodes.keys().copied().collect();
+    assert_eq!(g.leader(&rest).await, to);
+    write_range(&g.nodes[&to], 100..200).await;
+    // A follower does not hand over.
+    let other = *rest.iter().find(|&&id| id != to).unwrap();
+    assert_eq!(g.nodes[&other].hand_over().await, None);
+    g.up(first, false).await;
+    g.converge(to).await;
+    g.assert_every_node_holds(0..200);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healing() {
     let g = Group::start(timing()).await;
     let old = g.leader(&[1, 2, 3]).await;
