@@ -269,10 +269,10 @@ async fn handle(
             .map_or_else(|e| Response::Failed(e.to_string()), Response::Vote),
         Request::TimeoutNow => {
             tracing::info!("asked by the stopping leader to stand for election");
-            raft.trigger()
-                .elect()
-                .await
-                .map_or_else(|e| Response::Failed(e.to_string()), |()| Response::TimeoutNow)
+            raft.trigger().elect().await.map_or_else(
+                |e| Response::Failed(e.to_string()),
+                |()| Response::TimeoutNow,
+            )
         }
         Request::Snapshot { vote, meta, len } => {
             match receive_file(&mut recv, &snapshots, len).await {

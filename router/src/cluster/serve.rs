@@ -107,15 +107,22 @@ pub async fn run(
     tracing::info!(node = cfg.node_id, members = ?cfg.members, "cluster node started");
     tokio::pin!(shutdown);
     let mut incarnation = crate::storage::now_ms() << 8;
+    let clients =
+        quinn::Endpoint::server(Redirect::config(&cfg)?, cfg.router.listen).map_err(|source| {
+            StartError::Bind {
+                addr: cfg.router.listen,
+                source,
+            }
+        })?;
     loop {
         // Following: point clients at the leader until this node leads.
-        let redirect = Redirect::start(&cfg, &node).await?;
+        let redirect = Redirect::start(&cfg, &node, &clients)?;
         let ready = tokio::select! {
             () = &mut shutdown => Ok(false),
             () = until_ready_leader(&node) => Ok(true),
             why = raft_stopped(&node) => Err(why),
         };
-        redirect.stop().await;
+        redirect.stop();
         match ready {
             Ok(true) => {}
             Ok(false) => break,
@@ -140,22 +147,14 @@ pub async fn run(
             control: Arc::new(Control {
                 raft: node.raft().clone(),
             }),
+            endpoint: clients.clone(),
         });
-        // The client address was released by the redirect just now; the
-        // kernel may take a moment to let it go.
-        let mut tries = 0;
-        let router = loop {
-            match Router::start(rc.clone()).await {
-                Ok(r) => break r,
-                Err(StartError::Bind { .. }) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => {
-                    handoff.set_serving(false);
-                    node.shutdown().await;
-                    return Err(e);
-                }
+        let router = match Router::start(rc).await {
+            Ok(r) => r,
+            Err(e) => {
+                handoff.set_serving(false);
+                node.shutdown().await;
+                return Err(e);
             }
         };
         tracing::info!(node = cfg.node_id, term, "leading: serving clients");
@@ -206,12 +205,14 @@ pub async fn run(
         match ending {
             Ending::Handover => {}
             Ending::Shutdown => {
-                hand_over(&cfg, &node).await;
+                hand_over(&cfg, &node, &clients).await;
                 break;
             }
             Ending::Fatal(why) => return Err(stopped(node, why).await),
         }
     }
+    clients.close(close::NOT_LEADER.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(1), clients.wait_idle()).await;
     node.shutdown().await;
     Ok(())
 }
@@ -220,8 +221,8 @@ pub async fn run(
 /// the whole log ([`ClusterNode::hand_over`]) in one round trip, while this
 /// node's client address redirects the clients its router just closed, so
 /// that they reach the new leader without waiting out an election.
-async fn hand_over(cfg: &ClusterServe, node: &ClusterNode) {
-    let redirect = match Redirect::start(cfg, node).await {
+async fn hand_over(cfg: &ClusterServe, node: &ClusterNode, clients: &quinn::Endpoint) {
+    let redirect = match Redirect::start(cfg, node, clients) {
         Ok(r) => Some(r),
         Err(e) => {
             tracing::debug!(error = %e, "no redirect during the handover");
@@ -234,7 +235,7 @@ async fn hand_over(cfg: &ClusterServe, node: &ClusterNode) {
         tokio::time::sleep(HANDOVER_LINGER).await;
     }
     if let Some(r) = redirect {
-        r.stop().await;
+        r.stop();
     }
 }
 
@@ -386,10 +387,12 @@ fn cluster_status(raft: &super::Raft) -> serde_json::Value {
 async fn until_ready_leader(node: &ClusterNode) {
     let mut metrics = node.raft().metrics();
     loop {
-        if metrics.borrow().state == ServerState::Leader
-            && node.raft().ensure_linearizable().await.is_ok()
-        {
-            return;
+        if metrics.borrow().state == ServerState::Leader {
+            tracing::debug!("leader: making sure every committed entry is applied");
+            match node.raft().ensure_linearizable().await {
+                Ok(_) => return,
+                Err(e) => tracing::debug!(error = %e, "not yet a ready leader"),
+            }
         }
         let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
     }
@@ -411,47 +414,46 @@ async fn until_not_leader(node: &ClusterNode, term: u64) {
     }
 }
 
-/// A follower's client endpoint: every connection is closed with
-/// `NOT_LEADER` and the leader's client address.
+/// A follower's service on the node's client endpoint: every connection
+/// is closed with `NOT_LEADER` and the leader's client address.
 struct Redirect {
-    endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Redirect {
-    async fn start(cfg: &ClusterServe, node: &ClusterNode) -> Result<Redirect, StartError> {
+    /// The endpoint's configuration while redirecting: the router's TLS
+    /// identity, and a short idle timeout (a redirect is one handshake).
+    fn config(cfg: &ClusterServe) -> Result<quinn::ServerConfig, StartError> {
         let crypto = tls::server_crypto(
             &cfg.router.cert_paths(),
             cfg.router.auth.client_ca.as_deref(),
         )?;
-        let addr = cfg.router.listen;
-        // The address was just released by the router: retry briefly.
-        let mut tries = 0;
-        let endpoint = loop {
-            let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
-            let mut transport = quinn::TransportConfig::default();
-            transport.max_idle_timeout(Some(
-                Duration::from_secs(2)
-                    .try_into()
-                    .expect("a valid idle timeout"),
-            ));
-            server.transport_config(Arc::new(transport));
-            match quinn::Endpoint::server(server, addr) {
-                Ok(e) => break e,
-                Err(e) if tries < 100 => {
-                    tries += 1;
-                    tracing::debug!(error = %e, "client address busy; retrying");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(source) => return Err(StartError::Bind { addr, source }),
-            }
-        };
+        let mut server = quinn::ServerConfig::with_crypto(crypto);
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(2)
+                .try_into()
+                .expect("a valid idle timeout"),
+        ));
+        server.transport_config(Arc::new(transport));
+        Ok(server)
+    }
+
+    /// Redirects the clients of `endpoint` until stopped; connections
+    /// that arrived while the router stopped are waiting in it and are
+    /// redirected first.
+    fn start(
+        cfg: &ClusterServe,
+        node: &ClusterNode,
+        endpoint: &quinn::Endpoint,
+    ) -> Result<Redirect, StartError> {
+        endpoint.set_server_config(Some(Self::config(cfg)?));
         let metrics = node.raft().metrics();
         let me = cfg.node_id;
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
             // Owned here, so stopping the redirect aborts the handshakes in
-            // progress too: each holds the socket open until it ends.
+            // progress too.
             let mut closing = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
                 let to = {
@@ -475,12 +477,11 @@ impl Redirect {
                 while closing.try_join_next().is_some() {}
             }
         });
-        Ok(Redirect { endpoint, task })
+        Ok(Redirect { task })
     }
 
-    async fn stop(self) {
-        self.endpoint.close(close::NOT_LEADER.into(), b"");
+    /// Stops redirecting; the endpoint stays bound for the router.
+    fn stop(self) {
         self.task.abort();
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

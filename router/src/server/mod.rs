@@ -154,6 +154,11 @@ pub struct Replica {
     /// The cluster's administration (`cluster_status`, adding and
     /// removing nodes).
     pub control: Arc<dyn ClusterControl>,
+    /// The node's client endpoint, bound once for the node's life: the
+    /// router serves on it while the node leads and the node redirects on
+    /// it while it follows, so the address is never released in between
+    /// (rebinding waited for the old socket's connections to drain).
+    pub endpoint: quinn::Endpoint,
 }
 
 /// What the admin protocol asks of a cluster node that serves as leader.
@@ -416,12 +421,18 @@ impl Router {
             ));
         let mut server_config = quinn::ServerConfig::with_crypto(crypto);
         server_config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            StartError::Bind {
-                addr: config.listen,
-                source,
+        let endpoint = match &config.replica {
+            Some(r) => {
+                r.endpoint.set_server_config(Some(server_config));
+                r.endpoint.clone()
             }
-        })?;
+            None => quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+                StartError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?,
+        };
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -652,13 +663,22 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     // needs storage running) and close with SHUTTING_DOWN. Plugin calls in
     // progress are interrupted rather than waited out.
     shared.broker.plugins().stop_calls();
-    endpoint.set_server_config(None);
+    let own_endpoint = shared.config.replica.is_none();
+    if own_endpoint {
+        endpoint.set_server_config(None);
+    }
     tracing::debug!(connections = connections.len(), "draining connections");
     while connections.join_next().await.is_some() {}
     retention.abort();
     checkpoints.abort();
     tracing::debug!("connections drained; stopping storage");
     storage.shutdown().await;
+    if !own_endpoint {
+        // A cluster node's: it goes on redirecting, and the connections
+        // that arrived meanwhile are waiting in it to be redirected.
+        tracing::info!("router stopped");
+        return;
+    }
     tracing::debug!("storage stopped; closing the endpoint");
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     // Every connection has been told; waiting for them to drain is a
