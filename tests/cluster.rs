@@ -642,6 +642,31 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         replicated.is_some_and(|n| n >= 1),
         "no replicated commit timed in:\n{body}"
     );
+    assert!(body.lines().any(|l| l == "switchyard_cluster_serving 1"));
+    // Every follower answers too (a scraper of every node must not see
+    // the followers as down): its own position, and that it follows.
+    let addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let metrics_of = |id: u64| {
+        let at = addrs[id as usize - 1];
+        SocketAddr::new(at.ip(), at.port() + 1)
+    };
+    for n in cluster.nodes.iter().filter(|n| n.id != leader) {
+        let (code, body) = common::get_metrics(metrics_of(n.id), None).await;
+        assert_eq!(code, 200, "node {}", n.id);
+        for line in [
+            "switchyard_cluster_serving 0".to_string(),
+            format!("switchyard_cluster_leader {leader}"),
+        ] {
+            assert!(body.lines().any(|l| l == line), "no `{line}` in:\n{body}");
+        }
+        let applied = body
+            .lines()
+            .find_map(|l| l.strip_prefix("switchyard_cluster_applied_index "))
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(applied.is_some_and(|i| i > 0), "{body}");
+        // Members and their lag are the leader's to tell.
+        assert!(!body.contains("switchyard_cluster_member"), "{body}");
+    }
     cluster.kill(leader);
     // With a message id the client resends it to the new leader if the
     // first copy's fate was lost with the old one.
@@ -652,6 +677,19 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     let other = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
     let s = status(&other.dir);
     assert_ne!(s["leader"].as_u64(), Some(leader));
+    // The new leader's metrics address, a follower's a moment ago, now
+    // has its router's metrics.
+    let new_leader = s["leader"].as_u64().unwrap();
+    let (code, body) = common::get_metrics(metrics_of(new_leader), None).await;
+    assert_eq!(code, 200);
+    assert!(
+        body.lines().any(|l| l == "switchyard_cluster_serving 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("switchyard_published_messages_total"),
+        "{body}"
+    );
     let info = admin.describe_topic("t").await.unwrap();
     assert_eq!(info.partitions[0].end, 2);
 }

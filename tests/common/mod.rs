@@ -316,6 +316,13 @@ pub fn now_nanos() -> u64 {
 
 /// `GET /metrics` over plain HTTP: the status code and the body.
 pub async fn get_metrics(addr: SocketAddr, token: Option<&str>) -> (u16, String) {
+    // A listener that nobody accepts on would hold the request forever.
+    tokio::time::timeout(Duration::from_secs(10), get_metrics_once(addr, token))
+        .await
+        .unwrap_or_else(|_| panic!("no answer from the metrics endpoint {addr} in 10 s"))
+}
+
+async fn get_metrics_once(addr: SocketAddr, token: Option<&str>) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let auth = token

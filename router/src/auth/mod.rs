@@ -298,6 +298,95 @@ pub enum AuthError {
     Storage(String),
 }
 
+/// The principals that are not stored: the data directory's admin token
+/// (generated if missing and `config.admin_token`) and the configuration
+/// file's, checked.
+fn fixed_principals(
+    config: &AuthConfig,
+    data: &Path,
+) -> Result<Vec<(PrincipalRecord, Source)>, AuthError> {
+    let mut fixed: Vec<(PrincipalRecord, Source)> = Vec::new();
+    let is_fixed =
+        |fixed: &[(PrincipalRecord, Source)], name: &str| fixed.iter().any(|(r, _)| r.name == name);
+    if config.admin_token {
+        let path = admin_token_path(data);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => t,
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(AuthError::TokenFile { path, source });
+            }
+            _ => {
+                let t = new_token();
+                write_private(&path, format!("{t}\n").as_bytes()).map_err(|source| {
+                    AuthError::TokenFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                tracing::info!(path = %path.display(), "admin token written");
+                t
+            }
+        };
+        let admin = PrincipalRecord {
+            name: ADMIN.into(),
+            token_sha256: Some(hex(&hash_token(&token))),
+            grants: vec![Grant::parse("cluster-admin:*").expect("valid grant")],
+            quotas: Quotas::default(),
+            created_ms: 0,
+        };
+        fixed.push((admin, Source::DataDir));
+    }
+    for p in &config.principals {
+        if p.name.is_empty() || is_fixed(&fixed, &p.name) {
+            return Err(AuthError::Config(
+                p.name.clone(),
+                "names must be non-empty and unique (and not 'admin' while admin_token is on)"
+                    .into(),
+            ));
+        }
+        if let Some(h) = &p.token_sha256
+            && unhex(h).is_none()
+        {
+            return Err(AuthError::Config(
+                p.name.clone(),
+                "token_sha256 must be 64 hex digits (`switchyard auth hash` prints it for a token)"
+                    .into(),
+            ));
+        }
+        fixed.push((p.clone(), Source::Config));
+    }
+    Ok(fixed)
+}
+
+/// Whether `token` is a principal's that may do `class` on `name`, from
+/// the fixed principals and the `stored` records (name, JSON) alone: for a
+/// cluster follower, which has the replicated principals table but no
+/// storage writer to open an [`Auth`] on.
+pub fn token_may(
+    config: &AuthConfig,
+    data: &Path,
+    stored: impl IntoIterator<Item = (String, Vec<u8>)>,
+    token: &str,
+    class: Class,
+    name: &str,
+) -> bool {
+    let Ok(fixed) = fixed_principals(config, data) else {
+        return false;
+    };
+    let h = hash_token(token);
+    let stored: Vec<(PrincipalRecord, Source)> = stored
+        .into_iter()
+        .filter(|(n, _)| !fixed.iter().any(|(r, _)| &r.name == n))
+        .filter_map(|(_, b)| serde_json::from_slice::<PrincipalRecord>(&b).ok())
+        .map(|r| (r, Source::Stored))
+        .collect();
+    fixed
+        .iter()
+        .chain(&stored)
+        .map(|(r, source)| Principal::from_record(r, *source, config.default_quotas))
+        .any(|p| p.token == Some(h) && p.may(class, name, ""))
+}
+
 /// Where `serve` keeps the admin token in a data directory.
 pub fn admin_token_path(data: &Path) -> PathBuf {
     data.join("admin.token")
@@ -307,57 +396,10 @@ impl Auth {
     /// Loads principals: the admin token (generated into `data` if missing
     /// and `config.admin_token`), the configured ones and the stored ones.
     pub fn open(config: &AuthConfig, data: &Path, storage: Storage) -> Result<Auth, AuthError> {
-        let mut fixed: Vec<(PrincipalRecord, Source)> = Vec::new();
+        let fixed = fixed_principals(config, data)?;
         let is_fixed = |fixed: &[(PrincipalRecord, Source)], name: &str| {
             fixed.iter().any(|(r, _)| r.name == name)
         };
-        if config.admin_token {
-            let path = admin_token_path(data);
-            let token = match std::fs::read_to_string(&path) {
-                Ok(t) if !t.trim().is_empty() => t,
-                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(AuthError::TokenFile { path, source });
-                }
-                _ => {
-                    let t = new_token();
-                    write_private(&path, format!("{t}\n").as_bytes()).map_err(|source| {
-                        AuthError::TokenFile {
-                            path: path.clone(),
-                            source,
-                        }
-                    })?;
-                    tracing::info!(path = %path.display(), "admin token written");
-                    t
-                }
-            };
-            let admin = PrincipalRecord {
-                name: ADMIN.into(),
-                token_sha256: Some(hex(&hash_token(&token))),
-                grants: vec![Grant::parse("cluster-admin:*").expect("valid grant")],
-                quotas: Quotas::default(),
-                created_ms: 0,
-            };
-            fixed.push((admin, Source::DataDir));
-        }
-        for p in &config.principals {
-            if p.name.is_empty() || is_fixed(&fixed, &p.name) {
-                return Err(AuthError::Config(
-                    p.name.clone(),
-                    "names must be non-empty and unique (and not 'admin' while admin_token is on)"
-                        .into(),
-                ));
-            }
-            if let Some(h) = &p.token_sha256
-                && unhex(h).is_none()
-            {
-                return Err(AuthError::Config(
-                    p.name.clone(),
-                    "token_sha256 must be 64 hex digits (`switchyard auth hash` prints it for a token)"
-                        .into(),
-                ));
-            }
-            fixed.push((p.clone(), Source::Config));
-        }
         let mut stored = BTreeMap::new();
         for (name, bytes) in storage
             .principal_records()
@@ -753,6 +795,46 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::storage::with_test_storage;
+
+    #[test]
+    fn a_follower_admits_to_metrics_the_tokens_the_leader_would() {
+        let data = tempfile::tempdir().unwrap();
+        let config = AuthConfig {
+            admin_token: true,
+            ..AuthConfig::default()
+        };
+        // The admin token written into the data directory.
+        fixed_principals(&config, data.path()).unwrap();
+        let admin = std::fs::read_to_string(admin_token_path(data.path())).unwrap();
+        let record = |name: &str, token: &str, grant: &str| {
+            let r = PrincipalRecord {
+                name: name.into(),
+                token_sha256: Some(hex(&hash_token(token))),
+                grants: vec![Grant::parse(grant).unwrap()],
+                quotas: Quotas::default(),
+                created_ms: 0,
+            };
+            (name.to_string(), serde_json::to_vec(&r).unwrap())
+        };
+        let stored = vec![
+            record("prometheus", "scrape-token", "cluster-admin:*"),
+            record("app", "app-token", "publish:*"),
+        ];
+        let may = |token: &str| {
+            token_may(
+                &config,
+                data.path(),
+                stored.clone(),
+                token,
+                Class::ClusterAdmin,
+                "*",
+            )
+        };
+        assert!(may(admin.trim()));
+        assert!(may("scrape-token"));
+        assert!(!may("app-token"), "a publisher may not read metrics");
+        assert!(!may("made-up"));
+    }
 
     #[test]
     fn static_principals_from_the_config_file_authenticate_and_cannot_be_changed() {

@@ -22,6 +22,7 @@ use super::replicate::LeaderReplicator;
 use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::protocol::close;
+use crate::server::metrics::{FollowerMetrics, serve_follower};
 use crate::server::{Replica, Router, RouterConfig, StartError, tls};
 #[cfg(doc)]
 use crate::storage::disk::OsDisk;
@@ -114,15 +115,30 @@ pub async fn run(
                 source,
             }
         })?;
+    let metrics = match cfg.router.metrics {
+        Some(addr) => {
+            let bind = |source| StartError::MetricsBind { addr, source };
+            let l = std::net::TcpListener::bind(addr).map_err(bind)?;
+            l.set_nonblocking(true).map_err(bind)?;
+            Some(Arc::new(l))
+        }
+        None => None,
+    };
     loop {
         // Following: point clients at the leader until this node leads.
         let redirect = Redirect::start(&cfg, &node, &clients)?;
+        let follower_metrics = metrics
+            .as_ref()
+            .and_then(|l| FollowerEndpoint::start(&cfg, &node, l));
         let ready = tokio::select! {
             () = &mut shutdown => Ok(false),
             () = until_ready_leader(&node) => Ok(true),
             why = raft_stopped(&node) => Err(why),
         };
         redirect.stop();
+        if let Some(m) = follower_metrics {
+            m.stop().await;
+        }
         match ready {
             Ok(true) => {}
             Ok(false) => break,
@@ -148,6 +164,7 @@ pub async fn run(
                 raft: node.raft().clone(),
             }),
             endpoint: clients.clone(),
+            metrics: metrics.clone(),
         });
         let router = match Router::start(rc).await {
             Ok(r) => r,
@@ -412,6 +429,82 @@ async fn until_not_leader(node: &ClusterNode, term: u64) {
             return;
         }
     }
+}
+
+/// A following node's `/metrics`, on the node's metrics listener.
+struct FollowerEndpoint {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FollowerEndpoint {
+    fn start(
+        cfg: &ClusterServe,
+        node: &ClusterNode,
+        listener: &std::net::TcpListener,
+    ) -> Option<FollowerEndpoint> {
+        let listener = match listener
+            .try_clone()
+            .and_then(tokio::net::TcpListener::from_std)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "follower metrics not served");
+                return None;
+            }
+        };
+        let raft = node.raft().clone();
+        let db = node.state().database().clone();
+        let (auth, data) = (cfg.router.auth.clone(), cfg.router.data.clone());
+        let metrics = FollowerMetrics {
+            status: Box::new(move || cluster_status(&raft)),
+            admits: Box::new(move |token| {
+                crate::auth::token_may(
+                    &auth,
+                    &data,
+                    stored_principals(&db),
+                    token,
+                    crate::auth::Class::ClusterAdmin,
+                    "*",
+                )
+            }),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve_follower(listener, metrics, async move {
+            let _ = stopped.await;
+        }));
+        Some(FollowerEndpoint { stop, task })
+    }
+
+    /// Stops it (a scrape in progress has a moment to finish), so the
+    /// router's endpoint alone answers on the listener.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// The replicated principals (name, JSON record), as a follower reads them.
+fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let Ok(txn) = db.begin_read() else {
+        return Vec::new();
+    };
+    let Ok(table) = txn.open_table(crate::storage::tables::PRINCIPALS) else {
+        return Vec::new();
+    };
+    let Ok(rows) = table.iter() else {
+        return Vec::new();
+    };
+    rows.filter_map(Result::ok)
+        .map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
+        .collect()
 }
 
 /// A follower's service on the node's client endpoint: every connection

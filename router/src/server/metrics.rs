@@ -126,24 +126,54 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
-/// The cluster as the leader sees it (only a leader serves metrics).
-fn cluster_families(enc: &mut DescriptorEncoder, s: &serde_json::Value) -> std::fmt::Result {
+/// A cluster node's families: its own position on every node, and the
+/// members and their lag on the leader that serves (`serving`), which is
+/// the only node that knows them.
+fn cluster_families(
+    enc: &mut DescriptorEncoder,
+    s: &serde_json::Value,
+    serving: bool,
+) -> std::fmt::Result {
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as i64;
-    family(
-        enc,
+    let one = |name, help, v: i64, enc: &mut DescriptorEncoder| {
+        family(
+            enc,
+            name,
+            help,
+            None,
+            MetricType::Gauge,
+            [(vec![], gauge(v))],
+        )
+    };
+    one(
         "switchyard_cluster_term",
-        "The Raft term of this cluster's leader (each election makes a new one).",
-        None,
-        MetricType::Gauge,
-        [(vec![], gauge(n(&s["term"])))],
-    )?;
-    family(
+        "The Raft term this node is in (each election makes a new one).",
+        n(&s["term"]),
         enc,
+    )?;
+    one(
         "switchyard_cluster_leader",
-        "The node id of the leader (the node serving these metrics).",
-        None,
-        MetricType::Gauge,
-        [(vec![], gauge(n(&s["leader"])))],
+        "The node id of the leader as this node knows it (0: none known).",
+        n(&s["leader"]),
+        enc,
+    )?;
+    one(
+        "switchyard_cluster_serving",
+        "1 while this node serves clients as the leader, 0 while it follows (and redirects them).",
+        serving as i64,
+        enc,
+    )?;
+    one(
+        "switchyard_cluster_last_log_index",
+        "The position of the last entry in this node's Raft log.",
+        n(&s["last_log"]),
+        enc,
+    )?;
+    one(
+        "switchyard_cluster_applied_index",
+        "The position of the last entry this node applied to its tables.",
+        n(&s["committed"]),
+        enc,
     )?;
     if let Some(ms) = s["quorum_ack_ms"].as_u64() {
         family(
@@ -154,6 +184,9 @@ fn cluster_families(enc: &mut DescriptorEncoder, s: &serde_json::Value) -> std::
             MetricType::Gauge,
             [(vec![], gauge(ms as i64))],
         )?;
+    }
+    if !serving {
+        return Ok(());
     }
     let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
     let ids: Vec<String> = nodes.iter().map(|m| m["id"].to_string()).collect();
@@ -533,7 +566,7 @@ impl Collector for RouterCollector {
             )?;
         }
         if let Some(r) = &shared.config.replica {
-            cluster_families(&mut enc, &r.control.status())?;
+            cluster_families(&mut enc, &r.control.status(), true)?;
             family(
                 &mut enc,
                 "switchyard_cluster_replicate",
@@ -775,22 +808,10 @@ async fn scrape(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response
             .and_then(|t| shared.auth.authenticate(Some(t.trim()), None).ok())
             .is_some_and(|(p, _)| p.may(crate::auth::Class::ClusterAdmin, "*", ""));
         if !admin {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "metrics bound beyond loopback need `Authorization: Bearer <token>` of a principal with the cluster-admin grant\n",
-            )
-                .into_response();
+            return unauthorized();
         }
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render(&ep.registry),
-    )
-        .into_response()
+    exposition(render(&ep.registry))
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`.
@@ -821,4 +842,91 @@ pub(crate) async fn serve(
     {
         tracing::warn!(error = %e, "metrics endpoint stopped");
     }
+}
+
+/// What a following cluster node's `/metrics` reads at each scrape.
+pub(crate) struct FollowerMetrics {
+    /// The cluster as the node sees it (`cluster_status`'s JSON).
+    pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Whether a bearer token may read metrics (`cluster-admin`), asked
+    /// only when the endpoint is bound beyond loopback.
+    pub admits: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for FollowerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FollowerMetrics")
+    }
+}
+
+/// Reads a follower's state at each scrape.
+#[derive(Debug)]
+struct FollowerCollector(Arc<FollowerMetrics>);
+
+impl Collector for FollowerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        cluster_families(&mut enc, &(self.0.status)(), false)
+    }
+}
+
+/// Serves `/metrics` for a cluster node while it follows, so a scraper
+/// of every node sees every node (a follower's router is not running):
+/// the node's own cluster families, `switchyard_cluster_serving 0`.
+pub(crate) async fn serve_follower(
+    listener: tokio::net::TcpListener,
+    metrics: FollowerMetrics,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let guarded = listener
+        .local_addr()
+        .map(|a: SocketAddr| !a.ip().is_loopback())
+        .unwrap_or(true);
+    let metrics = Arc::new(metrics);
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(FollowerCollector(metrics.clone())));
+    let registry = Arc::new(registry);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: HeaderMap| {
+            let (metrics, registry) = (metrics.clone(), registry.clone());
+            async move {
+                if guarded {
+                    let token = headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "));
+                    if !token.is_some_and(|t| (metrics.admits)(t.trim())) {
+                        return unauthorized();
+                    }
+                }
+                exposition(render(&registry))
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "metrics bound beyond loopback need `Authorization: Bearer <token>` of a principal with the cluster-admin grant\n",
+    )
+        .into_response()
+}
+
+fn exposition(text: String) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }

@@ -159,6 +159,9 @@ pub struct Replica {
     /// it while it follows, so the address is never released in between
     /// (rebinding waited for the old socket's connections to drain).
     pub endpoint: quinn::Endpoint,
+    /// The node's metrics listener, bound once for the same reason (the
+    /// node serves its follower metrics on it between leaderships).
+    pub metrics: Option<Arc<std::net::TcpListener>>,
 }
 
 /// What the admin protocol asks of a cluster node that serves as leader.
@@ -472,7 +475,11 @@ impl Router {
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics {
             let bind = |source| StartError::MetricsBind { addr, source };
-            let listener = match tokio::net::TcpListener::bind(addr).await {
+            let bound = match config.replica.as_ref().and_then(|r| r.metrics.as_ref()) {
+                Some(l) => l.try_clone().and_then(tokio::net::TcpListener::from_std),
+                None => tokio::net::TcpListener::bind(addr).await,
+            };
+            let listener = match bound {
                 Ok(l) => l,
                 Err(e) => {
                     storage.shutdown().await;
