@@ -137,7 +137,7 @@ pub async fn run(
         };
         redirect.stop();
         if let Some(m) = follower_metrics {
-            m.stop().await;
+            m.stop();
         }
         match ready {
             Ok(true) => {}
@@ -476,17 +476,20 @@ impl FollowerEndpoint {
         Some(FollowerEndpoint { stop, task })
     }
 
-    /// Stops it (a scrape in progress has a moment to finish), so the
-    /// router's endpoint alone answers on the listener.
-    async fn stop(self) {
+    /// Stops accepting at once; a scrape in progress has a second to
+    /// finish in the background, so a new leader's router does not wait
+    /// for it.
+    fn stop(self) {
         let _ = self.stop.send(());
         let mut task = self.task;
-        if tokio::time::timeout(Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
-        {
-            task.abort();
-        }
+        tokio::spawn(async move {
+            if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        });
     }
 }
 
