@@ -369,6 +369,18 @@ enum Failure {
 }
 
 impl PeerClient {
+    /// Asks the peer to start an election at once ([`Request::TimeoutNow`]).
+    pub async fn timeout_now(&mut self, ttl: Duration) -> Result<(), String> {
+        let failure = match self.call(Request::TimeoutNow, None, ttl).await {
+            Ok(Response::TimeoutNow) => return Ok(()),
+            Ok(other) => mismatch(other),
+            Err(f) => f,
+        };
+        match failure {
+            Failure::Network(m) | Failure::Unreachable(m) => Err(m),
+        }
+    }
+
     async fn connection(&mut self) -> Result<quinn::Connection, Failure> {
         if let Some(c) = &self.conn
             && c.close_reason().is_none()
@@ -446,19 +458,6 @@ impl PeerClient {
                 "node {} did not answer within {ttl:?}",
                 self.target
             ))),
-        }
-    }
-}
-
-impl PeerClient {
-    /// Asks the peer to start an election at once ([`Request::TimeoutNow`]).
-    pub async fn timeout_now(&mut self, ttl: Duration) -> Result<(), String> {
-        match self.call(Request::TimeoutNow, None, ttl).await {
-            Ok(Response::TimeoutNow) => Ok(()),
-            Ok(other) => Err(match mismatch(other) {
-                Failure::Network(m) | Failure::Unreachable(m) => m,
-            }),
-            Err(Failure::Network(m) | Failure::Unreachable(m)) => Err(m),
         }
     }
 }

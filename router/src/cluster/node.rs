@@ -341,14 +341,12 @@ impl ClusterNode {
                 }
                 let last = m.last_log_index;
                 let membership = m.membership_config.membership();
-                let voters: Vec<NodeId> =
-                    membership.voter_ids().filter(|&v| v != self.id).collect();
-                m.replication.as_ref().and_then(|r| {
-                    voters
-                        .iter()
-                        .filter(|v| r.get(v).and_then(|l| l.map(|l| l.index)) == last)
-                        .find_map(|&v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
-                })
+                let replication = m.replication.as_ref();
+                membership
+                    .voter_ids()
+                    .filter(|&v| v != self.id)
+                    .filter(|v| replication.and_then(|r| r.get(v)?.map(|l| l.index)) == last)
+                    .find_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
             };
             if let Some(f) = found {
                 break f;

@@ -787,55 +787,50 @@ pub(crate) fn render(registry: &Registry) -> String {
     out
 }
 
+/// Whether a bearer token may read metrics (a `cluster-admin` principal's).
+type Admits = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 struct Endpoint {
     registry: Registry,
-    shared: Weak<Shared>,
-    /// Bound beyond loopback: a bearer token of a principal with the
-    /// `cluster-admin` grant is required.
+    admits: Admits,
+    /// Bound beyond loopback: a bearer token that `admits` accepts is
+    /// required.
     guarded: bool,
 }
 
 async fn scrape(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
     if ep.guarded {
-        let Some(shared) = ep.shared.upgrade() else {
-            return StatusCode::SERVICE_UNAVAILABLE.into_response();
-        };
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let admin = token
-            .and_then(|t| shared.auth.authenticate(Some(t.trim()), None).ok())
-            .is_some_and(|(p, _)| p.may(crate::auth::Class::ClusterAdmin, "*", ""));
-        if !admin {
+        if !token.is_some_and(|t| (ep.admits)(t.trim())) {
             return unauthorized();
         }
     }
     exposition(render(&ep.registry))
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub(crate) async fn serve(
+/// Serves `registry` at `/metrics` on `listener` until `stop`; bound
+/// beyond loopback, only to tokens `admits` accepts.
+async fn serve_registry(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    registry: Registry,
+    admits: Admits,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let guarded = listener
         .local_addr()
         .map(|a: SocketAddr| !a.ip().is_loopback())
         .unwrap_or(true);
     let ep = Arc::new(Endpoint {
-        registry: registry(&shared),
-        shared: Arc::downgrade(&shared),
+        registry,
+        admits,
         guarded,
     });
-    drop(shared);
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .with_state(ep);
-    let stop = async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop)
         .await
@@ -844,28 +839,50 @@ pub(crate) async fn serve(
     }
 }
 
+/// Serves the router's `/metrics` on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let registry = registry(&shared);
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    let admits: Admits = Box::new(move |token| {
+        weak.upgrade().is_some_and(|shared| {
+            shared
+                .auth
+                .authenticate(Some(token), None)
+                .is_ok_and(|(p, _)| p.may(crate::auth::Class::ClusterAdmin, "*", ""))
+        })
+    });
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    serve_registry(listener, registry, admits, stop).await;
+}
+
 /// What a following cluster node's `/metrics` reads at each scrape.
 pub(crate) struct FollowerMetrics {
     /// The cluster as the node sees it (`cluster_status`'s JSON).
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Whether a bearer token may read metrics (`cluster-admin`), asked
     /// only when the endpoint is bound beyond loopback.
-    pub admits: Box<dyn Fn(&str) -> bool + Send + Sync>,
-}
-
-impl std::fmt::Debug for FollowerMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FollowerMetrics")
-    }
+    pub admits: Admits,
 }
 
 /// Reads a follower's state at each scrape.
-#[derive(Debug)]
-struct FollowerCollector(Arc<FollowerMetrics>);
+struct FollowerCollector(Box<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+impl std::fmt::Debug for FollowerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FollowerCollector")
+    }
+}
 
 impl Collector for FollowerCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        cluster_families(&mut enc, &(self.0.status)(), false)
+        cluster_families(&mut enc, &(self.0)(), false)
     }
 }
 
@@ -877,38 +894,9 @@ pub(crate) async fn serve_follower(
     metrics: FollowerMetrics,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let guarded = listener
-        .local_addr()
-        .map(|a: SocketAddr| !a.ip().is_loopback())
-        .unwrap_or(true);
-    let metrics = Arc::new(metrics);
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(FollowerCollector(metrics.clone())));
-    let registry = Arc::new(registry);
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move |headers: HeaderMap| {
-            let (metrics, registry) = (metrics.clone(), registry.clone());
-            async move {
-                if guarded {
-                    let token = headers
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.strip_prefix("Bearer "));
-                    if !token.is_some_and(|t| (metrics.admits)(t.trim())) {
-                        return unauthorized();
-                    }
-                }
-                exposition(render(&registry))
-            }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::warn!(error = %e, "metrics endpoint stopped");
-    }
+    registry.register_collector(Box::new(FollowerCollector(metrics.status)));
+    serve_registry(listener, registry, metrics.admits, stop).await;
 }
 
 fn unauthorized() -> Response {
