@@ -613,6 +613,22 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     let admin = cluster.client().await;
     create_topic(&admin, "t", 1).await;
     admin.publish("t", Record::new("before")).await.unwrap();
+    // A client given only the leader's address learns the other nodes in
+    // the handshake, which is what lets it outlive the leader below.
+    let leader_addr = cluster.nodes[leader as usize - 1].addr;
+    let lone = Client::connect(
+        ClientConfig::new(leader_addr)
+            .with_ca_file(cluster.cert())
+            .with_token_file(cluster.nodes[0].dir.join("admin.token"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut told = lone.server_info().cluster.clone();
+    told.sort();
+    let mut all = cluster.addrs.clone();
+    all.sort();
+    assert_eq!(told, all, "the nodes a cluster client is told of");
     // The leader's metrics describe the cluster, and the publish's
     // replication was timed.
     let at = cluster.nodes[leader as usize - 1].addr;
@@ -674,6 +690,19 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         .publish("t", Record::new("after").with_message_id("after"))
         .await
         .unwrap();
+    // The client that knew only the dead leader finds the new one.
+    let since = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        lone.publish("t", Record::new("lone").with_message_id("lone")),
+    )
+    .await
+    .expect("a client told of the cluster reaches the new leader")
+    .unwrap();
+    eprintln!(
+        "a client that knew only the killed leader published again after {:?}",
+        since.elapsed()
+    );
     let other = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
     let s = status(&other.dir);
     assert_ne!(s["leader"].as_u64(), Some(leader));
@@ -691,7 +720,7 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         "{body}"
     );
     let info = admin.describe_topic("t").await.unwrap();
-    assert_eq!(info.partitions[0].end, 2);
+    assert_eq!(info.partitions[0].end, 3);
 }
 
 fn cluster_addr(dir: &Path) -> String {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::{Notify, oneshot, watch};
@@ -43,13 +44,21 @@ pub struct ClientConfig {
     /// The other nodes of a cluster `addr` belongs to (client addresses).
     /// The client connects to whichever node leads, following the
     /// redirects of the others, and tries these when `addr` (or the last
-    /// leader) cannot be reached. Empty for a single router.
+    /// leader) cannot be reached. Empty for a single router. Optional: a
+    /// cluster's leader tells every client its nodes in the handshake,
+    /// and the client adds them (see [`ServerInfo::cluster`]).
     pub cluster: Vec<SocketAddr>,
 }
 
-/// The idle timeout of a client of a cluster ([`ClientConfig::with_cluster`]):
-/// keep-alives every second, and a leader that stopped answering is given
-/// up after three, where a single router's clients wait 15.
+/// The idle timeout [`ClientConfig::new`] sets: keep-alives every 5 s,
+/// and a router that stopped answering is given up after 15.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The idle timeout of a client of a cluster ([`ClientConfig::with_cluster`],
+/// or a client left at [`DEFAULT_IDLE_TIMEOUT`] that finds itself connected
+/// to a cluster): keep-alives every second, and a leader that stopped
+/// answering is given up after three, where a single router's clients
+/// wait 15.
 pub const CLUSTER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How a client remakes a lost connection: attempts with exponential
@@ -116,7 +125,7 @@ impl ClientConfig {
             ca_certs: Vec::new(),
             max_in_flight: 65_536,
             client_name: format!("switchyard-rust/{}", env!("CARGO_PKG_VERSION")),
-            idle_timeout: Duration::from_secs(15),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             token: None,
             client_cert: None,
             reconnect: Reconnect::default(),
@@ -198,6 +207,11 @@ pub struct ServerInfo {
     pub max_message_bytes: usize,
     /// Largest frame the router accepts.
     pub max_frame_bytes: usize,
+    /// The client addresses of the cluster's voting nodes, if the router
+    /// is one node of a cluster (empty for a single router, or a router
+    /// older than protocol version 2). The client tries them when the
+    /// node it is connected to is gone.
+    pub cluster: Vec<SocketAddr>,
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
@@ -226,7 +240,6 @@ enum State {
 /// current connection, and how to make the next one.
 pub(crate) struct Shared {
     cfg: ClientConfig,
-    crypto: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
     state: watch::Sender<State>,
     /// Asks for a connection after an idle close, which is not remade
@@ -234,8 +247,65 @@ pub(crate) struct Shared {
     want: Arc<Notify>,
     closing: AtomicBool,
     next_id: AtomicU64,
-    /// The node to connect to next (a cluster's leader, as last learned).
-    target: Mutex<SocketAddr>,
+    /// Where and how to connect next.
+    route: Mutex<Route>,
+}
+
+/// Where the next connection goes and how it is made: the node to try
+/// first (a cluster's leader, as last learned), the nodes a cluster told
+/// of, and the QUIC timing to use.
+pub(crate) struct Route {
+    target: SocketAddr,
+    /// The nodes the last cluster handshake named, beside the configured ones.
+    learned: Vec<SocketAddr>,
+    quic: quinn::ClientConfig,
+    /// Cluster timing ([`CLUSTER_IDLE_TIMEOUT`]) to switch to on finding a
+    /// cluster, for a client left at the single-router default.
+    cluster_quic: Option<quinn::ClientConfig>,
+}
+
+impl Route {
+    /// A route to `cfg.addr`, with `tls` as the client's TLS setup.
+    fn new(cfg: &ClientConfig, tls: &Arc<QuicClientConfig>) -> Result<Route, ClientError> {
+        let cluster_quic = (cfg.cluster.is_empty() && cfg.idle_timeout == DEFAULT_IDLE_TIMEOUT)
+            .then(|| quic_config(tls, CLUSTER_IDLE_TIMEOUT))
+            .transpose()?;
+        Ok(Route {
+            target: cfg.addr,
+            learned: Vec::new(),
+            quic: quic_config(tls, cfg.idle_timeout)?,
+            cluster_quic,
+        })
+    }
+
+    /// Every node worth trying, the configured ones first.
+    fn nodes(&self, cfg: &ClientConfig) -> Vec<SocketAddr> {
+        let mut nodes: Vec<SocketAddr> = std::iter::once(cfg.addr)
+            .chain(cfg.cluster.iter().copied())
+            .collect();
+        for a in &self.learned {
+            if !nodes.contains(a) {
+                nodes.push(*a);
+            }
+        }
+        nodes
+    }
+
+    /// Takes in what a handshake said of the cluster. True if the QUIC
+    /// timing changed, so the connection just made should be made again.
+    fn learn(&mut self, cluster: &[SocketAddr]) -> bool {
+        if cluster.is_empty() {
+            return false;
+        }
+        self.learned = cluster.to_vec();
+        match self.cluster_quic.take() {
+            Some(q) => {
+                self.quic = q;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Shared {
@@ -292,7 +362,9 @@ impl Drop for Shared {
     }
 }
 
-fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+/// The client's TLS setup: the trusted CA certificates, the client
+/// certificate if any, TLS 1.3 and our ALPN.
+fn client_tls(cfg: &ClientConfig) -> Result<Arc<QuicClientConfig>, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(path) = &cfg.ca_file {
         let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
@@ -336,17 +408,25 @@ fn client_crypto(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError>
         }
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// A connection's QUIC setup: flow-control windows sized for batches in
+/// flight, and keep-alives at a third of `idle_timeout`.
+fn quic_config(
+    tls: &Arc<QuicClientConfig>,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let mut config = quinn::ClientConfig::new(tls.clone());
     let mut transport = quinn::TransportConfig::default();
     transport
         .stream_receive_window((8u32 << 20).into())
         .receive_window((32u32 << 20).into())
         .send_window(32 << 20)
-        .keep_alive_interval(Some(cfg.idle_timeout / 3))
+        .keep_alive_interval(Some(idle_timeout / 3))
         .max_idle_timeout(Some(
-            cfg.idle_timeout
+            idle_timeout
                 .try_into()
                 .map_err(|_| ClientError::Tls("idle_timeout too large".into()))?,
         ));
@@ -400,7 +480,7 @@ impl Client {
     /// stream. The first connection is not retried: an unreachable router
     /// is an error at once.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
-        let crypto = client_crypto(&cfg)?;
+        let route = Mutex::new(Route::new(&cfg, &client_tls(&cfg)?)?);
         let bind: SocketAddr = if cfg.addr.is_ipv6() {
             "[::]:0".parse().expect("valid")
         } else {
@@ -410,20 +490,18 @@ impl Client {
             addr: cfg.addr,
             reason: e.to_string(),
         })?;
-        let target = Mutex::new(cfg.addr);
-        let link = connect_any(&cfg, &endpoint, &crypto, &target, 1).await?;
+        let link = connect_any(&cfg, &endpoint, &route, 1).await?;
         let info = link.info.clone();
         let (state, _) = watch::channel(State::Up(link.clone()));
         let max_in_flight = cfg.max_in_flight;
         let shared = Arc::new(Shared {
             cfg,
-            crypto,
             endpoint,
             state,
             want: Arc::new(Notify::new()),
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-            target,
+            route,
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), link));
         let publisher = Publisher::new(shared.clone(), info.clone(), max_in_flight);
@@ -782,30 +860,40 @@ impl From<ClientError> for Handshake {
 
 /// Connects to the router, or to a cluster's leader: follows redirects
 /// from nodes that do not lead, waits out an election (up to 15 s), and
-/// tries the other nodes when one cannot be reached.
+/// tries the other nodes (configured, or named by the cluster in an
+/// earlier handshake) when one cannot be reached.
 async fn connect_any(
     cfg: &ClientConfig,
     endpoint: &quinn::Endpoint,
-    crypto: &quinn::ClientConfig,
-    target: &Mutex<SocketAddr>,
+    route: &Mutex<Route>,
     generation: u64,
 ) -> Result<Arc<Link>, ClientError> {
-    let nodes: Vec<SocketAddr> = std::iter::once(cfg.addr)
-        .chain(cfg.cluster.iter().copied())
-        .collect();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut unreachable = 0;
     loop {
-        let addr = *target.lock().expect("target lock");
+        let (addr, nodes, quic) = {
+            let r = route.lock().expect("route lock");
+            (r.target, r.nodes(cfg), r.quic.clone())
+        };
         let next = || {
             let i = nodes.iter().position(|a| *a == addr).map_or(0, |i| i + 1);
-            *target.lock().expect("target lock") = nodes[i % nodes.len()];
+            route.lock().expect("route lock").target = nodes[i % nodes.len()];
         };
-        match handshake(cfg, addr, endpoint, crypto, generation).await {
-            Ok(link) => return Ok(link),
+        match handshake(cfg, addr, endpoint, &quic, generation, nodes.len() > 1).await {
+            Ok(link) => {
+                if !route.lock().expect("route lock").learn(&link.info.cluster) {
+                    return Ok(link);
+                }
+                // Found a cluster with single-router timing: the next
+                // connection uses the cluster's, so that a leader that
+                // dies is noticed in seconds. Once per client.
+                tracing::debug!(%addr, nodes = ?link.info.cluster, "connected to a cluster; reconnecting with cluster timing");
+                link.conn
+                    .close(close::NORMAL.into(), b"reconnecting with cluster timing");
+            }
             Err(Handshake::NotLeader(Some(leader))) if leader != addr => {
                 tracing::debug!(%addr, %leader, "not the leader; following");
-                *target.lock().expect("target lock") = leader;
+                route.lock().expect("route lock").target = leader;
                 unreachable = 0;
             }
             Err(Handshake::NotLeader(_)) => {
@@ -829,22 +917,24 @@ async fn connect_any(
     }
 }
 
-/// Connects and shakes hands: one [`Link`].
+/// Connects and shakes hands: one [`Link`]. `many` says whether other
+/// nodes may be tried if this one does not answer.
 async fn handshake(
     cfg: &ClientConfig,
     addr: SocketAddr,
     endpoint: &quinn::Endpoint,
     crypto: &quinn::ClientConfig,
     generation: u64,
+    many: bool,
 ) -> Result<Arc<Link>, Handshake> {
     let connect_err = |reason: String| ClientError::Connect { addr, reason };
     // A cluster node that is down does not answer at all: give up on it
     // sooner and try the others (a loopback or LAN handshake takes a few
     // milliseconds; this is its time to answer at all).
-    let limit = if cfg.cluster.is_empty() {
-        Duration::from_secs(10)
-    } else {
+    let limit = if many {
         Duration::from_secs(1)
+    } else {
+        Duration::from_secs(10)
     };
     let connecting = endpoint
         .connect_with(crypto.clone(), addr, &cfg.server_name)
@@ -878,11 +968,13 @@ async fn handshake(
             server,
             max_message_bytes,
             max_frame_bytes,
+            cluster,
         })) => ServerInfo {
             version,
             server,
             max_message_bytes: max_message_bytes as usize,
             max_frame_bytes: max_frame_bytes as usize,
+            cluster,
         },
         Ok(Some(Frame::Error { code, message, .. })) => {
             return Err(ClientError::Server(WireError::new(code, message)).into());
@@ -980,18 +1072,11 @@ async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
             }
             attempts += 1;
             let rc = &shared.cfg.reconnect;
-            let e = match connect_any(
-                &shared.cfg,
-                &shared.endpoint,
-                &shared.crypto,
-                &shared.target,
-                generation,
-            )
-            .await
-            {
-                Ok(l) => break l,
-                Err(e) => e,
-            };
+            let e =
+                match connect_any(&shared.cfg, &shared.endpoint, &shared.route, generation).await {
+                    Ok(l) => break l,
+                    Err(e) => e,
+                };
             let gave_up = rc.give_up_after.is_some_and(|d| started.elapsed() >= d);
             if !retryable(&e) || gave_up {
                 let e = if gave_up {

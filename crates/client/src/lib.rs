@@ -29,7 +29,9 @@ mod publish;
 mod queue;
 mod subscribe;
 
-pub use connection::{CLUSTER_IDLE_TIMEOUT, Client, ClientConfig, Reconnect, ServerInfo};
+pub use connection::{
+    CLUSTER_IDLE_TIMEOUT, Client, ClientConfig, DEFAULT_IDLE_TIMEOUT, Reconnect, ServerInfo,
+};
 pub use publish::{Ack, PendingAcks};
 pub use queue::{QueueConsumer, QueueMessage, QueueOptions};
 pub use subscribe::{Message, SubscribeOptions, Subscription};

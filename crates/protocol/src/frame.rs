@@ -130,6 +130,12 @@ pub enum Frame {
         max_message_bytes: u32,
         /// Largest frame the router accepts.
         max_frame_bytes: u32,
+        /// The client addresses of every voting node when the router is
+        /// one node of a cluster (version 2 and later; empty otherwise).
+        /// A client that was given one address learns the others here, so
+        /// it can find the next leader when this one is gone. An optional
+        /// trailing field: absent when empty.
+        cluster: Vec<std::net::SocketAddr>,
     },
     /// An error answer to the request, batch or stream identified by `id`.
     Error {
@@ -378,12 +384,19 @@ impl Frame {
                 server,
                 max_message_bytes,
                 max_frame_bytes,
+                cluster,
             } => {
                 buf.put_u8(ty::HELLO_OK);
                 buf.put_u8(*version);
                 put_str(buf, server);
                 buf.put_u32(*max_message_bytes);
                 buf.put_u32(*max_frame_bytes);
+                if !cluster.is_empty() {
+                    buf.put_u32(cluster.len() as u32);
+                    for a in cluster {
+                        put_str(buf, &a.to_string());
+                    }
+                }
             }
             Frame::Error { id, code, message } => {
                 buf.put_u8(ty::ERROR);
@@ -895,6 +908,21 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
             server: b.string("server")?,
             max_message_bytes: b.u32("max message bytes")?,
             max_frame_bytes: b.u32("max frame bytes")?,
+            // Optional trailing field: absent means not a cluster.
+            cluster: if b.buf.is_empty() {
+                Vec::new()
+            } else {
+                let n = b.count("cluster node count", 2)?;
+                let mut nodes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let a = b.string("cluster node")?;
+                    nodes.push(
+                        a.parse()
+                            .map_err(|_| DecodeError::InvalidValue("cluster node"))?,
+                    );
+                }
+                nodes
+            },
         },
         ty::ERROR => Frame::Error {
             id: b.u64("id")?,
@@ -1229,14 +1257,24 @@ mod tests {
                     client: c,
                     token: t,
                 }),
-            (any::<u8>(), ".{0,10}", any::<u32>(), any::<u32>()).prop_map(|(v, s, m, f)| {
-                Frame::HelloOk {
+            (
+                any::<u8>(),
+                ".{0,10}",
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(
+                    (any::<std::net::IpAddr>(), any::<u16>())
+                        .prop_map(|(ip, port)| std::net::SocketAddr::new(ip, port)),
+                    0..4
+                )
+            )
+                .prop_map(|(v, s, m, f, c)| Frame::HelloOk {
                     version: v,
                     server: s,
                     max_message_bytes: m,
                     max_frame_bytes: f,
-                }
-            }),
+                    cluster: c,
+                }),
             (any::<u64>(), any::<u16>(), ".{0,20}").prop_map(|(id, c, m)| Frame::Error {
                 id,
                 code: ErrorCode::from_u16(c),

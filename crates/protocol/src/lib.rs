@@ -23,8 +23,9 @@ pub const ALPN: &[u8] = b"switchyard";
 
 /// Protocol versions this build speaks, inclusive.
 pub const MIN_VERSION: u8 = 1;
-/// Highest protocol version this build speaks.
-pub const MAX_VERSION: u8 = 1;
+/// Highest protocol version this build speaks. Version 2 adds the
+/// cluster's nodes to `HelloOk`; a version 1 peer never sees them.
+pub const MAX_VERSION: u8 = 2;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(client_min: u8, client_max: u8) -> Option<u8> {
@@ -68,7 +69,8 @@ mod tests {
     fn negotiation_picks_highest_common_version() {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(MAX_VERSION));
-        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(1, 2), Some(2));
+        assert_eq!(negotiate(MAX_VERSION + 1, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 }

@@ -331,6 +331,17 @@ impl crate::server::ClusterControl for Control {
         cluster_status(&self.raft)
     }
 
+    fn nodes(&self) -> Vec<SocketAddr> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let voters: std::collections::BTreeSet<NodeId> = m.membership_config.voter_ids().collect();
+        m.membership_config
+            .nodes()
+            .filter(|(id, _)| voters.contains(id))
+            .filter_map(|(_, n)| client_addr(&n.addr))
+            .collect()
+    }
+
     fn add_node(
         &self,
         id: NodeId,

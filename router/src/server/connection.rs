@@ -242,6 +242,11 @@ async fn hello(
         server: format!("switchyard {}", env!("CARGO_PKG_VERSION")),
         max_message_bytes: shared.config.max_message_bytes as u32,
         max_frame_bytes: shared.config.max_frame_bytes as u32,
+        // Version 1 clients would take the field for trailing garbage.
+        cluster: match &shared.config.replica {
+            Some(r) if version >= 2 => r.control.nodes(),
+            _ => Vec::new(),
+        },
     };
     send.write_all(&ok.to_bytes())
         .await

@@ -168,6 +168,9 @@ pub struct Replica {
 pub trait ClusterControl: Send + Sync {
     /// The cluster as this node sees it, as JSON.
     fn status(&self) -> serde_json::Value;
+    /// The client addresses of the voting nodes, told to each client in
+    /// `HelloOk` so it can find the next leader when this one is gone.
+    fn nodes(&self) -> Vec<SocketAddr>;
     /// Adds node `id` listening for clients on `addr` (its Raft port is 5
     /// above): learner first, voter once it has caught up.
     fn add_node(
