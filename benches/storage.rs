@@ -2,13 +2,15 @@
 //! request of N records of 100 B, awaited (so one transaction and one fsync
 //! per iteration), for N = 1, 64 and 1024, made durable through the
 //! write-ahead journal (the default for small commits) and by a durable redb
-//! commit (`journal_bytes = 0`). Also the read path.
+//! commit (`journal_bytes = 0`). Also the read path, and how long a store
+//! takes to open and take its first idempotent publish with N message ids
+//! in its dedup window (what a restart, or a cluster's new leader, waits).
 
 #![allow(missing_docs)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchyard::protocol::{RawRecord, Record};
-use switchyard::storage::{ReadLimit, StorageConfig};
+use switchyard::storage::{AppendRecord, ReadLimit, Storage, StorageConfig};
 
 fn append(c: &mut Criterion) {
     let rec: RawRecord = Record::new(vec![b'x'; 100]).to_raw();
@@ -66,9 +68,53 @@ fn append(c: &mut Criterion) {
     rt.block_on(storage.shutdown());
 }
 
+/// `Storage::open` and one publish with a new message id, acknowledged,
+/// over a store whose dedup window holds `n` ids.
+fn open(c: &mut Criterion) {
+    let rec: RawRecord = Record::new(vec![b'x'; 100]).to_raw();
+    let mut g = c.benchmark_group("storage_open_then_publish");
+    g.sample_size(10);
+    for n in [0usize, 200_000] {
+        let (rt, dir, storage) = switchyard_benches::temp_store(1);
+        let topic = rt.block_on(storage.create_topic("bench", 1, 0, 0)).unwrap();
+        let id = topic.meta.id;
+        let with_id = |i: usize| AppendRecord {
+            topic_id: id,
+            partition: 0,
+            record: rec.clone(),
+            dedup: Some(bytes::Bytes::from(format!("id-{i}"))),
+            fanout: None,
+        };
+        for chunk in (0..n).collect::<Vec<_>>().chunks(4096) {
+            let batch = chunk.iter().map(|&i| with_id(i)).collect();
+            let ticket = rt.block_on(storage.append_many(batch, Vec::new())).unwrap();
+            rt.block_on(ticket).unwrap().unwrap();
+        }
+        rt.block_on(storage.shutdown());
+        drop(storage);
+        let path = dir.path().join("bench.redb");
+        let mut next = n;
+        g.bench_with_input(BenchmarkId::new("ids", n), &n, |b, _| {
+            b.iter(|| {
+                let storage = Storage::open(&path, StorageConfig::default()).unwrap();
+                next += 1;
+                rt.block_on(async {
+                    let ticket = storage
+                        .append_many(vec![with_id(next)], Vec::new())
+                        .await
+                        .unwrap();
+                    ticket.await.unwrap().unwrap();
+                    storage.shutdown().await;
+                });
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = append
+    targets = append, open
 }
 criterion_main!(benches);

@@ -12,6 +12,8 @@ mod error;
 pub mod log;
 pub mod stats;
 pub use log::ReadLimit;
+#[cfg(test)]
+mod dedup_tests;
 pub(crate) mod journal;
 #[cfg(test)]
 mod power_loss;
@@ -497,7 +499,8 @@ impl Storage {
                 .is_some()
                 .then(|| Arc::new(AtomicBool::new(true)))
         });
-        let (metas, parts, dedup) = load(&db)?;
+        let (metas, parts) = load(&db)?;
+        let dedup_load = load_dedup(&db)?;
         let feeds: FeedRegistry = Arc::new(RwLock::new(load_feeds(&db)?));
         let mut registry = HashMap::new();
         let mut states = HashMap::new();
@@ -505,8 +508,7 @@ impl Storage {
             let p = parts.get(&meta.id).cloned().unwrap_or_default();
             let infos: Arc<[PartitionInfo]> = p.iter().map(|s| s.info()).collect();
             let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
-            let dedup = dedup.get(&meta.id).cloned().unwrap_or_default();
-            states.insert(meta.id, writer::TopicState::new(handle.clone(), p, dedup));
+            states.insert(meta.id, writer::TopicState::new(handle.clone(), p));
             registry.insert(meta.name.clone(), handle);
         }
         let topics: Registry = Arc::new(RwLock::new(registry));
@@ -524,6 +526,7 @@ impl Storage {
             path.to_path_buf(),
             failed_tx,
             stats.clone(),
+            dedup_load,
         );
         let join = std::thread::Builder::new()
             .name("switchyard-writer".into())
@@ -1283,11 +1286,7 @@ pub(crate) fn dedup_hash(id: &[u8]) -> u64 {
     KEY.get_or_init(std::hash::RandomState::new).hash_one(id)
 }
 
-type Loaded = (
-    Vec<TopicMeta>,
-    HashMap<u32, Vec<PartState>>,
-    HashMap<u32, Vec<DedupEntry>>,
-);
+type Loaded = (Vec<TopicMeta>, HashMap<u32, Vec<PartState>>);
 
 /// Opens the journal beside the database and replays into redb the
 /// commits it holds that redb lost in a crash. A journal that cannot be
@@ -1436,17 +1435,36 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         }
         parts.insert(m.id, v);
     }
-    let mut dedup: HashMap<u32, Vec<DedupEntry>> = HashMap::new();
-    for entry in r.open_table(tables::DEDUP)?.iter()? {
-        let (k, v) = entry?;
-        let (topic, id) = k.value();
-        let (_, _, ts) = v.value();
-        dedup.entry(topic).or_default().push((ts, dedup_hash(id)));
-    }
-    for v in dedup.values_mut() {
-        v.sort_unstable();
-    }
-    Ok((metas, parts, dedup))
+    Ok((metas, parts))
+}
+
+/// Starts reading every topic's dedup window as `db` holds it now, on a
+/// thread of its own: the writer serves meanwhile, looking every message
+/// id up on disk until the windows arrive. The expiry index is in append
+/// order per topic, which is the order a window keeps.
+fn load_dedup(db: &Database) -> Result<writer::DedupLoad, StorageError> {
+    let r = db.begin_read()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("switchyard-dedup-load".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let read = || -> Result<HashMap<u32, writer::DedupWindow>, StorageError> {
+                let mut windows: HashMap<u32, writer::DedupWindow> = HashMap::new();
+                for entry in r.open_table(tables::DEDUP_EXPIRY)?.iter()? {
+                    let (k, id) = entry?;
+                    let (topic, ts, _, _) = k.value();
+                    windows
+                        .entry(topic)
+                        .or_default()
+                        .remember(ts, dedup_hash(id.value()));
+                }
+                Ok(windows)
+            };
+            let _ = tx.send(read().map(|w| (w, started.elapsed())));
+        })
+        .map_err(|e| StorageError::Corrupt(format!("cannot start the dedup reader: {e}")))?;
+    Ok(rx)
 }
 
 fn load_feeds(db: &Database) -> Result<HashMap<u32, TopicFeeds>, StorageError> {

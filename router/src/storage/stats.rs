@@ -22,6 +22,9 @@ pub struct StorageStats {
     /// entry is durable on a majority and its turn to be applied, in
     /// seconds (the cluster's counterpart of the journal sync).
     pub replicate_seconds: Histogram,
+    /// Whether the dedup windows have been read since the storage opened
+    /// (until then every message id is looked up on disk).
+    pub dedup_loaded: std::sync::atomic::AtomicBool,
 }
 
 /// Buckets for durations from 50 µs to about 3 s.
@@ -44,6 +47,7 @@ impl Default for StorageStats {
             database_sync_seconds: secs(),
             checkpoint_seconds: secs(),
             replicate_seconds: secs(),
+            dedup_loaded: Default::default(),
         }
     }
 }

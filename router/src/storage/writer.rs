@@ -125,42 +125,68 @@ impl WriteOp {
     }
 }
 
+/// A topic's message ids within its dedup window, as memory holds them:
+/// a filter in front of the `dedup` table. A hash found here is confirmed
+/// against the table; a hash not found means a new id, so the filter must
+/// hold every id the table does (it may hold more).
+#[derive(Default)]
+pub(crate) struct DedupWindow {
+    /// Hashes ([`super::dedup_hash`]) of the message ids, with how many
+    /// ids share each (almost always one). The ids stay on disk: memory
+    /// per id is the hash here and its entry below.
+    ids: HashMap<u64, u32>,
+    /// `(append ms, hash)` in append order, for expiry.
+    order: VecDeque<DedupEntry>,
+}
+
+impl DedupWindow {
+    /// Remembers an id appended at `t` (after every id already held).
+    pub(crate) fn remember(&mut self, t: u64, h: u64) {
+        *self.ids.entry(h).or_default() += 1;
+        self.order.push_back((t, h));
+    }
+
+    fn forget(&mut self, h: u64) {
+        if let Some(n) = self.ids.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                self.ids.remove(&h);
+            }
+        }
+    }
+
+    /// Appends `newer`, every id of which was appended after this
+    /// window's. Costs in proportion to `newer`.
+    fn extend(&mut self, newer: DedupWindow) {
+        for (t, h) in newer.order {
+            self.remember(t, h);
+        }
+    }
+
+    /// Ids held.
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// Every topic's dedup window as the database held it when storage
+/// opened, read on a thread of its own so that opening does not wait for
+/// it (a window of millions of ids takes seconds to read).
+pub(crate) type DedupLoad =
+    std::sync::mpsc::Receiver<Result<(HashMap<u32, DedupWindow>, Duration), StorageError>>;
+
 pub(crate) struct TopicState {
     handle: Arc<TopicHandle>,
     parts: Vec<PartState>,
-    /// Hashes ([`super::dedup_hash`]) of the message ids within the dedup
-    /// window, with how many ids share each (almost always one). The ids
-    /// stay on disk: memory per id is the hash here and its entry below.
-    dedup: HashMap<u64, u32>,
-    /// `(append ms, hash)` in append order, for expiry.
-    dedup_order: VecDeque<(u64, u64)>,
+    dedup: DedupWindow,
 }
 
 impl TopicState {
-    pub(crate) fn new(
-        handle: Arc<TopicHandle>,
-        parts: Vec<PartState>,
-        dedup: Vec<DedupEntry>,
-    ) -> Self {
-        let mut st = TopicState {
+    pub(crate) fn new(handle: Arc<TopicHandle>, parts: Vec<PartState>) -> Self {
+        TopicState {
             handle,
             parts,
-            dedup: HashMap::new(),
-            dedup_order: VecDeque::new(),
-        };
-        for (ts, h) in dedup {
-            *st.dedup.entry(h).or_default() += 1;
-            st.dedup_order.push_back((ts, h));
-        }
-        st
-    }
-
-    fn forget_id(&mut self, h: u64) {
-        if let Some(n) = self.dedup.get_mut(&h) {
-            *n -= 1;
-            if *n == 0 {
-                self.dedup.remove(&h);
-            }
+            dedup: DedupWindow::default(),
         }
     }
 
@@ -194,6 +220,12 @@ pub(crate) struct Writer {
     /// write until it is reopened).
     space_failed: bool,
     stats: Arc<super::stats::StorageStats>,
+    /// The dedup windows being read after open; until they arrive every
+    /// message id is looked up on disk.
+    dedup_load: Option<DedupLoad>,
+    /// The windows could not be read: every id is looked up on disk for
+    /// the life of this storage (correct, only slower).
+    dedup_unloaded: bool,
 }
 
 /// How often the writer looks at the free space, at most.
@@ -379,8 +411,11 @@ impl Writer {
         path: std::path::PathBuf,
         failed: watch::Sender<Option<Arc<str>>>,
         stats: Arc<super::stats::StorageStats>,
+        dedup_load: DedupLoad,
     ) -> Self {
         Writer {
+            dedup_load: Some(dedup_load),
+            dedup_unloaded: false,
             db,
             registry,
             feeds,
@@ -396,6 +431,44 @@ impl Writer {
             space_failed: false,
             stats,
         }
+    }
+
+    /// Takes in the dedup windows read since storage opened, if they are
+    /// ready: each topic's loaded window, then the ids appended since.
+    fn take_loaded_dedup(&mut self) {
+        let Some(rx) = &self.dedup_load else { return };
+        let (loaded, took) = match rx.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the dedup windows; every message id is looked up on disk");
+                self.dedup_load = None;
+                self.dedup_unloaded = true;
+                return;
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                tracing::error!(
+                    "the dedup window reader stopped; every message id is looked up on disk"
+                );
+                self.dedup_load = None;
+                self.dedup_unloaded = true;
+                return;
+            }
+        };
+        self.dedup_load = None;
+        self.stats
+            .dedup_loaded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ids = 0;
+        for (topic, mut window) in loaded {
+            // A topic deleted meanwhile has no state, and its ids no rows.
+            if let Some(ts) = self.topics.get_mut(&topic) {
+                window.extend(std::mem::take(&mut ts.dedup));
+                ids += window.len();
+                ts.dedup = window;
+            }
+        }
+        tracing::info!(ids, ?took, "dedup windows loaded");
     }
 
     /// The failure that stopped this storage, if one did.
@@ -725,9 +798,9 @@ impl Writer {
                 flushed = Err(clone_error(&e));
                 for (t, h) in new_ids.into_iter().rev() {
                     if let Some(ts) = self.topics.get_mut(&t) {
-                        ts.forget_id(h);
-                        if ts.dedup_order.back().is_some_and(|(_, b)| *b == h) {
-                            ts.dedup_order.pop_back();
+                        ts.dedup.forget(h);
+                        if ts.dedup.order.back().is_some_and(|(_, b)| *b == h) {
+                            ts.dedup.order.pop_back();
                         }
                     }
                 }
@@ -767,6 +840,9 @@ impl Writer {
         flushes: &mut Vec<oneshot::Sender<Result<(), StorageError>>>,
         new_ids: &mut Vec<(u32, u64)>,
     ) -> Result<(), StorageError> {
+        self.take_loaded_dedup();
+        // Until the windows are loaded every id is looked up on disk.
+        let partial = self.dedup_load.is_some() || self.dedup_unloaded;
         let txn = self.db.begin_write()?;
         {
             let mut tables = DataTables::new(&txn, &mut self.redo);
@@ -814,7 +890,7 @@ impl Writer {
                             let ts = self.topics.get_mut(&r.topic_id).expect("checked above");
                             let hash = r.dedup.as_deref().map(super::dedup_hash);
                             if let (Some(id), Some(h)) = (&r.dedup, hash)
-                                && ts.dedup.contains_key(&h)
+                                && (partial || ts.dedup.ids.contains_key(&h))
                                 && let Some((p, o, _)) =
                                     tables.dedup()?.get((r.topic_id, &id[..]))?
                             {
@@ -859,8 +935,7 @@ impl Writer {
                                 tables
                                     .dedup_expiry()?
                                     .insert((r.topic_id, t, p, offset), &id[..])?;
-                                *ts.dedup.entry(h).or_default() += 1;
-                                ts.dedup_order.push_back((t, h));
+                                ts.dedup.remember(t, h);
                                 new_ids.push((r.topic_id, h));
                             }
                         }
@@ -1136,7 +1211,7 @@ impl Writer {
         let infos: Arc<[PartitionInfo]> = parts.iter().map(|s| s.info()).collect();
         let handle = Arc::new(TopicHandle::new(meta.clone(), infos));
         self.topics
-            .insert(meta.id, TopicState::new(handle.clone(), parts, Vec::new()));
+            .insert(meta.id, TopicState::new(handle.clone(), parts));
         self.registry
             .write()
             .expect("registry lock")
@@ -1624,7 +1699,7 @@ fn expire_dedup(
         let window = ts.handle.policy().dedup_window_ms;
         let mut upto = None;
         let mut expired = 0;
-        while let Some(&(t, h)) = ts.dedup_order.front() {
+        while let Some(&(t, h)) = ts.dedup.order.front() {
             // A bounded share per commit: forgetting a million ids at once
             // would hold them all in one transaction. The rest go with the
             // next commits; until then they are remembered a little longer.
@@ -1632,8 +1707,8 @@ fn expire_dedup(
                 break;
             }
             expired += 1;
-            ts.dedup_order.pop_front();
-            ts.forget_id(h);
+            ts.dedup.order.pop_front();
+            ts.dedup.forget(h);
             upto = Some(t);
         }
         if let Some(upto) = upto {
