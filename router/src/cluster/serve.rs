@@ -166,6 +166,7 @@ pub async fn run(
             endpoint: clients.clone(),
             metrics: metrics.clone(),
         });
+        let opening = std::time::Instant::now();
         let router = match Router::start(rc).await {
             Ok(r) => r,
             Err(e) => {
@@ -174,7 +175,7 @@ pub async fn run(
                 return Err(e);
             }
         };
-        tracing::info!(node = cfg.node_id, term, "leading: serving clients");
+        tracing::info!(node = cfg.node_id, term, opened_in = ?opening.elapsed(), "leading: serving clients");
         let ending = tokio::select! {
             () = &mut shutdown => Ending::Shutdown,
             () = until_not_leader(&node, term) => Ending::Handover,

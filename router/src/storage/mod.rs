@@ -1445,13 +1445,18 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
 fn load_dedup(db: &Database) -> Result<writer::DedupLoad, StorageError> {
     let r = db.begin_read()?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cancelled = cancel.clone();
     std::thread::Builder::new()
         .name("switchyard-dedup-load".into())
         .spawn(move || {
             let started = std::time::Instant::now();
             let read = || -> Result<HashMap<u32, writer::DedupWindow>, StorageError> {
                 let mut windows: HashMap<u32, writer::DedupWindow> = HashMap::new();
-                for entry in r.open_table(tables::DEDUP_EXPIRY)?.iter()? {
+                for (n, entry) in r.open_table(tables::DEDUP_EXPIRY)?.iter()?.enumerate() {
+                    if n % 4096 == 0 && cancelled.load(Ordering::Relaxed) {
+                        return Err(StorageError::ShutDown);
+                    }
                     let (k, id) = entry?;
                     let (topic, ts, _, _) = k.value();
                     windows
@@ -1464,7 +1469,7 @@ fn load_dedup(db: &Database) -> Result<writer::DedupLoad, StorageError> {
             let _ = tx.send(read().map(|w| (w, started.elapsed())));
         })
         .map_err(|e| StorageError::Corrupt(format!("cannot start the dedup reader: {e}")))?;
-    Ok(rx)
+    Ok(writer::DedupLoad { rx, cancel })
 }
 
 fn load_feeds(db: &Database) -> Result<HashMap<u32, TopicFeeds>, StorageError> {

@@ -172,8 +172,21 @@ impl DedupWindow {
 /// Every topic's dedup window as the database held it when storage
 /// opened, read on a thread of its own so that opening does not wait for
 /// it (a window of millions of ids takes seconds to read).
-pub(crate) type DedupLoad =
-    std::sync::mpsc::Receiver<Result<(HashMap<u32, DedupWindow>, Duration), StorageError>>;
+pub(crate) struct DedupLoad {
+    /// The windows and how long reading them took.
+    pub(crate) rx:
+        std::sync::mpsc::Receiver<Result<(HashMap<u32, DedupWindow>, Duration), StorageError>>,
+    /// Set when the windows are no longer wanted (the storage closed
+    /// first): the reader stops.
+    pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for DedupLoad {
+    fn drop(&mut self) {
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 pub(crate) struct TopicState {
     handle: Arc<TopicHandle>,
@@ -436,8 +449,8 @@ impl Writer {
     /// Takes in the dedup windows read since storage opened, if they are
     /// ready: each topic's loaded window, then the ids appended since.
     fn take_loaded_dedup(&mut self) {
-        let Some(rx) = &self.dedup_load else { return };
-        let (loaded, took) = match rx.try_recv() {
+        let Some(load) = &self.dedup_load else { return };
+        let (loaded, took) = match load.rx.try_recv() {
             Err(std::sync::mpsc::TryRecvError::Empty) => return,
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
