@@ -172,10 +172,12 @@ impl DedupWindow {
 /// Every topic's dedup window as the database held it when storage
 /// opened, read on a thread of its own so that opening does not wait for
 /// it (a window of millions of ids takes seconds to read).
+/// Every topic's window by topic id, and how long reading them took.
+pub(crate) type DedupWindows = (HashMap<u32, DedupWindow>, Duration);
+
 pub(crate) struct DedupLoad {
-    /// The windows and how long reading them took.
-    pub(crate) rx:
-        std::sync::mpsc::Receiver<Result<(HashMap<u32, DedupWindow>, Duration), StorageError>>,
+    /// The windows, once read.
+    pub(crate) rx: std::sync::mpsc::Receiver<Result<DedupWindows, StorageError>>,
     /// Set when the windows are no longer wanted (the storage closed
     /// first): the reader stops.
     pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
