@@ -680,6 +680,18 @@ async fn cluster_status_beside_any_node_names_the_leader() {
             .find_map(|l| l.strip_prefix("switchyard_cluster_applied_index "))
             .and_then(|n| n.parse::<u64>().ok());
         assert!(applied.is_some_and(|i| i > 0), "{body}");
+        // Its disk, which fills as surely as the leader's.
+        for name in [
+            r#"switchyard_storage_file_bytes{file="database"} "#,
+            r#"switchyard_storage_file_bytes{file="raft_log"} "#,
+            "switchyard_disk_free_bytes ",
+        ] {
+            let v = body
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(v.is_some_and(|v| v > 0), "no `{name}` in:\n{body}");
+        }
         // Members and their lag are the leader's to tell.
         assert!(!body.contains("switchyard_cluster_member"), "{body}");
     }

@@ -470,6 +470,7 @@ impl FollowerEndpoint {
         let (auth, data) = (cfg.router.auth.clone(), cfg.router.data.clone());
         let metrics = FollowerMetrics {
             status: Box::new(move || cluster_status(&raft)),
+            data: cfg.router.data.clone(),
             admits: Box::new(move |token| {
                 crate::auth::token_may(
                     &auth,

@@ -126,6 +126,47 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
+/// The data directory's files and the free space beside them, on every
+/// node (a follower's disk fills as surely as its leader's): `files` are
+/// `(label, file name)`.
+fn disk_families(
+    enc: &mut DescriptorEncoder,
+    dir: &std::path::Path,
+    files: &[(&str, &str)],
+) -> std::fmt::Result {
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len() as i64);
+    family(
+        enc,
+        "switchyard_storage_file",
+        "Bytes of the data directory's files: the database, and the journal (a single router) or the Raft log (a cluster node).",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
+        files
+            .iter()
+            .map(|(label, name)| (vec![("file", *label)], gauge(size(name)))),
+    )?;
+    use crate::storage::disk::Disk as _;
+    if let Ok(free) = crate::storage::disk::OsDisk.free_bytes(dir) {
+        family(
+            enc,
+            "switchyard_disk_free",
+            "Free bytes on the data directory's file system.",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+            [(vec![], gauge(free as i64))],
+        )?;
+    }
+    Ok(())
+}
+
+/// The files [`disk_families`] reports for a router: a cluster node's
+/// Raft log stands where a single router's journal does.
+const ROUTER_FILES: [(&str, &str); 2] = [
+    ("database", "switchyard.redb"),
+    ("journal", "switchyard.journal"),
+];
+const NODE_FILES: [(&str, &str); 2] = [("database", "switchyard.redb"), ("raft_log", "raft.redb")];
+
 /// A cluster node's families: its own position on every node, and the
 /// members and their lag on the leader that serves (`serving`), which is
 /// the only node that knows them.
@@ -543,28 +584,12 @@ impl Collector for RouterCollector {
                 [(vec![], h.clone())],
             )?;
         }
-        let (db, journal) = storage.file_bytes();
-        family(
-            &mut enc,
-            "switchyard_storage_file",
-            "Bytes of the database file and of the journal.",
-            bytes,
-            MetricType::Gauge,
-            [
-                (vec![("file", "database")], gauge(db as i64)),
-                (vec![("file", "journal")], gauge(journal as i64)),
-            ],
-        )?;
-        if let Some(free) = storage.free_bytes() {
-            family(
-                &mut enc,
-                "switchyard_disk_free",
-                "Free bytes on the data directory's file system.",
-                bytes,
-                MetricType::Gauge,
-                [(vec![], gauge(free as i64))],
-            )?;
-        }
+        let files = if shared.config.replica.is_some() {
+            NODE_FILES
+        } else {
+            ROUTER_FILES
+        };
+        disk_families(&mut enc, &shared.config.data, &files)?;
         if let Some(r) = &shared.config.replica {
             cluster_families(&mut enc, &r.control.status(), true)?;
             family(
@@ -866,13 +891,18 @@ pub(crate) async fn serve(
 pub(crate) struct FollowerMetrics {
     /// The cluster as the node sees it (`cluster_status`'s JSON).
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The node's data directory, for its files and free space.
+    pub data: std::path::PathBuf,
     /// Whether a bearer token may read metrics (`cluster-admin`), asked
     /// only when the endpoint is bound beyond loopback.
     pub admits: Admits,
 }
 
 /// Reads a follower's state at each scrape.
-struct FollowerCollector(Box<dyn Fn() -> serde_json::Value + Send + Sync>);
+struct FollowerCollector {
+    status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    data: std::path::PathBuf,
+}
 
 impl std::fmt::Debug for FollowerCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -882,20 +912,25 @@ impl std::fmt::Debug for FollowerCollector {
 
 impl Collector for FollowerCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        cluster_families(&mut enc, &(self.0)(), false)
+        cluster_families(&mut enc, &(self.status)(), false)?;
+        disk_families(&mut enc, &self.data, &NODE_FILES)
     }
 }
 
 /// Serves `/metrics` for a cluster node while it follows, so a scraper
 /// of every node sees every node (a follower's router is not running):
-/// the node's own cluster families, `switchyard_cluster_serving 0`.
+/// the node's own cluster families, `switchyard_cluster_serving 0`, and
+/// its disk.
 pub(crate) async fn serve_follower(
     listener: tokio::net::TcpListener,
     metrics: FollowerMetrics,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(FollowerCollector(metrics.status)));
+    registry.register_collector(Box::new(FollowerCollector {
+        status: metrics.status,
+        data: metrics.data,
+    }));
     serve_registry(listener, registry, metrics.admits, stop).await;
 }
 
