@@ -25,6 +25,8 @@ use futures::stream::FuturesOrdered;
 use switchyard::client::{
     Client, ClientConfig, QueueOptions, Record, StartPosition, SubscribeOptions,
 };
+use switchyard::protocol::Frame;
+use switchyard::transport::FrameReader;
 
 const PER_BATCH: usize = 20;
 
@@ -629,6 +631,31 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     let mut all = cluster.addrs.clone();
     all.sort();
     assert_eq!(told, all, "the nodes a cluster client is told of");
+    // A client of protocol version 1 is not sent them: it would take the
+    // field for trailing bytes and fail the handshake.
+    let token = std::fs::read_to_string(cluster.nodes[0].dir.join("admin.token")).unwrap();
+    for (max_version, nodes) in [(1, 0), (2, 3)] {
+        let conn = common::raw_connect_to(leader_addr, &cluster.cert(), "127.0.0.1").await;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let hello = Frame::Hello {
+            min_version: 1,
+            max_version,
+            client: "raw".into(),
+            token: Some(token.trim().to_string()),
+        };
+        send.write_all(&hello.to_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(recv, 1 << 20);
+        match reader.next().await {
+            Ok(Some(Frame::HelloOk {
+                version, cluster, ..
+            })) => {
+                assert_eq!(version, max_version);
+                assert_eq!(cluster.len(), nodes, "version {version}");
+            }
+            other => panic!("version {max_version}: {other:?}"),
+        }
+        conn.close(0u32.into(), b"");
+    }
     // The leader's metrics describe the cluster, and the publish's
     // replication was timed.
     let at = cluster.nodes[leader as usize - 1].addr;

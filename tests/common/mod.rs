@@ -87,8 +87,14 @@ pub async fn connect_with(
 /// A QUIC connection to `r` from address `bind`, with our ALPN and trust
 /// and nothing else of the client: for tests that speak raw frames.
 pub async fn raw_connect_from(r: &TestRouter, bind: &str) -> quinn::Connection {
+    raw_connect_to(r.addr, &r.cert, bind).await
+}
+
+/// [`raw_connect_from`] any router or cluster node at `addr` whose
+/// certificate (or CA) is `cert`.
+pub async fn raw_connect_to(addr: SocketAddr, cert: &Path, bind: &str) -> quinn::Connection {
     let mut roots = rustls::RootCertStore::empty();
-    for c in switchyard::server::tls::load_certs(&r.cert).unwrap() {
+    for c in switchyard::server::tls::load_certs(cert).unwrap() {
         roots.add(c).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -101,7 +107,7 @@ pub async fn raw_connect_from(r: &TestRouter, bind: &str) -> quinn::Connection {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client(format!("{bind}:0").parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    ep.connect(r.addr, "localhost").unwrap().await.unwrap()
+    ep.connect(addr, "localhost").unwrap().await.unwrap()
 }
 
 /// [`raw_connect_from`] loopback's usual address.
