@@ -262,7 +262,16 @@ pub(crate) struct Route {
     /// Cluster timing ([`CLUSTER_IDLE_TIMEOUT`]) to switch to on finding a
     /// cluster, for a client left at the single-router default.
     cluster_quic: Option<quinn::ClientConfig>,
+    /// A node whose connection went silent, and when: probably down, so
+    /// for [`SILENT_SKIP`] the client asks the others first (it still
+    /// follows a redirect there: the others name it only if they hear
+    /// from it).
+    silent: Option<(SocketAddr, Instant)>,
 }
+
+/// How long a node that went silent is passed over: about as long as the
+/// others take to elect a new leader.
+const SILENT_SKIP: Duration = Duration::from_secs(3);
 
 impl Route {
     /// A route to `cfg.addr`, with `tls` as the client's TLS setup.
@@ -275,7 +284,23 @@ impl Route {
             learned: Vec::new(),
             quic: quic_config(tls, cfg.idle_timeout)?,
             cluster_quic,
+            silent: None,
         })
+    }
+
+    /// Moves on to the next node to try, passing over one that went
+    /// silent a moment ago unless it is the only one.
+    fn advance(&mut self, cfg: &ClientConfig) {
+        let nodes = self.nodes(cfg);
+        let skip = self
+            .silent
+            .filter(|(_, since)| since.elapsed() < SILENT_SKIP)
+            .map(|(a, _)| a);
+        let at = nodes.iter().position(|a| *a == self.target).unwrap_or(0);
+        self.target = (1..=nodes.len())
+            .map(|k| nodes[(at + k) % nodes.len()])
+            .find(|a| Some(*a) != skip)
+            .unwrap_or(nodes[(at + 1) % nodes.len()]);
     }
 
     /// Every node worth trying, the configured ones first.
@@ -289,6 +314,14 @@ impl Route {
             }
         }
         nodes
+    }
+
+    /// The connection to `addr` went silent: the node is probably down,
+    /// so the client asks the others first.
+    fn went_silent(&mut self, cfg: &ClientConfig, addr: SocketAddr) {
+        self.silent = Some((addr, Instant::now()));
+        self.target = addr;
+        self.advance(cfg);
     }
 
     /// Takes in what a handshake said of the cluster. True if the QUIC
@@ -875,10 +908,7 @@ async fn connect_any(
             let r = route.lock().expect("route lock");
             (r.target, r.nodes(cfg), r.quic.clone())
         };
-        let next = || {
-            let i = nodes.iter().position(|a| *a == addr).map_or(0, |i| i + 1);
-            route.lock().expect("route lock").target = nodes[i % nodes.len()];
-        };
+        let next = || route.lock().expect("route lock").advance(cfg);
         match handshake(cfg, addr, endpoint, &quic, generation, nodes.len() > 1).await {
             Ok(link) => {
                 if !route.lock().expect("route lock").learn(&link.info.cluster) {
@@ -1060,6 +1090,13 @@ async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
             notified.await;
         } else {
             tracing::warn!(addr = %shared.cfg.addr, %reason, "connection lost; reconnecting");
+            if matches!(lost, quinn::ConnectionError::TimedOut) {
+                shared
+                    .route
+                    .lock()
+                    .expect("route lock")
+                    .went_silent(&shared.cfg, link.conn.remote_address());
+            }
             drop(shared);
         }
         let generation = link.generation + 1;
@@ -1147,4 +1184,59 @@ async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Wai
     }
     // Dropping the senders fails every waiting request.
     waiters.lock().expect("waiters lock").clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(cfg: &ClientConfig) -> Route {
+        Route {
+            target: cfg.addr,
+            learned: Vec::new(),
+            quic: {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                let quic = Arc::new(QuicClientConfig::try_from(tls).unwrap());
+                quic_config(&quic, DEFAULT_IDLE_TIMEOUT).unwrap()
+            },
+            cluster_quic: None,
+            silent: None,
+        }
+    }
+
+    #[test]
+    fn a_node_gone_silent_is_passed_over_for_a_while() {
+        let a: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("127.0.0.1:{}", 7400 + i).parse().unwrap())
+            .collect();
+        let cfg = ClientConfig::new(a[0]).with_cluster(a.clone());
+        let mut r = route(&cfg);
+        r.went_silent(&cfg, a[0]);
+        assert_eq!(r.target, a[1]);
+        r.advance(&cfg);
+        assert_eq!(r.target, a[2]);
+        // Round again, past the silent node.
+        r.advance(&cfg);
+        assert_eq!(r.target, a[1]);
+        // A while later it is tried again in turn.
+        r.silent = Some((a[0], Instant::now() - SILENT_SKIP));
+        r.advance(&cfg);
+        assert_eq!(r.target, a[2]);
+        r.advance(&cfg);
+        assert_eq!(r.target, a[0]);
+    }
+
+    #[test]
+    fn a_lone_node_gone_silent_is_still_tried() {
+        let a: SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        let cfg = ClientConfig::new(a);
+        let mut r = route(&cfg);
+        r.went_silent(&cfg, a);
+        assert_eq!(r.target, a);
+    }
 }

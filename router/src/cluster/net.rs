@@ -229,17 +229,71 @@ async fn read_message<T: serde::de::DeserializeOwned>(
     postcard::from_bytes(&body).map_err(|e| e.to_string())
 }
 
+/// When this node last accepted entries or a heartbeat from a leader of
+/// its group: how a follower tells a leader that went silent (crashed,
+/// cut off) before the group has elected another, while openraft still
+/// names it leader.
+#[derive(Clone)]
+pub struct LeaderContact {
+    start: std::time::Instant,
+    /// Milliseconds after `start`; 0: never.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LeaderContact {
+    /// No contact yet.
+    pub fn new() -> LeaderContact {
+        LeaderContact {
+            start: std::time::Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+
+    pub(crate) fn heard(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since a leader was last heard from (since this node
+    /// started, if never).
+    pub fn silent_for(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Answers Raft RPCs arriving at `endpoint` with `raft`, until the
-/// endpoint closes.
+/// endpoint closes, noting in `contact` each append a leader made.
 /// Snapshots received are written to files in `snapshots`.
-pub async fn serve(endpoint: quinn::Endpoint, raft: Raft, snapshots: Arc<SnapshotDir>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    raft: Raft,
+    snapshots: Arc<SnapshotDir>,
+    contact: LeaderContact,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let raft = raft.clone();
         let snapshots = snapshots.clone();
+        let contact = contact.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle(raft.clone(), snapshots.clone(), send, recv));
+                tokio::spawn(handle(
+                    raft.clone(),
+                    snapshots.clone(),
+                    contact.clone(),
+                    send,
+                    recv,
+                ));
             }
         });
     }
@@ -248,6 +302,7 @@ pub async fn serve(endpoint: quinn::Endpoint, raft: Raft, snapshots: Arc<Snapsho
 async fn handle(
     raft: Raft,
     snapshots: Arc<SnapshotDir>,
+    contact: LeaderContact,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -259,10 +314,16 @@ async fn handle(
         }
     };
     let response = match request {
-        Request::Append(rpc) => raft
-            .append_entries(rpc)
-            .await
-            .map_or_else(|e| Response::Failed(e.to_string()), Response::Append),
+        Request::Append(rpc) => match raft.append_entries(rpc).await {
+            Err(e) => Response::Failed(e.to_string()),
+            Ok(r) => {
+                // Anything but a refusal of its term: a live leader.
+                if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                    contact.heard();
+                }
+                Response::Append(r)
+            }
+        },
         Request::Vote(rpc) => raft
             .vote(rpc)
             .await

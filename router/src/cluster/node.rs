@@ -150,6 +150,8 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
 /// A running member of a group.
 pub struct ClusterNode {
     id: NodeId,
+    /// When a leader was last heard from (on a follower).
+    contact: super::net::LeaderContact,
     raft: Raft,
     state: StateMachine,
     endpoint: quinn::Endpoint,
@@ -161,6 +163,33 @@ pub struct ClusterNode {
     server: tokio::task::JoinHandle<()>,
     trigger: tokio::task::JoinHandle<()>,
     tracker: tokio::task::JoinHandle<()>,
+}
+
+/// The leader a client should be sent to, as a follower knows it, for
+/// the redirect.
+#[derive(Clone)]
+pub struct LeaderView {
+    me: NodeId,
+    raft: Raft,
+    contact: super::net::LeaderContact,
+    silent_limit: Duration,
+}
+
+impl LeaderView {
+    /// The leader's id and Raft address: none while an election is under
+    /// way, and none once the leader has been silent for an election
+    /// timeout. It probably crashed and the others will elect another;
+    /// openraft names it until then, and a client sent to it would wait
+    /// for a handshake that never comes.
+    pub fn live_leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        if leader != self.me && self.contact.silent_for() >= self.silent_limit {
+            return None;
+        }
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
 }
 
 impl ClusterNode {
@@ -221,10 +250,12 @@ impl ClusterNode {
         {
             tracing::debug!(error = %e, "Raft group already initialized");
         }
+        let contact = super::net::LeaderContact::new();
         let server = tokio::spawn(serve(
             endpoint.clone(),
             raft.clone(),
             state.snapshots().clone(),
+            contact.clone(),
         ));
         let trigger = tokio::spawn(snapshot_trigger(
             raft.clone(),
@@ -233,9 +264,14 @@ impl ClusterNode {
             config.timing.clone(),
         ));
         let leading_since = Arc::default();
-        let tracker = tokio::spawn(track_leadership(raft.clone(), Arc::clone(&leading_since)));
+        let tracker = tokio::spawn(track_leadership(
+            raft.clone(),
+            Arc::clone(&leading_since),
+            contact.clone(),
+        ));
         Ok(ClusterNode {
             id: config.id,
+            contact,
             raft,
             state,
             endpoint,
@@ -256,6 +292,16 @@ impl ClusterNode {
     /// The Raft handle.
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Where this node would send a client: see [`LeaderView`].
+    pub fn leader_view(&self) -> LeaderView {
+        LeaderView {
+            me: self.id,
+            raft: self.raft.clone(),
+            contact: self.contact.clone(),
+            silent_limit: self.timing.election.0,
+        }
     }
 
     /// The replicated tables.
@@ -418,6 +464,7 @@ const RAFT_DRAIN: Duration = Duration::from_millis(300);
 async fn track_leadership(
     raft: Raft,
     slot: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
+    contact: super::net::LeaderContact,
 ) {
     let mut metrics = raft.metrics();
     loop {
@@ -425,6 +472,12 @@ async fn track_leadership(
             let m = metrics.borrow_and_update();
             let mut s = slot.lock().expect("leadership lock");
             if m.state != ServerState::Leader {
+                if s.is_some() {
+                    // A leader is in contact with itself until it steps
+                    // down: its redirect names the next leader at once
+                    // (a handover), not only once that one's appends come.
+                    contact.heard();
+                }
                 *s = None;
             } else if s.is_none_or(|(term, _)| term != m.current_term) {
                 *s = Some((m.current_term, tokio::time::Instant::now()));

@@ -557,7 +557,7 @@ impl Redirect {
         endpoint: &quinn::Endpoint,
     ) -> Result<Redirect, StartError> {
         endpoint.set_server_config(Some(Self::config(cfg)?));
-        let metrics = node.raft().metrics();
+        let view = node.leader_view();
         let me = cfg.node_id;
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
@@ -565,17 +565,14 @@ impl Redirect {
             // progress too.
             let mut closing = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
-                let to = {
-                    let m = metrics.borrow();
-                    // Not itself: a leader that stopped serving (cut off
-                    // from the others) sends clients to try the others.
-                    m.current_leader
-                        .filter(|&l| l != me)
-                        .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
-                        .and_then(|n| client_addr(&n.addr))
-                        .map(|a| a.to_string())
-                        .unwrap_or_default()
-                };
+                // Not itself: a leader that stopped serving (cut off from
+                // the others) sends clients to try the others.
+                let to = view
+                    .live_leader()
+                    .filter(|(l, _)| *l != me)
+                    .and_then(|(_, addr)| client_addr(&addr))
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 closing.spawn(async move {
                     if let Ok(Ok(conn)) =
                         tokio::time::timeout(Duration::from_secs(2), incoming).await

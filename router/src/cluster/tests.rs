@@ -308,6 +308,28 @@ async fn a_stopping_leader_hands_over_in_one_round_trip() {
     g.stop().await;
 }
 
+/// A follower stops sending clients to a leader it no longer hears from
+/// (a crash) after an election timeout, though openraft names that
+/// leader until the others elect another: a client sent there would wait
+/// for a handshake that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stops_naming_a_leader_gone_silent() {
+    let mut g = Group::start(timing()).await;
+    let first = g.leader(&[1, 2, 3]).await;
+    // No election from here on: openraft goes on naming the old leader.
+    for n in g.nodes.values() {
+        n.raft().runtime_config().elect(false);
+    }
+    let other = (1..=3).find(|&id| id != first).unwrap();
+    let view = g.nodes[&other].leader_view();
+    assert_eq!(view.live_leader().map(|(id, _)| id), Some(first));
+    g.down(first).await;
+    tokio::time::sleep(timing().election.0 + Duration::from_millis(200)).await;
+    assert_eq!(g.nodes[&other].leader(), Some(first));
+    assert_eq!(view.live_leader(), None);
+    g.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_acknowledges_nothing_and_replicas_agree_after_healing() {
     let g = Group::start(timing()).await;
