@@ -236,7 +236,7 @@ async fn read_message<T: serde::de::DeserializeOwned>(
 #[derive(Clone)]
 pub struct LeaderContact {
     start: std::time::Instant,
-    /// Milliseconds after `start`; 0: never.
+    /// Milliseconds after `start` (0 until a leader is heard from).
     last_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -251,8 +251,7 @@ impl LeaderContact {
 
     pub(crate) fn heard(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms
-            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How long since a leader was last heard from (since this node

@@ -182,7 +182,8 @@ impl LeaderView {
     /// openraft names it until then, and a client sent to it would wait
     /// for a handshake that never comes.
     pub fn live_leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let leader = m.current_leader?;
         if leader != self.me && self.contact.silent_for() >= self.silent_limit {
             return None;

@@ -146,6 +146,14 @@ impl DedupWindow {
         self.order.push_back((t, h));
     }
 
+    /// Takes back the newest id, `h` (its commit failed).
+    fn forget_newest(&mut self, h: u64) {
+        self.forget(h);
+        if self.order.back().is_some_and(|(_, b)| *b == h) {
+            self.order.pop_back();
+        }
+    }
+
     fn forget(&mut self, h: u64) {
         if let Some(n) = self.ids.get_mut(&h) {
             *n -= 1;
@@ -235,12 +243,19 @@ pub(crate) struct Writer {
     /// write until it is reopened).
     space_failed: bool,
     stats: Arc<super::stats::StorageStats>,
-    /// The dedup windows being read after open; until they arrive every
-    /// message id is looked up on disk.
-    dedup_load: Option<DedupLoad>,
-    /// The windows could not be read: every id is looked up on disk for
-    /// the life of this storage (correct, only slower).
-    dedup_unloaded: bool,
+    /// Whether the in-memory dedup windows hold every id on disk yet.
+    dedup: Windows,
+}
+
+/// Where the in-memory dedup windows stand. Until they are
+/// [`Windows::Loaded`], every message id is looked up on disk.
+enum Windows {
+    /// Being read since the storage opened.
+    Loading(DedupLoad),
+    Loaded,
+    /// They could not be read: ids are looked up on disk for the life of
+    /// this storage (correct, only slower).
+    Unreadable,
 }
 
 /// How often the writer looks at the free space, at most.
@@ -429,8 +444,7 @@ impl Writer {
         dedup_load: DedupLoad,
     ) -> Self {
         Writer {
-            dedup_load: Some(dedup_load),
-            dedup_unloaded: false,
+            dedup: Windows::Loading(dedup_load),
             db,
             registry,
             feeds,
@@ -451,26 +465,23 @@ impl Writer {
     /// Takes in the dedup windows read since storage opened, if they are
     /// ready: each topic's loaded window, then the ids appended since.
     fn take_loaded_dedup(&mut self) {
-        let Some(load) = &self.dedup_load else { return };
+        let Windows::Loading(load) = &self.dedup else {
+            return;
+        };
         let (loaded, took) = match load.rx.try_recv() {
             Err(std::sync::mpsc::TryRecvError::Empty) => return,
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot read the dedup windows; every message id is looked up on disk");
-                self.dedup_load = None;
-                self.dedup_unloaded = true;
-                return;
-            }
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                tracing::error!(
-                    "the dedup window reader stopped; every message id is looked up on disk"
-                );
-                self.dedup_load = None;
-                self.dedup_unloaded = true;
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the reader stopped".to_string(),
+                };
+                tracing::error!(%error, "cannot read the dedup windows; every message id is looked up on disk");
+                self.dedup = Windows::Unreadable;
                 return;
             }
         };
-        self.dedup_load = None;
+        self.dedup = Windows::Loaded;
         self.stats
             .dedup_loaded
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -813,10 +824,7 @@ impl Writer {
                 flushed = Err(clone_error(&e));
                 for (t, h) in new_ids.into_iter().rev() {
                     if let Some(ts) = self.topics.get_mut(&t) {
-                        ts.dedup.forget(h);
-                        if ts.dedup.order.back().is_some_and(|(_, b)| *b == h) {
-                            ts.dedup.order.pop_back();
-                        }
+                        ts.dedup.forget_newest(h);
                     }
                 }
                 for ((t, p), old) in undo {
@@ -857,7 +865,7 @@ impl Writer {
     ) -> Result<(), StorageError> {
         self.take_loaded_dedup();
         // Until the windows are loaded every id is looked up on disk.
-        let partial = self.dedup_load.is_some() || self.dedup_unloaded;
+        let partial = !matches!(self.dedup, Windows::Loaded);
         let txn = self.db.begin_write()?;
         {
             let mut tables = DataTables::new(&txn, &mut self.redo);
