@@ -14,9 +14,12 @@
 //! - [`state`]: the state machine, the router's own tables in a redb file,
 //!   applying redo entries; snapshots are those tables dumped as a redo.
 //! - [`net`]: Raft RPCs over QUIC with mutual TLS under one cluster CA,
-//!   behind a seam ([`net::Faults`]) that tests use to drop, delay,
-//!   duplicate or cut messages.
+//!   one endpoint per node for all its groups ([`net::RaftHost`]), behind
+//!   a seam ([`net::Faults`]) that tests use to drop, delay, duplicate or
+//!   cut messages.
 //! - [`node`]: one member of a group, started from a data directory.
+//! - [`balance`]: spreads the leadership of a node's groups over the
+//!   nodes.
 //!
 //! `docs/cluster.md` has the design and its measurements.
 
@@ -24,6 +27,7 @@
 // helpers return the same type rather than converting at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod balance;
 pub mod log_store;
 pub mod net;
 pub mod node;
@@ -80,6 +84,8 @@ pub type Raft = openraft::Raft<TypeConfig>;
 type Entry = openraft::Entry<TypeConfig>;
 type StorageError = openraft::StorageError<NodeId>;
 
+#[cfg(test)]
+mod groups_tests;
 #[cfg(test)]
 mod serve_tests;
 #[cfg(test)]

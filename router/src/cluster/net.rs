@@ -1,10 +1,12 @@
 //! Raft RPCs over QUIC.
 //!
-//! Every node listens for Raft on its own QUIC endpoint (mutual TLS under
-//! the cluster CA, ALPN `switchyard-raft`). A node keeps one connection
-//! per peer and sends each RPC on a stream of its own, so a large
-//! snapshot never blocks heartbeats. A message is a `u32` little-endian
-//! length and a postcard encoding of [`Request`] or [`Response`]; a
+//! Every node listens for Raft on one QUIC endpoint, its [`RaftHost`]
+//! (mutual TLS under the cluster CA, ALPN `switchyard-raft/2`), shared by
+//! every Raft group the node is a member of. A node keeps one connection
+//! per peer, whatever the number of groups, and sends each RPC on a
+//! stream of its own, so a large snapshot never blocks heartbeats. A
+//! message is a `u32` little-endian length and a postcard encoding of an
+//! [`Envelope`] (the group, then the [`Request`]) or of a [`Response`]; a
 //! snapshot's file follows its request on the same stream, streamed from
 //! the sender's file into the receiver's.
 //!
@@ -12,7 +14,7 @@
 //! [`NoFaults`]; tests use [`Partitions`] (or their own) to drop, delay,
 //! duplicate or cut messages between chosen nodes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt as _;
 use std::sync::{Arc, Mutex};
@@ -31,12 +33,34 @@ use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{CHUNK, SnapshotDir, SnapshotFile};
-use super::tls::node_name;
+use super::tls::{NodeTls, node_name};
 use super::{NodeId, Raft, TypeConfig};
 
 /// Largest message accepted (a batch of log entries; snapshots are
 /// streamed beside their message).
 const MAX_MESSAGE: usize = 1 << 30;
+
+/// Which Raft group an RPC is for. One node is a member of several
+/// groups, all behind its one [`RaftHost`].
+pub type GroupId = u32;
+
+/// What one request stream carries first: the group it is for, and the
+/// request.
+#[derive(Serialize, Deserialize)]
+pub struct Envelope {
+    /// The group.
+    pub group: GroupId,
+    /// The RPC.
+    pub request: Request,
+}
+
+/// An [`Envelope`] as it is sent, borrowing its request (the same
+/// encoding).
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    group: GroupId,
+    request: &'a Request,
+}
 
 /// A Raft RPC on the wire.
 #[derive(Serialize, Deserialize)]
@@ -270,49 +294,219 @@ impl Default for LeaderContact {
     }
 }
 
-/// Answers Raft RPCs arriving at `endpoint` with `raft`, until the
-/// endpoint closes, noting in `contact` each append a leader made.
-/// Snapshots received are written to files in `snapshots`.
-pub async fn serve(
+/// What a node answers Raft RPCs of one group with.
+#[derive(Clone)]
+pub(crate) struct Member {
+    /// The group's Raft on this node.
+    pub raft: Raft,
+    /// Where snapshots received for the group are written.
+    pub snapshots: Arc<SnapshotDir>,
+    /// Noted on each append a leader of the group made.
+    pub contact: LeaderContact,
+}
+
+/// A node's Raft endpoint, shared by every group it is a member of: the
+/// groups' RPCs arrive on it and are answered by the group each names;
+/// the groups' RPCs to a peer share one connection to it.
+#[derive(Clone)]
+pub struct RaftHost {
+    inner: Arc<HostInner>,
+}
+
+struct HostInner {
     endpoint: quinn::Endpoint,
-    raft: Raft,
-    snapshots: Arc<SnapshotDir>,
-    contact: LeaderContact,
-) {
+    client: quinn::ClientConfig,
+    groups: Mutex<HashMap<GroupId, Member>>,
+    /// Woken when a group is registered.
+    registered: tokio::sync::Notify,
+    /// The connection to each peer, by its Raft address (a failed one is
+    /// replaced on the next RPC).
+    peers: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl RaftHost {
+    /// Binds `addr` with this node's certificate and starts answering.
+    pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<RaftHost, String> {
+        let server = tls.server_config().map_err(|e| e.to_string())?;
+        let client = tls.client_config().map_err(|e| e.to_string())?;
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| e.to_string())?;
+        let host = RaftHost {
+            inner: Arc::new(HostInner {
+                endpoint,
+                client,
+                groups: Mutex::default(),
+                registered: tokio::sync::Notify::new(),
+                peers: Mutex::default(),
+                server: Mutex::default(),
+            }),
+        };
+        let serving = tokio::spawn(serve(host.inner.endpoint.clone(), host.clone()));
+        *host.inner.server.lock().expect("host lock") = Some(serving);
+        Ok(host)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// Connections open on the endpoint, both ways.
+    pub fn open_connections(&self) -> usize {
+        self.inner.endpoint.open_connections()
+    }
+
+    /// Starts answering `group`'s RPCs with `member`.
+    pub(crate) fn register(&self, group: GroupId, member: Member) {
+        self.groups().insert(group, member);
+        self.inner.registered.notify_waiters();
+    }
+
+    /// Stops answering `group`'s RPCs: they fail as for a group the node
+    /// is not a member of.
+    pub(crate) fn unregister(&self, group: GroupId) {
+        self.groups().remove(&group);
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, Member>> {
+        self.inner.groups.lock().expect("host lock")
+    }
+
+    fn member(&self, group: GroupId) -> Option<Member> {
+        self.groups().get(&group).cloned()
+    }
+
+    /// The group's member, waiting a moment for one that is starting: a
+    /// node's endpoint answers before its groups have opened their files,
+    /// and a peer told "no such group" backs off for longer than that.
+    async fn member_soon(&self, group: GroupId) -> Option<Member> {
+        let deadline = tokio::time::Instant::now() + GROUP_WAIT;
+        loop {
+            let registered = self.inner.registered.notified();
+            if let Some(m) = self.member(group) {
+                return Some(m);
+            }
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// RPCs of `group` from node `me`.
+    pub fn network(&self, me: NodeId, group: GroupId, faults: Arc<dyn Faults>) -> Network {
+        Network {
+            me,
+            group,
+            host: self.clone(),
+            faults,
+        }
+    }
+
+    /// The live connection to the peer at `addr`, made if there is none.
+    /// One connection is made at a time per peer, so groups starting
+    /// together share the first instead of each keeping its own. The
+    /// handshake runs in a task of its own, holding the peer's slot: an
+    /// RPC's deadline (a heartbeat's is 100 ms) may drop the RPC, but not
+    /// the handshake, whose result the next RPC finds. On a loaded machine
+    /// a handshake can take longer than a heartbeat's deadline, and one
+    /// restarted by every heartbeat never completed.
+    async fn connect(&self, target: NodeId, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let slot = self
+            .inner
+            .peers
+            .lock()
+            .expect("host lock")
+            .entry(addr)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock_owned().await;
+        if let Some(c) = &*slot
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client.clone(), addr, &node_name(target))
+            .map_err(|e| e.to_string())?;
+        let dial = tokio::spawn(async move {
+            let conn = tokio::time::timeout(HANDSHAKE, connecting)
+                .await
+                .map_err(|_| format!("no handshake with node {target} within {HANDSHAKE:?}"))?
+                .map_err(|e| e.to_string())?;
+            *slot = Some(conn.clone());
+            Ok(conn)
+        });
+        dial.await.map_err(|e| e.to_string())?
+    }
+
+    /// Closes the endpoint: every group's RPCs stop both ways. Waits a
+    /// moment for the close to go out.
+    pub async fn close(&self) {
+        self.inner.endpoint.close(0u32.into(), b"node stopping");
+        if let Some(server) = self.inner.server.lock().expect("host lock").take() {
+            server.abort();
+        }
+        self.groups().clear();
+        self.inner.peers.lock().expect("host lock").clear();
+        // The close is sent at once. Waiting for every connection to drain
+        // took 2.5-3.4 s in the cluster tests on loopback, which every
+        // rolling restart would wait for; a peer that misses the close
+        // finds out by its idle timeout.
+        let _ = tokio::time::timeout(RAFT_DRAIN, self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+/// How long a handshake with a peer may take before a new one is tried (a
+/// peer that was down when the first began answers a new one at once,
+/// where the first's retransmissions back off).
+const HANDSHAKE: Duration = Duration::from_millis(500);
+
+/// How long an RPC for a group this node has not (yet) registered waits
+/// for it.
+const GROUP_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a stopping node waits for its Raft connections to drain.
+const RAFT_DRAIN: Duration = Duration::from_millis(300);
+
+/// Answers Raft RPCs arriving at `endpoint` with the group each names in
+/// `host`, until the endpoint closes.
+async fn serve(endpoint: quinn::Endpoint, host: RaftHost) {
     while let Some(incoming) = endpoint.accept().await {
-        let raft = raft.clone();
-        let snapshots = snapshots.clone();
-        let contact = contact.clone();
+        let host = host.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle(
-                    raft.clone(),
-                    snapshots.clone(),
-                    contact.clone(),
-                    send,
-                    recv,
-                ));
+                tokio::spawn(handle(host.clone(), send, recv));
             }
         });
     }
 }
 
-async fn handle(
-    raft: Raft,
-    snapshots: Arc<SnapshotDir>,
-    contact: LeaderContact,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let request: Request = match read_message(&mut recv).await {
+async fn handle(host: RaftHost, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let Envelope { group, request } = match read_message(&mut recv).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "unreadable Raft request");
             return;
         }
     };
-    let response = match request {
+    let response = match host.member_soon(group).await {
+        // Starting, stopping, or never a member: the sender retries.
+        None => Response::Failed(format!("this node serves no Raft group {group}")),
+        Some(member) => answer(member, request, &mut recv).await,
+    };
+    let _ = write_message(&mut send, &response).await;
+}
+
+async fn answer(member: Member, request: Request, recv: &mut quinn::RecvStream) -> Response {
+    let Member {
+        raft,
+        snapshots,
+        contact,
+    } = member;
+    match request {
         Request::Append(rpc) => match raft.append_entries(rpc).await {
             Err(e) => Response::Failed(e.to_string()),
             Ok(r) => {
@@ -328,14 +522,14 @@ async fn handle(
             .await
             .map_or_else(|e| Response::Failed(e.to_string()), Response::Vote),
         Request::TimeoutNow => {
-            tracing::info!("asked by the stopping leader to stand for election");
+            tracing::info!("asked by the leader to stand for election");
             raft.trigger().elect().await.map_or_else(
                 |e| Response::Failed(e.to_string()),
                 |()| Response::TimeoutNow,
             )
         }
         Request::Snapshot { vote, meta, len } => {
-            match receive_file(&mut recv, &snapshots, len).await {
+            match receive_file(recv, &snapshots, len).await {
                 Err(e) => Response::Failed(format!("receiving a snapshot: {e}")),
                 Ok(file) => {
                     let path = file.path.clone();
@@ -358,45 +552,28 @@ async fn handle(
                 }
             }
         }
-    };
-    let _ = write_message(&mut send, &response).await;
+    }
 }
 
-/// Makes a [`PeerClient`] for each peer openraft replicates to.
+/// Makes a [`PeerClient`] for each peer openraft replicates a group to.
 #[derive(Clone)]
 pub struct Network {
     me: NodeId,
-    endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    group: GroupId,
+    host: RaftHost,
     faults: Arc<dyn Faults>,
 }
 
 impl Network {
-    /// RPCs from node `me`, sent through `endpoint` with `client` TLS.
-    pub fn new(
-        me: NodeId,
-        endpoint: quinn::Endpoint,
-        client: quinn::ClientConfig,
-        faults: Arc<dyn Faults>,
-    ) -> Network {
-        Network {
-            me,
-            endpoint,
-            client,
-            faults,
-        }
-    }
-
     /// A client of node `target`, whose Raft address is `addr`.
     pub fn peer(&self, target: NodeId, addr: &str) -> PeerClient {
         PeerClient {
             me: self.me,
+            group: self.group,
             target,
             addr: addr.parse().ok(),
-            endpoint: self.endpoint.clone(),
-            client: self.client.clone(),
+            host: self.host.clone(),
             faults: self.faults.clone(),
-            conn: None,
         }
     }
 }
@@ -409,15 +586,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// RPCs from this node to one peer.
+/// RPCs of one group from this node to one peer, on the connection every
+/// group on this node shares to that peer.
 pub struct PeerClient {
     me: NodeId,
+    group: GroupId,
     target: NodeId,
     addr: Option<SocketAddr>,
-    endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    host: RaftHost,
     faults: Arc<dyn Faults>,
-    conn: Option<quinn::Connection>,
 }
 
 /// Why an RPC did not get an answer.
@@ -441,36 +618,29 @@ impl PeerClient {
         }
     }
 
-    async fn connection(&mut self) -> Result<quinn::Connection, Failure> {
-        if let Some(c) = &self.conn
-            && c.close_reason().is_none()
-        {
-            return Ok(c.clone());
-        }
-        let addr = self
-            .addr
-            .ok_or_else(|| Failure::Unreachable(format!("node {} has no address", self.target)))?;
-        let conn = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, &node_name(self.target))
-            .map_err(|e| Failure::Unreachable(e.to_string()))?
-            .await
-            .map_err(|e| Failure::Unreachable(e.to_string()))?;
-        self.conn = Some(conn.clone());
-        Ok(conn)
-    }
-
     async fn call_once(
         &mut self,
         request: &Request,
         file: Option<&SnapshotFile>,
     ) -> Result<Response, Failure> {
-        let conn = self.connection().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-            self.conn = None;
-            Failure::Unreachable(e.to_string())
-        })?;
-        write_unfinished(&mut send, request)
+        let addr = self
+            .addr
+            .ok_or_else(|| Failure::Unreachable(format!("node {} has no address", self.target)))?;
+        let conn = self
+            .host
+            .connect(self.target, addr)
+            .await
+            .map_err(Failure::Unreachable)?;
+        // A failed connection is closed, so the next RPC makes a new one.
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let envelope = EnvelopeRef {
+            group: self.group,
+            request,
+        };
+        write_unfinished(&mut send, &envelope)
             .await
             .map_err(Failure::Network)?;
         if let Some(file) = file {

@@ -10,7 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 
 use super::log_store::LogStore;
-use super::net::{Faults, Network, NoFaults, serve};
+use super::net::{Faults, GroupId, Member, Network, NoFaults, RaftHost};
 use super::state::StateMachine;
 use super::tls::NodeTls;
 use super::{Command, LogId, NodeId, Raft};
@@ -76,6 +76,11 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// The files' seam (tests cut the power or fail syncs here).
     pub disk: Arc<dyn Disk>,
+    /// Which group this is (0 for a cluster of one group).
+    pub group: GroupId,
+    /// The node's Raft endpoint, shared with its other groups; `None`
+    /// binds one of its own at this node's address in `members`.
+    pub host: Option<RaftHost>,
 }
 
 impl NodeConfig {
@@ -95,6 +100,8 @@ impl NodeConfig {
             join: false,
             timing: Timing::default(),
             disk: Arc::new(OsDisk),
+            group: 0,
+            host: None,
         }
     }
 }
@@ -150,19 +157,32 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
 /// A running member of a group.
 pub struct ClusterNode {
     id: NodeId,
+    group: GroupId,
     /// When a leader was last heard from (on a follower).
     contact: super::net::LeaderContact,
     raft: Raft,
     state: StateMachine,
-    endpoint: quinn::Endpoint,
-    /// For RPCs of our own beside openraft's ([`ClusterNode::hand_over`]).
+    host: RaftHost,
+    /// Whether `host` was bound for this group alone (closed with it).
+    own_host: bool,
+    handover: Handover,
+    timing: Timing,
+    trigger: tokio::task::JoinHandle<()>,
+    tracker: tokio::task::JoinHandle<()>,
+}
+
+/// Moves a group's leadership from this node to another
+/// ([`Handover::hand_over`]); cheap to clone, so a balancer can hold one
+/// per group.
+#[derive(Clone)]
+pub struct Handover {
+    id: NodeId,
+    raft: Raft,
+    /// For RPCs of our own beside openraft's.
     network: Network,
     timing: Timing,
     /// When this node last became leader, and of which term.
     leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
-    server: tokio::task::JoinHandle<()>,
-    trigger: tokio::task::JoinHandle<()>,
-    tracker: tokio::task::JoinHandle<()>,
 }
 
 /// The leader a client should be sent to, as a follower knows it, for
@@ -210,11 +230,14 @@ impl ClusterNode {
         let appended = log.appended();
         let state = StateMachine::open_on(disk, &config.dir.join("switchyard.redb"))
             .map_err(|e| failed(&e))?;
-        let endpoint =
-            quinn::Endpoint::server(config.tls.server_config().map_err(|e| failed(&e))?, addr)
-                .map_err(|e| failed(&e))?;
-        let client = config.tls.client_config().map_err(|e| failed(&e))?;
-        let network = Network::new(config.id, endpoint.clone(), client, config.faults.clone());
+        let (host, own_host) = match &config.host {
+            Some(host) => (host.clone(), false),
+            None => (
+                RaftHost::bind(addr, &config.tls).map_err(|e| failed(&e))?,
+                true,
+            ),
+        };
+        let network = host.network(config.id, config.group, config.faults.clone());
         let t = &config.timing;
         let raft_config = Config {
             cluster_name: "switchyard".into(),
@@ -252,12 +275,14 @@ impl ClusterNode {
             tracing::debug!(error = %e, "Raft group already initialized");
         }
         let contact = super::net::LeaderContact::new();
-        let server = tokio::spawn(serve(
-            endpoint.clone(),
-            raft.clone(),
-            state.snapshots().clone(),
-            contact.clone(),
-        ));
+        host.register(
+            config.group,
+            Member {
+                raft: raft.clone(),
+                snapshots: state.snapshots().clone(),
+                contact: contact.clone(),
+            },
+        );
         let trigger = tokio::spawn(snapshot_trigger(
             raft.clone(),
             appended,
@@ -272,17 +297,33 @@ impl ClusterNode {
         ));
         Ok(ClusterNode {
             id: config.id,
+            group: config.group,
             contact,
-            raft,
+            raft: raft.clone(),
             state,
-            endpoint,
-            network,
+            host,
+            own_host,
+            handover: Handover {
+                id: config.id,
+                raft,
+                network,
+                timing: config.timing.clone(),
+                leading_since,
+            },
             timing: config.timing.clone(),
-            leading_since,
-            server,
             trigger,
             tracker,
         })
+    }
+
+    /// Which group this is.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// What moves this group's leadership away from this node.
+    pub fn handover(&self) -> Handover {
+        self.handover.clone()
     }
 
     /// This node's id.
@@ -365,17 +406,45 @@ impl ClusterNode {
             .collect()
     }
 
-    /// Hands leadership over before this leader stops (a rolling restart):
-    /// waits until a voter holds the whole log, then asks it to stand for
+    /// Hands leadership over before this leader stops (a rolling
+    /// restart): see [`Handover::hand_over`].
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        self.handover.hand_over(None).await
+    }
+
+    /// Stops this member: Raft, then the endpoint if it was its own (a
+    /// shared one goes on serving the node's other groups). Its files
+    /// stay for a restart.
+    pub async fn shutdown(self) {
+        self.trigger.abort();
+        self.tracker.abort();
+        let _ = self.raft.shutdown().await;
+        self.host.unregister(self.group);
+        if self.own_host {
+            self.host.close().await;
+        }
+    }
+}
+
+impl Handover {
+    /// The group's Raft on this node.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Hands this group's leadership to another voter (to `to`, if given):
+    /// waits until that voter holds the whole log, then asks it to stand for
     /// election at once (Raft's TimeoutNow). This leader grants it its vote
     /// (it is not bound by a leader lease of its own), so in a group of
     /// three the new leader is elected in one round trip, where the others
     /// would otherwise wait out the leader lease and an election timeout
     /// (1.5-2 s with the default timing). Call it once nothing more is
-    /// written through this node. Returns the new leader, or `None` when
-    /// this node does not lead or no voter took over within the timing's
-    /// election timeout (the others then elect one as after a crash).
-    pub async fn hand_over(&self) -> Option<NodeId> {
+    /// written through this node: under a steady stream of writes no
+    /// follower may hold the whole log at any moment. Returns the new
+    /// leader, or `None` when this node does not lead or no voter took over
+    /// within twice the election timeout (after a stop, the others then
+    /// elect one as after a crash).
+    pub async fn hand_over(&self, to: Option<NodeId>) -> Option<NodeId> {
         let limit = self.timing.election.1 * 2;
         let deadline = tokio::time::Instant::now() + limit;
         let mut metrics = self.raft.metrics();
@@ -391,7 +460,7 @@ impl ClusterNode {
                 let replication = m.replication.as_ref();
                 membership
                     .voter_ids()
-                    .filter(|&v| v != self.id)
+                    .filter(|&v| v != self.id && to.is_none_or(|t| t == v))
                     .filter(|v| replication.and_then(|r| r.get(v)?.map(|l| l.index)) == last)
                     .find_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
             };
@@ -440,25 +509,7 @@ impl ClusterNode {
             }
         }
     }
-
-    /// Stops the node: Raft, then its endpoint. Its files stay for a
-    /// restart.
-    pub async fn shutdown(self) {
-        self.trigger.abort();
-        self.tracker.abort();
-        let _ = self.raft.shutdown().await;
-        self.endpoint.close(0u32.into(), b"node stopping");
-        self.server.abort();
-        // The close is sent at once. Waiting for every connection to drain
-        // took 2.5-3.4 s in the cluster tests on loopback, which every
-        // rolling restart would wait for; a peer that misses the close
-        // finds out by its idle timeout.
-        let _ = tokio::time::timeout(RAFT_DRAIN, self.endpoint.wait_idle()).await;
-    }
 }
-
-/// How long a stopping node waits for its Raft connections to drain.
-const RAFT_DRAIN: Duration = Duration::from_millis(300);
 
 /// Notes when this node becomes leader of a new term (see
 /// [`ClusterNode::hand_over`]).

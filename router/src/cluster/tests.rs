@@ -32,13 +32,13 @@ struct Group {
     nodes: BTreeMap<NodeId, ClusterNode>,
 }
 
-fn free_port() -> SocketAddr {
+pub(super) fn free_port() -> SocketAddr {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     s.local_addr().unwrap()
 }
 
 /// Timing for three nodes sharing two loaded cores.
-fn timing() -> Timing {
+pub(super) fn timing() -> Timing {
     Timing {
         heartbeat: Duration::from_millis(100),
         election: (Duration::from_millis(600), Duration::from_millis(1200)),
@@ -226,7 +226,7 @@ impl Group {
 }
 
 /// The redo of appending record `offset` to topic 1 partition 0.
-fn append(offset: u64) -> Vec<u8> {
+pub(super) fn append(offset: u64) -> Vec<u8> {
     let mut redo = Redo::new();
     redo.start(true);
     let body = format!("record {offset}");

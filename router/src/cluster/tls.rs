@@ -11,8 +11,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::server::tls::TlsError;
 
-/// ALPN of Raft connections between nodes.
-pub const RAFT_ALPN: &[u8] = b"switchyard-raft";
+/// ALPN of Raft connections between nodes. Version 2 names each RPC's
+/// group; a node of an older build fails the handshake with a clear
+/// "no application protocol" instead of misreading the messages.
+pub const RAFT_ALPN: &[u8] = b"switchyard-raft/2";
 
 /// The name a node's certificate carries, which peers check.
 pub fn node_name(id: super::NodeId) -> String {
@@ -174,6 +176,9 @@ fn transport() -> quinn::TransportConfig {
         .receive_window((64u32 << 20).into())
         .send_window(64 << 20)
         .max_concurrent_bidi_streams(1024u32.into())
+        // Nodes are on one network: a lost first packet (to a peer still
+        // starting) is sent again after 150 ms, not quinn's 1 s default.
+        .initial_rtt(std::time::Duration::from_millis(50))
         .keep_alive_interval(Some(std::time::Duration::from_secs(1)))
         .max_idle_timeout(Some(
             std::time::Duration::from_secs(5)

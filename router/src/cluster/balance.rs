@@ -1,0 +1,189 @@
+//! Spreading the leadership of a node's Raft groups over the nodes.
+//!
+//! A node that is a member of several groups (one [`RaftHost`] carries
+//! them all) runs a [`Balancer`]: from its own view of who leads each
+//! group, it counts the groups each voter leads, and while it leads at
+//! least two more than one of its groups' other voters, it hands one of
+//! those groups to that voter ([`Handover::hand_over`], one round trip).
+//! Every node runs the same rule and each move lowers the spread, so the
+//! leaderships settle as even as the count allows (three groups on three
+//! nodes: one each), and settle again after a node is lost or comes back.
+//! Nothing central decides: a node's view of the other groups' leaders
+//! is the one Raft already gives each member.
+//!
+//! [`RaftHost`]: super::net::RaftHost
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::ServerState;
+
+use super::NodeId;
+use super::net::GroupId;
+use super::node::Handover;
+
+/// One group as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub group: GroupId,
+    /// Its leader, as this node knows it.
+    pub leader: Option<NodeId>,
+    /// Whether this node leads it now.
+    pub mine: bool,
+    /// Its voting members.
+    pub voters: Vec<NodeId>,
+}
+
+/// The move the rule makes from node `me`'s view: one of the groups `me`
+/// leads, and the voter of it to hand it to. Some voter must lead at
+/// least two fewer groups than `me` (a move to one that leads one fewer
+/// would only swap the two); among those, the one leading fewest, then
+/// the lowest id, takes the lowest-numbered group.
+pub fn next_move(me: NodeId, views: &[GroupView]) -> Option<(GroupId, NodeId)> {
+    let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for v in views {
+        for &voter in &v.voters {
+            leads.entry(voter).or_default();
+        }
+        if let Some(l) = v.leader {
+            *leads.entry(l).or_default() += 1;
+        }
+    }
+    let own = views.iter().filter(|v| v.mine).count();
+    let leads = &leads;
+    views
+        .iter()
+        .filter(|v| v.mine)
+        .flat_map(|v| {
+            v.voters
+                .iter()
+                .filter(|&&to| to != me)
+                .map(move |&to| (leads[&to], to, v.group))
+        })
+        .filter(|&(n, _, _)| n + 2 <= own)
+        .min()
+        .map(|(_, to, group)| (group, to))
+}
+
+/// This node's view of each group.
+fn views(groups: &[(GroupId, Handover)]) -> Vec<GroupView> {
+    groups
+        .iter()
+        .map(|(group, h)| {
+            let metrics = h.raft().metrics();
+            let m = metrics.borrow();
+            GroupView {
+                group: *group,
+                leader: m.current_leader,
+                mine: m.state == ServerState::Leader,
+                voters: m.membership_config.membership().voter_ids().collect(),
+            }
+        })
+        .collect()
+}
+
+/// Runs [`next_move`] for one node's groups every `every`, until dropped.
+pub struct Balancer {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Starts balancing node `me`'s `groups`.
+    pub fn spawn(me: NodeId, groups: Vec<(GroupId, Handover)>, every: Duration) -> Balancer {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some((group, to)) = next_move(me, &views(&groups)) else {
+                    continue;
+                };
+                let Some((_, handover)) = groups.iter().find(|(g, _)| *g == group) else {
+                    continue;
+                };
+                match handover.hand_over(Some(to)).await {
+                    Some(now) => tracing::info!(group, to = now, "leadership moved to spread it"),
+                    None => tracing::debug!(group, to, "leadership did not move; trying later"),
+                }
+            }
+        });
+        Balancer { task }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(group: GroupId, leader: NodeId, me: NodeId) -> GroupView {
+        GroupView {
+            group,
+            leader: Some(leader),
+            mine: leader == me,
+            voters: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn a_node_leading_every_group_gives_one_to_a_node_leading_none() {
+        let views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 1)).collect();
+        assert_eq!(next_move(1, &views), Some((0, 2)));
+        // The others lead nothing, so they have nothing to move.
+        let views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 2)).collect();
+        assert_eq!(next_move(2, &views), None);
+    }
+
+    #[test]
+    fn moves_stop_once_no_voter_leads_two_fewer() {
+        // 2 / 1 / 0: the node leading two gives one to the one leading none.
+        let views = vec![view(0, 1, 1), view(1, 1, 1), view(2, 2, 1)];
+        assert_eq!(next_move(1, &views), Some((0, 3)));
+        // 1 / 1 / 1 and 2 / 1 / 1 (four groups) are as even as they get.
+        let views = vec![view(0, 1, 1), view(1, 2, 1), view(2, 3, 1)];
+        assert_eq!(next_move(1, &views), None);
+        let views = vec![view(0, 1, 1), view(1, 1, 1), view(2, 2, 1), view(3, 3, 1)];
+        assert_eq!(next_move(1, &views), None);
+    }
+
+    #[test]
+    fn only_a_voter_of_the_group_takes_it() {
+        // Node 3 leads nothing but votes only in group 1, which node 1
+        // does not lead; node 2 leads one, so it is not two fewer.
+        let views = vec![
+            GroupView {
+                group: 0,
+                leader: Some(1),
+                mine: true,
+                voters: vec![1, 2],
+            },
+            GroupView {
+                group: 1,
+                leader: Some(2),
+                mine: false,
+                voters: vec![1, 2, 3],
+            },
+            GroupView {
+                group: 2,
+                leader: Some(1),
+                mine: true,
+                voters: vec![1, 2],
+            },
+        ];
+        assert_eq!(next_move(1, &views), None);
+    }
+
+    #[test]
+    fn groups_without_a_leader_count_for_nobody() {
+        let mut views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 1)).collect();
+        views[2].leader = None;
+        views[2].mine = false;
+        assert_eq!(next_move(1, &views), Some((0, 2)));
+    }
+}
