@@ -1,5 +1,6 @@
-//! Three nodes, each a member of three Raft groups over one endpoint per
-//! node: the groups replicate apart, share their connections, and their
+//! Three nodes, each a member of three Raft groups over one endpoint and
+//! one log file per node: the groups replicate apart (and come back from
+//! the shared file apart), share their connections, and their
 //! leaderships spread over the nodes and spread again after a node is
 //! lost and comes back.
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use redb::ReadableDatabase;
 
 use super::balance::Balancer;
+use super::log_store::LogFile;
 use super::net::{GroupId, NoFaults, RaftHost};
 use super::tests::{append, free_port, timing};
 use super::tls::{ClusterCa, NodeTls};
@@ -69,18 +71,24 @@ impl Nodes {
                 Err(e) => panic!("node {id} did not bind: {e}"),
             }
         };
+        // One log file for the node's groups: one sync covers them all.
+        let node_dir = self.root.join(format!("n{id}"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let log =
+            LogFile::open_on(&crate::storage::disk::OsDisk, &node_dir.join("raft.redb")).unwrap();
         let mut groups = BTreeMap::new();
         for group in 0..GROUPS {
             let mut config = NodeConfig::new(
                 id,
                 self.members.clone(),
-                self.root.join(format!("n{id}/g{group}")),
+                node_dir.join(format!("g{group}")),
                 self.tls[&id].clone(),
             );
             config.faults = Arc::new(NoFaults);
             config.timing = timing();
             config.group = group;
             config.host = Some(host.clone());
+            config.log = Some(log.clone());
             groups.insert(group, ClusterNode::start(config).await.unwrap());
         }
         self.nodes.insert(

@@ -1,11 +1,14 @@
-//! The Raft log and vote, in their own redb file (`raft.redb`).
+//! The Raft log and vote, in their own redb file (`raft.redb`), shared by
+//! every Raft group on the node ([`LogFile`]; a table pair per group).
 //!
 //! An append commits its entries to redb without a sync, so they can be
 //! read (and replicated) at once, and hands openraft's completion callback
 //! to a flusher thread. The flusher makes every append queued since its
 //! last sync durable with one durable commit and only then reports them
 //! flushed: openraft counts an entry towards a majority only after that,
-//! so an acknowledged write is on the disks of a majority. A vote is saved
+//! so an acknowledged write is on the disks of a majority. One flusher
+//! serves every group in the file, so one sync covers the appends of all
+//! of a node's groups. A vote is saved
 //! with a durable commit before it is answered.
 //!
 //! A separate file from the state machine's: its commits are small and
@@ -26,49 +29,91 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::storage::disk::{Disk, OsDisk};
 
+use super::net::GroupId;
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, read_error, write_error};
 
-/// Index -> postcard-encoded entry.
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// `vote`, `committed`, `purged` -> postcard-encoded value.
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+/// What the flusher's durable commit writes (a commit must change
+/// something).
+const FLUSH: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_flush");
 
-/// The Raft log store of one node. Cheap to clone: clones share the file.
+/// A node's Raft log file, shared by its groups. Cheap to clone: clones
+/// share the file and its flusher.
 #[derive(Clone)]
-pub struct LogStore {
+pub struct LogFile {
     db: Arc<Database>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
-    /// Bytes of entries appended since the log was opened.
-    appended: Arc<AtomicU64>,
 }
 
-impl LogStore {
-    /// Opens (or creates) the log at `path` and starts its flusher thread,
-    /// which ends when the last clone is dropped.
-    pub fn open(path: &Path) -> Result<LogStore, StorageError> {
-        Self::open_on(&OsDisk, path)
-    }
-
-    /// As [`LogStore::open`], with the file on `disk`.
-    pub fn open_on(disk: &dyn Disk, path: &Path) -> Result<LogStore, StorageError> {
+impl LogFile {
+    /// Opens (or creates) the file at `path` on `disk` and starts its
+    /// flusher thread, which ends when the last clone (and the last
+    /// [`LogStore`] of it) is dropped.
+    pub fn open_on(disk: &dyn Disk, path: &Path) -> Result<LogFile, StorageError> {
         let db = Arc::new(super::create_db(disk, path)?);
-        {
-            let txn = db.begin_write().map_err(write_error)?;
-            txn.open_table(LOG).map_err(write_error)?;
-            txn.open_table(STATE).map_err(write_error)?;
-            txn.commit().map_err(write_error)?;
-        }
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_db = db.clone();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flusher(&flush_db, &rx))
             .map_err(write_error)?;
-        Ok(LogStore {
-            db,
-            flusher: tx,
+        Ok(LogFile { db, flusher: tx })
+    }
+
+    /// The log of `group` in this file. Group 0's tables are `raft_log`
+    /// and `raft_state` (the names of a file with one group, as nodes
+    /// before groups wrote it); group N's are `raft_log.N` and
+    /// `raft_state.N`.
+    pub fn group(&self, group: GroupId) -> Result<LogStore, StorageError> {
+        let (log, state) = match group {
+            0 => ("raft_log".to_string(), "raft_state".to_string()),
+            g => (format!("raft_log.{g}"), format!("raft_state.{g}")),
+        };
+        let store = LogStore {
+            file: self.clone(),
+            log: log.into(),
+            state: state.into(),
             appended: Arc::default(),
-        })
+        };
+        let txn = self.db.begin_write().map_err(write_error)?;
+        txn.open_table(store.log()).map_err(write_error)?;
+        txn.open_table(store.state()).map_err(write_error)?;
+        txn.commit().map_err(write_error)?;
+        Ok(store)
+    }
+}
+
+/// The Raft log store of one group on one node. Cheap to clone: clones
+/// share the file.
+#[derive(Clone)]
+pub struct LogStore {
+    file: LogFile,
+    /// Its table of entries: index -> postcard-encoded entry.
+    log: Arc<str>,
+    /// Its table of `vote`, `committed`, `purged` -> postcard-encoded
+    /// value.
+    state: Arc<str>,
+    /// Bytes of entries appended since the log was opened.
+    appended: Arc<AtomicU64>,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log at `path`, a file of its own, for a
+    /// node of one group.
+    pub fn open(path: &Path) -> Result<LogStore, StorageError> {
+        Self::open_on(&OsDisk, path)
+    }
+
+    /// As [`LogStore::open`], with the file on `disk`.
+    pub fn open_on(disk: &dyn Disk, path: &Path) -> Result<LogStore, StorageError> {
+        LogFile::open_on(disk, path)?.group(0)
+    }
+
+    fn log(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.log)
+    }
+
+    fn state(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
+        TableDefinition::new(&self.state)
     }
 
     /// Bytes of entries appended since the log was opened, counted as
@@ -78,8 +123,8 @@ impl LogStore {
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let txn = self.db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(STATE).map_err(read_error)?;
+        let txn = self.file.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(self.state()).map_err(read_error)?;
         let Some(v) = table.get(key).map_err(read_error)? else {
             return Ok(None);
         };
@@ -95,9 +140,9 @@ impl LogStore {
         durability: Durability,
     ) -> Result<(), StorageError> {
         let bytes = postcard::to_allocvec(value).map_err(write_error)?;
-        let mut txn = self.db.begin_write().map_err(write_error)?;
+        let mut txn = self.file.db.begin_write().map_err(write_error)?;
         txn.set_durability(durability).map_err(write_error)?;
-        txn.open_table(STATE)
+        txn.open_table(self.state())
             .map_err(write_error)?
             .insert(key, bytes.as_slice())
             .map_err(write_error)?;
@@ -105,8 +150,8 @@ impl LogStore {
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
-        let txn = self.db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(LOG).map_err(read_error)?;
+        let txn = self.file.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(self.log()).map_err(read_error)?;
         let Some((_, v)) = table.last().map_err(read_error)? else {
             return Ok(None);
         };
@@ -126,7 +171,7 @@ fn flusher(db: &Database, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
         // A durable commit makes every earlier non-durable one durable.
         let r = (|| -> Result<(), String> {
             let txn = db.begin_write().map_err(|e| e.to_string())?;
-            txn.open_table(STATE)
+            txn.open_table(FLUSH)
                 .map_err(|e| e.to_string())?
                 .insert("flushed", &[][..])
                 .map_err(|e| e.to_string())?;
@@ -153,8 +198,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&s) => Bound::Excluded(s),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let txn = self.db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(LOG).map_err(read_error)?;
+        let txn = self.file.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(self.log()).map_err(read_error)?;
         let mut out = Vec::new();
         for row in table.range::<u64>((start, end)).map_err(read_error)? {
             let (_, v) = row.map_err(read_error)?;
@@ -207,10 +252,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut txn = self.db.begin_write().map_err(write_error)?;
+        let mut txn = self.file.db.begin_write().map_err(write_error)?;
         txn.set_durability(Durability::None).map_err(write_error)?;
         {
-            let mut table = txn.open_table(LOG).map_err(write_error)?;
+            let mut table = txn.open_table(self.log()).map_err(write_error)?;
             let mut buf = Vec::new();
             for entry in entries {
                 buf.clear();
@@ -225,15 +270,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         txn.commit().map_err(write_error)?;
-        self.flusher
+        self.file
+            .flusher
             .send(callback)
             .map_err(|_| write_error("the log flusher stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut txn = self.db.begin_write().map_err(write_error)?;
+        let mut txn = self.file.db.begin_write().map_err(write_error)?;
         txn.set_durability(Durability::None).map_err(write_error)?;
-        txn.open_table(LOG)
+        txn.open_table(self.log())
             .map_err(write_error)?
             .retain_in(log_id.index.., |_, _| false)
             .map_err(write_error)?;
@@ -242,13 +288,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let bytes = postcard::to_allocvec(&log_id).map_err(write_error)?;
-        let mut txn = self.db.begin_write().map_err(write_error)?;
+        let mut txn = self.file.db.begin_write().map_err(write_error)?;
         txn.set_durability(Durability::None).map_err(write_error)?;
-        txn.open_table(STATE)
+        txn.open_table(self.state())
             .map_err(write_error)?
             .insert("purged", bytes.as_slice())
             .map_err(write_error)?;
-        txn.open_table(LOG)
+        txn.open_table(self.log())
             .map_err(write_error)?
             .retain_in(..=log_id.index, |_, _| false)
             .map_err(write_error)?;

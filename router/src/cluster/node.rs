@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 
-use super::log_store::LogStore;
+use super::log_store::{LogFile, LogStore};
 use super::net::{Faults, GroupId, Member, Network, NoFaults, RaftHost};
 use super::state::StateMachine;
 use super::tls::NodeTls;
@@ -81,6 +81,9 @@ pub struct NodeConfig {
     /// The node's Raft endpoint, shared with its other groups; `None`
     /// binds one of its own at this node's address in `members`.
     pub host: Option<RaftHost>,
+    /// The node's Raft log file, shared with its other groups (one sync
+    /// for all); `None` opens `raft.redb` in `dir` for this group alone.
+    pub log: Option<LogFile>,
 }
 
 impl NodeConfig {
@@ -102,6 +105,7 @@ impl NodeConfig {
             disk: Arc::new(OsDisk),
             group: 0,
             host: None,
+            log: None,
         }
     }
 }
@@ -226,7 +230,11 @@ impl ClusterNode {
             .ok_or_else(|| WriteError::Failed(format!("node {} is not a member", config.id)))?;
         std::fs::create_dir_all(&config.dir).map_err(|e| failed(&e))?;
         let disk = &*config.disk;
-        let log = LogStore::open_on(disk, &config.dir.join("raft.redb")).map_err(|e| failed(&e))?;
+        let log = match &config.log {
+            Some(file) => file.group(config.group),
+            None => LogStore::open_on(disk, &config.dir.join("raft.redb")),
+        }
+        .map_err(|e| failed(&e))?;
         let appended = log.appended();
         let state = StateMachine::open_on(disk, &config.dir.join("switchyard.redb"))
             .map_err(|e| failed(&e))?;
