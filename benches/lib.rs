@@ -1,5 +1,6 @@
 //! Criterion benchmarks for Switchyard (`codec`, `storage`, `plugins`,
-//! `publish`, `fanout`, `queue`), and what they share.
+//! `publish`, `fanout`, `queue`, `handshake`, `groups`), and what they
+//! share.
 //! Run with `cargo bench -p switchyard-benches`.
 
 use switchyard::storage::{Storage, StorageConfig};

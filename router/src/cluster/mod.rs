@@ -77,6 +77,19 @@ pub struct Origin {
     pub seq: u64,
 }
 
+/// The redo of appending record `offset` (its body `body`) to partition
+/// 0 of topic `topic`: a replicated write without a router on top, for
+/// benchmarks and tests of the Raft layer.
+#[doc(hidden)]
+pub fn record_redo(topic: u32, offset: u64, body: &[u8]) -> Vec<u8> {
+    use crate::storage::tables::{LOG, PARTITIONS};
+    let mut redo = crate::storage::journal::Redo::new();
+    redo.start(true);
+    redo.put(LOG, &(topic, 0, offset), &body);
+    redo.put(PARTITIONS, &(topic, 0), &(0, offset + 1, 0, 0));
+    redo.payload().to_vec()
+}
+
 /// A Raft log position.
 pub type LogId = openraft::LogId<NodeId>;
 /// The Raft handle of one group.

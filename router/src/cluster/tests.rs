@@ -14,7 +14,7 @@ use super::tls::{ClusterCa, NodeTls};
 use super::{ClusterNode, NodeConfig, NodeId, Timing, WriteError};
 use crate::storage::disk::SimDisk;
 use crate::storage::journal::Redo;
-use crate::storage::tables::{LOG, PARTITIONS};
+use crate::storage::tables::LOG;
 
 struct Group {
     _dir: tempfile::TempDir,
@@ -227,12 +227,7 @@ impl Group {
 
 /// The redo of appending record `offset` to topic 1 partition 0.
 pub(super) fn append(offset: u64) -> Vec<u8> {
-    let mut redo = Redo::new();
-    redo.start(true);
-    let body = format!("record {offset}");
-    redo.put(LOG, &(1, 0, offset), &body.as_bytes());
-    redo.put(PARTITIONS, &(1, 0), &(0, offset + 1, 0, 0));
-    redo.payload().to_vec()
+    super::record_redo(1, offset, format!("record {offset}").as_bytes())
 }
 
 async fn write_range(node: &ClusterNode, offsets: std::ops::Range<u64>) {
