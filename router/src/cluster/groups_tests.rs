@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redb::ReadableDatabase;
@@ -162,10 +163,44 @@ impl Nodes {
         }
     }
 
+    /// Writes records to `group` through whichever node leads it, `LANES`
+    /// at a time, until `stop`; returns the offsets acknowledged. Each lane
+    /// writes its own offsets, from `from` on, and sends a refused write
+    /// again (leadership moving) until it is acknowledged.
+    async fn keep_writing(&self, group: GroupId, from: u64, stop: &AtomicBool) -> Vec<u64> {
+        const LANES: u64 = 8;
+        let lane = |first: u64| async move {
+            let mut acked = Vec::new();
+            let mut next = first;
+            while !stop.load(Ordering::Relaxed) {
+                let leader = self
+                    .nodes
+                    .values()
+                    .map(|n| &n.groups[&group])
+                    .find(|n| n.is_leader());
+                let written = match leader {
+                    Some(n) => n.write(append(next)).await.is_ok(),
+                    None => false,
+                };
+                if written {
+                    acked.push(next);
+                    next += LANES;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            acked
+        };
+        let lanes = futures::future::join_all((0..LANES).map(|i| lane(from + i))).await;
+        let mut acked: Vec<u64> = lanes.into_iter().flatten().collect();
+        acked.sort_unstable();
+        acked
+    }
+
     /// Waits until every node has applied all of `group`'s log, then
-    /// checks that its replicas are equal and hold exactly `count`
-    /// records.
-    async fn assert_group_holds(&self, group: GroupId, leader: NodeId, count: u64) {
+    /// checks that its replicas are equal and hold exactly the records
+    /// `offsets`.
+    async fn assert_group_holds(&self, group: GroupId, leader: NodeId, offsets: &[u64]) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let target = self.nodes[&leader].groups[&group]
             .raft()
@@ -184,7 +219,7 @@ impl Nodes {
             assert!(Instant::now() < deadline, "group {group} never converged");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let want: Vec<u64> = (0..count).collect();
+        let want = offsets.to_vec();
         let first = self.nodes[&leader].groups[&group].state().dump().unwrap();
         for (id, n) in &self.nodes {
             let state = n.groups[&group].state();
@@ -224,8 +259,11 @@ async fn groups_on_shared_endpoints_replicate_apart_and_spread_their_leaders() {
         .await;
 
     // Each group its own records, over the one connection per pair.
+    let mut held: BTreeMap<GroupId, Vec<u64>> = BTreeMap::new();
     for g in 0..GROUPS {
-        n.write(g, 1, 0..(10 * (g as u64 + 1))).await;
+        let offsets: Vec<u64> = (0..10 * (u64::from(g) + 1)).collect();
+        n.write(g, 1, offsets[0]..offsets.len() as u64).await;
+        held.insert(g, offsets);
     }
     // A connection out to each of two peers and one in from each, once
     // the attempts made while peers were still starting have timed out:
@@ -247,13 +285,33 @@ async fn groups_on_shared_endpoints_replicate_apart_and_spread_their_leaders() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The balancers spread the leaderships: one group each.
+    // The balancers spread the leaderships, one group each, while every
+    // group is written to without a break: a handover holds new writes
+    // back until it is done (with a steady stream no follower would hold
+    // the whole log at any one moment), and a write refused meanwhile is
+    // sent again to the new leader.
     for id in 1..=3 {
         n.balance(id);
     }
-    let spread = n
-        .wait_leaders("spreading", |l| counts(l).values().all(|&c| c == 1))
-        .await;
+    let stop = AtomicBool::new(false);
+    let (spread, written) = futures::join!(
+        async {
+            let s = n
+                .wait_leaders("spreading", |l| counts(l).values().all(|&c| c == 1))
+                .await;
+            stop.store(true, Ordering::Relaxed);
+            s
+        },
+        futures::future::join_all((0..GROUPS).map(|g| n.keep_writing(
+            g,
+            held[&g].len() as u64,
+            &stop
+        ))),
+    );
+    for (g, offsets) in (0..GROUPS).zip(written) {
+        assert!(!offsets.is_empty(), "nothing written to group {g}");
+        held.get_mut(&g).unwrap().extend(offsets);
+    }
 
     // Lose a node: its group elects a leader among the others, and every
     // group takes writes.
@@ -263,8 +321,9 @@ async fn groups_on_shared_endpoints_replicate_apart_and_spread_their_leaders() {
         .wait_leaders("after a loss", |l| l.values().all(|&l| l != lost))
         .await;
     for g in 0..GROUPS {
-        let base = 10 * (g as u64 + 1);
+        let base = held[&g].last().unwrap() + 1;
         n.write(g, after[&g], base..base + 5).await;
+        held.get_mut(&g).unwrap().extend(base..base + 5);
     }
 
     // It comes back from its files: the leaderships spread again, and
@@ -277,8 +336,7 @@ async fn groups_on_shared_endpoints_replicate_apart_and_spread_their_leaders() {
         })
         .await;
     for g in 0..GROUPS {
-        n.assert_group_holds(g, back[&g], 10 * (g as u64 + 1) + 5)
-            .await;
+        n.assert_group_holds(g, back[&g], &held[&g]).await;
     }
     for id in 1..=3 {
         n.down(id).await;

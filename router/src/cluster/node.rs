@@ -187,6 +187,17 @@ pub struct Handover {
     timing: Timing,
     /// When this node last became leader, and of which term.
     leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
+    /// True while a handover holds back new writes ([`ClusterNode::write`]).
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Holds new writes back until dropped.
+struct Paused(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 /// The leader a client should be sent to, as a follower knows it, for
@@ -317,6 +328,7 @@ impl ClusterNode {
                 network,
                 timing: config.timing.clone(),
                 leading_since,
+                paused: Arc::new(tokio::sync::watch::channel(false).0),
             },
             timing: config.timing.clone(),
             trigger,
@@ -370,8 +382,17 @@ impl ClusterNode {
     }
 
     /// Replicates one redo; returns once a majority holds it durably and
-    /// this node has applied it.
+    /// this node has applied it. While this node hands leadership over, a
+    /// new write waits for the handover, and if leadership moved it is
+    /// refused with [`WriteError::NotLeader`] without having been proposed
+    /// (so it may be sent to the new leader as it is).
     pub async fn write(&self, redo: impl Into<bytes::Bytes>) -> Result<LogId, WriteError> {
+        let _ = self
+            .handover
+            .paused
+            .subscribe()
+            .wait_for(|paused| !paused)
+            .await;
         match self
             .raft
             .client_write(Command {
@@ -446,15 +467,37 @@ impl Handover {
     /// (it is not bound by a leader lease of its own), so in a group of
     /// three the new leader is elected in one round trip, where the others
     /// would otherwise wait out the leader lease and an election timeout
-    /// (1.5-2 s with the default timing). Call it once nothing more is
-    /// written through this node: under a steady stream of writes no
-    /// follower may hold the whole log at any moment. Returns the new
-    /// leader, or `None` when this node does not lead or no voter took over
-    /// within twice the election timeout (after a stop, the others then
-    /// elect one as after a crash).
+    /// (1.5-2 s with the default timing). New writes through
+    /// [`ClusterNode::write`] wait while it runs; a caller writing to the
+    /// group some other way stops first (a stopping router does). Returns
+    /// the new leader, or `None` when this node does not lead or no voter
+    /// took over within twice the election timeout once its lease allowed
+    /// it (after a stop, the others then elect one as after a crash).
     pub async fn hand_over(&self, to: Option<NodeId>) -> Option<NodeId> {
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return None;
+        }
+        // A leader grants a vote only once its own lease has run out since
+        // it was elected (the lease is the election timeout's maximum):
+        // a leader elected a moment ago waits for that first, while
+        // writes go on.
+        let since = self
+            .leading_since
+            .lock()
+            .expect("leadership lock")
+            .map(|(_, t)| t);
+        if let Some(since) = since {
+            tokio::time::sleep_until(since + self.timing.election.1 + Duration::from_millis(50))
+                .await;
+        }
         let limit = self.timing.election.1 * 2;
         let deadline = tokio::time::Instant::now() + limit;
+        // From here until the handover ends, new writes through
+        // `ClusterNode::write` wait: under a steady stream of them no
+        // follower would hold the whole log at any one moment (Raft's
+        // leadership transfer stops taking requests the same way).
+        self.paused.send_replace(true);
+        let _paused = Paused(self.paused.clone());
         let mut metrics = self.raft.metrics();
         // A voter whose log matches this leader's last entry.
         let (target, addr) = loop {
@@ -483,18 +526,6 @@ impl Handover {
                 return None;
             }
         };
-        // A leader grants a vote only once its own lease has run out since
-        // it was elected (the lease is the election timeout's maximum):
-        // a leader elected a moment ago waits for that first.
-        let since = self
-            .leading_since
-            .lock()
-            .expect("leadership lock")
-            .map(|(_, t)| t);
-        if let Some(since) = since {
-            let ready = since + self.timing.election.1 + Duration::from_millis(50);
-            tokio::time::sleep_until(ready.min(deadline)).await;
-        }
         let mut peer = self.network.peer(target, &addr);
         if let Err(e) = peer.timeout_now(self.timing.election.1).await {
             tracing::info!(to = target, error = %e, "could not hand leadership over");
