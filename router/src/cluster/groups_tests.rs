@@ -16,8 +16,8 @@ use redb::ReadableDatabase;
 use super::balance::Balancer;
 use super::log_store::LogFile;
 use super::net::{GroupId, NoFaults, RaftHost};
-use super::tests::{append, free_port, timing};
-use super::tls::{ClusterCa, NodeTls};
+use super::tests::{append, three_members, timing};
+use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId};
 use crate::storage::tables::LOG;
 
@@ -40,13 +40,7 @@ struct Nodes {
 
 impl Nodes {
     async fn start() -> Nodes {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::generate().unwrap();
-        let members: BTreeMap<NodeId, SocketAddr> = (1..=3).map(|id| (id, free_port())).collect();
-        let tls = members
-            .keys()
-            .map(|&id| (id, ca.issue(id, &["127.0.0.1".into()]).unwrap()))
-            .collect();
+        let (dir, _ca, members, tls) = three_members();
         let mut n = Nodes {
             root: dir.path().to_path_buf(),
             _dir: dir,

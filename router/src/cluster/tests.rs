@@ -37,6 +37,24 @@ pub(super) fn free_port() -> SocketAddr {
     s.local_addr().unwrap()
 }
 
+/// What three nodes on loopback need: a directory for their files, the
+/// cluster CA, an address and a certificate each.
+pub(super) fn three_members() -> (
+    tempfile::TempDir,
+    ClusterCa,
+    BTreeMap<NodeId, SocketAddr>,
+    BTreeMap<NodeId, NodeTls>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate().unwrap();
+    let members: BTreeMap<NodeId, SocketAddr> = (1..=3).map(|id| (id, free_port())).collect();
+    let tls = members
+        .keys()
+        .map(|&id| (id, ca.issue(id, &["127.0.0.1".into()]).unwrap()))
+        .collect();
+    (dir, ca, members, tls)
+}
+
 /// Timing for three nodes sharing two loaded cores.
 pub(super) fn timing() -> Timing {
     Timing {
@@ -66,13 +84,7 @@ impl Group {
         seam: Arc<dyn Faults>,
         disks: BTreeMap<NodeId, Arc<SimDisk>>,
     ) -> Group {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::generate().unwrap();
-        let members: BTreeMap<NodeId, SocketAddr> = (1..=3).map(|id| (id, free_port())).collect();
-        let tls = members
-            .keys()
-            .map(|&id| (id, ca.issue(id, &["127.0.0.1".into()]).unwrap()))
-            .collect();
+        let (dir, ca, members, tls) = three_members();
         let mut g = Group {
             ca,
             root: dir.path().to_path_buf(),
