@@ -187,16 +187,24 @@ pub struct Handover {
     timing: Timing,
     /// When this node last became leader, and of which term.
     leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
-    /// True while a handover holds back new writes ([`ClusterNode::write`]).
-    paused: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How many handovers hold new writes back now
+    /// ([`ClusterNode::write`]).
+    paused: Arc<tokio::sync::watch::Sender<u32>>,
 }
 
-/// Holds new writes back until dropped.
-struct Paused(Arc<tokio::sync::watch::Sender<bool>>);
+/// Holds new writes back until dropped (with any other handover's).
+struct Paused(Arc<tokio::sync::watch::Sender<u32>>);
+
+impl Paused {
+    fn new(paused: &Arc<tokio::sync::watch::Sender<u32>>) -> Paused {
+        paused.send_modify(|n| *n += 1);
+        Paused(paused.clone())
+    }
+}
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        self.0.send_replace(false);
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -328,7 +336,7 @@ impl ClusterNode {
                 network,
                 timing: config.timing.clone(),
                 leading_since,
-                paused: Arc::new(tokio::sync::watch::channel(false).0),
+                paused: Arc::new(tokio::sync::watch::channel(0).0),
             },
             timing: config.timing.clone(),
             trigger,
@@ -391,7 +399,7 @@ impl ClusterNode {
             .handover
             .paused
             .subscribe()
-            .wait_for(|paused| !paused)
+            .wait_for(|handovers| *handovers == 0)
             .await;
         match self
             .raft
@@ -496,8 +504,7 @@ impl Handover {
         // `ClusterNode::write` wait: under a steady stream of them no
         // follower would hold the whole log at any one moment (Raft's
         // leadership transfer stops taking requests the same way).
-        self.paused.send_replace(true);
-        let _paused = Paused(self.paused.clone());
+        let _paused = Paused::new(&self.paused);
         let mut metrics = self.raft.metrics();
         // A voter whose log matches this leader's last entry.
         let (target, addr) = loop {
