@@ -8,9 +8,9 @@
 //! their kv writes) and every replica applies the same rows, so replicas
 //! are equal by construction, not by re-running the decisions.
 //!
-//! - [`log_store`]: the Raft log and vote in their own redb file, with
-//!   group commit of log appends (one fsync for every append queued while
-//!   the previous one synced).
+//! - [`log_store`]: the Raft log and vote in their own redb file (one
+//!   per node, shared by its groups), with group commit of log appends
+//!   (one fsync for every append queued while the previous one synced).
 //! - [`state`]: the state machine, the router's own tables in a redb file,
 //!   applying redo entries; snapshots are those tables dumped as a redo.
 //! - [`net`]: Raft RPCs over QUIC with mutual TLS under one cluster CA,
