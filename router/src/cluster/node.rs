@@ -294,12 +294,29 @@ impl ClusterNode {
             .map(|(id, a)| (*id, BasicNode::new(a.to_string())))
             .collect();
         // Every member initializes with the same list; on a node that
-        // already has a log this is refused, which is fine. A joining node
-        // must not: it would form a group of its own.
-        if !config.join
-            && let Err(e) = raft.initialize(members).await
-        {
-            tracing::debug!(error = %e, "Raft group already initialized");
+        // already has a log or a vote this is refused, which is fine. A
+        // joining node must not: it would form a group of its own. The
+        // member with the lowest id does it at once and the others one
+        // election timeout apart, by rank, so on a first start they vote
+        // for the first instead of each standing in the same term: then
+        // the leader with the lower id was deposed by the next one's vote
+        // a moment after it began to serve, and its first clients' requests
+        // were lost with their connection. A later member initializes only
+        // if it has heard from none before its turn (the first is down).
+        if !config.join {
+            let rank = config
+                .members
+                .keys()
+                .take_while(|&&m| m != config.id)
+                .count() as u32;
+            let wait = config.timing.election.1 * rank;
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(error = %e, "Raft group already initialized");
+                }
+            });
         }
         let contact = super::net::LeaderContact::new();
         host.register(
