@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use redb::ReadableDatabase;
 
 use super::balance::Balancer;
 use super::log_store::LogFile;
-use super::net::{GroupId, NoFaults, RaftHost};
+use super::net::{GroupId, RaftHost};
 use super::tests::{append, three_members, timing};
 use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId};
@@ -79,7 +78,6 @@ impl Nodes {
                 node_dir.join(format!("g{group}")),
                 self.tls[&id].clone(),
             );
-            config.faults = Arc::new(NoFaults);
             config.timing = timing();
             config.group = group;
             config.host = Some(host.clone());

@@ -170,7 +170,6 @@ pub struct ClusterNode {
     /// Whether `host` was bound for this group alone (closed with it).
     own_host: bool,
     handover: Handover,
-    timing: Timing,
     trigger: tokio::task::JoinHandle<()>,
     tracker: tokio::task::JoinHandle<()>,
 }
@@ -355,7 +354,6 @@ impl ClusterNode {
                 leading_since,
                 paused: Arc::new(tokio::sync::watch::channel(0).0),
             },
-            timing: config.timing.clone(),
             trigger,
             tracker,
         })
@@ -387,7 +385,7 @@ impl ClusterNode {
             me: self.id,
             raft: self.raft.clone(),
             contact: self.contact.clone(),
-            silent_limit: self.timing.election.0,
+            silent_limit: self.handover.timing.election.0,
         }
     }
 
