@@ -728,6 +728,30 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         // Members and their lag are the leader's to tell.
         assert!(!body.contains("switchyard_cluster_member"), "{body}");
     }
+    // An operator moves leadership off a node before its maintenance; the
+    // CLI reports where it went, and the cluster agrees.
+    let to = leader % 3 + 1;
+    let out = succeed(
+        Command::new(router_bin())
+            .args(["cluster", "step-down", "--to", &to.to_string(), "--ca"])
+            .arg(cluster.cert())
+            .args(["--addr", &cluster_addr(&cluster.nodes[0].dir)]),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("from node {leader} to node {to} in")),
+        "{said}"
+    );
+    let leader = to;
+    assert_eq!(converged(&admin).await, leader);
+    let lone = Client::connect(
+        ClientConfig::new(cluster.nodes[leader as usize - 1].addr)
+            .with_ca_file(cluster.cert())
+            .with_token_file(cluster.nodes[0].dir.join("admin.token"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     cluster.kill(leader);
     // With a message id the client resends it to the new leader if the
     // first copy's fate was lost with the old one.

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::cluster::serve::CA_FILE;
 use crate::cluster::tls::ClusterCa;
+use crate::protocol::ErrorCode;
 use std::io::Write;
 
 /// The file beside `cert.pem` listing every node's client address, which
@@ -39,6 +40,22 @@ pub(super) enum ClusterCommand {
     AddNode(AddNodeArgs),
     /// Remove a node from the cluster; stop it afterwards.
     RemoveNode(RemoveNodeArgs),
+    /// Move leadership off the current leader while the cluster serves
+    /// (before maintenance of its machine, say): to `--to`, or to the
+    /// first voter that holds the whole log. Writes pause for about one
+    /// round trip; clients follow on their own.
+    StepDown(StepDownArgs),
+}
+
+/// Arguments of `switchyard cluster step-down`.
+#[derive(Debug, clap::Args)]
+pub(super) struct StepDownArgs {
+    #[command(flatten)]
+    connect: super::ConnectArgs,
+    /// The node to lead next (a voter); any voter that has caught up if
+    /// not given.
+    #[arg(long)]
+    to: Option<u64>,
 }
 
 /// Arguments of `switchyard cluster add-node`.
@@ -96,6 +113,7 @@ pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Init(args) => init(&args),
         ClusterCommand::Status(args) => status(args).await,
         ClusterCommand::AddNode(args) => add_node(args).await,
+        ClusterCommand::StepDown(args) => step_down(args).await,
         ClusterCommand::RemoveNode(args) => {
             let client = args.connect.connect().await?;
             let body = serde_json::json!({ "id": args.id });
@@ -281,6 +299,59 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
         .await?;
     writeln!(std::io::stdout(), "node {id} joined the cluster")?;
     Ok(())
+}
+
+async fn step_down(args: StepDownArgs) -> anyhow::Result<()> {
+    let client = args.connect.connect().await?;
+    let before = client
+        .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+        .await?["leader"]
+        .as_u64();
+    let started = std::time::Instant::now();
+    let body = serde_json::json!({ "to": args.to });
+    let leader = match client
+        .admin_request("cluster_step_down", body, bytes::Bytes::new())
+        .await
+    {
+        Ok(v) => v["leader"].as_u64(),
+        // The old leader's router stops as leadership leaves it, and the
+        // answer may go down with its connection: ask the cluster (the
+        // client follows to the new leader).
+        Err(e) if e.code().is_none_or(|c| c == ErrorCode::ShuttingDown) => {
+            moved_from(&client, before).await
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(leader) = leader else {
+        anyhow::bail!("leadership did not move within 10 s; see `switchyard cluster status`");
+    };
+    if let Some(to) = args.to.filter(|&to| to != leader) {
+        anyhow::bail!("leadership moved to node {leader}, not to node {to}");
+    }
+    writeln!(
+        std::io::stdout(),
+        "leadership moved from node {} to node {leader} in {} ms",
+        before.map_or("?".into(), |b| b.to_string()),
+        started.elapsed().as_millis()
+    )?;
+    Ok(())
+}
+
+/// The leader once it is another than `before`, asked for 10 s.
+async fn moved_from(client: &crate::client::Client, before: Option<u64>) -> Option<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(s) = client
+            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+            && let Some(l) = s["leader"].as_u64()
+            && Some(l) != before
+        {
+            return Some(l);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// A number, or `-` where the leader has heard nothing (a node down).

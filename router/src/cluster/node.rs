@@ -186,24 +186,95 @@ pub struct Handover {
     timing: Timing,
     /// When this node last became leader, and of which term.
     leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
-    /// How many handovers hold new writes back now
-    /// ([`ClusterNode::write`]).
-    paused: Arc<tokio::sync::watch::Sender<u32>>,
+    /// Writes in flight, and handovers holding new ones back.
+    gate: WriteGate,
 }
 
-/// Holds new writes back until dropped (with any other handover's).
-struct Paused(Arc<tokio::sync::watch::Sender<u32>>);
+/// The writes of one group on this node, and the handovers that hold
+/// them back. A handover stops new writes and waits for those in flight
+/// to finish, so that a follower can hold the whole log at one moment:
+/// under a steady stream of writes none would otherwise (Raft's
+/// leadership transfer stops taking requests the same way). A write that
+/// checked for a handover a moment before one began is in flight, and the
+/// handover waits for it, so none slips past.
+#[derive(Clone)]
+pub struct WriteGate(Arc<tokio::sync::watch::Sender<Gate>>);
 
-impl Paused {
-    fn new(paused: &Arc<tokio::sync::watch::Sender<u32>>) -> Paused {
-        paused.send_modify(|n| *n += 1);
-        Paused(paused.clone())
+#[derive(Clone, Copy, Default)]
+struct Gate {
+    /// Handovers running (each holds new writes back until it ends).
+    held: u32,
+    /// Writes that entered and have not finished.
+    in_flight: u32,
+}
+
+impl WriteGate {
+    fn new() -> WriteGate {
+        WriteGate(Arc::new(tokio::sync::watch::channel(Gate::default()).0))
+    }
+
+    /// Enters a write unless a handover holds writes back.
+    fn try_enter(&self) -> Option<InFlight> {
+        let mut entered = false;
+        self.0.send_if_modified(|g| {
+            entered = g.held == 0;
+            if entered {
+                g.in_flight += 1;
+            }
+            entered
+        });
+        entered.then(|| InFlight(self.0.clone()))
+    }
+
+    /// Enters a write, first waiting while a handover runs. The write is
+    /// in flight until the returned guard is dropped.
+    pub async fn enter(&self) -> InFlight {
+        let mut rx = self.0.subscribe();
+        loop {
+            if let Some(w) = self.try_enter() {
+                return w;
+            }
+            let _ = rx.wait_for(|g| g.held == 0).await;
+        }
+    }
+
+    /// [`WriteGate::enter`] for a thread outside the runtime (the storage
+    /// writer's), blocking it; also says whether it had to wait.
+    pub fn enter_blocking(&self, runtime: &tokio::runtime::Handle) -> (InFlight, bool) {
+        match self.try_enter() {
+            Some(w) => (w, false),
+            None => (runtime.block_on(self.enter()), true),
+        }
+    }
+
+    /// Holds new writes back until the guard is dropped.
+    fn hold(&self) -> Held {
+        self.0.send_modify(|g| g.held += 1);
+        Held(self.0.clone())
+    }
+
+    /// Waits until no write is in flight.
+    async fn drained(&self) {
+        let _ = self.0.subscribe().wait_for(|g| g.in_flight == 0).await;
     }
 }
 
-impl Drop for Paused {
+/// A write that entered the [`WriteGate`]; it ends when dropped.
+pub struct InFlight(Arc<tokio::sync::watch::Sender<Gate>>);
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.0.send_modify(|g| g.in_flight -= 1);
+    }
+}
+
+/// A handover's hold on new writes; released when dropped (a count, so
+/// one handover ending does not release another's).
+struct Held(Arc<tokio::sync::watch::Sender<Gate>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.send_modify(|g| g.held -= 1);
     }
 }
 
@@ -352,7 +423,7 @@ impl ClusterNode {
                 network,
                 timing: config.timing.clone(),
                 leading_since,
-                paused: Arc::new(tokio::sync::watch::channel(0).0),
+                gate: WriteGate::new(),
             },
             trigger,
             tracker,
@@ -410,12 +481,7 @@ impl ClusterNode {
     /// refused with [`WriteError::NotLeader`] without having been proposed
     /// (so it may be sent to the new leader as it is).
     pub async fn write(&self, redo: impl Into<bytes::Bytes>) -> Result<LogId, WriteError> {
-        let _ = self
-            .handover
-            .paused
-            .subscribe()
-            .wait_for(|handovers| *handovers == 0)
-            .await;
+        let _in_flight = self.handover.gate.enter().await;
         match self
             .raft
             .client_write(Command {
@@ -484,6 +550,14 @@ impl Handover {
         &self.raft
     }
 
+    /// The gate this group's writes pass on this node. A writer that does
+    /// not go through [`ClusterNode::write`] (a leader's router, through
+    /// [`super::replicate::LeaderReplicator`]) enters it for each commit,
+    /// or no follower would catch up under its writes.
+    pub fn gate(&self) -> WriteGate {
+        self.gate.clone()
+    }
+
     /// Hands this group's leadership to another voter (to `to`, if given):
     /// waits until that voter holds the whole log, then asks it to stand for
     /// election at once (Raft's TimeoutNow). This leader grants it its vote
@@ -491,8 +565,8 @@ impl Handover {
     /// three the new leader is elected in one round trip, where the others
     /// would otherwise wait out the leader lease and an election timeout
     /// (1.5-2 s with the default timing). New writes through
-    /// [`ClusterNode::write`] wait while it runs; a caller writing to the
-    /// group some other way stops first (a stopping router does). Returns
+    /// [`ClusterNode::write`] wait while it runs, and so do a leader's
+    /// router's commits ([`Handover::gate`]). Returns
     /// the new leader, or `None` when this node does not lead or no voter
     /// took over within twice the election timeout once its lease allowed
     /// it (after a stop, the others then elect one as after a crash).
@@ -519,7 +593,16 @@ impl Handover {
         // `ClusterNode::write` wait: under a steady stream of them no
         // follower would hold the whole log at any one moment (Raft's
         // leadership transfer stops taking requests the same way).
-        let _paused = Paused::new(&self.paused);
+        let _held = self.gate.hold();
+        // Writes that entered a moment before the hold are still proposed:
+        // a target matched before they are would be behind again.
+        if tokio::time::timeout_at(deadline, self.gate.drained())
+            .await
+            .is_err()
+        {
+            tracing::info!("writes in flight did not finish in time for a handover");
+            return None;
+        }
         let mut metrics = self.raft.metrics();
         // A voter whose log matches this leader's last entry.
         let (target, addr) = loop {

@@ -19,6 +19,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use super::node::{InFlight, WriteGate};
 use super::state::set_applied;
 use super::{Command, LogId, NodeId, Origin, Raft};
 use crate::storage::{Replicator, StorageError};
@@ -144,16 +145,21 @@ pub struct LeaderReplicator {
     incarnation: u64,
     seq: AtomicU64,
     done: Mutex<Option<mpsc::Sender<bool>>>,
+    /// The group's writes on this node, which a handover holds back
+    /// ([`super::node::Handover::gate`]).
+    gate: WriteGate,
 }
 
 impl LeaderReplicator {
-    /// Replicates through `raft` for one incarnation of serving.
+    /// Replicates through `raft` for one incarnation of serving; a new
+    /// commit passes `gate` (waits while a handover runs).
     pub fn new(
         raft: Raft,
         runtime: tokio::runtime::Handle,
         handoff: Arc<Handoff>,
         node: NodeId,
         incarnation: u64,
+        gate: WriteGate,
     ) -> LeaderReplicator {
         LeaderReplicator {
             raft,
@@ -163,7 +169,23 @@ impl LeaderReplicator {
             incarnation,
             seq: AtomicU64::new(0),
             done: Mutex::new(None),
+            gate,
         }
+    }
+
+    /// Enters the gate for one commit, waiting out a handover in progress
+    /// (the storage writer's thread blocks, so every commit queued behind
+    /// this one waits too). If leadership moved meanwhile, the commit is
+    /// refused without having been proposed: its clients send it again to
+    /// the new leader.
+    fn enter(&self) -> Result<InFlight, StorageError> {
+        let (in_flight, waited) = self.gate.enter_blocking(&self.runtime);
+        if waited && self.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(StorageError::NotLeader(
+                "leadership was handed to another node".into(),
+            ));
+        }
+        Ok(in_flight)
     }
 
     fn commit_at(
@@ -182,6 +204,7 @@ impl LeaderReplicator {
 
 impl Replicator for LeaderReplicator {
     fn replicate(&self, redo: &[u8], txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+        let _in_flight = self.enter()?;
         let origin = Origin {
             node: self.node,
             incarnation: self.incarnation,

@@ -155,6 +155,7 @@ pub async fn run(
             handoff.clone(),
             cfg.node_id,
             incarnation,
+            node.handover().gate(),
         );
         let mut rc = cfg.router.clone();
         rc.replica = Some(Replica {
@@ -162,6 +163,7 @@ pub async fn run(
             replicator: Arc::new(replicator),
             control: Arc::new(Control {
                 raft: node.raft().clone(),
+                handover: node.handover(),
             }),
             endpoint: clients.clone(),
             metrics: metrics.clone(),
@@ -325,6 +327,7 @@ pub fn client_addr(raft: &str) -> Option<SocketAddr> {
 /// The admin protocol's hold on the cluster, on the leader.
 struct Control {
     raft: super::Raft,
+    handover: super::node::Handover,
 }
 
 impl crate::server::ClusterControl for Control {
@@ -363,6 +366,38 @@ impl crate::server::ClusterControl for Control {
             super::node::remove_node(&self.raft, id)
                 .await
                 .map_err(|e| e.to_string())
+        })
+    }
+
+    fn step_down(
+        &self,
+        to: Option<NodeId>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<NodeId, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let (me, voters) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+                (m.id, voters)
+            };
+            match to {
+                Some(t) if t == me => return Err(format!("node {me} leads already")),
+                Some(t) if !voters.contains(&t) => {
+                    return Err(format!(
+                        "node {t} is not a voter of the cluster (voters: {voters:?})"
+                    ));
+                }
+                None if voters.len() < 2 => {
+                    return Err("this node is the cluster's only voter".into());
+                }
+                _ => {}
+            }
+            self.handover.hand_over(to).await.ok_or_else(|| {
+                "no other voter caught up with the leader's log in time (is it down or far \
+                 behind? see `cluster status`); this node goes on leading"
+                    .to_string()
+            })
         })
     }
 }

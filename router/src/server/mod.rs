@@ -183,6 +183,14 @@ pub trait ClusterControl: Send + Sync {
         &self,
         id: u64,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Hands leadership to another voter (`to`, or the first to catch up)
+    /// while the cluster serves, before maintenance of this node; returns
+    /// the new leader. New commits wait while it runs (about one round
+    /// trip once a follower holds the whole log).
+    fn step_down(
+        &self,
+        to: Option<u64>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>>;
 }
 
 impl std::fmt::Debug for Replica {

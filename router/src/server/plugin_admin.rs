@@ -23,6 +23,13 @@ struct NodeRequest {
     addr: Option<std::net::SocketAddr>,
 }
 
+/// Where to hand leadership (`cluster_step_down`): a voter, or any.
+#[derive(Deserialize)]
+struct StepDown {
+    #[serde(default)]
+    to: Option<u64>,
+}
+
 #[derive(Deserialize)]
 struct Named {
     name: String,
@@ -136,7 +143,7 @@ pub(super) async fn handle(
             super::plugin_test::dry_run(broker, req, wasm).await
         }
         "status" => Ok(super::status::status(shared, session)),
-        "cluster_status" | "cluster_add_node" | "cluster_remove_node" => {
+        "cluster_status" | "cluster_add_node" | "cluster_remove_node" | "cluster_step_down" => {
             session.check(Class::ClusterAdmin, "*", "")?;
             let Some(r) = &shared.config.replica else {
                 return Err(WireError::new(
@@ -164,6 +171,14 @@ pub(super) async fn handle(
                     r.control.remove_node(n.id).await.map_err(failed)?;
                     Ok(r.control.status())
                 }
+                "cluster_step_down" => {
+                    let req: StepDown = parse(body)?;
+                    let previous = r.control.status()["node"].clone();
+                    let leader = r.control.step_down(req.to).await.map_err(|e| {
+                        WireError::new(ErrorCode::Internal, format!("step-down failed: {e}"))
+                    })?;
+                    Ok(serde_json::json!({ "leader": leader, "previous": previous }))
+                }
                 _ => Ok(r.control.status()),
             }
         }
@@ -179,7 +194,7 @@ pub(super) async fn handle(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
                      dlq-redrive, dlq-purge; status; cluster_status, cluster_add_node, \
-                     cluster_remove_node; auth: {})",
+                     cluster_remove_node, cluster_step_down; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),
