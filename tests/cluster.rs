@@ -1,6 +1,7 @@
 //! A three-node cluster of real `switchyard serve` processes on loopback:
 //! kill -9 the leader again and again (every fourth time a SIGTERM, as in a
-//! rolling restart) under a pipelined producer, an acking queue consumer
+//! rolling restart; before every fourth kill a `cluster step-down`) under
+//! a pipelined producer, an acking queue consumer
 //! and a stream reader, then check the history the clients saw against
 //! what every replica holds.
 //!
@@ -428,7 +429,7 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
         })
     };
 
-    let (mut failovers, mut stopped) = (Vec::new(), Vec::new());
+    let (mut failovers, mut stopped, mut moved) = (Vec::new(), Vec::new(), Vec::new());
     let wait_for_acks = |n: usize| {
         let acked = acked.clone();
         async move {
@@ -441,7 +442,30 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
     };
     wait_for_acks(100).await;
     for k in 0..kills() {
-        let leader = converged(&admin).await;
+        let mut leader = converged(&admin).await;
+        if k % 4 == 1 {
+            // Before every fourth kill an operator moves leadership with
+            // `cluster step-down` under the same load (past the leader's
+            // lease, which it would otherwise wait out first): the
+            // router's commits are held back while it runs.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let from = acked.load(Ordering::Relaxed);
+            let asked = Instant::now();
+            let answer = admin
+                .admin_request(
+                    "cluster_step_down",
+                    serde_json::json!({}),
+                    bytes::Bytes::new(),
+                )
+                .await;
+            wait_for_acks(from + PER_BATCH * 8 + 1).await;
+            let took = asked.elapsed();
+            let to = converged(&admin).await;
+            assert_ne!(to, leader, "the step-down answered {answer:?}");
+            moved.push(took);
+            eprintln!("step-down: node {leader} to node {to}, writes again after {took:?}");
+            leader = to;
+        }
         if k % 4 == 3 {
             // Stopped as in a rolling restart below, the leader has led
             // for a while: one elected less than its lease (the election
@@ -568,6 +592,13 @@ async fn killing_the_leader_loses_no_acknowledged_message() {
 
     failovers.sort();
     stopped.sort();
+    moved.sort();
+    if let (Some(first), Some(last)) = (moved.first(), moved.last()) {
+        eprintln!(
+            "{} step-downs under load: writes resumed after {first:?} to {last:?}",
+            moved.len()
+        );
+    }
     if let (Some(first), Some(last)) = (stopped.first(), stopped.last()) {
         eprintln!(
             "{} graceful stops of the leader: writes resumed after {first:?} to {last:?}",
