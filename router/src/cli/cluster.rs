@@ -328,6 +328,10 @@ async fn step_down(args: StepDownArgs) -> anyhow::Result<()> {
     if let Some(to) = args.to.filter(|&to| to != leader) {
         anyhow::bail!("leadership moved to node {leader}, not to node {to}");
     }
+    if before == Some(leader) {
+        writeln!(std::io::stdout(), "node {leader} leads already")?;
+        return Ok(());
+    }
     writeln!(
         std::io::stdout(),
         "leadership moved from node {} to node {leader} in {} ms",

@@ -23,7 +23,7 @@ use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::protocol::close;
 use crate::server::metrics::{FollowerMetrics, serve_follower};
-use crate::server::{Replica, Router, RouterConfig, StartError, tls};
+use crate::server::{Replica, Router, RouterConfig, StartError, StepDownError, tls};
 #[cfg(doc)]
 use crate::storage::disk::OsDisk;
 
@@ -372,8 +372,9 @@ impl crate::server::ClusterControl for Control {
     fn step_down(
         &self,
         to: Option<NodeId>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<NodeId, String>> + Send + '_>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<NodeId, StepDownError>> + Send + '_>,
+    > {
         Box::pin(async move {
             let (me, voters) = {
                 let m = self.raft.metrics();
@@ -382,21 +383,26 @@ impl crate::server::ClusterControl for Control {
                 (m.id, voters)
             };
             match to {
-                Some(t) if t == me => return Err(format!("node {me} leads already")),
+                // Asked to lead, it does: nothing to move.
+                Some(t) if t == me => return Ok(me),
                 Some(t) if !voters.contains(&t) => {
-                    return Err(format!(
+                    return Err(StepDownError::Invalid(format!(
                         "node {t} is not a voter of the cluster (voters: {voters:?})"
-                    ));
+                    )));
                 }
                 None if voters.len() < 2 => {
-                    return Err("this node is the cluster's only voter".into());
+                    return Err(StepDownError::Invalid(
+                        "this node is the cluster's only voter".into(),
+                    ));
                 }
                 _ => {}
             }
             self.handover.hand_over(to).await.ok_or_else(|| {
-                "no other voter caught up with the leader's log in time (is it down or far \
-                 behind? see `cluster status`); this node goes on leading"
-                    .to_string()
+                StepDownError::NotNow(
+                    "no other voter caught up with the leader's log in time (is it down or far \
+                     behind? see `cluster status`); this node goes on leading"
+                        .into(),
+                )
             })
         })
     }

@@ -190,7 +190,18 @@ pub trait ClusterControl: Send + Sync {
     fn step_down(
         &self,
         to: Option<u64>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, StepDownError>> + Send + '_>>;
+}
+
+/// Why a step-down did not move leadership.
+#[derive(Debug, thiserror::Error)]
+pub enum StepDownError {
+    /// The request cannot be met as asked (no such voter, no other one).
+    #[error("{0}")]
+    Invalid(String),
+    /// No voter was ready to take over in time; the leader goes on leading.
+    #[error("{0}")]
+    NotNow(String),
 }
 
 impl std::fmt::Debug for Replica {

@@ -175,7 +175,11 @@ pub(super) async fn handle(
                     let req: StepDown = parse(body)?;
                     let previous = r.control.status()["node"].clone();
                     let leader = r.control.step_down(req.to).await.map_err(|e| {
-                        WireError::new(ErrorCode::Internal, format!("step-down failed: {e}"))
+                        let code = match e {
+                            super::StepDownError::Invalid(_) => ErrorCode::InvalidArgument,
+                            super::StepDownError::NotNow(_) => ErrorCode::Internal,
+                        };
+                        WireError::new(code, format!("step-down failed: {e}"))
                     })?;
                     Ok(serde_json::json!({ "leader": leader, "previous": previous }))
                 }
