@@ -162,7 +162,6 @@ pub async fn run(
             db: node.state().database().clone(),
             replicator: Arc::new(replicator),
             control: Arc::new(Control {
-                raft: node.raft().clone(),
                 handover: node.handover(),
             }),
             endpoint: clients.clone(),
@@ -326,17 +325,17 @@ pub fn client_addr(raft: &str) -> Option<SocketAddr> {
 
 /// The admin protocol's hold on the cluster, on the leader.
 struct Control {
-    raft: super::Raft,
+    /// The group's handover, and through it its Raft.
     handover: super::node::Handover,
 }
 
 impl crate::server::ClusterControl for Control {
     fn status(&self) -> serde_json::Value {
-        cluster_status(&self.raft)
+        cluster_status(self.handover.raft())
     }
 
     fn nodes(&self) -> Vec<SocketAddr> {
-        let m = self.raft.metrics();
+        let m = self.handover.raft().metrics();
         let m = m.borrow();
         let voters: std::collections::BTreeSet<NodeId> = m.membership_config.voter_ids().collect();
         m.membership_config
@@ -352,7 +351,7 @@ impl crate::server::ClusterControl for Control {
         addr: SocketAddr,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            super::node::add_node(&self.raft, id, raft_addr(addr))
+            super::node::add_node(self.handover.raft(), id, raft_addr(addr))
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -363,7 +362,7 @@ impl crate::server::ClusterControl for Control {
         id: NodeId,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            super::node::remove_node(&self.raft, id)
+            super::node::remove_node(self.handover.raft(), id)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -377,7 +376,7 @@ impl crate::server::ClusterControl for Control {
     > {
         Box::pin(async move {
             let (me, voters) = {
-                let m = self.raft.metrics();
+                let m = self.handover.raft().metrics();
                 let m = m.borrow();
                 let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
                 (m.id, voters)
