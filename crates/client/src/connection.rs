@@ -214,7 +214,14 @@ pub struct ServerInfo {
     pub cluster: Vec<SocketAddr>,
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+/// The control requests of a connection waiting for their answers; `None`
+/// once its control stream has ended (no answer can come any more).
+type Waiters = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>>;
+
+/// How long a connection whose control stream the router ended may take to
+/// close (a stopping router drains publish streams first) before the
+/// client closes it itself.
+const CONTROL_ENDED_GRACE: Duration = Duration::from_secs(10);
 
 /// One connection to the router, from a handshake to its loss. A client
 /// has one at a time; after a loss it makes a new one (see [`Reconnect`]).
@@ -565,15 +572,14 @@ impl Client {
     }
 
     async fn request(&self, make: impl FnOnce(u64) -> Frame) -> Result<Frame, ClientError> {
-        let link = self.shared.link().await?;
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        link.waiters.lock().expect("waiters lock").insert(id, tx);
+        let (link, id, rx) = self.waiting_link().await?;
         let bytes = make(id).to_bytes();
         {
             let mut send = link.control.lock().await;
             if let Err(e) = send.write_all(&bytes).await {
-                link.waiters.lock().expect("waiters lock").remove(&id);
+                if let Some(waiting) = link.waiters.lock().expect("waiters lock").as_mut() {
+                    waiting.remove(&id);
+                }
                 // The router's own reason, when it closed the connection.
                 let why = match link.conn.close_reason() {
                     Some(c) => describe_close(&c),
@@ -590,6 +596,47 @@ impl Client {
                 Err(ClientError::Server(WireError::new(code, message)))
             }
             f => Ok(f),
+        }
+    }
+
+    /// The connection to send a control request on, with the request's id
+    /// registered for its answer. A router that stops ends its control
+    /// streams (after answering what it was asked) before it closes the
+    /// connection: a request made in between is not sent there but on the
+    /// next connection, once this one is closed.
+    async fn waiting_link(
+        &self,
+    ) -> Result<(Arc<Link>, u64, oneshot::Receiver<Frame>), ClientError> {
+        let mut tries = 0;
+        loop {
+            let link = self.shared.link().await?;
+            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let open = match link.waiters.lock().expect("waiters lock").as_mut() {
+                Some(waiting) => {
+                    waiting.insert(id, tx);
+                    true
+                }
+                None => false,
+            };
+            if open {
+                return Ok((link, id, rx));
+            }
+            tries += 1;
+            if tries > 3 {
+                return Err(ClientError::ConnectionLost(close_reason(&link.conn)));
+            }
+            let lost = self.shared.link_lost(link.generation);
+            if tokio::time::timeout(CONTROL_ENDED_GRACE, lost)
+                .await
+                .is_err()
+            {
+                // The router ended the control stream but keeps the
+                // connection: it is of no use for requests.
+                link.conn
+                    .close(close::NORMAL.into(), b"control stream ended");
+                self.shared.link_lost(link.generation).await;
+            }
         }
     }
 
@@ -1014,7 +1061,7 @@ async fn handshake(
         }
         Ok(None) | Err(_) => return Err(ended(&conn).await),
     };
-    let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+    let waiters: Waiters = Arc::new(Mutex::new(Some(HashMap::new())));
     tokio::spawn(control_reader(reader, waiters.clone()));
     Ok(Arc::new(Link {
         conn,
@@ -1178,12 +1225,18 @@ async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Wai
             | Frame::AdminResponse { id, .. } => *id,
             _ => continue,
         };
-        if let Some(tx) = waiters.lock().expect("waiters lock").remove(&id) {
+        let tx = waiters
+            .lock()
+            .expect("waiters lock")
+            .as_mut()
+            .and_then(|w| w.remove(&id));
+        if let Some(tx) = tx {
             let _ = tx.send(frame);
         }
     }
-    // Dropping the senders fails every waiting request.
-    waiters.lock().expect("waiters lock").clear();
+    // Dropping the senders fails every waiting request; later ones go to
+    // the next connection.
+    waiters.lock().expect("waiters lock").take();
 }
 
 #[cfg(test)]

@@ -314,9 +314,9 @@ async fn step_down(args: StepDownArgs) -> anyhow::Result<()> {
         .await
     {
         Ok(v) => v["leader"].as_u64(),
-        // The old leader's router stops as leadership leaves it, and the
-        // answer may go down with its connection: ask the cluster (the
-        // client follows to the new leader).
+        // The old leader's router stops as leadership leaves it; it
+        // answers first, but should the answer be lost on the way, ask
+        // the cluster (the client follows to the new leader).
         Err(e) if e.code().is_none_or(|c| c == ErrorCode::ShuttingDown) => {
             moved_from(&client, before).await
         }

@@ -272,11 +272,11 @@ async fn leadership_steps_down_to_a_chosen_node_while_publishers_write() {
                 bytes::Bytes::new(),
             )
             .await;
-        // The answer may be lost with the old leader's connections, as
-        // its router stops; the cluster tells where leadership went.
-        if let Ok(v) = &answer {
-            assert_eq!(v["leader"].as_u64(), Some(to), "{v}");
-        }
+        // The move stops the old leader's router, which answers the
+        // request in progress before it closes the connection.
+        let answer = answer.unwrap_or_else(|e| panic!("step-down from node {from} to {to}: {e}"));
+        assert_eq!(answer["leader"].as_u64(), Some(to), "{answer}");
+        assert_eq!(answer["previous"].as_u64(), Some(from), "{answer}");
         assert_eq!(
             leader(&client).await,
             to,

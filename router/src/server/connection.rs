@@ -84,8 +84,8 @@ pub(super) async fn handle(
     let mut principals = shared.auth.watch();
 
     let mut shutdown = shared.shutdown.clone();
-    // Publish streams drain on shutdown (their queued batches are acked);
-    // control and subscription streams are simply stopped.
+    // On shutdown, publish streams drain (their queued batches are acked)
+    // and the control stream answers the request in progress.
     let mut publishers = tokio::task::JoinSet::new();
     let mut others = tokio::task::JoinSet::new();
     {
@@ -139,17 +139,21 @@ pub(super) async fn handle(
             Some(_) = others.join_next(), if !others.is_empty() => {}
         }
     };
-    others.shutdown().await;
     if shutting_down {
         // Stream tasks watch the same signal: publish streams stop reading,
         // wait for the acks of what they queued and finish; subscriptions
-        // end. Give them a bounded time, then close.
-        let drain = async { while publishers.join_next().await.is_some() {} };
+        // end; the control stream answers the request in progress. Give
+        // them a bounded time, then close.
+        let drain = async {
+            while publishers.join_next().await.is_some() {}
+            while others.join_next().await.is_some() {}
+        };
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!(%remote, "streams did not drain in time");
         }
         conn.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     }
+    others.shutdown().await;
     publishers.shutdown().await;
 }
 

@@ -1,6 +1,7 @@
 //! The control stream: topic administration, request/response by id.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::Shared;
 use super::connection::{frame_name, read_failed, violation};
@@ -9,6 +10,11 @@ use crate::auth::Class;
 use crate::protocol::{ErrorCode, Frame, WireError};
 use crate::transport::FrameReader;
 
+/// Serves one connection's control stream until the client ends it or
+/// the router shuts down. A request in progress when the router starts
+/// shutting down is finished and answered (a `cluster_step_down` is one:
+/// the move it asks for is what stops the old leader's router), and the
+/// answer is delivered before the connection is closed.
 pub(super) async fn serve(
     mut send: quinn::SendStream,
     mut reader: FrameReader<quinn::RecvStream>,
@@ -17,8 +23,17 @@ pub(super) async fn serve(
     session: Arc<Session>,
 ) {
     let broker = &shared.broker;
+    let mut shutdown = shared.shutdown.clone();
     loop {
-        let frame = match reader.next().await {
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => None,
+            read = reader.next() => Some(read),
+        };
+        let Some(read) = read else {
+            return finish(send).await;
+        };
+        let frame = match read {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => return read_failed(&conn, &mut send, e).await,
@@ -92,6 +107,19 @@ pub(super) async fn serve(
         }
     }
 }
+
+/// Ends the stream at shutdown and waits (briefly) until the client has
+/// received every answer sent on it: closing the connection discards what
+/// it has not.
+async fn finish(mut send: quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(DELIVERY, send.stopped()).await;
+    }
+}
+
+/// How long a stopping router waits for a client to receive its last
+/// answers: many round trips on loopback or a LAN.
+const DELIVERY: Duration = Duration::from_secs(1);
 
 fn answer(id: u64, r: Result<Frame, WireError>) -> Frame {
     r.unwrap_or_else(|e| Frame::error(id, &e))
