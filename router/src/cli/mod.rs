@@ -383,6 +383,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--cluster and --join need --node-id (or `[cluster] node_id` in the config file)"
         );
     }
+    // Listening for SIGTERM before the router announces itself: a
+    // supervisor may stop it the moment it reads that line.
+    let stop = shutdown_signal();
     let router = crate::server::Router::start(config).await?;
     // Tests and scripts read these two lines. A router whose stdout cannot
     // be written (closed, or a full disk) still serves.
@@ -411,7 +414,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(out);
     tune::hint();
     let failed = tokio::select! {
-        _ = shutdown_signal() => None,
+        _ = stop => None,
         why = router.storage_failed() => Some(why),
     };
     if let Some(why) = failed {
@@ -453,6 +456,7 @@ async fn serve_cluster(
         .enumerate()
         .map(|(i, a)| (i as u64 + 1, *a))
         .collect();
+    let stop = shutdown_signal();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -473,30 +477,40 @@ async fn serve_cluster(
             faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
             disk: std::sync::Arc::new(crate::storage::disk::OsDisk),
         },
-        shutdown_signal(),
+        stop,
     )
     .await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or Ctrl-C. The handlers are installed when this
+/// is called, not when the future is first polled, so that a signal that
+/// comes between the two (just after the router prints its address, say)
+/// stops the router gracefully instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -121,13 +121,17 @@ impl Nodes {
 }
 
 /// The leader as the node the client reaches sees it (asked again while
-/// leadership moves).
+/// leadership moves). A request that gets no answer at all fails the
+/// test: a client once waited forever on a connection whose router had
+/// ended its control stream.
 async fn leader(c: &Client) -> NodeId {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(s) = c
-            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+        let status = c.admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new());
+        let status = tokio::time::timeout(Duration::from_secs(15), status)
             .await
+            .expect("a control request got neither an answer nor an error");
+        if let Ok(s) = status
             && let Some(l) = s["leader"].as_u64()
         {
             return l;
