@@ -588,9 +588,14 @@ impl Client {
                 return Err(ClientError::ConnectionLost(why));
             }
         }
-        let frame = rx
-            .await
-            .map_err(|_| ClientError::ConnectionLost(close_reason(&link.conn)))?;
+        let Ok(frame) = rx.await else {
+            // The control stream ended without an answer: the connection
+            // goes with it (a stopping router closes it next). Report the
+            // router's reason once it has, and only then, so that a caller
+            // told `ConnectionLost` finds the client no longer connected.
+            self.until_lost(&link).await;
+            return Err(ClientError::ConnectionLost(close_reason(&link.conn)));
+        };
         match frame {
             Frame::Error { code, message, .. } => {
                 Err(ClientError::Server(WireError::new(code, message)))
@@ -612,31 +617,37 @@ impl Client {
             let link = self.shared.link().await?;
             let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            let open = match link.waiters.lock().expect("waiters lock").as_mut() {
-                Some(waiting) => {
-                    waiting.insert(id, tx);
-                    true
-                }
-                None => false,
-            };
-            if open {
+            let registered = link
+                .waiters
+                .lock()
+                .expect("waiters lock")
+                .as_mut()
+                .map(|waiting| waiting.insert(id, tx))
+                .is_some();
+            if registered {
                 return Ok((link, id, rx));
             }
             tries += 1;
             if tries > 3 {
                 return Err(ClientError::ConnectionLost(close_reason(&link.conn)));
             }
-            let lost = self.shared.link_lost(link.generation);
-            if tokio::time::timeout(CONTROL_ENDED_GRACE, lost)
-                .await
-                .is_err()
-            {
-                // The router ended the control stream but keeps the
-                // connection: it is of no use for requests.
-                link.conn
-                    .close(close::NORMAL.into(), b"control stream ended");
-                self.shared.link_lost(link.generation).await;
-            }
+            self.until_lost(&link).await;
+        }
+    }
+
+    /// Waits until `link`, whose control stream has ended, is no longer
+    /// the client's connection. A router that ended the control stream
+    /// but keeps the connection open past [`CONTROL_ENDED_GRACE`] gets it
+    /// closed: it is of no use for requests.
+    async fn until_lost(&self, link: &Link) {
+        let lost = self.shared.link_lost(link.generation);
+        if tokio::time::timeout(CONTROL_ENDED_GRACE, lost)
+            .await
+            .is_err()
+        {
+            link.conn
+                .close(close::NORMAL.into(), b"control stream ended");
+            self.shared.link_lost(link.generation).await;
         }
     }
 
