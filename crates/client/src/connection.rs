@@ -15,7 +15,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use super::ClientError;
 use super::publish::Publisher;
 use switchyard_protocol::transport::FrameReader;
-use switchyard_protocol::{ALPN, Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
+use switchyard_protocol::{Frame, MAX_VERSION, MIN_VERSION, TopicInfo, WireError, close};
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -48,6 +48,12 @@ pub struct ClientConfig {
     /// cluster's leader tells every client its nodes in the handshake,
     /// and the client adds them (see [`ServerInfo::cluster`]).
     pub cluster: Vec<SocketAddr>,
+    /// The Raft group of a cluster whose router this client talks to
+    /// (named in the TLS handshake's ALPN, [`switchyard_protocol::alpn`]);
+    /// 0, a single router's and a one-group cluster's, by default. Every
+    /// node hands the connection to that group's router, or redirects it
+    /// to the node that leads the group.
+    pub group: u32,
 }
 
 /// The idle timeout [`ClientConfig::new`] sets: keep-alives every 5 s,
@@ -130,6 +136,7 @@ impl ClientConfig {
             client_cert: None,
             reconnect: Reconnect::default(),
             cluster: Vec::new(),
+            group: 0,
         }
     }
 
@@ -192,6 +199,13 @@ impl ClientConfig {
     /// Sets the TLS server name.
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = name.into();
+        self
+    }
+
+    /// Talks to the router of Raft group `group` of a cluster (see
+    /// [`ClientConfig::group`]).
+    pub fn with_group(mut self, group: u32) -> Self {
+        self.group = group;
         self
     }
 }
@@ -403,7 +417,7 @@ impl Drop for Shared {
 }
 
 /// The client's TLS setup: the trusted CA certificates, the client
-/// certificate if any, TLS 1.3 and our ALPN.
+/// certificate if any, TLS 1.3 and the ALPN of its group.
 fn client_tls(cfg: &ClientConfig) -> Result<Arc<QuicClientConfig>, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(path) = &cfg.ca_file {
@@ -447,7 +461,7 @@ fn client_tls(cfg: &ClientConfig) -> Result<Arc<QuicClientConfig>, ClientError> 
                 .map_err(|e| ClientError::Tls(e.to_string()))?
         }
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![switchyard_protocol::alpn(cfg.group)];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
     Ok(Arc::new(quic))
 }

@@ -18,8 +18,33 @@ pub use frame::{
 pub use record::key_of;
 pub use record::{RawRecord, Record};
 
-/// The ALPN identifier both sides require during the TLS handshake.
+/// The ALPN identifier both sides require during the TLS handshake: a
+/// single router's, and a cluster's group 0.
 pub const ALPN: &[u8] = b"switchyard";
+
+/// The ALPN that asks a cluster node for the router of Raft group
+/// `group`: [`ALPN`] for group 0, `switchyard/g<group>` for the others.
+/// A node hands each connection to the router of the group its handshake
+/// named, or redirects it to that group's leader, before any stream is
+/// read.
+pub fn alpn(group: u32) -> Vec<u8> {
+    match group {
+        0 => ALPN.to_vec(),
+        g => format!("switchyard/g{g}").into_bytes(),
+    }
+}
+
+/// The group an ALPN identifier names (the inverse of [`alpn`]).
+pub fn alpn_group(alpn: &[u8]) -> Option<u32> {
+    if alpn == ALPN {
+        return Some(0);
+    }
+    let g: u32 = std::str::from_utf8(alpn.strip_prefix(b"switchyard/g")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    (g > 0 && self::alpn(g) == alpn).then_some(g)
+}
 
 /// Protocol versions this build speaks, inclusive.
 pub const MIN_VERSION: u8 = 1;
@@ -72,5 +97,23 @@ mod tests {
         assert_eq!(negotiate(1, 2), Some(2));
         assert_eq!(negotiate(MAX_VERSION + 1, 9), None);
         assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn a_group_round_trips_through_its_alpn_and_nothing_else_names_one() {
+        assert_eq!(alpn(0), ALPN);
+        assert_eq!(alpn(3), b"switchyard/g3");
+        for g in [0, 1, 2, 17, u32::MAX] {
+            assert_eq!(alpn_group(&alpn(g)), Some(g));
+        }
+        for other in [
+            &b"switchyard/g0"[..],
+            b"switchyard/g01",
+            b"switchyard/g",
+            b"switchyard/gx",
+            b"h3",
+        ] {
+            assert_eq!(alpn_group(other), None, "{other:?}");
+        }
     }
 }

@@ -476,6 +476,7 @@ async fn serve_cluster(
             join,
             faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
             disk: std::sync::Arc::new(crate::storage::disk::OsDisk),
+            groups: 1,
         },
         stop,
     )

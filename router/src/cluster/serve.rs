@@ -1,29 +1,39 @@
 //! `switchyard serve --node-id N --cluster A,B,C`: a router that is one
 //! node of a replicated cluster.
 //!
-//! Every node runs a Raft member ([`ClusterNode`]). The leader serves
-//! clients: it opens the replicated tables as its storage (every commit
-//! replicated before it is acknowledged) and runs the whole router on its
-//! client address. A follower answers every connection on its client
-//! address by closing it with [`close::NOT_LEADER`] and the leader's
-//! address, which clients follow. When leadership moves, the old leader
-//! stops its router (its clients reconnect and follow) and the new one
-//! starts its router once it has applied every committed entry.
+//! Every node runs a Raft member ([`ClusterNode`]) of each of the
+//! cluster's groups (one, as `serve` runs it). The leader of a group
+//! serves its clients: it opens the group's replicated tables as its
+//! storage (every commit replicated before it is acknowledged) and runs a
+//! whole router on them. The node's one client address serves every
+//! group ([`Dispatch`]): a connection names its group in its handshake's
+//! ALPN and goes to that group's router if this node leads the group, or
+//! is closed with [`close::NOT_LEADER`] and the leader's address, which
+//! clients follow. When leadership moves, the old leader stops its router
+//! (its clients reconnect and follow) and the new one starts its router
+//! once it has applied every committed entry.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::ServerState;
+use tokio::sync::{mpsc, watch};
 
+use super::balance::Balancer;
+use super::log_store::LogFile;
+use super::net::{GroupId, RaftHost};
+use super::node::LeaderView;
 use super::replicate::LeaderReplicator;
 use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::protocol::close;
 use crate::server::metrics::{FollowerMetrics, serve_follower};
-use crate::server::{Replica, Router, RouterConfig, StartError, StepDownError, tls};
+use crate::server::{
+    NodeClients, Replica, Router, RouterConfig, StartError, StepDownError, endpoint_config, tls,
+};
 #[cfg(doc)]
 use crate::storage::disk::OsDisk;
 
@@ -72,8 +82,8 @@ pub struct ClusterServe {
     pub node_id: NodeId,
     /// Every node's client address, by id (`--cluster`, in id order).
     pub members: BTreeMap<NodeId, SocketAddr>,
-    /// The router this node runs while it leads (`listen` is its client
-    /// address, `data` its data directory).
+    /// The router this node runs for each group it leads (`listen` is its
+    /// client address, `data` its data directory).
     pub router: RouterConfig,
     /// Election timing.
     pub timing: Timing,
@@ -84,6 +94,24 @@ pub struct ClusterServe {
     /// Where the node's Raft log and tables live ([`OsDisk`] but in tests,
     /// which fail its syncs).
     pub disk: Arc<dyn crate::storage::disk::Disk>,
+    /// How many Raft groups the node is a member of, each with a router
+    /// of its own while the node leads it (`serve` runs 1; see
+    /// [`group_dir`]). With more than one, their leaderships are spread
+    /// over the nodes ([`super::balance`]).
+    pub groups: GroupId,
+}
+
+/// How often a node of several groups looks for a leadership to move.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where group `group`'s tables live in a node's data directory: group 0's
+/// in the directory itself (a node of one group), group N's in `g<N>/`.
+/// Every group's Raft log is in the directory's one `raft.redb`.
+pub fn group_dir(data: &Path, group: GroupId) -> PathBuf {
+    match group {
+        0 => data.to_path_buf(),
+        g => data.join(format!("g{g}")),
+    }
 }
 
 /// Runs a cluster node until `shutdown` completes.
@@ -92,28 +120,59 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let node_tls = load_node_tls(&cfg.router.data)?;
-    let raft_members = cfg
+    let failed = |e: &dyn std::fmt::Display| StartError::Config(format!("cluster node: {e}"));
+    let raft_members: BTreeMap<NodeId, SocketAddr> = cfg
         .members
         .iter()
         .map(|(id, a)| (*id, raft_addr(*a)))
         .collect();
-    let mut nc = NodeConfig::new(cfg.node_id, raft_members, cfg.router.data.clone(), node_tls);
-    nc.timing = cfg.timing.clone();
-    nc.join = cfg.join;
-    nc.faults = cfg.faults.clone();
-    nc.disk = cfg.disk.clone();
-    let node = ClusterNode::start(nc)
-        .await
-        .map_err(|e| StartError::Config(format!("cluster node: {e}")))?;
-    tracing::info!(node = cfg.node_id, members = ?cfg.members, "cluster node started");
-    tokio::pin!(shutdown);
-    let mut incarnation = crate::storage::now_ms() << 8;
-    let clients =
-        quinn::Endpoint::server(Redirect::config(&cfg)?, cfg.router.listen).map_err(|source| {
-            StartError::Bind {
-                addr: cfg.router.listen,
-                source,
+    let me = *raft_members
+        .get(&cfg.node_id)
+        .ok_or_else(|| failed(&format!("node {} is not a member", cfg.node_id)))?;
+    // One Raft endpoint and one log file for all the node's groups.
+    let host = RaftHost::bind(me, &node_tls).map_err(|e| failed(&e))?;
+    let log = match LogFile::open_on(&*cfg.disk, &cfg.router.data.join("raft.redb")) {
+        Ok(log) => log,
+        Err(e) => {
+            host.close().await;
+            return Err(failed(&e));
+        }
+    };
+    let mut nodes = BTreeMap::new();
+    for group in 0..cfg.groups.max(1) {
+        let mut nc = NodeConfig::new(
+            cfg.node_id,
+            raft_members.clone(),
+            group_dir(&cfg.router.data, group),
+            node_tls.clone(),
+        );
+        nc.timing = cfg.timing.clone();
+        nc.join = cfg.join;
+        nc.faults = cfg.faults.clone();
+        nc.disk = cfg.disk.clone();
+        nc.group = group;
+        nc.host = Some(host.clone());
+        nc.log = Some(log.clone());
+        match ClusterNode::start(nc).await {
+            Ok(node) => {
+                nodes.insert(group, node);
             }
+            Err(e) => {
+                for (_, node) in nodes {
+                    node.shutdown().await;
+                }
+                host.close().await;
+                return Err(failed(&e));
+            }
+        }
+    }
+    drop(log);
+    tracing::info!(node = cfg.node_id, members = ?cfg.members, groups = nodes.len(), "cluster node started");
+    let groups = nodes.len() as GroupId;
+    let clients = quinn::Endpoint::server(endpoint_config(&cfg.router, groups)?, cfg.router.listen)
+        .map_err(|source| StartError::Bind {
+            addr: cfg.router.listen,
+            source,
         })?;
     let metrics = match cfg.router.metrics {
         Some(addr) => {
@@ -124,25 +183,84 @@ pub async fn run(
         }
         None => None,
     };
+    let dispatch = Dispatch::start(cfg.node_id, &nodes, &clients);
+    let balancer = (nodes.len() > 1).then(|| {
+        let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();
+        Balancer::spawn(cfg.node_id, handovers, BALANCE_EVERY)
+    });
+    // Every group leads (or follows) on its own until the node stops, or
+    // until one group's Raft or storage fails, which stops them all.
+    let (stop, mut stopping) = watch::channel(false);
+    let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
+        // The metrics listener is group 0's: its router's while it leads.
+        let metrics = if *group == 0 { metrics.clone() } else { None };
+        lead(&cfg, node, &dispatch, metrics, &stop)
+    }));
+    let stopper = async {
+        tokio::select! {
+            () = shutdown => {}
+            _ = stopping.wait_for(|s| *s) => {}
+        }
+        stop.send_replace(true);
+    };
+    let ((), results) = tokio::join!(stopper, leads);
+    drop(balancer);
+    dispatch.stop();
+    clients.close(close::NOT_LEADER.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(1), clients.wait_idle()).await;
+    let failure = results.into_iter().find_map(Result::err);
+    if let Some(StartError::ClusterStopped(why)) = &failure {
+        tracing::error!(error = %why, "the cluster node stopped; exiting");
+    }
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
+    host.close().await;
+    match failure {
+        // The error makes the process exit non-zero, so that a supervisor
+        // restarts it (from its files, catching up from the others)
+        // instead of it lingering.
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One group on this node until `stop` is set: while the node leads it,
+/// its router serves the connections that name the group; while it
+/// follows, the dispatcher redirects them. A fatal error of its Raft or
+/// storage sets `stop` for the node's other groups and is returned.
+async fn lead(
+    cfg: &ClusterServe,
+    node: &ClusterNode,
+    dispatch: &Arc<Dispatch>,
+    metrics: Option<Arc<std::net::TcpListener>>,
+    stop: &watch::Sender<bool>,
+) -> Result<(), StartError> {
+    let group = node.group();
+    let fatal = |why: String| {
+        stop.send_replace(true);
+        StartError::ClusterStopped(why)
+    };
+    let mut stopping = stop.subscribe();
+    let mut incarnation = crate::storage::now_ms() << 8;
     loop {
-        // Following: point clients at the leader until this node leads.
-        let redirect = Redirect::start(&cfg, &node, &clients)?;
+        // Following: the dispatcher points clients at the leader until
+        // this node leads.
         let follower_metrics = metrics
             .as_ref()
-            .and_then(|l| FollowerEndpoint::start(&cfg, &node, l));
+            .and_then(|l| FollowerEndpoint::start(cfg, node, l));
         let ready = tokio::select! {
-            () = &mut shutdown => Ok(false),
-            () = until_ready_leader(&node) => Ok(true),
-            why = raft_stopped(&node) => Err(why),
+            _ = stopping.wait_for(|s| *s) => Ok(false),
+            () = until_ready_leader(node) => Ok(true),
+            why = raft_stopped(node) => Err(why),
         };
-        redirect.stop();
         if let Some(m) = follower_metrics {
             m.stop();
         }
         match ready {
             Ok(true) => {}
-            Ok(false) => break,
-            Err(why) => return Err(stopped(node, why).await),
+            Ok(false) => return Ok(()),
+            Err(why) => return Err(fatal(why)),
         }
         // Leading: the router serves from the replicated tables.
         incarnation += 1;
@@ -160,29 +278,33 @@ pub async fn run(
         let mut rc = cfg.router.clone();
         rc.replica = Some(Replica {
             db: node.state().database().clone(),
+            db_path: group_dir(&cfg.router.data, group).join("switchyard.redb"),
             replicator: Arc::new(replicator),
             control: Arc::new(Control {
                 handover: node.handover(),
             }),
-            endpoint: clients.clone(),
+            // Connections that arrive while the router opens wait in it.
+            clients: dispatch.route(group),
             metrics: metrics.clone(),
         });
         let opening = std::time::Instant::now();
         let router = match Router::start(rc).await {
             Ok(r) => r,
             Err(e) => {
+                dispatch.unroute(group);
                 handoff.set_serving(false);
-                node.shutdown().await;
+                stop.send_replace(true);
                 return Err(e);
             }
         };
-        tracing::info!(node = cfg.node_id, term, opened_in = ?opening.elapsed(), "leading: serving clients");
+        tracing::info!(node = cfg.node_id, group, term, opened_in = ?opening.elapsed(), "leading: serving clients");
         let ending = tokio::select! {
-            () = &mut shutdown => Ending::Shutdown,
-            () = until_not_leader(&node, term) => Ending::Handover,
-            () = quorum_lost(&node, cfg.timing.step_down) => {
+            _ = stopping.wait_for(|s| *s) => Ending::Shutdown,
+            () = until_not_leader(node, term) => Ending::Handover,
+            () = quorum_lost(node, cfg.timing.step_down) => {
                 tracing::warn!(
                     node = cfg.node_id,
+                    group,
                     after = ?cfg.timing.step_down,
                     "no answer from a majority of the cluster: this node is probably cut off; \
                      it stops serving clients (they go to the other nodes) and refuses the \
@@ -191,7 +313,7 @@ pub async fn run(
                 handoff.abandon("this node lost contact with a majority of the cluster");
                 Ending::Handover
             }
-            why = raft_stopped(&node) => Ending::Fatal(why),
+            why = raft_stopped(node) => Ending::Fatal(why),
             // A failed sync of the tables (a checkpoint): as on a single
             // router, nothing more may be acknowledged; a restart recovers
             // from the Raft log.
@@ -200,16 +322,20 @@ pub async fn run(
         if let Ending::Handover = ending {
             tracing::info!(
                 node = cfg.node_id,
+                group,
                 "no longer serving as leader: handing clients over"
             );
         }
+        // New connections are redirected from now on; those already
+        // handed to the router and not yet taken come back to be.
+        dispatch.unroute(group);
         // A commit queued before the stop waits for a majority; if that
         // majority is gone it never comes, so after a while the waiting
         // commits are refused (nothing of them was acknowledged), which
         // lets the router finish.
-        let stopping = router.shutdown();
-        tokio::pin!(stopping);
-        if tokio::time::timeout(Duration::from_secs(5), &mut stopping)
+        let stopping_router = router.shutdown();
+        tokio::pin!(stopping_router);
+        if tokio::time::timeout(Duration::from_secs(5), &mut stopping_router)
             .await
             .is_err()
         {
@@ -218,43 +344,34 @@ pub async fn run(
                  so that the router can stop (they were not acknowledged)"
             );
             handoff.abandon("the router is stopping and no majority answers");
-            stopping.await;
+            stopping_router.await;
         }
         handoff.set_serving(false);
         match ending {
             Ending::Handover => {}
             Ending::Shutdown => {
-                hand_over(&cfg, &node, &clients).await;
-                break;
+                hand_over(cfg, node).await;
+                return Ok(());
             }
-            Ending::Fatal(why) => return Err(stopped(node, why).await),
+            Ending::Fatal(why) => return Err(fatal(why)),
         }
     }
-    clients.close(close::NOT_LEADER.into(), b"");
-    let _ = tokio::time::timeout(Duration::from_secs(1), clients.wait_idle()).await;
-    node.shutdown().await;
-    Ok(())
 }
 
 /// A stopping leader's last act: leadership moves to a follower that holds
-/// the whole log ([`ClusterNode::hand_over`]) in one round trip, while this
-/// node's client address redirects the clients its router just closed, so
-/// that they reach the new leader without waiting out an election.
-async fn hand_over(cfg: &ClusterServe, node: &ClusterNode, clients: &quinn::Endpoint) {
-    let redirect = match Redirect::start(cfg, node, clients) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::debug!(error = %e, "no redirect during the handover");
-            None
-        }
-    };
+/// the whole log ([`ClusterNode::hand_over`]) in one round trip, while the
+/// dispatcher redirects the clients its router just closed, so that they
+/// reach the new leader without waiting out an election.
+async fn hand_over(cfg: &ClusterServe, node: &ClusterNode) {
     if let Some(to) = node.hand_over().await {
-        tracing::info!(node = cfg.node_id, to, "stopping: leadership handed over");
+        tracing::info!(
+            node = cfg.node_id,
+            group = node.group(),
+            to,
+            "stopping: leadership handed over"
+        );
         // Clients closed by the router a moment ago come back here first.
         tokio::time::sleep(HANDOVER_LINGER).await;
-    }
-    if let Some(r) = redirect {
-        r.stop();
     }
 }
 
@@ -302,15 +419,6 @@ async fn raft_stopped(node: &ClusterNode) -> String {
             return "Raft stopped".into();
         }
     }
-}
-
-/// Stops a node whose Raft stopped on its own; the error makes the
-/// process exit non-zero, so that a supervisor restarts it (from its
-/// files, catching up from the others) instead of it lingering.
-async fn stopped(node: ClusterNode, why: String) -> StartError {
-    tracing::error!(error = %why, "the cluster node stopped; exiting");
-    node.shutdown().await;
-    StartError::ClusterStopped(why)
 }
 
 /// A node's client address, from its Raft address (the client port is 5
@@ -563,71 +671,140 @@ fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// A follower's service on the node's client endpoint: every connection
-/// is closed with `NOT_LEADER` and the leader's client address.
-struct Redirect {
-    task: tokio::task::JoinHandle<()>,
+/// The node's client endpoint, shared by its groups: it reads the group a
+/// connection's handshake names (its ALPN, [`crate::protocol::alpn`]) and
+/// hands the connection to that group's router while this node leads the
+/// group, or closes it with [`close::NOT_LEADER`] and the address of the
+/// node that does.
+pub(crate) struct Dispatch {
+    me: NodeId,
+    /// Each group's leader as this node knows it.
+    views: BTreeMap<GroupId, LeaderView>,
+    /// The routers serving now, by group.
+    routes: Mutex<BTreeMap<GroupId, mpsc::Sender<quinn::Connecting>>>,
+    local_addr: SocketAddr,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl Redirect {
-    /// The endpoint's configuration while redirecting: the router's TLS
-    /// identity, and a short idle timeout (a redirect is one handshake).
-    fn config(cfg: &ClusterServe) -> Result<quinn::ServerConfig, StartError> {
-        let crypto = tls::server_crypto(
-            &cfg.router.cert_paths(),
-            cfg.router.auth.client_ca.as_deref(),
-        )?;
-        let mut server = quinn::ServerConfig::with_crypto(crypto);
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(Some(
-            Duration::from_secs(2)
-                .try_into()
-                .expect("a valid idle timeout"),
-        ));
-        server.transport_config(Arc::new(transport));
-        Ok(server)
-    }
+/// How long a connection has to get far enough in its handshake to name
+/// its group (or, redirected, to finish it).
+const DISPATCH_HANDSHAKE: Duration = Duration::from_secs(2);
 
-    /// Redirects the clients of `endpoint` until stopped; connections
-    /// that arrived while the router stopped are waiting in it and are
-    /// redirected first.
+/// Connections waiting for a router that is opening (or busy accepting).
+const ROUTE_QUEUE: usize = 1024;
+
+impl Dispatch {
+    /// Starts dispatching the connections of `endpoint` among `nodes`,
+    /// this node's members of its groups.
     fn start(
-        cfg: &ClusterServe,
-        node: &ClusterNode,
+        me: NodeId,
+        nodes: &BTreeMap<GroupId, ClusterNode>,
         endpoint: &quinn::Endpoint,
-    ) -> Result<Redirect, StartError> {
-        endpoint.set_server_config(Some(Self::config(cfg)?));
-        let view = node.leader_view();
-        let me = cfg.node_id;
+    ) -> Arc<Dispatch> {
+        let dispatch = Arc::new(Dispatch {
+            me,
+            views: nodes.iter().map(|(g, n)| (*g, n.leader_view())).collect(),
+            routes: Mutex::default(),
+            local_addr: endpoint
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            task: Mutex::default(),
+        });
+        let d = dispatch.clone();
         let e = endpoint.clone();
         let task = tokio::spawn(async move {
-            // Owned here, so stopping the redirect aborts the handshakes in
-            // progress too.
-            let mut closing = tokio::task::JoinSet::new();
+            // Owned here, so stopping aborts the handshakes in progress.
+            let mut handshakes = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
-                // Not itself: a leader that stopped serving (cut off from
-                // the others) sends clients to try the others.
-                let to = view
-                    .live_leader()
-                    .filter(|(l, _)| *l != me)
-                    .and_then(|(_, addr)| client_addr(&addr))
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                closing.spawn(async move {
-                    if let Ok(Ok(conn)) =
-                        tokio::time::timeout(Duration::from_secs(2), incoming).await
-                    {
-                        conn.close(close::NOT_LEADER.into(), to.as_bytes());
+                let Ok(mut connecting) = incoming.accept() else {
+                    continue;
+                };
+                let d = d.clone();
+                handshakes.spawn(async move {
+                    let group =
+                        match tokio::time::timeout(DISPATCH_HANDSHAKE, connecting.handshake_data())
+                            .await
+                        {
+                            Ok(Ok(data)) => data
+                                .downcast::<quinn::crypto::rustls::HandshakeData>()
+                                .ok()
+                                .and_then(|h| h.protocol)
+                                .and_then(|p| crate::protocol::alpn_group(&p)),
+                            _ => None,
+                        };
+                    // The TLS layer accepts only the ALPNs of the node's
+                    // groups, so a handshake that got this far names one.
+                    if let Some(group) = group {
+                        d.dispatch(group, connecting);
                     }
                 });
-                while closing.try_join_next().is_some() {}
+                while handshakes.try_join_next().is_some() {}
             }
         });
-        Ok(Redirect { task })
+        *dispatch.task.lock().expect("dispatch lock") = Some(task);
+        dispatch
     }
 
-    /// Stops redirecting; the endpoint stays bound for the router.
-    fn stop(self) {
-        self.task.abort();
+    /// Hands `connecting` to `group`'s router, or redirects it.
+    fn dispatch(self: &Arc<Self>, group: GroupId, connecting: quinn::Connecting) {
+        let route = self
+            .routes
+            .lock()
+            .expect("dispatch lock")
+            .get(&group)
+            .cloned();
+        let connecting = match route {
+            Some(tx) => match tx.try_send(connecting) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => connecting,
+        };
+        self.redirect(group, connecting);
+    }
+
+    /// Closes `connecting` with `NOT_LEADER` and the client address of
+    /// `group`'s leader. Not this node: a leader that stopped serving (cut
+    /// off from the others, or stopping) sends clients to try the others.
+    fn redirect(&self, group: GroupId, connecting: quinn::Connecting) {
+        let to = self
+            .views
+            .get(&group)
+            .and_then(LeaderView::live_leader)
+            .filter(|(l, _)| *l != self.me)
+            .and_then(|(_, addr)| client_addr(&addr))
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tokio::spawn(async move {
+            if let Ok(Ok(conn)) = tokio::time::timeout(DISPATCH_HANDSHAKE, connecting).await {
+                conn.close(close::NOT_LEADER.into(), to.as_bytes());
+            }
+        });
+    }
+
+    /// The connections of `group` from now on, for the router that is
+    /// about to serve it.
+    fn route(self: &Arc<Self>, group: GroupId) -> NodeClients {
+        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
+        self.routes.lock().expect("dispatch lock").insert(group, tx);
+        let d = self.clone();
+        NodeClients::new(
+            rx,
+            self.local_addr,
+            Arc::new(move |connecting| d.redirect(group, connecting)),
+        )
+    }
+
+    /// Redirects `group`'s connections again.
+    fn unroute(&self, group: GroupId) {
+        self.routes.lock().expect("dispatch lock").remove(&group);
+    }
+
+    /// Stops accepting connections.
+    fn stop(&self) {
+        if let Some(task) = self.task.lock().expect("dispatch lock").take() {
+            task.abort();
+        }
+        self.routes.lock().expect("dispatch lock").clear();
     }
 }

@@ -37,11 +37,16 @@ struct Nodes {
 
 impl Nodes {
     fn start(faults: Arc<Partitions>) -> Nodes {
-        Self::start_on(faults, None)
+        Self::start_on(faults, None, 1)
     }
 
-    /// Three nodes, on `disks` if given (else real files).
-    fn start_on(faults: Arc<Partitions>, disks: Option<Vec<Arc<SimDisk>>>) -> Nodes {
+    /// Three nodes of `groups` groups each, on `disks` if given (else real
+    /// files).
+    fn start_on(
+        faults: Arc<Partitions>,
+        disks: Option<Vec<Arc<SimDisk>>>,
+        groups: super::net::GroupId,
+    ) -> Nodes {
         let root = tempfile::tempdir().unwrap();
         let addrs: Vec<SocketAddr> = (0..3).map(|_| free_pair()).collect();
         let ca = ClusterCa::generate().unwrap();
@@ -72,6 +77,7 @@ impl Nodes {
                     Some(d) => d[id as usize - 1].clone(),
                     None => Arc::new(OsDisk),
                 },
+                groups,
             };
             tasks.push(Some(tokio::spawn(run(cfg, async move {
                 let _ = stopped.await;
@@ -87,12 +93,18 @@ impl Nodes {
     }
 
     async fn client(&self) -> Client {
+        self.group_client(0).await
+    }
+
+    /// A client of group `group`'s router.
+    async fn group_client(&self, group: u32) -> Client {
         let dir = self.root.path().join("n1");
         let mut cfg = ClientConfig::new(self.addrs[0])
             .with_ca_file(dir.join("cert.pem"))
             .with_token_file(dir.join("admin.token"))
             .unwrap()
-            .with_cluster(self.addrs.iter().copied());
+            .with_cluster(self.addrs.iter().copied())
+            .with_group(group);
         cfg.idle_timeout = Duration::from_millis(1500);
         Client::connect(cfg).await.unwrap()
     }
@@ -108,6 +120,21 @@ impl Nodes {
             .unwrap();
         let leader = leader(&client).await;
         (client, leader)
+    }
+
+    /// Stops node `id` as SIGTERM does, and waits until it has.
+    async fn stop_node(&mut self, id: NodeId) {
+        let _ = std::mem::replace(
+            &mut self.stops[id as usize - 1],
+            tokio::sync::oneshot::channel().0,
+        )
+        .send(());
+        let task = self.tasks[id as usize - 1].take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the node did not stop")
+            .unwrap()
+            .unwrap();
     }
 
     async fn stop(self) {
@@ -206,7 +233,7 @@ async fn a_leader_whose_disk_fails_stops_with_an_error_and_its_clients_move_on()
     use std::sync::atomic::Ordering::Relaxed;
 
     let disks: Vec<Arc<SimDisk>> = (0..3).map(|_| SimDisk::new()).collect();
-    let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), Some(disks.clone()));
+    let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), Some(disks.clone()), 1);
     let (client, old) = nodes.serving().await;
 
     // Every sync on the leader's disk fails from now on.
@@ -326,5 +353,119 @@ async fn leadership_steps_down_to_a_chosen_node_while_publishers_write() {
     let info = client.describe_topic("t").await.unwrap();
     assert_eq!(info.partitions[0].end, offsets.len() as u64 + 1, "{info:?}");
     drop(client);
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    const GROUPS: u32 = 3;
+
+    let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), None, GROUPS);
+    // A client per group, each given node 1's address only: the node
+    // hands it to the group's router or redirects it to the group's leader.
+    let mut clients = Vec::new();
+    for g in 0..GROUPS {
+        let client = nodes.group_client(g).await;
+        create_topic(&client).await;
+        clients.push(Arc::new(client));
+    }
+    // Each group's router is its own: a record published through one is
+    // not in the others.
+    for (g, client) in clients.iter().enumerate() {
+        for i in 0..=g {
+            let id = format!("first-{i}");
+            client
+                .publish("t", Record::new(id.clone()).with_message_id(id))
+                .await
+                .unwrap();
+        }
+    }
+    for (g, client) in clients.iter().enumerate() {
+        let info = client.describe_topic("t").await.unwrap();
+        assert_eq!(info.partitions[0].end, g as u64 + 1, "group {g}: {info:?}");
+    }
+
+    // The groups' leaderships spread: three groups, one on each node.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let spread = loop {
+        let mut leaders = Vec::new();
+        for c in &clients {
+            leaders.push(leader(c).await);
+        }
+        let mut distinct = leaders.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() == GROUPS as usize {
+            break leaders;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders never spread: {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("group leaders: {spread:?}");
+
+    // Two lanes per group publish without a break while group 0's leader
+    // stops: its groups move, the others go on, and every group keeps
+    // serving with two nodes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lanes: Vec<_> = (0..GROUPS as usize * 2)
+        .map(|lane| {
+            let (client, stop) = (clients[lane / 2].clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Relaxed) {
+                    let id = format!("{lane}-{i}");
+                    let published = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        client.publish("t", Record::new(id.clone()).with_message_id(id)),
+                    )
+                    .await;
+                    let ack = match published {
+                        Ok(Ok(ack)) => ack,
+                        other => panic!("lane {lane}, record {i}: {other:?}"),
+                    };
+                    acked.push(ack.offset);
+                    i += 1;
+                }
+                (lane / 2, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes.stop_node(spread[0]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Relaxed);
+    let mut offsets = vec![Vec::new(); GROUPS as usize];
+    for lane in lanes {
+        let (g, acked) = lane.await.unwrap();
+        offsets[g].extend(acked);
+    }
+    // Every acked record once per group, at dense offsets after the
+    // group's first records, and nothing more.
+    for (g, client) in clients.iter().enumerate() {
+        let o = &mut offsets[g];
+        o.sort_unstable();
+        let first = g as u64 + 1;
+        let expected: Vec<u64> = (first..first + o.len() as u64).collect();
+        assert_eq!(*o, expected, "group {g}");
+        assert!(!o.is_empty(), "group {g} acknowledged nothing");
+        let info = client.describe_topic("t").await.unwrap();
+        assert_eq!(
+            info.partitions[0].end,
+            first + o.len() as u64,
+            "group {g}: {info:?}"
+        );
+        let l = leader(client).await;
+        assert_ne!(l, spread[0], "group {g} is led by the stopped node");
+        eprintln!(
+            "group {g}: {} publishes acknowledged; led by node {l}",
+            o.len()
+        );
+    }
+    drop(clients);
     nodes.stop().await;
 }

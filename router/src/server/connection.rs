@@ -20,12 +20,12 @@ use crate::transport::{Budget, FrameReader, ReadFrameError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn handle(
-    incoming: quinn::Incoming,
+    arriving: super::Arriving,
     shared: Arc<Shared>,
     handshaking: super::admission::Handshaking,
 ) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let remote = arriving.remote_address();
+    let conn = match arriving.connection().await {
         Ok(c) => c,
         Err(e) => {
             shared

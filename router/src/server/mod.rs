@@ -5,6 +5,7 @@
 //! [`Router::start`] with port 0 and talk to the returned address.
 
 mod admission;
+mod arriving;
 mod auth_admin;
 mod connection;
 mod console;
@@ -34,6 +35,8 @@ use crate::broker::{Broker, BrokerConfig};
 use crate::plugins::PluginRegistry;
 use crate::protocol::close;
 use crate::storage::{Storage, StorageConfig, StorageError};
+pub use arriving::NodeClients;
+use arriving::{Arriving, Source};
 use tls::{CertPaths, TlsError};
 
 /// Everything the router can be configured with. Every field has a default;
@@ -147,18 +150,23 @@ pub struct ClusterSection {
 /// replicates its commits.
 #[derive(Clone)]
 pub struct Replica {
-    /// The node's state machine database (`switchyard.redb`).
+    /// The group's state machine database.
     pub db: Arc<redb::Database>,
+    /// Its file (`switchyard.redb` in the group's directory).
+    pub db_path: PathBuf,
     /// Replicates each commit before it is made.
     pub replicator: Arc<dyn crate::storage::Replicator>,
     /// The cluster's administration (`cluster_status`, adding and
     /// removing nodes).
     pub control: Arc<dyn ClusterControl>,
-    /// The node's client endpoint, bound once for the node's life: the
-    /// router serves on it while the node leads and the node redirects on
-    /// it while it follows, so the address is never released in between
-    /// (rebinding waited for the old socket's connections to drain).
-    pub endpoint: quinn::Endpoint,
+    /// The connections the node hands this router. The node binds its
+    /// client endpoint once for its life and serves every group's router
+    /// on it: it hands a connection to the router of the group its
+    /// handshake names while the node leads that group, and redirects it
+    /// to the group's leader otherwise, so the address is never released
+    /// between leaderships (rebinding waited for the old socket's
+    /// connections to drain).
+    pub clients: NodeClients,
     /// The node's metrics listener, bound once for the same reason (the
     /// node serves its follower metrics on it between leaderships).
     pub metrics: Option<Arc<std::net::TcpListener>>,
@@ -399,7 +407,6 @@ impl Router {
         })?;
         let paths = config.cert_paths();
         let generated_cert = tls::ensure_self_signed(&paths)?;
-        let crypto = tls::server_crypto(&paths, config.auth.client_ca.as_deref())?;
 
         let storage_config = StorageConfig {
             max_batch_records: config.commit_max_batch_records,
@@ -412,10 +419,9 @@ impl Router {
             reserve_bytes: config.storage_reserve_mb << 20,
             replicator: config.replica.as_ref().map(|r| r.replicator.clone()),
         };
-        let db_path = config.data.join("switchyard.redb");
         let storage = match &config.replica {
-            None => Storage::open(&db_path, storage_config)?,
-            Some(r) => Storage::open_replicated(r.db.clone(), &db_path, storage_config)?,
+            None => Storage::open(&config.data.join("switchyard.redb"), storage_config)?,
+            Some(r) => Storage::open_replicated(r.db.clone(), &r.db_path, storage_config)?,
         };
 
         let auth = Arc::new(Auth::open(&config.auth, &config.data, storage.clone())?);
@@ -432,36 +438,29 @@ impl Router {
             );
         }
 
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
-            .max_concurrent_uni_streams(0u32.into())
-            .stream_receive_window((8u32 << 20).into())
-            .receive_window((32u32 << 20).into())
-            .send_window(32 << 20)
-            .max_idle_timeout(Some(
-                Duration::from_millis(config.idle_timeout_ms)
-                    .try_into()
-                    .map_err(|_| StartError::Config("idle_timeout_ms too large".into()))?,
-            ));
-        let mut server_config = quinn::ServerConfig::with_crypto(crypto);
-        server_config.transport_config(Arc::new(transport));
-        let endpoint = match &config.replica {
-            Some(r) => {
-                r.endpoint.set_server_config(Some(server_config));
-                r.endpoint.clone()
-            }
-            None => quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-                StartError::Bind {
+        let (source, local_addr) = match &config.replica {
+            Some(r) => match Source::node(&r.clients) {
+                Some(source) => (source, r.clients.local_addr()),
+                None => {
+                    storage.shutdown().await;
+                    return Err(StartError::Config(
+                        "the node's connections were taken by another router".into(),
+                    ));
+                }
+            },
+            None => {
+                let endpoint = quinn::Endpoint::server(endpoint_config(&config, 1)?, config.listen)
+                    .map_err(|source| StartError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?;
+                let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
                     addr: config.listen,
                     source,
-                }
-            })?,
+                })?;
+                (Source::Own(endpoint), local_addr)
+            }
         };
-        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ceilings = crate::plugins::Ceilings {
@@ -533,7 +532,7 @@ impl Router {
             ));
         }
         let storage_handle = storage.clone();
-        let task = tokio::spawn(serve(endpoint, shared, storage));
+        let task = tokio::spawn(serve(source, shared, storage));
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
             local_addr,
@@ -607,18 +606,50 @@ pub async fn run(
     Ok(())
 }
 
+/// The QUIC server configuration of a router's client endpoint: its
+/// certificate, the client CA of mutual TLS, the ALPN of each of `groups`
+/// Raft groups (1 for a single router) and the transport limits of
+/// `config`. A cluster node serves its groups' routers on one endpoint
+/// with it.
+pub fn endpoint_config(
+    config: &RouterConfig,
+    groups: u32,
+) -> Result<quinn::ServerConfig, StartError> {
+    let crypto = tls::server_crypto(
+        &config.cert_paths(),
+        config.auth.client_ca.as_deref(),
+        groups,
+    )?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((8u32 << 20).into())
+        .receive_window((32u32 << 20).into())
+        .send_window(32 << 20)
+        .max_idle_timeout(Some(
+            Duration::from_millis(config.idle_timeout_ms)
+                .try_into()
+                .map_err(|_| StartError::Config("idle_timeout_ms too large".into()))?,
+        ));
+    let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+    server_config.transport_config(Arc::new(transport));
+    Ok(server_config)
+}
+
 /// How long a stopping router waits for its closed connections to drain.
 const ENDPOINT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Completes the handshake so the client gets a reason it can show, not a
 /// bare refusal, then closes.
-async fn refuse_politely(incoming: quinn::Incoming, why: String) {
-    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), incoming).await {
+async fn refuse_politely(arriving: Arriving, why: String) {
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), arriving.connection()).await
+    {
         conn.close(close::TOO_MANY_CONNECTIONS.into(), why.as_bytes());
     }
 }
 
-async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage) {
+async fn serve(mut source: Source, shared: Arc<Shared>, storage: Storage) {
     let admission = Arc::new(Semaphore::new(shared.config.max_connections));
     let per_address = admission::PerAddress::new(
         shared.config.max_connections_per_address,
@@ -644,7 +675,7 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
-            incoming = endpoint.accept() => {
+            incoming = source.accept() => {
                 let Some(incoming) = incoming else { break };
                 let remote = incoming.remote_address();
                 let (slot, handshaking) = match per_address.admit(remote.ip()) {
@@ -692,22 +723,18 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, storage: Storage)
     // needs storage running) and close with SHUTTING_DOWN. Plugin calls in
     // progress are interrupted rather than waited out.
     shared.broker.plugins().stop_calls();
-    let own_endpoint = shared.config.replica.is_none();
-    if own_endpoint {
-        endpoint.set_server_config(None);
-    }
+    source.close();
     tracing::debug!(connections = connections.len(), "draining connections");
     while connections.join_next().await.is_some() {}
     retention.abort();
     checkpoints.abort();
     tracing::debug!("connections drained; stopping storage");
     storage.shutdown().await;
-    if !own_endpoint {
-        // A cluster node's: it goes on redirecting, and the connections
-        // that arrived meanwhile are waiting in it to be redirected.
+    let Source::Own(endpoint) = source else {
+        // A cluster node's: it goes on redirecting on its endpoint.
         tracing::info!("router stopped");
         return;
-    }
+    };
     tracing::debug!("storage stopped; closing the endpoint");
     endpoint.close(close::SHUTTING_DOWN.into(), b"router shutting down");
     // Every connection has been told; waiting for them to drain is a

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::protocol::ALPN;
+use crate::protocol::alpn;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +123,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// With `client_ca`, clients may present a certificate signed by it (mutual
 /// TLS); one signed by anyone else fails the handshake. Presenting none
 /// stays allowed: such a client authenticates with a token instead.
+/// `groups` is how many Raft groups' routers the endpoint serves (1 for a
+/// single router): it accepts the ALPN of each ([`crate::protocol::alpn`]).
 pub fn server_crypto(
     paths: &CertPaths,
     client_ca: Option<&Path>,
+    groups: u32,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let certs = load_certs(&paths.cert)?;
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::Pem {
@@ -157,7 +160,7 @@ pub fn server_crypto(
     let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = (0..groups.max(1)).map(alpn).collect();
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
