@@ -277,6 +277,49 @@ pub struct Auth {
     /// Serializes changes so each is read-modify-write against the last.
     admin: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
+    /// Set on the router of a cluster group other than 0: the principals
+    /// are group 0's, followed from the node's replica of it, and changed
+    /// only through group 0's router.
+    following: bool,
+}
+
+/// The cluster's principals as the router of a group other than 0 sees
+/// them: the node's replica of group 0's tables (every node holds one),
+/// and a receiver that changes when that replica applies a change to
+/// them. So a token made or revoked through group 0 takes effect in every
+/// group on a node once the node has applied it.
+#[derive(Clone)]
+pub struct PrincipalsReplica {
+    /// The node's group 0 tables.
+    pub db: Arc<redb::Database>,
+    /// Changes after each applied change to the principals.
+    pub changed: watch::Receiver<u64>,
+}
+
+impl PrincipalsReplica {
+    /// The stored principals (name, JSON record) as the replica holds them
+    /// now.
+    pub fn records(&self) -> Vec<(String, Vec<u8>)> {
+        stored_principals(&self.db)
+    }
+}
+
+/// The principals (name, JSON record) in a router's tables, read outside
+/// its storage writer: a cluster follower's, or another group's.
+pub fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let Ok(txn) = db.begin_read() else {
+        return Vec::new();
+    };
+    let Ok(table) = txn.open_table(crate::storage::tables::PRINCIPALS) else {
+        return Vec::new();
+    };
+    let Ok(rows) = table.iter() else {
+        return Vec::new();
+    };
+    rows.filter_map(Result::ok)
+        .map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
+        .collect()
 }
 
 /// Why principals could not be loaded at start.
@@ -387,6 +430,30 @@ pub fn token_may(
         .any(|p| p.token == Some(h) && p.may(class, name, ""))
 }
 
+/// The stored principals among `records` (name, JSON), but those named
+/// like a fixed one.
+fn parse_stored(
+    fixed: &[(PrincipalRecord, Source)],
+    records: Vec<(String, Vec<u8>)>,
+) -> BTreeMap<String, PrincipalRecord> {
+    let mut stored = BTreeMap::new();
+    for (name, bytes) in records {
+        match serde_json::from_slice::<PrincipalRecord>(&bytes) {
+            Ok(_) if fixed.iter().any(|(r, _)| r.name == name) => tracing::warn!(
+                principal = %name,
+                "a stored principal has the name of one from the data directory or the config file; the stored one is ignored"
+            ),
+            Ok(r) => {
+                stored.insert(name, r);
+            }
+            Err(e) => {
+                tracing::error!(principal = %name, error = %e, "stored principal unreadable; ignored")
+            }
+        }
+    }
+    stored
+}
+
 /// Where `serve` keeps the admin token in a data directory.
 pub fn admin_token_path(data: &Path) -> PathBuf {
     data.join("admin.token")
@@ -396,28 +463,49 @@ impl Auth {
     /// Loads principals: the admin token (generated into `data` if missing
     /// and `config.admin_token`), the configured ones and the stored ones.
     pub fn open(config: &AuthConfig, data: &Path, storage: Storage) -> Result<Auth, AuthError> {
-        let fixed = fixed_principals(config, data)?;
-        let is_fixed = |fixed: &[(PrincipalRecord, Source)], name: &str| {
-            fixed.iter().any(|(r, _)| r.name == name)
-        };
-        let mut stored = BTreeMap::new();
-        for (name, bytes) in storage
+        let records = storage
             .principal_records()
-            .map_err(|e| AuthError::Storage(e.to_string()))?
-        {
-            match serde_json::from_slice::<PrincipalRecord>(&bytes) {
-                Ok(r) if !is_fixed(&fixed, &name) => {
-                    stored.insert(name, r);
-                }
-                Ok(_) => tracing::warn!(
-                    principal = %name,
-                    "a stored principal has the name of one from the data directory or the config file; the stored one is ignored"
-                ),
-                Err(e) => {
-                    tracing::error!(principal = %name, error = %e, "stored principal unreadable; ignored")
-                }
+            .map_err(|e| AuthError::Storage(e.to_string()))?;
+        Self::open_with(config, data, storage, records, false)
+    }
+
+    /// As [`Auth::open`] for the router of a cluster group other than 0:
+    /// the stored principals are `replica`'s (group 0's), followed with
+    /// [`Auth::follow`], and cannot be changed here.
+    pub fn open_following(
+        config: &AuthConfig,
+        data: &Path,
+        storage: Storage,
+        replica: &PrincipalsReplica,
+    ) -> Result<Auth, AuthError> {
+        Self::open_with(config, data, storage, replica.records(), true)
+    }
+
+    /// Keeps this router's principals equal to `replica`'s until the
+    /// router is gone: connections whose token was revoked or whose grants
+    /// were narrowed there are re-checked and closed, as on group 0.
+    pub fn follow(self: &Arc<Self>, replica: PrincipalsReplica) {
+        let weak = Arc::downgrade(self);
+        let mut changed = replica.changed.clone();
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                let Some(auth) = weak.upgrade() else { return };
+                *auth.stored.lock().expect("stored lock") =
+                    parse_stored(&auth.fixed, replica.records());
+                auth.rebuild();
             }
-        }
+        });
+    }
+
+    fn open_with(
+        config: &AuthConfig,
+        data: &Path,
+        storage: Storage,
+        records: Vec<(String, Vec<u8>)>,
+        following: bool,
+    ) -> Result<Auth, AuthError> {
+        let fixed = fixed_principals(config, data)?;
+        let stored = parse_stored(&fixed, records);
         let anonymous = config.allow_anonymous.then(|| {
             Arc::new(Principal {
                 name: ANONYMOUS.into(),
@@ -439,6 +527,7 @@ impl Auth {
             usage: Mutex::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
             data_dir: data.to_path_buf(),
+            following,
         };
         auth.rebuild();
         Ok(auth)
@@ -603,6 +692,13 @@ impl Auth {
     ) -> Result<Option<PrincipalRecord>, WireError> {
         if let Some(e) = self.not_managed(name) {
             return Err(e);
+        }
+        if self.following {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "principals are kept by the cluster's group 0 and hold in every group: \
+                 change them through a client of group 0 (`switchyard auth` is one)",
+            ));
         }
         let _admin = self.admin.lock().await;
         let current = self.stored.lock().expect("stored lock").get(name).cloned();

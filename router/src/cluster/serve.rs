@@ -29,6 +29,7 @@ use super::node::LeaderView;
 use super::replicate::LeaderReplicator;
 use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
+use crate::auth::PrincipalsReplica;
 use crate::protocol::close;
 use crate::server::metrics::{FollowerMetrics, serve_follower};
 use crate::server::{
@@ -191,10 +192,19 @@ pub async fn run(
     // Every group leads (or follows) on its own until the node stops, or
     // until one group's Raft or storage fails, which stops them all.
     let (stop, mut stopping) = watch::channel(false);
+    // The principals are group 0's: the other groups' routers follow the
+    // node's replica of it.
+    let principals = PrincipalsReplica {
+        db: nodes[&0].state().database().clone(),
+        changed: nodes[&0].state().principals_changed(),
+    };
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
         // The metrics listener is group 0's: its router's while it leads.
-        let metrics = if *group == 0 { metrics.clone() } else { None };
-        lead(&cfg, node, &dispatch, metrics, &stop)
+        let (metrics, principals) = match group {
+            0 => (metrics.clone(), None),
+            _ => (None, Some(principals.clone())),
+        };
+        lead(&cfg, node, &dispatch, metrics, principals, &stop)
     }));
     let stopper = async {
         tokio::select! {
@@ -234,6 +244,7 @@ async fn lead(
     node: &ClusterNode,
     dispatch: &Arc<Dispatch>,
     metrics: Option<Arc<std::net::TcpListener>>,
+    principals: Option<PrincipalsReplica>,
     stop: &watch::Sender<bool>,
 ) -> Result<(), StartError> {
     let group = node.group();
@@ -286,6 +297,7 @@ async fn lead(
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
             metrics: metrics.clone(),
+            principals: principals.clone(),
         });
         let opening = std::time::Instant::now();
         let router = match Router::start(rc).await {
@@ -623,7 +635,7 @@ impl FollowerEndpoint {
                 crate::auth::token_may(
                     &auth,
                     &data,
-                    stored_principals(&db),
+                    crate::auth::stored_principals(&db),
                     token,
                     crate::auth::Class::ClusterAdmin,
                     "*",
@@ -652,23 +664,6 @@ impl FollowerEndpoint {
             }
         });
     }
-}
-
-/// The replicated principals (name, JSON record), as a follower reads them.
-fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
-    use redb::{ReadableDatabase, ReadableTable};
-    let Ok(txn) = db.begin_read() else {
-        return Vec::new();
-    };
-    let Ok(table) = txn.open_table(crate::storage::tables::PRINCIPALS) else {
-        return Vec::new();
-    };
-    let Ok(rows) = table.iter() else {
-        return Vec::new();
-    };
-    rows.filter_map(Result::ok)
-        .map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
-        .collect()
 }
 
 /// The node's client endpoint, shared by its groups: it reads the group a

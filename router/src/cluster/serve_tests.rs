@@ -99,14 +99,20 @@ impl Nodes {
     /// A client of group `group`'s router.
     async fn group_client(&self, group: u32) -> Client {
         let dir = self.root.path().join("n1");
-        let mut cfg = ClientConfig::new(self.addrs[0])
-            .with_ca_file(dir.join("cert.pem"))
+        let mut cfg = self
+            .config(group)
             .with_token_file(dir.join("admin.token"))
-            .unwrap()
-            .with_cluster(self.addrs.iter().copied())
-            .with_group(group);
+            .unwrap();
         cfg.idle_timeout = Duration::from_millis(1500);
         Client::connect(cfg).await.unwrap()
+    }
+
+    /// A client's configuration for group `group`, with no credential.
+    fn config(&self, group: u32) -> ClientConfig {
+        ClientConfig::new(self.addrs[0])
+            .with_ca_file(self.root.path().join("n1").join("cert.pem"))
+            .with_cluster(self.addrs.iter().copied())
+            .with_group(group)
     }
 
     /// A client of the cluster once it serves: topic `t` exists and holds
@@ -466,6 +472,49 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
             o.len()
         );
     }
+
+    // Principals are group 0's and hold in every group: a token made
+    // through group 0 opens a connection to group 2's router, another
+    // group's router refuses to change them, and revoking the token
+    // through group 0 closes that connection.
+    let token = clients[0]
+        .create_token("app", &["publish:t"])
+        .await
+        .unwrap();
+    let mut cfg = nodes.config(2).with_token(&token);
+    cfg.reconnect = crate::client::Reconnect::off();
+    let app = tokio::time::timeout(Duration::from_secs(10), async {
+        // The node applies group 0's entry a round trip after its leader.
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => return c,
+                Err(e) => {
+                    eprintln!("not yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("group 2 never knew group 0's principal");
+    app.publish("t", Record::new("from app")).await.unwrap();
+    let refused = clients[2].create_token("elsewhere", &["publish:t"]).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("group 0")),
+        "{refused:?}"
+    );
+    clients[0].revoke_token("app").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "group 2 kept the revoked token's connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(app);
     drop(clients);
     nodes.stop().await;
 }

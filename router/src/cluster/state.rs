@@ -42,6 +42,10 @@ pub struct StateMachine {
     handoff: Arc<super::replicate::Handoff>,
     snapshot: Arc<std::sync::Mutex<Option<LastSnapshot>>>,
     snapshots: Arc<SnapshotDir>,
+    /// Counts applied changes to the principals, for the routers of the
+    /// node's other groups, which authenticate against this group's
+    /// (group 0's) principals. Looked for only while one of them listens.
+    principals: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -66,7 +70,27 @@ impl StateMachine {
             handoff: Arc::default(),
             snapshot: Arc::default(),
             snapshots,
+            principals: Arc::new(tokio::sync::watch::channel(0).0),
         })
+    }
+
+    /// Changes whenever an applied entry (or an installed snapshot)
+    /// changes the principals table, once it is committed.
+    pub fn principals_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.principals.subscribe()
+    }
+
+    /// Whether `redo` changes the principals, if anyone listens.
+    fn changes_principals(&self, redo: &[u8]) -> bool {
+        self.principals.receiver_count() > 0
+            && journal::touches(
+                redo,
+                redb::TableHandle::name(&crate::storage::tables::PRINCIPALS),
+            )
+    }
+
+    fn principals_changed_now(&self) {
+        self.principals.send_modify(|n| *n += 1);
     }
 
     /// The size of the snapshot this node holds (0: none yet).
@@ -244,6 +268,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         // Entries replayed here, not yet committed: (transaction, last).
         let mut direct: Option<(redb::WriteTransaction, LogId)> = None;
+        // Whether those change the principals.
+        let mut principals = false;
         for entry in entries {
             out.push(());
             let log_id = entry.log_id;
@@ -268,6 +294,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     "the leader's commit of entry {log_id} failed"
                                 )));
                             }
+                            if self.changes_principals(&cmd.redo) {
+                                self.principals_changed_now();
+                            }
                             continue;
                         }
                         None => {
@@ -278,6 +307,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             journal::replay(txn, &cmd.redo).map_err(|e| {
                                 openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
                             })?;
+                            principals |= self.changes_principals(&cmd.redo);
                         }
                     },
                 }
@@ -289,6 +319,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         journal::replay(txn, &cmd.redo).map_err(|e| {
                             openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
                         })?;
+                        principals |= self.changes_principals(&cmd.redo);
                     }
                     EntryPayload::Membership(m) => {
                         membership = Membership::new(Some(log_id), m);
@@ -303,6 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             set_applied(&txn, Some(last), &membership)?;
             txn.commit().map_err(write_error)?;
             *self.handoff.membership.lock().expect("handoff lock") = None;
+            if principals {
+                self.principals_changed_now();
+            }
         }
         Ok(out)
     }
@@ -336,6 +370,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(write_error)??;
         self.keep_snapshot(meta, &snap);
+        self.principals_changed_now();
         Ok(())
     }
 

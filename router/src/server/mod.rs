@@ -170,6 +170,9 @@ pub struct Replica {
     /// The node's metrics listener, bound once for the same reason (the
     /// node serves its follower metrics on it between leaderships).
     pub metrics: Option<Arc<std::net::TcpListener>>,
+    /// For a group other than 0: the cluster's principals, which are
+    /// group 0's, as the node's replica of it holds them.
+    pub principals: Option<crate::auth::PrincipalsReplica>,
 }
 
 /// What the admin protocol asks of a cluster node that serves as leader.
@@ -424,7 +427,16 @@ impl Router {
             Some(r) => Storage::open_replicated(r.db.clone(), &r.db_path, storage_config)?,
         };
 
-        let auth = Arc::new(Auth::open(&config.auth, &config.data, storage.clone())?);
+        let following = config.replica.as_ref().and_then(|r| r.principals.clone());
+        let auth = Arc::new(match &following {
+            None => Auth::open(&config.auth, &config.data, storage.clone())?,
+            Some(replica) => {
+                Auth::open_following(&config.auth, &config.data, storage.clone(), replica)?
+            }
+        });
+        if let Some(replica) = following {
+            auth.follow(replica);
+        }
         if !config.listen.ip().is_loopback()
             && !auth.has_principals_beyond_admin(config.auth.client_ca.is_some())
         {

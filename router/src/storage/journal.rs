@@ -441,25 +441,52 @@ fn entry_at(data: &[u8], pos: usize) -> Option<(u64, &[u8], usize)> {
     (crc32fast::hash(body) == crc).then(|| (lsn, &data[pos + HEADER..end], end))
 }
 
-/// Applies one journal entry's changes inside `txn`.
-pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), StorageError> {
+/// One change of a journal entry: the operation, the table's name, the
+/// key (or range start) and the value (or range end; empty for a delete).
+type Op<'a> = (u8, &'a str, &'a [u8], &'a [u8]);
+
+/// The changes of one journal entry, in order.
+fn ops(payload: &[u8]) -> impl Iterator<Item = Result<Op<'_>, StorageError>> {
     let bad = || StorageError::Corrupt("journal entry does not parse".into());
     let mut rest = payload;
-    while !rest.is_empty() {
-        let (op, name, a, b);
-        (op, rest) = split(rest, 1).ok_or_else(bad)?;
-        let (n, r) = split(rest, 1).ok_or_else(bad)?;
-        (name, rest) = split(r, n[0] as usize).ok_or_else(bad)?;
-        (a, rest) = field(rest).ok_or_else(bad)?;
-        b = if op[0] == DEL {
-            &[][..]
-        } else {
-            let (b, r) = field(rest).ok_or_else(bad)?;
-            rest = r;
-            b
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut next = || {
+            let (op, name, a, b);
+            (op, rest) = split(rest, 1).ok_or_else(bad)?;
+            let (n, r) = split(rest, 1).ok_or_else(bad)?;
+            (name, rest) = split(r, n[0] as usize).ok_or_else(bad)?;
+            (a, rest) = field(rest).ok_or_else(bad)?;
+            b = if op[0] == DEL {
+                &[][..]
+            } else {
+                let (b, r) = field(rest).ok_or_else(bad)?;
+                rest = r;
+                b
+            };
+            let name = std::str::from_utf8(name).map_err(|_| bad())?;
+            Ok((op[0], name, a, b))
         };
-        let name = std::str::from_utf8(name).map_err(|_| bad())?;
-        let op = op[0];
+        let op = next();
+        if op.is_err() {
+            rest = &[];
+        }
+        Some(op)
+    })
+}
+
+/// Whether a journal entry changes table `table` (false if it does not
+/// parse: replaying it fails instead).
+pub(crate) fn touches(payload: &[u8], table: &str) -> bool {
+    ops(payload).any(|op| op.is_ok_and(|(_, name, _, _)| name == table))
+}
+
+/// Applies one journal entry's changes inside `txn`.
+pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), StorageError> {
+    for op in ops(payload) {
+        let (op, name, a, b) = op?;
         match name {
             n if n == LOG.name() => apply(txn, LOG, op, a, b)?,
             n if n == PARTITIONS.name() => apply(txn, PARTITIONS, op, a, b)?,
