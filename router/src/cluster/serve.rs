@@ -31,6 +31,7 @@ use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::auth::PrincipalsReplica;
 use crate::protocol::close;
+use crate::server::admission::PerAddress;
 use crate::server::metrics::{FollowerMetrics, serve_follower};
 use crate::server::{
     NodeClients, Replica, Router, RouterConfig, StartError, StepDownError, endpoint_config, tls,
@@ -184,7 +185,7 @@ pub async fn run(
         }
         None => None,
     };
-    let dispatch = Dispatch::start(cfg.node_id, &nodes, &clients);
+    let dispatch = Dispatch::start(cfg.node_id, &nodes, &clients, &cfg.router);
     let balancer = (nodes.len() > 1).then(|| {
         let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();
         Balancer::spawn(cfg.node_id, handovers, BALANCE_EVERY)
@@ -695,6 +696,7 @@ impl Dispatch {
         me: NodeId,
         nodes: &BTreeMap<GroupId, ClusterNode>,
         endpoint: &quinn::Endpoint,
+        limits: &RouterConfig,
     ) -> Arc<Dispatch> {
         let dispatch = Arc::new(Dispatch {
             me,
@@ -707,15 +709,34 @@ impl Dispatch {
         });
         let d = dispatch.clone();
         let e = endpoint.clone();
+        // The routers' limits on handshakes apply before any TLS work here
+        // too, or a flood of handshakes from one address would cost the
+        // node the TLS work the routers refuse to do; each router then
+        // admits the connections it is handed as it does its own.
+        let per_address = PerAddress::new(usize::MAX, limits.max_handshakes_per_address);
+        let most = limits.max_connections;
         let task = tokio::spawn(async move {
             // Owned here, so stopping aborts the handshakes in progress.
             let mut handshakes = tokio::task::JoinSet::new();
             while let Some(incoming) = e.accept().await {
+                while handshakes.try_join_next().is_some() {}
+                let remote = incoming.remote_address();
+                let Ok(held) = per_address.admit(remote.ip()).map_err(drop) else {
+                    tracing::info!(%remote, "connection refused: handshakes in progress per address");
+                    incoming.refuse();
+                    continue;
+                };
+                if handshakes.len() >= most {
+                    tracing::warn!(%remote, "connection refused: max_connections handshakes in progress");
+                    incoming.refuse();
+                    continue;
+                }
                 let Ok(mut connecting) = incoming.accept() else {
                     continue;
                 };
                 let d = d.clone();
                 handshakes.spawn(async move {
+                    let _held = held;
                     let group =
                         match tokio::time::timeout(DISPATCH_HANDSHAKE, connecting.handshake_data())
                             .await
@@ -733,7 +754,6 @@ impl Dispatch {
                         d.dispatch(group, connecting);
                     }
                 });
-                while handshakes.try_join_next().is_some() {}
             }
         });
         *dispatch.task.lock().expect("dispatch lock") = Some(task);

@@ -13,14 +13,14 @@ struct Count {
 }
 
 /// Live counts per client address.
-pub(super) struct PerAddress {
+pub(crate) struct PerAddress {
     counts: Mutex<HashMap<IpAddr, Count>>,
     max_connections: usize,
     max_handshakes: usize,
 }
 
 /// Why a connection from an address was not admitted.
-pub(super) enum Refused {
+pub(crate) enum Refused {
     /// The address holds its most connections.
     Connections(usize),
     /// The address has its most handshakes in progress.
@@ -28,19 +28,19 @@ pub(super) enum Refused {
 }
 
 /// One admitted connection's place in its address's count.
-pub(super) struct Slot {
+pub(crate) struct Slot {
     owner: Arc<PerAddress>,
     ip: IpAddr,
 }
 
 /// Held until the connection's handshake (through `HelloOk`) is over.
-pub(super) struct Handshaking {
+pub(crate) struct Handshaking {
     owner: Arc<PerAddress>,
     ip: IpAddr,
 }
 
 impl PerAddress {
-    pub(super) fn new(max_connections: usize, max_handshakes: usize) -> Arc<PerAddress> {
+    pub(crate) fn new(max_connections: usize, max_handshakes: usize) -> Arc<PerAddress> {
         Arc::new(PerAddress {
             counts: Mutex::new(HashMap::new()),
             max_connections,
@@ -49,7 +49,7 @@ impl PerAddress {
     }
 
     /// Admits a connection from `ip`, or says which limit it is at.
-    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Slot, Handshaking), Refused> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Slot, Handshaking), Refused> {
         let mut counts = self.counts.lock().expect("address counts lock");
         let c = counts.entry(ip).or_default();
         if c.connections >= self.max_connections {

@@ -4,7 +4,7 @@
 //! The binary only parses configuration and calls [`run`]; tests call
 //! [`Router::start`] with port 0 and talk to the returned address.
 
-mod admission;
+pub(crate) mod admission;
 mod arriving;
 mod auth_admin;
 mod connection;
