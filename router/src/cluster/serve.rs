@@ -131,6 +131,23 @@ pub async fn run(
     let me = *raft_members
         .get(&cfg.node_id)
         .ok_or_else(|| failed(&format!("node {} is not a member", cfg.node_id)))?;
+    // The client address and the metrics listener first: a node that
+    // cannot bind them says so before it takes part in any election.
+    let groups = cfg.groups.max(1);
+    let clients = quinn::Endpoint::server(endpoint_config(&cfg.router, groups)?, cfg.router.listen)
+        .map_err(|source| StartError::Bind {
+            addr: cfg.router.listen,
+            source,
+        })?;
+    let metrics = match cfg.router.metrics {
+        Some(addr) => {
+            let bind = |source| StartError::MetricsBind { addr, source };
+            let l = std::net::TcpListener::bind(addr).map_err(bind)?;
+            l.set_nonblocking(true).map_err(bind)?;
+            Some(Arc::new(l))
+        }
+        None => None,
+    };
     // One Raft endpoint and one log file for all the node's groups.
     let host = RaftHost::bind(me, &node_tls).map_err(|e| failed(&e))?;
     let log = match LogFile::open_on(&*cfg.disk, &cfg.router.data.join("raft.redb")) {
@@ -141,7 +158,7 @@ pub async fn run(
         }
     };
     let mut nodes = BTreeMap::new();
-    for group in 0..cfg.groups.max(1) {
+    for group in 0..groups {
         let mut nc = NodeConfig::new(
             cfg.node_id,
             raft_members.clone(),
@@ -170,21 +187,6 @@ pub async fn run(
     }
     drop(log);
     tracing::info!(node = cfg.node_id, members = ?cfg.members, groups = nodes.len(), "cluster node started");
-    let groups = nodes.len() as GroupId;
-    let clients = quinn::Endpoint::server(endpoint_config(&cfg.router, groups)?, cfg.router.listen)
-        .map_err(|source| StartError::Bind {
-            addr: cfg.router.listen,
-            source,
-        })?;
-    let metrics = match cfg.router.metrics {
-        Some(addr) => {
-            let bind = |source| StartError::MetricsBind { addr, source };
-            let l = std::net::TcpListener::bind(addr).map_err(bind)?;
-            l.set_nonblocking(true).map_err(bind)?;
-            Some(Arc::new(l))
-        }
-        None => None,
-    };
     let dispatch = Dispatch::start(cfg.node_id, &nodes, &clients, &cfg.router);
     let balancer = (nodes.len() > 1).then(|| {
         let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();

@@ -410,6 +410,12 @@ impl Router {
         })?;
         let paths = config.cert_paths();
         let generated_cert = tls::ensure_self_signed(&paths)?;
+        // A single router's own endpoint (a cluster node's routers share
+        // the node's); its certificate is checked before storage opens.
+        let own_endpoint = match &config.replica {
+            None => Some(endpoint_config(&config, 1)?),
+            Some(_) => None,
+        };
 
         let storage_config = StorageConfig {
             max_batch_records: config.commit_max_batch_records,
@@ -450,8 +456,8 @@ impl Router {
             );
         }
 
-        let (source, local_addr) = match &config.replica {
-            Some(r) => match Source::node(&r.clients) {
+        let (source, local_addr) = match (&config.replica, own_endpoint) {
+            (Some(r), _) => match Source::node(&r.clients) {
                 Some(source) => (source, r.clients.local_addr()),
                 None => {
                     storage.shutdown().await;
@@ -460,17 +466,20 @@ impl Router {
                     ));
                 }
             },
-            None => {
-                let endpoint = quinn::Endpoint::server(endpoint_config(&config, 1)?, config.listen)
-                    .map_err(|source| StartError::Bind {
-                        addr: config.listen,
-                        source,
-                    })?;
-                let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-                (Source::Own(endpoint), local_addr)
+            (None, server_config) => {
+                let server_config = server_config.expect("made above for a single router");
+                let bound = quinn::Endpoint::server(server_config, config.listen)
+                    .and_then(|e| Ok((e.local_addr()?, e)));
+                match bound {
+                    Ok((local_addr, endpoint)) => (Source::Own(endpoint), local_addr),
+                    Err(source) => {
+                        storage.shutdown().await;
+                        return Err(StartError::Bind {
+                            addr: config.listen,
+                            source,
+                        });
+                    }
+                }
             }
         };
 
