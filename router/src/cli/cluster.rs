@@ -377,6 +377,12 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
+    print_status(&v, &mut out)?;
+    Ok(())
+}
+
+/// `cluster status` as text.
+fn print_status(v: &serde_json::Value, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
         "leader: node {} (term {}), committed {}",
@@ -405,5 +411,68 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             dash(&n["behind"])
         )?;
     }
+    // A node of several groups: each group as that node sees it.
+    if let Some(groups) = v["groups"].as_array() {
+        writeln!(out, "groups, as node {} sees them:", v["node"])?;
+        writeln!(
+            out,
+            "{:<6} {:<7} {:>6} {:>12} {:>12}",
+            "group", "leader", "term", "committed", "last log"
+        )?;
+        for g in groups {
+            writeln!(
+                out,
+                "{:<6} {:<7} {:>6} {:>12} {:>12}",
+                g["group"].to_string(),
+                dash(&g["leader"]),
+                dash(&g["term"]),
+                dash(&g["committed"]),
+                dash(&g["last_log"])
+            )?;
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lists_the_groups_of_a_node_of_several() {
+        let node = |id: u64, role: &str| serde_json::json!({ "id": id, "addr": "127.0.0.1:7400", "role": role, "matched": 9, "behind": 0 });
+        let group = |g: u32, leader: u64| serde_json::json!({ "group": g, "leader": leader, "term": 2, "committed": 9, "last_log": 9 });
+        let mut v = serde_json::json!({
+            "node": 1, "leader": 1, "term": 2, "committed": 9, "last_log": 9, "group": 0,
+            "nodes": [node(1, "leader"), node(2, "follower")],
+        });
+        let mut one = Vec::new();
+        print_status(&v, &mut one).unwrap();
+        let one = String::from_utf8(one).unwrap();
+        assert!(
+            one.starts_with("leader: node 1 (term 2), committed 9"),
+            "{one}"
+        );
+        assert!(!one.contains("groups"), "{one}");
+
+        v["groups"] = serde_json::json!([group(0, 1), group(1, 3), group(2, 2)]);
+        let mut several = Vec::new();
+        print_status(&v, &mut several).unwrap();
+        let several = String::from_utf8(several).unwrap();
+        let rows: Vec<Vec<&str>> = several
+            .lines()
+            .skip_while(|l| !l.starts_with("groups, as node 1 sees them"))
+            .skip(2)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["0", "1", "2", "9", "9"],
+                ["1", "3", "2", "9", "9"],
+                ["2", "2", "2", "9", "9"]
+            ],
+            "{several}"
+        );
+    }
 }

@@ -201,13 +201,16 @@ pub async fn run(
         db: nodes[&0].state().database().clone(),
         changed: nodes[&0].state().principals_changed(),
     };
+    // Every group's Raft on this node, for `cluster status`.
+    let rafts: Arc<Vec<(GroupId, super::Raft)>> =
+        Arc::new(nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect());
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
         // The metrics listener is group 0's: its router's while it leads.
         let (metrics, principals) = match group {
             0 => (metrics.clone(), None),
             _ => (None, Some(principals.clone())),
         };
-        lead(&cfg, node, &dispatch, metrics, principals, &stop)
+        lead(&cfg, node, &dispatch, &rafts, metrics, principals, &stop)
     }));
     let stopper = async {
         tokio::select! {
@@ -246,6 +249,7 @@ async fn lead(
     cfg: &ClusterServe,
     node: &ClusterNode,
     dispatch: &Arc<Dispatch>,
+    rafts: &Arc<Vec<(GroupId, super::Raft)>>,
     metrics: Option<Arc<std::net::TcpListener>>,
     principals: Option<PrincipalsReplica>,
     stop: &watch::Sender<bool>,
@@ -295,7 +299,9 @@ async fn lead(
             db_path: group_dir(&cfg.router.data, group).join("switchyard.redb"),
             replicator: Arc::new(replicator),
             control: Arc::new(Control {
+                group,
                 handover: node.handover(),
+                rafts: rafts.clone(),
             }),
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
@@ -448,13 +454,33 @@ pub fn client_addr(raft: &str) -> Option<SocketAddr> {
 
 /// The admin protocol's hold on the cluster, on the leader.
 struct Control {
+    /// The group this router serves.
+    group: GroupId,
     /// The group's handover, and through it its Raft.
     handover: super::node::Handover,
+    /// Every group's Raft on this node.
+    rafts: Arc<Vec<(GroupId, super::Raft)>>,
 }
 
 impl crate::server::ClusterControl for Control {
+    /// This group as its leader sees it; on a node of several groups,
+    /// also `groups`: each of them as this node sees it (a group's
+    /// followers' positions are known only where it is led).
     fn status(&self) -> serde_json::Value {
-        cluster_status(self.handover.raft())
+        let mut status = cluster_status(self.handover.raft());
+        status["group"] = self.group.into();
+        if self.rafts.len() > 1 {
+            status["groups"] = self
+                .rafts
+                .iter()
+                .map(|(g, raft)| {
+                    let mut s = cluster_status(raft);
+                    s["group"] = (*g).into();
+                    s
+                })
+                .collect();
+        }
+        status
     }
 
     fn nodes(&self) -> Vec<SocketAddr> {

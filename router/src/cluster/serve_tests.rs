@@ -412,6 +412,30 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("group leaders: {spread:?}");
+    // `cluster status` through any group names every group's leader, as
+    // the node that answers sees them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = clients[1]
+            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(status["group"], 1, "{status}");
+        let seen: Vec<Option<u64>> = status["groups"]
+            .as_array()
+            .expect("a node of several groups lists them")
+            .iter()
+            .map(|g| g["leader"].as_u64())
+            .collect();
+        if seen == spread.iter().map(|&l| Some(l)).collect::<Vec<_>>() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status shows {seen:?}, the groups are led by {spread:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Two lanes per group publish without a break while group 0's leader
     // stops: its groups move, the others go on, and every group keeps
