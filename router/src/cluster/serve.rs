@@ -134,11 +134,13 @@ pub async fn run(
     // The client address and the metrics listener first: a node that
     // cannot bind them says so before it takes part in any election.
     let groups = cfg.groups.max(1);
+    let bind = |source| StartError::Bind {
+        addr: cfg.router.listen,
+        source,
+    };
     let clients = quinn::Endpoint::server(endpoint_config(&cfg.router, groups)?, cfg.router.listen)
-        .map_err(|source| StartError::Bind {
-            addr: cfg.router.listen,
-            source,
-        })?;
+        .map_err(bind)?;
+    let local_addr = clients.local_addr().map_err(bind)?;
     let metrics = match cfg.router.metrics {
         Some(addr) => {
             let bind = |source| StartError::MetricsBind { addr, source };
@@ -187,7 +189,8 @@ pub async fn run(
     }
     drop(log);
     tracing::info!(node = cfg.node_id, members = ?cfg.members, groups = nodes.len(), "cluster node started");
-    let dispatch = Dispatch::start(cfg.node_id, &nodes, &clients, &cfg.router);
+    let (dispatch, accepting) =
+        Dispatch::start(cfg.node_id, &nodes, &clients, local_addr, &cfg.router);
     let balancer = (nodes.len() > 1).then(|| {
         let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();
         Balancer::spawn(cfg.node_id, handovers, BALANCE_EVERY)
@@ -221,7 +224,7 @@ pub async fn run(
     };
     let ((), results) = tokio::join!(stopper, leads);
     drop(balancer);
-    dispatch.stop();
+    accepting.abort();
     clients.close(close::NOT_LEADER.into(), b"");
     let _ = tokio::time::timeout(Duration::from_secs(1), clients.wait_idle()).await;
     let failure = results.into_iter().find_map(Result::err);
@@ -706,8 +709,8 @@ pub(crate) struct Dispatch {
     views: BTreeMap<GroupId, LeaderView>,
     /// The routers serving now, by group.
     routes: Mutex<BTreeMap<GroupId, mpsc::Sender<quinn::Connecting>>>,
+    /// The node's client address.
     local_addr: SocketAddr,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long a connection has to get far enough in its handshake to name
@@ -718,22 +721,21 @@ const DISPATCH_HANDSHAKE: Duration = Duration::from_secs(2);
 const ROUTE_QUEUE: usize = 1024;
 
 impl Dispatch {
-    /// Starts dispatching the connections of `endpoint` among `nodes`,
-    /// this node's members of its groups.
+    /// Starts dispatching the connections of `endpoint` (bound at
+    /// `local_addr`) among `nodes`, this node's members of its groups,
+    /// until the task it returns is aborted.
     fn start(
         me: NodeId,
         nodes: &BTreeMap<GroupId, ClusterNode>,
         endpoint: &quinn::Endpoint,
+        local_addr: SocketAddr,
         limits: &RouterConfig,
-    ) -> Arc<Dispatch> {
+    ) -> (Arc<Dispatch>, tokio::task::JoinHandle<()>) {
         let dispatch = Arc::new(Dispatch {
             me,
             views: nodes.iter().map(|(g, n)| (*g, n.leader_view())).collect(),
             routes: Mutex::default(),
-            local_addr: endpoint
-                .local_addr()
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-            task: Mutex::default(),
+            local_addr,
         });
         let d = dispatch.clone();
         let e = endpoint.clone();
@@ -784,8 +786,7 @@ impl Dispatch {
                 });
             }
         });
-        *dispatch.task.lock().expect("dispatch lock") = Some(task);
-        dispatch
+        (dispatch, task)
     }
 
     /// Hands `connecting` to `group`'s router, or redirects it.
@@ -841,13 +842,5 @@ impl Dispatch {
     /// Redirects `group`'s connections again.
     fn unroute(&self, group: GroupId) {
         self.routes.lock().expect("dispatch lock").remove(&group);
-    }
-
-    /// Stops accepting connections.
-    fn stop(&self) {
-        if let Some(task) = self.task.lock().expect("dispatch lock").take() {
-            task.abort();
-        }
-        self.routes.lock().expect("dispatch lock").clear();
     }
 }

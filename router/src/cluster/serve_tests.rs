@@ -31,7 +31,7 @@ fn free_pair() -> SocketAddr {
 struct Nodes {
     root: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    stops: Vec<Option<tokio::sync::oneshot::Sender<()>>>,
     tasks: Vec<Option<tokio::task::JoinHandle<Result<(), crate::server::StartError>>>>,
 }
 
@@ -82,7 +82,7 @@ impl Nodes {
             tasks.push(Some(tokio::spawn(run(cfg, async move {
                 let _ = stopped.await;
             }))));
-            stops.push(stop);
+            stops.push(Some(stop));
         }
         Nodes {
             root,
@@ -130,11 +130,7 @@ impl Nodes {
 
     /// Stops node `id` as SIGTERM does, and waits until it has.
     async fn stop_node(&mut self, id: NodeId) {
-        let _ = std::mem::replace(
-            &mut self.stops[id as usize - 1],
-            tokio::sync::oneshot::channel().0,
-        )
-        .send(());
+        let _ = self.stops[id as usize - 1].take().unwrap().send(());
         let task = self.tasks[id as usize - 1].take().unwrap();
         tokio::time::timeout(Duration::from_secs(30), task)
             .await
@@ -144,7 +140,7 @@ impl Nodes {
     }
 
     async fn stop(self) {
-        for s in self.stops {
+        for s in self.stops.into_iter().flatten() {
             let _ = s.send(());
         }
         for t in self.tasks.into_iter().flatten() {

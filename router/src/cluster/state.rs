@@ -29,6 +29,11 @@ use crate::storage::journal::{self, Redo};
 use crate::storage::tables::RAFT_APPLIED as APPLIED;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+/// The principals table's name, which group 0's entries are watched for.
+fn principals_table() -> &'static str {
+    redb::TableHandle::name(&crate::storage::tables::PRINCIPALS)
+}
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
 /// The last snapshot built or installed: what it covers and its file.
@@ -80,13 +85,24 @@ impl StateMachine {
         self.principals.subscribe()
     }
 
-    /// Whether `redo` changes the principals, if anyone listens.
+    /// Whether `redo`, committed by the leader's writer, changes the
+    /// principals, if anyone listens.
     fn changes_principals(&self, redo: &[u8]) -> bool {
-        self.principals.receiver_count() > 0
-            && journal::touches(
-                redo,
-                redb::TableHandle::name(&crate::storage::tables::PRINCIPALS),
-            )
+        self.principals.receiver_count() > 0 && journal::touches(redo, principals_table())
+    }
+
+    /// Replays `redo` in `txn`, noting in `principals` whether it changed
+    /// them.
+    fn replay(
+        txn: &redb::WriteTransaction,
+        log_id: LogId,
+        redo: &[u8],
+        principals: &mut bool,
+    ) -> Result<(), StorageError> {
+        let watched = principals_table();
+        journal::replay_seeing(txn, redo, |table| *principals |= table == watched).map_err(|e| {
+            openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)).into()
+        })
     }
 
     fn principals_changed_now(&self) {
@@ -304,10 +320,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // stopping; replay once it has let go.
                             self.handoff.until_not_serving().await;
                             let txn = self.direct(&mut direct)?;
-                            journal::replay(txn, &cmd.redo).map_err(|e| {
-                                openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
-                            })?;
-                            principals |= self.changes_principals(&cmd.redo);
+                            Self::replay(txn, log_id, &cmd.redo, &mut principals)?;
                         }
                     },
                 }
@@ -316,10 +329,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => {}
                     EntryPayload::Normal(cmd) => {
-                        journal::replay(txn, &cmd.redo).map_err(|e| {
-                            openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e))
-                        })?;
-                        principals |= self.changes_principals(&cmd.redo);
+                        Self::replay(txn, log_id, &cmd.redo, &mut principals)?;
                     }
                     EntryPayload::Membership(m) => {
                         membership = Membership::new(Some(log_id), m);
@@ -334,7 +344,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             set_applied(&txn, Some(last), &membership)?;
             txn.commit().map_err(write_error)?;
             *self.handoff.membership.lock().expect("handoff lock") = None;
-            if principals {
+            if principals && self.principals.receiver_count() > 0 {
                 self.principals_changed_now();
             }
         }

@@ -485,8 +485,19 @@ pub(crate) fn touches(payload: &[u8], table: &str) -> bool {
 
 /// Applies one journal entry's changes inside `txn`.
 pub(crate) fn replay(txn: &WriteTransaction, payload: &[u8]) -> Result<(), StorageError> {
+    replay_seeing(txn, payload, |_| {})
+}
+
+/// As [`replay`], telling `seen` the table of each change as it applies it
+/// (so a caller learns what an entry changed without parsing it twice).
+pub(crate) fn replay_seeing(
+    txn: &WriteTransaction,
+    payload: &[u8],
+    mut seen: impl FnMut(&str),
+) -> Result<(), StorageError> {
     for op in ops(payload) {
         let (op, name, a, b) = op?;
+        seen(name);
         match name {
             n if n == LOG.name() => apply(txn, LOG, op, a, b)?,
             n if n == PARTITIONS.name() => apply(txn, PARTITIONS, op, a, b)?,
