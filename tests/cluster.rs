@@ -83,6 +83,8 @@ struct Cluster {
     addrs: Vec<SocketAddr>,
     /// Serve metrics on each node's client port + 1 (else none).
     metrics: bool,
+    /// `serve --groups` (1: left out).
+    groups: u32,
     nodes: Vec<Node>,
 }
 
@@ -92,6 +94,10 @@ impl Cluster {
     }
 
     fn start_with(n: usize, metrics: bool) -> Cluster {
+        Self::start_groups(n, metrics, 1)
+    }
+
+    fn start_groups(n: usize, metrics: bool, groups: u32) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let addrs = cluster_addrs(n);
         let list = joined(&addrs);
@@ -113,6 +119,7 @@ impl Cluster {
                 .collect(),
             addrs,
             metrics,
+            groups,
             _root: root,
         };
         for i in 0..n {
@@ -146,6 +153,9 @@ impl Cluster {
             "--metrics",
             &metrics,
         ]);
+        if self.groups > 1 {
+            cmd.args(["--groups", &self.groups.to_string()]);
+        }
         if join {
             // A joining node takes its cluster settings from the config
             // file's [cluster] section, the others from flags.
@@ -826,6 +836,102 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     );
     let info = admin.describe_topic("t").await.unwrap();
     assert_eq!(info.partitions[0].end, 3);
+}
+
+/// The README's cluster of several groups, run with the CLI: `serve
+/// --groups 3` on three nodes, topics placed one per group, published
+/// and read through one node's address, and a node killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
+    use std::io::Write as _;
+    const GROUPS: usize = 3;
+    let mut cluster = Cluster::start_groups(3, false, GROUPS as u32);
+    let cli = |at: &Path, args: &[&str]| {
+        let mut c = Command::new(router_bin());
+        c.args(args)
+            .env("SWITCHYARD_CA", at.join("cert.pem"))
+            .env("SWITCHYARD_ADDR", cluster_addr(at));
+        c
+    };
+    // Every group's leader, as `cluster status` beside `at` prints them
+    // once each group has one (other than `not`).
+    let leaders = |at: &Path, not: Option<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = cli(at, &["cluster", "status", "--json"]).output().unwrap();
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let leaders: Vec<Option<u64>> = s["groups"]
+                .as_array()
+                .map(|g| g.iter().map(|g| g["leader"].as_u64()).collect())
+                .unwrap_or_default();
+            if leaders.len() == GROUPS && leaders.iter().all(|l| l.is_some() && *l != not) {
+                return leaders.into_iter().flatten().collect::<Vec<u64>>();
+            }
+            assert!(Instant::now() < deadline, "groups never all led: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let n1 = cluster.nodes[0].dir.clone();
+    leaders(&n1, None);
+    let topics = ["orders", "payments", "audit"];
+    for t in topics {
+        succeed(&mut cli(&n1, &["topic", "create", t, "--partitions", "2"]));
+    }
+    // Group 0 placed them one per group (the least-loaded first).
+    let admin = cluster.client().await;
+    let mut placed = Vec::new();
+    for t in topics {
+        placed.push(admin.topic_group(t).await.unwrap());
+    }
+    assert_eq!(placed, [0, 1, 2]);
+    let publish = |at: &Path, topic: &str, from: u32| {
+        let mut child = cli(at, &["publish", topic])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines: String = (from..from + 300).map(|i| format!("{i}\n")).collect();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "publish to {topic}");
+    };
+    for t in topics {
+        publish(&n1, t, 1);
+    }
+    // Kill -9 the node leading group 0, the one that places topics; the
+    // CLI beside a surviving node goes on.
+    let before = leaders(&n1, None);
+    let killed = before[0];
+    cluster.kill(killed);
+    let alive = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != killed)
+        .unwrap()
+        .dir
+        .clone();
+    let after = leaders(&alive, Some(killed));
+    eprintln!("group leaders {before:?}; node {killed} killed; then {after:?}");
+    for t in topics {
+        publish(&alive, t, 301);
+    }
+    for t in topics {
+        let out = succeed(&mut cli(&alive, &["subscribe", t, "--count", "600"]));
+        let mut got: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (1..=600).collect::<Vec<u32>>(), "{t}");
+    }
+    // `cluster status` prints a row per group.
+    let out = succeed(&mut cli(&alive, &["cluster", "status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("groups, as node"), "{text}");
 }
 
 fn cluster_addr(dir: &Path) -> String {

@@ -52,7 +52,9 @@ pub struct ClientConfig {
     /// (named in the TLS handshake's ALPN, [`switchyard_protocol::alpn`]);
     /// 0, a single router's and a one-group cluster's, by default. Every
     /// node hands the connection to that group's router, or redirects it
-    /// to the node that leads the group.
+    /// to the node that leads the group. A client of group 0 of a cluster
+    /// of several groups routes each topic to its group itself (see
+    /// [`Client`]); one of another group talks to that group only.
     pub group: u32,
 }
 
@@ -226,6 +228,11 @@ pub struct ServerInfo {
     /// older than protocol version 2). The client tries them when the
     /// node it is connected to is gone.
     pub cluster: Vec<SocketAddr>,
+    /// How many Raft groups the cluster spreads its topics over (1 for a
+    /// single router or a one-group cluster). A client of group 0 of a
+    /// cluster of several sends each topic's requests to the router of
+    /// the group that holds it (see [`Client`]).
+    pub groups: u32,
 }
 
 /// The control requests of a connection waiting for their answers; `None`
@@ -527,6 +534,42 @@ pub struct Client {
     pub(crate) shared: Arc<Shared>,
     info: ServerInfo,
     pub(super) publisher: Publisher,
+    /// On a cluster of several groups, for a client of group 0: which
+    /// group holds each topic used, and a client of each other group used.
+    pub(crate) groups: Option<Groups>,
+}
+
+/// What a client of a cluster of several groups keeps to send each
+/// topic's requests to its group's router: group 0 (the client itself)
+/// assigns and looks up topics, and the client keeps one more client
+/// (its own connection) per other group it uses, as a Kafka client keeps
+/// one connection per broker it uses.
+pub(crate) struct Groups {
+    /// How many groups the cluster has.
+    count: u32,
+    /// The configuration of the other groups' clients (with
+    /// [`ClientConfig::group`] set per group).
+    cfg: ClientConfig,
+    /// Topic -> group, as group 0 answered. A topic's group never changes.
+    topics: Mutex<HashMap<String, u32>>,
+    /// The other groups' clients, made when first needed.
+    clients: tokio::sync::Mutex<HashMap<u32, Arc<Client>>>,
+}
+
+/// The client that serves one topic: this one, or another group's.
+pub(crate) enum Via<'a> {
+    Here(&'a Client),
+    There(Arc<Client>),
+}
+
+impl std::ops::Deref for Via<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match self {
+            Via::Here(c) => c,
+            Via::There(c) => c,
+        }
+    }
 }
 
 impl Client {
@@ -557,13 +600,101 @@ impl Client {
             next_id: AtomicU64::new(1),
             route,
         });
+        let groups = (shared.cfg.group == 0 && info.groups > 1).then(|| {
+            let mut cfg = shared.cfg.clone();
+            cfg.cluster.extend(info.cluster.iter().copied());
+            Groups {
+                count: info.groups,
+                cfg,
+                topics: Mutex::default(),
+                clients: tokio::sync::Mutex::default(),
+            }
+        });
         tokio::spawn(supervise(Arc::downgrade(&shared), link));
         let publisher = Publisher::new(shared.clone(), info.clone(), max_in_flight);
         Ok(Client {
             shared,
             info,
             publisher,
+            groups,
         })
+    }
+
+    /// The client that serves `topic`: this one, unless the cluster has
+    /// several groups and another holds it. Asks group 0 the first time a
+    /// topic is used; with `assign`, group 0 places a new topic of that
+    /// many partitions in the least-loaded group.
+    pub(crate) async fn at(
+        &self,
+        topic: &str,
+        assign: Option<u32>,
+    ) -> Result<Via<'_>, ClientError> {
+        let Some(groups) = &self.groups else {
+            return Ok(Via::Here(self));
+        };
+        let known = groups
+            .topics
+            .lock()
+            .expect("topics lock")
+            .get(topic)
+            .copied();
+        let group = match known {
+            Some(g) => g,
+            None => {
+                let mut body = serde_json::json!({ "name": topic });
+                if let Some(partitions) = assign {
+                    body["assign"] = true.into();
+                    body["partitions"] = partitions.into();
+                }
+                let v = self
+                    .admin_here("topic-group", body, bytes::Bytes::new())
+                    .await?;
+                let g = v["group"].as_u64().and_then(|g| u32::try_from(g).ok());
+                let g = g
+                    .filter(|g| *g < groups.count)
+                    .ok_or_else(|| ClientError::Protocol(format!("bad topic-group answer: {v}")))?;
+                groups
+                    .topics
+                    .lock()
+                    .expect("topics lock")
+                    .insert(topic.to_string(), g);
+                g
+            }
+        };
+        self.in_group(group).await
+    }
+
+    /// The client of group `group`: this one for group 0 (or on a cluster
+    /// of one group), another made when first needed.
+    pub(crate) async fn in_group(&self, group: u32) -> Result<Via<'_>, ClientError> {
+        let Some(groups) = self.groups.as_ref().filter(|_| group != 0) else {
+            return Ok(Via::Here(self));
+        };
+        let mut clients = groups.clients.lock().await;
+        if let Some(c) = clients.get(&group) {
+            return Ok(Via::There(c.clone()));
+        }
+        let c = Arc::new(Box::pin(Client::connect(groups.cfg.clone().with_group(group))).await?);
+        clients.insert(group, c.clone());
+        Ok(Via::There(c))
+    }
+
+    /// The clients of every group of the cluster, group 0 (this one) first.
+    async fn every_group(&self) -> Result<Vec<Via<'_>>, ClientError> {
+        let count = self.groups.as_ref().map_or(1, |g| g.count);
+        let mut all = Vec::with_capacity(count as usize);
+        for g in 0..count {
+            all.push(self.in_group(g).await?);
+        }
+        Ok(all)
+    }
+
+    /// The clients of the other groups made so far.
+    pub(crate) async fn other_groups(&self) -> Vec<Arc<Client>> {
+        match &self.groups {
+            Some(g) => g.clients.lock().await.values().cloned().collect(),
+            None => Vec::new(),
+        }
     }
 
     /// What the router reported in the handshake.
@@ -684,6 +815,8 @@ impl Client {
         retention_bytes: u64,
     ) -> Result<TopicInfo, ClientError> {
         let f = self
+            .at(name, Some(partitions))
+            .await?
             .request(|id| Frame::CreateTopic {
                 id,
                 name: name.to_string(),
@@ -698,6 +831,8 @@ impl Client {
     /// Deletes a topic and all its records.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         match self
+            .at(name, None)
+            .await?
             .request(|id| Frame::DeleteTopic {
                 id,
                 name: name.to_string(),
@@ -709,17 +844,46 @@ impl Client {
         }
     }
 
-    /// Lists every topic with its partitions.
+    /// Lists every topic with its partitions (of every group of a
+    /// cluster of several, by name).
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
-        match self.request(|id| Frame::ListTopics { id }).await? {
-            Frame::Topics { topics, .. } => Ok(topics),
-            f => Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+        let mut all = Vec::new();
+        for c in self.every_group().await? {
+            match c.request(|id| Frame::ListTopics { id }).await? {
+                Frame::Topics { topics, .. } => all.extend(topics),
+                f => return Err(ClientError::Protocol(format!("unexpected answer {f:?}"))),
+            }
         }
+        if self.groups.is_some() {
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(all)
+    }
+
+    /// The Raft group of the cluster that holds topic `name` (0 on a
+    /// single router or a cluster of one group).
+    pub async fn topic_group(&self, name: &str) -> Result<u32, ClientError> {
+        if self.groups.is_none() {
+            return Ok(0);
+        }
+        let v = self
+            .admin_here(
+                "topic-group",
+                serde_json::json!({ "name": name }),
+                bytes::Bytes::new(),
+            )
+            .await?;
+        v["group"]
+            .as_u64()
+            .and_then(|g| u32::try_from(g).ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad topic-group answer: {v}")))
     }
 
     /// Describes one topic: partitions with start/end offsets and bytes.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
         let f = self
+            .at(name, None)
+            .await?
             .request(|id| Frame::DescribeTopic {
                 id,
                 name: name.to_string(),
@@ -867,7 +1031,66 @@ impl Client {
 
     /// Sends an administration request (plugin and queue operations, see
     /// `docs/protocol.md`) with a JSON body; returns the JSON answer.
+    ///
+    /// On a cluster of several groups, a request about one topic goes to
+    /// the router of the group that holds it (a plugin's, to its topic's;
+    /// one naming a plugin only, to the group that has it) and `list`
+    /// gathers every group's plugins; the rest (`status`, `auth-*`,
+    /// `cluster_*`, ...) are group 0's.
     pub async fn admin_request(
+        &self,
+        op: &str,
+        body: serde_json::Value,
+        wasm: bytes::Bytes,
+    ) -> Result<serde_json::Value, ClientError> {
+        if self.groups.is_none() {
+            return self.admin_here(op, body, wasm).await;
+        }
+        let topic = match op {
+            "topic-policy" | "feeds" | "dlq-list" | "dlq-redrive" | "dlq-purge" => {
+                body["name"].as_str().or(body["topic"].as_str())
+            }
+            "queue-stats" | "deploy" | "test" => body["topic"].as_str(),
+            _ => None,
+        };
+        // A binding to a pattern (`orders.*`) stays with group 0.
+        if let Some(topic) = topic.filter(|t| !t.ends_with('*')) {
+            let at = self.at(topic, None).await?;
+            return at.admin_here(op, body, wasm).await;
+        }
+        match op {
+            "list" => {
+                let mut all = Vec::new();
+                for c in self.every_group().await? {
+                    match c.admin_here(op, body.clone(), wasm.clone()).await? {
+                        serde_json::Value::Array(list) => all.extend(list),
+                        other => return Ok(other),
+                    }
+                }
+                Ok(serde_json::Value::Array(all))
+            }
+            "show" | "rollback" | "remove" | "kv-get" => {
+                // A plugin is kept by the group of its topic: the first
+                // group that knows it answers.
+                let mut unknown = None;
+                for c in self.every_group().await? {
+                    match c.admin_here(op, body.clone(), wasm.clone()).await {
+                        Err(e)
+                            if e.code() == Some(switchyard_protocol::ErrorCode::UnknownPlugin) =>
+                        {
+                            unknown = Some(e);
+                        }
+                        r => return r,
+                    }
+                }
+                Err(unknown.expect("a cluster has a group"))
+            }
+            _ => self.admin_here(op, body, wasm).await,
+        }
+    }
+
+    /// Sends an administration request to this client's own router.
+    async fn admin_here(
         &self,
         op: &str,
         body: serde_json::Value,
@@ -902,6 +1125,9 @@ impl Client {
     /// Waits for every publish to be acknowledged, then closes the
     /// connection and waits for the close to reach the router.
     pub async fn close(&self) {
+        for other in self.other_groups().await {
+            Box::pin(other.close()).await;
+        }
         self.publisher.flush().await;
         self.shared.closing.store(true, Ordering::Relaxed);
         if let Some(link) = self.shared.current() {
@@ -1071,12 +1297,14 @@ async fn handshake(
             max_message_bytes,
             max_frame_bytes,
             cluster,
+            groups,
         })) => ServerInfo {
             version,
             server,
             max_message_bytes: max_message_bytes as usize,
             max_frame_bytes: max_frame_bytes as usize,
             cluster,
+            groups,
         },
         Ok(Some(Frame::Error { code, message, .. })) => {
             return Err(ClientError::Server(WireError::new(code, message)).into());

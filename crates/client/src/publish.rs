@@ -235,7 +235,11 @@ impl Client {
                 format!("queue_batch takes at most {MAX_BATCH_RECORDS} records; use publish_batch"),
             )));
         }
-        self.publisher.enqueue(topic, records).await
+        self.at(topic, None)
+            .await?
+            .publisher
+            .enqueue(topic, records)
+            .await
     }
 
     /// Publishes one record; resolves once it is durable, with its position.
@@ -256,7 +260,12 @@ impl Client {
     /// fail every call in it with that error. After a reconnect, see
     /// [`Client`]'s section on reconnects.
     pub async fn publish(&self, topic: &str, record: Record) -> Result<Ack, ClientError> {
-        let mut v = self.publisher.submit(topic, vec![record]).await?;
+        let mut v = self
+            .at(topic, None)
+            .await?
+            .publisher
+            .submit(topic, vec![record])
+            .await?;
         v.pop()
             .ok_or_else(|| ClientError::Protocol("empty ack".into()))
     }
@@ -272,11 +281,18 @@ impl Client {
         topic: &str,
         records: Vec<Record>,
     ) -> Result<Vec<Ack>, ClientError> {
-        self.publisher.submit(topic, records).await
+        self.at(topic, None)
+            .await?
+            .publisher
+            .submit(topic, records)
+            .await
     }
 
     /// Waits until every publish issued so far has been acknowledged.
     pub async fn flush(&self) {
+        for other in self.other_groups().await {
+            other.publisher.flush().await;
+        }
         self.publisher.flush().await
     }
 }

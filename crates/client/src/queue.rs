@@ -143,6 +143,11 @@ impl Client {
     /// Joins a queue group. Fails at once for an unknown topic or a
     /// missing group name.
     pub async fn subscribe_queue(&self, opts: QueueOptions) -> Result<QueueConsumer, ClientError> {
+        if self.groups.is_some()
+            && let crate::connection::Via::There(c) = self.at(&opts.topic, None).await?
+        {
+            return Box::pin(c.subscribe_queue(opts)).await;
+        }
         let f = Frame::Subscribe {
             group: opts.group.clone(),
             topic: opts.topic.clone(),

@@ -139,6 +139,11 @@ impl Client {
     /// Subscribes to a topic. Fails at once for an unknown topic or a bad
     /// group name.
     pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+        if self.groups.is_some()
+            && let crate::connection::Via::There(c) = self.at(&opts.topic, None).await?
+        {
+            return Box::pin(c.subscribe(opts)).await;
+        }
         let f = Frame::Subscribe {
             group: opts.group.clone(),
             topic: opts.topic.clone(),

@@ -49,6 +49,10 @@ pub enum ErrorCode {
     Unauthenticated,
     /// The principal lacks the grant this request needs; the message names it.
     Forbidden,
+    /// The topic belongs to another Raft group of the cluster than the one
+    /// whose router was asked; the message names it (`group=N`). A client
+    /// that routes by topic looks the topic up again and asks that group.
+    WrongGroup,
     /// The storage layer failed (for example a full disk); nothing was acknowledged.
     Storage,
     /// The router is shutting down; retry against another router or later.
@@ -92,6 +96,7 @@ impl ErrorCode {
             ErrorCode::InvalidPriority => 113,
             ErrorCode::Unauthenticated => 114,
             ErrorCode::Forbidden => 115,
+            ErrorCode::WrongGroup => 116,
             ErrorCode::Storage => 200,
             ErrorCode::ShuttingDown => 201,
             ErrorCode::LimitExceeded => 202,
@@ -125,6 +130,7 @@ impl ErrorCode {
             113 => ErrorCode::InvalidPriority,
             114 => ErrorCode::Unauthenticated,
             115 => ErrorCode::Forbidden,
+            116 => ErrorCode::WrongGroup,
             200 => ErrorCode::Storage,
             201 => ErrorCode::ShuttingDown,
             202 => ErrorCode::LimitExceeded,
@@ -158,6 +164,7 @@ impl ErrorCode {
             ErrorCode::InvalidPriority => "invalid_priority",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::WrongGroup => "wrong_group",
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::LimitExceeded => "limit_exceeded",

@@ -136,6 +136,12 @@ pub enum Frame {
         /// it can find the next leader when this one is gone. An optional
         /// trailing field: absent when empty.
         cluster: Vec<std::net::SocketAddr>,
+        /// How many Raft groups the cluster's topics are spread over (1 for
+        /// a single router or a one-group cluster). A client of several
+        /// groups asks which group holds a topic and sends its requests to
+        /// that group's router. An optional trailing field after `cluster`:
+        /// absent when 1.
+        groups: u32,
     },
     /// An error answer to the request, batch or stream identified by `id`.
     Error {
@@ -385,17 +391,21 @@ impl Frame {
                 max_message_bytes,
                 max_frame_bytes,
                 cluster,
+                groups,
             } => {
                 buf.put_u8(ty::HELLO_OK);
                 buf.put_u8(*version);
                 put_str(buf, server);
                 buf.put_u32(*max_message_bytes);
                 buf.put_u32(*max_frame_bytes);
-                if !cluster.is_empty() {
+                if !cluster.is_empty() || *groups > 1 {
                     buf.put_u32(cluster.len() as u32);
                     for a in cluster {
                         put_str(buf, &a.to_string());
                     }
+                }
+                if *groups > 1 {
+                    buf.put_u32(*groups);
                 }
             }
             Frame::Error { id, code, message } => {
@@ -923,6 +933,15 @@ fn decode_body(frame: Bytes) -> Result<Frame, DecodeError> {
                 }
                 nodes
             },
+            // Optional trailing field: absent means one group.
+            groups: if b.buf.is_empty() {
+                1
+            } else {
+                match b.u32("groups")? {
+                    0 => return Err(DecodeError::InvalidValue("groups")),
+                    n => n,
+                }
+            },
         },
         ty::ERROR => Frame::Error {
             id: b.u64("id")?,
@@ -1266,14 +1285,16 @@ mod tests {
                     (any::<std::net::IpAddr>(), any::<u16>())
                         .prop_map(|(ip, port)| std::net::SocketAddr::new(ip, port)),
                     0..4
-                )
+                ),
+                1..5u32
             )
-                .prop_map(|(v, s, m, f, c)| Frame::HelloOk {
+                .prop_map(|(v, s, m, f, c, g)| Frame::HelloOk {
                     version: v,
                     server: s,
                     max_message_bytes: m,
                     max_frame_bytes: f,
                     cluster: c,
+                    groups: g,
                 }),
             (any::<u64>(), any::<u16>(), ".{0,20}").prop_map(|(id, c, m)| Frame::Error {
                 id,

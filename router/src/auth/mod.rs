@@ -26,6 +26,7 @@ pub use grant::{Class, Grant, Pattern};
 pub use quota::{Held, Quotas, Usage};
 
 use crate::protocol::{ErrorCode, WireError};
+use crate::server::placement::GroupZero;
 use crate::storage::{Storage, now_ms};
 
 /// Every token starts with this, so a leaked one is easy to search for.
@@ -283,27 +284,6 @@ pub struct Auth {
     following: bool,
 }
 
-/// The cluster's principals as the router of a group other than 0 sees
-/// them: the node's replica of group 0's tables (every node holds one),
-/// and a receiver that changes when that replica applies a change to
-/// them. So a token made or revoked through group 0 takes effect in every
-/// group on a node once the node has applied it.
-#[derive(Clone)]
-pub struct PrincipalsReplica {
-    /// The node's group 0 tables.
-    pub db: Arc<redb::Database>,
-    /// Changes after each applied change to the principals.
-    pub changed: watch::Receiver<u64>,
-}
-
-impl PrincipalsReplica {
-    /// The stored principals (name, JSON record) as the replica holds them
-    /// now.
-    pub fn records(&self) -> Vec<(String, Vec<u8>)> {
-        stored_principals(&self.db)
-    }
-}
-
 /// The principals (name, JSON record) in a router's tables, read outside
 /// its storage writer: a cluster follower's, or another group's.
 pub fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
@@ -476,22 +456,30 @@ impl Auth {
         config: &AuthConfig,
         data: &Path,
         storage: Storage,
-        replica: &PrincipalsReplica,
+        replica: &GroupZero,
     ) -> Result<Auth, AuthError> {
-        Self::open_with(config, data, storage, replica.records(), true)
+        Self::open_with(config, data, storage, replica.principals(), true)
     }
 
     /// Keeps this router's principals equal to `replica`'s until the
     /// router is gone: connections whose token was revoked or whose grants
     /// were narrowed there are re-checked and closed, as on group 0.
-    pub fn follow(self: &Arc<Self>, replica: PrincipalsReplica) {
+    pub fn follow(self: &Arc<Self>, replica: GroupZero) {
         let weak = Arc::downgrade(self);
         let mut changed = replica.changed.clone();
         tokio::spawn(async move {
             while changed.changed().await.is_ok() {
                 let Some(auth) = weak.upgrade() else { return };
-                *auth.stored.lock().expect("stored lock") =
-                    parse_stored(&auth.fixed, replica.records());
+                let fresh = parse_stored(&auth.fixed, replica.principals());
+                {
+                    // The change may have been to the topic assignment,
+                    // which group 0 also keeps: nothing to re-check then.
+                    let mut stored = auth.stored.lock().expect("stored lock");
+                    if *stored == fresh {
+                        continue;
+                    }
+                    *stored = fresh;
+                }
                 auth.rebuild();
             }
         });

@@ -57,6 +57,9 @@ pub struct Broker {
     queues: Mutex<HashMap<(String, u32), Arc<QueueGroup>>>,
     plugins: Arc<PluginRegistry>,
     auth: Arc<Auth>,
+    /// On a router of a cluster of several groups: which topics its group
+    /// may create.
+    placement: Option<crate::server::placement::Placement>,
 }
 
 /// Where one published record went, for its ack.
@@ -354,7 +357,15 @@ impl Broker {
             queues: Mutex::new(HashMap::new()),
             plugins,
             auth,
+            placement: None,
         }
+    }
+
+    /// Makes this the broker of one group of a cluster of several: it
+    /// creates only the topics group 0 assigned to its group.
+    pub fn with_placement(mut self, placement: crate::server::placement::Placement) -> Self {
+        self.placement = Some(placement);
+        self
     }
 
     /// Principals: a plugin acts with the rights of the one who deployed it.
@@ -394,6 +405,11 @@ impl Broker {
                     self.config.max_partitions
                 ),
             ));
+        }
+        if let Some(p) = &self.placement
+            && self.storage.topic(name).is_none()
+        {
+            p.may_create(name).await?;
         }
         let h = self
             .storage

@@ -206,6 +206,12 @@ struct ServeArgs {
     /// add-node`): wait to be added instead of forming a new cluster.
     #[arg(long)]
     join: bool,
+    /// How many Raft groups a cluster spreads its topics over (or the
+    /// config file's `[cluster] groups`; default 1). Give every node the
+    /// same number; it is fixed when the cluster first starts. Several
+    /// groups spread the leaders, and so the write load, over the nodes.
+    #[arg(long, requires = "node_id")]
+    groups: Option<u32>,
 }
 
 /// Arguments of `switchyard check`.
@@ -374,6 +380,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.join {
         config.cluster.join = true;
     }
+    if let Some(g) = args.groups {
+        config.cluster.groups = g;
+    }
     if let Some(id) = config.cluster.node_id {
         let (nodes, join) = (config.cluster.nodes.clone(), config.cluster.join);
         return serve_cluster(config, id, nodes, join).await;
@@ -456,14 +465,23 @@ async fn serve_cluster(
         .enumerate()
         .map(|(i, a)| (i as u64 + 1, *a))
         .collect();
+    let groups = config.cluster.groups.max(1);
+    if groups > 64 {
+        anyhow::bail!("--groups {groups}: at most 64 groups");
+    }
     let stop = shutdown_signal();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "switchyard node {id} of {} listening on {} (Raft on {})",
+        "switchyard node {id} of {} listening on {} (Raft on {}){}",
         nodes.len(),
         config.listen,
-        crate::cluster::serve::raft_addr(config.listen)
+        crate::cluster::serve::raft_addr(config.listen),
+        if groups > 1 {
+            format!(", {groups} groups")
+        } else {
+            String::new()
+        }
     );
     let _ = out.flush();
     drop(out);
@@ -476,7 +494,7 @@ async fn serve_cluster(
             join,
             faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
             disk: std::sync::Arc::new(crate::storage::disk::OsDisk),
-            groups: 1,
+            groups,
         },
         stop,
     )

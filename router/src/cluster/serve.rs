@@ -29,10 +29,10 @@ use super::node::LeaderView;
 use super::replicate::LeaderReplicator;
 use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
-use crate::auth::PrincipalsReplica;
 use crate::protocol::close;
 use crate::server::admission::PerAddress;
 use crate::server::metrics::{FollowerMetrics, serve_follower};
+use crate::server::placement::{GroupZero, Placement};
 use crate::server::{
     NodeClients, Replica, Router, RouterConfig, StartError, StepDownError, endpoint_config, tls,
 };
@@ -97,9 +97,11 @@ pub struct ClusterServe {
     /// which fail its syncs).
     pub disk: Arc<dyn crate::storage::disk::Disk>,
     /// How many Raft groups the node is a member of, each with a router
-    /// of its own while the node leads it (`serve` runs 1; see
-    /// [`group_dir`]). With more than one, their leaderships are spread
-    /// over the nodes ([`super::balance`]).
+    /// of its own while the node leads it (`serve --groups`, 1 by
+    /// default; see [`group_dir`]). With more than one, the cluster's
+    /// topics are spread over them ([`crate::server::placement`]) and
+    /// their leaderships over the nodes ([`super::balance`]). Fixed for a
+    /// node's life ([`fixed_groups`]).
     pub groups: GroupId,
 }
 
@@ -116,12 +118,43 @@ pub fn group_dir(data: &Path, group: GroupId) -> PathBuf {
     }
 }
 
+/// The file in a node's data directory that records how many groups the
+/// node was made with.
+pub const GROUPS_FILE: &str = "cluster-groups";
+
+/// Checks that a node is started with the number of groups it was made
+/// with, recording it on its first start. The count is fixed for a
+/// cluster's life: topics are assigned to groups by number, so a node
+/// with fewer would leave some unserved, and a node made before groups
+/// existed (a `raft.redb` but no record) has one.
+pub fn fixed_groups(data: &Path, groups: GroupId) -> Result<(), StartError> {
+    let path = data.join(GROUPS_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().parse::<GroupId>().map_err(|_| {
+            StartError::Config(format!("{}: not a number of groups", path.display()))
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            data.join("raft.redb").exists().then_some(1)
+        }
+        Err(e) => return Err(StartError::Config(format!("{}: {e}", path.display()))),
+    };
+    match recorded {
+        Some(n) if n == groups => Ok(()),
+        Some(n) => Err(StartError::Config(format!(
+            "this node was made with {n} group(s) and cannot be started with {groups}:              the number of groups is fixed for a cluster's life (--groups {n})"
+        ))),
+        None => std::fs::write(&path, format!("{groups}\n"))
+            .map_err(|e| StartError::Config(format!("{}: {e}", path.display()))),
+    }
+}
+
 /// Runs a cluster node until `shutdown` completes.
 pub async fn run(
     cfg: ClusterServe,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let node_tls = load_node_tls(&cfg.router.data)?;
+    fixed_groups(&cfg.router.data, cfg.groups.max(1))?;
     let failed = |e: &dyn std::fmt::Display| StartError::Config(format!("cluster node: {e}"));
     let raft_members: BTreeMap<NodeId, SocketAddr> = cfg
         .members
@@ -198,22 +231,24 @@ pub async fn run(
     // Every group leads (or follows) on its own until the node stops, or
     // until one group's Raft or storage fails, which stops them all.
     let (stop, mut stopping) = watch::channel(false);
-    // The principals are group 0's: the other groups' routers follow the
-    // node's replica of it.
-    let principals = PrincipalsReplica {
+    // The principals and the topic assignment are group 0's: with several
+    // groups, every group's router reads them from the node's replica of
+    // group 0 (and the other groups' routers follow its principals).
+    let zero = (nodes.len() > 1).then(|| GroupZero {
         db: nodes[&0].state().database().clone(),
-        changed: nodes[&0].state().principals_changed(),
-    };
+        changed: nodes[&0].state().cluster_rows_changed(),
+    });
+    let groups = nodes.len() as u32;
     // Every group's Raft on this node, for `cluster status`.
     let rafts: Arc<Vec<(GroupId, super::Raft)>> =
         Arc::new(nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect());
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
         // The metrics listener is group 0's: its router's while it leads.
-        let (metrics, principals) = match group {
-            0 => (metrics.clone(), None),
-            _ => (None, Some(principals.clone())),
-        };
-        lead(&cfg, node, &dispatch, &rafts, metrics, principals, &stop)
+        let metrics = (*group == 0).then(|| metrics.clone()).flatten();
+        let placement = zero
+            .as_ref()
+            .map(|zero| Placement::new(*group, groups, zero.clone()));
+        lead(&cfg, node, &dispatch, &rafts, metrics, placement, &stop)
     }));
     let stopper = async {
         tokio::select! {
@@ -254,7 +289,7 @@ async fn lead(
     dispatch: &Arc<Dispatch>,
     rafts: &Arc<Vec<(GroupId, super::Raft)>>,
     metrics: Option<Arc<std::net::TcpListener>>,
-    principals: Option<PrincipalsReplica>,
+    placement: Option<Placement>,
     stop: &watch::Sender<bool>,
 ) -> Result<(), StartError> {
     let group = node.group();
@@ -309,7 +344,7 @@ async fn lead(
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
             metrics: metrics.clone(),
-            principals: principals.clone(),
+            placement: placement.clone(),
         });
         let opening = std::time::Instant::now();
         let router = match Router::start(rc).await {

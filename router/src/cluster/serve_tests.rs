@@ -189,9 +189,14 @@ async fn publish_elsewhere(client: &Client, id: &str) {
 
 /// Creates topic `t` (again if leadership moved under the request).
 async fn create_topic(client: &Client) {
+    create_topic_named(client, "t").await
+}
+
+/// Creates topic `name` (again if leadership moved under the request).
+async fn create_topic_named(client: &Client, name: &str) {
     let created = async {
         loop {
-            match client.create_topic("t", 1).await {
+            match client.create_topic(name, 1).await {
                 Ok(_) => return,
                 Err(e) if e.to_string().contains("exists") => return,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -359,34 +364,83 @@ async fn leadership_steps_down_to_a_chosen_node_while_publishers_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
+async fn three_groups_spread_their_topics_and_leaders_and_one_client_reaches_them_all() {
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     const GROUPS: u32 = 3;
 
     let mut nodes = Nodes::start_on(Arc::new(Partitions::default()), None, GROUPS);
-    // A client per group, each given node 1's address only: the node
-    // hands it to the group's router or redirects it to the group's leader.
-    let mut clients = Vec::new();
-    for g in 0..GROUPS {
-        let client = nodes.group_client(g).await;
-        create_topic(&client).await;
-        clients.push(Arc::new(client));
+    // One client, given node 1's address only, as an application has it:
+    // group 0 places each new topic in the least-loaded group, and the
+    // client sends each topic's requests to that group's router.
+    let client = Arc::new(nodes.client().await);
+    assert_eq!(client.server_info().groups, GROUPS);
+    let topic = |g: usize| format!("t{g}");
+    for g in 0..GROUPS as usize {
+        create_topic_named(&client, &topic(g)).await;
     }
-    // Each group's router is its own: a record published through one is
-    // not in the others.
-    for (g, client) in clients.iter().enumerate() {
+    for g in 0..GROUPS as usize {
+        assert_eq!(client.topic_group(&topic(g)).await.unwrap(), g as u32);
+    }
+    // A topic's dotted children are in its group (a dead-letter topic is
+    // made by its topic's router), without a row of their own.
+    assert_eq!(client.topic_group("t2.dlq").await.unwrap(), 2);
+    // The topics and their records are their groups' own: a record
+    // published to one is in that group only.
+    for g in 0..GROUPS as usize {
         for i in 0..=g {
             let id = format!("first-{i}");
             client
-                .publish("t", Record::new(id.clone()).with_message_id(id))
+                .publish(&topic(g), Record::new(id.clone()).with_message_id(id))
                 .await
                 .unwrap();
         }
     }
-    for (g, client) in clients.iter().enumerate() {
-        let info = client.describe_topic("t").await.unwrap();
-        assert_eq!(info.partitions[0].end, g as u64 + 1, "group {g}: {info:?}");
+    let listed: Vec<String> = client
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(listed, ["t0", "t1", "t2"]);
+    // Clients of groups 1 and 2 alone (for leaders, and to see what each
+    // router holds); the routing client's own router is group 0's.
+    let mut clients = vec![client.clone()];
+    for g in 1..GROUPS {
+        clients.push(Arc::new(nodes.group_client(g).await));
     }
+    for (g, c) in clients.iter().enumerate().skip(1) {
+        let info = c.describe_topic(&topic(g)).await.unwrap();
+        assert_eq!(info.partitions[0].end, g as u64 + 1, "group {g}: {info:?}");
+        let elsewhere = c.describe_topic(&topic(0)).await;
+        assert!(
+            elsewhere.is_err_and(|e| e.code() == Some(crate::protocol::ErrorCode::UnknownTopic)),
+            "group {g} holds t0"
+        );
+    }
+    // A group's router makes only the topics group 0 assigned it.
+    let wrong = clients[1].create_topic(&topic(2), 1).await;
+    assert!(
+        wrong
+            .as_ref()
+            .is_err_and(|e| e.code() == Some(crate::protocol::ErrorCode::WrongGroup)),
+        "{wrong:?}"
+    );
+    // Subscribing goes to the topic's group too.
+    let mut sub = client
+        .subscribe(
+            crate::client::SubscribeOptions::new(topic(2))
+                .start(crate::protocol::StartPosition::Earliest),
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("no delivery from group 2")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.payload(), "first-0");
+    drop(sub);
 
     // The groups' leaderships spread: three groups, one on each node.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -433,13 +487,13 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Two lanes per group publish without a break while group 0's leader
-    // stops: its groups move, the others go on, and every group keeps
-    // serving with two nodes.
+    // Two lanes per topic publish through the one client without a break
+    // while group 0's leader stops: its groups move, the others go on,
+    // and every group keeps serving with two nodes.
     let stop = Arc::new(AtomicBool::new(false));
     let lanes: Vec<_> = (0..GROUPS as usize * 2)
         .map(|lane| {
-            let (client, stop) = (clients[lane / 2].clone(), stop.clone());
+            let (client, stop, topic) = (client.clone(), stop.clone(), topic(lane / 2));
             tokio::spawn(async move {
                 let mut acked = Vec::new();
                 let mut i = 0u64;
@@ -447,7 +501,7 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
                     let id = format!("{lane}-{i}");
                     let published = tokio::time::timeout(
                         Duration::from_secs(30),
-                        client.publish("t", Record::new(id.clone()).with_message_id(id)),
+                        client.publish(&topic, Record::new(id.clone()).with_message_id(id)),
                     )
                     .await;
                     let ack = match published {
@@ -470,22 +524,22 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
         let (g, acked) = lane.await.unwrap();
         offsets[g].extend(acked);
     }
-    // Every acked record once per group, at dense offsets after the
-    // group's first records, and nothing more.
-    for (g, client) in clients.iter().enumerate() {
+    // Every acked record once per topic, at dense offsets after its first
+    // records, and nothing more.
+    for (g, c) in clients.iter().enumerate() {
         let o = &mut offsets[g];
         o.sort_unstable();
         let first = g as u64 + 1;
         let expected: Vec<u64> = (first..first + o.len() as u64).collect();
         assert_eq!(*o, expected, "group {g}");
         assert!(!o.is_empty(), "group {g} acknowledged nothing");
-        let info = client.describe_topic("t").await.unwrap();
+        let info = client.describe_topic(&topic(g)).await.unwrap();
         assert_eq!(
             info.partitions[0].end,
             first + o.len() as u64,
             "group {g}: {info:?}"
         );
-        let l = leader(client).await;
+        let l = leader(c).await;
         assert_ne!(l, spread[0], "group {g} is led by the stopped node");
         eprintln!(
             "group {g}: {} publishes acknowledged; led by node {l}",
@@ -502,8 +556,8 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let other = 'found: loop {
         let first = leader(&clients[0]).await;
-        for (g, client) in clients.iter().enumerate().skip(1) {
-            if leader(client).await != first {
+        for (g, c) in clients.iter().enumerate().skip(1) {
+            if leader(c).await != first {
                 break 'found g;
             }
         }
@@ -511,8 +565,8 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("principals checked through group {other}");
-    let token = clients[0]
-        .create_token("app", &["publish:t"])
+    let token = client
+        .create_token("app", &[&format!("publish:{}", topic(other))])
         .await
         .unwrap();
     let mut cfg = nodes.config(other as u32).with_token(&token);
@@ -531,7 +585,9 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
     })
     .await
     .expect("the other group never knew group 0's principal");
-    app.publish("t", Record::new("from app")).await.unwrap();
+    app.publish(&topic(other), Record::new("from app"))
+        .await
+        .unwrap();
     let refused = clients[other]
         .create_token("elsewhere", &["publish:t"])
         .await;
@@ -541,7 +597,7 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
             .is_err_and(|e| e.to_string().contains("group 0")),
         "{refused:?}"
     );
-    clients[0].revoke_token("app").await.unwrap();
+    client.revoke_token("app").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while app.is_connected() {
         assert!(
@@ -552,5 +608,6 @@ async fn three_groups_spread_their_leaders_and_each_serves_its_own_clients() {
     }
     drop(app);
     drop(clients);
+    drop(client);
     nodes.stop().await;
 }

@@ -30,9 +30,12 @@ use crate::storage::tables::RAFT_APPLIED as APPLIED;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
-/// The principals table's name, which group 0's entries are watched for.
-fn principals_table() -> &'static str {
-    redb::TableHandle::name(&crate::storage::tables::PRINCIPALS)
+/// Whether `table` holds cluster-wide rows, which group 0 keeps for every
+/// group: the principals and the topic assignment.
+fn cluster_wide(table: &str) -> bool {
+    use crate::storage::tables::{PRINCIPALS, TOPIC_GROUPS};
+    use redb::TableHandle;
+    table == PRINCIPALS.name() || table == TOPIC_GROUPS.name()
 }
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
@@ -47,10 +50,11 @@ pub struct StateMachine {
     handoff: Arc<super::replicate::Handoff>,
     snapshot: Arc<std::sync::Mutex<Option<LastSnapshot>>>,
     snapshots: Arc<SnapshotDir>,
-    /// Counts applied changes to the principals, for the routers of the
-    /// node's other groups, which authenticate against this group's
-    /// (group 0's) principals. Looked for only while one of them listens.
-    principals: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts applied changes to the cluster-wide rows (principals and
+    /// topic assignment), for the routers of the node's groups, which
+    /// authenticate against group 0's principals and create only the
+    /// topics group 0 assigned them. Looked for only while one listens.
+    cluster_rows: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -75,38 +79,38 @@ impl StateMachine {
             handoff: Arc::default(),
             snapshot: Arc::default(),
             snapshots,
-            principals: Arc::new(tokio::sync::watch::channel(0).0),
+            cluster_rows: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
     /// Changes whenever an applied entry (or an installed snapshot)
-    /// changes the principals table, once it is committed.
-    pub fn principals_changed(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.principals.subscribe()
+    /// changes the principals or the topic assignment, once it is
+    /// committed.
+    pub fn cluster_rows_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cluster_rows.subscribe()
     }
 
     /// Whether `redo`, committed by the leader's writer, changes the
-    /// principals, if anyone listens.
-    fn changes_principals(&self, redo: &[u8]) -> bool {
-        self.principals.receiver_count() > 0 && journal::touches(redo, principals_table())
+    /// cluster-wide rows, if anyone listens.
+    fn changes_cluster_rows(&self, redo: &[u8]) -> bool {
+        self.cluster_rows.receiver_count() > 0 && journal::touches(redo, cluster_wide)
     }
 
-    /// Replays `redo` in `txn`, noting in `principals` whether it changed
-    /// them.
+    /// Replays `redo` in `txn`, noting in `cluster_rows` whether it
+    /// changed them.
     fn replay(
         txn: &redb::WriteTransaction,
         log_id: LogId,
         redo: &[u8],
-        principals: &mut bool,
+        cluster_rows: &mut bool,
     ) -> Result<(), StorageError> {
-        let watched = principals_table();
-        journal::replay_seeing(txn, redo, |table| *principals |= table == watched).map_err(|e| {
-            openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)).into()
-        })
+        journal::replay_seeing(txn, redo, |table| *cluster_rows |= cluster_wide(table)).map_err(
+            |e| openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)).into(),
+        )
     }
 
-    fn principals_changed_now(&self) {
-        self.principals.send_modify(|n| *n += 1);
+    fn cluster_rows_changed_now(&self) {
+        self.cluster_rows.send_modify(|n| *n += 1);
     }
 
     /// The size of the snapshot this node holds (0: none yet).
@@ -284,8 +288,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         // Entries replayed here, not yet committed: (transaction, last).
         let mut direct: Option<(redb::WriteTransaction, LogId)> = None;
-        // Whether those change the principals.
-        let mut principals = false;
+        // Whether those change the cluster-wide rows.
+        let mut cluster_rows = false;
         for entry in entries {
             out.push(());
             let log_id = entry.log_id;
@@ -310,8 +314,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     "the leader's commit of entry {log_id} failed"
                                 )));
                             }
-                            if self.changes_principals(&cmd.redo) {
-                                self.principals_changed_now();
+                            if self.changes_cluster_rows(&cmd.redo) {
+                                self.cluster_rows_changed_now();
                             }
                             continue;
                         }
@@ -320,7 +324,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // stopping; replay once it has let go.
                             self.handoff.until_not_serving().await;
                             let txn = self.direct(&mut direct)?;
-                            Self::replay(txn, log_id, &cmd.redo, &mut principals)?;
+                            Self::replay(txn, log_id, &cmd.redo, &mut cluster_rows)?;
                         }
                     },
                 }
@@ -329,7 +333,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => {}
                     EntryPayload::Normal(cmd) => {
-                        Self::replay(txn, log_id, &cmd.redo, &mut principals)?;
+                        Self::replay(txn, log_id, &cmd.redo, &mut cluster_rows)?;
                     }
                     EntryPayload::Membership(m) => {
                         membership = Membership::new(Some(log_id), m);
@@ -344,8 +348,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             set_applied(&txn, Some(last), &membership)?;
             txn.commit().map_err(write_error)?;
             *self.handoff.membership.lock().expect("handoff lock") = None;
-            if principals && self.principals.receiver_count() > 0 {
-                self.principals_changed_now();
+            if cluster_rows && self.cluster_rows.receiver_count() > 0 {
+                self.cluster_rows_changed_now();
             }
         }
         Ok(out)
@@ -380,7 +384,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(write_error)??;
         self.keep_snapshot(meta, &snap);
-        self.principals_changed_now();
+        self.cluster_rows_changed_now();
         Ok(())
     }
 

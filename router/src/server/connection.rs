@@ -251,6 +251,15 @@ async fn hello(
             Some(r) if version >= 2 => r.control.nodes(),
             _ => Vec::new(),
         },
+        groups: match shared
+            .config
+            .replica
+            .as_ref()
+            .and_then(|r| r.placement.as_ref())
+        {
+            Some(p) if version >= 2 => p.groups,
+            _ => 1,
+        },
     };
     send.write_all(&ok.to_bytes())
         .await

@@ -11,6 +11,7 @@ mod connection;
 mod console;
 mod control;
 pub(crate) mod metrics;
+pub mod placement;
 mod plugin_admin;
 mod plugin_test;
 mod publish;
@@ -144,6 +145,10 @@ pub struct ClusterSection {
     pub nodes: Vec<SocketAddr>,
     /// Join a running cluster instead of forming one.
     pub join: bool,
+    /// How many Raft groups the cluster spreads its topics over (0 or 1:
+    /// one). The same on every node, and fixed when the cluster is first
+    /// started (docs/cluster.md, *Topics over several groups*).
+    pub groups: u32,
 }
 
 /// The replicated tables a cluster's leader serves from, and what
@@ -170,9 +175,11 @@ pub struct Replica {
     /// The node's metrics listener, bound once for the same reason (the
     /// node serves its follower metrics on it between leaderships).
     pub metrics: Option<Arc<std::net::TcpListener>>,
-    /// For a group other than 0: the cluster's principals, which are
-    /// group 0's, as the node's replica of it holds them.
-    pub principals: Option<crate::auth::PrincipalsReplica>,
+    /// On a cluster of several groups: this router's group, and the
+    /// node's replica of group 0, which holds the cluster's principals
+    /// (followed by the other groups' routers) and the topic assignment
+    /// (see [`placement`]). None on a one-group cluster.
+    pub placement: Option<placement::Placement>,
 }
 
 /// What the admin protocol asks of a cluster node that serves as leader.
@@ -433,7 +440,11 @@ impl Router {
             Some(r) => Storage::open_replicated(r.db.clone(), &r.db_path, storage_config)?,
         };
 
-        let following = config.replica.as_ref().and_then(|r| r.principals.clone());
+        let placement = config.replica.as_ref().and_then(|r| r.placement.clone());
+        let following = placement
+            .as_ref()
+            .filter(|p| p.group != 0)
+            .map(|p| p.zero.clone());
         let auth = Arc::new(match &following {
             None => Auth::open(&config.auth, &config.data, storage.clone())?,
             Some(replica) => {
@@ -503,6 +514,10 @@ impl Router {
             plugins,
             auth.clone(),
         );
+        let broker = match placement {
+            Some(p) => broker.with_placement(p),
+            None => broker,
+        };
         if let Err(e) = broker.open_queue_groups() {
             tracing::error!(error = %e, "queue groups not restored");
         }

@@ -143,6 +143,7 @@ pub(super) async fn handle(
             super::plugin_test::dry_run(broker, req, wasm).await
         }
         "status" => Ok(super::status::status(shared, session)),
+        "topic-group" => super::placement::topic_group(shared, session, body).await,
         "cluster_status" | "cluster_add_node" | "cluster_remove_node" | "cluster_step_down" => {
             session.check(Class::ClusterAdmin, "*", "")?;
             let Some(r) = &shared.config.replica else {
@@ -197,7 +198,7 @@ pub(super) async fn handle(
             format!(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
-                     dlq-redrive, dlq-purge; status; cluster_status, cluster_add_node, \
+                     dlq-redrive, dlq-purge; status; topic-group; cluster_status, cluster_add_node, \
                      cluster_remove_node, cluster_step_down; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),

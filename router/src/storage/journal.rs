@@ -38,7 +38,7 @@ use super::disk::{Disk, DiskFile, write_zeros};
 use super::tables::{
     DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, OFFSETS, PARTITIONS, PLUGIN_CUTOVER,
     PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE, QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK,
-    TOPICS,
+    TOPIC_GROUPS, TOPICS,
 };
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SYJ1");
@@ -477,10 +477,10 @@ fn ops(payload: &[u8]) -> impl Iterator<Item = Result<Op<'_>, StorageError>> {
     })
 }
 
-/// Whether a journal entry changes table `table` (false if it does not
-/// parse: replaying it fails instead).
-pub(crate) fn touches(payload: &[u8], table: &str) -> bool {
-    ops(payload).any(|op| op.is_ok_and(|(_, name, _, _)| name == table))
+/// Whether a journal entry changes a table `table` picks (false if it
+/// does not parse: replaying it fails instead).
+pub(crate) fn touches(payload: &[u8], table: impl Fn(&str) -> bool) -> bool {
+    ops(payload).any(|op| op.is_ok_and(|(_, name, _, _)| table(name)))
 }
 
 /// Applies one journal entry's changes inside `txn`.
@@ -517,6 +517,7 @@ pub(crate) fn replay_seeing(
             n if n == PLUGINS.name() => apply(txn, PLUGINS, op, a, b)?,
             n if n == PLUGIN_WASM.name() => apply(txn, PLUGIN_WASM, op, a, b)?,
             n if n == PRINCIPALS.name() => apply(txn, PRINCIPALS, op, a, b)?,
+            n if n == TOPIC_GROUPS.name() => apply(txn, TOPIC_GROUPS, op, a, b)?,
             n if n == FEEDS.name() => apply(txn, FEEDS, op, a, b)?,
             other => {
                 return Err(StorageError::Corrupt(format!(
@@ -547,6 +548,7 @@ pub(crate) fn each_table(f: &mut impl EachTable) -> Result<(), StorageError> {
     f.table(META)?;
     f.table(PLUGINS)?;
     f.table(PRINCIPALS)?;
+    f.table(TOPIC_GROUPS)?;
     f.table(PLUGIN_WASM)?;
     f.table(PLUGIN_KV)?;
     f.table(PLUGIN_CUTOVER)?;

@@ -781,6 +781,26 @@ impl Storage {
         rx.await.map_err(|_| StorageError::ShutDown)?
     }
 
+    /// Records that topic `name` is held by Raft group `group` of the
+    /// cluster, with `partitions` partitions (group 0's table of the
+    /// cluster-wide topic assignment); replicated and durable on return.
+    pub async fn assign_topic(
+        &self,
+        name: &str,
+        group: u32,
+        partitions: u32,
+    ) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::AssignTopic {
+            name: name.to_string(),
+            group,
+            partitions,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
     /// Every stored principal record.
     pub fn principal_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         self.named_records(tables::PRINCIPALS)
@@ -1394,6 +1414,7 @@ fn load(db: &Database) -> Result<Loaded, StorageError> {
         w.open_table(tables::KEY_INDEX)?;
         w.open_table(tables::FEEDS)?;
         w.open_table(tables::PRINCIPALS)?;
+        w.open_table(tables::TOPIC_GROUPS)?;
         // Ids stored before the expiry index existed get their entries.
         let mut expiry = w.open_table(tables::DEDUP_EXPIRY)?;
         if redb::ReadableTableMetadata::is_empty(&expiry)? {

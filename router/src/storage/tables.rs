@@ -36,6 +36,13 @@ pub(crate) const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("p
 /// grants, quotas): the principals managed with `switchyard auth`.
 pub(crate) const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
 
+/// Topic name -> `(group, partitions)`: which Raft group of a cluster of
+/// several holds the topic, and its partitions when it was assigned (the
+/// load the least-loaded choice counts). Kept in group 0 only; empty
+/// elsewhere and on a single router.
+pub(crate) const TOPIC_GROUPS: TableDefinition<&str, (u32, u32)> =
+    TableDefinition::new("topic_groups");
+
 /// `(plugin name, version)` -> the component's bytes.
 pub(crate) const PLUGIN_WASM: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("plugin_wasm");

@@ -22,7 +22,7 @@ use super::journal::{JOURNAL_LSN, Journal, Redo};
 use super::tables::{
     DEDUP, DEDUP_EXPIRY, FEEDS, INBOX, KEY_INDEX, LOG, META, NEXT_TOPIC_ID, OFFSETS, PARTITIONS,
     PLUGIN_ARTIFACT, PLUGIN_CUTOVER, PLUGIN_KV, PLUGIN_WASM, PLUGINS, PRINCIPALS, QUEUE,
-    QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPICS,
+    QUEUE_DONE, QUEUE_FLOOR, QUEUE_MARK, TOPIC_GROUPS, TOPICS,
 };
 use super::{
     AppendRecord, CutoverMark, DUPLICATE_BIT, DedupEntry, Fanout, FeedDef, FeedRegistry, KvWrite,
@@ -53,6 +53,12 @@ pub(crate) enum WriteOp {
     PutPrincipal {
         name: String,
         record: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+    AssignTopic {
+        name: String,
+        group: u32,
+        partitions: u32,
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
     CommitOffset {
@@ -694,6 +700,14 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(self.put_principal(&name, record.as_deref()));
+                }
+                WriteOp::AssignTopic {
+                    name,
+                    group,
+                    partitions,
+                    reply,
+                } => {
+                    let _ = reply.send(self.assign_topic(&name, group, partitions));
                 }
                 WriteOp::SetPolicy {
                     name,
@@ -1429,6 +1443,21 @@ impl Writer {
                 }
             };
         }
+        self.commit_other(txn)?;
+        Ok(())
+    }
+
+    fn assign_topic(
+        &mut self,
+        name: &str,
+        group: u32,
+        partitions: u32,
+    ) -> Result<(), StorageError> {
+        self.start_other();
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOPIC_GROUPS)?
+            .insert(name, (group, partitions))?;
+        self.redo.put(TOPIC_GROUPS, &name, &(group, partitions));
         self.commit_other(txn)?;
         Ok(())
     }
