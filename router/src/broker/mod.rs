@@ -361,6 +361,12 @@ impl Broker {
         }
     }
 
+    /// On a router of a cluster of several groups: its group and the
+    /// node's replica of group 0.
+    pub fn placement(&self) -> Option<&crate::server::placement::Placement> {
+        self.placement.as_ref()
+    }
+
     /// Makes this the broker of one group of a cluster of several: it
     /// creates only the topics group 0 assigned to its group.
     pub fn with_placement(mut self, placement: crate::server::placement::Placement) -> Self {

@@ -426,6 +426,21 @@ async fn three_groups_spread_their_topics_and_leaders_and_one_client_reaches_the
             .is_err_and(|e| e.code() == Some(crate::protocol::ErrorCode::WrongGroup)),
         "{wrong:?}"
     );
+    // A topic's dead letters stay in its group, where dead-lettering is
+    // one commit: a dead-letter topic of another group is refused, one
+    // named under the topic is in its group.
+    let dlq = |name: String| serde_json::json!({ "dlq": name });
+    let elsewhere = client.set_topic_policy(&topic(1), dlq(topic(2))).await;
+    assert!(
+        elsewhere
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not in the group")),
+        "{elsewhere:?}"
+    );
+    client
+        .set_topic_policy(&topic(1), dlq(format!("{}.failed", topic(1))))
+        .await
+        .unwrap();
     // Subscribing goes to the topic's group too.
     let mut sub = client
         .subscribe(
@@ -610,4 +625,19 @@ async fn three_groups_spread_their_topics_and_leaders_and_one_client_reaches_the
     drop(clients);
     drop(client);
     nodes.stop().await;
+}
+
+#[test]
+fn a_node_keeps_the_number_of_groups_it_was_made_with() {
+    use super::serve::fixed_groups;
+    let made = |e: Result<(), StartError>| e.unwrap_err().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    fixed_groups(dir.path(), 3).unwrap();
+    fixed_groups(dir.path(), 3).unwrap();
+    assert!(made(fixed_groups(dir.path(), 1)).contains("made with 3 group(s)"));
+    // A node made before groups existed has one.
+    let old = tempfile::tempdir().unwrap();
+    std::fs::write(old.path().join("raft.redb"), b"").unwrap();
+    assert!(made(fixed_groups(old.path(), 3)).contains("made with 1 group(s)"));
+    fixed_groups(old.path(), 1).unwrap();
 }

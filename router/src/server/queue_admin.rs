@@ -164,6 +164,18 @@ async fn topic_policy(
         }
         // Dead letters are written there: naming it needs rights on it.
         session.principal().check(Class::TopicAdmin, dlq, "")?;
+        // Dead-lettering is one commit in the topic's group: across groups
+        // it would need an outbox (docs/cluster.md, step 2).
+        if let Some(p) = broker.placement()
+            && p.zero.group_of(dlq) != Some(p.group)
+        {
+            return Err(bad(format!(
+                "dead-letter topic '{dlq}' is not in the group of '{}' (group {}): in a cluster \
+                 of several groups a topic's dead letters stay in its group; name the \
+                 dead-letter topic under it (for example '{}.failed')",
+                r.name, p.group, r.name
+            )));
+        }
     }
     let limits = broker.config();
     let over = |field: &str, asked: u64, max: u64, key: &str| {
