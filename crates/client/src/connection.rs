@@ -530,6 +530,20 @@ fn quic_config(
 /// The router refusing the client (a revoked token, no common protocol
 /// version, a protocol violation) is not retried: every call then fails
 /// with the reason.
+///
+/// # A cluster of several groups
+///
+/// A cluster started with `--groups N` spreads whole topics over N Raft
+/// groups, each led by its own node ([`ServerInfo::groups`]). A client
+/// of group 0 (the default) asks group 0 once which group holds each
+/// topic it uses, creating a topic places it in the least-loaded group,
+/// and it keeps one more connection per other group it uses: publishes,
+/// subscriptions, queue consumers and topic-scoped requests go to the
+/// topic's group, each connection following its group's leader as
+/// described above. Records published to topics of different groups
+/// travel on different connections, so their relative order is not kept
+/// (a topic's own order is). [`Client::list_topics`] gathers every
+/// group's topics.
 pub struct Client {
     pub(crate) shared: Arc<Shared>,
     info: ServerInfo,

@@ -210,7 +210,7 @@ struct ServeArgs {
     /// config file's `[cluster] groups`; default 1). Give every node the
     /// same number; it is fixed when the cluster first starts. Several
     /// groups spread the leaders, and so the write load, over the nodes.
-    #[arg(long, requires = "node_id")]
+    #[arg(long)]
     groups: Option<u32>,
 }
 
@@ -387,9 +387,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (nodes, join) = (config.cluster.nodes.clone(), config.cluster.join);
         return serve_cluster(config, id, nodes, join).await;
     }
-    if !config.cluster.nodes.is_empty() || config.cluster.join {
+    if !config.cluster.nodes.is_empty() || config.cluster.join || config.cluster.groups > 1 {
         anyhow::bail!(
-            "--cluster and --join need --node-id (or `[cluster] node_id` in the config file)"
+            "--cluster, --join and --groups need --node-id (or `[cluster] node_id` in the config file)"
         );
     }
     // Listening for SIGTERM before the router announces itself: a
