@@ -884,6 +884,44 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
         placed.push(admin.topic_group(t).await.unwrap());
     }
     assert_eq!(placed, [0, 1, 2]);
+    // A plugin bound to a pattern binds the topics it matches in every
+    // group; `list` and `status` gather every group's; removing it
+    // removes it from each.
+    admin
+        .deploy_plugin(
+            common::plugin_wasm("probe"),
+            serde_json::json!({ "name": "keep", "hook": "route", "topic": "*", "deadline_ms": 1000 }),
+        )
+        .await
+        .unwrap();
+    let plugins = || async {
+        admin
+            .plugin_request("list", serde_json::json!({}), Default::default())
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(plugins().await, GROUPS);
+    let status = admin.status().await.unwrap();
+    let names: Vec<&str> = status["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["audit", "orders", "payments"], "{status}");
+    assert_eq!(status["plugins"].as_array().unwrap().len(), GROUPS);
+    admin
+        .plugin_request(
+            "remove",
+            serde_json::json!({ "name": "keep" }),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plugins().await, 0);
     let publish = |at: &Path, topic: &str, from: u32| {
         let mut child = cli(at, &["publish", topic])
             .stdin(Stdio::piped())

@@ -1048,9 +1048,10 @@ impl Client {
     ///
     /// On a cluster of several groups, a request about one topic goes to
     /// the router of the group that holds it (a plugin's, to its topic's;
-    /// one naming a plugin only, to the group that has it) and `list`
-    /// gathers every group's plugins; the rest (`status`, `auth-*`,
-    /// `cluster_*`, ...) are group 0's.
+    /// one naming a plugin only, to the groups that have it; a deploy to
+    /// a pattern such as `orders.*`, to every group, each binding the
+    /// topics it holds); `list` and `status` gather every group's; the
+    /// rest (`auth-*`, `cluster_*`, ...) are group 0's.
     pub async fn admin_request(
         &self,
         op: &str,
@@ -1067,11 +1068,16 @@ impl Client {
             "queue-stats" | "deploy" | "test" => body["topic"].as_str(),
             _ => None,
         };
-        // A binding to a pattern (`orders.*`) stays with group 0.
-        if let Some(topic) = topic.filter(|t| !t.ends_with('*')) {
-            let at = self.at(topic, None).await?;
-            return at.admin_here(op, body, wasm).await;
+        match topic {
+            // A binding to a pattern (`orders.*`) applies to the topics it
+            // matches in every group: it is deployed to each.
+            Some(t) if t.ends_with('*') && op == "deploy" => {}
+            Some(t) if t.ends_with('*') => return self.admin_here(op, body, wasm).await,
+            Some(t) => return self.at(t, None).await?.admin_here(op, body, wasm).await,
+            None => {}
         }
+        let unknown_plugin =
+            |e: &ClientError| e.code() == Some(switchyard_protocol::ErrorCode::UnknownPlugin);
         match op {
             "list" => {
                 let mut all = Vec::new();
@@ -1083,17 +1089,56 @@ impl Client {
                 }
                 Ok(serde_json::Value::Array(all))
             }
-            "show" | "rollback" | "remove" | "kv-get" => {
-                // A plugin is kept by the group of its topic: the first
-                // group that knows it answers.
+            "status" => {
+                // Each group's topics, consumers and plugins; the storage
+                // of group 0's leader.
+                let mut merged = serde_json::Value::Null;
+                for c in self.every_group().await? {
+                    let v = c.admin_here(op, body.clone(), wasm.clone()).await?;
+                    if merged.is_null() {
+                        merged = v;
+                        continue;
+                    }
+                    for key in ["topics", "groups", "queues", "plugins"] {
+                        if let (Some(all), Some(more)) =
+                            (merged[key].as_array_mut(), v[key].as_array())
+                        {
+                            all.extend(more.iter().cloned());
+                        }
+                    }
+                    for key in ["connections", "streams"] {
+                        let sum = merged[key].as_u64().unwrap_or(0) + v[key].as_u64().unwrap_or(0);
+                        merged[key] = sum.into();
+                    }
+                }
+                if let Some(topics) = merged["topics"].as_array_mut() {
+                    topics.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                }
+                Ok(merged)
+            }
+            "deploy" | "rollback" | "remove" => {
+                // A plugin bound to a pattern is in every group, one bound
+                // to a topic in its topic's group: every group is asked.
+                // Any failure but "unknown plugin" (from a group that does
+                // not have it) is the answer; else the first success.
+                let (mut answer, mut unknown) = (None, None);
+                for c in self.every_group().await? {
+                    match c.admin_here(op, body.clone(), wasm.clone()).await {
+                        Ok(v) => {
+                            answer.get_or_insert(v);
+                        }
+                        Err(e) if op != "deploy" && unknown_plugin(&e) => unknown = Some(e),
+                        Err(e) => return Err(e),
+                    }
+                }
+                answer.ok_or_else(|| unknown.expect("a cluster has a group"))
+            }
+            "show" | "kv-get" => {
+                // The first group that knows the plugin answers.
                 let mut unknown = None;
                 for c in self.every_group().await? {
                     match c.admin_here(op, body.clone(), wasm.clone()).await {
-                        Err(e)
-                            if e.code() == Some(switchyard_protocol::ErrorCode::UnknownPlugin) =>
-                        {
-                            unknown = Some(e);
-                        }
+                        Err(e) if unknown_plugin(&e) => unknown = Some(e),
                         r => return r,
                     }
                 }

@@ -287,19 +287,9 @@ pub struct Auth {
 /// The principals (name, JSON record) in a router's tables, read outside
 /// its storage writer: a cluster follower's, or another group's.
 pub fn stored_principals(db: &redb::Database) -> Vec<(String, Vec<u8>)> {
-    use redb::{ReadableDatabase, ReadableTable};
-    let Ok(txn) = db.begin_read() else {
-        return Vec::new();
-    };
-    let Ok(table) = txn.open_table(crate::storage::tables::PRINCIPALS) else {
-        return Vec::new();
-    };
-    let Ok(rows) = table.iter() else {
-        return Vec::new();
-    };
-    rows.filter_map(Result::ok)
-        .map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
-        .collect()
+    crate::storage::rows_of(db, crate::storage::tables::PRINCIPALS, |name, record| {
+        (name.to_string(), record.to_vec())
+    })
 }
 
 /// Why principals could not be loaded at start.

@@ -373,12 +373,19 @@ impl ClusterNode {
         // a moment after it began to serve, and its first clients' requests
         // were lost with their connection. A later member initializes only
         // if it has heard from none before its turn (the first is down).
+        // The order turns with the group (group 1 starts at the second
+        // member, ...), so a new cluster's groups are led by different
+        // nodes from the start: gathered on the lowest id, they had to be
+        // handed over by the balancer while the first clients came, who
+        // saw their routers stop under them.
         if !config.join {
-            let rank = config
+            let n = config.members.len().max(1);
+            let position = config
                 .members
                 .keys()
                 .take_while(|&&m| m != config.id)
-                .count() as u32;
+                .count();
+            let rank = ((position + n - config.group as usize % n) % n) as u32;
             let wait = config.timing.election.1 * rank;
             let raft = raft.clone();
             tokio::spawn(async move {

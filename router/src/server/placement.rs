@@ -59,22 +59,10 @@ impl GroupZero {
 
     /// Every assignment: topic name -> (group, partitions).
     fn assignments(&self) -> Vec<(String, u32, u32)> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let Ok(txn) = self.db.begin_read() else {
-            return Vec::new();
-        };
-        let Ok(table) = txn.open_table(crate::storage::tables::TOPIC_GROUPS) else {
-            return Vec::new();
-        };
-        let Ok(rows) = table.iter() else {
-            return Vec::new();
-        };
-        rows.filter_map(Result::ok)
-            .map(|(k, v)| {
-                let (group, partitions) = v.value();
-                (k.value().to_string(), group, partitions)
-            })
-            .collect()
+        let table = crate::storage::tables::TOPIC_GROUPS;
+        crate::storage::rows_of(&self.db, table, |name, (group, partitions)| {
+            (name.to_string(), group, partitions)
+        })
     }
 
     /// The group holding `name` as the replica shows it now: its own

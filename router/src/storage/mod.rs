@@ -1512,6 +1512,28 @@ fn load_feeds(db: &Database) -> Result<HashMap<u32, TopicFeeds>, StorageError> {
     Ok(out)
 }
 
+/// Every row of `table` in `db`, read outside the storage writer (a
+/// cluster node's replica of another group, say) and mapped by `f`; empty
+/// if the table is missing or cannot be read.
+pub fn rows_of<K: redb::Key + 'static, V: redb::Value + 'static, T>(
+    db: &Database,
+    table: redb::TableDefinition<K, V>,
+    f: impl for<'a> Fn(K::SelfType<'a>, V::SelfType<'a>) -> T,
+) -> Vec<T> {
+    let Ok(txn) = db.begin_read() else {
+        return Vec::new();
+    };
+    let Ok(t) = txn.open_table(table) else {
+        return Vec::new();
+    };
+    let Ok(rows) = t.iter() else {
+        return Vec::new();
+    };
+    rows.filter_map(Result::ok)
+        .map(|(k, v)| f(k.value(), v.value()))
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
