@@ -566,24 +566,9 @@ pub(crate) struct Groups {
     cfg: ClientConfig,
     /// Topic -> group, as group 0 answered. A topic's group never changes.
     topics: Mutex<HashMap<String, u32>>,
-    /// The other groups' clients, made when first needed.
-    clients: tokio::sync::Mutex<HashMap<u32, Arc<Client>>>,
-}
-
-/// The client that serves one topic: this one, or another group's.
-pub(crate) enum Via<'a> {
-    Here(&'a Client),
-    There(Arc<Client>),
-}
-
-impl std::ops::Deref for Via<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        match self {
-            Via::Here(c) => c,
-            Via::There(c) => c,
-        }
-    }
+    /// The client of each group but 0 (index g - 1), made when first
+    /// needed: connecting to one group holds up no other.
+    clients: Vec<tokio::sync::OnceCell<Client>>,
 }
 
 impl Client {
@@ -621,7 +606,7 @@ impl Client {
                 count: info.groups,
                 cfg,
                 topics: Mutex::default(),
-                clients: tokio::sync::Mutex::default(),
+                clients: (1..info.groups).map(|_| Default::default()).collect(),
             }
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), link));
@@ -635,16 +620,26 @@ impl Client {
     }
 
     /// The client that serves `topic`: this one, unless the cluster has
-    /// several groups and another holds it. Asks group 0 the first time a
-    /// topic is used; with `assign`, group 0 places a new topic of that
-    /// many partitions in the least-loaded group.
+    /// several groups and another holds it (see [`Client::group_of`]).
     pub(crate) async fn at(
         &self,
         topic: &str,
         assign: Option<u32>,
-    ) -> Result<Via<'_>, ClientError> {
+    ) -> Result<&Client, ClientError> {
+        if self.groups.is_none() {
+            return Ok(self);
+        }
+        let group = self.group_of(topic, assign).await?;
+        self.in_group(group).await
+    }
+
+    /// The group holding `topic`: 0 without groups; else as group 0
+    /// answered, asked the first time a topic is used. With `assign`,
+    /// group 0 places a new topic of that many partitions in the
+    /// least-loaded group.
+    async fn group_of(&self, topic: &str, assign: Option<u32>) -> Result<u32, ClientError> {
         let Some(groups) = &self.groups else {
-            return Ok(Via::Here(self));
+            return Ok(0);
         };
         let known = groups
             .topics
@@ -652,49 +647,47 @@ impl Client {
             .expect("topics lock")
             .get(topic)
             .copied();
-        let group = match known {
-            Some(g) => g,
-            None => {
-                let mut body = serde_json::json!({ "name": topic });
-                if let Some(partitions) = assign {
-                    body["assign"] = true.into();
-                    body["partitions"] = partitions.into();
-                }
-                let v = self
-                    .admin_here("topic-group", body, bytes::Bytes::new())
-                    .await?;
-                let g = v["group"].as_u64().and_then(|g| u32::try_from(g).ok());
-                let g = g
-                    .filter(|g| *g < groups.count)
-                    .ok_or_else(|| ClientError::Protocol(format!("bad topic-group answer: {v}")))?;
-                groups
-                    .topics
-                    .lock()
-                    .expect("topics lock")
-                    .insert(topic.to_string(), g);
-                g
-            }
-        };
-        self.in_group(group).await
+        if let Some(g) = known {
+            return Ok(g);
+        }
+        let mut body = serde_json::json!({ "name": topic });
+        if let Some(partitions) = assign {
+            body["assign"] = true.into();
+            body["partitions"] = partitions.into();
+        }
+        let v = self
+            .admin_here("topic-group", body, bytes::Bytes::new())
+            .await?;
+        let g = v["group"]
+            .as_u64()
+            .and_then(|g| u32::try_from(g).ok())
+            .filter(|g| *g < groups.count)
+            .ok_or_else(|| ClientError::Protocol(format!("bad topic-group answer: {v}")))?;
+        groups
+            .topics
+            .lock()
+            .expect("topics lock")
+            .insert(topic.to_string(), g);
+        Ok(g)
     }
 
     /// The client of group `group`: this one for group 0 (or on a cluster
     /// of one group), another made when first needed.
-    pub(crate) async fn in_group(&self, group: u32) -> Result<Via<'_>, ClientError> {
-        let Some(groups) = self.groups.as_ref().filter(|_| group != 0) else {
-            return Ok(Via::Here(self));
+    async fn in_group(&self, group: u32) -> Result<&Client, ClientError> {
+        let Some(cell) = self
+            .groups
+            .as_ref()
+            .and_then(|g| g.clients.get((group as usize).checked_sub(1)?))
+        else {
+            return Ok(self);
         };
-        let mut clients = groups.clients.lock().await;
-        if let Some(c) = clients.get(&group) {
-            return Ok(Via::There(c.clone()));
-        }
-        let c = Arc::new(Box::pin(Client::connect(groups.cfg.clone().with_group(group))).await?);
-        clients.insert(group, c.clone());
-        Ok(Via::There(c))
+        let cfg = self.groups.as_ref().expect("groups").cfg.clone();
+        cell.get_or_try_init(|| Box::pin(Client::connect(cfg.with_group(group))))
+            .await
     }
 
     /// The clients of every group of the cluster, group 0 (this one) first.
-    async fn every_group(&self) -> Result<Vec<Via<'_>>, ClientError> {
+    async fn every_group(&self) -> Result<Vec<&Client>, ClientError> {
         let count = self.groups.as_ref().map_or(1, |g| g.count);
         let mut all = Vec::with_capacity(count as usize);
         for g in 0..count {
@@ -704,11 +697,10 @@ impl Client {
     }
 
     /// The clients of the other groups made so far.
-    pub(crate) async fn other_groups(&self) -> Vec<Arc<Client>> {
-        match &self.groups {
-            Some(g) => g.clients.lock().await.values().cloned().collect(),
-            None => Vec::new(),
-        }
+    pub(crate) fn other_groups(&self) -> impl Iterator<Item = &Client> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.clients.iter().filter_map(|c| c.get()))
     }
 
     /// What the router reported in the handshake.
@@ -877,20 +869,7 @@ impl Client {
     /// The Raft group of the cluster that holds topic `name` (0 on a
     /// single router or a cluster of one group).
     pub async fn topic_group(&self, name: &str) -> Result<u32, ClientError> {
-        if self.groups.is_none() {
-            return Ok(0);
-        }
-        let v = self
-            .admin_here(
-                "topic-group",
-                serde_json::json!({ "name": name }),
-                bytes::Bytes::new(),
-            )
-            .await?;
-        v["group"]
-            .as_u64()
-            .and_then(|g| u32::try_from(g).ok())
-            .ok_or_else(|| ClientError::Protocol(format!("bad topic-group answer: {v}")))
+        self.group_of(name, None).await
     }
 
     /// Describes one topic: partitions with start/end offsets and bytes.
@@ -1184,7 +1163,7 @@ impl Client {
     /// Waits for every publish to be acknowledged, then closes the
     /// connection and waits for the close to reach the router.
     pub async fn close(&self) {
-        for other in self.other_groups().await {
+        for other in self.other_groups() {
             Box::pin(other.close()).await;
         }
         self.publisher.flush().await;

@@ -290,7 +290,7 @@ impl Client {
 
     /// Waits until every publish issued so far has been acknowledged.
     pub async fn flush(&self) {
-        for other in self.other_groups().await {
+        for other in self.other_groups() {
             other.publisher.flush().await;
         }
         self.publisher.flush().await

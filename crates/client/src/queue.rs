@@ -143,10 +143,9 @@ impl Client {
     /// Joins a queue group. Fails at once for an unknown topic or a
     /// missing group name.
     pub async fn subscribe_queue(&self, opts: QueueOptions) -> Result<QueueConsumer, ClientError> {
-        if self.groups.is_some()
-            && let crate::connection::Via::There(c) = self.at(&opts.topic, None).await?
-        {
-            return Box::pin(c.subscribe_queue(opts)).await;
+        let at = self.at(&opts.topic, None).await?;
+        if !std::ptr::eq(at, self) {
+            return Box::pin(at.subscribe_queue(opts)).await;
         }
         let f = Frame::Subscribe {
             group: opts.group.clone(),

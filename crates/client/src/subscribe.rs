@@ -139,10 +139,9 @@ impl Client {
     /// Subscribes to a topic. Fails at once for an unknown topic or a bad
     /// group name.
     pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
-        if self.groups.is_some()
-            && let crate::connection::Via::There(c) = self.at(&opts.topic, None).await?
-        {
-            return Box::pin(c.subscribe(opts)).await;
+        let at = self.at(&opts.topic, None).await?;
+        if !std::ptr::eq(at, self) {
+            return Box::pin(at.subscribe(opts)).await;
         }
         let f = Frame::Subscribe {
             group: opts.group.clone(),
