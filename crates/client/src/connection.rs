@@ -582,10 +582,11 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().expect("valid")
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
-            addr: cfg.addr,
-            reason: e.to_string(),
-        })?;
+        let endpoint = crate::socket::endpoint(quinn::EndpointConfig::default(), None, bind)
+            .map_err(|e| ClientError::Connect {
+                addr: cfg.addr,
+                reason: e.to_string(),
+            })?;
         let link = connect_any(&cfg, &endpoint, &route, 1).await?;
         let info = link.info.clone();
         let (state, _) = watch::channel(State::Up(link.clone()));

@@ -27,6 +27,7 @@ mod connection;
 mod inbox;
 mod publish;
 mod queue;
+pub mod socket;
 mod subscribe;
 
 pub use connection::{

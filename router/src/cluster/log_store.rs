@@ -207,7 +207,41 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(out)
     }
+
+    /// The entries from `start` up to `end` (exclusive), or fewer: only
+    /// as many as fit in [`APPEND_BUDGET`] stored bytes (one at least).
+    /// openraft sends what this returns as one AppendEntries.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.file.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(self.log()).map_err(read_error)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for row in table.range::<u64>(start..end).map_err(read_error)? {
+            let (_, v) = row.map_err(read_error)?;
+            bytes += v.value().len();
+            if bytes > APPEND_BUDGET && !out.is_empty() {
+                break;
+            }
+            out.push(postcard::from_bytes(v.value()).map_err(read_error)?);
+        }
+        Ok(out)
+    }
 }
+
+/// The most stored bytes of entries one AppendEntries carries (unless a
+/// single entry is larger). openraft waits for an AppendEntries only as
+/// long as its heartbeat interval (100 ms) and then sends it again from
+/// the follower's last matched entry. A follower a moment behind under
+/// full load was sent its whole backlog at once, up to 300 entries
+/// (openraft's `max_payload_entries`) of tens of KiB each: MiBs that did
+/// not arrive within 100 ms on a busy machine, so every resend timed out
+/// too, no append succeeded, and after 2 s the leader stepped down. In
+/// pieces of this size each append lands in time and the backlog drains.
+pub const APPEND_BUDGET: usize = 256 << 10;
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
@@ -299,5 +333,77 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .retain_in(..=log_id.index, |_, _| false)
             .map_err(write_error)?;
         txn.commit().map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stores entries `1..=sizes.len()` with redo payloads of `sizes`
+    /// bytes, as `append` stores them (without the flush callback,
+    /// which only openraft can make).
+    fn store(log: &LogStore, sizes: &[usize]) {
+        let txn = log.file.db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(log.log()).unwrap();
+            for (i, size) in sizes.iter().enumerate() {
+                let index = i as u64 + 1;
+                let entry = Entry {
+                    log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                    payload: openraft::EntryPayload::Normal(super::super::Command {
+                        redo: vec![7u8; *size].into(),
+                        origin: None,
+                    }),
+                };
+                let bytes = postcard::to_allocvec(&entry).unwrap();
+                table.insert(index, bytes.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// A follower's backlog goes out in appends of at most
+    /// [`APPEND_BUDGET`] bytes, each a prefix of what is asked, so that
+    /// each lands within openraft's deadline; an entry larger than the
+    /// budget still goes, alone.
+    #[tokio::test]
+    async fn a_backlog_is_read_in_pieces_of_the_append_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+        // 300 entries of 40 KiB (openraft's default batch of entries, each
+        // a group commit of a busy leader), then one of 1 MiB.
+        let mut sizes = vec![40 << 10; 300];
+        sizes.push(1 << 20);
+        store(&log, &sizes);
+        let mut next = 1;
+        let mut pieces = 0;
+        while next <= 300 {
+            let got = log.limited_get_log_entries(next, 302).await.unwrap();
+            assert!(!got.is_empty());
+            assert_eq!(got[0].log_id.index, next, "a prefix of the range");
+            let bytes: usize = got
+                .iter()
+                .map(|e| postcard::to_allocvec(e).unwrap().len())
+                .sum();
+            if got.len() > 1 {
+                assert!(
+                    bytes <= APPEND_BUDGET,
+                    "{} entries, {bytes} bytes",
+                    got.len()
+                );
+            }
+            next += got.len() as u64;
+            pieces += 1;
+        }
+        assert_eq!(next, 301);
+        assert!(
+            pieces >= 300 * (40 << 10) / APPEND_BUDGET,
+            "{pieces} pieces"
+        );
+        let last = log.limited_get_log_entries(301, 302).await.unwrap();
+        assert_eq!(last.len(), 1, "an entry over the budget goes alone");
+        // The unlimited read openraft uses elsewhere is unchanged.
+        assert_eq!(log.try_get_log_entries(1..302).await.unwrap().len(), 301);
     }
 }

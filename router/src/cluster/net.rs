@@ -330,9 +330,7 @@ impl RaftHost {
     pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<RaftHost, String> {
         let server = tls.server_config().map_err(|e| e.to_string())?;
         let client = tls.client_config().map_err(|e| e.to_string())?;
-        let socket = std::net::UdpSocket::bind(addr).map_err(|e| e.to_string())?;
-        let runtime = quinn::default_runtime().ok_or("no async runtime to run the endpoint on")?;
-        let endpoint = quinn::Endpoint::new(endpoint_config(tls), Some(server), socket, runtime)
+        let endpoint = crate::client::socket::endpoint(endpoint_config(tls), Some(server), addr)
             .map_err(|e| e.to_string())?;
         let host = RaftHost {
             inner: Arc::new(HostInner {

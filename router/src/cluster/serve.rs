@@ -171,8 +171,12 @@ pub async fn run(
         addr: cfg.router.listen,
         source,
     };
-    let clients = quinn::Endpoint::server(endpoint_config(&cfg.router, groups)?, cfg.router.listen)
-        .map_err(bind)?;
+    let clients = crate::client::socket::endpoint(
+        quinn::EndpointConfig::default(),
+        Some(endpoint_config(&cfg.router, groups)?),
+        cfg.router.listen,
+    )
+    .map_err(bind)?;
     let local_addr = clients.local_addr().map_err(bind)?;
     let metrics = match cfg.router.metrics {
         Some(addr) => {

@@ -479,8 +479,12 @@ impl Router {
             },
             (None, server_config) => {
                 let server_config = server_config.expect("made above for a single router");
-                let bound = quinn::Endpoint::server(server_config, config.listen)
-                    .and_then(|e| Ok((e.local_addr()?, e)));
+                let bound = crate::client::socket::endpoint(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    config.listen,
+                )
+                .and_then(|e| Ok((e.local_addr()?, e)));
                 match bound {
                     Ok((local_addr, endpoint)) => (Source::Own(endpoint), local_addr),
                     Err(source) => {
