@@ -845,7 +845,9 @@ async fn cluster_status_beside_any_node_names_the_leader() {
 async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     use std::io::Write as _;
     const GROUPS: usize = 3;
-    let mut cluster = Cluster::start_groups(3, false, GROUPS as u32);
+    // Metrics on, as `serve` has them by default: a node leading a group
+    // other than 0 must not stop over the node's one metrics address.
+    let mut cluster = Cluster::start_groups(3, true, GROUPS as u32);
     let cli = |at: &Path, args: &[&str]| {
         let mut c = Command::new(router_bin());
         c.args(args)
@@ -873,6 +875,13 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     };
     let n1 = cluster.nodes[0].dir.clone();
     leaders(&n1, None);
+    // Every node serves its metrics, the ones leading groups 1 and 2 too.
+    for n in &cluster.nodes {
+        let at = SocketAddr::new(n.addr.ip(), n.addr.port() + 1);
+        let (code, body) = common::get_metrics(at, None).await;
+        assert_eq!(code, 200, "node {}: {body}", n.id);
+        assert!(body.contains("switchyard_cluster_term"), "node {}", n.id);
+    }
     let topics = ["orders", "payments", "audit"];
     for t in topics {
         succeed(&mut cli(&n1, &["topic", "create", t, "--partitions", "2"]));

@@ -336,6 +336,13 @@ async fn lead(
             node.handover().gate(),
         );
         let mut rc = cfg.router.clone();
+        if group != 0 {
+            // The node's metrics address and console are group 0's
+            // router's: another group's router binding them too would
+            // find them taken and stop the node.
+            rc.metrics = None;
+            rc.console = None;
+        }
         rc.replica = Some(Replica {
             db: node.state().database().clone(),
             db_path: group_dir(&cfg.router.data, group).join("switchyard.redb"),
