@@ -993,7 +993,31 @@ fn cluster_addr(dir: &Path) -> String {
 /// then voter) and `remove-node` takes one out, while the data stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_added_and_removed_while_the_cluster_serves() {
-    let mut cluster = Cluster::start(3);
+    add_and_remove_a_node(1).await;
+}
+
+/// The same on a cluster of three groups: the new node joins every group
+/// (not only group 0, whose router answers the CLI), holds each group's
+/// rows, and leaves every group when removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_added_to_and_removed_from_every_group() {
+    add_and_remove_a_node(3).await;
+}
+
+/// The client of group `group` of the cluster.
+async fn group_client(cluster: &Cluster, group: u32) -> Client {
+    let mut cfg = ClientConfig::new(cluster.addrs[0])
+        .with_ca_file(cluster.cert())
+        .with_token_file(cluster.nodes[0].dir.join("admin.token"))
+        .unwrap()
+        .with_cluster(cluster.addrs.iter().copied())
+        .with_group(group);
+    cfg.idle_timeout = Duration::from_millis(1500);
+    Client::connect(cfg).await.unwrap()
+}
+
+async fn add_and_remove_a_node(groups: u32) {
+    let mut cluster = Cluster::start_groups(3, false, groups);
     let admin = cluster.client().await;
     create_topic(&admin, "t", 2).await;
     // Changes besides records, replicated as rows too: the byte-for-byte
@@ -1006,12 +1030,26 @@ async fn nodes_are_added_and_removed_while_the_cluster_serves() {
     create_topic(&admin, "gone", 1).await;
     admin.publish("gone", Record::new("x")).await.unwrap();
     admin.delete_topic("gone").await.unwrap();
-    for i in 0..50 {
-        let id = format!("r{i}");
-        admin
-            .publish("t", Record::new(id.clone()).with_message_id(id))
-            .await
-            .unwrap();
+    // With three groups, `t` is in group 0, `gone` was in group 1, and
+    // these two fill groups 2 and 1 (the least loaded first).
+    let topics: &[&str] = if groups > 1 { &["t", "u", "v"] } else { &["t"] };
+    for t in &topics[1..] {
+        create_topic(&admin, t, 1).await;
+    }
+    let mut placed = Vec::new();
+    for t in topics {
+        placed.push(admin.topic_group(t).await.unwrap());
+    }
+    placed.sort_unstable();
+    assert_eq!(placed, (0..groups).collect::<Vec<u32>>());
+    for t in topics {
+        for i in 0..50 {
+            let id = format!("r{i}");
+            admin
+                .publish(t, Record::new(id.clone()).with_message_id(id))
+                .await
+                .unwrap();
+        }
     }
     let root = cluster._root.path().to_path_buf();
     let new_addr = loop {
@@ -1055,13 +1093,22 @@ async fn nodes_are_added_and_removed_while_the_cluster_serves() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("node 4 joined"));
     let s = cluster_status(&admin).await;
-    let roles: Vec<&str> = s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["role"].as_str().unwrap())
-        .collect();
-    assert_eq!(roles.iter().filter(|r| **r != "learner").count(), 4, "{s}");
+    // Each group's members as this node sees them: all four voters.
+    let views: Vec<serde_json::Value> = match s["groups"].as_array() {
+        Some(each) => each.clone(),
+        None => vec![s.clone()],
+    };
+    assert_eq!(views.len(), groups as usize, "{s}");
+    for g in &views {
+        let roles: Vec<&str> = g["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles.len(), 4, "{s}");
+        assert!(roles.iter().all(|r| *r != "learner"), "{s}");
+    }
     assert_eq!(converged(&admin).await, s["leader"].as_u64().unwrap());
 
     // Remove a follower; the other three go on.
@@ -1074,29 +1121,50 @@ async fn nodes_are_added_and_removed_while_the_cluster_serves() {
             .args(["--addr", &cluster.addrs[0].to_string()]),
     );
     cluster.kill(gone);
-    admin
-        .publish("t", Record::new("after").with_message_id("after"))
-        .await
-        .unwrap();
+    for t in topics {
+        admin
+            .publish(t, Record::new("after").with_message_id("after"))
+            .await
+            .unwrap();
+    }
     let s = cluster_status(&admin).await;
-    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
-    let info = admin.describe_topic("t").await.unwrap();
-    assert_eq!(info.partitions.iter().map(|p| p.end).sum::<u64>(), 51);
-    // The new node holds what the others hold.
-    let leader = converged(&admin).await;
+    for g in s["groups"].as_array().cloned().unwrap_or(vec![s.clone()]) {
+        assert_eq!(g["nodes"].as_array().unwrap().len(), 3, "{s}");
+    }
+    for t in topics {
+        let info = admin.describe_topic(t).await.unwrap();
+        assert_eq!(
+            info.partitions.iter().map(|p| p.end).sum::<u64>(),
+            51,
+            "{t}"
+        );
+    }
+    // The new node holds what the others hold, in every group: each
+    // group's leader sees every log matched before the nodes stop.
+    let mut leader = converged(&admin).await;
+    for g in 1..groups {
+        converged(&group_client(&cluster, g).await).await;
+        leader = converged(&admin).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.stop_all_but_last(leader);
-    let dumps: Vec<bytes::Bytes> = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.id != gone)
-        .map(|n| {
-            switchyard::cluster::state::StateMachine::open(&n.dir.join("switchyard.redb"))
-                .unwrap()
-                .dump()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(dumps.len(), 3);
-    assert!(dumps.iter().all(|d| *d == dumps[0]), "replicas differ");
+    for g in 0..groups {
+        let dumps: Vec<bytes::Bytes> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.id != gone)
+            .map(|n| {
+                let dir = switchyard::cluster::serve::group_dir(&n.dir, g);
+                switchyard::cluster::state::StateMachine::open(&dir.join("switchyard.redb"))
+                    .unwrap()
+                    .dump()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(dumps.len(), 3);
+        assert!(
+            dumps.iter().all(|d| *d == dumps[0]),
+            "replicas of group {g} differ"
+        );
+    }
 }

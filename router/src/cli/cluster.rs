@@ -95,6 +95,10 @@ pub(super) struct InitArgs {
     /// (besides localhost, loopback and each node's own address).
     #[arg(long, value_delimiter = ',')]
     pub(super) hosts: Vec<String>,
+    /// The number of Raft groups the nodes will spread topics over: the
+    /// serve lines printed carry it (`serve --groups`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(super) groups: u32,
 }
 
 /// Arguments of `switchyard cluster status`.
@@ -157,7 +161,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         let _ = writeln!(
             out,
             "{}",
-            serve_line(&args.dir, id, *addr, &args.nodes, false)
+            serve_line(&args.dir, id, *addr, &args.nodes, false, args.groups)
         );
     }
     let _ = writeln!(
@@ -192,11 +196,17 @@ fn serve_line(
     addr: SocketAddr,
     nodes: &[SocketAddr],
     join: bool,
+    groups: u32,
 ) -> String {
     format!(
-        "switchyard serve --data {} --listen {addr} --node-id {id} --cluster {}{}",
+        "switchyard serve --data {} --listen {addr} --node-id {id} --cluster {}{}{}",
         dir.join(format!("n{id}")).display(),
         list(nodes),
+        if groups > 1 {
+            format!(" --groups {groups}")
+        } else {
+            String::new()
+        },
         if join { " --join" } else { "" }
     )
 }
@@ -271,6 +281,10 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", first.join("admin.token").display()))?;
     let mut nodes = read_addrs(&first.join(ADDRS_FILE))?;
     nodes.push(args.node_addr);
+    // The cluster is asked first: the new node needs its number of groups,
+    // and an unreachable cluster should leave no directory behind.
+    let client = args.connect.connect().await?;
+    let groups = client.server_info().groups.max(1);
     make_node(&ca, &token, &args.dir, id, args.node_addr, &nodes, &[])?;
     for i in 1..id {
         let d = args.dir.join(format!("n{i}"));
@@ -287,12 +301,18 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "{}",
-        serve_line(&args.dir, id, args.node_addr, &nodes, true)
+        serve_line(&args.dir, id, args.node_addr, &nodes, true, groups)
     )?;
-    writeln!(out, "waiting for it to catch up and join as a voter...")?;
+    if groups > 1 {
+        writeln!(
+            out,
+            "waiting for it to catch up and join each of the {groups} groups as a voter..."
+        )?;
+    } else {
+        writeln!(out, "waiting for it to catch up and join as a voter...")?;
+    }
     out.flush()?;
     drop(out);
-    let client = args.connect.connect().await?;
     let body = serde_json::json!({ "id": id, "addr": args.node_addr });
     client
         .admin_request("cluster_add_node", body, bytes::Bytes::new())
