@@ -553,6 +553,17 @@ pub struct Client {
     pub(crate) groups: Option<Groups>,
 }
 
+/// How many times a control request whose fate a leader change left
+/// unknown is sent in all (see [`Client::create_topic_with`]).
+const CONTROL_RETRIES: u32 = 6;
+
+/// Whether a request failed in a way that leaves unknown whether the
+/// router applied it, and that the next router to serve may not repeat:
+/// the connection went, or the router stopped (a leader stepping down).
+fn fate_unknown(e: &ClientError) -> bool {
+    matches!(e, ClientError::ConnectionLost(_)) || e.code() == Some(crate::ErrorCode::ShuttingDown)
+}
+
 /// What a client of a cluster of several groups keeps to send each
 /// topic's requests to its group's router: group 0 (the client itself)
 /// assigns and looks up topics, and the client keeps one more client
@@ -821,18 +832,43 @@ impl Client {
         retention_ms: u64,
         retention_bytes: u64,
     ) -> Result<TopicInfo, ClientError> {
-        let f = self
-            .at(name, Some(partitions))
-            .await?
-            .request(|id| Frame::CreateTopic {
-                id,
-                name: name.to_string(),
-                partitions,
-                retention_ms,
-                retention_bytes,
-            })
-            .await?;
-        one_topic(f)
+        let create = || async {
+            let f = self
+                .at(name, Some(partitions))
+                .await?
+                .request(|id| Frame::CreateTopic {
+                    id,
+                    name: name.to_string(),
+                    partitions,
+                    retention_ms,
+                    retention_bytes,
+                })
+                .await?;
+            one_topic(f)
+        };
+        // A leader that steps down (or a router that stops) under the
+        // request leaves its fate unknown. With reconnects on, the client
+        // asks again of whoever serves next, a few times; if the topic
+        // then exists with the partitions asked for, the first attempt
+        // (or another client asking the same) made it, and that is the
+        // answer, as a topic made by this call would be.
+        let reconnect = &self.shared.cfg.reconnect;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match create().await {
+                Err(e) if attempt > 1 && e.code() == Some(crate::ErrorCode::TopicExists) => {
+                    return match self.describe_topic(name).await {
+                        Ok(info) if info.partitions.len() == partitions as usize => Ok(info),
+                        _ => Err(e),
+                    };
+                }
+                Err(e) if reconnect.enabled && attempt < CONTROL_RETRIES && fate_unknown(&e) => e,
+                r => return r,
+            };
+            tracing::debug!(topic = name, error = %err, attempt, "create topic: asking again");
+            tokio::time::sleep(reconnect.backoff(attempt)).await;
+        }
     }
 
     /// Deletes a topic and all its records.

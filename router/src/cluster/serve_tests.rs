@@ -295,6 +295,25 @@ async fn leadership_steps_down_to_a_chosen_node_while_publishers_write() {
             })
         })
         .collect();
+    // Beside them, topics are created one after another: a create that
+    // a move cuts off is asked again of the next leader by the client,
+    // and answered with the topic however far the first attempt got.
+    let creator = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut made = 0u32;
+            while !stop.load(Relaxed) {
+                let name = format!("made-{made}");
+                let info = client
+                    .create_topic(&name, 2)
+                    .await
+                    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+                assert_eq!(info.partitions.len(), 2, "{info:?}");
+                made += 1;
+            }
+            made
+        })
+    };
     // Around the three nodes, each move to a chosen one. A leader hands
     // over once its lease has run out since its election (about 1.2 s
     // here), which the request waits for, with the lanes in full flow.
@@ -329,6 +348,10 @@ async fn leadership_steps_down_to_a_chosen_node_while_publishers_write() {
     for lane in lanes {
         acks.push(lane.await.unwrap());
     }
+    let made = creator.await.unwrap();
+    eprintln!("{made} topics created across the moves");
+    let topics = client.list_topics().await.unwrap();
+    assert_eq!(topics.len() as u32, made + 1, "{topics:?}");
     for (from, to, asked, took) in &moves {
         // The longest wait between two acks of a lane around the move, and
         // how many publishes the new leader acknowledged before the next.
