@@ -187,6 +187,9 @@ async fn metrics_and_status_describe_a_known_workload() {
     assert!(value(&m, "switchyard_journal_sync_seconds_count") >= 1.0);
     assert!(value(&m, r#"switchyard_storage_file_bytes{file="database"}"#) > 0.0);
     assert!(value(&m, "switchyard_disk_free_bytes") > 0.0);
+    if std::path::Path::new("/proc/net/snmp").exists() {
+        assert!(value(&m, "switchyard_udp_receive_buffer_errors_total") >= 0.0);
+    }
     assert_eq!(value(&m, "switchyard_connections"), 1.0);
     let p = r#"{plugin="to-out",hook="route",topic="orders.routed*"}"#;
     assert_eq!(

@@ -428,7 +428,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|s| format!("{} = {}", s.path.display(), s.current))
             .collect();
         eprintln!(
-            "note: this machine is not tuned for latency ({}); `switchyard tune` shows what to change",
+            "note: this machine is not tuned ({}); `switchyard tune` shows what to change",
             what.join(", ")
         );
     }

@@ -1,4 +1,6 @@
-//! `switchyard tune`: the host settings that decide wake-up latency.
+//! `switchyard tune`: the host settings that decide wake-up latency, and
+//! the socket buffer limits that decide whether a busy router drops
+//! datagrams.
 //!
 //! Every message crosses several threads, and on a virtual machine a thread
 //! woken on an idle virtual CPU waits for the hypervisor to resume that CPU:
@@ -36,10 +38,19 @@ pub(crate) struct Setting {
     /// Kernel command-line parameter that sets it at boot.
     pub(crate) boot: &'static str,
     pub(crate) why: &'static str,
+    /// A number that is tuned at the recommended value or above (a limit),
+    /// rather than only at it.
+    pub(crate) at_least: bool,
 }
 
 impl Setting {
     pub(crate) fn is_tuned(&self) -> bool {
+        if self.at_least
+            && let (Ok(current), Ok(recommended)) =
+                (self.current.parse::<u64>(), self.recommended.parse::<u64>())
+        {
+            return current >= recommended;
+        }
         self.current == self.recommended
     }
 
@@ -68,6 +79,7 @@ pub(crate) fn check(root: &Path) -> Vec<Setting> {
                 recommended: HALT_POLL_NS.into(),
                 boot: "haltpoll.guest_halt_poll_ns",
                 why: "an idle virtual CPU polls before it halts, so a woken thread runs without a trip through the hypervisor",
+                at_least: false,
             });
         }
     }
@@ -98,7 +110,27 @@ pub(crate) fn check(root: &Path) -> Vec<Setting> {
             recommended: "performance".into(),
             boot: "cpufreq.default_governor",
             why: "the core stays at full clock between bursts instead of ramping up for each one",
+            at_least: false,
         });
+    }
+    // Every QUIC socket asks for this much buffer; the kernel grants at
+    // most these limits.
+    let buffer = crate::client::socket::UDP_BUFFER.to_string();
+    for (file, boot) in [
+        ("rmem_max", "sysctl.net.core.rmem_max"),
+        ("wmem_max", "sysctl.net.core.wmem_max"),
+    ] {
+        let path = root.join("proc/sys/net/core").join(file);
+        if let Some(current) = read(&path) {
+            out.push(Setting {
+                path,
+                current,
+                recommended: buffer.clone(),
+                boot,
+                why: "the most buffer the kernel grants a socket: the router asks for 8 MiB per QUIC socket, and below it a burst of datagrams can overflow and be dropped (switchyard_udp_receive_buffer_errors_total)",
+                at_least: true,
+            });
+        }
     }
     out
 }
@@ -112,16 +144,16 @@ pub(crate) fn report(settings: &[Setting], root: &Path) -> String {
     let mut s = String::new();
     if settings.is_empty() {
         s.push_str(
-            "nothing to tune: no haltpoll idle driver and no CPU frequency governor on this system\n",
+            "nothing to tune: no haltpoll idle driver, no CPU frequency governor and no socket buffer limits on this system\n",
         );
         return s;
     }
     for st in settings {
         let shown = Path::new("/").join(st.path.strip_prefix(root).unwrap_or(&st.path));
-        let state = if st.is_tuned() {
-            "ok".to_string()
-        } else {
-            format!("recommended {}", st.recommended)
+        let state = match (st.is_tuned(), st.at_least) {
+            (true, _) => "ok".to_string(),
+            (false, true) => format!("recommended at least {}", st.recommended),
+            (false, false) => format!("recommended {}", st.recommended),
         };
         let _ = writeln!(s, "{}: {} ({state})", shown.display(), st.current);
         let _ = writeln!(s, "    {}", st.why);
@@ -166,14 +198,14 @@ pub(crate) fn untuned() -> Vec<Setting> {
 }
 
 /// Logs, once at startup, the settings of this machine that slow thread
-/// wake-ups. Never changes them: that is `switchyard tune --apply`'s job.
+/// wake-ups or limit socket buffers. Never changes them: that is `switchyard tune --apply`'s job.
 pub(crate) fn hint() {
     for s in untuned() {
         tracing::info!(
             setting = %s.path.display(),
             current = %s.current,
             recommended = %s.recommended,
-            "this machine is not tuned for latency; `switchyard tune` shows why and how to set it"
+            "this machine is not tuned for Switchyard; `switchyard tune` shows why and how to set it"
         );
     }
 }
@@ -261,6 +293,36 @@ mod tests {
         assert!(again.iter().all(Setting::is_tuned), "{again:?}");
         assert!(report(&again, root).contains("all tuned"));
         assert_eq!(apply(&again).unwrap(), 0, "nothing left to write");
+    }
+
+    /// A socket buffer limit below what the router asks for is raised to
+    /// it; one above is left alone.
+    #[test]
+    fn socket_buffer_limits_are_raised_to_what_the_router_asks_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        put(root, "proc/sys/net/core/rmem_max", "212992");
+        put(root, "proc/sys/net/core/wmem_max", "33554432");
+        let found = check(root);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(!found[0].is_tuned() && found[1].is_tuned(), "{found:?}");
+        let text = report(&found, root);
+        assert!(
+            text.contains("/proc/sys/net/core/rmem_max: 212992 (recommended at least 8388608)"),
+            "{text}"
+        );
+        assert!(text.contains("wmem_max: 33554432 (ok)"), "{text}");
+        assert!(text.contains("sysctl.net.core.rmem_max=8388608"), "{text}");
+        assert_eq!(apply(&found).unwrap(), 1);
+        assert_eq!(
+            read(&root.join("proc/sys/net/core/rmem_max")).unwrap(),
+            "8388608"
+        );
+        assert_eq!(
+            read(&root.join("proc/sys/net/core/wmem_max")).unwrap(),
+            "33554432"
+        );
+        assert!(check(root).iter().all(Setting::is_tuned));
     }
 
     #[test]

@@ -156,7 +156,32 @@ fn disk_families(
             [(vec![], gauge(free as i64))],
         )?;
     }
+    if let Some(dropped) = udp_receive_buffer_errors() {
+        family(
+            enc,
+            "switchyard_udp_receive_buffer_errors",
+            "Datagrams the host's kernel dropped because a UDP socket's receive buffer was full (all sockets of the host: /proc/net/snmp RcvbufErrors). QUIC recovers each with a retransmission, at a cost in latency.",
+            None,
+            MetricType::Counter,
+            [(vec![], counter(dropped))],
+        )?;
+    }
     Ok(())
+}
+
+/// The kernel's count of UDP datagrams dropped for a full receive buffer
+/// (`Udp: RcvbufErrors` in `/proc/net/snmp`), where there is one.
+fn udp_receive_buffer_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    parse_rcvbuf_errors(&snmp)
+}
+
+/// `RcvbufErrors` of the `Udp:` header and value lines of `snmp`.
+fn parse_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// The files [`disk_families`] reports for a router: a cluster node's
@@ -952,4 +977,20 @@ fn exposition(text: String) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The counter is read from the `Udp:` lines, not the `UdpLite:` ones
+    /// that follow them.
+    #[test]
+    fn rcvbuf_errors_are_read_from_the_udp_lines() {
+        let snmp = "Tcp: RtoAlgorithm RtoMin\nTcp: 1 200\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            Udp: 1000 2 7 900 5126 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(super::parse_rcvbuf_errors(snmp), Some(5126));
+        assert_eq!(super::parse_rcvbuf_errors("Tcp: 1\nTcp: 2\n"), None);
+    }
 }
