@@ -875,12 +875,34 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     };
     let n1 = cluster.nodes[0].dir.clone();
     leaders(&n1, None);
-    // Every node serves its metrics, the ones leading groups 1 and 2 too.
-    for n in &cluster.nodes {
-        let at = SocketAddr::new(n.addr.ip(), n.addr.port() + 1);
-        let (code, body) = common::get_metrics(at, None).await;
-        assert_eq!(code, 200, "node {}: {body}", n.id);
-        assert!(body.contains("switchyard_cluster_term"), "node {}", n.id);
+    // Every node serves its metrics, the ones leading groups 1 and 2 too,
+    // with each group's Raft state under a `group` label: one node
+    // serves each group, and that node lists the group's members.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut serving = vec![Vec::new(); GROUPS];
+        for n in &cluster.nodes {
+            let at = SocketAddr::new(n.addr.ip(), n.addr.port() + 1);
+            let (code, body) = common::get_metrics(at, None).await;
+            assert_eq!(code, 200, "node {}: {body}", n.id);
+            for (g, on) in serving.iter_mut().enumerate() {
+                let term = format!("switchyard_cluster_term{{group=\"{g}\"}} ");
+                assert!(body.contains(&term), "node {}: no {term}\n{body}", n.id);
+                if body.contains(&format!("switchyard_cluster_serving{{group=\"{g}\"}} 1")) {
+                    let member = format!("switchyard_cluster_member{{group=\"{g}\",node=");
+                    assert!(body.contains(&member), "node {}: no {member}\n{body}", n.id);
+                    on.push(n.id);
+                }
+            }
+        }
+        if serving.iter().all(|on| on.len() == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "each group should be served by one node: {serving:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let topics = ["orders", "payments", "audit"];
     for t in topics {

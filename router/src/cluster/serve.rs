@@ -308,7 +308,7 @@ async fn lead(
         // this node leads.
         let follower_metrics = metrics
             .as_ref()
-            .and_then(|l| FollowerEndpoint::start(cfg, node, l));
+            .and_then(|l| FollowerEndpoint::start(cfg, node, rafts, l));
         let ready = tokio::select! {
             _ = stopping.wait_for(|s| *s) => Ok(false),
             () = until_ready_leader(node) => Ok(true),
@@ -516,20 +516,7 @@ impl crate::server::ClusterControl for Control {
     /// also `groups`: each of them as this node sees it (a group's
     /// followers' positions are known only where it is led).
     fn status(&self) -> serde_json::Value {
-        let mut status = cluster_status(self.handover.raft());
-        status["group"] = self.group.into();
-        if self.rafts.len() > 1 {
-            status["groups"] = self
-                .rafts
-                .iter()
-                .map(|(g, raft)| {
-                    let mut s = cluster_status(raft);
-                    s["group"] = (*g).into();
-                    s
-                })
-                .collect();
-        }
-        status
+        node_status(self.group, self.handover.raft(), &self.rafts)
     }
 
     fn nodes(&self) -> Vec<SocketAddr> {
@@ -603,6 +590,29 @@ impl crate::server::ClusterControl for Control {
             })
         })
     }
+}
+
+/// Group `group` as this node sees it (`raft` is its Raft); on a node of
+/// several groups, also `groups`: each of them as this node sees it (a
+/// group's followers' positions are known only where it is led).
+fn node_status(
+    group: GroupId,
+    raft: &super::Raft,
+    rafts: &[(GroupId, super::Raft)],
+) -> serde_json::Value {
+    let mut status = cluster_status(raft);
+    status["group"] = group.into();
+    if rafts.len() > 1 {
+        status["groups"] = rafts
+            .iter()
+            .map(|(g, raft)| {
+                let mut s = cluster_status(raft);
+                s["group"] = (*g).into();
+                s
+            })
+            .collect();
+    }
+    status
 }
 
 /// The cluster as the leader sees it: nodes, roles, how far each
@@ -691,6 +701,7 @@ impl FollowerEndpoint {
     fn start(
         cfg: &ClusterServe,
         node: &ClusterNode,
+        rafts: &Arc<Vec<(GroupId, super::Raft)>>,
         listener: &std::net::TcpListener,
     ) -> Option<FollowerEndpoint> {
         let listener = match listener
@@ -707,7 +718,10 @@ impl FollowerEndpoint {
         let db = node.state().database().clone();
         let (auth, data) = (cfg.router.auth.clone(), cfg.router.data.clone());
         let metrics = FollowerMetrics {
-            status: Box::new(move || cluster_status(&raft)),
+            status: {
+                let (group, rafts) = (node.group(), rafts.clone());
+                Box::new(move || node_status(group, &raft, &rafts))
+            },
             data: cfg.router.data.clone(),
             admits: Box::new(move |token| {
                 crate::auth::token_may(

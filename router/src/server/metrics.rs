@@ -192,79 +192,133 @@ const ROUTER_FILES: [(&str, &str); 2] = [
 ];
 const NODE_FILES: [(&str, &str); 2] = [("database", "switchyard.redb"), ("raft_log", "raft.redb")];
 
-/// A cluster node's families: its own position on every node, and the
-/// members and their lag on the leader that serves (`serving`), which is
-/// the only node that knows them.
-fn cluster_families(
-    enc: &mut DescriptorEncoder,
-    s: &serde_json::Value,
+/// One Raft group as a node sees it, for [`cluster_families`].
+struct GroupView<'a> {
+    /// The `group` label's value; none on a node of one group (whose
+    /// series carry no group label).
+    group: Option<String>,
+    /// `cluster_status`'s JSON for the group.
+    status: &'a serde_json::Value,
+    /// Whether this node serves the group's clients as its leader.
     serving: bool,
-) -> std::fmt::Result {
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as i64;
-    let one = |name, help, v: i64, enc: &mut DescriptorEncoder| {
-        family(
-            enc,
-            name,
-            help,
-            None,
-            MetricType::Gauge,
-            [(vec![], gauge(v))],
-        )
+}
+
+/// The groups of a node's `status` (`Control::status`'s JSON): the one
+/// it describes, or each of its `groups` on a node of several, with a
+/// `group` label. `serving` is whether the node serves group 0 (or its
+/// one group); another group is served where it is led.
+fn group_views(s: &serde_json::Value, serving: bool) -> Vec<GroupView<'_>> {
+    let Some(groups) = s["groups"].as_array() else {
+        return vec![GroupView {
+            group: None,
+            status: s,
+            serving,
+        }];
     };
-    one(
+    groups
+        .iter()
+        .map(|g| {
+            let id = g["group"].as_u64().unwrap_or(0);
+            GroupView {
+                group: Some(id.to_string()),
+                status: g,
+                serving: if id == 0 {
+                    serving
+                } else {
+                    g["leader"].is_u64() && g["leader"] == g["node"]
+                },
+            }
+        })
+        .collect()
+}
+
+/// A cluster node's families: its own position in each group on every
+/// node, and the members and their lag where it leads (`serving`), the
+/// only node that knows them. On a node of several groups every series
+/// carries a `group` label.
+fn cluster_families(enc: &mut DescriptorEncoder, views: &[GroupView]) -> std::fmt::Result {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as i64;
+    fn labels<'a>(v: &'a GroupView, mut l: Labels<'a>) -> Labels<'a> {
+        if let Some(g) = &v.group {
+            l.insert(0, ("group", g.as_str()));
+        }
+        l
+    }
+    let each =
+        |name, help, value: &dyn Fn(&GroupView) -> Option<i64>, enc: &mut DescriptorEncoder| {
+            let rows: Vec<_> = views
+                .iter()
+                .filter_map(|v| Some((labels(v, vec![]), gauge(value(v)?))))
+                .collect();
+            if rows.is_empty() {
+                return Ok(());
+            }
+            family(enc, name, help, None, MetricType::Gauge, rows)
+        };
+    each(
         "switchyard_cluster_term",
         "The Raft term this node is in (each election makes a new one).",
-        n(&s["term"]),
+        &|v| Some(n(&v.status["term"])),
         enc,
     )?;
-    one(
+    each(
         "switchyard_cluster_leader",
         "The node id of the leader as this node knows it (0: none known).",
-        n(&s["leader"]),
+        &|v| Some(n(&v.status["leader"])),
         enc,
     )?;
-    one(
+    each(
         "switchyard_cluster_serving",
         "1 while this node serves clients as the leader, 0 while it follows (and redirects them).",
-        serving as i64,
+        &|v| Some(v.serving as i64),
         enc,
     )?;
-    one(
+    each(
         "switchyard_cluster_last_log_index",
         "The position of the last entry in this node's Raft log.",
-        n(&s["last_log"]),
+        &|v| Some(n(&v.status["last_log"])),
         enc,
     )?;
-    one(
+    each(
         "switchyard_cluster_applied_index",
         "The position of the last entry this node applied to its tables.",
-        n(&s["committed"]),
+        &|v| Some(n(&v.status["committed"])),
         enc,
     )?;
-    if let Some(ms) = s["quorum_ack_ms"].as_u64() {
-        family(
-            enc,
-            "switchyard_cluster_quorum_ack_age_milliseconds",
-            "Time since a majority last answered the leader (it stops serving past the step-down time).",
-            None,
-            MetricType::Gauge,
-            [(vec![], gauge(ms as i64))],
-        )?;
-    }
-    if !serving {
+    each(
+        "switchyard_cluster_quorum_ack_age_milliseconds",
+        "Time since a majority last answered the leader (it stops serving past the step-down time).",
+        &|v| v.status["quorum_ack_ms"].as_u64().map(|ms| ms as i64),
+        enc,
+    )?;
+    let led: Vec<(&GroupView, Vec<(String, &serde_json::Value)>)> = views
+        .iter()
+        .filter(|v| v.serving)
+        .map(|v| {
+            let nodes = v.status["nodes"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            (v, nodes.iter().map(|m| (m["id"].to_string(), m)).collect())
+        })
+        .collect();
+    if led.is_empty() {
         return Ok(());
     }
-    let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-    let ids: Vec<String> = nodes.iter().map(|m| m["id"].to_string()).collect();
     family(
         enc,
         "switchyard_cluster_member",
         "1 per member, by node id and role (leader, follower, learner).",
         None,
         MetricType::Gauge,
-        nodes.iter().zip(&ids).map(|(m, id)| {
-            let role = m["role"].as_str().unwrap_or("");
-            (vec![("node", id.as_str()), ("role", role)], gauge(1))
+        led.iter().flat_map(|(v, members)| {
+            members.iter().map(|(id, m)| {
+                let role = m["role"].as_str().unwrap_or("");
+                (
+                    labels(v, vec![("node", id.as_str()), ("role", role)]),
+                    gauge(1),
+                )
+            })
         }),
     )?;
     family(
@@ -273,11 +327,17 @@ fn cluster_families(
         "Log entries a member's log is behind the leader's (absent while the leader has no answer from it).",
         None,
         MetricType::Gauge,
-        nodes
-            .iter()
-            .zip(&ids)
-            .filter(|(m, _)| m["behind"].is_u64())
-            .map(|(m, id)| (vec![("node", id.as_str())], gauge(n(&m["behind"])))),
+        led.iter().flat_map(|(v, members)| {
+            members
+                .iter()
+                .filter(|(_, m)| m["behind"].is_u64())
+                .map(|(id, m)| {
+                    (
+                        labels(v, vec![("node", id.as_str())]),
+                        gauge(n(&m["behind"])),
+                    )
+                })
+        }),
     )
 }
 
@@ -616,7 +676,8 @@ impl Collector for RouterCollector {
         };
         disk_families(&mut enc, &shared.config.data, &files)?;
         if let Some(r) = &shared.config.replica {
-            cluster_families(&mut enc, &r.control.status(), true)?;
+            let status = r.control.status();
+            cluster_families(&mut enc, &group_views(&status, true))?;
             family(
                 &mut enc,
                 "switchyard_cluster_replicate",
@@ -937,7 +998,8 @@ impl std::fmt::Debug for FollowerCollector {
 
 impl Collector for FollowerCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        cluster_families(&mut enc, &(self.status)(), false)?;
+        let status = (self.status)();
+        cluster_families(&mut enc, &group_views(&status, false))?;
         disk_families(&mut enc, &self.data, &NODE_FILES)
     }
 }
