@@ -240,14 +240,21 @@ impl Cluster {
     }
 
     async fn client(&self) -> Arc<Client> {
+        Arc::new(self.group_client(0).await)
+    }
+
+    /// A client of group `group` (group 0's routes every topic to its
+    /// group itself).
+    async fn group_client(&self, group: u32) -> Client {
         let mut cfg = ClientConfig::new(self.addrs[0])
             .with_ca_file(self.cert())
             .with_token_file(self.nodes[0].dir.join("admin.token"))
             .unwrap()
-            .with_cluster(self.addrs.iter().copied());
+            .with_cluster(self.addrs.iter().copied())
+            .with_group(group);
         // Notice a killed leader within a second or two.
         cfg.idle_timeout = Duration::from_millis(1500);
-        Arc::new(Client::connect(cfg).await.unwrap())
+        Client::connect(cfg).await.unwrap()
     }
 }
 
@@ -1026,18 +1033,6 @@ async fn nodes_are_added_to_and_removed_from_every_group() {
     add_and_remove_a_node(3).await;
 }
 
-/// The client of group `group` of the cluster.
-async fn group_client(cluster: &Cluster, group: u32) -> Client {
-    let mut cfg = ClientConfig::new(cluster.addrs[0])
-        .with_ca_file(cluster.cert())
-        .with_token_file(cluster.nodes[0].dir.join("admin.token"))
-        .unwrap()
-        .with_cluster(cluster.addrs.iter().copied())
-        .with_group(group);
-    cfg.idle_timeout = Duration::from_millis(1500);
-    Client::connect(cfg).await.unwrap()
-}
-
 async fn add_and_remove_a_node(groups: u32) {
     let mut cluster = Cluster::start_groups(3, false, groups);
     let admin = cluster.client().await;
@@ -1165,7 +1160,7 @@ async fn add_and_remove_a_node(groups: u32) {
     // group's leader sees every log matched before the nodes stop.
     let mut leader = converged(&admin).await;
     for g in 1..groups {
-        converged(&group_client(&cluster, g).await).await;
+        converged(&cluster.group_client(g).await).await;
         leader = converged(&admin).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -198,7 +198,8 @@ pub(crate) fn untuned() -> Vec<Setting> {
 }
 
 /// Logs, once at startup, the settings of this machine that slow thread
-/// wake-ups or limit socket buffers. Never changes them: that is `switchyard tune --apply`'s job.
+/// wake-ups or limit socket buffers. Never changes them: that is
+/// `switchyard tune --apply`'s job.
 pub(crate) fn hint() {
     for s in untuned() {
         tracing::info!(

@@ -183,29 +183,37 @@ fn flusher(db: &Database, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
     }
 }
 
+impl LogStore {
+    /// The entries in `range`, in order, stopping before the entry that
+    /// would take their stored size past `budget` bytes (one at least).
+    fn read_entries(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+        budget: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.file.db.begin_read().map_err(read_error)?;
+        let table = txn.open_table(self.log()).map_err(read_error)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for row in table.range::<u64>(range).map_err(read_error)? {
+            let (_, v) = row.map_err(read_error)?;
+            bytes += v.value().len();
+            if bytes > budget && !out.is_empty() {
+                break;
+            }
+            out.push(postcard::from_bytes(v.value()).map_err(read_error)?);
+        }
+        Ok(out)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let start = match range.start_bound() {
-            Bound::Included(&s) => Bound::Included(s),
-            Bound::Excluded(&s) => Bound::Excluded(s),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&s) => Bound::Included(s),
-            Bound::Excluded(&s) => Bound::Excluded(s),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let txn = self.file.db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(self.log()).map_err(read_error)?;
-        let mut out = Vec::new();
-        for row in table.range::<u64>((start, end)).map_err(read_error)? {
-            let (_, v) = row.map_err(read_error)?;
-            out.push(postcard::from_bytes(v.value()).map_err(read_error)?);
-        }
-        Ok(out)
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.read_entries(range, usize::MAX)
     }
 
     /// The entries from `start` up to `end` (exclusive), or fewer: only
@@ -216,19 +224,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
-        let txn = self.file.db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(self.log()).map_err(read_error)?;
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for row in table.range::<u64>(start..end).map_err(read_error)? {
-            let (_, v) = row.map_err(read_error)?;
-            bytes += v.value().len();
-            if bytes > APPEND_BUDGET && !out.is_empty() {
-                break;
-            }
-            out.push(postcard::from_bytes(v.value()).map_err(read_error)?);
-        }
-        Ok(out)
+        let range = (Bound::Included(start), Bound::Excluded(end));
+        self.read_entries(range, APPEND_BUDGET)
     }
 }
 
