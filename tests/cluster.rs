@@ -883,7 +883,7 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     let n1 = cluster.nodes[0].dir.clone();
     leaders(&n1, None);
     // Every node serves its metrics, the ones leading groups 1 and 2 too,
-    // with each group's Raft state under a `group` label: one node
+    // with each group's Raft state under a `raft_group` label: one node
     // serves each group, and that node lists the group's members.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -893,10 +893,12 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
             let (code, body) = common::get_metrics(at, None).await;
             assert_eq!(code, 200, "node {}: {body}", n.id);
             for (g, on) in serving.iter_mut().enumerate() {
-                let term = format!("switchyard_cluster_term{{group=\"{g}\"}} ");
+                let term = format!("switchyard_cluster_term{{raft_group=\"{g}\"}} ");
                 assert!(body.contains(&term), "node {}: no {term}\n{body}", n.id);
-                if body.contains(&format!("switchyard_cluster_serving{{group=\"{g}\"}} 1")) {
-                    let member = format!("switchyard_cluster_member{{group=\"{g}\",node=");
+                if body.contains(&format!(
+                    "switchyard_cluster_serving{{raft_group=\"{g}\"}} 1"
+                )) {
+                    let member = format!("switchyard_cluster_member{{raft_group=\"{g}\",node=");
                     assert!(body.contains(&member), "node {}: no {member}\n{body}", n.id);
                     on.push(n.id);
                 }
@@ -977,6 +979,42 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     };
     for t in topics {
         publish(&n1, t, 1);
+    }
+    // Each group's router families are on the metrics of the node that
+    // leads it, under its `raft_group`: the 300 records of the group's
+    // topic at its partitions' ends, and the group's own database file.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut seen = [false; GROUPS];
+        for n in &cluster.nodes {
+            let at = SocketAddr::new(n.addr.ip(), n.addr.port() + 1);
+            let (_, body) = common::get_metrics(at, None).await;
+            for (g, t) in topics.iter().enumerate() {
+                let end = format!(
+                    "switchyard_partition_end_offset{{raft_group=\"{g}\",topic=\"{t}\",partition="
+                );
+                let ends: u64 = body
+                    .lines()
+                    .filter(|l| l.starts_with(&end))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum();
+                if ends == 300 {
+                    let file = format!(
+                        "switchyard_storage_file_bytes{{raft_group=\"{g}\",file=\"database\"}} "
+                    );
+                    assert!(body.contains(&file), "node {}: no {file}\n{body}", n.id);
+                    seen[g] = true;
+                }
+            }
+        }
+        if seen.iter().all(|s| *s) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every group's router families on the node leading it: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Kill -9 the node leading group 0, the one that places topics; the
     // CLI beside a surviving node goes on.

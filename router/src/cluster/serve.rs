@@ -31,7 +31,7 @@ use super::tls::NodeTls;
 use super::{ClusterNode, NodeConfig, NodeId, Timing};
 use crate::protocol::close;
 use crate::server::admission::PerAddress;
-use crate::server::metrics::{FollowerMetrics, serve_follower};
+use crate::server::metrics::{NodeMetrics, Routers, serve_node};
 use crate::server::placement::{GroupZero, Placement};
 use crate::server::{
     NodeClients, Replica, Router, RouterConfig, StartError, StepDownError, endpoint_config, tls,
@@ -183,7 +183,7 @@ pub async fn run(
             let bind = |source| StartError::MetricsBind { addr, source };
             let l = std::net::TcpListener::bind(addr).map_err(bind)?;
             l.set_nonblocking(true).map_err(bind)?;
-            Some(Arc::new(l))
+            Some(l)
         }
         None => None,
     };
@@ -246,13 +246,29 @@ pub async fn run(
     // Every group's Raft on this node, for `cluster status`.
     let rafts: Arc<Vec<(GroupId, super::Raft)>> =
         Arc::new(nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect());
+    // The metrics address is the node's, served for its life whether it
+    // leads any group or none, with the families of every router it runs.
+    let routers: Routers = Routers::default();
+    let metrics_task = metrics.and_then(|l| {
+        let status = {
+            let rafts = rafts.clone();
+            Box::new(move || node_status(0, &rafts[0].1, &rafts))
+        };
+        serve_metrics(
+            &cfg,
+            l,
+            &nodes[&0],
+            status,
+            groups,
+            routers.clone(),
+            stop.subscribe(),
+        )
+    });
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
-        // The metrics listener is group 0's: its router's while it leads.
-        let metrics = (*group == 0).then(|| metrics.clone()).flatten();
         let placement = zero
             .as_ref()
             .map(|zero| Placement::new(*group, groups, zero.clone()));
-        lead(&cfg, node, &dispatch, &rafts, metrics, placement, &stop)
+        lead(&cfg, node, &dispatch, &rafts, &routers, placement, &stop)
     }));
     let stopper = async {
         tokio::select! {
@@ -263,6 +279,15 @@ pub async fn run(
     };
     let ((), results) = tokio::join!(stopper, leads);
     drop(balancer);
+    if let Some(task) = metrics_task {
+        // A scrape in progress has a second to finish.
+        if tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a metrics scrape outlived the node");
+        }
+    }
     accepting.abort();
     clients.close(close::NOT_LEADER.into(), b"");
     let _ = tokio::time::timeout(Duration::from_secs(1), clients.wait_idle()).await;
@@ -292,7 +317,7 @@ async fn lead(
     node: &ClusterNode,
     dispatch: &Arc<Dispatch>,
     rafts: &Arc<Vec<(GroupId, super::Raft)>>,
-    metrics: Option<Arc<std::net::TcpListener>>,
+    routers: &Routers,
     placement: Option<Placement>,
     stop: &watch::Sender<bool>,
 ) -> Result<(), StartError> {
@@ -306,17 +331,11 @@ async fn lead(
     loop {
         // Following: the dispatcher points clients at the leader until
         // this node leads.
-        let follower_metrics = metrics
-            .as_ref()
-            .and_then(|l| FollowerEndpoint::start(cfg, node, rafts, l));
         let ready = tokio::select! {
             _ = stopping.wait_for(|s| *s) => Ok(false),
             () = until_ready_leader(node) => Ok(true),
             why = raft_stopped(node) => Err(why),
         };
-        if let Some(m) = follower_metrics {
-            m.stop();
-        }
         match ready {
             Ok(true) => {}
             Ok(false) => return Ok(()),
@@ -336,11 +355,11 @@ async fn lead(
             node.handover().gate(),
         );
         let mut rc = cfg.router.clone();
+        // The node serves the metrics address for every router it runs.
+        rc.metrics = None;
         if group != 0 {
-            // The node's metrics address and console are group 0's
-            // router's: another group's router binding them too would
-            // find them taken and stop the node.
-            rc.metrics = None;
+            // The console is group 0's router's: another group's router
+            // binding it too would find it taken and stop the node.
             rc.console = None;
         }
         rc.replica = Some(Replica {
@@ -354,7 +373,6 @@ async fn lead(
             }),
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
-            metrics: metrics.clone(),
             placement: placement.clone(),
         });
         let opening = std::time::Instant::now();
@@ -368,6 +386,10 @@ async fn lead(
             }
         };
         tracing::info!(node = cfg.node_id, group, term, opened_in = ?opening.elapsed(), "leading: serving clients");
+        routers
+            .lock()
+            .expect("routers lock")
+            .insert(group, router.metrics_source());
         let ending = tokio::select! {
             _ = stopping.wait_for(|s| *s) => Ending::Shutdown,
             () = until_not_leader(node, term) => Ending::Handover,
@@ -399,6 +421,7 @@ async fn lead(
         // New connections are redirected from now on; those already
         // handed to the router and not yet taken come back to be.
         dispatch.unroute(group);
+        routers.lock().expect("routers lock").remove(&group);
         // A commit queued before the stop waits for a majority; if that
         // majority is gone it never comes, so after a while the waiting
         // commits are refused (nothing of them was acknowledged), which
@@ -691,71 +714,49 @@ async fn until_not_leader(node: &ClusterNode, term: u64) {
     }
 }
 
-/// A following node's `/metrics`, on the node's metrics listener.
-struct FollowerEndpoint {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FollowerEndpoint {
-    fn start(
-        cfg: &ClusterServe,
-        node: &ClusterNode,
-        rafts: &Arc<Vec<(GroupId, super::Raft)>>,
-        listener: &std::net::TcpListener,
-    ) -> Option<FollowerEndpoint> {
-        let listener = match listener
-            .try_clone()
-            .and_then(tokio::net::TcpListener::from_std)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "follower metrics not served");
-                return None;
-            }
-        };
-        let raft = node.raft().clone();
-        let db = node.state().database().clone();
-        let (auth, data) = (cfg.router.auth.clone(), cfg.router.data.clone());
-        let metrics = FollowerMetrics {
-            status: {
-                let (group, rafts) = (node.group(), rafts.clone());
-                Box::new(move || node_status(group, &raft, &rafts))
-            },
-            data: cfg.router.data.clone(),
-            admits: Box::new(move |token| {
-                crate::auth::token_may(
-                    &auth,
-                    &data,
-                    crate::auth::stored_principals(&db),
-                    token,
-                    crate::auth::Class::ClusterAdmin,
-                    "*",
-                )
-            }),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve_follower(listener, metrics, async move {
-            let _ = stopped.await;
-        }));
-        Some(FollowerEndpoint { stop, task })
-    }
-
-    /// Stops accepting at once; a scrape in progress has a second to
-    /// finish in the background, so a new leader's router does not wait
-    /// for it.
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let mut task = self.task;
-        tokio::spawn(async move {
-            if tokio::time::timeout(Duration::from_secs(1), &mut task)
-                .await
-                .is_err()
-            {
-                task.abort();
-            }
-        });
-    }
+/// Serves the node's `/metrics` on `listener` until `stop` is set: the
+/// families of every router in `routers`, the node's place in each group
+/// (`status`), and its files; bound beyond loopback, to the tokens of
+/// `cluster-admin` principals in the node's replica of group 0.
+fn serve_metrics(
+    cfg: &ClusterServe,
+    listener: std::net::TcpListener,
+    zero: &ClusterNode,
+    status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    groups: GroupId,
+    routers: Routers,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics not served");
+            return None;
+        }
+    };
+    let db = zero.state().database().clone();
+    let (auth, data) = (cfg.router.auth.clone(), cfg.router.data.clone());
+    let metrics = NodeMetrics {
+        status,
+        data: cfg.router.data.clone(),
+        databases: (0..groups)
+            .map(|g| (g, group_dir(&cfg.router.data, g).join("switchyard.redb")))
+            .collect(),
+        routers,
+        admits: Box::new(move |token| {
+            crate::auth::token_may(
+                &auth,
+                &data,
+                crate::auth::stored_principals(&db),
+                token,
+                crate::auth::Class::ClusterAdmin,
+                "*",
+            )
+        }),
+    };
+    Some(tokio::spawn(serve_node(listener, metrics, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })))
 }
 
 /// The node's client endpoint, shared by its groups: it reads the group a

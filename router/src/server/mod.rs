@@ -172,9 +172,6 @@ pub struct Replica {
     /// between leaderships (rebinding waited for the old socket's
     /// connections to drain).
     pub clients: NodeClients,
-    /// The node's metrics listener, bound once for the same reason (the
-    /// node serves its follower metrics on it between leaderships).
-    pub metrics: Option<Arc<std::net::TcpListener>>,
     /// On a cluster of several groups: this router's group, and the
     /// node's replica of group 0, which holds the cluster's principals
     /// (followed by the other groups' routers) and the topic assignment
@@ -386,6 +383,9 @@ pub struct Router {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     storage: Storage,
+    /// What `/metrics` reads; a cluster node serves it for every router
+    /// it runs (`Router::metrics_source`).
+    shared: std::sync::Weak<Shared>,
 }
 
 impl Router {
@@ -536,11 +536,7 @@ impl Router {
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics {
             let bind = |source| StartError::MetricsBind { addr, source };
-            let bound = match config.replica.as_ref().and_then(|r| r.metrics.as_ref()) {
-                Some(l) => l.try_clone().and_then(tokio::net::TcpListener::from_std),
-                None => tokio::net::TcpListener::bind(addr).await,
-            };
-            let listener = match bound {
+            let listener = match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => {
                     storage.shutdown().await;
@@ -572,6 +568,7 @@ impl Router {
             ));
         }
         let storage_handle = storage.clone();
+        let weak = Arc::downgrade(&shared);
         let task = tokio::spawn(serve(source, shared, storage));
         tracing::info!(%local_addr, cert = %paths.cert.display(), "router listening");
         Ok(Router {
@@ -584,6 +581,7 @@ impl Router {
             shutdown,
             task,
             storage: storage_handle,
+            shared: weak,
         })
     }
 
@@ -593,6 +591,12 @@ impl Router {
     /// restarts it and recovery replays what was synced.
     pub async fn storage_failed(&self) -> Arc<str> {
         self.storage.wait_failed().await
+    }
+
+    /// The router's state as its metrics read it, for a cluster node's
+    /// `/metrics`, which serves every router the node runs.
+    pub(crate) fn metrics_source(&self) -> std::sync::Weak<Shared> {
+        self.shared.clone()
     }
 
     /// The bound address (useful with port 0).
