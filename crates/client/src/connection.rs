@@ -295,6 +295,11 @@ pub(crate) struct Route {
     /// follows a redirect there: the others name it only if they hear
     /// from it).
     silent: Option<(SocketAddr, Instant)>,
+    /// A handshake was given up on (a node that did not answer in time,
+    /// or one that lost a race): its connection lingers in the endpoint
+    /// until its own timers end it, so closing the client does not wait
+    /// for the endpoint to fall idle ([`Client::close`]).
+    abandoned: bool,
 }
 
 /// How long a node that went silent is passed over: about as long as the
@@ -313,6 +318,7 @@ impl Route {
             quic: quic_config(tls, cfg.idle_timeout)?,
             cluster_quic,
             silent: None,
+            abandoned: false,
         })
     }
 
@@ -329,6 +335,26 @@ impl Route {
             .map(|k| nodes[(at + k) % nodes.len()])
             .find(|a| Some(*a) != skip)
             .unwrap_or(nodes[(at + 1) % nodes.len()]);
+    }
+
+    /// The nodes in the order to try them: the target, then the others
+    /// from there on, one that went silent a moment ago last.
+    fn order(&self, cfg: &ClientConfig) -> Vec<SocketAddr> {
+        let nodes = self.nodes(cfg);
+        let mut order = vec![self.target];
+        match nodes.iter().position(|a| *a == self.target) {
+            Some(at) => order.extend((1..nodes.len()).map(|k| nodes[(at + k) % nodes.len()])),
+            // A leader named in a redirect, not among the nodes.
+            None => order.extend(nodes),
+        }
+        if let Some((silent, since)) = self.silent
+            && since.elapsed() < SILENT_SKIP
+            && let Some(i) = order.iter().position(|a| *a == silent)
+        {
+            let a = order.remove(i);
+            order.push(a);
+        }
+        order
     }
 
     /// Every node worth trying, the configured ones first.
@@ -614,6 +640,17 @@ impl Client {
         let groups = (shared.cfg.group == 0 && info.groups > 1).then(|| {
             let mut cfg = shared.cfg.clone();
             cfg.cluster.extend(info.cluster.iter().copied());
+            // Each group's client starts at the node this one reached,
+            // which answers (the address configured first may be a node
+            // that is down), and keeps the cluster's timing, as this one
+            // switched to on finding the cluster.
+            if !cfg.cluster.contains(&cfg.addr) {
+                cfg.cluster.push(cfg.addr);
+            }
+            cfg.addr = link.conn.remote_address();
+            if cfg.idle_timeout == DEFAULT_IDLE_TIMEOUT {
+                cfg.idle_timeout = CLUSTER_IDLE_TIMEOUT;
+            }
             Groups {
                 count: info.groups,
                 cfg,
@@ -1233,8 +1270,16 @@ impl Client {
                 "client closed".into(),
             )));
         self.shared.want.notify_one();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        // Waits for the close to reach the router (the endpoint falls idle
+        // once it has); a handshake given up on lingers in the endpoint
+        // for seconds, so then only briefly (the close is sent at once).
+        let abandoned = self.shared.route.lock().expect("route lock").abandoned;
+        let grace = if abandoned {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(2)
+        };
+        let _ = tokio::time::timeout(grace, self.shared.endpoint.wait_idle()).await;
     }
 }
 
@@ -1283,58 +1328,110 @@ impl From<ClientError> for Handshake {
     }
 }
 
+/// How long a cluster node is given to answer before the next is tried
+/// beside it. A loopback or LAN handshake takes a few milliseconds, so a
+/// node silent this long is probably down; if it answers after all, the
+/// first answer wins either way. Without it, every connection made while
+/// a node is down (each command of the CLI, each group's) waited out that
+/// node's whole handshake limit first.
+const HEAD_START: Duration = Duration::from_millis(200);
+
 /// Connects to the router, or to a cluster's leader: follows redirects
 /// from nodes that do not lead, waits out an election (up to 15 s), and
 /// tries the other nodes (configured, or named by the cluster in an
-/// earlier handshake) when one cannot be reached.
+/// earlier handshake) when one does not answer: each after the one before
+/// had [`HEAD_START`] to answer, all racing, the first answer winning.
 async fn connect_any(
     cfg: &ClientConfig,
     endpoint: &quinn::Endpoint,
     route: &Mutex<Route>,
     generation: u64,
 ) -> Result<Arc<Link>, ClientError> {
+    use futures::StreamExt as _;
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut unreachable = 0;
     loop {
-        let (addr, nodes, quic) = {
+        let (order, quic) = {
             let r = route.lock().expect("route lock");
-            (r.target, r.nodes(cfg), r.quic.clone())
+            (r.order(cfg), r.quic.clone())
         };
-        let next = || route.lock().expect("route lock").advance(cfg);
-        match handshake(cfg, addr, endpoint, &quic, generation, nodes.len() > 1).await {
-            Ok(link) => {
-                if !route.lock().expect("route lock").learn(&link.info.cluster) {
-                    return Ok(link);
+        let many = order.len() > 1;
+        let attempt = |addr: SocketAddr| {
+            let quic = quic.clone();
+            async move {
+                let r = handshake(cfg, addr, endpoint, &quic, generation, many).await;
+                (addr, r)
+            }
+        };
+        let mut racing = futures::stream::FuturesUnordered::new();
+        racing.push(attempt(order[0]));
+        let (mut started, mut electing) = (1, false);
+        let mut unreachable: Option<ClientError> = None;
+        // What the round came to: a connection, a leader to follow, or
+        // no node that could serve.
+        let follow = loop {
+            let head_start = tokio::time::sleep(HEAD_START);
+            tokio::select! {
+                Some((addr, r)) = racing.next() => match r {
+                    Ok(link) => {
+                        let mut r = route.lock().expect("route lock");
+                        r.target = addr;
+                        r.abandoned |= !racing.is_empty() || unreachable.is_some();
+                        if !r.learn(&link.info.cluster) {
+                            return Ok(link);
+                        }
+                        // Found a cluster with single-router timing: the
+                        // next connection uses the cluster's, so that a
+                        // leader that dies is noticed in seconds. Once
+                        // per client.
+                        tracing::debug!(%addr, nodes = ?link.info.cluster, "connected to a cluster; reconnecting with cluster timing");
+                        link.conn
+                            .close(close::NORMAL.into(), b"reconnecting with cluster timing");
+                        break None;
+                    }
+                    Err(Handshake::NotLeader(Some(leader))) if leader != addr => {
+                        tracing::debug!(%addr, %leader, "not the leader; following");
+                        break Some(leader);
+                    }
+                    // Between leaders: this node knows none yet.
+                    Err(Handshake::NotLeader(_)) => electing = true,
+                    Err(Handshake::Failed(e @ ClientError::Connect { .. })) if many => {
+                        route.lock().expect("route lock").abandoned = true;
+                        unreachable = Some(e);
+                    }
+                    Err(Handshake::Failed(e)) => return Err(e),
+                },
+                () = head_start, if started < order.len() => {}
+                else => {}
+            }
+            // The next node starts once the last had its head start, or
+            // at once when an answer came without a connection.
+            if started < order.len() {
+                racing.push(attempt(order[started]));
+                started += 1;
+            } else if racing.is_empty() {
+                // Every node answered or failed to; none serves.
+                if !electing {
+                    return Err(unreachable.unwrap_or_else(|| {
+                        ClientError::ConnectionLost(format!("no node of {order:?} serves"))
+                    }));
                 }
-                // Found a cluster with single-router timing: the next
-                // connection uses the cluster's, so that a leader that
-                // dies is noticed in seconds. Once per client.
-                tracing::debug!(%addr, nodes = ?link.info.cluster, "connected to a cluster; reconnecting with cluster timing");
-                link.conn
-                    .close(close::NORMAL.into(), b"reconnecting with cluster timing");
-            }
-            Err(Handshake::NotLeader(Some(leader))) if leader != addr => {
-                tracing::debug!(%addr, %leader, "not the leader; following");
-                route.lock().expect("route lock").target = leader;
-                unreachable = 0;
-            }
-            Err(Handshake::NotLeader(_)) => {
                 if Instant::now() >= deadline {
                     return Err(ClientError::ConnectionLost(format!(
-                        "no cluster leader among {nodes:?} within 15 s"
+                        "no cluster leader among {order:?} within 15 s"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                next();
+                route.lock().expect("route lock").advance(cfg);
+                break None;
             }
-            Err(Handshake::Failed(e @ ClientError::Connect { .. })) if nodes.len() > 1 => {
-                unreachable += 1;
-                if unreachable >= nodes.len() {
-                    return Err(e);
-                }
-                next();
+        };
+        if let Some(leader) = follow {
+            if Instant::now() >= deadline {
+                return Err(ClientError::ConnectionLost(format!(
+                    "no cluster leader among {order:?} within 15 s: redirected to {leader} again and again"
+                )));
             }
-            Err(Handshake::Failed(e)) => return Err(e),
+            route.lock().expect("route lock").target = leader;
         }
     }
 }
@@ -1606,6 +1703,7 @@ mod tests {
             },
             cluster_quic: None,
             silent: None,
+            abandoned: false,
         }
     }
 
@@ -1629,6 +1727,25 @@ mod tests {
         assert_eq!(r.target, a[2]);
         r.advance(&cfg);
         assert_eq!(r.target, a[0]);
+    }
+
+    /// Every node is raced in turn, from the target on; one gone silent
+    /// a moment ago last, and a leader named by a redirect first.
+    #[test]
+    fn nodes_are_tried_from_the_target_on_a_silent_one_last() {
+        let a: Vec<SocketAddr> = (0..4)
+            .map(|i| format!("127.0.0.1:{}", 7400 + i).parse().unwrap())
+            .collect();
+        let cfg = ClientConfig::new(a[0]).with_cluster(a[..3].to_vec());
+        let mut r = route(&cfg);
+        assert_eq!(r.order(&cfg), [a[0], a[1], a[2]]);
+        r.target = a[1];
+        assert_eq!(r.order(&cfg), [a[1], a[2], a[0]]);
+        r.silent = Some((a[2], Instant::now()));
+        assert_eq!(r.order(&cfg), [a[1], a[0], a[2]]);
+        r.silent = None;
+        r.target = a[3];
+        assert_eq!(r.order(&cfg), [a[3], a[0], a[1], a[2]]);
     }
 
     #[test]
