@@ -39,8 +39,15 @@ pub struct GroupView {
 /// leads, and the voter of it to hand it to. Some voter must lead at
 /// least two fewer groups than `me` (a move to one that leads one fewer
 /// would only swap the two); among those, the one leading fewest, then
-/// the lowest id, takes the lowest-numbered group.
-pub fn next_move(me: NodeId, views: &[GroupView]) -> Option<(GroupId, NodeId)> {
+/// the lowest id, takes the lowest-numbered group. Only a voter that is
+/// `live` (answering this node) is handed a group: a move holds the
+/// group's writes back until the target has the whole log, which one that
+/// is down never will.
+pub fn next_move(
+    me: NodeId,
+    views: &[GroupView],
+    live: &dyn Fn(NodeId) -> bool,
+) -> Option<(GroupId, NodeId)> {
     let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
     for v in views {
         for &voter in &v.voters {
@@ -58,7 +65,7 @@ pub fn next_move(me: NodeId, views: &[GroupView]) -> Option<(GroupId, NodeId)> {
         .flat_map(|v| {
             v.voters
                 .iter()
-                .filter(|&&to| to != me)
+                .filter(|&&to| to != me && live(to))
                 .map(move |&to| (leads[&to], to, v.group))
         })
         .filter(|&(n, _, _)| n + 2 <= own)
@@ -83,28 +90,54 @@ fn views(groups: &[(GroupId, Handover)]) -> Vec<GroupView> {
         .collect()
 }
 
+/// How recently a voter must have answered this node to be handed a
+/// group: ten heartbeats.
+const LIVE: Duration = Duration::from_secs(1);
+
 /// Runs [`next_move`] for one node's groups every `every`, until dropped.
 pub struct Balancer {
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Balancer {
-    /// Starts balancing node `me`'s `groups`.
+    /// Starts balancing node `me`'s `groups`. A move that fails (the
+    /// target did not catch up in time) held the group's writes back
+    /// while it ran, so the next is tried only after a pause that doubles
+    /// with each failure, up to 32 times `every`.
     pub fn spawn(me: NodeId, groups: Vec<(GroupId, Handover)>, every: Duration) -> Balancer {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failed = 0u32;
             loop {
                 tick.tick().await;
-                let Some((group, to)) = next_move(me, &views(&groups)) else {
+                let live = |node| {
+                    groups
+                        .first()
+                        .is_some_and(|(_, h)| h.answered_within(node, LIVE))
+                };
+                let Some((group, to)) = next_move(me, &views(&groups), &live) else {
                     continue;
                 };
                 let Some((_, handover)) = groups.iter().find(|(g, _)| *g == group) else {
                     continue;
                 };
                 match handover.hand_over(Some(to)).await {
-                    Some(now) => tracing::info!(group, to = now, "leadership moved to spread it"),
-                    None => tracing::debug!(group, to, "leadership did not move; trying later"),
+                    Some(now) => {
+                        failed = 0;
+                        tracing::info!(group, to = now, "leadership moved to spread it");
+                    }
+                    None => {
+                        failed = (failed + 1).min(5);
+                        let pause = every * (1 << failed);
+                        tracing::info!(
+                            group,
+                            to,
+                            ?pause,
+                            "leadership did not move; trying again later"
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
         });
@@ -134,22 +167,22 @@ mod tests {
     #[test]
     fn a_node_leading_every_group_gives_one_to_a_node_leading_none() {
         let views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 1)).collect();
-        assert_eq!(next_move(1, &views), Some((0, 2)));
+        assert_eq!(next_move(1, &views, &|_| true), Some((0, 2)));
         // The others lead nothing, so they have nothing to move.
         let views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 2)).collect();
-        assert_eq!(next_move(2, &views), None);
+        assert_eq!(next_move(2, &views, &|_| true), None);
     }
 
     #[test]
     fn moves_stop_once_no_voter_leads_two_fewer() {
         // 2 / 1 / 0: the node leading two gives one to the one leading none.
         let views = vec![view(0, 1, 1), view(1, 1, 1), view(2, 2, 1)];
-        assert_eq!(next_move(1, &views), Some((0, 3)));
+        assert_eq!(next_move(1, &views, &|_| true), Some((0, 3)));
         // 1 / 1 / 1 and 2 / 1 / 1 (four groups) are as even as they get.
         let views = vec![view(0, 1, 1), view(1, 2, 1), view(2, 3, 1)];
-        assert_eq!(next_move(1, &views), None);
+        assert_eq!(next_move(1, &views, &|_| true), None);
         let views = vec![view(0, 1, 1), view(1, 1, 1), view(2, 2, 1), view(3, 3, 1)];
-        assert_eq!(next_move(1, &views), None);
+        assert_eq!(next_move(1, &views, &|_| true), None);
     }
 
     #[test]
@@ -176,7 +209,20 @@ mod tests {
                 voters: vec![1, 2],
             },
         ];
-        assert_eq!(next_move(1, &views), None);
+        assert_eq!(next_move(1, &views, &|_| true), None);
+    }
+
+    /// A node that is down leads nothing, but is handed nothing either:
+    /// the move would hold the group's writes until it timed out.
+    #[test]
+    fn a_voter_that_does_not_answer_is_handed_nothing() {
+        // Node 1 is down; node 2 leads two groups, node 3 one.
+        let views = vec![view(0, 2, 2), view(1, 2, 2), view(2, 3, 2)];
+        assert_eq!(next_move(2, &views, &|_| true), Some((0, 1)));
+        assert_eq!(next_move(2, &views, &|n| n != 1), None);
+        // Every group on node 2: one goes to node 3, not to node 1.
+        let views: Vec<GroupView> = (0..3).map(|g| view(g, 2, 2)).collect();
+        assert_eq!(next_move(2, &views, &|n| n != 1), Some((0, 3)));
     }
 
     #[test]
@@ -184,6 +230,6 @@ mod tests {
         let mut views: Vec<GroupView> = (0..3).map(|g| view(g, 1, 1)).collect();
         views[2].leader = None;
         views[2].mine = false;
-        assert_eq!(next_move(1, &views), Some((0, 2)));
+        assert_eq!(next_move(1, &views, &|_| true), Some((0, 2)));
     }
 }

@@ -322,6 +322,8 @@ struct HostInner {
     /// The connection to each peer, by its Raft address (a failed one is
     /// replaced on the next RPC).
     peers: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// When each peer last answered an RPC of any group from this node.
+    answered: Mutex<HashMap<NodeId, std::time::Instant>>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -339,12 +341,25 @@ impl RaftHost {
                 groups: Mutex::default(),
                 registered: tokio::sync::Notify::new(),
                 peers: Mutex::default(),
+                answered: Mutex::default(),
                 server: Mutex::default(),
             }),
         };
         let serving = tokio::spawn(serve(host.inner.endpoint.clone(), host.clone()));
         *host.inner.server.lock().expect("host lock") = Some(serving);
         Ok(host)
+    }
+
+    /// Whether node `node` answered an RPC from this node (of any group)
+    /// within the last `within`: a leader hears from each follower at
+    /// every heartbeat, so one silent for longer is probably down.
+    pub fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        self.inner
+            .answered
+            .lock()
+            .expect("host lock")
+            .get(&node)
+            .is_some_and(|t| t.elapsed() < within)
     }
 
     /// The address it listens on.
@@ -604,6 +619,12 @@ pub struct Network {
 }
 
 impl Network {
+    /// Whether node `node` answered this node lately
+    /// ([`RaftHost::answered_within`]).
+    pub fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        self.host.answered_within(node, within)
+    }
+
     /// A client of node `target`, whose Raft address is `addr`.
     pub fn peer(&self, target: NodeId, addr: &str) -> PeerClient {
         PeerClient {
@@ -744,7 +765,17 @@ impl PeerClient {
             self.call_once(&request, file).await
         };
         match tokio::time::timeout(ttl, run).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if r.is_ok() {
+                    self.host
+                        .inner
+                        .answered
+                        .lock()
+                        .expect("host lock")
+                        .insert(self.target, std::time::Instant::now());
+                }
+                r
+            }
             Err(_) => Err(Failure::Unreachable(format!(
                 "node {} did not answer within {ttl:?}",
                 self.target

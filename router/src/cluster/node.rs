@@ -565,6 +565,12 @@ impl Handover {
         self.gate.clone()
     }
 
+    /// Whether voter `node` answered this node's Raft RPCs within the last
+    /// `within` (the balancer hands leadership only to one that did).
+    pub fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        node == self.id || self.network.answered_within(node, within)
+    }
+
     /// Hands this group's leadership to another voter (to `to`, if given):
     /// waits until that voter holds the whole log, then asks it to stand for
     /// election at once (Raft's TimeoutNow). This leader grants it its vote
