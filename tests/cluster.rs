@@ -1059,7 +1059,7 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     }
     eprintln!("`topic list` with its first address down took {took:?}");
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(2),
         "`topic list` waited {took:?} for a node that is down"
     );
     for t in topics {

@@ -1425,6 +1425,11 @@ async fn connect_any(
                 break None;
             }
         };
+        if !racing.is_empty() {
+            // Handshakes still under way when a redirect came.
+            route.lock().expect("route lock").abandoned = true;
+        }
+        drop(racing);
         if let Some(leader) = follow {
             if Instant::now() >= deadline {
                 return Err(ClientError::ConnectionLost(format!(
