@@ -676,6 +676,24 @@ fn logs_redirected_to_a_file_carry_no_colour_codes_and_counts_read_right() {
     let (dir, _, r) = router_in_tempdir();
     let out = ok(&cli(&r, dir.path(), &["topic", "create", "one"], None));
     assert_eq!(out.trim(), "created topic one with 1 partition");
+    // A script that asks for three copies stops on a single router,
+    // which keeps one, before it makes an unreplicated topic.
+    let three = cli(
+        &r,
+        dir.path(),
+        &["topic", "create", "safe", "--replication-factor", "3"],
+        None,
+    );
+    assert!(!three.status.success());
+    let err = String::from_utf8_lossy(&three.stderr);
+    assert!(
+        err.contains("replication factor 3 is not available here"),
+        "{err}"
+    );
+    let list = ok(&cli(&r, dir.path(), &["topic", "list"], None));
+    assert!(!list.contains("safe"), "{list}");
+    let one = ["topic", "create", "safe", "--replication-factor", "1"];
+    ok(&cli(&r, dir.path(), &one, None));
     // A router whose log goes to a pipe, not a terminal.
     let other = dir.path().join("other");
     let mut child = Command::new(router_bin())

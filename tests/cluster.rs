@@ -930,8 +930,31 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     }
     let topics = ["orders", "payments", "audit"];
     for t in topics {
-        succeed(&mut cli(&n1, &["topic", "create", t, "--partitions", "2"]));
+        let out = succeed(&mut cli(
+            &n1,
+            &[
+                "topic",
+                "create",
+                t,
+                "--partitions",
+                "2",
+                "--replication-factor",
+                "3",
+            ],
+        ));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("(replication factor 3)"), "{said}");
     }
+    // A factor the cluster does not give is refused, and nothing made.
+    let two = cli(
+        &n1,
+        &["topic", "create", "few", "--replication-factor", "2"],
+    )
+    .output()
+    .unwrap();
+    assert!(!two.status.success());
+    let err = String::from_utf8_lossy(&two.stderr);
+    assert!(err.contains("each of its 3 voting nodes"), "{err}");
     // Group 0 placed them one per group (the least-loaded first).
     let admin = cluster.client().await;
     let mut placed = Vec::new();
@@ -1064,6 +1087,29 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     );
     for t in topics {
         publish(&alive, t, 301);
+    }
+    // `topic describe` names each topic's replicas, and the killed node
+    // among them as not in sync (it missed the records just published).
+    for t in topics {
+        let out = succeed(&mut cli(&alive, &["topic", "describe", t]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("replicas:"))
+            .unwrap_or_else(|| panic!("no replicas in:\n{text}"));
+        assert!(
+            line.contains("nodes 1, 2, 3 (replication factor 3)"),
+            "{line}"
+        );
+        let in_sync: Vec<u64> = line
+            .split("in sync: ")
+            .nth(1)
+            .and_then(|r| r.split(" (").next())
+            .map(|r| r.split(", ").filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        assert_eq!(in_sync.len(), 2, "{line}");
+        assert!(!in_sync.contains(&killed), "{line}");
+        assert!(line.contains(&format!("(node {killed} ")), "{line}");
     }
     for t in topics {
         let out = succeed(&mut cli(&alive, &["subscribe", t, "--count", "600"]));

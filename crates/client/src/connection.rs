@@ -946,6 +946,39 @@ impl Client {
         self.group_of(name, None).await
     }
 
+    /// How many copies the router keeps of each topic: 1 on a single
+    /// router; on a cluster, its voting nodes (every group has them all as
+    /// its members, so every topic has one copy on each).
+    pub async fn replication_factor(&self) -> Result<u32, ClientError> {
+        if self.info.cluster.is_empty() {
+            return Ok(1);
+        }
+        let status = self
+            .admin_here("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await?;
+        let voters = status["nodes"]
+            .as_array()
+            .map_or(0, |n| n.iter().filter(|n| n["role"] != "learner").count());
+        Ok(voters as u32)
+    }
+
+    /// Where topic `name` is replicated, on a cluster: its group's
+    /// Raft state as that group's leader sees it (`cluster_status`'s JSON:
+    /// `group`, `leader`, `term`, `committed`, and `nodes`, each replica's
+    /// role and how far its log is behind). `None` from a single router.
+    pub async fn topic_replicas(
+        &self,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, ClientError> {
+        if self.info.cluster.is_empty() {
+            return Ok(None);
+        }
+        let c = self.at(name, None).await?;
+        c.admin_here("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+            .map(Some)
+    }
+
     /// Describes one topic: partitions with start/end offsets and bytes.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
         let f = self

@@ -20,6 +20,12 @@ pub(super) enum TopicCommand {
         /// Delete the oldest records while a partition holds more bytes (0: no limit).
         #[arg(long, default_value_t = 0)]
         retention_bytes: u64,
+        /// Refuse to create the topic unless it gets this many copies: a
+        /// cluster replicates every topic to each of its voting nodes, a
+        /// single router keeps one (so a script written for a cluster of
+        /// three stops here rather than making an unreplicated topic).
+        #[arg(long)]
+        replication_factor: Option<u32>,
         #[command(flatten)]
         conn: ConnectArgs,
     },
@@ -63,15 +69,42 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             partitions,
             retention_ms,
             retention_bytes,
+            replication_factor,
             conn,
         } => {
             let c = conn.connect().await?;
+            let clustered = !c.server_info().cluster.is_empty();
+            let factor = c.replication_factor().await?;
+            if let Some(want) = replication_factor.filter(|w| *w != factor) {
+                c.close().await;
+                anyhow::bail!(
+                    "replication factor {want} is not available here: {}",
+                    if clustered {
+                        format!(
+                            "this cluster replicates every topic to each of its {factor} voting \
+                             nodes (replication factor {factor}); a factor other than the \
+                             cluster's size is not supported"
+                        )
+                    } else {
+                        "a single router keeps one copy (replication factor 1); run a cluster \
+                         for more (README, *A cluster*)"
+                            .to_string()
+                    }
+                );
+            }
             let t = c
                 .create_topic_with(&name, partitions, retention_ms, retention_bytes)
                 .await?;
             let n = t.partitions.len();
             let s = if n == 1 { "" } else { "s" };
-            println!("created topic {} with {n} partition{s}", t.name);
+            if clustered {
+                println!(
+                    "created topic {} with {n} partition{s} (replication factor {factor})",
+                    t.name
+                );
+            } else {
+                println!("created topic {} with {n} partition{s}", t.name);
+            }
             c.close().await;
         }
         TopicCommand::List { conn } => {
@@ -96,7 +129,9 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Describe { name, conn } => {
             let c = conn.connect().await?;
-            print_topic(&c.describe_topic(&name).await?);
+            let info = c.describe_topic(&name).await?;
+            let replicas = c.topic_replicas(&name).await?;
+            print_topic(&info, replicas.as_ref());
             c.close().await;
         }
         TopicCommand::Delete { name, conn } => {
@@ -128,7 +163,63 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_topic(t: &TopicInfo) {
+/// A clustered topic's replicas, from its group's status as the group's
+/// leader sees it: which nodes hold it, which lead it, and which hold
+/// every committed entry (in sync) — a replica that is behind or does not
+/// answer is one copy fewer should another node be lost.
+fn print_replicas(group: &serde_json::Value) {
+    let nodes = group["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let committed = group["committed"].as_u64().unwrap_or(0);
+    let voters: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["role"] != "learner").collect();
+    let id = |n: &serde_json::Value| n["id"].as_u64().unwrap_or(0);
+    let in_sync = |n: &serde_json::Value| n["matched"].as_u64().is_some_and(|m| m >= committed);
+    println!(
+        "leader:     node {} (group {}, term {})",
+        group["leader"]
+            .as_u64()
+            .map_or("none".into(), |l| l.to_string()),
+        group["group"].as_u64().unwrap_or(0),
+        group["term"].as_u64().unwrap_or(0),
+    );
+    let list = |ns: &[&serde_json::Value]| {
+        ns.iter()
+            .map(|n| id(n).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let synced: Vec<&serde_json::Value> = voters.iter().copied().filter(|n| in_sync(n)).collect();
+    let lagging: Vec<String> = voters
+        .iter()
+        .filter(|n| !in_sync(n))
+        .map(|n| match n["behind"].as_u64() {
+            Some(1) => format!("node {} behind 1 entry", id(n)),
+            Some(b) => format!("node {} behind {b} entries", id(n)),
+            None => format!("node {} not answering", id(n)),
+        })
+        .collect();
+    println!(
+        "replicas:   nodes {} (replication factor {}); in sync: {}{}",
+        list(&voters),
+        voters.len(),
+        if synced.is_empty() {
+            "none".to_string()
+        } else {
+            list(&synced)
+        },
+        if lagging.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", lagging.join(", "))
+        }
+    );
+}
+
+/// A topic's description; on a cluster, `replicas` is its group's status
+/// ([`print_replicas`]).
+fn print_topic(t: &TopicInfo, replicas: Option<&serde_json::Value>) {
     let created = std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.created_ms);
     println!("topic:      {}", t.name);
     println!("created:    {}", humantime::format_rfc3339_millis(created));
@@ -145,6 +236,9 @@ fn print_topic(t: &TopicInfo) {
             format!("{} bytes per partition", t.retention_bytes)
         }
     );
+    if let Some(group) = replicas {
+        print_replicas(group);
+    }
     println!(
         "{:>9} {:>12} {:>12} {:>12}",
         "PARTITION", "START", "END", "BYTES"
