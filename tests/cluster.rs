@@ -1145,6 +1145,11 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     let out = succeed(&mut cli(&alive, &["cluster", "status"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("groups, as node"), "{text}");
+    // `status` shows the node's Raft log where a single router's journal
+    // would be (a cluster node has none).
+    let out = succeed(&mut cli(&alive, &["status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" · raft log "), "{text}");
 }
 
 fn cluster_addr(dir: &Path) -> String {

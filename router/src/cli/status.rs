@@ -260,12 +260,19 @@ pub(super) fn sections(s: &Value) -> Vec<Section> {
 /// The line above the tables: the router, its connections and storage.
 pub(super) fn summary(s: &Value) -> String {
     format!(
-        "{} · {} connection(s) · {} stream(s) · database {} · journal {} · free {}{}",
+        "{} · {} connection(s) · {} stream(s) · database {} · {} · free {}{}",
         s["server"].as_str().unwrap_or("switchyard"),
         cell(&s["connections"]),
         cell(&s["streams"]),
         bytes(s["storage"]["database_bytes"].as_u64().unwrap_or(0)),
-        bytes(s["storage"]["journal_bytes"].as_u64().unwrap_or(0)),
+        // A cluster node's commits are made durable in its Raft log.
+        match s["storage"]["raft_log_bytes"].as_u64() {
+            Some(n) => format!("raft log {}", bytes(n)),
+            None => format!(
+                "journal {}",
+                bytes(s["storage"]["journal_bytes"].as_u64().unwrap_or(0))
+            ),
+        },
         s["storage"]["free_bytes"]
             .as_u64()
             .map_or("?".into(), bytes),

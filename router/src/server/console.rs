@@ -390,11 +390,15 @@ async fn overview(
     let b = |v: &Value| v.as_u64().map_or("?".into(), crate::cli::human_bytes);
     let _ = write!(
         body,
-        "<p>{} · {} connection(s) · database {} · journal {} · free {}</p>",
+        "<p>{} · {} connection(s) · database {} · {} · free {}</p>",
         esc(&text(&st["server"])),
         text(&st["connections"]),
         b(&st["storage"]["database_bytes"]),
-        b(&st["storage"]["journal_bytes"]),
+        if st["storage"]["raft_log_bytes"].is_u64() {
+            format!("raft log {}", b(&st["storage"]["raft_log_bytes"]))
+        } else {
+            format!("journal {}", b(&st["storage"]["journal_bytes"]))
+        },
         b(&st["storage"]["free_bytes"]),
     );
     let rows: Vec<Vec<String>> = st["topics"]

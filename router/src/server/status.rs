@@ -122,15 +122,23 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
         .collect();
     let (db, journal) = storage.file_bytes();
     let s = &shared.stats;
+    let mut storage_json = json!({
+        "database_bytes": db, "journal_bytes": journal,
+        "free_bytes": storage.free_bytes(), "failed": storage.failed().map(|f| f.to_string()),
+    });
+    if shared.config.replica.is_some() {
+        // A cluster node has no journal: the Raft log, one file for all
+        // the node's groups, is where commits are made durable.
+        storage_json["raft_log_bytes"] = std::fs::metadata(shared.config.data.join("raft.redb"))
+            .map_or(0, |m| m.len())
+            .into();
+    }
     json!({
         "server": format!("switchyard {}", env!("CARGO_PKG_VERSION")),
         "time_ms": crate::storage::now_ms(),
         "connections": s.connections.load(Ordering::Relaxed),
         "streams": s.streams.load(Ordering::Relaxed),
-        "storage": {
-            "database_bytes": db, "journal_bytes": journal,
-            "free_bytes": storage.free_bytes(), "failed": storage.failed().map(|f| f.to_string()),
-        },
+        "storage": storage_json,
         "topics": topics_json,
         "groups": groups,
         "queues": queues,
