@@ -229,6 +229,9 @@ struct CheckArgs {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
+    if args.data.join("raft.redb").exists() {
+        return check_node(args);
+    }
     let report = crate::storage::check::check(&args.data, args.repair)?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -253,6 +256,74 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         }
     }
     let open = report.findings.iter().filter(|f| !f.repaired).count();
+    if open > 0 {
+        anyhow::bail!("{open} problem(s) left in {}", args.data.display());
+    }
+    if !args.json {
+        writeln!(out, "ok")?;
+    }
+    Ok(())
+}
+
+/// `switchyard check` of a cluster node's directory: each group's tables
+/// and the Raft log, verified; repairs are refused (a replica is rebuilt
+/// from the others, not patched behind its log).
+fn check_node(args: CheckArgs) -> anyhow::Result<()> {
+    use crate::storage::check::REPLACE_NODE;
+    if args.repair {
+        anyhow::bail!(
+            "{} is a cluster node's: --repair would change a replica behind its Raft log. \
+             Run `switchyard check` without it to see what is wrong; to fix a damaged node, {REPLACE_NODE}",
+            args.data.display()
+        );
+    }
+    let groups = match std::fs::read_to_string(args.data.join(crate::cluster::serve::GROUPS_FILE)) {
+        Ok(n) => n
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| anyhow::anyhow!("{}: not a number of groups", args.data.display()))?,
+        Err(_) => 1,
+    };
+    let report = crate::storage::check::check_node(&args.data, groups)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    }
+    let mut open = 0;
+    let findings = report
+        .groups
+        .iter()
+        .flat_map(|(_, r)| &r.findings)
+        .chain(&report.raft_log);
+    for f in findings {
+        if !f.repaired {
+            open += 1;
+        }
+        if !args.json {
+            let state = if f.repaired { "repaired" } else { "problem" };
+            writeln!(out, "{state}: {}: {}", f.file.display(), f.problem)?;
+            if !f.repaired {
+                writeln!(out, "  what to do: {}", f.action)?;
+            }
+        }
+    }
+    if !args.json {
+        for (g, r) in &report.groups {
+            writeln!(
+                out,
+                "checked {} group {g}: {} topic(s), {} partition(s), {} record checksum(s) verified",
+                args.data.display(),
+                r.topics,
+                r.partitions,
+                r.records
+            )?;
+        }
+        writeln!(
+            out,
+            "checked {}: the Raft log's pages",
+            args.data.join("raft.redb").display()
+        )?;
+    }
     if open > 0 {
         anyhow::bail!("{open} problem(s) left in {}", args.data.display());
     }

@@ -141,7 +141,7 @@ pub fn fixed_groups(data: &Path, groups: GroupId) -> Result<(), StartError> {
     match recorded {
         Some(n) if n == groups => Ok(()),
         Some(n) => Err(StartError::Config(format!(
-            "this node was made with {n} group(s) and cannot be started with {groups}:              the number of groups is fixed for a cluster's life (--groups {n})"
+            "this node was made with {n} group(s) and cannot be started with {groups}: the number of groups is fixed for a cluster's life (--groups {n})"
         ))),
         None => std::fs::write(&path, format!("{groups}\n"))
             .map_err(|e| StartError::Config(format!("{}: {e}", path.display()))),

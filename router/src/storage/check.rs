@@ -67,6 +67,86 @@ impl Report {
     }
 }
 
+/// What `check` found on a cluster node: each group's tables, and the
+/// node's Raft log (one file for all its groups).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct NodeReport {
+    /// Each group's report, by group.
+    pub groups: Vec<(u32, Report)>,
+    /// Problems of the Raft log file.
+    pub raft_log: Vec<Finding>,
+}
+
+/// Verifies a stopped cluster node's data directory `data`: the tables of
+/// each of its `groups` (group 0's in `data`, group N's in `g<N>/`), as
+/// [`check`] does a router's, and the Raft log file's pages. Nothing is
+/// repaired: a replica's tables follow its Raft log, and changing them
+/// behind it would make this copy differ from the others; a damaged node
+/// is replaced from them instead.
+pub fn check_node(data: &Path, groups: u32) -> Result<NodeReport, StorageError> {
+    let mut report = NodeReport::default();
+    for g in 0..groups {
+        let dir = match g {
+            0 => data.to_path_buf(),
+            g => data.join(format!("g{g}")),
+        };
+        let mut r = check(&dir, false)?;
+        // A replica's damage is mended from the other copies, not from a
+        // backup of this one.
+        for f in r.findings.iter_mut().filter(|f| !f.repaired) {
+            f.action = REPLACE_NODE.to_string();
+        }
+        report.groups.push((g, r));
+    }
+    let path = data.join("raft.redb");
+    let mut log = Report::default();
+    match guarded_panic(|| Database::builder().create(&path)) {
+        Ok(Ok(mut db)) => match guarded_panic(|| db.check_integrity()) {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => log.add(
+                &path,
+                "redb's allocator state needed repair".into(),
+                "none: redb repaired it",
+                true,
+            ),
+            Ok(Err(e)) => log.add(
+                &path,
+                format!("redb's integrity check failed: {e}"),
+                REPLACE_NODE,
+                false,
+            ),
+            Err(panic) => log.add(
+                &path,
+                format!("redb's integrity check met a damaged page ({panic})"),
+                REPLACE_NODE,
+                false,
+            ),
+        },
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            return Err(StorageError::InUse(path));
+        }
+        Ok(Err(e)) => log.add(
+            &path,
+            format!("the Raft log does not open: {e}"),
+            REPLACE_NODE,
+            false,
+        ),
+        Err(panic) => log.add(
+            &path,
+            format!("the Raft log does not open: a page is damaged ({panic})"),
+            REPLACE_NODE,
+            false,
+        ),
+    }
+    report.raft_log = log.findings;
+    Ok(report)
+}
+
+/// What to do about a damaged file of a cluster node.
+pub const REPLACE_NODE: &str = "replace the node from the others: `switchyard cluster remove-node \
+     --id N`, then `cluster add-node` a new one with an empty directory (it receives every \
+     group's data from the others)";
+
 /// Checks the data directory `data` of a stopped router; with `repair`,
 /// fixes what can be fixed without losing acknowledged data.
 pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
@@ -174,7 +254,15 @@ pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
     }
 
     let txn = db.begin_read()?;
-    let topics = txn.open_table(TOPICS)?;
+    let topics = match txn.open_table(TOPICS) {
+        Ok(t) => t,
+        // No table yet: a router that never committed, or a cluster node
+        // whose tables were last synced before its first entry was applied
+        // (a node's tables are synced now and then; its Raft log holds
+        // what came after, replayed at its next start).
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(report),
+        Err(e) => return Err(e.into()),
+    };
     let mut ids: HashMap<u32, (String, u32)> = HashMap::new();
     for e in topics.iter()? {
         let (k, v) = e?;
