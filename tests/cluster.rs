@@ -1145,6 +1145,15 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     let out = succeed(&mut cli(&alive, &["cluster", "status"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("groups, as node"), "{text}");
+    // Each group as its leader sees it: two of its three replicas in sync,
+    // the killed node's behind the records published since.
+    let in_sync: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("groups, as node"))
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(in_sync, ["2/3"; GROUPS], "{text}");
     // `status` shows the node's Raft log where a single router's journal
     // would be (a cluster node has none).
     let out = succeed(&mut cli(&alive, &["status"]));

@@ -962,6 +962,16 @@ impl Client {
         Ok(voters as u32)
     }
 
+    /// Group `group`'s Raft state as its leader sees it (`cluster_status`'s
+    /// JSON, with each member's lag, which only the group's leader knows);
+    /// group 0's on a single router or a cluster of one group.
+    pub async fn group_status(&self, group: u32) -> Result<serde_json::Value, ClientError> {
+        self.in_group(group)
+            .await?
+            .admin_here("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+    }
+
     /// Where topic `name` is replicated, on a cluster: its group's
     /// Raft state as that group's leader sees it (`cluster_status`'s JSON:
     /// `group`, `leader`, `term`, `committed`, and `nodes`, each replica's

@@ -389,9 +389,21 @@ fn dash(v: &serde_json::Value) -> String {
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = args.connect.connect().await?;
-    let v = client
+    let mut v = client
         .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
         .await?;
+    // Each group as its own leader sees it: only a group's leader knows
+    // how far each of its members is behind (a group whose leader does
+    // not answer keeps the view of the node asked first).
+    let groups = v["groups"].as_array().map_or(0, Vec::len);
+    for g in 1..groups {
+        if let Ok(mut s) = client.group_status(g as u32).await {
+            if let Some(o) = s.as_object_mut() {
+                o.remove("groups");
+            }
+            v["groups"][g] = s;
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -399,6 +411,26 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     print_status(&v, &mut out)?;
     Ok(())
+}
+
+/// How many of a group's voters hold every committed entry, of how
+/// many, from its status as its leader sees it (`None` where the lag of
+/// its members is not known: not asked of its leader).
+pub(super) fn in_sync(group: &serde_json::Value) -> Option<(usize, usize)> {
+    let committed = group["committed"].as_u64().unwrap_or(0);
+    let voters: Vec<&serde_json::Value> = group["nodes"]
+        .as_array()?
+        .iter()
+        .filter(|n| n["role"] != "learner")
+        .collect();
+    if voters.iter().all(|n| n["matched"].is_null()) {
+        return None;
+    }
+    let synced = voters
+        .iter()
+        .filter(|n| n["matched"].as_u64().is_some_and(|m| m >= committed))
+        .count();
+    Some((synced, voters.len()))
 }
 
 /// `cluster status` as text.
@@ -436,18 +468,19 @@ fn print_status(v: &serde_json::Value, out: &mut impl Write) -> std::io::Result<
         writeln!(out, "groups, as node {} sees them:", v["node"])?;
         writeln!(
             out,
-            "{:<6} {:<7} {:>6} {:>12} {:>12}",
-            "group", "leader", "term", "committed", "last log"
+            "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}",
+            "group", "leader", "term", "committed", "last log", "in sync"
         )?;
         for g in groups {
             writeln!(
                 out,
-                "{:<6} {:<7} {:>6} {:>12} {:>12}",
+                "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}",
                 g["group"].to_string(),
                 dash(&g["leader"]),
                 dash(&g["term"]),
                 dash(&g["committed"]),
-                dash(&g["last_log"])
+                dash(&g["last_log"]),
+                in_sync(g).map_or("-".into(), |(s, n)| format!("{s}/{n}"))
             )?;
         }
     }
@@ -475,7 +508,14 @@ mod tests {
         );
         assert!(!one.contains("groups"), "{one}");
 
-        v["groups"] = serde_json::json!([group(0, 1), group(1, 3), group(2, 2)]);
+        // Group 1 as its leader sees it: node 1 is behind.
+        let mut led = group(1, 3);
+        led["nodes"] = serde_json::json!([
+            node(3, "leader"),
+            { "id": 1, "role": "follower", "matched": 5, "behind": 4 },
+            node(2, "follower"),
+        ]);
+        v["groups"] = serde_json::json!([group(0, 1), led, group(2, 2)]);
         let mut several = Vec::new();
         print_status(&v, &mut several).unwrap();
         let several = String::from_utf8(several).unwrap();
@@ -488,9 +528,9 @@ mod tests {
         assert_eq!(
             rows,
             [
-                ["0", "1", "2", "9", "9"],
-                ["1", "3", "2", "9", "9"],
-                ["2", "2", "2", "9", "9"]
+                ["0", "1", "2", "9", "9", "-"],
+                ["1", "3", "2", "9", "9", "2/3"],
+                ["2", "2", "2", "9", "9", "-"]
             ],
             "{several}"
         );
