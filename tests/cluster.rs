@@ -1282,6 +1282,20 @@ async fn add_and_remove_a_node(groups: u32) {
         assert!(Instant::now() < deadline, "add-node made no directory");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Until the new node runs and holds the log it is a learner, without
+    // a vote, and add-node waits: a voter that is not there would leave a
+    // group of three needing three of four to commit.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = cluster_status(&admin).await;
+    let role = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 4)
+        .map(|n| n["role"].clone());
+    assert_eq!(role, Some("learner".into()), "{s}");
+    let mut add = add;
+    assert!(add.try_wait().unwrap().is_none(), "add-node returned early");
     cluster.addrs.push(new_addr);
     cluster.nodes.push(Node {
         id: 4,

@@ -126,12 +126,71 @@ pub enum WriteError {
     Failed(String),
 }
 
+/// How far behind the leader's log a learner may be when it is made a
+/// voter: a few appends' worth, so that it takes its share of each
+/// commit's majority at once.
+const CATCH_UP_LAG: u64 = 64;
+
+/// How long a new learner has to catch up before adding it gives up
+/// (leaving it a learner, which holds no vote): time to start it and for
+/// it to receive the log or a snapshot.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(600);
+
 /// See [`ClusterNode::add_node`].
 pub async fn add_node(raft: &Raft, id: NodeId, addr: SocketAddr) -> Result<(), WriteError> {
     let node = BasicNode::new(addr.to_string());
-    raft.add_learner(id, node, true)
+    // openraft's blocking add counts a learner that has answered nothing
+    // as up to date while the log is shorter than its lag threshold
+    // (5,000 entries), so a node not even started became a voter at once:
+    // a group of three then needed three of four to commit. The learner
+    // is waited for here instead, until its log matches the leader's.
+    raft.add_learner(id, node, false)
         .await
         .map_err(membership_error)?;
+    let mut metrics = raft.metrics();
+    let caught_up = tokio::time::timeout(CATCH_UP_LIMIT, async {
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err(WriteError::NotLeader {
+                        leader: m.current_leader,
+                        addr: None,
+                    });
+                }
+                if m.membership_config.membership().get_node(&id).is_none() {
+                    return Err(WriteError::Failed(format!(
+                        "node {id} was removed while it caught up"
+                    )));
+                }
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|l| l.index);
+                let last = m.last_log_index.unwrap_or(0);
+                if matched.is_some_and(|i| i + CATCH_UP_LAG >= last) {
+                    return Ok(());
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return Err(WriteError::Failed("the group is stopping".into()));
+            }
+        }
+    })
+    .await;
+    match caught_up {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(WriteError::Failed(format!(
+                "node {id} did not catch up within {} s: it stays a learner, which holds no \
+                 vote; take it out with `switchyard cluster remove-node --id {id}` (a node \
+                 being added must be started, with the serve line add-node prints, within \
+                 that time)",
+                CATCH_UP_LIMIT.as_secs()
+            )));
+        }
+    }
     let voters: std::collections::BTreeSet<NodeId> = [id].into();
     raft.change_membership(openraft::ChangeMembers::AddVoterIds(voters), false)
         .await
