@@ -1077,8 +1077,15 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     let out = succeed(&mut cli(&beside_killed, &["topic", "list"]));
     let took = since.elapsed();
     let listed = String::from_utf8_lossy(&out.stdout);
-    for t in topics {
-        assert!(listed.contains(t), "{listed}");
+    // Each topic with the group that holds it, as placed above.
+    for (g, t) in topics.iter().enumerate() {
+        let row: Vec<&str> = listed
+            .lines()
+            .find(|l| l.starts_with(t))
+            .unwrap_or_else(|| panic!("no {t} in:\n{listed}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row.last(), Some(&g.to_string().as_str()), "{listed}");
     }
     eprintln!("`topic list` with its first address down took {took:?}");
     assert!(

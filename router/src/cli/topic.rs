@@ -110,15 +110,27 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
         TopicCommand::List { conn } => {
             let c = conn.connect().await?;
             let topics = c.list_topics().await?;
+            // On a cluster of several groups, the group holding each topic
+            // (and so the leader serving it: `cluster status`).
+            let grouped = c.server_info().groups > 1;
             println!(
-                "{:<32} {:>10} {:>12} {:>14}",
-                "TOPIC", "PARTITIONS", "RECORDS", "BYTES"
+                "{:<32} {:>10} {:>12} {:>14}{}",
+                "TOPIC",
+                "PARTITIONS",
+                "RECORDS",
+                "BYTES",
+                if grouped { "  GROUP" } else { "" }
             );
             for t in topics {
                 let records: u64 = t.partitions.iter().map(|p| p.end - p.start).sum();
                 let bytes: u64 = t.partitions.iter().map(|p| p.bytes).sum();
+                let group = if grouped {
+                    format!("  {:>5}", c.topic_group(&t.name).await?)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:<32} {:>10} {:>12} {:>14}",
+                    "{:<32} {:>10} {:>12} {:>14}{group}",
                     t.name,
                     t.partitions.len(),
                     records,
