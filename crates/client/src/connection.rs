@@ -983,10 +983,8 @@ impl Client {
         if self.info.cluster.is_empty() {
             return Ok(None);
         }
-        let c = self.at(name, None).await?;
-        c.admin_here("cluster_status", serde_json::json!({}), bytes::Bytes::new())
-            .await
-            .map(Some)
+        let group = self.group_of(name, None).await?;
+        self.group_status(group).await.map(Some)
     }
 
     /// Describes one topic: partitions with start/end offsets and bytes.

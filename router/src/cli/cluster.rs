@@ -413,24 +413,40 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many of a group's voters hold every committed entry, of how
-/// many, from its status as its leader sees it (`None` where the lag of
-/// its members is not known: not asked of its leader).
-pub(super) fn in_sync(group: &serde_json::Value) -> Option<(usize, usize)> {
+/// One voter of a group, as the group's leader sees it.
+pub(super) struct Voter {
+    pub id: u64,
+    /// It holds every committed entry.
+    pub in_sync: bool,
+    /// Entries its log is behind the leader's; none while it does not
+    /// answer (or where its lag is unknown: not asked of the leader).
+    pub behind: Option<u64>,
+}
+
+/// The voters of a group, from its status (`cluster_status`'s JSON).
+pub(super) fn voters(group: &serde_json::Value) -> Vec<Voter> {
     let committed = group["committed"].as_u64().unwrap_or(0);
-    let voters: Vec<&serde_json::Value> = group["nodes"]
-        .as_array()?
-        .iter()
+    group["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter(|n| n["role"] != "learner")
-        .collect();
-    if voters.iter().all(|n| n["matched"].is_null()) {
+        .map(|n| Voter {
+            id: n["id"].as_u64().unwrap_or(0),
+            in_sync: n["matched"].as_u64().is_some_and(|m| m >= committed),
+            behind: n["behind"].as_u64(),
+        })
+        .collect()
+}
+
+/// How many of a group's voters are in sync, of how many (`None` where
+/// the lag of its members is not known: not asked of its leader).
+pub(super) fn in_sync(group: &serde_json::Value) -> Option<(usize, usize)> {
+    let voters = voters(group);
+    if voters.iter().all(|v| v.behind.is_none()) {
         return None;
     }
-    let synced = voters
-        .iter()
-        .filter(|n| n["matched"].as_u64().is_some_and(|m| m >= committed))
-        .count();
-    Some((synced, voters.len()))
+    Some((voters.iter().filter(|v| v.in_sync).count(), voters.len()))
 }
 
 /// `cluster status` as text.

@@ -180,14 +180,6 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
 /// every committed entry (in sync) — a replica that is behind or does not
 /// answer is one copy fewer should another node be lost.
 fn print_replicas(group: &serde_json::Value) {
-    let nodes = group["nodes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let committed = group["committed"].as_u64().unwrap_or(0);
-    let voters: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["role"] != "learner").collect();
-    let id = |n: &serde_json::Value| n["id"].as_u64().unwrap_or(0);
-    let in_sync = |n: &serde_json::Value| n["matched"].as_u64().is_some_and(|m| m >= committed);
     println!(
         "leader:     node {} (group {}, term {})",
         group["leader"]
@@ -196,31 +188,30 @@ fn print_replicas(group: &serde_json::Value) {
         group["group"].as_u64().unwrap_or(0),
         group["term"].as_u64().unwrap_or(0),
     );
-    let list = |ns: &[&serde_json::Value]| {
-        ns.iter()
-            .map(|n| id(n).to_string())
+    let voters = super::cluster::voters(group);
+    let list = |synced_only: bool| {
+        voters
+            .iter()
+            .filter(|v| !synced_only || v.in_sync)
+            .map(|v| v.id.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let synced: Vec<&serde_json::Value> = voters.iter().copied().filter(|n| in_sync(n)).collect();
+    let synced = list(true);
     let lagging: Vec<String> = voters
         .iter()
-        .filter(|n| !in_sync(n))
-        .map(|n| match n["behind"].as_u64() {
-            Some(1) => format!("node {} behind 1 entry", id(n)),
-            Some(b) => format!("node {} behind {b} entries", id(n)),
-            None => format!("node {} not answering", id(n)),
+        .filter(|v| !v.in_sync)
+        .map(|v| match v.behind {
+            Some(1) => format!("node {} behind 1 entry", v.id),
+            Some(b) => format!("node {} behind {b} entries", v.id),
+            None => format!("node {} not answering", v.id),
         })
         .collect();
     println!(
         "replicas:   nodes {} (replication factor {}); in sync: {}{}",
-        list(&voters),
+        list(false),
         voters.len(),
-        if synced.is_empty() {
-            "none".to_string()
-        } else {
-            list(&synced)
-        },
+        if synced.is_empty() { "none" } else { &synced },
         if lagging.is_empty() {
             String::new()
         } else {

@@ -101,27 +101,9 @@ pub fn check_node(data: &Path, groups: u32) -> Result<NodeReport, StorageError> 
     let path = data.join("raft.redb");
     let mut log = Report::default();
     match guarded_panic(|| Database::builder().create(&path)) {
-        Ok(Ok(mut db)) => match guarded_panic(|| db.check_integrity()) {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => log.add(
-                &path,
-                "redb's allocator state needed repair".into(),
-                "none: redb repaired it",
-                true,
-            ),
-            Ok(Err(e)) => log.add(
-                &path,
-                format!("redb's integrity check failed: {e}"),
-                REPLACE_NODE,
-                false,
-            ),
-            Err(panic) => log.add(
-                &path,
-                format!("redb's integrity check met a damaged page ({panic})"),
-                REPLACE_NODE,
-                false,
-            ),
-        },
+        Ok(Ok(mut db)) => {
+            integrity(&mut log, &path, &mut db, REPLACE_NODE, REPLACE_NODE);
+        }
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
             return Err(StorageError::InUse(path));
         }
@@ -140,6 +122,48 @@ pub fn check_node(data: &Path, groups: u32) -> Result<NodeReport, StorageError> 
     }
     report.raft_log = log.findings;
     Ok(report)
+}
+
+/// Runs redb's integrity check of every page of `db` (at `path`) and
+/// records what it found: `failed` and `damaged` are what to do when the
+/// check fails or meets a damaged page. True unless it did either.
+fn integrity(
+    report: &mut Report,
+    path: &Path,
+    db: &mut Database,
+    failed: &str,
+    damaged: &str,
+) -> bool {
+    match guarded_panic(|| db.check_integrity()) {
+        Ok(Ok(true)) => true,
+        Ok(Ok(false)) => {
+            report.add(
+                path,
+                "redb's allocator state needed repair".into(),
+                "none: redb repaired it",
+                true,
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            report.add(
+                path,
+                format!("redb's integrity check failed: {e}"),
+                failed,
+                false,
+            );
+            false
+        }
+        Err(panic) => {
+            report.add(
+                path,
+                format!("redb's integrity check met a damaged page ({panic})"),
+                damaged,
+                false,
+            );
+            false
+        }
+    }
 }
 
 /// What to do about a damaged file of a cluster node.
@@ -185,33 +209,18 @@ pub fn check(data: &Path, mut repair: bool) -> Result<Report, StorageError> {
             return Ok(report);
         }
     };
-    let integrity = guarded_panic(|| db.check_integrity());
-    if !matches!(integrity, Ok(Ok(_))) {
+    let passed = integrity(
+        &mut report,
+        &db_path,
+        &mut db,
+        "restore the data directory from a backup (the findings below say what is \
+         affected; --repair changes nothing in a file that fails this check)",
+        "restore the data directory from a backup",
+    );
+    if !passed {
         // redb will not write to a file that failed its check; the table
         // checks below still read what they can.
         repair = false;
-    }
-    match integrity {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => report.add(
-            &db_path,
-            "redb's allocator state needed repair".into(),
-            "none: redb repaired it",
-            true,
-        ),
-        Ok(Err(e)) => report.add(
-            &db_path,
-            format!("redb's integrity check failed: {e}"),
-            "restore the data directory from a backup (the findings below say what is \
-             affected; --repair changes nothing in a file that fails this check)",
-            false,
-        ),
-        Err(panic) => report.add(
-            &db_path,
-            format!("redb's integrity check met a damaged page ({panic})"),
-            "restore the data directory from a backup",
-            false,
-        ),
     }
 
     // The journal: does it continue the database, and is it whole?
