@@ -766,8 +766,22 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         SocketAddr::new(at.ip(), at.port() + 1)
     };
     for n in cluster.nodes.iter().filter(|n| n.id != leader) {
-        let (code, body) = common::get_metrics(metrics_of(n.id), None).await;
-        assert_eq!(code, 200, "node {}", n.id);
+        // The leader commits with any one follower, so the other may
+        // still be starting (or catching up) on a busy machine: it serves
+        // its metrics from the start, and names the leader once it has
+        // heard from it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            let (code, body) = common::get_metrics(metrics_of(n.id), None).await;
+            assert_eq!(code, 200, "node {}", n.id);
+            let heard = body
+                .lines()
+                .any(|l| l == format!("switchyard_cluster_leader {leader}"));
+            if heard || Instant::now() >= deadline {
+                break body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         for line in [
             "switchyard_cluster_serving 0".to_string(),
             format!("switchyard_cluster_leader {leader}"),
