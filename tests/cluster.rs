@@ -824,6 +824,63 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     );
     let leader = to;
     assert_eq!(converged(&admin).await, leader);
+    // Maintenance of the leader's machine: `cluster drain` moves the
+    // leadership off the node and keeps it off (the mark outlives its
+    // restart), `cluster status` marks it, the last undrained voter cannot
+    // be drained, and `undrain` ends it.
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(args)
+            .arg("--ca")
+            .arg(cluster.cert())
+            .args(["--addr", &cluster_addr(&cluster.nodes[0].dir)]);
+        cmd
+    };
+    let drained = leader;
+    let out = succeed(&mut cli(&[
+        "cluster",
+        "drain",
+        "--node",
+        &drained.to_string(),
+    ]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("node {drained} is drained: it leads no group")),
+        "{said}"
+    );
+    let leader = converged(&admin).await;
+    assert_ne!(leader, drained);
+    let out = succeed(&mut cli(&["cluster", "status"]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let marked: Vec<&str> = said.lines().filter(|l| l.contains("(drained)")).collect();
+    assert!(
+        marked.len() == 1 && marked[0].starts_with(&format!("{drained} ")),
+        "{said}"
+    );
+    let third = (1..=3).find(|&n| n != drained && n != leader).unwrap();
+    succeed(&mut cli(&[
+        "cluster",
+        "drain",
+        "--no-wait",
+        "--node",
+        &third.to_string(),
+    ]));
+    let refused = cli(&["cluster", "drain", "--node", &leader.to_string()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("would leave no voter"),
+        "{said}"
+    );
+    for n in [drained, third] {
+        let out = succeed(&mut cli(&["cluster", "undrain", "--node", &n.to_string()]));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("no longer drained"), "{said}");
+    }
+    let out = succeed(&mut cli(&["cluster", "status"]));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("(drained)"));
+    assert_eq!(converged(&admin).await, leader);
     let lone = Client::connect(
         ClientConfig::new(cluster.nodes[leader as usize - 1].addr)
             .with_ca_file(cluster.cert())

@@ -962,6 +962,25 @@ impl Client {
         Ok(voters as u32)
     }
 
+    /// Marks cluster node `node` drained (`drained`: it is handed no
+    /// leadership, and the groups it leads move to other nodes within a
+    /// second or so each) or no longer drained (it gets its share back).
+    /// The mark is a row of the cluster's metadata, so it outlives a
+    /// restart of the node: drain, stop, upgrade, start, undrain. Answers
+    /// the cluster's status (`cluster_status`'s JSON, with `drained`).
+    pub async fn drain_node(
+        &self,
+        node: u64,
+        drained: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.admin_here(
+            "cluster_drain",
+            serde_json::json!({ "node": node, "drained": drained }),
+            bytes::Bytes::new(),
+        )
+        .await
+    }
+
     /// Group `group`'s Raft state as its leader sees it (`cluster_status`'s
     /// JSON, with each member's lag, which only the group's leader knows);
     /// group 0's on a single router or a cluster of one group.

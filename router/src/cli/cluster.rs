@@ -45,6 +45,30 @@ pub(super) enum ClusterCommand {
     /// first voter that holds the whole log. Writes pause for about one
     /// round trip; clients follow on their own.
     StepDown(StepDownArgs),
+    /// Put a node in maintenance: it is handed no leadership and hands
+    /// over every group it leads, while the cluster serves; waits until it
+    /// leads none. The mark outlives a restart of the node (drain, stop,
+    /// upgrade, start, then `undrain`).
+    Drain(DrainArgs),
+    /// Take a node out of maintenance: the cluster hands it its share of
+    /// leaderships again.
+    Undrain(DrainArgs),
+}
+
+/// Arguments of `switchyard cluster drain` and `undrain`.
+#[derive(Debug, clap::Args)]
+pub(super) struct DrainArgs {
+    #[command(flatten)]
+    connect: super::ConnectArgs,
+    /// The node's id.
+    #[arg(long)]
+    node: u64,
+    /// How long `drain` waits for the node to lead no group.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Mark the node and return, without waiting for the moves.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// Arguments of `switchyard cluster step-down`.
@@ -118,6 +142,8 @@ pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Status(args) => status(args).await,
         ClusterCommand::AddNode(args) => add_node(args).await,
         ClusterCommand::StepDown(args) => step_down(args).await,
+        ClusterCommand::Drain(args) => drain(args, true).await,
+        ClusterCommand::Undrain(args) => drain(args, false).await,
         ClusterCommand::RemoveNode(args) => {
             let client = args.connect.connect().await?;
             let body = serde_json::json!({ "id": args.id });
@@ -361,6 +387,76 @@ async fn step_down(args: StepDownArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn drain(args: DrainArgs, drained: bool) -> anyhow::Result<()> {
+    let client = args.connect.connect().await?;
+    let node = args.node;
+    client.drain_node(node, drained).await?;
+    let mut out = std::io::stdout();
+    if !drained {
+        writeln!(
+            out,
+            "node {node} is no longer drained; it is handed its share of leaderships again"
+        )?;
+        return Ok(());
+    }
+    if args.no_wait {
+        writeln!(out, "node {node} is drained; its leaderships move off it")?;
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut said = None;
+    loop {
+        // Each group's leader as the node answering sees it.
+        let led = match client
+            .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+            .await
+        {
+            Ok(s) => Some(led_by(&s, node)),
+            // The answering leader may be the drained node, handing over.
+            Err(e) if e.code().is_none_or(|c| c == ErrorCode::ShuttingDown) => None,
+            Err(e) => return Err(e.into()),
+        };
+        match led {
+            Some(led) if led.is_empty() => break,
+            Some(led) if said.as_ref() != Some(&led) => {
+                writeln!(out, "node {node} still leads group(s) {led:?}; waiting")?;
+                said = Some(led);
+            }
+            _ => {}
+        }
+        if started.elapsed() > args.timeout {
+            anyhow::bail!(
+                "node {node} still leads group(s) {:?} after {:?}: no other voter took them \
+                 (down, or behind? see `switchyard cluster status`); it stays drained and \
+                 hands them over when one can",
+                said.unwrap_or_default(),
+                args.timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    writeln!(
+        out,
+        "node {node} is drained: it leads no group ({} ms)",
+        started.elapsed().as_millis()
+    )?;
+    Ok(())
+}
+
+/// The groups `node` leads in a `cluster_status` answer: every group's
+/// where the answer lists them, else the one group's.
+fn led_by(status: &serde_json::Value, node: u64) -> Vec<u64> {
+    match status["groups"].as_array() {
+        Some(groups) => groups
+            .iter()
+            .filter(|g| g["leader"].as_u64() == Some(node))
+            .filter_map(|g| g["group"].as_u64())
+            .collect(),
+        None if status["leader"].as_u64() == Some(node) => vec![0],
+        None => Vec::new(),
+    }
+}
+
 /// The leader once it is another than `before`, asked for 10 s.
 async fn moved_from(client: &crate::client::Client, before: Option<u64>) -> Option<u64> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -449,6 +545,16 @@ pub(super) fn in_sync(group: &serde_json::Value) -> Option<(usize, usize)> {
     Some((voters.iter().filter(|v| v.in_sync).count(), voters.len()))
 }
 
+/// A node's role in `cluster status`, marked where it is drained.
+fn role(n: &serde_json::Value) -> String {
+    let role = n["role"].as_str().unwrap_or("");
+    if n["drained"] == true {
+        format!("{role} (drained)")
+    } else {
+        role.to_string()
+    }
+}
+
 /// `cluster status` as text.
 fn print_status(v: &serde_json::Value, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
@@ -465,16 +571,16 @@ fn print_status(v: &serde_json::Value, out: &mut impl Write) -> std::io::Result<
     )?;
     writeln!(
         out,
-        "{:<6} {:<22} {:<10} {:>12} {:>10}",
+        "{:<6} {:<22} {:<18} {:>12} {:>10}",
         "node", "address", "role", "matched", "behind"
     )?;
     for n in v["nodes"].as_array().into_iter().flatten() {
         writeln!(
             out,
-            "{:<6} {:<22} {:<10} {:>12} {:>10}",
+            "{:<6} {:<22} {:<18} {:>12} {:>10}",
             n["id"].to_string(),
             n["addr"].as_str().unwrap_or(""),
-            n["role"].as_str().unwrap_or(""),
+            role(n),
             dash(&n["matched"]),
             dash(&n["behind"])
         )?;

@@ -110,7 +110,12 @@ impl Nodes {
             .iter()
             .map(|(g, n)| (*g, n.handover()))
             .collect();
-        node.balancer = Some(Balancer::spawn(id, handovers, Duration::from_millis(300)));
+        node.balancer = Some(Balancer::spawn(
+            id,
+            handovers,
+            Box::new(Default::default),
+            Duration::from_millis(300),
+        ));
     }
 
     /// Each group's leader, once every running node agrees on it.

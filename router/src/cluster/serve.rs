@@ -228,10 +228,15 @@ pub async fn run(
     tracing::info!(node = cfg.node_id, members = ?cfg.members, groups = nodes.len(), "cluster node started");
     let (dispatch, accepting) =
         Dispatch::start(cfg.node_id, &nodes, &clients, local_addr, &cfg.router);
-    let balancer = (nodes.len() > 1).then(|| {
+    // The balancer spreads leaderships over the nodes (with several
+    // groups) and moves them off a drained node (with one too).
+    let zero_db = nodes[&0].state().database().clone();
+    let balancer = {
         let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();
-        Balancer::spawn(cfg.node_id, handovers, BALANCE_EVERY)
-    });
+        let zero_db = zero_db.clone();
+        let drained = Box::new(move || crate::storage::drained_nodes(&zero_db));
+        Balancer::spawn(cfg.node_id, handovers, drained, BALANCE_EVERY)
+    };
     // Every group leads (or follows) on its own until the node stops, or
     // until one group's Raft or storage fails, which stops them all.
     let (stop, mut stopping) = watch::channel(false);
@@ -244,15 +249,17 @@ pub async fn run(
     });
     let groups = nodes.len() as u32;
     // Every group's Raft on this node, for `cluster status`.
-    let rafts: Arc<Vec<(GroupId, super::Raft)>> =
-        Arc::new(nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect());
+    let rafts = Arc::new(NodeGroups {
+        rafts: nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect(),
+        zero: zero_db,
+    });
     // The metrics address is the node's, served for its life whether it
     // leads any group or none, with the families of every router it runs.
     let routers: Routers = Routers::default();
     let metrics_task = metrics.and_then(|l| {
         let status = {
             let rafts = rafts.clone();
-            Box::new(move || node_status(0, &rafts[0].1, &rafts))
+            Box::new(move || node_status(0, &rafts.rafts[0].1, &rafts))
         };
         serve_metrics(
             &cfg,
@@ -316,7 +323,7 @@ async fn lead(
     cfg: &ClusterServe,
     node: &ClusterNode,
     dispatch: &Arc<Dispatch>,
-    rafts: &Arc<Vec<(GroupId, super::Raft)>>,
+    rafts: &Arc<NodeGroups>,
     routers: &Routers,
     placement: Option<Placement>,
     stop: &watch::Sender<bool>,
@@ -531,7 +538,14 @@ struct Control {
     /// The group's handover, and through it its Raft.
     handover: super::node::Handover,
     /// Every group's Raft on this node.
-    rafts: Arc<Vec<(GroupId, super::Raft)>>,
+    rafts: Arc<NodeGroups>,
+}
+
+/// Every group's Raft on this node, and its replica of group 0 (for the
+/// nodes marked drained), for `cluster status`.
+struct NodeGroups {
+    rafts: Vec<(GroupId, super::Raft)>,
+    zero: Arc<redb::Database>,
 }
 
 impl crate::server::ClusterControl for Control {
@@ -618,18 +632,17 @@ impl crate::server::ClusterControl for Control {
 /// Group `group` as this node sees it (`raft` is its Raft); on a node of
 /// several groups, also `groups`: each of them as this node sees it (a
 /// group's followers' positions are known only where it is led).
-fn node_status(
-    group: GroupId,
-    raft: &super::Raft,
-    rafts: &[(GroupId, super::Raft)],
-) -> serde_json::Value {
-    let mut status = cluster_status(raft);
+fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_json::Value {
+    let drained = crate::storage::drained_nodes(&node.zero);
+    let mut status = cluster_status(raft, &drained);
     status["group"] = group.into();
-    if rafts.len() > 1 {
-        status["groups"] = rafts
+    status["drained"] = drained.iter().copied().collect();
+    if node.rafts.len() > 1 {
+        status["groups"] = node
+            .rafts
             .iter()
             .map(|(g, raft)| {
-                let mut s = cluster_status(raft);
+                let mut s = cluster_status(raft, &drained);
                 s["group"] = (*g).into();
                 s
             })
@@ -639,8 +652,11 @@ fn node_status(
 }
 
 /// The cluster as the leader sees it: nodes, roles, how far each
-/// follower's log matches the leader's.
-fn cluster_status(raft: &super::Raft) -> serde_json::Value {
+/// follower's log matches the leader's, and which nodes are `drained`.
+fn cluster_status(
+    raft: &super::Raft,
+    drained: &std::collections::BTreeSet<NodeId>,
+) -> serde_json::Value {
     let m = raft.metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
     let replication = m.replication.clone().unwrap_or_default();
@@ -664,6 +680,7 @@ fn cluster_status(raft: &super::Raft) -> serde_json::Value {
                 "id": id,
                 "addr": client_addr(&n.addr).map(|a| a.to_string()),
                 "role": role,
+                "drained": drained.contains(id),
                 "matched": matched,
                 "behind": matched.map(|i| last.saturating_sub(i)),
             })

@@ -30,6 +30,18 @@ struct StepDown {
     to: Option<u64>,
 }
 
+/// A node to mark drained or not (`cluster_drain`).
+#[derive(Deserialize)]
+struct Drain {
+    node: u64,
+    #[serde(default = "yes")]
+    drained: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 #[derive(Deserialize)]
 struct Named {
     name: String,
@@ -144,7 +156,11 @@ pub(super) async fn handle(
         }
         "status" => Ok(super::status::status(shared, session)),
         "topic-group" => super::placement::topic_group(shared, session, body).await,
-        "cluster_status" | "cluster_add_node" | "cluster_remove_node" | "cluster_step_down" => {
+        "cluster_status"
+        | "cluster_add_node"
+        | "cluster_remove_node"
+        | "cluster_step_down"
+        | "cluster_drain" => {
             session.check(Class::ClusterAdmin, "*", "")?;
             let Some(r) = &shared.config.replica else {
                 return Err(WireError::new(
@@ -184,6 +200,10 @@ pub(super) async fn handle(
                     })?;
                     Ok(serde_json::json!({ "leader": leader, "previous": previous }))
                 }
+                "cluster_drain" => {
+                    let req: Drain = parse(body)?;
+                    drain(shared, r, req).await
+                }
                 _ => Ok(r.control.status()),
             }
         }
@@ -199,9 +219,72 @@ pub(super) async fn handle(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
                      dlq-redrive, dlq-purge; status; topic-group; cluster_status, cluster_add_node, \
-                     cluster_remove_node, cluster_step_down; auth: {})",
+                     cluster_remove_node, cluster_step_down, cluster_drain; auth: {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),
     }
+}
+
+/// `cluster_drain`: marks a node drained (`"drained": true`, the default)
+/// or not, a row of group 0 that every node's balancer reads: a drained
+/// node is handed no leadership and hands over the groups it leads.
+/// Answers the cluster's status once the mark is committed; the moves
+/// follow within a second or so (the client waits for them).
+async fn drain(
+    shared: &Shared,
+    r: &super::Replica,
+    req: Drain,
+) -> Result<serde_json::Value, WireError> {
+    if r.placement.as_ref().is_some_and(|p| p.group != 0) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "nodes are drained through the cluster's group 0: ask a client of group 0",
+        ));
+    }
+    let status = r.control.status();
+    let voters: Vec<u64> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["role"] != "learner")
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    if !voters.contains(&req.node) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "node {} is not a voter of the cluster (voters: {voters:?})",
+                req.node
+            ),
+        ));
+    }
+    let drained: Vec<u64> = status["drained"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    if req.drained && voters.iter().all(|v| *v == req.node || drained.contains(v)) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "draining node {} would leave no voter to lead (drained: {drained:?}); undrain \
+                 one first",
+                req.node
+            ),
+        ));
+    }
+    shared
+        .broker
+        .storage()
+        .drain_node(req.node, req.drained)
+        .await
+        .map_err(|e| e.to_wire())?;
+    tracing::info!(
+        node = req.node,
+        drained = req.drained,
+        "node drain mark changed"
+    );
+    Ok(r.control.status())
 }

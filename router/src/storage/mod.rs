@@ -801,6 +801,20 @@ impl Storage {
         rx.await.map_err(|_| StorageError::ShutDown)?
     }
 
+    /// Marks cluster node `node` drained (it is handed no leadership and
+    /// hands over what it leads) or no longer drained: a row of group 0,
+    /// replicated and durable on return.
+    pub async fn drain_node(&self, node: u64, drained: bool) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::DrainNode {
+            node,
+            drained,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StorageError::ShutDown)?
+    }
+
     /// Every stored principal record.
     pub fn principal_records(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         self.named_records(tables::PRINCIPALS)
@@ -1510,6 +1524,26 @@ fn load_feeds(db: &Database) -> Result<HashMap<u32, TopicFeeds>, StorageError> {
         t.rebuild();
     }
     Ok(out)
+}
+
+/// The `meta` key marking cluster node `node` drained (in group 0).
+pub(crate) fn drained_key(node: u64) -> String {
+    format!("{DRAINED_PREFIX}{node}")
+}
+
+const DRAINED_PREFIX: &str = "drained.";
+
+/// The cluster nodes marked drained in `db` (a node's replica of group
+/// 0): `meta` rows `drained.<id>`, kept there rather than in a table of
+/// their own so that a node of an older build applies them.
+pub fn drained_nodes(db: &Database) -> std::collections::BTreeSet<u64> {
+    rows_of(db, tables::META, |key, _| {
+        key.strip_prefix(DRAINED_PREFIX)
+            .and_then(|id| id.parse::<u64>().ok())
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Every row of `table` in `db`, read outside the storage writer (a

@@ -61,6 +61,11 @@ pub(crate) enum WriteOp {
         partitions: u32,
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
+    DrainNode {
+        node: u64,
+        drained: bool,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
     CommitOffset {
         group: Arc<str>,
         topic_id: u32,
@@ -708,6 +713,13 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(self.assign_topic(&name, group, partitions));
+                }
+                WriteOp::DrainNode {
+                    node,
+                    drained,
+                    reply,
+                } => {
+                    let _ = reply.send(self.drain_node(node, drained));
                 }
                 WriteOp::SetPolicy {
                     name,
@@ -1442,6 +1454,24 @@ impl Writer {
                     self.redo.del(PRINCIPALS, &name);
                 }
             };
+        }
+        self.commit_other(txn)?;
+        Ok(())
+    }
+
+    fn drain_node(&mut self, node: u64, drained: bool) -> Result<(), StorageError> {
+        self.start_other();
+        let txn = self.db.begin_write()?;
+        {
+            let key = super::drained_key(node);
+            let mut meta = txn.open_table(META)?;
+            if drained {
+                meta.insert(key.as_str(), 1)?;
+                self.redo.put(META, &key.as_str(), &1u64);
+            } else {
+                meta.remove(key.as_str())?;
+                self.redo.del(META, &key.as_str());
+            }
         }
         self.commit_other(txn)?;
         Ok(())
