@@ -1467,3 +1467,107 @@ async fn add_and_remove_a_node(groups: u32) {
         );
     }
 }
+
+/// A route plugin on a cluster of several groups sends records to a
+/// topic another group holds: each goes into its group's outbox in the
+/// publish's commit and is forwarded from there, so every acknowledged
+/// record lands in the target once and in order, also when the node
+/// leading the origin's group is killed while they flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
+    const RECORDS: usize = 240;
+    let mut cluster = Cluster::start_groups(3, false, 3);
+    let admin = cluster.client().await;
+    create_topic(&admin, "orders", 1).await;
+    create_topic(&admin, "audit", 1).await;
+    let from = admin.topic_group("orders").await.unwrap();
+    let to = admin.topic_group("audit").await.unwrap();
+    assert_ne!(from, to, "the topics share a group");
+    // Before the outbox, this was refused: "route to unknown topic".
+    admin
+        .deploy_plugin(
+            common::plugin_wasm("route_by_header"),
+            serde_json::json!({ "name": "split", "hook": "route", "topic": "orders" }),
+        )
+        .await
+        .unwrap();
+    // Every third record stays on `orders`; the others go to `audit`.
+    let routed = |i: usize| i % 3 != 0;
+    let mut killed = None;
+    for i in 0..RECORDS {
+        if i == RECORDS / 2 {
+            let s = cluster_status(&admin).await;
+            let leader = s["groups"][from as usize]["leader"].as_u64().unwrap();
+            eprintln!("killing node {leader}, which leads group {from} of `orders`");
+            cluster.kill(leader);
+            killed = Some(leader);
+        }
+        let id = format!("r{i}");
+        let mut record = Record::new(id.clone()).with_message_id(id);
+        if routed(i) {
+            record = record.with_header("route-to", "audit");
+        }
+        tokio::time::timeout(Duration::from_secs(30), admin.publish("orders", record))
+            .await
+            .expect("a publish hung")
+            .unwrap_or_else(|e| panic!("record {i}: {e}"));
+    }
+    let read = |topic: &'static str, want: usize| {
+        let admin = admin.clone();
+        async move {
+            let mut sub = admin
+                .subscribe(SubscribeOptions::new(topic).start(StartPosition::Earliest))
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while got.len() < want && Instant::now() < deadline {
+                if let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+                {
+                    let m = m.unwrap();
+                    assert!(
+                        m.header("x-outbox-to").is_none(),
+                        "the outbox's header came along"
+                    );
+                    got.push(String::from_utf8(m.payload().to_vec()).unwrap());
+                }
+            }
+            got
+        }
+    };
+    let expect = |keep: bool| -> Vec<String> {
+        (0..RECORDS)
+            .filter(|&i| routed(i) != keep)
+            .map(|i| format!("r{i}"))
+            .collect()
+    };
+    assert_eq!(read("audit", expect(false).len()).await, expect(false));
+    assert_eq!(read("orders", expect(true).len()).await, expect(true));
+    // Nothing more arrives: each record once, the resent ones included.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (topic, keep) in [("audit", false), ("orders", true)] {
+        let info = admin.describe_topic(topic).await.unwrap();
+        assert_eq!(
+            info.partitions[0].end,
+            expect(keep).len() as u64,
+            "{topic}: {info:?} (node {killed:?} killed)"
+        );
+    }
+    // The outbox is the router's own: not listed, not for clients to make.
+    let listed: Vec<String> = admin
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(listed, ["audit", "orders"]);
+    let refused = admin.create_topic("__outbox.7", 1).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("reserved")),
+        "{refused:?}"
+    );
+}

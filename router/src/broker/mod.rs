@@ -403,6 +403,7 @@ impl Broker {
         retention_bytes: u64,
     ) -> Result<TopicInfo, WireError> {
         validate_topic_name(name)?;
+        crate::server::outbox::reserved(name)?;
         if partitions == 0 || partitions > self.config.max_partitions {
             return Err(WireError::new(
                 ErrorCode::InvalidPartitions,
@@ -428,6 +429,9 @@ impl Broker {
     /// Deletes a topic and everything in it.
     pub async fn delete_topic(&self, name: &str) -> Result<(), WireError> {
         validate_topic_name(name)?;
+        if self.placement.is_some() {
+            crate::server::outbox::reserved(name)?;
+        }
         self.storage
             .delete_topic(name)
             .await
@@ -448,9 +452,15 @@ impl Broker {
         self.topic(name).map(|t| t.info())
     }
 
-    /// Describes every topic.
+    /// Describes every topic but a cluster group's outbox (which `describe`
+    /// shows by its name, `__outbox.<group>`).
     pub fn list_topics(&self) -> Vec<TopicInfo> {
-        self.storage.topics().iter().map(|t| t.info()).collect()
+        self.storage
+            .topics()
+            .iter()
+            .filter(|t| crate::server::outbox::group_of(&t.meta.name).is_none())
+            .map(|t| t.info())
+            .collect()
     }
 
     /// The live topic, or an `UnknownTopic` error.

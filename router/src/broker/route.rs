@@ -126,9 +126,13 @@ impl Broker {
                     slots.push(Slot::Stored(appends.len()));
                     for (t, record) in targets {
                         let partition = partitioner::partition_of(&record, t.meta.partitions, rr);
+                        // Into the outbox, the target's dedup window
+                        // applies once it is forwarded (the id goes with it).
+                        let outbox = crate::server::outbox::group_of(&t.meta.name).is_some();
                         let dedup =
                             crate::protocol::headers::Policy::parse_stored(record.as_bytes())
                                 .message_id
+                                .filter(|_| !outbox)
                                 .map(|id| record.as_bytes().slice_ref(id));
                         appends.push(AppendRecord {
                             topic_id: t.meta.id,
@@ -230,17 +234,36 @@ impl Broker {
                     }
                     match self.storage.topic(n) {
                         Some(t) => targets.push((t, record.clone())),
-                        None => {
-                            return Err(Decided::Invalid(
-                                record,
-                                format!("route to unknown topic '{n}'"),
-                            ));
-                        }
+                        None => match self.outbox_for(n) {
+                            // Held by another group: into this group's
+                            // outbox, in this commit, forwarded from there.
+                            Some(outbox) => match crate::server::outbox::bound_for(&record, n) {
+                                Ok(bound) => targets.push((outbox, bound)),
+                                Err(why) => return Err(Decided::Invalid(record, why)),
+                            },
+                            None => {
+                                return Err(Decided::Invalid(
+                                    record,
+                                    format!("route to unknown topic '{n}'"),
+                                ));
+                            }
+                        },
                     }
                 }
                 Ok(Placement::Targets(targets))
             }
         }
+    }
+
+    /// This group's outbox, where a cluster of several groups has another
+    /// group holding topic `name`.
+    fn outbox_for(&self, name: &str) -> Option<Arc<TopicHandle>> {
+        let p = self.placement.as_ref()?;
+        let held_by = p.zero.group_of(name)?;
+        if held_by == p.group || crate::server::outbox::group_of(name).is_some() {
+            return None;
+        }
+        self.storage.topic(&crate::server::outbox::name(p.group))
     }
 
     fn on_failure(

@@ -381,6 +381,7 @@ async fn lead(
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
             placement: placement.clone(),
+            outbox: placement.as_ref().map(|_| outbox_client(cfg)),
         });
         let opening = std::time::Instant::now();
         let router = match Router::start(rc).await {
@@ -529,6 +530,25 @@ pub fn client_addr(raft: &str) -> Option<SocketAddr> {
         a.ip(),
         a.port().checked_sub(RAFT_PORT_OFFSET)?,
     ))
+}
+
+/// How a router's outbox forwarder reaches the cluster: through this
+/// node's client address, with the CA and the admin token every node's
+/// data directory holds, knowing every node.
+fn outbox_client(cfg: &ClusterServe) -> crate::client::ClientConfig {
+    let data = &cfg.router.data;
+    let own = cfg.members.get(&cfg.node_id).copied();
+    let mut c = crate::client::ClientConfig::new(own.unwrap_or(cfg.router.listen))
+        .with_ca_file(data.join(CA_FILE))
+        .with_cluster(cfg.members.values().copied());
+    match c
+        .clone()
+        .with_token_file(crate::auth::admin_token_path(data))
+    {
+        Ok(with) => c = with,
+        Err(e) => tracing::warn!(error = %e, "no admin token for the outbox forwarder"),
+    }
+    c
 }
 
 /// The admin protocol's hold on the cluster, on the leader.

@@ -11,6 +11,7 @@ mod connection;
 mod console;
 mod control;
 pub(crate) mod metrics;
+pub mod outbox;
 pub mod placement;
 mod plugin_admin;
 mod plugin_test;
@@ -177,6 +178,10 @@ pub struct Replica {
     /// (followed by the other groups' routers) and the topic assignment
     /// (see [`placement`]). None on a one-group cluster.
     pub placement: Option<placement::Placement>,
+    /// On a cluster of several groups: how this router's outbox forwarder
+    /// reaches the cluster (the node's address, CA and admin token), to
+    /// forward records routed to other groups' topics ([`outbox`]).
+    pub outbox: Option<crate::client::ClientConfig>,
 }
 
 /// What the admin protocol asks of a cluster node that serves as leader.
@@ -522,6 +527,14 @@ impl Router {
             Some(p) => broker.with_placement(p),
             None => broker,
         };
+        // A route to another group's topic goes into the group's outbox:
+        // it exists before the first publish is served.
+        if let Some(r) = &config.replica
+            && let (Some(p), Some(_)) = (&r.placement, &r.outbox)
+            && let Err(e) = outbox::open(&storage, p.group).await
+        {
+            tracing::warn!(error = %e, "the outbox could not be made; routes to other groups fail until it is");
+        }
         if let Err(e) = broker.open_queue_groups() {
             tracing::error!(error = %e, "queue groups not restored");
         }
@@ -716,6 +729,15 @@ async fn serve(mut source: Source, shared: Arc<Shared>, storage: Storage) {
         storage.clone(),
         |s| async move { s.checkpoint().await },
     ));
+    let forwarder = shared.config.replica.as_ref().and_then(|r| {
+        let group = r.placement.as_ref()?.group;
+        Some(tokio::spawn(outbox::forward(
+            storage.clone(),
+            group,
+            r.outbox.clone()?,
+            shared.shutdown.clone(),
+        )))
+    });
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -772,6 +794,9 @@ async fn serve(mut source: Source, shared: Arc<Shared>, storage: Storage) {
     while connections.join_next().await.is_some() {}
     retention.abort();
     checkpoints.abort();
+    if let Some(f) = forwarder {
+        f.abort();
+    }
     tracing::debug!("connections drained; stopping storage");
     storage.shutdown().await;
     let Source::Own(endpoint) = source else {

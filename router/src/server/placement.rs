@@ -202,9 +202,13 @@ pub(super) async fn topic_group(
     else {
         return Ok(answer(0, 1));
     };
+    if let Some(g) = super::outbox::group_of(&req.name).filter(|g| *g < p.groups) {
+        return Ok(answer(g, p.groups));
+    }
     if let Some(g) = p.zero.group_of(&req.name) {
         return Ok(answer(g, p.groups));
     }
+    super::outbox::reserved(&req.name)?;
     if !req.assign {
         return Err(WireError::new(
             ErrorCode::UnknownTopic,

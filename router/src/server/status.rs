@@ -23,7 +23,8 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
     let storage = broker.storage();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut topics = storage.topics();
-    topics.retain(|t| sees(&t.meta.name));
+    // A group's outbox is the router's own, as in `topic list`.
+    topics.retain(|t| sees(&t.meta.name) && super::outbox::group_of(&t.meta.name).is_none());
     topics.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
     let topics_json: Vec<Value> = topics
         .iter()
