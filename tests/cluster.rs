@@ -1554,6 +1554,39 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
             "{topic}: {info:?} (node {killed:?} killed)"
         );
     }
+    // Dead letters of `orders`' queue go to `audit` too, in the other
+    // group, the same way (before, naming it was refused).
+    admin
+        .set_topic_policy("orders", serde_json::json!({ "dlq": "audit" }))
+        .await
+        .unwrap();
+    let mut q = admin
+        .subscribe_queue(QueueOptions::new("orders", "billing"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), q.next())
+            .await
+            .expect("no queue delivery")
+            .unwrap()
+            .unwrap();
+        q.nack(&m, false, "bad_input", "no amount").await.unwrap();
+    }
+    let mut all = expect(false);
+    all.extend(["r0", "r3", "r6"].map(String::from));
+    let got = read("audit", all.len()).await;
+    assert_eq!(got, all);
+    let mut sub = admin
+        .subscribe(
+            SubscribeOptions::new("audit").start(StartPosition::Offset(all.len() as u64 - 3)),
+        )
+        .await
+        .unwrap();
+    let letter = sub.next().await.unwrap().unwrap();
+    assert_eq!(
+        letter.header("x-dlq-topic").as_deref(),
+        Some(&b"orders"[..])
+    );
     // The outbox is the router's own: not listed, not for clients to make.
     let listed: Vec<String> = admin
         .list_topics()

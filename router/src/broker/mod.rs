@@ -718,6 +718,7 @@ impl Broker {
             self.storage.clone(),
             self.plugins.clone(),
             start,
+            self.placement.clone(),
         )
         .map_err(|e| e.to_wire())?;
         queues.insert(key, g.clone());

@@ -179,6 +179,10 @@ pub struct QueueGroup {
     ready: watch::Sender<u64>,
     wake_timer: Arc<Notify>,
     flush_lock: tokio::sync::Mutex<()>,
+    /// On a cluster of several groups, where the topic's group stands: a
+    /// dead-letter topic another group holds is written through the
+    /// group's outbox.
+    placement: Option<crate::server::placement::Placement>,
     /// Counters.
     pub stats: QueueStats,
 }
@@ -348,6 +352,7 @@ impl QueueGroup {
         storage: Storage,
         plugins: Arc<PluginRegistry>,
         start: StartPosition,
+        placement: Option<crate::server::placement::Placement>,
     ) -> Result<Arc<Self>, StorageError> {
         let snap = storage.queue_snapshot(topic.meta.id, &name)?;
         let infos = topic.partitions();
@@ -433,6 +438,7 @@ impl QueueGroup {
             ready: watch::Sender::new(0),
             wake_timer: Arc::new(Notify::new()),
             flush_lock: tokio::sync::Mutex::new(()),
+            placement,
             stats: QueueStats::default(),
         });
         tokio::spawn(timer_task(Arc::downgrade(&g), g.wake_timer.clone()));
@@ -1003,6 +1009,12 @@ impl QueueGroup {
     async fn dead_letter(&self, dead: Vec<(Failed, String)>) {
         let records = self.read(dead.iter().map(|(f, _)| (f.partition, f.offset)));
         let now = now_ms();
+        let dlq = self.dlq_topic().await;
+        // Held by another group: through this group's outbox.
+        let bound_for = match &dlq {
+            Ok((_, Some(name))) => Some(name.clone()),
+            _ => None,
+        };
         let mut out = Vec::new();
         for (f, reason) in &dead {
             let Some((_, rec)) = records.get(&(f.partition, f.offset)) else {
@@ -1020,9 +1032,15 @@ impl QueueGroup {
                 .push((DLQ_ATTEMPTS.into(), f.attempts.to_string().into()));
             r.headers.push((DLQ_ERROR.into(), reason.clone().into()));
             r.headers.push((DLQ_TIME.into(), now.to_string().into()));
+            if let Some(name) = &bound_for {
+                r.headers
+                    .retain(|(n, _)| n != crate::server::outbox::TO_HEADER);
+                r.headers
+                    .push((crate::server::outbox::TO_HEADER.into(), name.clone().into()));
+            }
             out.push((0, r.to_raw()));
         }
-        let stored = match self.dlq_topic().await {
+        let stored = match dlq.map(|(t, _)| t) {
             Ok(t) if out.is_empty() => {
                 drop(t);
                 Ok(())
@@ -1069,16 +1087,29 @@ impl QueueGroup {
         }
     }
 
-    async fn dlq_topic(&self) -> Result<Arc<TopicHandle>, StorageError> {
+    /// The topic dead letters are appended to: the dead-letter topic
+    /// (made if it does not exist), or, where another group of the
+    /// cluster holds it, this group's outbox and the name to forward to.
+    async fn dlq_topic(&self) -> Result<(Arc<TopicHandle>, Option<String>), StorageError> {
         let name = self.topic.policy().dlq_of(&self.topic.meta.name);
         if let Some(t) = self.storage.topic(&name) {
-            return Ok(t);
+            return Ok((t, None));
+        }
+        if let Some(p) = &self.placement
+            && p.zero.group_of(&name).is_some_and(|g| g != p.group)
+        {
+            let outbox = crate::server::outbox::name(p.group);
+            return match self.storage.topic(&outbox) {
+                Some(t) => Ok((t, Some(name))),
+                None => Err(StorageError::UnknownTopic(outbox)),
+            };
         }
         match self.storage.create_topic(&name, 1, 0, 0).await {
-            Ok(t) => Ok(t),
+            Ok(t) => Ok((t, None)),
             Err(StorageError::TopicExists(_)) => self
                 .storage
                 .topic(&name)
+                .map(|t| (t, None))
                 .ok_or(StorageError::UnknownTopic(name)),
             Err(e) => Err(e),
         }

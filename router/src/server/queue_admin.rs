@@ -164,16 +164,18 @@ async fn topic_policy(
         }
         // Dead letters are written there: naming it needs rights on it.
         session.principal().check(Class::TopicAdmin, dlq, "")?;
-        // Dead-lettering is one commit in the topic's group: across groups
-        // it would need an outbox (docs/cluster.md, step 2).
+        // In the topic's group, dead letters are appended to it there (and
+        // it is made on the first); in another, they go through the
+        // group's outbox, so it must exist: a name no group holds has no
+        // group to be made in.
         if let Some(p) = broker.placement()
-            && p.zero.group_of(dlq) != Some(p.group)
+            && p.zero.group_of(dlq).is_none()
         {
             return Err(bad(format!(
-                "dead-letter topic '{dlq}' is not in the group of '{}' (group {}): in a cluster \
-                 of several groups a topic's dead letters stay in its group; name the \
-                 dead-letter topic under it (for example '{}.failed')",
-                r.name, p.group, r.name
+                "dead-letter topic '{dlq}' is in no group of the cluster: create it first, or \
+                 name it under '{}' (for example '{}.failed'), which keeps it in the topic's \
+                 group {}",
+                r.name, r.name, p.group
             )));
         }
     }
