@@ -1476,7 +1476,7 @@ async fn add_and_remove_a_node(groups: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
     const RECORDS: usize = 240;
-    let mut cluster = Cluster::start_groups(3, false, 3);
+    let mut cluster = Cluster::start_groups(3, true, 3);
     let admin = cluster.client().await;
     create_topic(&admin, "orders", 1).await;
     create_topic(&admin, "audit", 1).await;
@@ -1587,6 +1587,28 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         letter.header("x-dlq-topic").as_deref(),
         Some(&b"orders"[..])
     );
+    // The origin group's leader tells what its outbox has yet to forward:
+    // nothing, once its position (recorded after each forward) is written.
+    let line = format!("switchyard_outbox_pending_messages{{raft_group=\"{from}\"}} 0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = cluster_status(&admin).await;
+        let leader = s["groups"][from as usize]["leader"].as_u64().unwrap();
+        let at = cluster.nodes[leader as usize - 1].addr;
+        let (_, body) = common::get_metrics(SocketAddr::new(at.ip(), at.port() + 1), None).await;
+        if body.lines().any(|l| l == line) {
+            break;
+        }
+        let seen: Vec<&str> = body
+            .lines()
+            .filter(|l| l.contains("outbox_pending"))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "no `{line}` on node {leader}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // The outbox is the router's own: not listed, not for clients to make.
     let listed: Vec<String> = admin
         .list_topics()

@@ -463,6 +463,17 @@ impl Broker {
             .collect()
     }
 
+    /// Whether topic `name` exists: here, or, on a cluster of several
+    /// groups, in another group (where a route reaches it through the
+    /// outbox).
+    pub fn topic_known(&self, name: &str) -> bool {
+        self.storage.topic(name).is_some()
+            || self
+                .placement
+                .as_ref()
+                .is_some_and(|p| p.zero.group_of(name).is_some())
+    }
+
     /// The live topic, or an `UnknownTopic` error.
     pub fn topic(&self, name: &str) -> Result<Arc<TopicHandle>, WireError> {
         self.storage.topic(name).ok_or_else(|| unknown_topic(name))

@@ -605,6 +605,20 @@ fn router_families(shared: &Shared, out: &mut Families) -> std::fmt::Result {
         }),
     )?;
 
+    // A cluster group's outbox: what it has yet to forward.
+    if let Some(p) = broker.placement()
+        && let Some(n) = super::outbox::pending(broker.storage(), p.group)
+    {
+        family(
+            out,
+            "switchyard_outbox_pending_messages",
+            "Records routed or dead-lettered to another group's topic that this group's outbox has yet to forward.",
+            None,
+            MetricType::Gauge,
+            std::iter::once((Vec::new(), gauge(n as i64))),
+        )?;
+    }
+
     // Queue groups.
     let queues = broker.queue_groups(None);
     let depth: Vec<_> = queues.iter().map(|q| (q, q.depth())).collect();

@@ -69,6 +69,18 @@ pub fn reserved(topic: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Records in group `group`'s outbox not yet forwarded; `None` where it
+/// has no outbox.
+pub fn pending(storage: &Storage, group: u32) -> Option<u64> {
+    let topic = storage.topic(&name(group))?;
+    let end = topic.partitions().first()?.end;
+    let done = storage
+        .committed_offset(FORWARDER, topic.meta.id, 0)
+        .ok()?
+        .unwrap_or(0);
+    Some(end.saturating_sub(done))
+}
+
 /// `record` as it goes into the outbox, bound for `target`.
 pub fn bound_for(record: &RawRecord, target: &str) -> Result<RawRecord, String> {
     crate::broker::with_headers(record, vec![(TO_HEADER.into(), target.as_bytes().to_vec())])

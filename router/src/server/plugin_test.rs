@@ -140,7 +140,7 @@ pub(super) async fn dry_run(
                             RouteAction::Keep => format!("keep -> {}", req.topic),
                             RouteAction::To(ts) => {
                                 let unknown: Vec<_> =
-                                    ts.iter().filter(|t| broker.topic(t).is_err()).collect();
+                                    ts.iter().filter(|t| !broker.topic_known(t)).collect();
                                 if unknown.is_empty() {
                                     format!("to {}", ts.join(", "))
                                 } else {
