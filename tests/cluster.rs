@@ -1587,6 +1587,15 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         letter.header("x-dlq-topic").as_deref(),
         Some(&b"orders"[..])
     );
+    // `queue dlq list orders` is asked of `orders`' group, which does not
+    // hold them: it says where they are.
+    let elsewhere = admin.dlq_list("orders", 10).await;
+    assert!(
+        elsewhere
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("subscribe audit")),
+        "{elsewhere:?}"
+    );
     // The origin group's leader tells what its outbox has yet to forward:
     // nothing, once its position (recorded after each forward) is written.
     let line = format!("switchyard_outbox_pending_messages{{raft_group=\"{from}\"}} 0");

@@ -238,8 +238,26 @@ fn read_dlq(
 /// The dead-letter topic of `topic`, or `None` if nothing was ever
 /// dead-lettered (it is created on first use): an empty DLQ, not an error.
 /// The original topic must exist.
+/// On a cluster of several groups, a dead-letter topic another group
+/// holds (its letters go through the outbox) is refused here, naming it.
 fn dlq_of(broker: &Broker, topic: &str) -> Result<Option<std::sync::Arc<TopicHandle>>, WireError> {
-    Ok(broker.topic(&dlq_name(broker, topic)?).ok())
+    let name = dlq_name(broker, topic)?;
+    if let Ok(t) = broker.topic(&name) {
+        return Ok(Some(t));
+    }
+    if let Some(p) = broker.placement()
+        && let Some(g) = p.zero.group_of(&name).filter(|g| *g != p.group)
+    {
+        return Err(WireError::new(
+            ErrorCode::WrongGroup,
+            format!(
+                "the dead letters of '{topic}' go to '{name}', which group={g} of the cluster \
+                 holds: read it as a topic (`switchyard subscribe {name} --from earliest`); \
+                 redrive and purge work on a dead-letter topic in the topic's own group"
+            ),
+        ));
+    }
+    Ok(None)
 }
 
 /// The name of `topic`'s dead-letter topic (its policy's `dlq`, else
