@@ -1491,26 +1491,56 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         )
         .await
         .unwrap();
-    // Every third record stays on `orders`; the others go to `audit`.
-    let routed = |i: usize| i % 3 != 0;
-    let mut killed = None;
-    for i in 0..RECORDS {
-        if i == RECORDS / 2 {
-            let s = cluster_status(&admin).await;
-            let leader = s["groups"][from as usize]["leader"].as_u64().unwrap();
-            eprintln!("killing node {leader}, which leads group {from} of `orders`");
-            cluster.kill(leader);
-            killed = Some(leader);
+    // Four lanes publish without a break, each record after the last one's
+    // acknowledgement; every third record of a lane stays on `orders`, the
+    // others go to `audit`. A third of the way in, the node leading
+    // `orders`' group is killed; two thirds in, it is back and the node
+    // leading `audit`'s group is killed: each side's failover under load.
+    const LANES: usize = 4;
+    let routed = |j: usize| j % 3 != 0;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let lanes: Vec<_> = (0..LANES)
+        .map(|l| {
+            let (admin, acked) = (admin.clone(), acked.clone());
+            tokio::spawn(async move {
+                for j in 0..RECORDS / LANES {
+                    let id = format!("r{l}-{j}");
+                    let mut record = Record::new(id.clone()).with_message_id(id);
+                    if routed(j) {
+                        record = record.with_header("route-to", "audit");
+                    }
+                    tokio::time::timeout(Duration::from_secs(30), admin.publish("orders", record))
+                        .await
+                        .expect("a publish hung")
+                        .unwrap_or_else(|e| panic!("lane {l}, record {j}: {e}"));
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let until = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            while acked.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        let id = format!("r{i}");
-        let mut record = Record::new(id.clone()).with_message_id(id);
-        if routed(i) {
-            record = record.with_header("route-to", "audit");
-        }
-        tokio::time::timeout(Duration::from_secs(30), admin.publish("orders", record))
-            .await
-            .expect("a publish hung")
-            .unwrap_or_else(|e| panic!("record {i}: {e}"));
+    };
+    until(RECORDS / 3).await;
+    let s = cluster_status(&admin).await;
+    let first = s["groups"][from as usize]["leader"].as_u64().unwrap();
+    eprintln!("killing node {first}, which leads group {from} of `orders`");
+    cluster.kill(first);
+    until(2 * RECORDS / 3).await;
+    cluster.up(first);
+    converged(&admin).await;
+    let s = cluster_status(&admin).await;
+    let second = s["groups"][to as usize]["leader"].as_u64().unwrap();
+    eprintln!("killing node {second}, which leads group {to} of `audit`");
+    cluster.kill(second);
+    let killed = [first, second];
+    for lane in lanes {
+        lane.await.unwrap();
     }
     let read = |topic: &'static str, want: usize| {
         let admin = admin.clone();
@@ -1536,14 +1566,38 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
             got
         }
     };
+    // Each record once, and each lane's in the order it published them.
     let expect = |keep: bool| -> Vec<String> {
-        (0..RECORDS)
-            .filter(|&i| routed(i) != keep)
-            .map(|i| format!("r{i}"))
-            .collect()
+        let mut all: Vec<String> = (0..LANES)
+            .flat_map(|l| {
+                (0..RECORDS / LANES)
+                    .filter(move |&j| routed(j) != keep)
+                    .map(move |j| format!("r{l}-{j}"))
+            })
+            .collect();
+        all.sort();
+        all
     };
-    assert_eq!(read("audit", expect(false).len()).await, expect(false));
-    assert_eq!(read("orders", expect(true).len()).await, expect(true));
+    let in_lane_order = |got: &[String]| {
+        for l in 0..LANES {
+            let lane: Vec<usize> = got
+                .iter()
+                .filter_map(|id| id.strip_prefix(&format!("r{l}-")))
+                .map(|j| j.parse().unwrap())
+                .collect();
+            assert!(lane.is_sorted(), "lane {l} out of order: {lane:?}");
+        }
+    };
+    let audit = read("audit", expect(false).len()).await;
+    in_lane_order(&audit);
+    let mut sorted = audit.clone();
+    sorted.sort();
+    assert_eq!(sorted, expect(false));
+    let orders = read("orders", expect(true).len()).await;
+    in_lane_order(&orders);
+    let mut sorted = orders.clone();
+    sorted.sort();
+    assert_eq!(sorted, expect(true));
     // Nothing more arrives: each record once, the resent ones included.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (topic, keep) in [("audit", false), ("orders", true)] {
@@ -1551,7 +1605,7 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         assert_eq!(
             info.partitions[0].end,
             expect(keep).len() as u64,
-            "{topic}: {info:?} (node {killed:?} killed)"
+            "{topic}: {info:?} (nodes {killed:?} killed)"
         );
     }
     // Dead letters of `orders`' queue go to `audit` too, in the other
@@ -1572,8 +1626,8 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
             .unwrap();
         q.nack(&m, false, "bad_input", "no amount").await.unwrap();
     }
-    let mut all = expect(false);
-    all.extend(["r0", "r3", "r6"].map(String::from));
+    let mut all = audit.clone();
+    all.extend(orders[..3].iter().cloned());
     let got = read("audit", all.len()).await;
     assert_eq!(got, all);
     let mut sub = admin

@@ -159,6 +159,54 @@ async fn a_restarted_router_loses_nothing_the_application_relied_on() {
     assert!(admin.connections() >= 3);
 }
 
+/// A subscription (stream or queue) opened just as its router dies, before
+/// the client has noticed, opens on the next connection instead of failing
+/// with `ConnectionLost`, as one already open resumes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_opened_as_the_router_dies_opens_on_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_udp_addr();
+    let mut router = ChildRouter::spawn_on(dir.path(), addr);
+    let c = client(addr, dir.path()).await;
+    c.create_topic("jobs", 1).await.unwrap();
+    c.publish("jobs", Record::new("one").with_message_id("one"))
+        .await
+        .unwrap();
+    router.child.kill().unwrap();
+    router.child.wait().unwrap();
+    // The client learns of the loss only at its idle timeout (1.5 s).
+    let stream = tokio::spawn({
+        let c = c.clone();
+        async move { c.subscribe(SubscribeOptions::new("jobs")).await }
+    });
+    let queue = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.subscribe_queue(QueueOptions::new("jobs", "workers"))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _router = ChildRouter::spawn_on(dir.path(), addr);
+    let mut sub = stream
+        .await
+        .unwrap()
+        .expect("the stream subscription opened");
+    let mut q = queue.await.unwrap().expect("the queue subscription opened");
+    let m = tokio::time::timeout(Duration::from_secs(15), sub.next())
+        .await
+        .expect("no delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload(), "one");
+    let m = tokio::time::timeout(Duration::from_secs(15), q.next())
+        .await
+        .expect("no queue delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload(), "one");
+}
+
 #[tokio::test]
 async fn without_reconnects_a_lost_connection_fails_calls_with_connection_lost() {
     let dir = tempfile::tempdir().unwrap();

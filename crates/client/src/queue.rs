@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::ClientError;
 use super::connection::Client;
 use super::inbox::{Inbox, InboxSender, inbox};
-use super::subscribe::{Flow, Handler, drive, open_subscription};
+use super::subscribe::{Flow, Handler, drive, open_first};
 use switchyard_protocol::{DeliveryTag, Frame, RawRecord, StartPosition, SubscribeMode, WireError};
 
 /// How to consume a topic as a queue.
@@ -157,8 +157,7 @@ impl Client {
                 visibility_ms: opts.visibility.as_millis() as u64,
             },
         };
-        let link = self.shared.link().await?;
-        let (send, reader, _) = open_subscription(&link, &f).await?;
+        let (link, (send, reader, _)) = open_first(&self.shared, &f).await?;
         let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let waiters: Waiters = Arc::new(Mutex::new(Pending {

@@ -167,8 +167,7 @@ impl Client {
                 .map(|(p, info)| (p as u32, info.end))
                 .collect();
         }
-        let link = self.shared.link().await?;
-        let (send, reader, partitions) = open_subscription(&link, &f).await?;
+        let (link, (send, reader, partitions)) = open_first(&self.shared, &f).await?;
         let (tx, rx) = inbox();
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let (assign_tx, assignment) = watch::channel(Vec::new());
@@ -202,12 +201,42 @@ impl Client {
     }
 }
 
+/// Opens a new subscription: as [`open_subscription`], on the current
+/// connection, and on the next one if that connection is lost meanwhile
+/// (a leader killed or handing over as the subscription opens), as an open
+/// subscription resumes on it. The router's refusals are returned; so is
+/// the loss where the client does not reconnect.
+pub(crate) async fn open_first(
+    shared: &Arc<Shared>,
+    subscribe: &Frame,
+) -> Result<(Arc<Link>, Opened), ClientError> {
+    loop {
+        let link = shared.link().await?;
+        match open_subscription(&link, subscribe).await {
+            Ok(opened) => return Ok((link, opened)),
+            Err(e @ ClientError::ConnectionLost(_)) if shared.reconnects() => {
+                tracing::debug!(error = %e, "subscribing failed as the connection was lost; again on the next");
+                if link.conn.close_reason().is_some() {
+                    shared.link_lost(link.generation).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An opened subscription stream: its two halves and the topic's
+/// partition count.
+pub(crate) type Opened = (quinn::SendStream, FrameReader<quinn::RecvStream>, u32);
+
 /// Opens a subscription stream: sends `subscribe` and waits for
 /// `Subscribed` (returning the partition count) or the router's error.
 pub(crate) async fn open_subscription(
     link: &Link,
     subscribe: &Frame,
-) -> Result<(quinn::SendStream, FrameReader<quinn::RecvStream>, u32), ClientError> {
+) -> Result<Opened, ClientError> {
     let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
     let (mut send, recv) = link.conn.open_bi().await.map_err(|e| lost(&e))?;
     send.write_all(&subscribe.to_bytes())
