@@ -1653,25 +1653,51 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
     // The origin group's leader tells what its outbox has yet to forward:
     // nothing, once its position (recorded after each forward) is written.
     let line = format!("switchyard_outbox_pending_messages{{raft_group=\"{from}\"}} 0");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = cluster_status(&admin).await;
-        let leader = s["groups"][from as usize]["leader"].as_u64().unwrap();
-        let at = cluster.nodes[leader as usize - 1].addr;
-        let (_, body) = common::get_metrics(SocketAddr::new(at.ip(), at.port() + 1), None).await;
-        if body.lines().any(|l| l == line) {
-            break;
+    let forwarded = || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = cluster_status(&admin).await;
+            let leader = s["groups"][from as usize]["leader"].as_u64().unwrap();
+            let at = cluster.nodes[leader as usize - 1].addr;
+            let (_, body) =
+                common::get_metrics(SocketAddr::new(at.ip(), at.port() + 1), None).await;
+            if body.lines().any(|l| l == line) {
+                return;
+            }
+            let seen: Vec<&str> = body
+                .lines()
+                .filter(|l| l.contains("outbox_pending"))
+                .collect();
+            assert!(
+                Instant::now() < deadline,
+                "no `{line}` on node {leader}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let seen: Vec<&str> = body
-            .lines()
-            .filter(|l| l.contains("outbox_pending"))
-            .collect();
-        assert!(
-            Instant::now() < deadline,
-            "no `{line}` on node {leader}: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    forwarded().await;
+    // A target deleted meanwhile loses what is routed to it (as a route to
+    // a deleted topic in the group would), and the outbox goes on: made
+    // again (in its group, which keeps the name), the target gets what is
+    // routed after.
+    admin.delete_topic("audit").await.unwrap();
+    let routed_to_audit = |id: &str| {
+        Record::new(id.to_string())
+            .with_message_id(id.to_string())
+            .with_header("route-to", "audit")
+    };
+    admin
+        .publish("orders", routed_to_audit("lost"))
+        .await
+        .unwrap();
+    forwarded().await;
+    create_topic(&admin, "audit", 1).await;
+    assert_eq!(admin.topic_group("audit").await.unwrap(), to);
+    admin
+        .publish("orders", routed_to_audit("after"))
+        .await
+        .unwrap();
+    assert_eq!(read("audit", 1).await, ["after"]);
     // The outbox is the router's own: not listed, not for clients to make.
     let listed: Vec<String> = admin
         .list_topics()

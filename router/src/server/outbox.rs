@@ -41,7 +41,11 @@ const FORWARDER: &str = "__outbox-forwarder";
 /// unavailable for longer loses it.
 const RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// Records forwarded per round.
+/// Records read from the outbox per round, at most.
+const ROUND: usize = 4096;
+
+/// Records per batch sent to a target; a round's batches are in flight
+/// together, stored in the order they were sent.
 const BATCH: usize = 512;
 
 /// The outbox topic of group `group`.
@@ -220,12 +224,12 @@ impl Forwarder {
         }
     }
 
-    /// Up to [`BATCH`] records from `from` on.
+    /// Up to [`ROUND`] records from `from` on.
     fn read(&self, from: u64) -> Result<Vec<Outgoing>, StorageError> {
         let mut out = Vec::new();
         let limit = ReadLimit {
-            max_records: BATCH,
-            max_bytes: 4 << 20,
+            max_records: ROUND,
+            max_bytes: 8 << 20,
         };
         let group = self.group;
         self.storage
@@ -239,9 +243,10 @@ impl Forwarder {
         Ok(out)
     }
 
-    /// Publishes `batch` to its targets, each run of one target as one
-    /// batch, in order. A target that no longer exists loses its records
-    /// (as a route to a deleted topic would); any other failure is
+    /// Publishes `batch` to its targets: each run of records for one
+    /// target (up to [`BATCH`]) as one batch, all of them in flight at once
+    /// and stored in order. A target that no longer exists loses its
+    /// records (as a route to a deleted topic would); any other failure is
     /// returned, and the whole batch is sent again.
     async fn send(&mut self, batch: Vec<Outgoing>) -> Result<(), ClientError> {
         if self.client.is_none() {
@@ -249,14 +254,25 @@ impl Forwarder {
         }
         let client = self.client.as_ref().expect("connected above");
         let mut rest = batch.into_iter().peekable();
+        let mut in_flight = Vec::new();
         while let Some(first) = rest.next() {
             let target = first.target;
             let mut records = vec![first.record];
-            while let Some(next) = rest.next_if(|o| o.target == target) {
+            while records.len() < BATCH
+                && let Some(next) = rest.next_if(|o| o.target == target)
+            {
                 records.push(next.record);
             }
             let n = records.len();
-            match client.publish_batch(&target, records).await {
+            let acks = client.queue_batch(&target, records).await;
+            in_flight.push((target, n, acks));
+        }
+        for (target, n, acks) in in_flight {
+            let stored = match acks {
+                Ok(acks) => acks.await,
+                Err(e) => Err(e),
+            };
+            match stored {
                 Ok(_) => {}
                 Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
                     tracing::warn!(topic = %target, records = n, "outbox records for a topic that no longer exists; dropped");
