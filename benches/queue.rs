@@ -74,6 +74,7 @@ impl Setup {
             self.storage.clone(),
             self.plugins.clone(),
             StartPosition::Latest,
+            None,
         )
         .unwrap()
     }

@@ -1497,7 +1497,7 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
     // `orders`' group is killed; two thirds in, it is back and the node
     // leading `audit`'s group is killed: each side's failover under load.
     const LANES: usize = 4;
-    let routed = |j: usize| j % 3 != 0;
+    let routed = |j: usize| !j.is_multiple_of(3);
     let acked = Arc::new(AtomicUsize::new(0));
     let lanes: Vec<_> = (0..LANES)
         .map(|l| {
