@@ -857,6 +857,13 @@ async fn cluster_status_beside_any_node_names_the_leader() {
         marked.len() == 1 && marked[0].starts_with(&format!("{drained} ")),
         "{said}"
     );
+    let flagged = |id: u64, v: u8| async move {
+        let (_, body) = common::get_metrics(metrics_of(id), None).await;
+        let line = format!("switchyard_cluster_drained {v}");
+        assert!(body.lines().any(|l| l == line), "node {id}: no `{line}`");
+    };
+    flagged(drained, 1).await;
+    flagged(leader, 0).await;
     let third = (1..=3).find(|&n| n != drained && n != leader).unwrap();
     succeed(&mut cli(&[
         "cluster",
@@ -880,6 +887,7 @@ async fn cluster_status_beside_any_node_names_the_leader() {
     }
     let out = succeed(&mut cli(&["cluster", "status"]));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("(drained)"));
+    flagged(drained, 0).await;
     assert_eq!(converged(&admin).await, leader);
     let lone = Client::connect(
         ClientConfig::new(cluster.nodes[leader as usize - 1].addr)
@@ -1707,6 +1715,15 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         .map(|t| t.name)
         .collect();
     assert_eq!(listed, ["audit", "orders"]);
+    // An operator can look at one by its name.
+    let outbox = admin
+        .describe_topic(&format!("__outbox.{from}"))
+        .await
+        .unwrap();
+    assert!(
+        outbox.partitions[0].end >= expect(false).len() as u64,
+        "{outbox:?}"
+    );
     let refused = admin.create_topic("__outbox.7", 1).await;
     assert!(
         refused

@@ -1134,6 +1134,17 @@ impl Collector for NodeCollector {
         out.raft_group = None;
         let serving = |g: u64| routers.iter().any(|(r, _)| u64::from(*r) == g);
         cluster_families(&mut out, &group_views(&status, &serving))?;
+        let drained = status["drained"]
+            .as_array()
+            .is_some_and(|d| d.contains(&status["node"]));
+        family(
+            &mut out,
+            "switchyard_cluster_drained",
+            "1 while this node is drained (`cluster drain`: it leads no group), 0 otherwise.",
+            None,
+            MetricType::Gauge,
+            [(vec![], gauge(drained as i64))],
+        )?;
         let mut files: Vec<_> = self
             .databases
             .iter()
