@@ -1418,9 +1418,11 @@ async fn add_and_remove_a_node(groups: u32) {
     }
     assert_eq!(converged(&admin).await, s["leader"].as_u64().unwrap());
 
-    // Remove a follower; the other three go on.
+    // Remove a follower, drained first as for maintenance; the other three
+    // go on, and the mark goes with the node.
     let leader = s["leader"].as_u64().unwrap();
     let gone = (1..=4).find(|&id| id != leader).unwrap();
+    admin.drain_node(gone, true).await.unwrap();
     succeed(
         Command::new(router_bin())
             .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
@@ -1438,6 +1440,7 @@ async fn add_and_remove_a_node(groups: u32) {
     for g in s["groups"].as_array().cloned().unwrap_or(vec![s.clone()]) {
         assert_eq!(g["nodes"].as_array().unwrap().len(), 3, "{s}");
     }
+    assert_eq!(s["drained"], serde_json::json!([]), "{s}");
     for t in topics {
         let info = admin.describe_topic(t).await.unwrap();
         assert_eq!(

@@ -186,6 +186,20 @@ pub(super) async fn handle(
                 "cluster_remove_node" => {
                     let n: NodeRequest = parse(body)?;
                     r.control.remove_node(n.id).await.map_err(failed)?;
+                    // A node gone is drained no more: a new node given its
+                    // id later starts undrained.
+                    let zero = r.placement.as_ref().is_none_or(|p| p.group == 0);
+                    let drained = r.control.status()["drained"]
+                        .as_array()
+                        .is_some_and(|d| d.contains(&n.id.into()));
+                    if zero && drained {
+                        shared
+                            .broker
+                            .storage()
+                            .drain_node(n.id, false)
+                            .await
+                            .map_err(|e| e.to_wire())?;
+                    }
                     Ok(r.control.status())
                 }
                 "cluster_step_down" => {
