@@ -1727,6 +1727,16 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
         outbox.partitions[0].end >= expect(false).len() as u64,
         "{outbox:?}"
     );
+    // Nor for clients to write: a record there is forwarded with the
+    // node's rights to whatever its header names.
+    let forged = Record::new("x").with_header("x-outbox-to", "audit");
+    let refused = admin.publish(&format!("__outbox.{from}"), forged).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("reserved")),
+        "{refused:?}"
+    );
     let refused = admin.create_topic("__outbox.7", 1).await;
     assert!(
         refused

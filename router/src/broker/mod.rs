@@ -474,6 +474,17 @@ impl Broker {
                 .is_some_and(|p| p.zero.group_of(name).is_some())
     }
 
+    /// The topic a client publishes to: as [`Broker::topic`], but a
+    /// group's outbox is the router's own (a record in it is forwarded
+    /// with the node's rights to the topic its header names), so on a
+    /// cluster of several groups it takes no client's publishes.
+    pub fn topic_for_publish(&self, name: &str) -> Result<Arc<TopicHandle>, WireError> {
+        if self.placement.is_some() {
+            crate::server::outbox::reserved(name)?;
+        }
+        self.topic(name)
+    }
+
     /// The live topic, or an `UnknownTopic` error.
     pub fn topic(&self, name: &str) -> Result<Arc<TopicHandle>, WireError> {
         self.storage.topic(name).ok_or_else(|| unknown_topic(name))

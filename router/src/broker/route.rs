@@ -232,6 +232,12 @@ impl Broker {
                             ),
                         ));
                     }
+                    if crate::server::outbox::group_of(n).is_some() {
+                        return Err(Decided::Invalid(
+                            record,
+                            format!("route to '{n}': the outboxes are the router's own"),
+                        ));
+                    }
                     match self.storage.topic(n) {
                         Some(t) => targets.push((t, record.clone())),
                         None => match self.outbox_for(n) {

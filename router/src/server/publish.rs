@@ -107,7 +107,7 @@ pub(super) async fn serve(
         }
         let handle = match &cached {
             Some(h) if h.meta.name == topic && !h.is_deleted() => Ok(h.clone()),
-            _ => shared.broker.topic(&topic),
+            _ => shared.broker.topic_for_publish(&topic),
         };
         let result = match handle {
             Ok(h) if parts.len() > 1 => {
