@@ -527,13 +527,7 @@ async fn client_certificates_map_to_principals_and_other_cas_are_refused() {
         e.to_string().contains("publish:secret"),
         "names the missing grant: {e}"
     );
-    let topics: Vec<_> = alice
-        .list_topics()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
+    let topics = topic_names(&alice).await;
     assert_eq!(
         topics,
         ["orders"],

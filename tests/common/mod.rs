@@ -115,6 +115,16 @@ pub async fn raw_connect(r: &TestRouter) -> quinn::Connection {
     raw_connect_from(r, "127.0.0.1").await
 }
 
+/// The names of the topics `c` lists, in its order.
+pub async fn topic_names(c: &Client) -> Vec<String> {
+    c.list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
+}
+
 /// Reads exactly `n` messages from a subscription or a queue consumer,
 /// failing the test after `secs` seconds.
 pub async fn take<S, T, E>(sub: &mut S, n: usize, secs: u64) -> Vec<T>

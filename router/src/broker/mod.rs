@@ -458,7 +458,7 @@ impl Broker {
         self.storage
             .topics()
             .iter()
-            .filter(|t| crate::server::outbox::group_of(&t.meta.name).is_none())
+            .filter(|t| !crate::server::outbox::is_outbox(&t.meta.name))
             .map(|t| t.info())
             .collect()
     }

@@ -128,7 +128,7 @@ impl Broker {
                         let partition = partitioner::partition_of(&record, t.meta.partitions, rr);
                         // Into the outbox, the target's dedup window
                         // applies once it is forwarded (the id goes with it).
-                        let outbox = crate::server::outbox::group_of(&t.meta.name).is_some();
+                        let outbox = crate::server::outbox::is_outbox(&t.meta.name);
                         let dedup =
                             crate::protocol::headers::Policy::parse_stored(record.as_bytes())
                                 .message_id
@@ -232,7 +232,7 @@ impl Broker {
                             ),
                         ));
                     }
-                    if crate::server::outbox::group_of(n).is_some() {
+                    if crate::server::outbox::is_outbox(n) {
                         return Err(Decided::Invalid(
                             record,
                             format!("route to '{n}': the outboxes are the router's own"),
@@ -265,8 +265,7 @@ impl Broker {
     /// group holding topic `name`.
     fn outbox_for(&self, name: &str) -> Option<Arc<TopicHandle>> {
         let p = self.placement.as_ref()?;
-        let held_by = p.zero.group_of(name)?;
-        if held_by == p.group || crate::server::outbox::group_of(name).is_some() {
+        if p.zero.group_of(name)? == p.group {
             return None;
         }
         self.storage.topic(&crate::server::outbox::name(p.group))

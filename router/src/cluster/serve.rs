@@ -249,7 +249,7 @@ pub async fn run(
     });
     let groups = nodes.len() as u32;
     // Every group's Raft on this node, for `cluster status`.
-    let rafts = Arc::new(NodeGroups {
+    let local = Arc::new(NodeGroups {
         rafts: nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect(),
         zero: zero_db,
     });
@@ -258,8 +258,8 @@ pub async fn run(
     let routers: Routers = Routers::default();
     let metrics_task = metrics.and_then(|l| {
         let status = {
-            let rafts = rafts.clone();
-            Box::new(move || node_status(0, &rafts.rafts[0].1, &rafts))
+            let local = local.clone();
+            Box::new(move || node_status(0, &local.rafts[0].1, &local))
         };
         serve_metrics(
             &cfg,
@@ -275,7 +275,7 @@ pub async fn run(
         let placement = zero
             .as_ref()
             .map(|zero| Placement::new(*group, groups, zero.clone()));
-        lead(&cfg, node, &dispatch, &rafts, &routers, placement, &stop)
+        lead(&cfg, node, &dispatch, &local, &routers, placement, &stop)
     }));
     let stopper = async {
         tokio::select! {
@@ -323,7 +323,7 @@ async fn lead(
     cfg: &ClusterServe,
     node: &ClusterNode,
     dispatch: &Arc<Dispatch>,
-    rafts: &Arc<NodeGroups>,
+    local: &Arc<NodeGroups>,
     routers: &Routers,
     placement: Option<Placement>,
     stop: &watch::Sender<bool>,
@@ -376,7 +376,7 @@ async fn lead(
             control: Arc::new(Control {
                 group,
                 handover: node.handover(),
-                rafts: rafts.clone(),
+                local: local.clone(),
             }),
             // Connections that arrive while the router opens wait in it.
             clients: dispatch.route(group),
@@ -557,8 +557,8 @@ struct Control {
     group: GroupId,
     /// The group's handover, and through it its Raft.
     handover: super::node::Handover,
-    /// Every group's Raft on this node.
-    rafts: Arc<NodeGroups>,
+    /// Every group's Raft on this node, and its replica of group 0.
+    local: Arc<NodeGroups>,
 }
 
 /// Every group's Raft on this node, and its replica of group 0 (for the
@@ -573,7 +573,7 @@ impl crate::server::ClusterControl for Control {
     /// also `groups`: each of them as this node sees it (a group's
     /// followers' positions are known only where it is led).
     fn status(&self) -> serde_json::Value {
-        node_status(self.group, self.handover.raft(), &self.rafts)
+        node_status(self.group, self.handover.raft(), &self.local)
     }
 
     fn nodes(&self) -> Vec<SocketAddr> {

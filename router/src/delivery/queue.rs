@@ -1011,10 +1011,7 @@ impl QueueGroup {
         let now = now_ms();
         let dlq = self.dlq_topic().await;
         // Held by another group: through this group's outbox.
-        let bound_for = match &dlq {
-            Ok((_, Some(name))) => Some(name.clone()),
-            _ => None,
-        };
+        let bound_for = dlq.as_ref().ok().and_then(|(_, name)| name.clone());
         let mut out = Vec::new();
         for (f, reason) in &dead {
             let Some((_, rec)) = records.get(&(f.partition, f.offset)) else {

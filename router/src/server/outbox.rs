@@ -53,6 +53,12 @@ pub fn name(group: u32) -> String {
     format!("{PREFIX}{group}")
 }
 
+/// Whether `topic` is a name reserved for the outboxes (one group's, or
+/// any other under the prefix).
+pub fn is_outbox(topic: &str) -> bool {
+    topic.starts_with(PREFIX)
+}
+
 /// The group whose outbox `topic` is, if it is one.
 pub fn group_of(topic: &str) -> Option<u32> {
     topic.strip_prefix(PREFIX)?.parse().ok()
@@ -61,7 +67,7 @@ pub fn group_of(topic: &str) -> Option<u32> {
 /// The refusal of a client's create, delete or assignment of a name that
 /// is reserved for the outboxes.
 pub fn reserved(topic: &str) -> Result<(), WireError> {
-    if topic.starts_with(PREFIX) {
+    if is_outbox(topic) {
         return Err(WireError::new(
             ErrorCode::InvalidTopicName,
             format!(

@@ -189,10 +189,7 @@ pub(super) async fn handle(
                     // A node gone is drained no more: a new node given its
                     // id later starts undrained.
                     let zero = r.placement.as_ref().is_none_or(|p| p.group == 0);
-                    let drained = r.control.status()["drained"]
-                        .as_array()
-                        .is_some_and(|d| d.contains(&n.id.into()));
-                    if zero && drained {
+                    if zero && crate::storage::drained_nodes(&r.db).contains(&n.id) {
                         shared
                             .broker
                             .storage()
@@ -273,12 +270,8 @@ async fn drain(
             ),
         ));
     }
-    let drained: Vec<u64> = status["drained"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
+    // This router is group 0's: its tables hold the marks.
+    let drained: Vec<u64> = crate::storage::drained_nodes(&r.db).into_iter().collect();
     if req.drained && voters.iter().all(|v| *v == req.node || drained.contains(v)) {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,

@@ -24,7 +24,7 @@ pub(super) fn status_of(shared: &Shared, sees: &dyn Fn(&str) -> bool) -> Value {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut topics = storage.topics();
     // A group's outbox is the router's own, as in `topic list`.
-    topics.retain(|t| sees(&t.meta.name) && super::outbox::group_of(&t.meta.name).is_none());
+    topics.retain(|t| sees(&t.meta.name) && !super::outbox::is_outbox(&t.meta.name));
     topics.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
     let topics_json: Vec<Value> = topics
         .iter()
