@@ -1033,7 +1033,10 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
     .unwrap();
     assert!(!two.status.success());
     let err = String::from_utf8_lossy(&two.stderr);
-    assert!(err.contains("each of its 3 voting nodes"), "{err}");
+    assert!(
+        err.contains("replication factor 2 is not available here"),
+        "{err}"
+    );
     // Group 0 placed them one per group (the least-loaded first).
     let admin = cluster.client().await;
     let mut placed = Vec::new();
@@ -1400,23 +1403,52 @@ async fn add_and_remove_a_node(groups: u32) {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("node 4 joined"));
     let s = cluster_status(&admin).await;
-    // Each group's members as this node sees them: all four voters.
+    // Group 0 (the metadata) has every node: all four voters. A group
+    // of its own size (the replication factor, 3 by default) keeps its
+    // three: the new node holds no replica of it until one moves there.
     let views: Vec<serde_json::Value> = match s["groups"].as_array() {
         Some(each) => each.clone(),
         None => vec![s.clone()],
     };
     assert_eq!(views.len(), groups as usize, "{s}");
+    assert_eq!(s["replication_factor"], 3, "{s}");
     for g in &views {
-        let roles: Vec<&str> = g["nodes"]
+        let nodes: Vec<(u64, &str)> = g["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| n["role"].as_str().unwrap())
+            .map(|n| (n["id"].as_u64().unwrap(), n["role"].as_str().unwrap()))
             .collect();
-        assert_eq!(roles.len(), 4, "{s}");
-        assert!(roles.iter().all(|r| *r != "learner"), "{s}");
+        assert!(nodes.iter().all(|(_, r)| *r != "learner"), "{s}");
+        let has_new = nodes.iter().any(|(id, _)| *id == 4);
+        if g["group"] == 0 {
+            assert_eq!(nodes.len(), 4, "{s}");
+            assert!(has_new, "{s}");
+        } else {
+            assert_eq!(nodes.len(), 3, "{s}");
+            assert!(!has_new, "{s}");
+        }
     }
     assert_eq!(converged(&admin).await, s["leader"].as_u64().unwrap());
+    if groups > 1 {
+        // A client given only the new node's address reaches the groups
+        // it holds no replica of: the node sends it to their leaders,
+        // which it learns by asking the others.
+        let mut cfg = ClientConfig::new(new_addr)
+            .with_ca_file(cluster.cert())
+            .with_token_file(cluster.nodes[0].dir.join("admin.token"))
+            .unwrap();
+        cfg.idle_timeout = Duration::from_millis(1500);
+        let outside = Client::connect(cfg).await.unwrap();
+        for t in &topics[1..] {
+            assert_ne!(outside.topic_group(t).await.unwrap(), 0);
+            outside
+                .publish(t, Record::new("r0").with_message_id("r0"))
+                .await
+                .unwrap();
+        }
+        outside.close().await;
+    }
 
     // Remove a follower, drained first as for maintenance; the other three
     // go on, and the mark goes with the node.
@@ -1436,10 +1468,28 @@ async fn add_and_remove_a_node(groups: u32) {
             .await
             .unwrap();
     }
-    let s = cluster_status(&admin).await;
-    for g in s["groups"].as_array().cloned().unwrap_or(vec![s.clone()]) {
-        assert_eq!(g["nodes"].as_array().unwrap().len(), 3, "{s}");
-    }
+    // Every group has three voters again: group 0 lost one of four, and
+    // each of the others moved its replica from the node removed to the
+    // new one, which was live, undrained and held the fewest.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = cluster_status(&admin).await;
+        let each = s["groups"].as_array().cloned().unwrap_or(vec![s.clone()]);
+        let settled = each.iter().all(|g| {
+            let ids: Vec<u64> = g["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["id"].as_u64().unwrap())
+                .collect();
+            ids.len() == 3 && !ids.contains(&gone) && ids.contains(&4)
+        });
+        if settled {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the replicas did not move: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(s["drained"], serde_json::json!([]), "{s}");
     for t in topics {
         let info = admin.describe_topic(t).await.unwrap();
@@ -1737,4 +1787,143 @@ async fn routes_to_another_groups_topic_land_once_through_the_outbox() {
             .map(drop),
     );
     reserved(admin.create_topic("__outbox.7", 1).await.map(drop));
+}
+
+/// Four nodes formed with three groups and the default replication
+/// factor (3): group 0, the metadata, has all four; each of the others
+/// three, turn by turn, so a topic is kept on three nodes. A client of a
+/// node outside a topic's group is sent to the group's leader; killing
+/// that leader loses no acknowledged record; and the node outside holds
+/// no copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_smaller_than_the_cluster_keep_a_topic_on_its_replication_factor() {
+    let mut cluster = Cluster::start_groups(4, false, 3);
+    let admin = cluster.client().await;
+    // Every group has a leader, as node 1 learns it (it is not a member
+    // of group 2: nodes 2, 3, 4).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = cluster_status(&admin).await;
+        let led = s["groups"]
+            .as_array()
+            .is_some_and(|g| g.len() == 3 && g.iter().all(|g| g["leader"].is_u64()));
+        if led {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no leader in every group: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(s["replication_factor"], 3, "{s}");
+    let members = |g: &serde_json::Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = g["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let groups = s["groups"].as_array().unwrap();
+    assert_eq!(members(&groups[0]), [1, 2, 3, 4], "{s}");
+    assert_eq!(members(&groups[1]), [1, 2, 3], "{s}");
+    assert_eq!(members(&groups[2]), [2, 3, 4], "{s}");
+
+    // Topics go to groups of the factor asked for: by default three
+    // copies (groups 1 and 2), four only in group 0, two nowhere.
+    admin.create_topic("a", 2).await.unwrap();
+    admin.create_topic("b", 2).await.unwrap();
+    let mut placed = vec![
+        admin.topic_group("a").await.unwrap(),
+        admin.topic_group("b").await.unwrap(),
+    ];
+    placed.sort_unstable();
+    assert_eq!(placed, [1, 2]);
+    admin
+        .create_topic_replicated("everywhere", 1, 0, 0, Some(4))
+        .await
+        .unwrap();
+    assert_eq!(admin.topic_group("everywhere").await.unwrap(), 0);
+    let two = admin
+        .create_topic_replicated("few", 1, 0, 0, Some(2))
+        .await
+        .unwrap_err();
+    assert!(
+        two.to_string()
+            .contains("replication factor 2 is not available here"),
+        "{two}"
+    );
+    let t = if admin.topic_group("a").await.unwrap() == 2 {
+        "a"
+    } else {
+        "b"
+    };
+    let replicas = admin.topic_replicas(t).await.unwrap().unwrap();
+    assert_eq!(members(&replicas), [2, 3, 4], "{replicas}");
+
+    // Node 1 holds no replica of group 2: its client is sent to the
+    // group's leader, and goes on when that leader is killed.
+    let leader = replicas["leader"].as_u64().unwrap();
+    const RECORDS: usize = 90;
+    for i in 0..RECORDS {
+        if i == RECORDS / 3 {
+            cluster.kill(leader);
+        }
+        let id = format!("r{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let sent = admin
+                .publish(t, Record::new(id.clone()).with_message_id(id.clone()))
+                .await;
+            match sent {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "record {i}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let info = admin.describe_topic(t).await.unwrap();
+    assert_eq!(
+        info.partitions.iter().map(|p| p.end).sum::<u64>(),
+        RECORDS as u64,
+        "each acknowledged record once"
+    );
+    let mut sub = admin
+        .subscribe(SubscribeOptions::new(t).start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < RECORDS && Instant::now() < deadline {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+            got.insert(String::from_utf8(m.unwrap().payload().to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got.len(), RECORDS);
+    drop(sub);
+    // The group's two live members hold the same rows; node 1, outside
+    // it, holds none of them.
+    cluster.up(leader);
+    converged(&cluster.group_client(2).await).await;
+    let last = converged(&admin).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.stop_all_but_last(last);
+    let dump = |id: u64| {
+        let dir = switchyard::cluster::serve::group_dir(&cluster.nodes[id as usize - 1].dir, 2);
+        switchyard::cluster::state::StateMachine::open(&dir.join("switchyard.redb"))
+            .unwrap()
+            .dump()
+            .unwrap()
+    };
+    let copies: Vec<_> = [2, 3, 4].into_iter().map(dump).collect();
+    assert!(copies.iter().all(|d| *d == copies[0]), "replicas differ");
+    let outside = dump(1);
+    assert!(
+        outside.len() * 4 < copies[0].len(),
+        "node 1 holds group 2's rows: {} bytes against {}",
+        outside.len(),
+        copies[0].len()
+    );
 }

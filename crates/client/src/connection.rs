@@ -673,7 +673,7 @@ impl Client {
     pub(crate) async fn at(
         &self,
         topic: &str,
-        assign: Option<u32>,
+        assign: Option<(u32, Option<u32>)>,
     ) -> Result<&Client, ClientError> {
         if self.groups.is_none() {
             return Ok(self);
@@ -683,10 +683,15 @@ impl Client {
     }
 
     /// The group holding `topic`: 0 without groups; else as group 0
-    /// answered, asked the first time a topic is used. With `assign`,
-    /// group 0 places a new topic of that many partitions in the
-    /// least-loaded group.
-    async fn group_of(&self, topic: &str, assign: Option<u32>) -> Result<u32, ClientError> {
+    /// answered, asked the first time a topic is used. With `assign`
+    /// (partitions, replicas), group 0 places a new topic of that many
+    /// partitions in the least-loaded group of that many voters (by
+    /// default, the cluster's replication factor).
+    async fn group_of(
+        &self,
+        topic: &str,
+        assign: Option<(u32, Option<u32>)>,
+    ) -> Result<u32, ClientError> {
         let Some(groups) = &self.groups else {
             return Ok(0);
         };
@@ -700,9 +705,12 @@ impl Client {
             return Ok(g);
         }
         let mut body = serde_json::json!({ "name": topic });
-        if let Some(partitions) = assign {
+        if let Some((partitions, replicas)) = assign {
             body["assign"] = true.into();
             body["partitions"] = partitions.into();
+            if let Some(r) = replicas {
+                body["replicas"] = r.into();
+            }
         }
         let v = self
             .admin_here("topic-group", body, bytes::Bytes::new())
@@ -869,9 +877,50 @@ impl Client {
         retention_ms: u64,
         retention_bytes: u64,
     ) -> Result<TopicInfo, ClientError> {
+        self.create_topic_replicated(name, partitions, retention_ms, retention_bytes, None)
+            .await
+    }
+
+    /// Creates a topic as [`Client::create_topic_with`] does, kept on
+    /// `replicas` nodes of a cluster (a group of that many voters holds
+    /// it; `None`: the cluster's replication factor, see
+    /// [`Client::replication_factor`]). A cluster with no group of that
+    /// size refuses it, and a single router anything but 1.
+    pub async fn create_topic_replicated(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention_ms: u64,
+        retention_bytes: u64,
+        replicas: Option<u32>,
+    ) -> Result<TopicInfo, ClientError> {
+        // Several groups: group 0 checks the number as it places the
+        // topic. One group (or none): every topic has the same copies.
+        if let Some(want) = replicas.filter(|_| self.groups.is_none()) {
+            let factor = self.replication_factor().await?;
+            if want != factor {
+                return Err(ClientError::Server(WireError::new(
+                    crate::ErrorCode::InvalidArgument,
+                    format!(
+                        "replication factor {want} is not available here: {}",
+                        if self.info.cluster.is_empty() {
+                            "a single router keeps one copy of a topic (replication factor 1); \
+                             run a cluster for more"
+                                .to_string()
+                        } else {
+                            format!(
+                                "this cluster has one group, whose {factor} voters hold every \
+                                 topic (replication factor {factor}); a cluster of several \
+                                 groups (`serve --groups`) has groups of its replication factor"
+                            )
+                        }
+                    ),
+                )));
+            }
+        }
         let create = || async {
             let f = self
-                .at(name, Some(partitions))
+                .at(name, Some((partitions, replicas)))
                 .await?
                 .request(|id| Frame::CreateTopic {
                     id,
@@ -946,9 +995,10 @@ impl Client {
         self.group_of(name, None).await
     }
 
-    /// How many copies the router keeps of each topic: 1 on a single
-    /// router; on a cluster, its voting nodes (every group has them all as
-    /// its members, so every topic has one copy on each).
+    /// How many copies the router keeps of a topic made without asking
+    /// for a number: 1 on a single router; on a cluster, the size of its
+    /// groups (`serve --replication-factor`, 3 by default), or its voting
+    /// nodes where every group has them all.
     pub async fn replication_factor(&self) -> Result<u32, ClientError> {
         if self.info.cluster.is_empty() {
             return Ok(1);
@@ -956,6 +1006,9 @@ impl Client {
         let status = self
             .admin_here("cluster_status", serde_json::json!({}), bytes::Bytes::new())
             .await?;
+        if let Some(f) = status["replication_factor"].as_u64() {
+            return Ok(f as u32);
+        }
         let voters = status["nodes"]
             .as_array()
             .map_or(0, |n| n.iter().filter(|n| n["role"] != "learner").count());

@@ -212,6 +212,13 @@ struct ServeArgs {
     /// groups spread the leaders, and so the write load, over the nodes.
     #[arg(long)]
     groups: Option<u32>,
+    /// How many copies a cluster keeps of each topic (or the config
+    /// file's `[cluster] replication_factor`; default 3, or every node of
+    /// a smaller cluster): the voters of each of its groups but group 0,
+    /// which has every node. Below the number of nodes it needs `--groups`
+    /// 2 or more. Fixed when the cluster first starts.
+    #[arg(long)]
+    replication_factor: Option<u32>,
 }
 
 /// Arguments of `switchyard check`.
@@ -454,13 +461,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(g) = args.groups {
         config.cluster.groups = g;
     }
+    if let Some(r) = args.replication_factor {
+        config.cluster.replication_factor = Some(r);
+    }
     if let Some(id) = config.cluster.node_id {
         let (nodes, join) = (config.cluster.nodes.clone(), config.cluster.join);
         return serve_cluster(config, id, nodes, join).await;
     }
-    if !config.cluster.nodes.is_empty() || config.cluster.join || config.cluster.groups > 1 {
+    if !config.cluster.nodes.is_empty()
+        || config.cluster.join
+        || config.cluster.groups > 1
+        || config.cluster.replication_factor.is_some()
+    {
         anyhow::bail!(
-            "--cluster, --join and --groups need --node-id (or `[cluster] node_id` in the config file)"
+            "--cluster, --join, --groups and --replication-factor need --node-id (or `[cluster] \
+             node_id` in the config file)"
         );
     }
     // Listening for SIGTERM before the router announces itself: a
@@ -540,6 +555,17 @@ async fn serve_cluster(
     if groups > 64 {
         anyhow::bail!("--groups {groups}: at most 64 groups");
     }
+    let replication = config.cluster.replication_factor;
+    if let Some(r) = replication
+        && groups == 1
+        && (r as usize) < nodes.len()
+    {
+        anyhow::bail!(
+            "--replication-factor {r} with {} nodes needs --groups 2 or more: group 0, the \
+             cluster's metadata, has every node, and the other groups have {r} each",
+            nodes.len()
+        );
+    }
     let stop = shutdown_signal();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -566,6 +592,7 @@ async fn serve_cluster(
             faults: std::sync::Arc::new(crate::cluster::net::NoFaults),
             disk: std::sync::Arc::new(crate::storage::disk::OsDisk),
             groups,
+            replication,
         },
         stop,
     )

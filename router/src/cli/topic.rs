@@ -20,10 +20,12 @@ pub(super) enum TopicCommand {
         /// Delete the oldest records while a partition holds more bytes (0: no limit).
         #[arg(long, default_value_t = 0)]
         retention_bytes: u64,
-        /// Refuse to create the topic unless it gets this many copies: a
-        /// cluster replicates every topic to each of its voting nodes, a
-        /// single router keeps one (so a script written for a cluster of
-        /// three stops here rather than making an unreplicated topic).
+        /// How many copies the topic gets (default: the cluster's
+        /// replication factor, `serve --replication-factor`, 3). A cluster
+        /// places it in a group of that many voters, and refuses a number
+        /// no group has; a single router keeps one copy and refuses any
+        /// other number (so a script written for a cluster of three stops
+        /// here rather than making an unreplicated topic).
         #[arg(long)]
         replication_factor: Option<u32>,
         #[command(flatten)]
@@ -74,27 +76,26 @@ pub(super) async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
         } => {
             let c = conn.connect().await?;
             let clustered = !c.server_info().cluster.is_empty();
-            let factor = c.replication_factor().await?;
-            if let Some(want) = replication_factor.filter(|w| *w != factor) {
-                c.close().await;
-                anyhow::bail!(
-                    "replication factor {want} is not available here: {}",
-                    if clustered {
-                        format!(
-                            "this cluster replicates every topic to each of its {factor} voting \
-                             nodes (replication factor {factor}); a factor other than the \
-                             cluster's size is not supported"
-                        )
-                    } else {
-                        "a single router keeps one copy (replication factor 1); run a cluster \
-                         for more (README, *A cluster*)"
-                            .to_string()
-                    }
-                );
-            }
-            let t = c
-                .create_topic_with(&name, partitions, retention_ms, retention_bytes)
-                .await?;
+            let factor = match replication_factor {
+                Some(f) => f,
+                None => c.replication_factor().await?,
+            };
+            let made = c
+                .create_topic_replicated(
+                    &name,
+                    partitions,
+                    retention_ms,
+                    retention_bytes,
+                    replication_factor,
+                )
+                .await;
+            let t = match made {
+                Ok(t) => t,
+                Err(e) => {
+                    c.close().await;
+                    return Err(e.into());
+                }
+            };
             let n = t.partitions.len();
             let s = if n == 1 { "" } else { "s" };
             if clustered {

@@ -122,6 +122,7 @@ impl Balancer {
         me: NodeId,
         groups: Vec<(GroupId, Handover)>,
         drained: Box<dyn Fn() -> BTreeSet<NodeId> + Send + Sync>,
+        others: Box<dyn Fn() -> Vec<GroupView> + Send + Sync>,
         every: Duration,
     ) -> Balancer {
         let task = tokio::spawn(async move {
@@ -139,7 +140,16 @@ impl Balancer {
                         .is_some_and(|(_, h)| h.answered_within(node, LIVE))
                 };
                 let drained = drained();
-                let Some((group, to)) = next_move(me, &views(&groups), &live, &drained) else {
+                // This node's own view of the groups it is a voter of, and
+                // their leaders' of the others.
+                let mut all = views(&groups);
+                all.retain(|v| v.voters.contains(&me));
+                for o in others() {
+                    if !all.iter().any(|v| v.group == o.group) {
+                        all.push(o);
+                    }
+                }
+                let Some((group, to)) = next_move(me, &all, &live, &drained) else {
                     continue;
                 };
                 let Some((_, handover)) = groups.iter().find(|(g, _)| *g == group) else {

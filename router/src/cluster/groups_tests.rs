@@ -114,6 +114,7 @@ impl Nodes {
             id,
             handovers,
             Box::new(Default::default),
+            Box::new(Vec::new),
             Duration::from_millis(300),
         ));
     }

@@ -82,6 +82,23 @@ pub enum Request {
     /// stopping, once this node holds its whole log, so that leadership
     /// moves in one round trip instead of after an election timeout.
     TimeoutNow,
+    /// Which groups the node leads (its envelope's group is not read): a
+    /// node that is not a member of a group learns its leader this way,
+    /// to send the group's clients there and to count leaderships.
+    Led,
+}
+
+/// A group a node leads, as it answers [`Request::Led`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Led {
+    /// The group.
+    pub group: GroupId,
+    /// The leader's term.
+    pub term: u64,
+    /// Its voters.
+    pub voters: Vec<NodeId>,
+    /// Every member (voters and learners) with its Raft address.
+    pub nodes: Vec<(NodeId, String)>,
 }
 
 /// The answer to a [`Request`].
@@ -95,6 +112,8 @@ pub enum Response {
     Snapshot(SnapshotResponse<NodeId>),
     /// Answer to [`Request::TimeoutNow`]: the election has started.
     TimeoutNow,
+    /// Answer to [`Request::Led`].
+    Led(Vec<Led>),
     /// The receiving node could not handle it (it is shutting down).
     Failed(String),
 }
@@ -408,6 +427,36 @@ impl RaftHost {
         }
     }
 
+    /// The groups this node leads now.
+    pub fn led(&self) -> Vec<Led> {
+        let rafts: Vec<(GroupId, Raft)> = self
+            .groups()
+            .iter()
+            .map(|(g, m)| (*g, m.raft.clone()))
+            .collect();
+        let mut led: Vec<Led> = rafts
+            .into_iter()
+            .filter_map(|(group, raft)| {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                (m.state == openraft::ServerState::Leader).then(|| {
+                    let membership = m.membership_config.membership();
+                    Led {
+                        group,
+                        term: m.current_term,
+                        voters: membership.voter_ids().collect(),
+                        nodes: membership
+                            .nodes()
+                            .map(|(id, n)| (*id, n.addr.clone()))
+                            .collect(),
+                    }
+                })
+            })
+            .collect();
+        led.sort_by_key(|l| l.group);
+        led
+    }
+
     /// RPCs of `group` from node `me`.
     pub fn network(&self, me: NodeId, group: GroupId, faults: Arc<dyn Faults>) -> Network {
         Network {
@@ -546,6 +595,10 @@ async fn handle(host: RaftHost, mut send: quinn::SendStream, mut recv: quinn::Re
             return;
         }
     };
+    if let Request::Led = request {
+        let _ = write_message(&mut send, &Response::Led(host.led())).await;
+        return;
+    }
     let response = match host.member_soon(group).await {
         // Starting, stopping, or never a member: the sender retries.
         None => Response::Failed(format!("this node serves no Raft group {group}")),
@@ -582,6 +635,8 @@ async fn answer(member: Member, request: Request, recv: &mut quinn::RecvStream) 
                 |()| Response::TimeoutNow,
             )
         }
+        // Answered by the host before a group is looked up.
+        Request::Led => Response::Led(Vec::new()),
         Request::Snapshot { vote, meta, len } => {
             match receive_file(recv, &snapshots, len).await {
                 Err(e) => Response::Failed(format!("receiving a snapshot: {e}")),
@@ -675,6 +730,15 @@ impl PeerClient {
         };
         match failure {
             Failure::Network(m) | Failure::Unreachable(m) => Err(m),
+        }
+    }
+
+    /// Asks the peer which groups it leads ([`Request::Led`]).
+    pub async fn led(&mut self, ttl: Duration) -> Result<Vec<Led>, String> {
+        match self.call(Request::Led, None, ttl).await {
+            Ok(Response::Led(led)) => Ok(led),
+            Ok(_) => Err("unexpected answer to Led".into()),
+            Err(Failure::Network(m) | Failure::Unreachable(m)) => Err(m),
         }
     }
 

@@ -84,6 +84,11 @@ pub struct NodeConfig {
     /// The node's Raft log file, shared with its other groups (one sync
     /// for all); `None` opens `raft.redb` in `dir` for this group alone.
     pub log: Option<LogFile>,
+    /// The members the group is formed with when they are not all of
+    /// `members` (a group of fewer voters than the cluster has nodes). A
+    /// node outside them waits, as a joining node does, until the group's
+    /// leader adds it (a replica moved to it), if ever.
+    pub founders: Option<Vec<NodeId>>,
 }
 
 impl NodeConfig {
@@ -106,6 +111,7 @@ impl NodeConfig {
             group: 0,
             host: None,
             log: None,
+            founders: None,
         }
     }
 }
@@ -417,34 +423,40 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| failed(&e))?;
+        let founders: Vec<NodeId> = match &config.founders {
+            Some(f) => f.clone(),
+            None => config.members.keys().copied().collect(),
+        };
         let members: BTreeMap<NodeId, BasicNode> = config
             .members
             .iter()
+            .filter(|(id, _)| founders.contains(id))
             .map(|(id, a)| (*id, BasicNode::new(a.to_string())))
             .collect();
-        // Every member initializes with the same list; on a node that
-        // already has a log or a vote this is refused, which is fine. A
-        // joining node must not: it would form a group of its own. The
-        // member with the lowest id does it at once and the others one
-        // election timeout apart, by rank, so on a first start they vote
-        // for the first instead of each standing in the same term: then
-        // the leader with the lower id was deposed by the next one's vote
-        // a moment after it began to serve, and its first clients' requests
-        // were lost with their connection. A later member initializes only
-        // if it has heard from none before its turn (the first is down).
-        // The order turns with the group (group 1 starts at the second
-        // member, ...), so a new cluster's groups are led by different
-        // nodes from the start: gathered on the lowest id, they had to be
-        // handed over by the balancer while the first clients came, who
-        // saw their routers stop under them.
-        if !config.join {
-            let n = config.members.len().max(1);
-            let position = config
-                .members
-                .keys()
-                .take_while(|&&m| m != config.id)
-                .count();
-            let rank = ((position + n - config.group as usize % n) % n) as u32;
+        // Every founding member initializes with the same list; on a node
+        // that already has a log or a vote this is refused, which is fine.
+        // A joining node must not: it would form a group of its own; nor
+        // may a node outside the group's founders. The first member does
+        // it at once and the others one election timeout apart, by rank,
+        // so on a first start they vote for the first instead of each
+        // standing in the same term: then the leader with the lower id was
+        // deposed by the next one's vote a moment after it began to serve,
+        // and its first clients' requests were lost with their connection.
+        // A later member initializes only if it has heard from none before
+        // its turn (the first is down). The order turns with the group
+        // (group 1 starts at the second member, ...), so a new cluster's
+        // groups are led by different nodes from the start: gathered on
+        // the lowest id, they had to be handed over by the balancer while
+        // the first clients came, who saw their routers stop under them.
+        if !config.join && founders.contains(&config.id) {
+            let ids: Vec<NodeId> = config.members.keys().copied().collect();
+            let n = ids.len().max(1);
+            let first = config.group as usize % n;
+            let rank = (0..n)
+                .map(|i| ids[(first + i) % n])
+                .filter(|id| founders.contains(id))
+                .take_while(|&id| id != config.id)
+                .count() as u32;
             let wait = config.timing.election.1 * rank;
             let raft = raft.clone();
             tokio::spawn(async move {

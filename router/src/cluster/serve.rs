@@ -103,6 +103,120 @@ pub struct ClusterServe {
     /// their leaderships over the nodes ([`super::balance`]). Fixed for a
     /// node's life ([`fixed_groups`]).
     pub groups: GroupId,
+    /// How many voters each group but group 0 has (`serve
+    /// --replication-factor`; `None`: 3): a topic's replication factor is
+    /// its group's size. Group 0, the cluster's metadata, has every node.
+    /// Fixed for a cluster's life ([`fixed_replication`]).
+    pub replication: Option<u32>,
+}
+
+/// The replication factor of a cluster formed without one: three copies,
+/// as Kafka's and Redpanda's clusters and RabbitMQ's quorum queues keep.
+pub const DEFAULT_REPLICATION: u32 = 3;
+
+/// The file in a node's data directory that records the cluster's
+/// replication factor and how many nodes formed it.
+pub const REPLICATION_FILE: &str = "cluster-replication";
+
+/// How a cluster's groups are sized: recorded when it is formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replication {
+    /// The voters of each group but group 0; 0 for every node (a cluster
+    /// formed before replication factors, whose groups all have every
+    /// node, as they grow with `add-node`).
+    pub factor: u32,
+    /// How many nodes formed the cluster (ids 1 to this): each group's
+    /// founding members are among them ([`founders`]).
+    pub formed_with: u32,
+}
+
+impl Replication {
+    /// Whether group `group` has fewer voters than the cluster has nodes
+    /// (`nodes`): a group of its own size, not one that every node joins.
+    pub fn sized(&self, group: GroupId, nodes: usize) -> Option<u32> {
+        (group != 0 && self.factor != 0 && (self.factor as usize) < nodes.max(1))
+            .then_some(self.factor)
+    }
+}
+
+/// Checks that a node is started with the replication factor its cluster
+/// was formed with, recording it (and the cluster's size) on its first
+/// start. A node made before replication factors (a `raft.redb` but no
+/// record) has every node in every group.
+pub fn fixed_replication(
+    data: &Path,
+    wanted: Option<u32>,
+    nodes: usize,
+) -> Result<Replication, StartError> {
+    let path = data.join(REPLICATION_FILE);
+    let bad = || StartError::Config(format!("{}: not a replication record", path.display()));
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut words = text.split_whitespace().map(str::parse::<u32>);
+            match (words.next(), words.next()) {
+                (Some(Ok(factor)), Some(Ok(formed_with))) => Some(Replication {
+                    factor,
+                    formed_with,
+                }),
+                _ => return Err(bad()),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            data.join("raft.redb").exists().then_some(Replication {
+                factor: 0,
+                formed_with: nodes as u32,
+            })
+        }
+        Err(e) => return Err(StartError::Config(format!("{}: {e}", path.display()))),
+    };
+    match (recorded, wanted) {
+        (Some(r), Some(w)) if r.factor != w => Err(StartError::Config(match r.factor {
+            0 => format!(
+                "this node's cluster was formed before replication factors: each of its groups                  has every node, and --replication-factor {w} cannot change that"
+            ),
+            f => format!(
+                "this node's cluster was formed with replication factor {f} and cannot be                  started with {w}: it is fixed for a cluster's life (--replication-factor {f})"
+            ),
+        })),
+        (Some(r), _) => Ok(r),
+        (None, w) => {
+            let factor = w.unwrap_or(DEFAULT_REPLICATION);
+            if factor == 0 {
+                return Err(StartError::Config(
+                    "--replication-factor 0: a topic needs at least one copy".into(),
+                ));
+            }
+            std::fs::write(&path, format!("{factor} {nodes}\n"))
+                .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+            Ok(Replication {
+                factor,
+                formed_with: nodes as u32,
+            })
+        }
+    }
+}
+
+/// The nodes that form group `group` when the cluster is first started:
+/// every node for group 0 (the cluster's metadata: topic assignment,
+/// principals, drain marks, read by every node from its own replica) and
+/// for a group as large as the cluster; otherwise `factor` of the first
+/// `formed_with` nodes in turn, group N starting at the Nth, so that the
+/// groups' replicas, like their leaders, spread evenly over the nodes.
+pub fn founders(group: GroupId, ids: &[NodeId], replication: Replication) -> Vec<NodeId> {
+    let formed: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .take(replication.formed_with.max(1) as usize)
+        .collect();
+    let Some(factor) = replication.sized(group, formed.len()) else {
+        return formed;
+    };
+    let n = formed.len();
+    let mut chosen: Vec<NodeId> = (0..factor as usize)
+        .map(|i| formed[(group as usize - 1 + i) % n])
+        .collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// How often a node of several groups looks for a leadership to move.
@@ -155,6 +269,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let node_tls = load_node_tls(&cfg.router.data)?;
     fixed_groups(&cfg.router.data, cfg.groups.max(1))?;
+    let replication = fixed_replication(&cfg.router.data, cfg.replication, cfg.members.len())?;
     let failed = |e: &dyn std::fmt::Display| StartError::Config(format!("cluster node: {e}"));
     let raft_members: BTreeMap<NodeId, SocketAddr> = cfg
         .members
@@ -196,6 +311,7 @@ pub async fn run(
             return Err(failed(&e));
         }
     };
+    let ids: Vec<NodeId> = cfg.members.keys().copied().collect();
     let mut nodes = BTreeMap::new();
     for group in 0..groups {
         let mut nc = NodeConfig::new(
@@ -206,6 +322,7 @@ pub async fn run(
         );
         nc.timing = cfg.timing.clone();
         nc.join = cfg.join;
+        nc.founders = Some(founders(group, &ids, replication));
         nc.faults = cfg.faults.clone();
         nc.disk = cfg.disk.clone();
         nc.group = group;
@@ -226,8 +343,24 @@ pub async fn run(
     }
     drop(log);
     tracing::info!(node = cfg.node_id, members = ?cfg.members, groups = nodes.len(), "cluster node started");
-    let (dispatch, accepting) =
-        Dispatch::start(cfg.node_id, &nodes, &clients, local_addr, &cfg.router);
+    // Who leads the groups this node is not a member of, asked of every
+    // node: for the redirects, the balancer and `cluster status`.
+    let directory = Arc::new(Directory::default());
+    let gathering = tokio::spawn(gather(
+        cfg.node_id,
+        host.clone(),
+        cfg.faults.clone(),
+        nodes[&0].raft().clone(),
+        directory.clone(),
+    ));
+    let (dispatch, accepting) = Dispatch::start(
+        cfg.node_id,
+        &nodes,
+        directory.clone(),
+        &clients,
+        local_addr,
+        &cfg.router,
+    );
     // The balancer spreads leaderships over the nodes (with several
     // groups) and moves them off a drained node (with one too).
     let zero_db = nodes[&0].state().database().clone();
@@ -235,7 +368,9 @@ pub async fn run(
         let handovers = nodes.iter().map(|(g, n)| (*g, n.handover())).collect();
         let zero_db = zero_db.clone();
         let drained = Box::new(move || crate::storage::drained_nodes(&zero_db));
-        Balancer::spawn(cfg.node_id, handovers, drained, BALANCE_EVERY)
+        let directory = directory.clone();
+        let others = Box::new(move || directory.views());
+        Balancer::spawn(cfg.node_id, handovers, drained, others, BALANCE_EVERY)
     };
     // Every group leads (or follows) on its own until the node stops, or
     // until one group's Raft or storage fails, which stops them all.
@@ -252,6 +387,8 @@ pub async fn run(
     let local = Arc::new(NodeGroups {
         rafts: nodes.iter().map(|(g, n)| (*g, n.raft().clone())).collect(),
         zero: zero_db,
+        directory: directory.clone(),
+        replication,
     });
     // The metrics address is the node's, served for its life whether it
     // leads any group or none, with the families of every router it runs.
@@ -271,10 +408,25 @@ pub async fn run(
             stop.subscribe(),
         )
     });
+    // Each group's size, for placing topics by replication factor: group
+    // 0 has every node, the others the replication factor (every node
+    // where it is not below their number).
+    let sizes: Arc<dyn Fn() -> Vec<u32> + Send + Sync> = {
+        let zero = nodes[&0].raft().clone();
+        Arc::new(move || {
+            let n = zero.metrics().borrow().membership_config.voter_ids().count();
+            (0..groups)
+                .map(|g| match g {
+                    0 => n as u32,
+                    g => replication.sized(g, n).unwrap_or(n as u32),
+                })
+                .collect()
+        })
+    };
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
         let placement = zero
             .as_ref()
-            .map(|zero| Placement::new(*group, groups, zero.clone()));
+            .map(|zero| Placement::new(*group, groups, zero.clone()).with_sizes(sizes.clone()));
         lead(&cfg, node, &dispatch, &local, &routers, placement, &stop)
     }));
     let stopper = async {
@@ -286,6 +438,7 @@ pub async fn run(
     };
     let ((), results) = tokio::join!(stopper, leads);
     drop(balancer);
+    gathering.abort();
     if let Some(task) = metrics_task {
         // A scrape in progress has a second to finish.
         if tokio::time::timeout(Duration::from_secs(1), task)
@@ -566,6 +719,80 @@ struct Control {
 struct NodeGroups {
     rafts: Vec<(GroupId, super::Raft)>,
     zero: Arc<redb::Database>,
+    /// The leaders of the groups this node is not a member of.
+    directory: Arc<Directory>,
+    /// How the cluster's groups are sized.
+    replication: Replication,
+}
+
+impl NodeGroups {
+    /// The replication factor a topic gets unless it asks for another:
+    /// the size of the groups but group 0 where they have their own, else
+    /// the cluster's (group 0's voters).
+    fn default_factor(&self) -> u32 {
+        let voters = self.rafts[0]
+            .1
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .count();
+        match self.rafts.len() > 1 {
+            true => self.replication.sized(1, voters).unwrap_or(voters as u32),
+            false => voters as u32,
+        }
+    }
+}
+
+impl Control {
+    /// The voters this group is meant to have, where that is its own
+    /// number rather than every node (group 0, and the groups of a
+    /// cluster formed before replication factors, have every node).
+    fn factor(&self) -> Option<u32> {
+        let f = self.local.replication.factor;
+        (self.group != 0 && f != 0).then_some(f)
+    }
+
+    /// The node to move a replica of this group (whose voters are
+    /// `voters`) to from node `leaving`: a node of the cluster that is not
+    /// a voter of the group, answered this node lately and is not
+    /// drained, with the fewest voter places in the groups this node
+    /// knows of, then the lowest id; and its Raft address.
+    fn spare(&self, leaving: NodeId, voters: &[NodeId]) -> Option<(NodeId, SocketAddr)> {
+        let drained = crate::storage::drained_nodes(&self.local.zero);
+        let everyone: Vec<(NodeId, String)> = {
+            let m = self.local.rafts[0].1.metrics();
+            let m = m.borrow();
+            let zero_voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+            m.membership_config
+                .nodes()
+                .filter(|(id, _)| zero_voters.contains(id))
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let mut places: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (g, raft) in &self.local.rafts {
+            let vs: Vec<NodeId> = if is_member(raft) {
+                raft.metrics().borrow().membership_config.voter_ids().collect()
+            } else {
+                self.local
+                    .directory
+                    .get(*g)
+                    .map(|(_, l)| l.voters)
+                    .unwrap_or_default()
+            };
+            for v in vs {
+                *places.entry(v).or_default() += 1;
+            }
+        }
+        everyone
+            .into_iter()
+            .filter(|(id, _)| *id != leaving && !voters.contains(id) && !drained.contains(id))
+            .filter(|(id, _)| self.handover.answered_within(*id, Duration::from_secs(2)))
+            .filter_map(|(id, addr)| Some((places.get(&id).copied().unwrap_or(0), id, addr.parse().ok()?)))
+            .min()
+            .map(|(_, id, addr)| (id, addr))
+    }
 }
 
 impl crate::server::ClusterControl for Control {
@@ -593,7 +820,23 @@ impl crate::server::ClusterControl for Control {
         addr: SocketAddr,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            super::node::add_node(self.handover.raft(), id, raft_addr(addr))
+            // A group of its own size that has it already is left as it
+            // is: the new node holds group 0 (the metadata), and takes a
+            // replica of such a group when one moves to it.
+            let raft = self.handover.raft();
+            if let Some(factor) = self.factor() {
+                let voters = raft.metrics().borrow().membership_config.voter_ids().count();
+                if voters >= factor as usize {
+                    tracing::info!(
+                        group = self.group,
+                        node = id,
+                        factor,
+                        "the group has its replication factor of voters: not adding the node"
+                    );
+                    return Ok(());
+                }
+            }
+            super::node::add_node(raft, id, raft_addr(addr))
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -604,7 +847,39 @@ impl crate::server::ClusterControl for Control {
         id: NodeId,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            super::node::remove_node(self.handover.raft(), id)
+            let raft = self.handover.raft();
+            // A group of its own size keeps its replication factor: its
+            // replica on the node goes to another node first, the live,
+            // undrained one with the fewest replicas (added as a learner,
+            // made a voter once it holds the log), then the node leaves.
+            let voters: Vec<NodeId> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .voter_ids()
+                .collect();
+            if self.factor().is_some() && voters.contains(&id) {
+                match self.spare(id, &voters) {
+                    Some((spare, addr)) => {
+                        tracing::info!(
+                            group = self.group,
+                            from = id,
+                            to = spare,
+                            "moving the group's replica"
+                        );
+                        super::node::add_node(raft, spare, addr)
+                            .await
+                            .map_err(|e| format!("moving group {}'s replica to node {spare}: {e}", self.group))?;
+                    }
+                    None => tracing::warn!(
+                        group = self.group,
+                        node = id,
+                        "no other live, undrained node to move the group's replica to: \
+                         it keeps one fewer copy until `cluster add-node`"
+                    ),
+                }
+            }
+            super::node::remove_node(raft, id)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -657,18 +932,65 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
     let mut status = cluster_status(raft, &drained);
     status["group"] = group.into();
     status["drained"] = drained.iter().copied().collect();
+    status["replication_factor"] = node.default_factor().into();
     if node.rafts.len() > 1 {
         status["groups"] = node
             .rafts
             .iter()
             .map(|(g, raft)| {
-                let mut s = cluster_status(raft, &drained);
+                let mut s = if is_member(raft) {
+                    cluster_status(raft, &drained)
+                } else {
+                    led_status(*g, node.directory.get(*g), &drained)
+                };
                 s["group"] = (*g).into();
                 s
             })
             .collect();
     }
     status
+}
+
+/// Whether this node is a member (a voter or a learner) of `raft`'s group.
+fn is_member(raft: &super::Raft) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.membership_config.membership().get_node(&m.id).is_some()
+}
+
+/// A group this node is not a member of, as its leader last described it
+/// to this node (its members' positions are known only to the leader).
+fn led_status(
+    group: GroupId,
+    led: Option<(NodeId, super::net::Led)>,
+    drained: &std::collections::BTreeSet<NodeId>,
+) -> serde_json::Value {
+    let Some((leader, led)) = led else {
+        return serde_json::json!({ "group": group, "leader": null, "nodes": [] });
+    };
+    let nodes: Vec<serde_json::Value> = led
+        .nodes
+        .iter()
+        .map(|(id, addr)| {
+            let role = match (*id == leader, led.voters.contains(id)) {
+                (true, _) => "leader",
+                (false, true) => "follower",
+                (false, false) => "learner",
+            };
+            serde_json::json!({
+                "id": id,
+                "addr": client_addr(addr).map(|a| a.to_string()),
+                "role": role,
+                "drained": drained.contains(id),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "group": group,
+        "leader": leader,
+        "term": led.term,
+        "nodes": nodes,
+    })
 }
 
 /// The cluster as the leader sees it: nodes, roles, how far each
@@ -805,10 +1127,101 @@ pub(crate) struct Dispatch {
     me: NodeId,
     /// Each group's leader as this node knows it.
     views: BTreeMap<GroupId, LeaderView>,
+    /// The leaders of the groups this node is not a member of.
+    directory: Arc<Directory>,
     /// The routers serving now, by group.
     routes: Mutex<BTreeMap<GroupId, mpsc::Sender<quinn::Connecting>>>,
     /// The node's client address.
     local_addr: SocketAddr,
+}
+
+/// The leaders of the cluster's groups as they say themselves
+/// ([`super::net::Request::Led`]), gathered from every node every
+/// [`GATHER_EVERY`]: how a node learns who leads a group it is not a
+/// member of (a group of fewer voters than the cluster has nodes).
+#[derive(Default)]
+pub(crate) struct Directory {
+    /// Each group's leader (the highest term heard) and what it said.
+    led: Mutex<BTreeMap<GroupId, (NodeId, super::net::Led)>>,
+}
+
+/// How often a node asks the others which groups they lead.
+const GATHER_EVERY: Duration = Duration::from_millis(500);
+
+impl Directory {
+    /// Group `group`'s leader and its Raft address, if one answered.
+    fn leader(&self, group: GroupId) -> Option<(NodeId, String)> {
+        let led = self.led.lock().expect("directory lock");
+        let (leader, l) = led.get(&group)?;
+        let addr = l.nodes.iter().find(|(id, _)| id == leader)?.1.clone();
+        Some((*leader, addr))
+    }
+
+    /// Every group as its leader describes it, for the balancer.
+    fn views(&self) -> Vec<super::balance::GroupView> {
+        self.led
+            .lock()
+            .expect("directory lock")
+            .iter()
+            .map(|(g, (leader, l))| super::balance::GroupView {
+                group: *g,
+                leader: Some(*leader),
+                mine: false,
+                voters: l.voters.clone(),
+            })
+            .collect()
+    }
+
+    /// Group `group`'s leader and what it said of the group.
+    fn get(&self, group: GroupId) -> Option<(NodeId, super::net::Led)> {
+        self.led.lock().expect("directory lock").get(&group).cloned()
+    }
+}
+
+/// Fills `directory` until aborted: every [`GATHER_EVERY`], asks each node
+/// of the cluster (group 0's members, which are every node) which groups
+/// it leads, through the fault seam as Raft's own RPCs go.
+async fn gather(
+    me: NodeId,
+    host: RaftHost,
+    faults: Arc<dyn super::net::Faults>,
+    zero: super::Raft,
+    directory: Arc<Directory>,
+) {
+    let network = host.network(me, 0, faults);
+    let mut tick = tokio::time::interval(GATHER_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let peers: Vec<(NodeId, String)> = {
+            let m = zero.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != me)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let asked = futures::future::join_all(peers.into_iter().map(|(id, addr)| {
+            let mut peer = network.peer(id, &addr);
+            async move { (id, peer.led(GATHER_EVERY).await) }
+        }))
+        .await;
+        let mut led: BTreeMap<GroupId, (NodeId, super::net::Led)> = BTreeMap::new();
+        let answers = asked
+            .into_iter()
+            .filter_map(|(id, r)| Some((id, r.ok()?)))
+            .chain(std::iter::once((me, host.led())));
+        for (id, groups) in answers {
+            for l in groups {
+                if led.get(&l.group).is_none_or(|(_, known)| known.term < l.term) {
+                    led.insert(l.group, (id, l));
+                }
+            }
+        }
+        *directory.led.lock().expect("directory lock") = led;
+    }
 }
 
 /// How long a connection has to get far enough in its handshake to name
@@ -825,6 +1238,7 @@ impl Dispatch {
     fn start(
         me: NodeId,
         nodes: &BTreeMap<GroupId, ClusterNode>,
+        directory: Arc<Directory>,
         endpoint: &quinn::Endpoint,
         local_addr: SocketAddr,
         limits: &RouterConfig,
@@ -832,6 +1246,7 @@ impl Dispatch {
         let dispatch = Arc::new(Dispatch {
             me,
             views: nodes.iter().map(|(g, n)| (*g, n.leader_view())).collect(),
+            directory,
             routes: Mutex::default(),
             local_addr,
         });
@@ -906,13 +1321,16 @@ impl Dispatch {
     }
 
     /// Closes `connecting` with `NOT_LEADER` and the client address of
-    /// `group`'s leader. Not this node: a leader that stopped serving (cut
-    /// off from the others, or stopping) sends clients to try the others.
+    /// `group`'s leader: as this node's member of the group knows it, or,
+    /// for a group this node is not a member of, as its leader last said.
+    /// Not this node: a leader that stopped serving (cut off from the
+    /// others, or stopping) sends clients to try the others.
     fn redirect(&self, group: GroupId, connecting: quinn::Connecting) {
         let to = self
             .views
             .get(&group)
             .and_then(LeaderView::live_leader)
+            .or_else(|| self.directory.leader(group))
             .filter(|(l, _)| *l != self.me)
             .and_then(|(_, addr)| client_addr(&addr))
             .map(|a| a.to_string())

@@ -78,6 +78,7 @@ impl Nodes {
                     None => Arc::new(OsDisk),
                 },
                 groups,
+                replication: None,
             };
             tasks.push(Some(tokio::spawn(run(cfg, async move {
                 let _ = stopped.await;

@@ -150,6 +150,9 @@ pub struct ClusterSection {
     /// one). The same on every node, and fixed when the cluster is first
     /// started (docs/cluster.md, *Topics over several groups*).
     pub groups: u32,
+    /// How many copies of each topic (the voters of each group but group
+    /// 0); none: 3. Fixed when the cluster is first started.
+    pub replication_factor: Option<u32>,
 }
 
 /// The replicated tables a cluster's leader serves from, and what

@@ -94,6 +94,11 @@ pub struct Placement {
     /// Serializes assignments on group 0's router, so that two clients
     /// creating one name at once are given the same group.
     assigning: Arc<tokio::sync::Mutex<()>>,
+    /// The voters each group has, or is meant to have (group 0 every
+    /// node; the others the cluster's replication factor, where it is
+    /// below the number of nodes): a topic's replication factor is its
+    /// group's size.
+    sizes: Arc<dyn Fn() -> Vec<u32> + Send + Sync>,
 }
 
 impl Placement {
@@ -104,7 +109,14 @@ impl Placement {
             groups,
             zero,
             assigning: Arc::default(),
+            sizes: Arc::new(move || vec![0; groups as usize]),
         }
+    }
+
+    /// The same, with each group's size from `sizes`.
+    pub fn with_sizes(mut self, sizes: Arc<dyn Fn() -> Vec<u32> + Send + Sync>) -> Placement {
+        self.sizes = sizes;
+        self
     }
 
     /// The group holding `name`, waiting up to `within` for the replica
@@ -142,16 +154,35 @@ impl Placement {
 
     /// The group with the fewest partitions assigned (the lowest id on a
     /// tie).
-    fn least_loaded(&self) -> u32 {
+    fn least_loaded(&self, replicas: Option<u32>) -> Result<u32, WireError> {
         let mut load = vec![0u64; self.groups as usize];
         for (_, g, partitions) in self.zero.assignments() {
             if let Some(l) = load.get_mut(g as usize) {
                 *l += u64::from(partitions);
             }
         }
+        let sizes = (self.sizes)();
+        let size = |g: u32| sizes.get(g as usize).copied().unwrap_or(0);
+        // By default, the size of the groups but group 0 (the cluster's
+        // replication factor): group 0 then takes a topic only where
+        // every group is as large.
+        let want = replicas.unwrap_or_else(|| size(self.groups.min(2) - 1));
         (0..self.groups)
+            .filter(|g| size(*g) == want)
             .min_by_key(|g| load[*g as usize])
-            .unwrap_or(0)
+            .ok_or_else(|| {
+                let mut offered: Vec<u32> = sizes.clone();
+                offered.sort_unstable();
+                offered.dedup();
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "replication factor {want} is not available here: this cluster's \
+                         groups keep {offered:?} copies (group 0 has every node; the others the \
+                         replication factor `serve --replication-factor` formed it with)"
+                    ),
+                )
+            })
     }
 }
 
@@ -173,6 +204,10 @@ struct TopicGroup {
     /// The partitions the topic will have: its weight in the choice.
     #[serde(default)]
     partitions: u32,
+    /// The copies it is to have: a group of that many voters holds it
+    /// (none: the cluster's replication factor).
+    #[serde(default)]
+    replicas: Option<u32>,
 }
 
 /// The `topic-group` admin request: which group holds a topic
@@ -225,7 +260,7 @@ pub(super) async fn topic_group(
     if let Some(g) = p.zero.group_of(&req.name) {
         return Ok(answer(g, p.groups));
     }
-    let g = p.least_loaded();
+    let g = p.least_loaded(req.replicas)?;
     shared
         .broker
         .storage()
