@@ -590,19 +590,26 @@ fn print_status(v: &serde_json::Value, out: &mut impl Write) -> std::io::Result<
         writeln!(out, "groups, as node {} sees them:", v["node"])?;
         writeln!(
             out,
-            "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}",
+            "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}  replicas",
             "group", "leader", "term", "committed", "last log", "in sync"
         )?;
         for g in groups {
+            // The group's voters: where its topics are kept.
+            let replicas: Vec<String> = voters(g).iter().map(|v| v.id.to_string()).collect();
             writeln!(
                 out,
-                "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}",
+                "{:<6} {:<7} {:>6} {:>12} {:>12} {:>8}  {}",
                 g["group"].to_string(),
                 dash(&g["leader"]),
                 dash(&g["term"]),
                 dash(&g["committed"]),
                 dash(&g["last_log"]),
-                in_sync(g).map_or("-".into(), |(s, n)| format!("{s}/{n}"))
+                in_sync(g).map_or("-".into(), |(s, n)| format!("{s}/{n}")),
+                if replicas.is_empty() {
+                    "-".to_string()
+                } else {
+                    replicas.join(",")
+                }
             )?;
         }
     }
@@ -650,9 +657,9 @@ mod tests {
         assert_eq!(
             rows,
             [
-                ["0", "1", "2", "9", "9", "-"],
-                ["1", "3", "2", "9", "9", "2/3"],
-                ["2", "2", "2", "9", "9", "-"]
+                ["0", "1", "2", "9", "9", "-", "-"],
+                ["1", "3", "2", "9", "9", "2/3", "3,1,2"],
+                ["2", "2", "2", "9", "9", "-", "-"]
             ],
             "{several}"
         );

@@ -414,7 +414,12 @@ pub async fn run(
     let sizes: Arc<dyn Fn() -> Vec<u32> + Send + Sync> = {
         let zero = nodes[&0].raft().clone();
         Arc::new(move || {
-            let n = zero.metrics().borrow().membership_config.voter_ids().count();
+            let n = zero
+                .metrics()
+                .borrow()
+                .membership_config
+                .voter_ids()
+                .count();
             (0..groups)
                 .map(|g| match g {
                     0 => n as u32,
@@ -773,7 +778,11 @@ impl Control {
         let mut places: BTreeMap<NodeId, usize> = BTreeMap::new();
         for (g, raft) in &self.local.rafts {
             let vs: Vec<NodeId> = if is_member(raft) {
-                raft.metrics().borrow().membership_config.voter_ids().collect()
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .voter_ids()
+                    .collect()
             } else {
                 self.local
                     .directory
@@ -789,7 +798,13 @@ impl Control {
             .into_iter()
             .filter(|(id, _)| *id != leaving && !voters.contains(id) && !drained.contains(id))
             .filter(|(id, _)| self.handover.answered_within(*id, Duration::from_secs(2)))
-            .filter_map(|(id, addr)| Some((places.get(&id).copied().unwrap_or(0), id, addr.parse().ok()?)))
+            .filter_map(|(id, addr)| {
+                Some((
+                    places.get(&id).copied().unwrap_or(0),
+                    id,
+                    addr.parse().ok()?,
+                ))
+            })
             .min()
             .map(|(_, id, addr)| (id, addr))
     }
@@ -825,7 +840,12 @@ impl crate::server::ClusterControl for Control {
             // replica of such a group when one moves to it.
             let raft = self.handover.raft();
             if let Some(factor) = self.factor() {
-                let voters = raft.metrics().borrow().membership_config.voter_ids().count();
+                let voters = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .voter_ids()
+                    .count();
                 if voters >= factor as usize {
                     tracing::info!(
                         group = self.group,
@@ -869,7 +889,12 @@ impl crate::server::ClusterControl for Control {
                         );
                         super::node::add_node(raft, spare, addr)
                             .await
-                            .map_err(|e| format!("moving group {}'s replica to node {spare}: {e}", self.group))?;
+                            .map_err(|e| {
+                                format!(
+                                    "moving group {}'s replica to node {spare}: {e}",
+                                    self.group
+                                )
+                            })?;
                     }
                     None => tracing::warn!(
                         group = self.group,
@@ -1174,7 +1199,11 @@ impl Directory {
 
     /// Group `group`'s leader and what it said of the group.
     fn get(&self, group: GroupId) -> Option<(NodeId, super::net::Led)> {
-        self.led.lock().expect("directory lock").get(&group).cloned()
+        self.led
+            .lock()
+            .expect("directory lock")
+            .get(&group)
+            .cloned()
     }
 }
 
@@ -1215,7 +1244,10 @@ async fn gather(
             .chain(std::iter::once((me, host.led())));
         for (id, groups) in answers {
             for l in groups {
-                if led.get(&l.group).is_none_or(|(_, known)| known.term < l.term) {
+                if led
+                    .get(&l.group)
+                    .is_none_or(|(_, known)| known.term < l.term)
+                {
                     led.insert(l.group, (id, l));
                 }
             }

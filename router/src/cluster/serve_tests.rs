@@ -818,3 +818,56 @@ fn a_node_keeps_the_number_of_groups_it_was_made_with() {
     assert!(made(fixed_groups(old.path(), 3)).contains("made with 1 group(s)"));
     fixed_groups(old.path(), 1).unwrap();
 }
+
+/// Groups of their own size are formed on the founding nodes in turn;
+/// group 0, and every group where the factor is not below the number of
+/// nodes (or was not recorded), on every node.
+#[test]
+fn founders_spread_groups_of_the_factor_over_the_nodes() {
+    use super::serve::{Replication, founders};
+    let three = Replication {
+        factor: 3,
+        formed_with: 5,
+    };
+    let ids = [1, 2, 3, 4, 5, 6];
+    assert_eq!(founders(0, &ids, three), [1, 2, 3, 4, 5]);
+    assert_eq!(founders(1, &ids, three), [1, 2, 3]);
+    assert_eq!(founders(3, &ids, three), [3, 4, 5]);
+    assert_eq!(founders(5, &ids, three), [1, 2, 5]);
+    // Node 6 joined later: it founded nothing.
+    assert!((1..=10).all(|g| !founders(g, &ids, three).contains(&6)));
+    let every = Replication {
+        factor: 3,
+        formed_with: 3,
+    };
+    assert_eq!(founders(2, &ids, every), [1, 2, 3]);
+    let before = Replication {
+        factor: 0,
+        formed_with: 5,
+    };
+    assert_eq!(founders(2, &ids, before), [1, 2, 3, 4, 5]);
+}
+
+/// The factor is recorded on a node's first start and refused if changed;
+/// a node made before factors keeps every node in every group.
+#[test]
+fn the_replication_factor_is_fixed_when_the_cluster_is_formed() {
+    use super::serve::fixed_replication;
+    let dir = tempfile::tempdir().unwrap();
+    let r = fixed_replication(dir.path(), None, 5).unwrap();
+    assert_eq!((r.factor, r.formed_with), (3, 5));
+    assert_eq!(fixed_replication(dir.path(), Some(3), 6).unwrap(), r);
+    let changed = fixed_replication(dir.path(), Some(2), 5).unwrap_err();
+    assert!(
+        changed
+            .to_string()
+            .contains("formed with replication factor 3"),
+        "{changed}"
+    );
+    let old = tempfile::tempdir().unwrap();
+    std::fs::write(old.path().join("raft.redb"), b"").unwrap();
+    assert_eq!(fixed_replication(old.path(), None, 3).unwrap().factor, 0);
+    assert!(fixed_replication(old.path(), Some(3), 3).is_err());
+    let zero = tempfile::tempdir().unwrap();
+    assert!(fixed_replication(zero.path(), Some(0), 3).is_err());
+}
