@@ -1240,7 +1240,7 @@ async fn three_groups_serve_the_cli_and_outlive_a_killed_node() {
         .lines()
         .skip_while(|l| !l.starts_with("groups, as node"))
         .skip(2)
-        .filter_map(|l| l.split_whitespace().last())
+        .filter_map(|l| l.split_whitespace().nth(5))
         .collect();
     assert_eq!(in_sync, ["2/3"; GROUPS], "{text}");
     // `status` shows the node's Raft log where a single router's journal
