@@ -991,7 +991,7 @@ fn led_status(
     drained: &std::collections::BTreeSet<NodeId>,
 ) -> serde_json::Value {
     let Some((leader, led)) = led else {
-        return serde_json::json!({ "group": group, "leader": null, "nodes": [] });
+        return serde_json::json!({ "group": group, "member": false, "leader": null, "nodes": [] });
     };
     let nodes: Vec<serde_json::Value> = led
         .nodes
@@ -1012,6 +1012,7 @@ fn led_status(
         .collect();
     serde_json::json!({
         "group": group,
+        "member": false,
         "leader": leader,
         "term": led.term,
         "nodes": nodes,

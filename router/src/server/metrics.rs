@@ -302,6 +302,8 @@ fn group_views<'a>(s: &'a serde_json::Value, serving: &dyn Fn(u64) -> bool) -> V
     };
     groups
         .iter()
+        // A group the node holds no replica of has no position on it.
+        .filter(|g| g["member"] != false)
         .map(|g| {
             let id = g["group"].as_u64().unwrap_or(0);
             GroupView {
