@@ -1458,12 +1458,54 @@ async fn add_and_remove_a_node(groups: u32) {
     let leader = s["leader"].as_u64().unwrap();
     let gone = (1..=4).find(|&id| id != leader).unwrap();
     admin.drain_node(gone, true).await.unwrap();
-    succeed(
-        Command::new(router_bin())
-            .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
-            .arg(cluster.cert())
-            .args(["--addr", &cluster.addrs[0].to_string()]),
+    // Records flow to every topic while the node leaves (and, with
+    // several groups, its replicas move): each is retried until it is
+    // acknowledged, and its id makes a retry land once.
+    let flowing = Arc::new(AtomicBool::new(true));
+    let lanes: Vec<_> = topics
+        .iter()
+        .map(|t| {
+            let (admin, flowing, t) = (admin.clone(), flowing.clone(), t.to_string());
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while flowing.load(Ordering::Relaxed) {
+                    let id = format!("moving{sent}");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while let Err(e) = admin
+                        .publish(&t, Record::new(id.clone()).with_message_id(id.clone()))
+                        .await
+                    {
+                        assert!(Instant::now() < deadline, "{t} {id}: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    sent += 1;
+                }
+                (t, sent)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let remove = Command::new(router_bin())
+        .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
+        .arg(cluster.cert())
+        .args(["--addr", &cluster.addrs[0].to_string()])
+        .output();
+    let out = tokio::task::spawn_blocking(move || remove.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    flowing.store(false, Ordering::Relaxed);
+    let mut moving = HashMap::new();
+    for lane in lanes {
+        let (t, sent) = lane.await.unwrap();
+        assert!(sent > 0, "nothing published to {t} while the node left");
+        moving.insert(t, sent);
+    }
     cluster.kill(gone);
     for t in topics {
         admin
@@ -1498,8 +1540,8 @@ async fn add_and_remove_a_node(groups: u32) {
         let info = admin.describe_topic(t).await.unwrap();
         assert_eq!(
             info.partitions.iter().map(|p| p.end).sum::<u64>(),
-            51,
-            "{t}"
+            51 + moving[*t],
+            "{t}: each acknowledged record once"
         );
     }
     // The new node holds what the others hold, in every group: each
