@@ -1402,6 +1402,10 @@ async fn add_and_remove_a_node(groups: u32) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("node 4 joined"));
+    // The new node shares the cluster's replication factor (and founding
+    // size), which add-node wrote beside its certificate.
+    let recorded = std::fs::read_to_string(root.join("n4").join("cluster-replication")).unwrap();
+    assert_eq!(recorded.trim(), "3 3");
     let s = cluster_status(&admin).await;
     // Group 0 (the metadata) has every node: all four voters. A group
     // of its own size (the replication factor, 3 by default) keeps its

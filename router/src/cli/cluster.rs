@@ -311,7 +311,25 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     // and an unreachable cluster should leave no directory behind.
     let client = args.connect.connect().await?;
     let groups = client.server_info().groups.max(1);
+    // And its replication factor, which the new node must share (it
+    // decides which groups a node joins and where replicas move).
+    let status = client
+        .admin_request("cluster_status", serde_json::json!({}), bytes::Bytes::new())
+        .await?;
+    let replication = &status["replication"];
+    let (factor, formed_with) = (
+        replication["factor"].as_u64(),
+        replication["formed_with"].as_u64(),
+    );
     make_node(&ca, &token, &args.dir, id, args.node_addr, &nodes, &[])?;
+    let made = args.dir.join(format!("n{id}"));
+    if let (Some(f), Some(n)) = (factor, formed_with) {
+        write_file(
+            &made.join(crate::cluster::serve::REPLICATION_FILE),
+            &format!("{f} {n}\n"),
+            false,
+        )?;
+    }
     for i in 1..id {
         let d = args.dir.join(format!("n{i}"));
         if d.exists() {
@@ -329,7 +347,15 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
         "{}",
         serve_line(&args.dir, id, args.node_addr, &nodes, true, groups)
     )?;
-    if groups > 1 {
+    let sized = factor.is_some_and(|f| f != 0 && f < nodes.len() as u64);
+    if groups > 1 && sized {
+        writeln!(
+            out,
+            "waiting for it to catch up and join group 0 as a voter (the other groups keep \
+             their {} replicas; `cluster remove-node` of another node moves them here)...",
+            factor.unwrap_or(0)
+        )?;
+    } else if groups > 1 {
         writeln!(
             out,
             "waiting for it to catch up and join each of the {groups} groups as a voter..."

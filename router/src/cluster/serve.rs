@@ -115,7 +115,9 @@ pub struct ClusterServe {
 pub const DEFAULT_REPLICATION: u32 = 3;
 
 /// The file in a node's data directory that records the cluster's
-/// replication factor and how many nodes formed it.
+/// replication factor and how many nodes formed it (`<factor>
+/// <nodes>`; `cluster add-node` writes the cluster's into the new node's
+/// directory).
 pub const REPLICATION_FILE: &str = "cluster-replication";
 
 /// How a cluster's groups are sized: recorded when it is formed.
@@ -958,6 +960,10 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
     status["group"] = group.into();
     status["drained"] = drained.iter().copied().collect();
     status["replication_factor"] = node.default_factor().into();
+    status["replication"] = serde_json::json!({
+        "factor": node.replication.factor,
+        "formed_with": node.replication.formed_with,
+    });
     if node.rafts.len() > 1 {
         status["groups"] = node
             .rafts
