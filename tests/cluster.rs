@@ -1952,23 +1952,96 @@ async fn groups_smaller_than_the_cluster_keep_a_topic_on_its_replication_factor(
     }
     assert_eq!(got.len(), RECORDS);
     drop(sub);
-    // The group's two live members hold the same rows; node 1, outside
-    // it, holds none of them.
     cluster.up(leader);
+
+    // Replicas move while their group serves: group 1's from node 1 to
+    // node 4 (named), then from node 2 to the node holding fewest (node
+    // 1 again, now outside the group), each new one caught up before the
+    // old one leaves.
+    let other = if t == "a" { "b" } else { "a" };
+    for i in 0..20 {
+        let id = format!("m{i}");
+        admin
+            .publish(other, Record::new(id.clone()).with_message_id(id))
+            .await
+            .unwrap();
+    }
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(args)
+            .arg("--ca")
+            .arg(cluster.cert())
+            .args(["--addr", &cluster_addr(&cluster.nodes[0].dir)]);
+        cmd
+    };
+    let moved = succeed(&mut cli(&[
+        "cluster",
+        "move-replica",
+        "--group",
+        "1",
+        "--from",
+        "1",
+        "--to",
+        "4",
+    ]));
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(said.contains("replicas now 2, 3, 4"), "{said}");
+    let moved = succeed(&mut cli(&[
+        "cluster",
+        "move-replica",
+        "--group",
+        "1",
+        "--from",
+        "2",
+    ]));
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(said.contains("to node 1"), "{said}");
+    assert!(said.contains("replicas now 1, 3, 4"), "{said}");
+    // Group 0 has every node: nothing to move; nor is a node's replica
+    // moved to one that has it.
+    for refused in [
+        &["--group", "0", "--from", "1"][..],
+        &["--group", "1", "--from", "3", "--to", "4"],
+    ] {
+        let out = cli(&[&["cluster", "move-replica"][..], refused].concat())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{refused:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("replica not moved"), "{err}");
+    }
+    for i in 20..30 {
+        let id = format!("m{i}");
+        admin
+            .publish(other, Record::new(id.clone()).with_message_id(id))
+            .await
+            .unwrap();
+    }
+    let ends = admin.describe_topic(other).await.unwrap();
+    assert_eq!(ends.partitions.iter().map(|p| p.end).sum::<u64>(), 30);
+
+    // Each group's replicas hold the same rows; node 1, outside group 2,
+    // holds none of its.
+    converged(&cluster.group_client(1).await).await;
     converged(&cluster.group_client(2).await).await;
     let last = converged(&admin).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.stop_all_but_last(last);
-    let dump = |id: u64| {
-        let dir = switchyard::cluster::serve::group_dir(&cluster.nodes[id as usize - 1].dir, 2);
+    let dump = |id: u64, group: u32| {
+        let dir = switchyard::cluster::serve::group_dir(&cluster.nodes[id as usize - 1].dir, group);
         switchyard::cluster::state::StateMachine::open(&dir.join("switchyard.redb"))
             .unwrap()
             .dump()
             .unwrap()
     };
-    let copies: Vec<_> = [2, 3, 4].into_iter().map(dump).collect();
+    let copies: Vec<_> = [2, 3, 4].into_iter().map(|id| dump(id, 2)).collect();
     assert!(copies.iter().all(|d| *d == copies[0]), "replicas differ");
-    let outside = dump(1);
+    let moved: Vec<_> = [1, 3, 4].into_iter().map(|id| dump(id, 1)).collect();
+    assert!(
+        moved.iter().all(|d| *d == moved[0]),
+        "moved replicas differ"
+    );
+    let outside = dump(1, 2);
     assert!(
         outside.len() * 4 < copies[0].len(),
         "node 1 holds group 2's rows: {} bytes against {}",

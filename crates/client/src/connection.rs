@@ -1044,6 +1044,26 @@ impl Client {
             .await
     }
 
+    /// Moves group `group`'s replica on node `from` to node `to` (or to
+    /// the live, undrained node holding fewest replicas), while the group
+    /// serves: the new node is added as a learner, made a voter once it
+    /// holds the group's log, then `from` is removed, so the group keeps
+    /// its replication factor throughout. Answers the group's status, with
+    /// `moved_to`. Only a group smaller than the cluster has replicas to
+    /// move (`serve --replication-factor`).
+    pub async fn move_replica(
+        &self,
+        group: u32,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "from": from, "to": to });
+        self.in_group(group)
+            .await?
+            .admin_here("cluster_move_replica", body, bytes::Bytes::new())
+            .await
+    }
+
     /// Where topic `name` is replicated, on a cluster: its group's
     /// Raft state as that group's leader sees it (`cluster_status`'s JSON:
     /// `group`, `leader`, `term`, `committed`, and `nodes`, each replica's

@@ -45,6 +45,11 @@ pub(super) enum ClusterCommand {
     /// first voter that holds the whole log. Writes pause for about one
     /// round trip; clients follow on their own.
     StepDown(StepDownArgs),
+    /// Move a group's replica from one node to another while the group
+    /// serves (to spread replicas onto a node added since): the new node
+    /// catches up as a learner and becomes a voter before the old one
+    /// leaves, so the group keeps its replication factor throughout.
+    MoveReplica(MoveReplicaArgs),
     /// Put a node in maintenance: it is handed no leadership and hands
     /// over every group it leads, while the cluster serves; waits until it
     /// leads none. The mark outlives a restart of the node (drain, stop,
@@ -78,6 +83,23 @@ pub(super) struct StepDownArgs {
     connect: super::ConnectArgs,
     /// The node to lead next (a voter); any voter that has caught up if
     /// not given.
+    #[arg(long)]
+    to: Option<u64>,
+}
+
+/// Arguments of `switchyard cluster move-replica`.
+#[derive(Debug, clap::Args)]
+pub(super) struct MoveReplicaArgs {
+    #[command(flatten)]
+    connect: super::ConnectArgs,
+    /// The group (`cluster status` lists each group's replicas).
+    #[arg(long)]
+    group: u32,
+    /// The node that gives up its replica.
+    #[arg(long)]
+    from: u64,
+    /// The node that takes it; if not given, the live, undrained node
+    /// outside the group holding fewest replicas.
     #[arg(long)]
     to: Option<u64>,
 }
@@ -142,6 +164,7 @@ pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Status(args) => status(args).await,
         ClusterCommand::AddNode(args) => add_node(args).await,
         ClusterCommand::StepDown(args) => step_down(args).await,
+        ClusterCommand::MoveReplica(args) => move_replica(args).await,
         ClusterCommand::Drain(args) => drain(args, true).await,
         ClusterCommand::Undrain(args) => drain(args, false).await,
         ClusterCommand::RemoveNode(args) => {
@@ -370,6 +393,24 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
         .admin_request("cluster_add_node", body, bytes::Bytes::new())
         .await?;
     writeln!(std::io::stdout(), "node {id} joined the cluster")?;
+    Ok(())
+}
+
+async fn move_replica(args: MoveReplicaArgs) -> anyhow::Result<()> {
+    let client = args.connect.connect().await?;
+    let started = std::time::Instant::now();
+    let v = client.move_replica(args.group, args.from, args.to).await?;
+    let replicas: Vec<String> = voters(&v).iter().map(|r| r.id.to_string()).collect();
+    writeln!(
+        std::io::stdout(),
+        "group {}: replica moved from node {} to node {} ({} ms); replicas now {}",
+        args.group,
+        args.from,
+        v["moved_to"],
+        started.elapsed().as_millis(),
+        replicas.join(", ")
+    )?;
+    client.close().await;
     Ok(())
 }
 

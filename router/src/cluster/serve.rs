@@ -912,6 +912,73 @@ impl crate::server::ClusterControl for Control {
         })
     }
 
+    fn move_replica(
+        &self,
+        from: NodeId,
+        to: Option<NodeId>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<NodeId, StepDownError>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let group = self.group;
+            if self.factor().is_none() {
+                return Err(StepDownError::Invalid(format!(
+                    "group {group} has every node of the cluster as a replica: there is no \
+                     other node to move one to"
+                )));
+            }
+            let raft = self.handover.raft();
+            let voters: Vec<NodeId> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .voter_ids()
+                .collect();
+            if !voters.contains(&from) {
+                return Err(StepDownError::Invalid(format!(
+                    "node {from} holds no replica of group {group} (its replicas: {voters:?})"
+                )));
+            }
+            let (to, addr) = match to {
+                None => self.spare(from, &voters).ok_or_else(|| {
+                    StepDownError::Invalid(format!(
+                        "no live, undrained node outside group {group} (replicas {voters:?}) to \
+                         move it to"
+                    ))
+                })?,
+                Some(to) if voters.contains(&to) => {
+                    return Err(StepDownError::Invalid(format!(
+                        "node {to} already holds a replica of group {group}"
+                    )));
+                }
+                Some(to) => {
+                    let addr = {
+                        let m = self.local.rafts[0].1.metrics();
+                        let m = m.borrow();
+                        let membership = m.membership_config.membership();
+                        let voter = membership.voter_ids().any(|v| v == to);
+                        membership
+                            .get_node(&to)
+                            .filter(|_| voter)
+                            .and_then(|n| n.addr.parse::<SocketAddr>().ok())
+                    };
+                    let addr = addr.ok_or_else(|| {
+                        StepDownError::Invalid(format!("node {to} is not a voter of the cluster"))
+                    })?;
+                    (to, addr)
+                }
+            };
+            tracing::info!(group, from, to, "moving the group's replica");
+            super::node::add_node(raft, to, addr).await.map_err(|e| {
+                StepDownError::NotNow(format!("adding node {to} to group {group}: {e}"))
+            })?;
+            super::node::remove_node(raft, from).await.map_err(|e| {
+                StepDownError::NotNow(format!("removing node {from} from group {group}: {e}"))
+            })?;
+            Ok(to)
+        })
+    }
+
     fn step_down(
         &self,
         to: Option<NodeId>,

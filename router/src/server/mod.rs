@@ -206,6 +206,16 @@ pub trait ClusterControl: Send + Sync {
         &self,
         id: u64,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Moves this group's replica on node `from` to node `to` (or to the
+    /// live, undrained node holding fewest replicas): `to` is added as a
+    /// learner, made a voter once it holds the log, then `from` is
+    /// removed. Returns the node that took it. Only a group of its own
+    /// size has replicas to move (group 0 has every node).
+    fn move_replica(
+        &self,
+        from: u64,
+        to: Option<u64>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, StepDownError>> + Send + '_>>;
     /// Hands leadership to another voter (`to`, or the first to catch up)
     /// while the cluster serves, before maintenance of this node; returns
     /// the new leader. New commits wait while it runs (about one round
@@ -216,13 +226,14 @@ pub trait ClusterControl: Send + Sync {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, StepDownError>> + Send + '_>>;
 }
 
-/// Why a step-down did not move leadership.
+/// Why a step-down did not move leadership, or a replica did not move.
 #[derive(Debug, thiserror::Error)]
 pub enum StepDownError {
     /// The request cannot be met as asked (no such voter, no other one).
     #[error("{0}")]
     Invalid(String),
-    /// No voter was ready to take over in time; the leader goes on leading.
+    /// No voter was ready to take over in time (the leader goes on
+    /// leading), or the replica's new node did not catch up.
     #[error("{0}")]
     NotNow(String),
 }

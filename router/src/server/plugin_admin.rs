@@ -30,6 +30,14 @@ struct StepDown {
     to: Option<u64>,
 }
 
+/// A replica of the asked router's group to move (`cluster_move_replica`).
+#[derive(Deserialize)]
+struct MoveReplica {
+    from: u64,
+    #[serde(default)]
+    to: Option<u64>,
+}
+
 /// A node to mark drained or not (`cluster_drain`).
 #[derive(Deserialize)]
 struct Drain {
@@ -160,6 +168,7 @@ pub(super) async fn handle(
         | "cluster_add_node"
         | "cluster_remove_node"
         | "cluster_step_down"
+        | "cluster_move_replica"
         | "cluster_drain" => {
             session.check(Class::ClusterAdmin, "*", "")?;
             let Some(r) = &shared.config.replica else {
@@ -199,6 +208,23 @@ pub(super) async fn handle(
                     }
                     Ok(r.control.status())
                 }
+                "cluster_move_replica" => {
+                    let req: MoveReplica = parse(body)?;
+                    let to = r
+                        .control
+                        .move_replica(req.from, req.to)
+                        .await
+                        .map_err(|e| {
+                            let code = match e {
+                                super::StepDownError::Invalid(_) => ErrorCode::InvalidArgument,
+                                super::StepDownError::NotNow(_) => ErrorCode::Internal,
+                            };
+                            WireError::new(code, format!("replica not moved: {e}"))
+                        })?;
+                    let mut status = r.control.status();
+                    status["moved_to"] = to.into();
+                    Ok(status)
+                }
                 "cluster_step_down" => {
                     let req: StepDown = parse(body)?;
                     let previous = r.control.status()["node"].clone();
@@ -230,7 +256,8 @@ pub(super) async fn handle(
                 "unknown admin operation '{other}' (plugins: deploy, list, show, rollback, \
                      remove, test, kv-get; queues: topic-policy, feeds, queue-stats, dlq-list, \
                      dlq-redrive, dlq-purge; status; topic-group; cluster_status, cluster_add_node, \
-                     cluster_remove_node, cluster_step_down, cluster_drain; auth: {})",
+                     cluster_remove_node, cluster_step_down, cluster_move_replica, cluster_drain; auth: \
+                     {})",
                 super::auth_admin::OPS.join(", ")
             ),
         )),
