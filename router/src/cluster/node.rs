@@ -354,6 +354,18 @@ pub struct LeaderView {
 }
 
 impl LeaderView {
+    /// Whether this node is a member (a voter or a learner) of the group:
+    /// a node outside it knows no leader of it.
+    pub fn is_member(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.me)
+            .is_some()
+    }
+
     /// The leader's id and Raft address: none while an election is under
     /// way, and none once the leader has been silent for an election
     /// timeout. It probably crashed and the others will elect another;

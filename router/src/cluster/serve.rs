@@ -1032,11 +1032,22 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
         "formed_with": node.replication.formed_with,
     });
     if node.rafts.len() > 1 {
+        let nodes = node.rafts[0]
+            .1
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .count();
         status["groups"] = node
             .rafts
             .iter()
             .map(|(g, raft)| {
-                let mut s = if is_member(raft) {
+                // A group of every node has this one (if it has not heard
+                // from the group yet, it is about to); one of its own size
+                // may not, and its leader describes it.
+                let every = node.replication.sized(*g, nodes).is_none();
+                let mut s = if every || is_member(raft) {
                     cluster_status(raft, &drained)
                 } else {
                     led_status(*g, node.directory.get(*g), &drained)
@@ -1432,15 +1443,14 @@ impl Dispatch {
     /// Not this node: a leader that stopped serving (cut off from the
     /// others, or stopping) sends clients to try the others.
     fn redirect(&self, group: GroupId, connecting: quinn::Connecting) {
-        let to = self
-            .views
-            .get(&group)
-            .and_then(LeaderView::live_leader)
-            .or_else(|| self.directory.leader(group))
-            .filter(|(l, _)| *l != self.me)
-            .and_then(|(_, addr)| client_addr(&addr))
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let to = match self.views.get(&group) {
+            Some(view) if view.is_member() => view.live_leader(),
+            _ => self.directory.leader(group),
+        }
+        .filter(|(l, _)| *l != self.me)
+        .and_then(|(_, addr)| client_addr(&addr))
+        .map(|a| a.to_string())
+        .unwrap_or_default();
         tokio::spawn(async move {
             if let Ok(Ok(conn)) = tokio::time::timeout(DISPATCH_HANDSHAKE, connecting).await {
                 conn.close(close::NOT_LEADER.into(), to.as_bytes());
