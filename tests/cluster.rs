@@ -1974,27 +1974,13 @@ async fn groups_smaller_than_the_cluster_keep_a_topic_on_its_replication_factor(
             .args(["--addr", &cluster_addr(&cluster.nodes[0].dir)]);
         cmd
     };
-    let moved = succeed(&mut cli(&[
-        "cluster",
-        "move-replica",
-        "--group",
-        "1",
-        "--from",
-        "1",
-        "--to",
-        "4",
-    ]));
-    let said = String::from_utf8_lossy(&moved.stdout);
+    let move_replica = |args: &[&str]| {
+        let out = succeed(&mut cli(&[&["cluster", "move-replica"][..], args].concat()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = move_replica(&["--group", "1", "--from", "1", "--to", "4"]);
     assert!(said.contains("replicas now 2, 3, 4"), "{said}");
-    let moved = succeed(&mut cli(&[
-        "cluster",
-        "move-replica",
-        "--group",
-        "1",
-        "--from",
-        "2",
-    ]));
-    let said = String::from_utf8_lossy(&moved.stdout);
+    let said = move_replica(&["--group", "1", "--from", "2"]);
     assert!(said.contains("to node 1"), "{said}");
     assert!(said.contains("replicas now 1, 3, 4"), "{said}");
     // Group 0 has every node: nothing to move; nor is a node's replica

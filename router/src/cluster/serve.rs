@@ -416,12 +416,7 @@ pub async fn run(
     let sizes: Arc<dyn Fn() -> Vec<u32> + Send + Sync> = {
         let zero = nodes[&0].raft().clone();
         Arc::new(move || {
-            let n = zero
-                .metrics()
-                .borrow()
-                .membership_config
-                .voter_ids()
-                .count();
+            let n = voters_of(&zero).len();
             (0..groups)
                 .map(|g| match g {
                     0 => n as u32,
@@ -737,13 +732,7 @@ impl NodeGroups {
     /// the size of the groups but group 0 where they have their own, else
     /// the cluster's (group 0's voters).
     fn default_factor(&self) -> u32 {
-        let voters = self.rafts[0]
-            .1
-            .metrics()
-            .borrow()
-            .membership_config
-            .voter_ids()
-            .count();
+        let voters = voters_of(&self.rafts[0].1).len();
         match self.rafts.len() > 1 {
             true => self.replication.sized(1, voters).unwrap_or(voters as u32),
             false => voters as u32,
@@ -780,11 +769,7 @@ impl Control {
         let mut places: BTreeMap<NodeId, usize> = BTreeMap::new();
         for (g, raft) in &self.local.rafts {
             let vs: Vec<NodeId> = if is_member(raft) {
-                raft.metrics()
-                    .borrow()
-                    .membership_config
-                    .voter_ids()
-                    .collect()
+                voters_of(raft)
             } else {
                 self.local
                     .directory
@@ -842,12 +827,7 @@ impl crate::server::ClusterControl for Control {
             // replica of such a group when one moves to it.
             let raft = self.handover.raft();
             if let Some(factor) = self.factor() {
-                let voters = raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .voter_ids()
-                    .count();
+                let voters = voters_of(raft).len();
                 if voters >= factor as usize {
                     tracing::info!(
                         group = self.group,
@@ -874,12 +854,7 @@ impl crate::server::ClusterControl for Control {
             // replica on the node goes to another node first, the live,
             // undrained one with the fewest replicas (added as a learner,
             // made a voter once it holds the log), then the node leaves.
-            let voters: Vec<NodeId> = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .voter_ids()
-                .collect();
+            let voters: Vec<NodeId> = voters_of(raft);
             if self.factor().is_some() && voters.contains(&id) {
                 match self.spare(id, &voters) {
                     Some((spare, addr)) => {
@@ -928,12 +903,7 @@ impl crate::server::ClusterControl for Control {
                 )));
             }
             let raft = self.handover.raft();
-            let voters: Vec<NodeId> = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .voter_ids()
-                .collect();
+            let voters: Vec<NodeId> = voters_of(raft);
             if !voters.contains(&from) {
                 return Err(StepDownError::Invalid(format!(
                     "node {from} holds no replica of group {group} (its replicas: {voters:?})"
@@ -1032,13 +1002,7 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
         "formed_with": node.replication.formed_with,
     });
     if node.rafts.len() > 1 {
-        let nodes = node.rafts[0]
-            .1
-            .metrics()
-            .borrow()
-            .membership_config
-            .voter_ids()
-            .count();
+        let nodes = voters_of(&node.rafts[0].1).len();
         status["groups"] = node
             .rafts
             .iter()
@@ -1058,6 +1022,15 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
             .collect();
     }
     status
+}
+
+/// The voters of `raft`'s group, as this node knows them.
+fn voters_of(raft: &super::Raft) -> Vec<NodeId> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .voter_ids()
+        .collect()
 }
 
 /// Whether this node is a member (a voter or a learner) of `raft`'s group.
