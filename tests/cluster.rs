@@ -2035,3 +2035,52 @@ async fn groups_smaller_than_the_cluster_keep_a_topic_on_its_replication_factor(
         copies[0].len()
     );
 }
+
+/// `cluster init --replication-factor` records the factor in every node's
+/// directory, where `serve` reads it: a node started with another is
+/// refused, naming the recorded one. A factor below the node count with
+/// one group is refused before anything is made.
+#[test]
+fn cluster_init_records_the_replication_factor_for_serve() {
+    let root = tempfile::tempdir().unwrap();
+    let addrs = cluster_addrs(3);
+    let list = joined(&addrs);
+    let init = |dir: &Path, extra: &[&str]| {
+        Command::new(router_bin())
+            .args(["cluster", "init", "--nodes", &list, "--dir"])
+            .arg(dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let one_group = init(&root.path().join("one"), &["--replication-factor", "2"]);
+    assert!(!one_group.status.success());
+    let err = String::from_utf8_lossy(&one_group.stderr);
+    assert!(err.contains("needs --groups 2 or more"), "{err}");
+    assert!(!root.path().join("one").join("n1").exists());
+
+    let dir = root.path().join("c");
+    let made = init(&dir, &["--groups", "2", "--replication-factor", "2"]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for id in 1..=3 {
+        let recorded =
+            std::fs::read_to_string(dir.join(format!("n{id}")).join("cluster-replication"))
+                .unwrap();
+        assert_eq!(recorded.trim(), "2 3");
+    }
+    let serve = Command::new(router_bin())
+        .args(["serve", "--data"])
+        .arg(dir.join("n1"))
+        .args(["--listen", &addrs[0].to_string(), "--metrics", "off"])
+        .args(["--node-id", "1", "--cluster", &list, "--groups", "2"])
+        .args(["--replication-factor", "3"])
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert!(err.contains("formed with replication factor 2"), "{err}");
+}

@@ -145,6 +145,12 @@ pub(super) struct InitArgs {
     /// serve lines printed carry it (`serve --groups`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(super) groups: u32,
+    /// How many copies of each topic the cluster keeps (default 3):
+    /// recorded in each node's directory, so the serve lines need no
+    /// `--replication-factor`. Below the number of nodes it needs
+    /// `--groups` 2 or more.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(super) replication_factor: Option<u32>,
 }
 
 /// Arguments of `switchyard cluster status`.
@@ -197,6 +203,16 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             args.dir.display()
         );
     }
+    let n = args.nodes.len();
+    if let Some(r) = args.replication_factor
+        && args.groups == 1
+        && (r as usize) < n
+    {
+        anyhow::bail!(
+            "--replication-factor {r} with {n} nodes needs --groups 2 or more: group 0, the \
+             cluster's metadata, has every node, and the other groups have {r} each"
+        );
+    }
     let ca = ClusterCa::generate()?;
     let token = crate::auth::new_token();
     std::fs::create_dir_all(&args.dir)
@@ -207,6 +223,14 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     for (i, addr) in args.nodes.iter().enumerate() {
         let id = i as u64 + 1;
         make_node(&ca, &token, &args.dir, id, *addr, &args.nodes, &args.hosts)?;
+        if let Some(r) = args.replication_factor {
+            let made = args.dir.join(format!("n{id}"));
+            write_file(
+                &made.join(crate::cluster::serve::REPLICATION_FILE),
+                &format!("{r} {n}\n"),
+                false,
+            )?;
+        }
         let _ = writeln!(
             out,
             "{}",
