@@ -1489,12 +1489,12 @@ async fn add_and_remove_a_node(groups: u32) {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let remove = Command::new(router_bin())
+    let mut remove = Command::new(router_bin());
+    remove
         .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
         .arg(cluster.cert())
-        .args(["--addr", &cluster.addrs[0].to_string()])
-        .output();
-    let out = tokio::task::spawn_blocking(move || remove.unwrap())
+        .args(["--addr", &cluster.addrs[0].to_string()]);
+    let out = tokio::task::spawn_blocking(move || remove.output().unwrap())
         .await
         .unwrap();
     assert!(

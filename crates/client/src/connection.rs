@@ -1058,10 +1058,13 @@ impl Client {
         to: Option<u64>,
     ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::json!({ "from": from, "to": to });
-        self.in_group(group)
-            .await?
-            .admin_here("cluster_move_replica", body, bytes::Bytes::new())
-            .await
+        let c = self.in_group(group).await?;
+        let ask = || c.admin_here("cluster_move_replica", body.clone(), bytes::Bytes::new());
+        // Named, the new node makes asking again finish a move cut short.
+        match to {
+            Some(_) => again_if_moved(ask).await,
+            None => ask().await,
+        }
     }
 
     /// Where topic `name` is replicated, on a cluster: its group's
@@ -1342,7 +1345,7 @@ impl Client {
                 }
                 let mut zero = None;
                 for c in all {
-                    let v = c.admin_here(op, body.clone(), wasm.clone()).await?;
+                    let v = again_if_moved(|| c.admin_here(op, body.clone(), wasm.clone())).await?;
                     if std::ptr::eq(c, self) {
                         zero = Some(v);
                     }
@@ -1819,6 +1822,36 @@ async fn control_reader(mut reader: FrameReader<quinn::RecvStream>, waiters: Wai
     // Dropping the senders fails every waiting request; later ones go to
     // the next connection.
     waiters.lock().expect("waiters lock").take();
+}
+
+/// How long a change of a cluster's members is asked again while its
+/// group's leadership moves under it.
+const MEMBERSHIP_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `ask` again while its answer says the group's leadership moved
+/// during it (`ShuttingDown`, or the connection lost as its router
+/// stopped), for up to [`MEMBERSHIP_RETRY`]: the client follows the new
+/// leader, which finishes the change (adding or removing a node, and
+/// moving a named replica, are the same asked twice).
+async fn again_if_moved<F, Fut>(ask: F) -> Result<serde_json::Value, ClientError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_RETRY;
+    loop {
+        match ask().await {
+            Err(e)
+                if (e.code() == Some(crate::ErrorCode::ShuttingDown)
+                    || matches!(e, ClientError::ConnectionLost(_)))
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(error = %e, "the group's leadership moved during the change; asking again");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -144,6 +144,14 @@ impl Balancer {
                 // their leaders' of the others.
                 let mut all = views(&groups);
                 all.retain(|v| v.voters.contains(&me));
+                // A group whose members are changing stays where it is
+                // until the change is done.
+                for v in &mut all {
+                    let changing = groups
+                        .iter()
+                        .any(|(g, h)| *g == v.group && h.is_changing_members());
+                    v.mine &= !changing;
+                }
                 for o in others() {
                     if !all.iter().any(|v| v.group == o.group) {
                         all.push(o);

@@ -253,6 +253,19 @@ pub struct Handover {
     leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
     /// Writes in flight, and handovers holding new ones back.
     gate: WriteGate,
+    /// Membership changes of the group under way on this leader
+    /// ([`Handover::changing_members`]).
+    changing: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A membership change under way ([`Handover::changing_members`]); it
+/// ends when dropped.
+pub struct Changing(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The writes of one group on this node, and the handovers that hold
@@ -514,6 +527,7 @@ impl ClusterNode {
                 timing: config.timing.clone(),
                 leading_since,
                 gate: WriteGate::new(),
+                changing: Arc::default(),
             },
             trigger,
             tracker,
@@ -646,6 +660,21 @@ impl Handover {
     /// or no follower would catch up under its writes.
     pub fn gate(&self) -> WriteGate {
         self.gate.clone()
+    }
+
+    /// Marks a change of the group's members under way (a node added, a
+    /// replica moved) until the value returned is dropped: the balancer
+    /// hands no such group over meanwhile, which would stop the router
+    /// whose request runs it and leave the change half done.
+    pub fn changing_members(&self) -> Changing {
+        self.changing
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Changing(self.changing.clone())
+    }
+
+    /// Whether a change of the group's members is under way here.
+    pub fn is_changing_members(&self) -> bool {
+        self.changing.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
     /// Whether voter `node` answered this node's Raft RPCs within the last

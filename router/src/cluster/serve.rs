@@ -34,7 +34,7 @@ use crate::server::admission::PerAddress;
 use crate::server::metrics::{NodeMetrics, Routers, serve_node};
 use crate::server::placement::{GroupZero, Placement};
 use crate::server::{
-    NodeClients, Replica, Router, RouterConfig, StartError, StepDownError, endpoint_config, tls,
+    ControlError, NodeClients, Replica, Router, RouterConfig, StartError, endpoint_config, tls,
 };
 #[cfg(doc)]
 use crate::storage::disk::OsDisk;
@@ -820,11 +820,13 @@ impl crate::server::ClusterControl for Control {
         &self,
         id: NodeId,
         addr: SocketAddr,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ControlError>> + Send + '_>>
+    {
         Box::pin(async move {
             // A group of its own size that has it already is left as it
             // is: the new node holds group 0 (the metadata), and takes a
             // replica of such a group when one moves to it.
+            let _changing = self.handover.changing_members();
             let raft = self.handover.raft();
             if let Some(factor) = self.factor() {
                 let voters = voters_of(raft).len();
@@ -840,22 +842,27 @@ impl crate::server::ClusterControl for Control {
             }
             super::node::add_node(raft, id, raft_addr(addr))
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| control_error(self.group, e))
         })
     }
 
     fn remove_node(
         &self,
         id: NodeId,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ControlError>> + Send + '_>>
+    {
         Box::pin(async move {
+            let _changing = self.handover.changing_members();
             let raft = self.handover.raft();
             // A group of its own size keeps its replication factor: its
             // replica on the node goes to another node first, the live,
             // undrained one with the fewest replicas (added as a learner,
             // made a voter once it holds the log), then the node leaves.
             let voters: Vec<NodeId> = voters_of(raft);
-            if self.factor().is_some() && voters.contains(&id) {
+            // (A request asked again after a lost answer finds the new
+            // replica there already: one more voter than the factor.)
+            let short = self.factor().is_some_and(|f| voters.len() <= f as usize);
+            if short && voters.contains(&id) {
                 match self.spare(id, &voters) {
                     Some((spare, addr)) => {
                         tracing::info!(
@@ -866,12 +873,7 @@ impl crate::server::ClusterControl for Control {
                         );
                         super::node::add_node(raft, spare, addr)
                             .await
-                            .map_err(|e| {
-                                format!(
-                                    "moving group {}'s replica to node {spare}: {e}",
-                                    self.group
-                                )
-                            })?;
+                            .map_err(|e| control_error(self.group, e))?;
                     }
                     None => tracing::warn!(
                         group = self.group,
@@ -883,7 +885,7 @@ impl crate::server::ClusterControl for Control {
             }
             super::node::remove_node(raft, id)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| control_error(self.group, e))
         })
     }
 
@@ -892,12 +894,13 @@ impl crate::server::ClusterControl for Control {
         from: NodeId,
         to: Option<NodeId>,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<NodeId, StepDownError>> + Send + '_>,
+        Box<dyn std::future::Future<Output = Result<NodeId, ControlError>> + Send + '_>,
     > {
         Box::pin(async move {
+            let _changing = self.handover.changing_members();
             let group = self.group;
             if self.factor().is_none() {
-                return Err(StepDownError::Invalid(format!(
+                return Err(ControlError::Invalid(format!(
                     "group {group} has every node of the cluster as a replica: there is no \
                      other node to move one to"
                 )));
@@ -905,19 +908,37 @@ impl crate::server::ClusterControl for Control {
             let raft = self.handover.raft();
             let voters: Vec<NodeId> = voters_of(raft);
             if !voters.contains(&from) {
-                return Err(StepDownError::Invalid(format!(
+                return Err(ControlError::Invalid(format!(
                     "node {from} holds no replica of group {group} (its replicas: {voters:?})"
                 )));
             }
             let (to, addr) = match to {
+                None if self.factor().is_some_and(|f| voters.len() > f as usize) => {
+                    return Err(ControlError::Invalid(format!(
+                        "group {group} has more replicas than its factor ({voters:?}): a move is \
+                         half done; name the node it added with --to to finish it"
+                    )));
+                }
                 None => self.spare(from, &voters).ok_or_else(|| {
-                    StepDownError::Invalid(format!(
+                    ControlError::Invalid(format!(
                         "no live, undrained node outside group {group} (replicas {voters:?}) to \
                          move it to"
                     ))
                 })?,
+                // Asked again after a move that added `to` but lost the
+                // leadership before removing `from`: finish it.
+                Some(to)
+                    if voters.contains(&to)
+                        && self.factor().is_some_and(|f| voters.len() > f as usize) =>
+                {
+                    tracing::info!(group, from, to, "finishing a move of the group's replica");
+                    super::node::remove_node(raft, from)
+                        .await
+                        .map_err(|e| control_error(group, e))?;
+                    return Ok(to);
+                }
                 Some(to) if voters.contains(&to) => {
-                    return Err(StepDownError::Invalid(format!(
+                    return Err(ControlError::Invalid(format!(
                         "node {to} already holds a replica of group {group}"
                     )));
                 }
@@ -933,18 +954,18 @@ impl crate::server::ClusterControl for Control {
                             .and_then(|n| n.addr.parse::<SocketAddr>().ok())
                     };
                     let addr = addr.ok_or_else(|| {
-                        StepDownError::Invalid(format!("node {to} is not a voter of the cluster"))
+                        ControlError::Invalid(format!("node {to} is not a voter of the cluster"))
                     })?;
                     (to, addr)
                 }
             };
             tracing::info!(group, from, to, "moving the group's replica");
-            super::node::add_node(raft, to, addr).await.map_err(|e| {
-                StepDownError::NotNow(format!("adding node {to} to group {group}: {e}"))
-            })?;
-            super::node::remove_node(raft, from).await.map_err(|e| {
-                StepDownError::NotNow(format!("removing node {from} from group {group}: {e}"))
-            })?;
+            super::node::add_node(raft, to, addr)
+                .await
+                .map_err(|e| control_error(group, e))?;
+            super::node::remove_node(raft, from)
+                .await
+                .map_err(|e| control_error(group, e))?;
             Ok(to)
         })
     }
@@ -953,7 +974,7 @@ impl crate::server::ClusterControl for Control {
         &self,
         to: Option<NodeId>,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<NodeId, StepDownError>> + Send + '_>,
+        Box<dyn std::future::Future<Output = Result<NodeId, ControlError>> + Send + '_>,
     > {
         Box::pin(async move {
             let (me, voters) = {
@@ -966,19 +987,19 @@ impl crate::server::ClusterControl for Control {
                 // Asked to lead, it does: nothing to move.
                 Some(t) if t == me => return Ok(me),
                 Some(t) if !voters.contains(&t) => {
-                    return Err(StepDownError::Invalid(format!(
+                    return Err(ControlError::Invalid(format!(
                         "node {t} is not a voter of the cluster (voters: {voters:?})"
                     )));
                 }
                 None if voters.len() < 2 => {
-                    return Err(StepDownError::Invalid(
+                    return Err(ControlError::Invalid(
                         "this node is the cluster's only voter".into(),
                     ));
                 }
                 _ => {}
             }
             self.handover.hand_over(to).await.ok_or_else(|| {
-                StepDownError::NotNow(
+                ControlError::NotNow(
                     "no other voter caught up with the leader's log in time (is it down or far \
                      behind? see `cluster status`); this node goes on leading"
                         .into(),
@@ -1022,6 +1043,18 @@ fn node_status(group: GroupId, raft: &super::Raft, node: &NodeGroups) -> serde_j
             .collect();
     }
     status
+}
+
+/// A membership change of group `group` that failed: this node no longer
+/// leads the group (ask its new leader again), or another reason.
+fn control_error(group: GroupId, e: super::WriteError) -> ControlError {
+    match e {
+        super::WriteError::NotLeader { .. } => ControlError::Moved(format!(
+            "this node stopped leading group {group} during the change; ask again (the group's \
+             new leader finishes it)"
+        )),
+        e => ControlError::NotNow(format!("group {group}: {e}")),
+    }
 }
 
 /// The voters of `raft`'s group, as this node knows them.

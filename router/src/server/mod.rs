@@ -200,12 +200,13 @@ pub trait ClusterControl: Send + Sync {
         &self,
         id: u64,
         addr: SocketAddr,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
-    /// Removes node `id` from the voters and the group.
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ControlError>> + Send + '_>>;
+    /// Removes node `id` from the voters and the group (a group of its
+    /// own size first moves its replica there to another node).
     fn remove_node(
         &self,
         id: u64,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ControlError>> + Send + '_>>;
     /// Moves this group's replica on node `from` to node `to` (or to the
     /// live, undrained node holding fewest replicas): `to` is added as a
     /// learner, made a voter once it holds the log, then `from` is
@@ -215,7 +216,7 @@ pub trait ClusterControl: Send + Sync {
         &self,
         from: u64,
         to: Option<u64>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, StepDownError>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, ControlError>> + Send + '_>>;
     /// Hands leadership to another voter (`to`, or the first to catch up)
     /// while the cluster serves, before maintenance of this node; returns
     /// the new leader. New commits wait while it runs (about one round
@@ -223,19 +224,38 @@ pub trait ClusterControl: Send + Sync {
     fn step_down(
         &self,
         to: Option<u64>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, StepDownError>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, ControlError>> + Send + '_>>;
 }
 
-/// Why a step-down did not move leadership, or a replica did not move.
+/// Why a change to a cluster (a step-down, a node added or removed, a
+/// replica moved) did not happen, or not all of it.
 #[derive(Debug, thiserror::Error)]
-pub enum StepDownError {
+pub enum ControlError {
     /// The request cannot be met as asked (no such voter, no other one).
     #[error("{0}")]
     Invalid(String),
     /// No voter was ready to take over in time (the leader goes on
-    /// leading), or the replica's new node did not catch up.
+    /// leading), or a new replica did not catch up.
     #[error("{0}")]
     NotNow(String),
+    /// This node stopped leading the group while the change ran (an
+    /// election, a node lost): the change may be half done, and asking
+    /// the group's new leader again finishes it.
+    #[error("{0}")]
+    Moved(String),
+}
+
+impl ControlError {
+    /// The wire code: a moved leadership is `ShuttingDown` (ask again of
+    /// the next leader), which clients retry.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            ControlError::Invalid(_) => ErrorCode::InvalidArgument,
+            ControlError::NotNow(_) => ErrorCode::Internal,
+            ControlError::Moved(_) => ErrorCode::ShuttingDown,
+        }
+    }
 }
 
 impl std::fmt::Debug for Replica {

@@ -177,11 +177,8 @@ pub(super) async fn handle(
                     "this router is not a cluster node (start it with --node-id and --cluster)",
                 ));
             };
-            let failed = |e: String| {
-                WireError::new(
-                    ErrorCode::Internal,
-                    format!("membership change failed: {e}"),
-                )
+            let failed = |e: super::ControlError| {
+                WireError::new(e.code(), format!("membership change failed: {e}"))
             };
             match op {
                 "cluster_add_node" => {
@@ -214,13 +211,7 @@ pub(super) async fn handle(
                         .control
                         .move_replica(req.from, req.to)
                         .await
-                        .map_err(|e| {
-                            let code = match e {
-                                super::StepDownError::Invalid(_) => ErrorCode::InvalidArgument,
-                                super::StepDownError::NotNow(_) => ErrorCode::Internal,
-                            };
-                            WireError::new(code, format!("replica not moved: {e}"))
-                        })?;
+                        .map_err(|e| WireError::new(e.code(), format!("replica not moved: {e}")))?;
                     let mut status = r.control.status();
                     status["moved_to"] = to.into();
                     Ok(status)
@@ -228,13 +219,10 @@ pub(super) async fn handle(
                 "cluster_step_down" => {
                     let req: StepDown = parse(body)?;
                     let previous = r.control.status()["node"].clone();
-                    let leader = r.control.step_down(req.to).await.map_err(|e| {
-                        let code = match e {
-                            super::StepDownError::Invalid(_) => ErrorCode::InvalidArgument,
-                            super::StepDownError::NotNow(_) => ErrorCode::Internal,
-                        };
-                        WireError::new(code, format!("step-down failed: {e}"))
-                    })?;
+                    let leader =
+                        r.control.step_down(req.to).await.map_err(|e| {
+                            WireError::new(e.code(), format!("step-down failed: {e}"))
+                        })?;
                     Ok(serde_json::json!({ "leader": leader, "previous": previous }))
                 }
                 "cluster_drain" => {
