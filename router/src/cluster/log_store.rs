@@ -261,7 +261,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get("vote")
+        // Read back as not committed, so that a leader that restarts is
+        // not its old term's leader again (openraft restores a node whose
+        // vote is committed for itself as leader at once). Its own log
+        // may have lost entries it had already sent out, which the
+        // followers hold durably; leading the same term again, it would
+        // write other entries under those same log ids, and the
+        // followers, taking them for the ones they hold, would keep
+        // different rows (found by the power-cut test, about one run in
+        // six on a loaded machine). A vote for itself not committed still
+        // keeps it from voting for another in that term; to lead again it
+        // stands in a new one. A follower's vote read back this way still
+        // accepts its leader's appends (their committed vote is higher).
+        Ok(self.get::<Vote<NodeId>>("vote")?.map(|mut vote| {
+            vote.committed = false;
+            vote
+        }))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {

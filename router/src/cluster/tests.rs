@@ -287,6 +287,41 @@ async fn three_nodes_replicate_and_keep_every_acknowledged_write_across_a_lost_l
     g.stop().await;
 }
 
+/// A leader restarted from its files does not lead its old term again:
+/// its log may have lost entries it had already sent out (they were not
+/// yet synced here, but were on the followers), and leading that term
+/// again it would write other entries under the same log ids, which the
+/// followers would take for theirs. Alone it leads nothing; with the
+/// others back, a leader is elected in a later term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_does_not_lead_its_old_term_again() {
+    let mut g = Group::start(timing()).await;
+    let leader = g.leader(&[1, 2, 3]).await;
+    g.nodes[&leader].write(append(0)).await.unwrap();
+    let term = g.nodes[&leader].raft().metrics().borrow().current_term;
+    g.stop_nodes().await;
+    g.up(leader, false).await;
+    // Before, openraft made it the leader of `term` at once, alone.
+    for _ in 0..15 {
+        assert!(
+            !g.nodes[&leader].is_leader(),
+            "node {leader} leads term {} again, alone",
+            g.nodes[&leader].raft().metrics().borrow().current_term
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in (1..=3).filter(|id| *id != leader) {
+        g.up(id, false).await;
+    }
+    let now = g.leader(&[1, 2, 3]).await;
+    let later = g.nodes[&now].raft().metrics().borrow().current_term;
+    assert!(later > term, "elected in term {later}, not after {term}");
+    write_somewhere(&g, 1).await;
+    g.converge(now).await;
+    g.assert_every_node_holds(0..2);
+    g.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_leader_hands_over_in_one_round_trip() {
     let mut g = Group::start(timing()).await;
