@@ -77,6 +77,20 @@ fn succeed(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// The output of a CLI run by `run` on a blocking thread (the runtime's
+/// threads go on serving the test's lanes), checked to have succeeded.
+async fn succeeded_off_runtime(
+    run: impl FnOnce() -> std::process::Output + Send + 'static,
+) -> std::process::Output {
+    let out = tokio::task::spawn_blocking(run).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Addresses as `--cluster` takes them.
 fn joined(addrs: &[SocketAddr]) -> String {
     addrs
@@ -1393,14 +1407,7 @@ async fn add_and_remove_a_node(groups: u32) {
         child: None,
     });
     cluster.start_node(4, true);
-    let out = tokio::task::spawn_blocking(move || add.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded_off_runtime(move || add.wait_with_output().unwrap()).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("node 4 joined"));
     // The new node shares the cluster's replication factor (and founding
     // size), which add-node wrote beside its certificate.
@@ -1494,14 +1501,7 @@ async fn add_and_remove_a_node(groups: u32) {
         .args(["cluster", "remove-node", "--id", &gone.to_string(), "--ca"])
         .arg(cluster.cert())
         .args(["--addr", &cluster.addrs[0].to_string()]);
-    let out = tokio::task::spawn_blocking(move || remove.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded_off_runtime(move || remove.output().unwrap()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     flowing.store(false, Ordering::Relaxed);
     let mut moving = HashMap::new();

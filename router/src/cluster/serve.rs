@@ -139,6 +139,12 @@ impl Replication {
         (group != 0 && self.factor != 0 && (self.factor as usize) < nodes.max(1))
             .then_some(self.factor)
     }
+
+    /// The voters group `group` is meant to have in a cluster of `nodes`:
+    /// its own number where [`Replication::sized`], else every node.
+    pub fn size_of(&self, group: GroupId, nodes: usize) -> u32 {
+        self.sized(group, nodes).unwrap_or(nodes as u32)
+    }
 }
 
 /// Checks that a node is started with the replication factor its cluster
@@ -417,12 +423,7 @@ pub async fn run(
         let zero = nodes[&0].raft().clone();
         Arc::new(move || {
             let n = voters_of(&zero).len();
-            (0..groups)
-                .map(|g| match g {
-                    0 => n as u32,
-                    g => replication.sized(g, n).unwrap_or(n as u32),
-                })
-                .collect()
+            (0..groups).map(|g| replication.size_of(g, n)).collect()
         })
     };
     let leads = futures::future::join_all(nodes.iter().map(|(group, node)| {
@@ -732,11 +733,10 @@ impl NodeGroups {
     /// the size of the groups but group 0 where they have their own, else
     /// the cluster's (group 0's voters).
     fn default_factor(&self) -> u32 {
-        let voters = voters_of(&self.rafts[0].1).len();
-        match self.rafts.len() > 1 {
-            true => self.replication.sized(1, voters).unwrap_or(voters as u32),
-            false => voters as u32,
-        }
+        // With one group, group 0 holds every topic.
+        let nodes = voters_of(&self.rafts[0].1).len();
+        let group = u32::from(self.rafts.len() > 1);
+        self.replication.size_of(group, nodes)
     }
 }
 
@@ -749,6 +749,23 @@ impl Control {
         (self.group != 0 && f != 0).then_some(f)
     }
 
+    /// Whether `voters` are more than the group's factor: a replica was
+    /// added and the one it replaces not yet removed (a move cut short).
+    fn over_factor(&self, voters: &[NodeId]) -> bool {
+        self.factor().is_some_and(|f| voters.len() > f as usize)
+    }
+
+    /// The cluster's nodes (group 0's voters) and their Raft addresses.
+    fn cluster_nodes(&self) -> Vec<(NodeId, SocketAddr)> {
+        let m = self.local.rafts[0].1.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| Some((id, membership.get_node(&id)?.addr.parse().ok()?)))
+            .collect()
+    }
+
     /// The node to move a replica of this group (whose voters are
     /// `voters`) to from node `leaving`: a node of the cluster that is not
     /// a voter of the group, answered this node lately and is not
@@ -756,16 +773,6 @@ impl Control {
     /// knows of, then the lowest id; and its Raft address.
     fn spare(&self, leaving: NodeId, voters: &[NodeId]) -> Option<(NodeId, SocketAddr)> {
         let drained = crate::storage::drained_nodes(&self.local.zero);
-        let everyone: Vec<(NodeId, String)> = {
-            let m = self.local.rafts[0].1.metrics();
-            let m = m.borrow();
-            let zero_voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
-            m.membership_config
-                .nodes()
-                .filter(|(id, _)| zero_voters.contains(id))
-                .map(|(id, n)| (*id, n.addr.clone()))
-                .collect()
-        };
         let mut places: BTreeMap<NodeId, usize> = BTreeMap::new();
         for (g, raft) in &self.local.rafts {
             let vs: Vec<NodeId> = if is_member(raft) {
@@ -781,17 +788,11 @@ impl Control {
                 *places.entry(v).or_default() += 1;
             }
         }
-        everyone
+        self.cluster_nodes()
             .into_iter()
             .filter(|(id, _)| *id != leaving && !voters.contains(id) && !drained.contains(id))
             .filter(|(id, _)| self.handover.answered_within(*id, Duration::from_secs(2)))
-            .filter_map(|(id, addr)| {
-                Some((
-                    places.get(&id).copied().unwrap_or(0),
-                    id,
-                    addr.parse().ok()?,
-                ))
-            })
+            .map(|(id, addr)| (places.get(&id).copied().unwrap_or(0), id, addr))
             .min()
             .map(|(_, id, addr)| (id, addr))
     }
@@ -861,8 +862,7 @@ impl crate::server::ClusterControl for Control {
             let voters: Vec<NodeId> = voters_of(raft);
             // (A request asked again after a lost answer finds the new
             // replica there already: one more voter than the factor.)
-            let short = self.factor().is_some_and(|f| voters.len() <= f as usize);
-            if short && voters.contains(&id) {
+            if self.factor().is_some() && !self.over_factor(&voters) && voters.contains(&id) {
                 match self.spare(id, &voters) {
                     Some((spare, addr)) => {
                         tracing::info!(
@@ -913,7 +913,7 @@ impl crate::server::ClusterControl for Control {
                 )));
             }
             let (to, addr) = match to {
-                None if self.factor().is_some_and(|f| voters.len() > f as usize) => {
+                None if self.over_factor(&voters) => {
                     return Err(ControlError::Invalid(format!(
                         "group {group} has more replicas than its factor ({voters:?}): a move is \
                          half done; name the node it added with --to to finish it"
@@ -927,10 +927,7 @@ impl crate::server::ClusterControl for Control {
                 })?,
                 // Asked again after a move that added `to` but lost the
                 // leadership before removing `from`: finish it.
-                Some(to)
-                    if voters.contains(&to)
-                        && self.factor().is_some_and(|f| voters.len() > f as usize) =>
-                {
+                Some(to) if voters.contains(&to) && self.over_factor(&voters) => {
                     tracing::info!(group, from, to, "finishing a move of the group's replica");
                     super::node::remove_node(raft, from)
                         .await
@@ -943,19 +940,15 @@ impl crate::server::ClusterControl for Control {
                     )));
                 }
                 Some(to) => {
-                    let addr = {
-                        let m = self.local.rafts[0].1.metrics();
-                        let m = m.borrow();
-                        let membership = m.membership_config.membership();
-                        let voter = membership.voter_ids().any(|v| v == to);
-                        membership
-                            .get_node(&to)
-                            .filter(|_| voter)
-                            .and_then(|n| n.addr.parse::<SocketAddr>().ok())
-                    };
-                    let addr = addr.ok_or_else(|| {
-                        ControlError::Invalid(format!("node {to} is not a voter of the cluster"))
-                    })?;
+                    let addr = self
+                        .cluster_nodes()
+                        .into_iter()
+                        .find_map(|(id, addr)| (id == to).then_some(addr))
+                        .ok_or_else(|| {
+                            ControlError::Invalid(format!(
+                                "node {to} is not a voter of the cluster"
+                            ))
+                        })?;
                     (to, addr)
                 }
             };
