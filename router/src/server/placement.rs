@@ -152,8 +152,9 @@ impl Placement {
         }
     }
 
-    /// The group with the fewest partitions assigned (the lowest id on a
-    /// tie).
+    /// Among the groups of `replicas` voters (by default the cluster's
+    /// replication factor), the one with the fewest partitions assigned
+    /// (the lowest id on a tie); refused where no group has that many.
     fn least_loaded(&self, replicas: Option<u32>) -> Result<u32, WireError> {
         let mut load = vec![0u64; self.groups as usize];
         for (_, g, partitions) in self.zero.assignments() {
